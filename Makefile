@@ -1,0 +1,51 @@
+# kvmctl developer entry points. `make demo` and `make test` install whatever is missing.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := etcd-server etcd-client libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+	libvirt-dev qemu-system-x86 qemu-utils qemu-block-extra busybox-static pkg-config tgt \
+	libiscsi-bin lvm2 fence-agents iproute2 git gcc python3-dev
+
+.PHONY: install deb venv lint test test-fast test-e2e demo demo-down crds bench clean
+
+install: deb venv
+
+deb:
+	@bash scripts/install-debs.sh $(DEB_PACKAGES)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install lint
+	$(VENV)/bin/pytest -q tests e2e
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow" tests
+
+test-e2e: install
+	$(VENV)/bin/pytest -q e2e
+
+crds: venv
+	$(PY) -m crds.generate
+
+demo: install
+	$(PY) -m e2e.demo up
+
+demo-down: venv
+	$(PY) -m e2e.demo down
+
+bench: install
+	$(PY) -m bench.run_all
+
+clean: demo-down
+	rm -rf .run

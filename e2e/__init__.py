@@ -1,0 +1,1 @@
+"""End-to-end tests and the harness that runs real daemons for them (and for the demo)."""
