@@ -1,0 +1,113 @@
+"""ClusterNode: a KVM host, its addresses and its ordered fencing methods."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from ipaddress import IPv4Address, IPv6Address
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from .meta import Name, Resource, Status, Strict, Text
+
+# Fence-agent parameters that carry credentials: they may only come from a Secret.
+SECRET_PARAMETER = re.compile(r"(passw|secret|community|key$|token)", re.IGNORECASE)
+FenceAgentName = Annotated[str, StringConstraints(pattern=r"^fence_[a-z0-9_]{1,60}$")]
+ParameterName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+ParameterValue = Annotated[str, StringConstraints(pattern=r"^[^\n\r\x00]*$", max_length=1024)]
+
+
+class SecretKeyRef(Strict):
+    name: Name
+    key: Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z0-9]{1,253}$")]
+
+
+class FenceDevice(Strict):
+    agent: FenceAgentName
+    parameters: dict[ParameterName, ParameterValue] = Field(default_factory=dict)
+    secret_parameters: dict[ParameterName, SecretKeyRef] = Field(
+        default_factory=dict, alias="secretParameters"
+    )
+    timeout_seconds: int = Field(default=60, ge=1, le=600, alias="timeoutSeconds")
+
+    @model_validator(mode="after")
+    def _no_inline_secrets(self) -> FenceDevice:
+        for name in self.parameters:
+            if SECRET_PARAMETER.search(name):
+                raise ValueError(
+                    f"parameter {name!r} is a credential: give it under secretParameters "
+                    "as a reference to a Secret, never inline"
+                )
+            if name in ("action", "plug_action"):
+                raise ValueError(f"parameter {name!r} is chosen by kvmctl, not by the manifest")
+        overlap = set(self.parameters) & set(self.secret_parameters)
+        if overlap:
+            raise ValueError(f"parameters given both inline and as secrets: {sorted(overlap)}")
+        return self
+
+
+class FenceMethod(Strict):
+    name: Name
+    devices: list[FenceDevice] = Field(min_length=1)
+
+
+class Fencing(Strict):
+    methods: list[FenceMethod] = Field(default_factory=list)
+    self_fence: bool = Field(default=False, alias="selfFence")
+    """Allow recovery after the lease expired plus the self-fence deadline (needs a watchdog)."""
+
+    @model_validator(mode="after")
+    def _distinct_methods(self) -> Fencing:
+        names = [method.name for method in self.methods]
+        if len(names) != len(set(names)):
+            raise ValueError(f"fencing method names must be distinct: {names}")
+        return self
+
+
+class NodeAddresses(Strict):
+    cluster: IPv4Address | IPv6Address
+    public: IPv4Address | IPv6Address | None = None
+
+
+class Capacity(Strict):
+    cpus: int = Field(ge=1, le=4096)
+    memory_mib: int = Field(ge=64, alias="memoryMiB")
+
+
+class ClusterNodeSpec(Strict):
+    addresses: NodeAddresses
+    capacity: Capacity | None = None
+    """Overrides what the agent reports from libvirt."""
+    cordoned: bool = False
+    fencing: Fencing = Field(default_factory=Fencing)
+    libvirt_uri: Annotated[str, StringConstraints(pattern=r"^[a-z0-9+]+://[^\s]*$")] | None = Field(
+        default=None, alias="libvirtUri"
+    )
+    """How peers reach this host's libvirtd for migration; the agent reports it when unset."""
+
+
+NodeHealth = Literal["Online", "Unknown", "Fencing", "Fenced", "Offline"]
+
+
+class FenceRecord(Strict):
+    method: str | None = None
+    confirmed_at: datetime | None = Field(default=None, alias="confirmedAt")
+    how: Literal["PowerOff", "SelfFence", "ManualAck"] | None = None
+    token: int | None = None
+
+
+class ClusterNodeStatus(Status):
+    health: NodeHealth = "Unknown"
+    capacity: Capacity | None = None
+    agent_version: str | None = Field(default=None, alias="agentVersion")
+    libvirt_uri: str | None = Field(default=None, alias="libvirtUri")
+    migration_address: str | None = Field(default=None, alias="migrationAddress")
+    last_heartbeat_time: datetime | None = Field(default=None, alias="lastHeartbeatTime")
+    fence: FenceRecord | None = None
+    message: Text = ""
+
+
+class ClusterNode(Resource[ClusterNodeSpec, ClusterNodeStatus]):
+    kind: Literal["ClusterNode"] = "ClusterNode"
+    status: ClusterNodeStatus = Field(default_factory=ClusterNodeStatus)

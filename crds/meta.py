@@ -1,0 +1,231 @@
+"""Parts every kind shares: object metadata, conditions, validated scalar types.
+
+Validation is strict: unknown fields are rejected everywhere (`extra="forbid"`), names follow
+DNS-1123, and every value that later reaches a key, a path, XML or a command line is checked
+against a narrow pattern here, once.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+API_GROUP = "kvmctl.io"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+_IQN = re.compile(r"^iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[^\s/]{1,200})?$")
+_EUI = re.compile(r"^eui\.[0-9A-F]{16}$")
+_IFNAME_FORBIDDEN = re.compile(r"[\s/:%\x00]")
+_LVM_NAME = re.compile(r"^[a-zA-Z0-9+_.][a-zA-Z0-9+_.-]{0,126}$")
+_SIZE = re.compile(r"^(\d+)([KMGTP]?)(i?B?)$")
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def _check_name(value: str) -> str:
+    if len(value) > 63:
+        raise ValueError(f"name {value[:20]!r}... is longer than 63 characters")
+    if not _DNS1123_LABEL.match(value):
+        raise ValueError(
+            f"name {value!r} must be a DNS-1123 label: lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _check_subdomain(value: str) -> str:
+    if len(value) > 253 or not _DNS1123_SUBDOMAIN.match(value):
+        raise ValueError(f"{value!r} must be a DNS-1123 subdomain (lowercase, digits, '-', '.')")
+    return value
+
+
+def _check_iqn(value: str) -> str:
+    if not (_IQN.match(value) or _EUI.match(value)) or len(value) > 223:
+        raise ValueError(
+            f"{value!r} is not an iSCSI name (RFC 3720): expected iqn.YYYY-MM.reversed.domain[:id]"
+        )
+    return value
+
+
+def _check_ifname(value: str) -> str:
+    if not 1 <= len(value) <= 15 or value in (".", "..") or _IFNAME_FORBIDDEN.search(value):
+        raise ValueError(
+            f"interface name {value!r} must be 1-15 characters without spaces, '/', ':' or '%'"
+        )
+    return value
+
+
+def _check_lvm_name(value: str) -> str:
+    if (
+        value in (".", "..")
+        or not _LVM_NAME.match(value)
+        or value.startswith(("snapshot", "pvmove"))
+    ):
+        raise ValueError(f"LVM name {value!r} may use only letters, digits, '+', '_', '.', '-'")
+    return value
+
+
+def parse_size(value: str) -> int:
+    """Bytes in a size such as `50G`, `512Mi`, `1TiB` (binary multiples, as LVM reads them)."""
+    match = _SIZE.match(value.strip())
+    if not match:
+        raise ValueError(f"size {value!r} must be a number with an optional unit K, M, G, T or P")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _check_size(value: str) -> str:
+    if parse_size(value) <= 0:
+        raise ValueError(f"size {value!r} must be greater than zero")
+    return value
+
+
+def _check_label_key(value: str) -> str:
+    if len(value) > 317 or not _LABEL_KEY.match(value):
+        raise ValueError(f"label key {value!r} is not a valid qualified name")
+    return value
+
+
+def _check_label_value(value: str) -> str:
+    if len(value) > 63 or not _LABEL_VALUE.match(value):
+        raise ValueError(f"label value {value!r} is not valid (63 characters, alphanumeric, -_.)")
+    return value
+
+
+def _check_absolute_path(value: str) -> str:
+    if not value.startswith("/") or len(value) > 4096 or any(c in value for c in "\x00\n\r"):
+        raise ValueError(f"path {value!r} must be absolute, without NUL or newlines")
+    if ".." in value.split("/"):
+        raise ValueError(f"path {value!r} must not contain '..'")
+    return value
+
+
+def _check_mac(value: str) -> str:
+    if not _MAC.match(value):
+        raise ValueError(
+            f"MAC address {value!r} must be six lowercase hex pairs like 52:54:00:12:34:56"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+Subdomain = Annotated[str, AfterValidator(_check_subdomain)]
+Iqn = Annotated[str, AfterValidator(_check_iqn)]
+InterfaceName = Annotated[str, AfterValidator(_check_ifname)]
+LvmName = Annotated[str, AfterValidator(_check_lvm_name)]
+Size = Annotated[str, AfterValidator(_check_size)]
+LabelKey = Annotated[str, AfterValidator(_check_label_key)]
+LabelValue = Annotated[str, AfterValidator(_check_label_value)]
+MacAddress = Annotated[str, AfterValidator(_check_mac)]
+AbsolutePath = Annotated[str, AfterValidator(_check_absolute_path)]
+Text = Annotated[str, StringConstraints(max_length=4096)]
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class Strict(BaseModel):
+    """Base of every API type: unknown fields are errors, fields use camelCase aliases."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=False)
+
+
+class ObjectMeta(Strict):
+    name: Name
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    annotations: dict[LabelKey, Annotated[str, StringConstraints(max_length=65536)]] = Field(
+        default_factory=dict
+    )
+    uid: str | None = None
+    generation: int | None = None
+    resource_version: str | None = Field(default=None, alias="resourceVersion")
+    creation_timestamp: datetime | None = Field(default=None, alias="creationTimestamp")
+    deletion_timestamp: datetime | None = Field(default=None, alias="deletionTimestamp")
+    finalizers: list[
+        Subdomain | Annotated[str, StringConstraints(pattern=r"^[a-z0-9.-]+/[a-z0-9-]+$")]
+    ] = Field(default_factory=list)
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(Strict):
+    type: Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Za-z0-9]*$", max_length=64)]
+    status: ConditionStatus
+    reason: Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Za-z0-9]*$", max_length=64)]
+    message: Text = ""
+    last_transition_time: datetime = Field(default_factory=now, alias="lastTransitionTime")
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+
+
+class Status(Strict):
+    conditions: list[Condition] = Field(default_factory=list)
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def set_condition(
+        self,
+        type_: str,
+        status: ConditionStatus,
+        reason: str,
+        message: str = "",
+        observed_generation: int | None = None,
+    ) -> bool:
+        """Set a condition; lastTransitionTime moves only when status flips. True if changed."""
+        new = Condition(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=message,
+            observed_generation=observed_generation,
+        )
+        for index, old in enumerate(self.conditions):
+            if old.type != type_:
+                continue
+            if (old.status, old.reason, old.message, old.observed_generation) == (
+                status,
+                reason,
+                message,
+                observed_generation,
+            ):
+                return False
+            if old.status == status:
+                new.last_transition_time = old.last_transition_time
+            self.conditions[index] = new
+            return True
+        self.conditions.append(new)
+        return True
+
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+StatusT = TypeVar("StatusT", bound=Status)
+
+
+class Resource(Strict, Generic[SpecT, StatusT]):
+    """An API object: apiVersion, kind, metadata, spec, status."""
+
+    api_version: Literal["kvmctl.io/v1alpha1"] = Field(
+        default="kvmctl.io/v1alpha1", alias="apiVersion"
+    )
+    kind: str
+    metadata: ObjectMeta
+    spec: SpecT
+    status: StatusT
+
+    def key_name(self) -> str:
+        return f"{self.kind}/{self.metadata.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)

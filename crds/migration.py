@@ -1,0 +1,33 @@
+"""VirtualMachineMigration: one request to live-migrate a VM (like KubeVirt's VMIM)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from .meta import Name, Resource, Status, Strict, Text
+
+
+class VirtualMachineMigrationSpec(Strict):
+    vm: Name
+    target_node: Name = Field(alias="targetNode")
+
+
+MigrationPhase = Literal["Pending", "Scheduled", "Running", "Succeeded", "Failed"]
+
+
+class VirtualMachineMigrationStatus(Status):
+    phase: MigrationPhase = "Pending"
+    source_node: str | None = Field(default=None, alias="sourceNode")
+    progress_percent: int = Field(default=0, alias="progressPercent")
+    data_remaining_bytes: int | None = Field(default=None, alias="dataRemainingBytes")
+    started_at: datetime | None = Field(default=None, alias="startedAt")
+    finished_at: datetime | None = Field(default=None, alias="finishedAt")
+    message: Text = ""
+
+
+class VirtualMachineMigration(Resource[VirtualMachineMigrationSpec, VirtualMachineMigrationStatus]):
+    kind: Literal["VirtualMachineMigration"] = "VirtualMachineMigration"
+    status: VirtualMachineMigrationStatus = Field(default_factory=VirtualMachineMigrationStatus)

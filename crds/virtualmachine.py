@@ -1,0 +1,153 @@
+"""VirtualMachine: a libvirt domain with its failover policy."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from .meta import (
+    AbsolutePath,
+    InterfaceName,
+    LvmName,
+    MacAddress,
+    Name,
+    Resource,
+    Status,
+    Strict,
+    Text,
+)
+from .volumegroup import IscsiLunRef
+
+DiskTarget = Annotated[str, StringConstraints(pattern=r"^(vd|sd|hd)[a-z]{1,2}$")]
+KernelArgs = Annotated[str, StringConstraints(pattern=r"^[^\n\r\x00]*$", max_length=2048)]
+
+
+class VolumeRef(Strict):
+    vg: LvmName
+    lv: LvmName
+
+
+class Disk(Strict):
+    target: DiskTarget | None = None
+    volume: Annotated[str, StringConstraints(pattern=r"^[^/]+/[^/]+$")] | None = None
+    """`vg_cluster/lv_vm1`: an LV of a VolumeGroup, seen as /dev/VG/LV on the running host."""
+    iscsi: IscsiLunRef | None = None
+    file: AbsolutePath | None = None
+    readonly: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Disk:
+        sources = [s for s in (self.volume, self.iscsi, self.file) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("a disk needs exactly one of volume, iscsi or file")
+        if self.volume is not None:
+            vg, lv = self.volume.split("/")
+            VolumeRef(vg=vg, lv=lv)
+        return self
+
+    def volume_ref(self) -> VolumeRef | None:
+        if self.volume is None:
+            return None
+        vg, lv = self.volume.split("/")
+        return VolumeRef(vg=vg, lv=lv)
+
+
+class Nic(Strict):
+    bridge: InterfaceName
+    mac: MacAddress | None = None
+    model: Literal["virtio", "e1000", "rtl8139"] = "virtio"
+
+
+class Boot(Strict):
+    """Direct kernel boot (used by the test guests); omit to boot from the first disk."""
+
+    kernel: AbsolutePath
+    initrd: AbsolutePath | None = None
+    cmdline: KernelArgs = ""
+
+
+class DomainNode(Strict):
+    name: Name
+    priority: int = Field(default=1, ge=1, le=100)
+    """1 is the most preferred, as in rgmanager failover domains."""
+
+
+class FailoverDomain(Strict):
+    nodes: list[DomainNode] = Field(default_factory=list)
+    ordered: bool = False
+    restricted: bool = False
+    failback: bool = False
+
+    @model_validator(mode="after")
+    def _distinct(self) -> FailoverDomain:
+        names = [node.name for node in self.nodes]
+        if len(names) != len(set(names)):
+            raise ValueError(f"failover domain nodes must be distinct: {names}")
+        if self.restricted and not self.nodes:
+            raise ValueError("a restricted failover domain needs at least one node")
+        return self
+
+
+class MigrationPolicy(Strict):
+    allowed: bool = True
+    max_downtime_ms: int = Field(default=300, ge=10, le=60000, alias="maxDowntimeMs")
+
+
+class RestartPolicy(Strict):
+    max_restarts: int = Field(default=3, ge=0, le=100, alias="maxRestarts")
+    window_seconds: int = Field(default=600, ge=1, alias="windowSeconds")
+    max_relocations: int = Field(default=3, ge=0, le=100, alias="maxRelocations")
+
+
+RunState = Literal["started", "stopped", "disabled"]
+
+
+class VirtualMachineSpec(Strict):
+    vcpus: int = Field(default=1, ge=1, le=512)
+    memory_mib: int = Field(ge=16, le=16 * 1024 * 1024, alias="memoryMiB")
+    disks: list[Disk] = Field(default_factory=list, max_length=26)
+    nics: list[Nic] = Field(default_factory=list, max_length=16)
+    boot: Boot | None = None
+    run_state: RunState = Field(default="started", alias="runState")
+    failover_domain: FailoverDomain = Field(default_factory=FailoverDomain, alias="failoverDomain")
+    anti_affinity: list[Name] = Field(default_factory=list, alias="antiAffinity")
+    """Names of VMs this one must not share a host with."""
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    migration: MigrationPolicy = Field(default_factory=MigrationPolicy)
+    restart_policy: RestartPolicy = Field(default_factory=RestartPolicy, alias="restartPolicy")
+    shutdown_timeout_seconds: int = Field(default=60, ge=0, le=3600, alias="shutdownTimeoutSeconds")
+
+    @model_validator(mode="after")
+    def _distinct_targets(self) -> VirtualMachineSpec:
+        targets = [disk.target for disk in self.disks if disk.target is not None]
+        if len(targets) != len(set(targets)):
+            raise ValueError(f"disk targets must be distinct: {targets}")
+        return self
+
+
+class Placement(Strict):
+    node: Name
+    token: int
+    """The leader's fencing token (its election key's create revision) that wrote it."""
+    since: datetime
+
+
+class VirtualMachineStatus(Status):
+    placement: Placement | None = None
+    """Where the VM should run; written only by the elected controller."""
+    node: str | None = None
+    """Where the agent last saw the domain running."""
+    state: Literal["Running", "Stopped", "Paused", "Crashed", "Migrating", "Unknown"] = "Unknown"
+    domain_uuid: str | None = Field(default=None, alias="domainUUID")
+    restarts: list[datetime] = Field(default_factory=list)
+    """Times of in-place restarts inside the restart policy's window."""
+    relocations: int = 0
+    running_generation: int | None = Field(default=None, alias="runningGeneration")
+    message: Text = ""
+
+
+class VirtualMachine(Resource[VirtualMachineSpec, VirtualMachineStatus]):
+    kind: Literal["VirtualMachine"] = "VirtualMachine"
+    status: VirtualMachineStatus = Field(default_factory=VirtualMachineStatus)
