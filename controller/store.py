@@ -1,0 +1,432 @@
+"""The object store on etcd: one key per object, compare-and-swap on every write.
+
+Layout: `{prefix}/objects/{Kind}/{name}` holds the whole object as JSON. `resourceVersion` is
+the key's etcd mod_revision; every update compares it, so a stale writer gets `Conflict`.
+`update` owns metadata and spec (and bumps `generation` when the spec changes);
+`update_status` owns status. Each keeps the other's part as stored, so users and controllers
+never overwrite each other. Deleting an object with finalizers only sets `deletionTimestamp`;
+the key goes when the last finalizer is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rtypes
+
+from crds import KINDS, AnyResource
+from crds.meta import _check_name, now
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "/kvmctl"
+DEFAULT_TIMEOUT = 5.0
+T = TypeVar("T", bound=AnyResource)
+Compare = Any  # an aetcd transaction compare (aetcd has no type hints)
+
+
+class StoreError(Exception):
+    """A store failure with a message fit for a user."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    """The object changed since it was read (stale resourceVersion) or a guard failed."""
+
+
+class Unavailable(StoreError):
+    """etcd could not be reached or did not answer in time."""
+
+
+class Compacted(StoreError):
+    """A watch asked for a revision etcd has compacted away: relist."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision {revision} was compacted")
+        self.revision = revision
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: Literal["ADDED", "MODIFIED", "DELETED"]
+    object: AnyResource
+    revision: int
+
+
+def grpc_target(endpoints: Sequence[str]) -> tuple[str, int]:
+    """aetcd's (host, port) for one or several `host:port` endpoints.
+
+    aetcd dials `f"{host}:{port}"`. For several IPv4 endpoints we hand gRPC its own list syntax
+    (`ipv4:a:p1,b:p2`), so the channel fails over between members by itself.
+    """
+    parsed: list[tuple[str, int]] = []
+    for endpoint in endpoints:
+        endpoint = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise StoreError(f"etcd endpoint {endpoint!r} must look like host:port")
+        parsed.append((host, int(port)))
+    if not parsed:
+        raise StoreError("no etcd endpoint given (use --etcd or KVMCTL_ETCD)")
+    if len(parsed) == 1:
+        return parsed[0]
+    try:
+        for host, _ in parsed:
+            ipaddress.IPv4Address(host)
+    except ValueError:
+        log.warning("several etcd endpoints given by name: using only %s", parsed[0][0])
+        return parsed[0]
+    head = ",".join(f"{host}:{port}" for host, port in parsed[:-1])
+    last_host, last_port = parsed[-1]
+    return f"ipv4:{head},{last_host}", last_port
+
+
+def _unavailable(endpoints: Sequence[str], error: Exception) -> Unavailable:
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return Unavailable(f"etcd at {','.join(endpoints)} is unreachable: {detail}")
+
+
+class Store:
+    """Typed CRUD and watch of kvmctl objects in etcd."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self.prefix = prefix.rstrip("/")
+        self.timeout = timeout
+        host, port = grpc_target(self.endpoints)
+        self.client = aetcd.Client(
+            host=host,
+            port=port,
+            timeout=timeout,
+            connect_wait_timeout=int(timeout),
+        )
+
+    async def __aenter__(self) -> Store:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect and check that etcd answers, within the timeout."""
+        await self.call(self.client.connect())
+        await self.revision()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def call(self, awaitable: Awaitable[Any]) -> Any:
+        """Run one etcd request, turning connection trouble into `Unavailable`."""
+        try:
+            return await asyncio.wait_for(awaitable, self.timeout + 1)
+        except (
+            aetcd.exceptions.ConnectionFailedError,
+            aetcd.exceptions.ConnectionTimeoutError,
+        ) as e:
+            raise _unavailable(self.endpoints, e) from None
+        except TimeoutError as e:
+            raise _unavailable(self.endpoints, e) from None
+        except aetcd.exceptions.ClientError as e:
+            raise StoreError(f"etcd request failed: {e}") from None
+
+    # Keys ----------------------------------------------------------------------------------
+
+    def kind_prefix(self, kind: str) -> bytes:
+        if kind not in KINDS:
+            raise StoreError(f"unknown kind {kind!r}")
+        return f"{self.prefix}/objects/{kind}/".encode()
+
+    def key(self, kind: str, name: str) -> bytes:
+        # Names are validated by the models; check again so no caller can escape the prefix.
+        _check_name(name)
+        return self.kind_prefix(kind) + name.encode()
+
+    def _decode(self, kind: str, kv: aetcd.rtypes.KeyValue) -> AnyResource:
+        document = json.loads(kv.value)
+        document["metadata"]["resourceVersion"] = str(kv.mod_revision)
+        return KINDS[kind].model.model_validate(document)
+
+    @staticmethod
+    def _encode(obj: AnyResource) -> bytes:
+        document = obj.to_dict()
+        document["metadata"].pop("resourceVersion", None)
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    # Reads ---------------------------------------------------------------------------------
+
+    async def revision(self) -> int:
+        """The store's current revision (a linearizable read)."""
+        reply = await self.call(self.client.get_prefix(f"{self.prefix}/revision-probe".encode()))
+        revision: int = reply.header.revision
+        return revision
+
+    async def get(self, kind: str, name: str) -> AnyResource:
+        reply = await self.call(self.client.get(self.key(kind, name)))
+        if reply is None:
+            raise NotFound(f"{kind} {name!r} not found")
+        return self._decode(kind, reply)
+
+    async def try_get(self, kind: str, name: str) -> AnyResource | None:
+        try:
+            return await self.get(kind, name)
+        except NotFound:
+            return None
+
+    async def list_objects(self, kind: str) -> tuple[list[AnyResource], int]:
+        """Every object of a kind, sorted by name, and the revision the list was read at."""
+        reply = await self.call(self.client.get_prefix(self.kind_prefix(kind)))
+        objects = [self._decode(kind, kv) for kv in reply]
+        return objects, reply.header.revision
+
+    # Writes --------------------------------------------------------------------------------
+
+    async def _swap(
+        self,
+        key: bytes,
+        value: bytes,
+        compares: list[Compare],
+        lease: Any = None,
+    ) -> int:
+        """Put `value` at `key` if every compare holds; return the new revision."""
+        txn = self.client.transactions
+        ok, responses = await self.call(
+            self.client.transaction(
+                compare=compares, success=[txn.put(key, value, lease)], failure=[]
+            )
+        )
+        if not ok:
+            raise Conflict("the object was modified since it was read; read it again and retry")
+        revision: int = responses[0].response_put.header.revision
+        return revision
+
+    async def create(self, obj: T, lease: Any = None, guard: Sequence[Compare] = ()) -> T:
+        """Store a new object. Sets uid, generation 1 and creationTimestamp."""
+        kind, name = obj.kind, obj.metadata.name
+        key = self.key(kind, name)
+        stored = obj.model_copy(deep=True)
+        stored.metadata.uid = str(uuid.uuid4())
+        stored.metadata.generation = 1
+        stored.metadata.creation_timestamp = now()
+        stored.metadata.deletion_timestamp = None
+        txn = self.client.transactions
+        try:
+            revision = await self._swap(
+                key, self._encode(stored), [txn.create(key) == 0, *guard], lease
+            )
+        except Conflict:
+            if guard and await self.try_get(kind, name) is None:
+                raise Conflict(f"write of {kind} {name!r} refused: guard failed") from None
+            raise AlreadyExists(f"{kind} {name!r} already exists") from None
+        stored.metadata.resource_version = str(revision)
+        return stored
+
+    def _require_version(self, obj: AnyResource) -> int:
+        version = obj.metadata.resource_version
+        if version is None or not version.isdigit():
+            raise StoreError(f"{obj.kind} {obj.metadata.name!r}: update needs a resourceVersion")
+        return int(version)
+
+    async def update(self, obj: T, lease: Any = None) -> T:
+        """Write metadata and spec; status stays as stored. CAS on resourceVersion.
+
+        A changed spec increments generation. An object being deleted whose last finalizer is
+        removed here is deleted.
+        """
+        kind, name = obj.kind, obj.metadata.name
+        current = await self.get(kind, name)
+        version = self._require_version(obj)
+        if int(current.metadata.resource_version or 0) != version:
+            raise Conflict(
+                f"{kind} {name!r} was modified since it was read (stale resourceVersion)"
+            )
+        stored = obj.model_copy(deep=True)
+        stored.status = current.status
+        stored.metadata.uid = current.metadata.uid
+        stored.metadata.creation_timestamp = current.metadata.creation_timestamp
+        stored.metadata.deletion_timestamp = current.metadata.deletion_timestamp
+        stored.metadata.generation = current.metadata.generation or 1
+        if stored.spec != current.spec:
+            stored.metadata.generation += 1
+        key = self.key(kind, name)
+        txn = self.client.transactions
+        if stored.metadata.deletion_timestamp is not None and not stored.metadata.finalizers:
+            await self._delete_if(key, [txn.mod(key) == version])
+            return stored
+        revision = await self._swap(key, self._encode(stored), [txn.mod(key) == version], lease)
+        stored.metadata.resource_version = str(revision)
+        return stored
+
+    async def update_status(self, obj: T, guard: Sequence[Compare] = ()) -> T:
+        """Write status only; metadata and spec stay as stored. CAS on resourceVersion.
+
+        `guard` adds compares to the same transaction (a leader's fencing token).
+        """
+        kind, name = obj.kind, obj.metadata.name
+        current = await self.get(kind, name)
+        version = self._require_version(obj)
+        if int(current.metadata.resource_version or 0) != version:
+            raise Conflict(
+                f"{kind} {name!r} was modified since it was read (stale resourceVersion)"
+            )
+        stored = current.model_copy(deep=True)
+        stored.status = obj.status
+        key = self.key(kind, name)
+        txn = self.client.transactions
+        revision = await self._swap(key, self._encode(stored), [txn.mod(key) == version, *guard])
+        stored.metadata.resource_version = str(revision)
+        return stored  # type: ignore[return-value]
+
+    async def patch_status(
+        self,
+        kind: str,
+        name: str,
+        mutate: Callable[[Any], bool | None],
+        guard: Sequence[Compare] = (),
+        attempts: int = 10,
+    ) -> AnyResource:
+        """Read, let `mutate` change the status in place, write; retry on conflicts.
+
+        `mutate` returns False to skip the write (nothing to change).
+        """
+        for _ in range(attempts):
+            current = await self.get(kind, name)
+            if mutate(current) is False:
+                return current
+            try:
+                return await self.update_status(current, guard)
+            except Conflict:
+                if guard and not await self._guard_holds(guard):
+                    raise Conflict(
+                        f"status write of {kind} {name!r} refused: guard failed"
+                    ) from None
+        raise Conflict(f"{kind} {name!r}: status write kept conflicting; try again")
+
+    async def _guard_holds(self, guard: Sequence[Compare]) -> bool:
+        ok, _ = await self.call(
+            self.client.transaction(compare=list(guard), success=[], failure=[])
+        )
+        return bool(ok)
+
+    async def delete(self, kind: str, name: str) -> AnyResource | None:
+        """Delete an object, or mark it for deletion while finalizers remain.
+
+        Returns the object as marked, or None when it is gone.
+        """
+        for _ in range(10):
+            current = await self.get(kind, name)
+            key = self.key(kind, name)
+            version = int(current.metadata.resource_version or 0)
+            txn = self.client.transactions
+            try:
+                if not current.metadata.finalizers:
+                    await self._delete_if(key, [txn.mod(key) == version])
+                    return None
+                if current.metadata.deletion_timestamp is not None:
+                    return current
+                current.metadata.deletion_timestamp = now()
+                revision = await self._swap(key, self._encode(current), [txn.mod(key) == version])
+                current.metadata.resource_version = str(revision)
+                return current
+            except Conflict:
+                continue
+        raise Conflict(f"{kind} {name!r}: deletion kept conflicting; try again")
+
+    async def _delete_if(self, key: bytes, compares: list[Compare]) -> None:
+        txn = self.client.transactions
+        ok, _ = await self.call(
+            self.client.transaction(compare=compares, success=[txn.delete(key)], failure=[])
+        )
+        if not ok:
+            raise Conflict("the object was modified since it was read; read it again and retry")
+
+    async def remove_finalizer(self, kind: str, name: str, finalizer: str) -> None:
+        """Drop one finalizer (deleting the object if it was the last one during deletion)."""
+        for _ in range(10):
+            current = await self.try_get(kind, name)
+            if current is None or finalizer not in current.metadata.finalizers:
+                return
+            current.metadata.finalizers.remove(finalizer)
+            try:
+                await self.update(current)
+                return
+            except Conflict:
+                continue
+        raise Conflict(f"{kind} {name!r}: removing finalizer kept conflicting")
+
+    async def add_finalizer(self, kind: str, name: str, finalizer: str) -> AnyResource:
+        for _ in range(10):
+            current = await self.get(kind, name)
+            if finalizer in current.metadata.finalizers:
+                return current
+            current.metadata.finalizers.append(finalizer)
+            try:
+                return await self.update(current)
+            except Conflict:
+                continue
+        raise Conflict(f"{kind} {name!r}: adding finalizer kept conflicting")
+
+    # Watch ---------------------------------------------------------------------------------
+
+    async def watch(
+        self,
+        kind: str,
+        start_revision: int,
+        reconnect_delay: float = 0.5,
+    ) -> AsyncIterator[WatchEvent]:
+        """Events of a kind from `start_revision` on, resuming after lost connections.
+
+        Raises `Compacted` when etcd no longer has the revision to resume from: relist.
+        """
+        prefix = self.kind_prefix(kind)
+        next_revision = start_revision
+        while True:
+            try:
+                stream = await self.client.watch_prefix(
+                    prefix, start_revision=next_revision, prev_kv=True
+                )
+                async for event in stream:
+                    decoded = self._watch_event(kind, event)
+                    next_revision = decoded.revision + 1
+                    yield decoded
+            except aetcd.exceptions.RevisionCompactedError as error:
+                raise Compacted(error.compacted_revision) from None
+            except aetcd.exceptions.ClientError as error:
+                log.info("watch of %s lost (%s); resuming at %d", kind, error, next_revision)
+            await asyncio.sleep(reconnect_delay)
+
+    def _watch_event(self, kind: str, event: aetcd.rtypes.Event) -> WatchEvent:
+        revision = event.kv.mod_revision
+        if event.kind == aetcd.rtypes.EventKind.DELETE:
+            previous = event.prev_kv
+            if previous is None:  # prev_kv compacted: rebuild a bare object from the key
+                raise Compacted(revision)
+            obj = self._decode(kind, previous)
+            obj.metadata.resource_version = str(revision)
+            return WatchEvent("DELETED", obj, revision)
+        obj = self._decode(kind, event.kv)
+        return WatchEvent("ADDED" if event.kv.version == 1 else "MODIFIED", obj, revision)
+
+    async def compact(self, revision: int) -> None:
+        await self.call(self.client.compact(revision, physical=True))
