@@ -1,0 +1,102 @@
+"""Declarative apply: make stored objects match manifests, as `kubectl apply` does.
+
+The manifest owns spec, labels and annotations: fields removed from the file are removed from
+the object. Everything else (status, finalizers, uid, generation) belongs to the store and the
+controllers and survives. Kinds are written in dependency order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from crds import APPLY_ORDER, AnyResource
+
+from .store import Conflict, Store
+
+Outcome = Literal["created", "configured", "unchanged"]
+CONCURRENCY = 32
+
+
+@dataclass(frozen=True)
+class Applied:
+    object: AnyResource
+    outcome: Outcome
+
+
+def merged(existing: AnyResource, manifest: AnyResource) -> AnyResource:
+    """The object `existing` becomes when `manifest` is applied to it."""
+    result = existing.model_copy(deep=True)
+    result.spec = manifest.spec.model_copy(deep=True)
+    result.metadata.labels = dict(manifest.metadata.labels)
+    result.metadata.annotations = dict(manifest.metadata.annotations)
+    return result
+
+
+def _same(a: AnyResource, b: AnyResource) -> bool:
+    return (a.spec, a.metadata.labels, a.metadata.annotations) == (
+        b.spec,
+        b.metadata.labels,
+        b.metadata.annotations,
+    )
+
+
+def fresh(manifest: AnyResource) -> AnyResource:
+    """A manifest stripped of what only the store sets, ready to be created."""
+    obj = manifest.model_copy(deep=True)
+    obj.status = type(obj.status)()
+    meta = obj.metadata
+    meta.uid = meta.resource_version = meta.creation_timestamp = meta.deletion_timestamp = None
+    meta.generation = None
+    meta.finalizers = []
+    return obj
+
+
+async def apply_one(store: Store, manifest: AnyResource, dry_run: bool = False) -> Applied:
+    """Create or update one object; retries when a controller writes in between."""
+    for _ in range(20):
+        existing = await store.try_get(manifest.kind, manifest.metadata.name)
+        if existing is None:
+            if dry_run:
+                return Applied(fresh(manifest), "created")
+            try:
+                return Applied(await store.create(fresh(manifest)), "created")
+            except Conflict:
+                continue
+        desired = merged(existing, manifest)
+        if _same(existing, desired):
+            return Applied(existing, "unchanged")
+        if dry_run:
+            return Applied(desired, "configured")
+        try:
+            return Applied(await store.update(desired), "configured")
+        except Conflict:
+            continue
+    raise Conflict(f"{manifest.kind} {manifest.metadata.name!r} kept changing during apply")
+
+
+def in_apply_order(objects: Sequence[AnyResource]) -> list[list[AnyResource]]:
+    """Objects grouped by kind, in the order kinds are written."""
+    rank = {kind: index for index, kind in enumerate(APPLY_ORDER)}
+    groups: dict[str, list[AnyResource]] = {}
+    for obj in objects:
+        groups.setdefault(obj.kind, []).append(obj)
+    return [groups[kind] for kind in sorted(groups, key=lambda k: rank.get(k, len(rank)))]
+
+
+async def apply_all(
+    store: Store, objects: Sequence[AnyResource], dry_run: bool = False
+) -> list[Applied]:
+    """Apply every object, kind by kind; objects of one kind are written concurrently."""
+    limit = asyncio.Semaphore(CONCURRENCY)
+
+    async def bounded(obj: AnyResource) -> Applied:
+        async with limit:
+            return await apply_one(store, obj, dry_run)
+
+    results: list[Applied] = []
+    for group in in_apply_order(objects):
+        results.extend(await asyncio.gather(*(bounded(obj) for obj in group)))
+    return results
