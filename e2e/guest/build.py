@@ -1,0 +1,223 @@
+"""Build (once) the tiny TCG test guest: Debian's cloud kernel plus a busybox initramfs.
+
+The kernel comes from the Debian package that `linux-image-cloud-amd64` depends on, fetched with
+`apt-get download` (the only network access) and unpacked with `dpkg -x`. The initramfs is a newc
+cpio archive written here with the standard library: busybox-static, `init.sh` as `/init` and a
+`/dev/console` node. Its `/init` prints `tick N` on ttyS0 every 100 ms.
+
+Everything lands in `e2e/guest/build/` and is rebuilt only when missing; the initramfs name carries
+a hash of its inputs, so editing `init.sh` gives a new file.
+
+    python -m e2e.guest.build     # prints the kernel and initrd paths
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+GUEST_DIR = Path(__file__).resolve().parent
+BUILD_DIR = GUEST_DIR / "build"
+INIT_SCRIPT = GUEST_DIR / "init.sh"
+BUSYBOX = Path("/bin/busybox")
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
+DEFAULT_MEMORY_MIB = 96
+
+
+class GuestBuildError(RuntimeError):
+    """The guest image could not be built; the message says which step failed."""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A bootable guest: kernel and initramfs paths for libvirt's direct kernel boot."""
+
+    kernel: Path
+    initrd: Path
+
+    def domain_xml(
+        self,
+        name: str,
+        serial_log: Path,
+        *,
+        memory_mib: int = DEFAULT_MEMORY_MIB,
+        domain_type: str = "qemu",
+        domain_uuid: str | None = None,
+    ) -> str:
+        """Libvirt XML for one guest; its serial console is appended to `serial_log`.
+
+        The log path must be the same on every host the guest may migrate to (the lab's hosts
+        share the filesystem), so one file shows the counter before and after a migration.
+        """
+        domain = ET.Element("domain", type=domain_type)
+        ET.SubElement(domain, "name").text = name
+        ET.SubElement(domain, "uuid").text = domain_uuid or str(uuid.uuid4())
+        ET.SubElement(domain, "memory", unit="MiB").text = str(memory_mib)
+        ET.SubElement(domain, "vcpu").text = "1"
+        os_element = ET.SubElement(domain, "os")
+        ET.SubElement(os_element, "type", arch="x86_64", machine="pc").text = "hvm"
+        ET.SubElement(os_element, "kernel").text = str(self.kernel)
+        ET.SubElement(os_element, "initrd").text = str(self.initrd)
+        ET.SubElement(os_element, "cmdline").text = KERNEL_CMDLINE
+        if domain_type == "qemu":
+            tcg = ET.SubElement(ET.SubElement(domain, "features"), "tcg")
+            ET.SubElement(tcg, "tb-cache", unit="MiB").text = "16"
+        ET.SubElement(domain, "on_poweroff").text = "destroy"
+        ET.SubElement(domain, "on_reboot").text = "restart"
+        ET.SubElement(domain, "on_crash").text = "destroy"
+        devices = ET.SubElement(domain, "devices")
+        serial = ET.SubElement(devices, "serial", type="file")
+        ET.SubElement(serial, "source", path=str(serial_log), append="on")
+        ET.SubElement(serial, "target", port="0")
+        ET.SubElement(devices, "memballoon", model="none")
+        return ET.tostring(domain, encoding="unicode")
+
+
+def ensure_guest_image() -> GuestImage:
+    """Return the guest image, building whatever part of it is missing."""
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    with _build_lock():
+        return GuestImage(kernel=_ensure_kernel(), initrd=_ensure_initrd())
+
+
+@contextmanager
+def _build_lock() -> Iterator[None]:
+    """Serialise builds between concurrent test runs sharing this checkout."""
+    with open(BUILD_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> str:
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise GuestBuildError(
+            f"building the test guest: `{' '.join(argv)}` exited {result.returncode}: "
+            f"{result.stderr.strip() or result.stdout.strip()}"
+        )
+    return result.stdout
+
+
+def _ensure_kernel() -> Path:
+    existing = sorted(BUILD_DIR.glob("vmlinuz-*"))
+    if existing:
+        return existing[-1]
+    package = _kernel_package()
+    with tempfile.TemporaryDirectory(prefix="kvmctl-guest-kernel-") as scratch_name:
+        scratch = Path(scratch_name)
+        # The sandbox user _apt cannot write into a private temp dir: download as root.
+        _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", package], cwd=scratch)
+        debs = list(scratch.glob("*.deb"))
+        if len(debs) != 1:
+            raise GuestBuildError(f"apt-get download {package} gave {len(debs)} .deb files")
+        unpacked = scratch / "root"
+        _run(["dpkg", "-x", str(debs[0]), str(unpacked)])
+        kernels = list((unpacked / "boot").glob("vmlinuz-*"))
+        if len(kernels) != 1:
+            raise GuestBuildError(f"{debs[0].name} holds {len(kernels)} kernels in /boot")
+        target = BUILD_DIR / kernels[0].name
+        partial = target.with_suffix(".partial")
+        shutil.copyfile(kernels[0], partial)
+        partial.replace(target)
+        return target
+
+
+def _kernel_package() -> str:
+    """The versioned kernel package the cloud metapackage depends on."""
+    for attempt in range(2):
+        if attempt == 1:  # no package lists yet (fresh CI machine): fetch them once
+            _run(["apt-get", "update", "-qq"])
+        depends = subprocess.run(
+            ["apt-cache", "depends", KERNEL_METAPACKAGE],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        match = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", depends)
+        if match:
+            return match.group(1)
+    raise GuestBuildError(f"apt-cache finds no kernel package behind {KERNEL_METAPACKAGE}")
+
+
+def _ensure_initrd() -> Path:
+    if not BUSYBOX.is_file():
+        raise GuestBuildError(f"{BUSYBOX} is missing: install the Debian package busybox-static")
+    init = INIT_SCRIPT.read_bytes()
+    busybox = BUSYBOX.read_bytes()
+    digest = hashlib.sha256(init + busybox).hexdigest()[:12]
+    target = BUILD_DIR / f"initrd-{digest}.cpio"
+    if target.exists():
+        return target
+    partial = target.with_suffix(".partial")
+    partial.write_bytes(_initramfs(init, busybox))
+    partial.replace(target)
+    return target
+
+
+def _initramfs(init: bytes, busybox: bytes) -> bytes:
+    """A newc cpio archive: directories, /dev/console, busybox and /init."""
+    archive = _CpioWriter()
+    for directory in ("bin", "dev", "proc", "sys", "tmp"):
+        archive.add(directory, stat.S_IFDIR | 0o755)
+    archive.add("dev/console", stat.S_IFCHR | 0o600, device=(5, 1))
+    archive.add("bin/busybox", stat.S_IFREG | 0o755, busybox)
+    archive.add("bin/sh", stat.S_IFLNK | 0o777, b"busybox")
+    archive.add("init", stat.S_IFREG | 0o755, init)
+    return archive.finish()
+
+
+class _CpioWriter:
+    """Writes the 'newc' (070701) cpio format the kernel unpacks as initramfs."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._inode = 1
+
+    def add(
+        self, name: str, mode: int, data: bytes = b"", device: tuple[int, int] = (0, 0)
+    ) -> None:
+        encoded_name = name.encode() + b"\0"
+        fields = (
+            self._inode, mode, 0, 0, 1, 0, len(data), 0, 0, device[0], device[1],
+            len(encoded_name), 0,
+        )  # fmt: skip
+        self._inode += 1
+        header = b"070701" + b"".join(f"{value:08x}".encode() for value in fields)
+        self._chunks.append(_pad4(header + encoded_name))
+        self._chunks.append(_pad4(data))
+
+    def finish(self) -> bytes:
+        self.add("TRAILER!!!", 0)
+        return b"".join(self._chunks)
+
+
+def _pad4(chunk: bytes) -> bytes:
+    return chunk + b"\0" * (-len(chunk) % 4)
+
+
+def main() -> int:
+    try:
+        image = ensure_guest_image()
+    except GuestBuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"kernel: {image.kernel}")
+    print(f"initrd: {image.initrd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
