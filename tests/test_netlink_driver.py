@@ -115,6 +115,14 @@ async def test_addresses(nl: Netlink) -> None:
         await nl.add_address("br0", "2001:db8::10/64")
 
 
+async def test_enslaving_a_missing_link_names_it(nl: Netlink) -> None:
+    await nl.create_bridge("br0")
+    with pytest.raises(NetlinkDriverError, match="enslave eth9 to br0: no such link"):
+        await nl.enslave("eth9", "br0")
+    with pytest.raises(NetlinkDriverError, match="enslave br0 to br9: no such link"):
+        await nl.enslave("br0", "br9")
+
+
 async def test_bad_address_input_is_a_readable_error(nl: Netlink) -> None:
     with pytest.raises(NetlinkDriverError, match="needs a prefix length"):
         await nl.add_address("lo", "192.0.2.1")

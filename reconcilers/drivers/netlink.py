@@ -98,14 +98,21 @@ class Address:
     family: int
 
 
+_BOND_REASONS = {
+    errno.EOPNOTSUPP: "kernel has no bonding support",
+    errno.ENOTEMPTY: "only possible while the bond has no slaves",
+    errno.EBUSY: "only possible while the bond is down",
+}
+
+
 def _explain(code: int, operation: str) -> str:
-    if code == errno.EOPNOTSUPP and "bond" in operation:
-        return f"{operation}: kernel has no bonding support (errno 95)"
+    if "bond" in operation and code in _BOND_REASONS:
+        return f"{operation}: {_BOND_REASONS[code]} (errno {code})"
     reasons = {
         errno.ENODEV: "no such link",
         errno.EEXIST: "already exists",
         errno.EBUSY: "link is busy",
-        errno.EPERM: "not permitted (needs CAP_NET_ADMIN)",
+        errno.EPERM: "not permitted",
         errno.EOPNOTSUPP: "not supported by this kernel or link type",
         errno.EADDRNOTAVAIL: "address not present",
     }
@@ -204,12 +211,14 @@ class Netlink:
         indices = await self._call(f"look up {name}", self._route.link_lookup(ifname=name))
         return bool(indices)
 
-    async def _get(self, name: str) -> Any:
-        replies = await self._call(f"get link {name}", self._route.link("get", ifname=name))
+    async def _get(self, name: str, operation: str = "") -> Any:
+        """The kernel's message for link `name`; errors name `operation` (default: the lookup)."""
+        operation = operation or f"get link {name}"
+        replies = await self._call(operation, self._route.link("get", ifname=name))
         return replies[0]
 
-    async def _index(self, name: str) -> int:
-        index: int = (await self._get(name))["index"]
+    async def _index(self, name: str, operation: str = "") -> int:
+        index: int = (await self._get(name, operation))["index"]
         return index
 
     async def bond_info(self, name: str) -> BondInfo:
@@ -276,7 +285,9 @@ class Netlink:
         if miimon is not None:
             options["bond_miimon"] = miimon
         if primary is not None:
-            options["bond_primary"] = await self._index(primary)
+            options["bond_primary"] = await self._index(
+                primary, f"set primary of bond {name} to {primary}"
+            )
         if options:
             await self._call(
                 f"set options of bond {name}",
@@ -296,12 +307,13 @@ class Netlink:
     async def enslave(self, slave: str, master: str) -> None:
         """Make `slave` a port of bridge or bond `master`. A bond only takes slaves that are
         down, so an up slave of a bond is set down first (the bond brings it back up)."""
-        master_message = await self._get(master)
+        operation = f"enslave {slave} to {master}"
+        master_message = await self._get(master, operation)
+        slave_index = await self._index(slave, operation)
         if master_message.get(("linkinfo", "kind")) == "bond":
-            await self.set_down(slave)
+            await self._call(operation, self._route.link("set", index=slave_index, state="down"))
         await self._call(
-            f"enslave {slave} to {master}",
-            self._route.link("set", ifname=slave, master=master_message["index"]),
+            operation, self._route.link("set", index=slave_index, master=master_message["index"])
         )
 
     async def release(self, slave: str) -> None:

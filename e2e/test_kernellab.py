@@ -1,0 +1,31 @@
+"""The kernel lab itself, and the lab suite (e2e/lab_tests) run in one boot of Debian's kernel."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from e2e.kernellab.run import run_in_lab
+
+LAB_SUITE = "e2e/lab_tests"
+
+
+async def test_lab_reports_exit_status_and_output() -> None:
+    result = await run_in_lab(["sh", "-c", "uname -r; echo lab=$KVMCTL_KERNEL_LAB; exit 3"], 300)
+    assert result.returncode == 3, result.console[-3000:]
+    release, flag = result.output.split()
+    assert release.endswith("-amd64")
+    assert flag == "lab=1"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+async def test_lab_suite_passes_under_debian_kernel() -> None:
+    result = await run_in_lab(
+        ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", LAB_SUITE], timeout=1100
+    )
+    assert result.returncode == 0, f"{result.output}\n--- console ---\n{result.console[-3000:]}"
+    summary = result.output.strip().splitlines()[-1]
+    assert re.search(r"\b\d+ passed\b", summary), summary
+    assert not re.search(r"failed|error|skipped", summary), summary
