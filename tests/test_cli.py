@@ -1,0 +1,219 @@
+"""kvmctl against a real etcd: apply/get/describe/delete/diff/events, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.cli import main
+
+Run = Callable[..., tuple[int, str, str]]
+EXAMPLES = Path(__file__).parent.parent / "deploy" / "examples" / "article"
+
+
+@pytest.fixture
+def kvmctl(
+    etcd_endpoints: list[str],
+    key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    """Run kvmctl in-process against the test's etcd prefix; returns (code, stdout, stderr)."""
+    monkeypatch.setenv("KVMCTL_ETCD", ",".join(etcd_endpoints))
+    monkeypatch.setenv("KVMCTL_PREFIX", key_prefix)
+    monkeypatch.setenv("KVMCTL_CONFIG", "")
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def write(tmp_path: Path, text: str, name: str = "m.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+VM = """
+apiVersion: kvmctl.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: web, labels: {tier: front}}
+spec: {memoryMiB: 256, vcpus: 2}
+"""
+
+
+def test_apply_is_idempotent_and_reports_each_object(kvmctl: Run, tmp_path: Path) -> None:
+    code, out, _ = kvmctl("apply", "-f", str(EXAMPLES))
+    assert code == 0
+    assert "virtualmachine/vm1 created" in out and "clusternode/host1 created" in out
+    lines = out.splitlines()
+    assert lines.index("volumegroup/vg-cluster created") < lines.index("virtualmachine/vm1 created")
+    code, out, _ = kvmctl("apply", "-f", str(EXAMPLES))
+    assert code == 0 and set(line.split()[-1] for line in out.splitlines()) == {"unchanged"}
+    code, out, _ = kvmctl("diff", "-f", str(EXAMPLES))
+    assert code == 0 and out == ""
+
+
+def test_removed_fields_are_removed_and_status_survives(kvmctl: Run, tmp_path: Path) -> None:
+    manifest = write(tmp_path, VM)
+    assert kvmctl("apply", "-f", manifest)[0] == 0
+    changed = write(tmp_path, VM.replace(", vcpus: 2", "").replace("{tier: front}", "{}"))
+    code, out, _ = kvmctl("diff", "-f", changed)
+    assert code == 1 and "vcpus: 2" in out
+    code, out, _ = kvmctl("apply", "-f", changed)
+    assert "virtualmachine/web configured" in out
+    code, out, _ = kvmctl("get", "vm", "web", "-o", "json")
+    document = json.loads(out)
+    assert document["spec"]["vcpus"] == 1 and document["metadata"]["labels"] == {}
+    assert document["metadata"]["generation"] == 2
+
+
+def test_get_output_formats_and_selector(kvmctl: Run, tmp_path: Path) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM))
+    code, out, _ = kvmctl("get", "vm")
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["NAME", "STATE", "NODE"]
+    assert kvmctl("get", "virtualmachines", "-o", "name")[1].strip() == "virtualmachine/web"
+    assert "web" in kvmctl("get", "vm", "-l", "tier=front")[1]
+    code, out, err = kvmctl("get", "vm", "-l", "tier!=front")
+    assert code == 0 and "web" not in out and "No virtualmachines found" in err
+    assert "PRIORITY" in kvmctl("get", "vm", "-o", "wide")[1]
+
+
+def test_yaml_output_reapplies_cleanly(kvmctl: Run, tmp_path: Path) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM))
+    _, out, _ = kvmctl("get", "vm", "web", "-o", "yaml")
+    code, out, _ = kvmctl("apply", "-f", write(tmp_path, out, "roundtrip.yaml"))
+    assert code == 0 and out.strip() == "virtualmachine/web unchanged"
+
+
+def test_secrets_are_never_printed(kvmctl: Run) -> None:
+    kvmctl("apply", "-f", str(EXAMPLES))
+    for argv in (
+        ("get", "secret", "-o", "yaml"),
+        ("get", "secret", "-o", "json"),
+        ("describe", "secret", "bladecenter"),
+    ):
+        code, out, err = kvmctl(*argv)
+        assert code == 0
+        assert "change-me" not in out + err and "chap-secret-123" not in out + err
+
+
+def test_describe_shows_conditions_and_events(kvmctl: Run, tmp_path: Path) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM))
+    code, out, _ = kvmctl("describe", "vm", "web")
+    assert code == 0 and "Name:          web" in out and "Conditions:" in out and "Events:" in out
+
+
+def test_delete_by_name_and_file(kvmctl: Run, tmp_path: Path) -> None:
+    manifest = write(tmp_path, VM)
+    kvmctl("apply", "-f", manifest)
+    code, out, _ = kvmctl("delete", "-f", manifest, "--wait")
+    assert code == 0 and "virtualmachine/web deleted" in out
+    code, _, err = kvmctl("delete", "vm", "web")
+    assert code == 1 and "not found" in err
+
+
+BAD_INPUTS = {
+    "invalid yaml": ("kind: [unclosed", "invalid YAML"),
+    "unknown kind": (
+        "apiVersion: kvmctl.io/v1alpha1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n",
+        "unknown kind",
+    ),
+    "unknown field": (VM.replace("vcpus: 2", "vcpus: 2, turbo: true"), "spec.turbo: unknown field"),
+    "wrong type": (VM.replace("vcpus: 2", "vcpus: many"), "spec.vcpus"),
+    "slash in name": (VM.replace("name: web", "name: a/b"), "metadata.name"),
+    "dot dot name": (VM.replace("name: web", "name: '..'"), "metadata.name"),
+    "nul in name": (VM.replace("name: web", 'name: "a\\0b"'), "metadata.name"),
+    "long name": (VM.replace("name: web", "name: " + "a" * 300), "metadata.name"),
+    "alias bomb": ("a: &a [x, x]\nb: [*a, *a]\n", "aliases are not allowed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_and_nothing_is_written(
+    kvmctl: Run, tmp_path: Path, case: str
+) -> None:
+    text, expected = BAD_INPUTS[case]
+    good_first = VM.replace("name: web", "name: good") + "---\n"
+    manifest = write(tmp_path, good_first + text)
+    code, _out, err = kvmctl("apply", "-f", manifest)
+    assert code == 1
+    assert expected in err and manifest in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert kvmctl("get", "vm", "good")[0] == 1  # the valid document before it was not written
+
+
+def test_non_utf8_and_oversized_files_are_refused(kvmctl: Run, tmp_path: Path) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"kind: \xff\xfe\n")
+    code, _, err = kvmctl("apply", "-f", str(binary))
+    assert code == 1 and "not UTF-8" in err
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as handle:
+        handle.truncate(50 * 1024 * 1024)
+    code, _, err = kvmctl("apply", "-f", str(huge))
+    assert code == 1 and "larger than" in err
+
+
+def test_unreachable_etcd_gives_one_line_quickly(tmp_path: Path) -> None:
+    manifest = write(tmp_path, VM)
+    env = {**os.environ, "KVMCTL_ETCD": "127.0.0.1:9", "KVMCTL_CONFIG": ""}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "apply", "-f", manifest],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "unreachable" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 60
+
+
+def test_usage_errors_exit_2(kvmctl: Run) -> None:
+    assert kvmctl("get")[0] == 2
+    assert kvmctl("frobnicate")[0] == 2
+
+
+def test_dry_run_server_writes_nothing(kvmctl: Run, tmp_path: Path) -> None:
+    code, out, _ = kvmctl("apply", "-f", write(tmp_path, VM), "--dry-run=server")
+    assert code == 0 and "created (server dry run)" in out
+    assert kvmctl("get", "vm", "web")[0] == 1
+
+
+def test_events_listing_filters(kvmctl: Run, tmp_path: Path) -> None:
+    event = {
+        "apiVersion": "kvmctl.io/v1alpha1",
+        "kind": "Event",
+        "metadata": {"name": "web-abc"},
+        "spec": {
+            "involvedObject": {"kind": "VirtualMachine", "name": "web"},
+            "reason": "VMRecovered",
+            "type": "Warning",
+            "message": "started on host2",
+            "source": {"component": "test"},
+        },
+    }
+    kvmctl("apply", "-f", write(tmp_path, yaml.safe_dump(event)))
+    code, out, _ = kvmctl("events", "--for", "vm/web", "--types", "Warning")
+    assert code == 0 and "VMRecovered" in out and "virtualmachine/web" in out
+    code, out, _err = kvmctl("events", "--for", "vm/other")
+    assert code == 0 and "VMRecovered" not in out
+    assert json.loads(kvmctl("events", "-o", "json")[1])["spec"]["reason"] == "VMRecovered"
