@@ -82,7 +82,7 @@ def qemu_argv(image: LabImage, share: Path) -> list[str]:
 
 async def run_in_lab(
     argv: list[str],
-    timeout: float = 600.0,  # noqa: ASYNC109 (so a timeout can report the guest's console)
+    timeout: float = 600.0,
     cwd: Path = REPO_DIR,
 ) -> LabResult:
     """Boot the lab, run `argv` in `cwd` with the repo's venv first on PATH, and return its exit

@@ -1,6 +1,7 @@
 """Tests that need a full kernel (bonding, device-mapper, ...). They run inside the kernel lab
 (`e2e/test_kernellab.py` boots it once for this whole folder); on the host they are not even
-collected, since the lab's init sets KVMCTL_KERNEL_LAB=1 and nothing else does."""
+collected (and skipped if named explicitly), since only the lab's init sets KVMCTL_KERNEL_LAB=1.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +14,16 @@ import pytest
 
 from reconcilers.drivers.netlink import Netlink
 
-if os.environ.get("KVMCTL_KERNEL_LAB") != "1":
+IN_LAB = os.environ.get("KVMCTL_KERNEL_LAB") == "1"
+if not IN_LAB:
     collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(autouse=True)
+def _only_in_the_lab() -> None:
+    """Files named explicitly on the host are still collected: skip them there."""
+    if not IN_LAB:
+        pytest.skip("runs in the kernel lab: python -m e2e.kernellab.run -- pytest e2e/lab_tests")
 
 
 async def _ip(*args: str) -> None:
