@@ -69,7 +69,8 @@ class InvalidDefinition(LibvirtError):
 
 
 class MigrationError(LibvirtError):
-    """A live migration failed; the domain keeps running on the source."""
+    """A live migration failed or was refused. The domain normally keeps running on the
+    source; when the cause is a lost connection to the source, look at both hosts again."""
 
 
 class DomainState(StrEnum):
@@ -309,6 +310,7 @@ class LibvirtHost:
         self._connection = connection
         self._loop = loop
         self._closed = False
+        self._lost: LibvirtUnavailable | None = None
         self._streams: set[EventStream] = set()
         self._close_callbacks: list[Callable[[str], None]] = []
         self._lifecycle_callback_id: int | None = None
@@ -369,10 +371,11 @@ class LibvirtHost:
     # -- events ------------------------------------------------------------------------------
 
     def events(self) -> EventStream:
-        """Subscribe to lifecycle events of all domains, starting now."""
+        """Subscribe to lifecycle events of all domains, starting now (ends at once on a
+        closed or lost connection)."""
         stream = EventStream(self)
-        if self._closed:
-            stream._put(_StreamEnd(error=None))
+        if self._closed or self._lost is not None:
+            stream._put(_StreamEnd(error=self._lost))
         else:
             self._streams.add(stream)
         return stream
@@ -412,8 +415,8 @@ class LibvirtHost:
         if self._closed:
             return
         log.warning("libvirt connection to %s closed (%s)", self.uri, reason)
-        error = LibvirtUnavailable(f"connection to libvirt at {self.uri} lost ({reason})")
-        self._end_streams(_StreamEnd(error=error))
+        self._lost = LibvirtUnavailable(f"connection to libvirt at {self.uri} lost ({reason})")
+        self._end_streams(_StreamEnd(error=self._lost))
         for callback in self._close_callbacks:
             callback(reason)
 
@@ -545,10 +548,10 @@ class LibvirtHost:
         (`qemu+tcp://10.0.0.2/system`); `migrate_uri` is where QEMU sends the memory
         (`tcp://10.0.0.2`). The definition moves with the domain (persistent on the
         destination, undefined here). `progress` is called every `poll_interval` seconds while
-        the job runs. Raises MigrationError; the domain then keeps running here. Cancelling
-        the calling task aborts the migration job.
+        the job runs. Raises DomainNotFound, or MigrationError (the domain normally keeps
+        running here). Cancelling the calling task aborts the migration job.
         """
-        context = f"migrate domain {name!r} from {self.uri} to {dest_uri}"
+        context = f"migrate domain {name!r} to {dest_uri}"
         domain = await self._call(f"look up domain {name!r}", lambda: self._domain(name))
         params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: migrate_uri}
         if bandwidth_mibps is not None:
