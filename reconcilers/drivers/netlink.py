@@ -183,11 +183,17 @@ class Netlink:
         except NetlinkError as error:
             raise NetlinkDriverError(_explain(error.code, operation), error.code) from None
 
+    async def _collect(self, operation: str, request: Awaitable[AsyncIterator[Any]]) -> list[Any]:
+        """All messages of a dump request (errors may also arrive while reading it)."""
+        try:
+            return [message async for message in await request]
+        except NetlinkError as error:
+            raise NetlinkDriverError(_explain(error.code, operation), error.code) from None
+
     # -- reading ------------------------------------------------------------------------------
 
     async def _dump(self) -> list[Any]:
-        dump = await self._call("list links", self._route.link("dump"))
-        return [message async for message in dump]
+        return await self._collect("list links", self._route.link("dump"))
 
     async def links(self) -> list[Link]:
         """Every link in the namespace."""
@@ -242,10 +248,12 @@ class Netlink:
     async def addresses(self, name: str) -> list[Address]:
         """IPv4 and IPv6 addresses on link `name`."""
         index = await self._index(name)
-        dump = await self._call(f"list addresses of {name}", self._route.addr("dump", index=index))
+        messages = await self._collect(
+            f"list addresses of {name}", self._route.addr("dump", index=index)
+        )
         return [
             Address(f"{message.get('address')}/{message['prefixlen']}", message["family"])
-            async for message in dump
+            for message in messages
         ]
 
     # -- creating and deleting ----------------------------------------------------------------
