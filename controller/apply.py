@@ -18,6 +18,7 @@ from .store import Conflict, Store
 
 Outcome = Literal["created", "configured", "unchanged"]
 CONCURRENCY = 32
+PREFETCH_THRESHOLD = 20
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,21 @@ def fresh(manifest: AnyResource) -> AnyResource:
     return obj
 
 
-async def apply_one(store: Store, manifest: AnyResource, dry_run: bool = False) -> Applied:
-    """Create or update one object; retries when a controller writes in between."""
+async def apply_one(
+    store: Store,
+    manifest: AnyResource,
+    dry_run: bool = False,
+    known: AnyResource | Literal["unknown"] | None = "unknown",
+) -> Applied:
+    """Create or update one object; retries when a controller writes in between.
+
+    `known` is the stored object if the caller already read it (None: it does not exist).
+    """
     for _ in range(20):
-        existing = await store.try_get(manifest.kind, manifest.metadata.name)
+        if known == "unknown":
+            existing = await store.try_get(manifest.kind, manifest.metadata.name)
+        else:
+            existing, known = known, "unknown"
         if existing is None:
             if dry_run:
                 return Applied(fresh(manifest), "created")
@@ -89,14 +101,26 @@ def in_apply_order(objects: Sequence[AnyResource]) -> list[list[AnyResource]]:
 async def apply_all(
     store: Store, objects: Sequence[AnyResource], dry_run: bool = False
 ) -> list[Applied]:
-    """Apply every object, kind by kind; objects of one kind are written concurrently."""
+    """Apply every object, kind by kind; objects of one kind are written concurrently.
+
+    For many objects of a kind, one list replaces a read per object.
+    """
     limit = asyncio.Semaphore(CONCURRENCY)
 
-    async def bounded(obj: AnyResource) -> Applied:
+    async def bounded(obj: AnyResource, known: AnyResource | Literal["unknown"] | None) -> Applied:
         async with limit:
-            return await apply_one(store, obj, dry_run)
+            return await apply_one(store, obj, dry_run, known)
 
     results: list[Applied] = []
     for group in in_apply_order(objects):
-        results.extend(await asyncio.gather(*(bounded(obj) for obj in group)))
+        stored: dict[str, AnyResource | Literal["unknown"] | None] = {}
+        if len(group) > PREFETCH_THRESHOLD:
+            listed, _ = await store.list_objects(group[0].kind)
+            by_name = {obj.metadata.name: obj for obj in listed}
+            stored = {obj.metadata.name: by_name.get(obj.metadata.name) for obj in group}
+        results.extend(
+            await asyncio.gather(
+                *(bounded(obj, stored.get(obj.metadata.name, "unknown")) for obj in group)
+            )
+        )
     return results

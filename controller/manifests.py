@@ -36,27 +36,32 @@ class Manifest:
         return f"{self.source}, document {self.index}"
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases and deep nesting."""
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: 10x faster
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise ManifestError(f"line {event.start_mark.line + 1}: YAML aliases are not allowed")
-        depth = getattr(self, "_depth", 0) + 1
-        if depth > MAX_DEPTH:
-            raise ManifestError(f"nesting deeper than {MAX_DEPTH} levels")
-        self._depth = depth
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth = depth - 1
+
+def _line(event: yaml.Event) -> int:
+    return event.start_mark.line + 1 if event.start_mark is not None else 0
+
+
+def _check_structure(text: str) -> None:
+    """Refuse aliases and deep nesting by scanning parser events, before building anything."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ManifestError(f"line {_line(event)}: YAML aliases are not allowed")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ManifestError(f"line {_line(event)}: nesting deeper than {MAX_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def parse_yaml(text: str, source: str) -> list[dict[str, Any]]:
     """The non-empty documents of a YAML text."""
     try:
-        documents = list(yaml.load_all(text, Loader=_StrictLoader))
+        _check_structure(text)
+        documents = list(yaml.load_all(text, Loader=_Loader))
     except ManifestError as error:
         raise ManifestError(f"{source}: {error}") from None
     except yaml.YAMLError as error:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "/kvmctl"
 DEFAULT_TIMEOUT = 5.0
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # a list of every object of a kind arrives as one reply
 T = TypeVar("T", bound=AnyResource)
 Compare = Any  # an aetcd transaction compare (aetcd has no type hints)
 
@@ -120,6 +121,7 @@ class Store:
             port=port,
             timeout=timeout,
             connect_wait_timeout=int(timeout),
+            options={"grpc.max_receive_message_length": MAX_MESSAGE_BYTES},
         )
 
     async def __aenter__(self) -> Store:
