@@ -1,0 +1,322 @@
+"""The manager: runs a process's controllers on shared watch caches, with leader election.
+
+A `Controller` names one primary kind (its work-queue keys are that kind's object names), a
+reconciler following `controller/reconcile.py`'s contract, a worker count, and optionally other
+kinds whose changes map to primary keys (`Watch`). The manager:
+
+1. starts one informer per kind (shared between controllers) and waits until all have listed;
+2. runs every controller's workers; a `leader_only` controller runs only while this process
+   leads the election and is cancelled the moment leadership is lost; each start (every term)
+   enqueues every cached object, so nothing changed meanwhile is missed;
+3. records a terminal reconcile error as `Ready=False reason=<reason>` on the object's status
+   (guarded by the fencing token for leader-only controllers) and as a Warning event;
+4. serves `GET /healthz` (200 once synced and every part alive, else 503) and `GET /metrics`
+   (prometheus_client's default registry, where `setup_telemetry(..., "prometheus")` puts
+   kvmctl's metrics) on a loopback port by default;
+5. on SIGTERM or SIGINT (or `stop()`): cancels workers, resigns leadership, stops the informers
+   and the HTTP server and closes the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import prometheus_client
+
+from . import telemetry
+from .events import EventRecorder
+from .informer import DEFAULT_RESYNC_PERIOD, KeyMapper, SharedInformers
+from .leader import ElectionTiming, LeaderElector, guard_compare
+from .reconcile import OnTerminal, Reconciler, RetryableError, TerminalError, run_workers
+from .store import Compare, NotFound, Store
+from .workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HTTP_PORT = 8080
+HTTP_READ_TIMEOUT = 5.0
+MAX_CONDITION_MESSAGE = 4096
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Another kind a controller depends on: each change enqueues `mapper(obj)`'s keys."""
+
+    kind: str
+    mapper: KeyMapper
+
+
+@dataclass(frozen=True)
+class Controller:
+    name: str
+    kind: str
+    reconciler: Reconciler
+    workers: int = 1
+    leader_only: bool = False
+    watches: Sequence[Watch] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"controller {self.name!r} needs at least one worker")
+
+
+class _ControllerRunner:
+    """One controller's queue and workers; a `KeySink` that drops keys while not running."""
+
+    def __init__(self, controller: Controller, informers: SharedInformers) -> None:
+        self.controller = controller
+        self.informer = informers.informer(controller.kind)
+        self.queue: WorkQueue | None = None
+        self.informer.enqueue(self)
+        for watch in controller.watches:
+            informers.informer(watch.kind).enqueue_mapped(self, watch.mapper)
+
+    def add(self, key: str) -> None:
+        if self.queue is not None:
+            self.queue.add(key)
+
+    async def run(self, on_terminal: OnTerminal) -> None:
+        """Enqueue every cached object, then reconcile until cancelled."""
+        controller = self.controller
+        queue = WorkQueue()
+        self.queue = queue
+        telemetry.watch_queue(controller.name, queue)
+        for obj in self.informer.list():
+            queue.add(obj.metadata.name)
+        reconciler = telemetry.TracedReconciler(
+            controller.reconciler, controller.kind, controller.name
+        )
+        log.info("controller %s started with %d workers", controller.name, controller.workers)
+        try:
+            await run_workers(queue, reconciler, controller.workers, on_terminal)
+        finally:
+            self.queue = None
+            queue.shutdown()
+            telemetry.forget_queue(controller.name)
+            log.info("controller %s stopped", controller.name)
+
+
+class Manager:
+    """Runs `controllers` against `store` until stopped; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        controllers: Sequence[Controller],
+        *,
+        identity: str | None = None,
+        election: str = "controller",
+        election_timing: ElectionTiming | None = None,
+        http_host: str = "127.0.0.1",
+        http_port: int | None = DEFAULT_HTTP_PORT,
+        resync_period: float | None = DEFAULT_RESYNC_PERIOD,
+        component: str = "kvmctl-controller",
+        node: str | None = None,
+    ) -> None:
+        names = [controller.name for controller in controllers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"controller names must be distinct: {names}")
+        self.store = store
+        self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
+        self.informers = SharedInformers(store, resync_period)
+        self.recorder = EventRecorder(store, component, node)
+        self._runners = [_ControllerRunner(c, self.informers) for c in controllers]
+        self.elector: LeaderElector | None = None
+        if any(c.leader_only for c in controllers):
+            self.elector = LeaderElector(
+                store.client, store.prefix, election, self.identity, election_timing
+            )
+        self._http_host = http_host
+        self._http_port = http_port
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._token: int | None = None
+        self._stopping = asyncio.Event()
+        self.started = asyncio.Event()
+        """Set once the caches are synced and the controllers run (or campaign)."""
+
+    @property
+    def http_port(self) -> int | None:
+        """The port /healthz and /metrics are served on (the real one when 0 was asked)."""
+        if self._server is None or not self._server.sockets:
+            return None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def is_leader(self) -> bool:
+        return self._token is not None
+
+    def leader_guard(self) -> list[Compare]:
+        """Compares to add to a safety-critical write so it fails once this term is over."""
+        if self.elector is None or self._token is None:
+            raise RetryableError("this manager does not lead: the write is refused")
+        return [guard_compare(self.store.client, self.elector.key, self._token)]
+
+    def stop(self) -> None:
+        """Ask `run` to shut down (what SIGTERM and SIGINT do)."""
+        self._stopping.set()
+
+    async def run(self, handle_signals: bool = True) -> None:
+        """Run until `stop()` or a signal; then shut everything down and close the store.
+
+        Raises if a part fails for good (an informer or a controller's workers crash).
+        """
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for signum in signals:
+            loop.add_signal_handler(signum, self.stop)
+        try:
+            if self._http_port is not None:
+                self._server = await asyncio.start_server(
+                    self._serve_http, self._http_host, self._http_port
+                )
+            self.informers.start()
+            if not await self._unless_stopped(self.informers.wait_for_sync()):
+                return
+            for runner in self._runners:
+                if not runner.controller.leader_only:
+                    work = runner.run(self._on_terminal(runner.controller))
+                    name = f"controller {runner.controller.name}"
+                    self._tasks.append(asyncio.create_task(work, name=name))
+            if self.elector is not None:
+                self._tasks.append(asyncio.create_task(self.elector.run(self._lead), name="elect"))
+            self.started.set()
+            await self._until_stopped_or_failed()
+        finally:
+            await self._shutdown()
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Await `work` unless a stop comes first; True if it completed."""
+        task = asyncio.create_task(work)
+        stop = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if task.done() and not task.cancelled():
+            task.result()  # re-raise a failure
+            return True
+        return False
+
+    async def _until_stopped_or_failed(self) -> None:
+        stop = asyncio.create_task(self._stopping.wait())
+        try:
+            waiting: set[asyncio.Future[Any]] = {stop, *self._tasks, *self.informers.tasks()}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        for task in done:
+            if task is not stop:
+                error = None if task.cancelled() else task.exception()
+                name = task.get_name() if isinstance(task, asyncio.Task) else "a task"
+                raise RuntimeError(f"{name} stopped unexpectedly: {error!r}") from error
+
+    async def _lead(self, token: int) -> None:
+        """Leader-only work for one term: every leader-only controller, until cancelled."""
+        self._token = token
+        if self.elector is not None:
+            telemetry.set_leader(self.elector.key, True)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for runner in self._runners:
+                    if runner.controller.leader_only:
+                        group.create_task(runner.run(self._on_terminal(runner.controller)))
+        finally:
+            self._token = None
+            if self.elector is not None:
+                telemetry.set_leader(self.elector.key, False)
+
+    def _on_terminal(self, controller: Controller) -> OnTerminal:
+        async def record(key: str, error: TerminalError) -> None:
+            guard = self.leader_guard() if controller.leader_only else []
+            message = error.message[:MAX_CONDITION_MESSAGE]
+
+            def mark_not_ready(obj: Any) -> bool:
+                changed: bool = obj.status.set_condition(
+                    "Ready", "False", error.reason, message, obj.metadata.generation
+                )
+                return changed
+
+            try:
+                obj = await self.store.patch_status(
+                    controller.kind, key, mark_not_ready, guard=guard
+                )
+            except NotFound:
+                log.info("%s %s is gone; terminal error not recorded", controller.kind, key)
+                return
+            await self.recorder.record(obj, "Warning", error.reason, message)
+
+        return record
+
+    async def _shutdown(self) -> None:
+        """Stop in order: workers and leadership (resigning), informers, HTTP, the store."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        await self.informers.stop()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await self.store.close()
+        log.info("manager %s shut down", self.identity)
+
+    # HTTP -----------------------------------------------------------------------------------
+
+    def _health(self) -> tuple[bool, str]:
+        if not self.informers.synced():
+            return False, "caches not synced yet"
+        if not self.informers.alive():
+            return False, "an informer stopped"
+        if not self.started.is_set() or any(task.done() for task in self._tasks):
+            return False, "controllers not running"
+        return True, "ok"
+
+    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A minimal HTTP/1.1 server: GET /healthz and GET /metrics, one request per connection."""
+        try:
+            async with asyncio.timeout(HTTP_READ_TIMEOUT):
+                request = await reader.readline()
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+            parts = request.decode("latin-1").split()
+            method, path = (parts[0], parts[1].split("?")[0]) if len(parts) >= 2 else ("", "")
+            if method not in ("GET", "HEAD"):
+                status, content_type, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/healthz":
+                healthy, reason = self._health()
+                status = "200 OK" if healthy else "503 Service Unavailable"
+                content_type, body = "text/plain", f"{reason}\n".encode()
+            elif path == "/metrics":
+                status = "200 OK"
+                content_type = prometheus_client.CONTENT_TYPE_LATEST
+                body = prometheus_client.generate_latest()
+            else:
+                status, content_type, body = "404 Not Found", "text/plain", b"not found\n"
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + (body if method == "GET" else b""))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError) as error:
+            log.debug("HTTP request dropped: %s", error)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
