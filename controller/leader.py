@@ -135,6 +135,7 @@ class LeaderElector:
         self.identity = identity
         self.timing = timing or ElectionTiming()
         self._term: _Term | None = None
+        self._work: asyncio.Task[None] | None = None  # the leader-only work of the last term
 
     @property
     def is_leader(self) -> bool:
@@ -148,9 +149,10 @@ class LeaderElector:
         while True:
             term = await self._acquire()
             work = asyncio.create_task(leading(term.token), name=f"leading {self.key}")
+            self._work = work
             try:
                 await self._hold(term, work)
-                ended_by_itself = work.done()
+                ended_by_itself = work.done() and self._term is term
             finally:
                 resigned_meanwhile = self._term is not term
                 self._term = None
@@ -165,14 +167,17 @@ class LeaderElector:
         """Give up leadership if held: delete the key if still ours, then revoke the lease.
 
         `run()` does this itself when cancelled. Called while `run()` is active, it steps down
-        now: `run()` sees the key go, stops the leader-only work and campaigns again.
+        now: it stops the leader-only work first, and `run()` then campaigns again.
         Revoking alone would delete the key too; the guarded delete first makes the handover
         visible even if the revoke does not get through. Best effort: if etcd is unreachable,
         the lease expires by itself within the TTL.
         """
         term, self._term = self._term, None
-        if term is not None:
-            await self._release(term)
+        if term is None:
+            return
+        if self._work is not None:
+            await _cancel_and_wait(self._work)
+        await self._release(term)
 
     async def _release(self, term: _Term) -> None:
         try:
@@ -185,10 +190,11 @@ class LeaderElector:
                 await self._client.revoke_lease(term.lease_id)
         except (TimeoutError, aetcd.ClientError) as error:
             log.warning(
-                "resigning %s failed; its lease expires within %d s: %s",
+                "releasing term %d of %s did not complete (%s); its lease expires within %d s",
+                term.token,
                 self.key,
-                self.timing.ttl,
                 error,
+                self.timing.ttl,
             )
         else:
             log.info("%s resigned leadership of %s (token %d)", self.identity, self.key, term.token)

@@ -1,6 +1,8 @@
 """A leader election candidate in a process of its own, for tests that SIGKILL or SIGSTOP it.
 
-Usage: leader_child.py ENDPOINT PREFIX NAME IDENTITY
+Usage: leader_child.py ENDPOINT PREFIX NAME IDENTITY fast|default
+
+`fast` is the tests' 2 s TTL; `default` is `ElectionTiming()`, the production defaults.
 
 While leading it writes `<prefix>/fenced-writes` again and again, each write guarded by its
 fencing token, as a controller's safety-critical writes are. It prints one line per fact:
@@ -16,7 +18,10 @@ import aetcd
 
 from controller.leader import ElectionTiming, LeaderElector, guard_compare
 
-TIMING = ElectionTiming(ttl=2, renew_period=0.5, renew_deadline=1.5, retry_period=0.5)
+TIMINGS = {
+    "fast": ElectionTiming(ttl=2, renew_period=0.5, renew_deadline=1.5, retry_period=0.5),
+    "default": ElectionTiming(),
+}
 WRITE_PERIOD = 0.05
 
 
@@ -24,10 +29,10 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-async def main(endpoint: str, prefix: str, name: str, identity: str) -> None:
+async def main(endpoint: str, prefix: str, name: str, identity: str, timing: str) -> None:
     host, port = endpoint.rsplit(":", 1)
     async with aetcd.Client(host=host, port=int(port)) as client:
-        elector = LeaderElector(client, prefix, name, identity, TIMING)
+        elector = LeaderElector(client, prefix, name, identity, TIMINGS[timing])
         marker = f"{prefix}/fenced-writes".encode()
 
         async def leading(token: int) -> None:
@@ -48,4 +53,4 @@ async def main(endpoint: str, prefix: str, name: str, identity: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    asyncio.run(main(*sys.argv[1:6]))

@@ -136,10 +136,10 @@ class Child:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(cls, endpoint: str, prefix: str, identity: str) -> Child:
+    async def start(cls, endpoint: str, prefix: str, identity: str, timing: str = "fast") -> Child:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         process = await asyncio.create_subprocess_exec(
-            sys.executable, str(CHILD), endpoint, prefix, NAME, identity,
+            sys.executable, str(CHILD), endpoint, prefix, NAME, identity, timing,
             stdout=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
         )  # fmt: skip
         return cls(process)
@@ -244,19 +244,21 @@ async def test_resign_while_running_steps_down_cleanly(
         assert not first.is_leader
         await terms.wait_until(lambda: old_token in terms.stopped, deadline=20.0)
         await terms.wait_until(lambda: any(token > old_token for token in terms.active), 20.0)
-    assert "failed" not in caplog.text
+    assert "did not complete" not in caplog.text
     assert terms.overlaps == []
 
 
+@pytest.mark.parametrize("timing_name", ["fast", "default"])
 async def test_sigkill_of_the_leader_process_elects_another(
-    candidates: Candidates, children: list[Child], etcd_endpoints: list[str]
+    candidates: Candidates, children: list[Child], etcd_endpoints: list[str], timing_name: str
 ) -> None:
-    child = await Child.start(etcd_endpoints[0], candidates.prefix, "child")
+    timing = {"fast": FAST, "default": ElectionTiming()}[timing_name]  # as in leader_child.py
+    child = await Child.start(etcd_endpoints[0], candidates.prefix, "child", timing_name)
     children.append(child)
     child_token = int((await child.wait_for_line("leading ")).split()[1])
     await child.wait_for_line("write ok")
     terms = candidates.terms
-    candidates.start("survivor")
+    candidates.start("survivor", timing)
     loop = asyncio.get_running_loop()
     killed_at = loop.time()
     child.signal(signal.SIGKILL)
@@ -266,7 +268,7 @@ async def test_sigkill_of_the_leader_process_elects_another(
     assert leader is not None
     assert leader[0] == "survivor"
     assert leader[1] > child_token
-    print(f"failover after SIGKILL: {elapsed:.3f} s (ttl {FAST.ttl} s)")
+    print(f"failover after SIGKILL: {elapsed:.3f} s (ttl {timing.ttl} s)")
 
 
 async def test_a_paused_leader_cannot_write_after_a_takeover(
@@ -337,8 +339,10 @@ async def test_a_deposed_leaders_guarded_write_is_rejected(
         success=[admin.transactions.put(marker, b"from the leader")],
         failure=[],
     )
+    # No assertion on overlapping work here: the deposed leader learns of the revoke only at its
+    # next renewal or watch event, while the other may already lead. The fencing token is what
+    # makes that window harmless.
     assert (old_written, new_written) == (False, True)
-    assert terms.overlaps == []
 
 
 async def test_work_stops_when_renewals_cannot_reach_etcd(
