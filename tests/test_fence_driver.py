@@ -3,6 +3,7 @@ talking IPMI lanplus over loopback to a simulated BMC (pyghmi, e2e/bmc.py) in a 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import socket
@@ -61,10 +62,31 @@ def password() -> str:
 
 
 @pytest.fixture
-async def bmc(tmp_path: Path, password: str) -> AsyncIterator[BmcProcess]:
-    """A powered-on simulated BMC whose power-off hook creates tmp_path/powered-off."""
+async def host() -> AsyncIterator[asyncio.subprocess.Process]:
+    """A process standing for the simulated host the BMC powers."""
+    process = await asyncio.create_subprocess_exec("sleep", "600")
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+def is_dead(process: asyncio.subprocess.Process) -> bool:
+    """True once the process has exited, reaped or not (a zombie counts as dead)."""
+    try:
+        stat = Path(f"/proc/{process.pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.fixture
+async def bmc(password: str, host: asyncio.subprocess.Process) -> AsyncIterator[BmcProcess]:
+    """A powered-on simulated BMC whose power-off hook SIGKILLs `host`."""
     async with BmcProcess(
-        "admin", password, on_off_command=["touch", str(tmp_path / "powered-off")]
+        "admin", password, on_off_command=["kill", "-KILL", str(host.pid)]
     ) as started:
         yield started
 
@@ -166,7 +188,7 @@ async def test_dummy_failing_device_fails(runner: FenceRunner) -> None:
 
 
 async def test_ipmilan_status_off_then_on(
-    runner: FenceRunner, bmc: BmcProcess, password: str, tmp_path: Path
+    runner: FenceRunner, bmc: BmcProcess, password: str, host: asyncio.subprocess.Process
 ) -> None:
     device = ipmi_device(bmc, password)
     status = await runner.status(device, TIMEOUT)
@@ -175,7 +197,7 @@ async def test_ipmilan_status_off_then_on(
 
     fenced = await runner.power_off_and_confirm(device, TIMEOUT)
     assert fenced.succeeded, fenced
-    assert (tmp_path / "powered-off").exists(), "power-off hook ran before the BMC acknowledged"
+    assert is_dead(host), "the BMC acknowledged power off before the host was dead"
     assert (await runner.status(device, TIMEOUT)).reports_off
 
     on = await runner.on(device, TIMEOUT)
@@ -187,7 +209,7 @@ async def test_ipmilan_wrong_password_fails_redacted(
     runner: FenceRunner,
     bmc: BmcProcess,
     password: str,
-    tmp_path: Path,
+    host: asyncio.subprocess.Process,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     wrong = f"wrong-{secrets.token_hex(8)}"
@@ -202,7 +224,7 @@ async def test_ipmilan_wrong_password_fails_redacted(
         assert secret not in caplog.text
         assert secret not in bmc.stderr_path.read_text()
     assert "fence_ipmilan" in caplog.text
-    assert not (tmp_path / "powered-off").exists()
+    assert not is_dead(host)
 
 
 async def test_ipmilan_unknown_option_echo_is_redacted(
@@ -238,7 +260,11 @@ async def test_ipmilan_timeout_kills_the_agent(runner: FenceRunner, password: st
     assert time.monotonic() - started < TIMEOUT
     assert outcome.timed_out and outcome.exit_code is None and not outcome.succeeded
     assert "timed out after 2 s" in outcome.message
-    assert processes_mentioning(f"-p {port} ") == [], "agent or ipmitool left running"
+    # SIGKILL of the agent's process group is delivered at once; exiting takes a moment.
+    deadline = time.monotonic() + TIMEOUT
+    while processes_mentioning(f"-p {port} "):
+        assert time.monotonic() < deadline, "agent or ipmitool left running"
+        await asyncio.sleep(0.05)
 
 
 async def test_ipmilan_metadata(runner: FenceRunner, password: str) -> None:
