@@ -12,9 +12,10 @@ Each host is:
   the power; `start()` afterwards powers it on again with the same disks (/etc/libvirt,
   /var/lib/libvirt) and an empty /run.
 
-The hosts reach the root namespace at `lab.gateway_address` (the bridge's address): run etcd with
-an extra client URL on it, e.g. `--listen-client-urls http://127.0.0.1:P,http://GATEWAY:P`.
-Nothing routes beyond the lab's /24, so all traffic stays on the bridge.
+The hosts reach the root namespace at `lab.gateway_address` (the bridge's address), so etcd must
+listen there too: `lab.start_etcd()` starts one that does, and `lab.host_etcd_endpoints(cluster)`
+is what agents inside the hosts are given. Nothing routes beyond the lab's /24, so all traffic
+stays on the bridge.
 
 Every process is stopped by the PID (pidfd) we started; names are unique per lab, so parallel
 labs do not collide. The harness is synchronous, like `e2e/etcd.py`: it is driven from pytest
@@ -24,6 +25,7 @@ fixtures and blocking libvirt-python calls, and every call returns quickly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import itertools
 import os
@@ -38,11 +40,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, NoReturn
 
 from pyroute2 import IPRoute, netns
+
+from e2e.etcd import EtcdCluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NETWORK_LOCK = Path(tempfile.gettempdir()) / "kvmctl-lab-network.lock"
@@ -56,6 +59,11 @@ HOST_STATE_MOUNTS = {
     "log-libvirt": "/var/log/libvirt",
     "cache-libvirt": "/var/cache/libvirt",
 }
+# Run by `spawn` inside the host: wait for the go byte on fd argv[1], then become argv[2:].
+_EXEC_WHEN_TOLD = (
+    "import os, sys; go = int(sys.argv[1]); os.read(go, 1); os.close(go); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
 QEMU_USER = "libvirt-qemu"  # libvirtd refuses to start without it, whatever qemu.conf says
 
 
@@ -87,7 +95,7 @@ class SimulatedHost:
         self._init_pid: int | None = None
         self._init_pidfd: int | None = None
         self._pid_namespace: str | None = None
-        self._spawned: list[subprocess.Popen[bytes]] = []
+        self._spawned: dict[int, subprocess.Popen[bytes]] = {}  # PID -> its nsenter
         self._watchdog: subprocess.Popen[bytes] | None = None
 
     @property
@@ -159,14 +167,15 @@ class SimulatedHost:
     def kill(self) -> None:
         """Pull the power: SIGKILL the namespace init, so every process of the host dies."""
         if self._init_pidfd is not None:
-            signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # already dead
+                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
 
     def wait_dead(self, timeout: float = 30.0) -> None:
         """Wait until no process of the host is left, then release what we held for it."""
         wait_until(lambda: not self.processes(), timeout, f"every process of {self.name} gone")
         if self._launcher is not None:
             self._launcher.wait(timeout)
-        for launcher in self._spawned:
+        for launcher in self._spawned.values():
             launcher.wait(timeout)
         self._spawned.clear()
         if self._init_pidfd is not None:
@@ -200,21 +209,40 @@ class SimulatedHost:
         are discarded). Returns the process's PID as seen from the root namespace: signal it
         directly (SIGSTOP, SIGKILL); it dies with the host.
         """
+        environment = {**os.environ, **(env or {})}
+        if shutil.which(argv[0], path=environment.get("PATH")) is None:
+            raise LabError(f"cannot run {argv[0]!r} on host {self.name}: no such program")
+        # The process waits for a byte on `go` before exec'ing argv: we learn its PID even when
+        # argv would exit at once.
+        go_read, go_write = os.pipe()
         command = [
             "nsenter", f"--target={self.init_pid}", "--mount", "--uts", "--net", "--pid",
-            f"--wd={cwd}", "--", *argv,
+            f"--wd={cwd}", "--", sys.executable, "-I", "-S", "-c", _EXEC_WHEN_TOLD,
+            str(go_read), *argv,
         ]  # fmt: skip
-        with _output(log_path) as output:
-            launcher = subprocess.Popen(
-                command,
-                env={**os.environ, **(env or {})},
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self._spawned.append(launcher)
-        return _wait_for_child(launcher, 30.0, f"{argv[0]} on host {self.name}")
+        try:
+            with _output(log_path) as output:
+                launcher = subprocess.Popen(
+                    command,
+                    env=environment,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(go_read,),
+                    start_new_session=True,
+                )
+            pid = _wait_for_child(launcher, 30.0, f"{argv[0]} on host {self.name}")
+            self._spawned[pid] = launcher
+            os.write(go_write, b"x")
+        finally:
+            os.close(go_read)
+            os.close(go_write)
+        return pid
+
+    def wait_exit(self, pid: int, timeout: float = 30.0) -> int:
+        """Wait for a process from `spawn` to end; its exit status (-N: killed by signal N)."""
+        # nsenter waits for the process and exits with its status.
+        return self._spawned[pid].wait(timeout)
 
     def processes(self) -> list[int]:
         """Root-namespace PIDs of every live process of the host."""
@@ -365,6 +393,7 @@ class Lab:
         self.root = Path(tempfile.mkdtemp(prefix=f"kvmctl-lab-{self.lab_id}-"))
         self.subnet_prefix = ""  # chosen in start(), e.g. "10.123.45"
         self.hosts = {name: SimulatedHost(self, name, i) for i, name in enumerate(host_names)}
+        self._etcd_clusters: list[EtcdCluster] = []
 
     @property
     def gateway_address(self) -> str:
@@ -373,6 +402,24 @@ class Lab:
 
     def __getitem__(self, name: str) -> SimulatedHost:
         return self.hosts[name]
+
+    def start_etcd(self, size: int = 1, extra_args: Sequence[str] = ()) -> EtcdCluster:
+        """Start an etcd the hosts can reach: its members also listen on the gateway address.
+
+        `cluster.endpoints` stay loopback addresses for the test itself; agents inside the
+        hosts get `lab.host_etcd_endpoints(cluster)`. `cleanup()` stops it after the hosts.
+        """
+        cluster = EtcdCluster(size=size, extra_args=list(extra_args))
+        for member in cluster.members:
+            urls = f"http://127.0.0.1:{member.client_port},http://{self.gateway_address}:{member.client_port}"
+            # etcd keeps the last value of a repeated flag: these replace the loopback-only URLs.
+            member.extra_args += ["--listen-client-urls", urls, "--advertise-client-urls", urls]
+        self._etcd_clusters.append(cluster)
+        return cluster.start()
+
+    def host_etcd_endpoints(self, cluster: EtcdCluster) -> list[str]:
+        """The endpoints of a `start_etcd` cluster as seen from inside the hosts."""
+        return [f"{self.gateway_address}:{member.client_port}" for member in cluster.members]
 
     def start(self) -> Lab:
         try:
@@ -386,24 +433,41 @@ class Lab:
         return self
 
     def cleanup(self) -> None:
-        """Stop every host and remove namespaces, links and directories. Idempotent."""
-        for host in self.hosts.values():
-            host.stop()
-        with IPRoute() as ipr:
-            for name in [host.uplink for host in self.hosts.values()] + [self.bridge]:
-                indexes = ipr.link_lookup(ifname=name)
-                if indexes:
-                    ipr.link("del", index=indexes[0])
-        for host in self.hosts.values():
-            if host.netns in netns.listnetns():
-                netns.remove(host.netns)
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Stop every host and remove namespaces, links and directories. Idempotent.
+
+        Every step runs even when an earlier one failed; the failures are reported together.
+        """
+        steps: list[Callable[[], None]] = [host.stop for host in self.hosts.values()]
+        steps += [cluster.stop for cluster in self._etcd_clusters]
+        steps += [self._remove_links, self._remove_namespaces]
+        steps.append(lambda: shutil.rmtree(self.root, ignore_errors=True))
+        failures = []
+        for step in steps:
+            try:
+                step()
+            except Exception as error:  # keep cleaning; report below
+                failures.append(f"{type(error).__name__}: {error}")
+        if failures:
+            raise LabError(f"cleanup of lab {self.lab_id} incomplete: {'; '.join(failures)}")
 
     def __enter__(self) -> Lab:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+    def _remove_links(self) -> None:
+        with IPRoute() as ipr:
+            for name in [host.uplink for host in self.hosts.values()] + [self.bridge]:
+                indexes = ipr.link_lookup(ifname=name)
+                if indexes:
+                    ipr.link("del", index=indexes[0])
+
+    def _remove_namespaces(self) -> None:
+        existing = netns.listnetns()
+        for host in self.hosts.values():
+            if host.netns in existing:
+                netns.remove(host.netns)
 
     def _create_network(self) -> None:
         with _exclusive(NETWORK_LOCK), IPRoute() as ipr:
@@ -486,14 +550,14 @@ def _link_index(ipr: IPRoute, name: str) -> int:
     return index
 
 
-@contextmanager
+@contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
-@contextmanager
+@contextlib.contextmanager
 def _output(log_path: Path | None) -> Iterator[IO[bytes] | int]:
     if log_path is None:
         yield subprocess.DEVNULL

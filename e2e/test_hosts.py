@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 
 from e2e.guest.build import GuestImage, ensure_guest_image
 from e2e.guest.console import BOOTED_LINE, read_ticks, tick_gaps, wait_for_tick
-from e2e.hosts import Lab, SimulatedHost, wait_until
+from e2e.hosts import GUEST_BRIDGE, Lab, SimulatedHost, wait_until
 
 MIGRATION_FLAGS = (
     libvirt.VIR_MIGRATE_LIVE
@@ -42,12 +43,14 @@ def lab() -> Iterator[Lab]:
         yield running
 
 
-def start_guest(host: SimulatedHost, image: GuestImage, tmp_path: Path) -> Path:
+def start_guest(
+    host: SimulatedHost, image: GuestImage, tmp_path: Path, bridge: str | None = None
+) -> Path:
     """Define and start the test guest on `host`; return its serial log once it counts."""
     serial_log = tmp_path / "guest-serial.log"
     conn = libvirt.open(host.libvirt_uri)
     try:
-        domain = conn.defineXML(image.domain_xml("guest", serial_log))
+        domain = conn.defineXML(image.domain_xml("guest", serial_log, bridge=bridge))
         domain.create()
     finally:
         conn.close()
@@ -102,6 +105,32 @@ def test_hosts_are_separate_machines(lab: Lab, tmp_path: Path) -> None:
         assert peer_address == host_a.address
 
 
+def test_hosts_reach_etcd_on_the_lab_gateway(lab: Lab, tmp_path: Path) -> None:
+    cluster = lab.start_etcd()
+    [endpoint] = lab.host_etcd_endpoints(cluster)
+    log = tmp_path / "etcdctl.log"
+    put = lab["host-b"].spawn(
+        ["etcdctl", f"--endpoints=http://{endpoint}", "put", "/lab-check", "from-host-b"],
+        env={"ETCDCTL_API": "3"},
+        log_path=log,
+    )
+    assert lab["host-b"].wait_exit(put) == 0, log.read_text()
+    get = subprocess.run(
+        [
+            "etcdctl",
+            f"--endpoints=http://{cluster.endpoints[0]}",
+            "get",
+            "--print-value-only",
+            "/lab-check",
+        ],
+        env={**os.environ, "ETCDCTL_API": "3"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert get.stdout.strip() == "from-host-b"
+
+
 @pytest.mark.slow
 def test_killing_a_host_kills_all_its_processes(
     lab: Lab, guest_image: GuestImage, tmp_path: Path
@@ -133,7 +162,8 @@ def test_live_migration_keeps_the_guest_counting(
     lab: Lab, guest_image: GuestImage, tmp_path: Path
 ) -> None:
     host_a, host_b = lab["host-a"], lab["host-b"]
-    serial_log = start_guest(host_a, guest_image, tmp_path)
+    # With a NIC on the host's guest bridge: qemu gets a tap device on both sides.
+    serial_log = start_guest(host_a, guest_image, tmp_path, bridge=GUEST_BRIDGE)
     source_pid = host_a.qemu_guests()["guest"]
 
     migrate("guest", host_a, host_b)

@@ -56,11 +56,13 @@ class GuestImage:
         memory_mib: int = DEFAULT_MEMORY_MIB,
         domain_type: str = "qemu",
         domain_uuid: str | None = None,
+        bridge: str | None = None,
     ) -> str:
         """Libvirt XML for one guest; its serial console is appended to `serial_log`.
 
         The log path must be the same on every host the guest may migrate to (the lab's hosts
         share the filesystem), so one file shows the counter before and after a migration.
+        With `bridge`, the guest gets a virtio NIC on that bridge (a tap device on the host).
         """
         domain = ET.Element("domain", type=domain_type)
         ET.SubElement(domain, "name").text = name
@@ -82,6 +84,10 @@ class GuestImage:
         serial = ET.SubElement(devices, "serial", type="file")
         ET.SubElement(serial, "source", path=str(serial_log), append="on")
         ET.SubElement(serial, "target", port="0")
+        if bridge is not None:
+            interface = ET.SubElement(devices, "interface", type="bridge")
+            ET.SubElement(interface, "source", bridge=bridge)
+            ET.SubElement(interface, "model", type="virtio")
         ET.SubElement(devices, "memballoon", model="none")
         return ET.tostring(domain, encoding="unicode")
 
