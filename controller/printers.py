@@ -112,6 +112,17 @@ COLUMNS: dict[str, list[Column]] = {
         Column("PROGRESS", lambda o: f"{o.status.progress_percent}%"),
         _AGE,
     ],
+    "GitSync": [
+        Column("REPO", lambda o: o.spec.repo),
+        Column("REF", lambda o: o.spec.ref),
+        Column("COMMIT", lambda o: (o.status.last_synced_commit or "-")[:12]),
+        Column("APPLIED", lambda o: o.status.applied),
+        Column("PRUNED", lambda o: o.status.pruned),
+        Column("FAILED", lambda o: o.status.failed),
+        _READY,
+        _AGE,
+        Column("PATH", lambda o: o.spec.path, True),
+    ],
     "Secret": [
         Column("KEYS", lambda o: len(o.spec.data)),
         _AGE,

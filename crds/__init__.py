@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from .bond import Bond
 from .clusternode import ClusterNode
 from .event import Event
+from .gitsync import GitSync
 from .iscsitarget import IscsiTarget
 from .meta import API_GROUP, API_VERSION, Condition, ObjectMeta, Resource, Status, parse_size
 from .migration import VirtualMachineMigration
@@ -43,6 +44,7 @@ KINDS: dict[str, KindInfo] = {
             ("vmim", "migration"),
         ),
         KindInfo("Secret", Secret, "secrets", ("secret",)),
+        KindInfo("GitSync", GitSync, "gitsyncs", ("gitsync", "gs")),
         KindInfo("Event", Event, "events", ("ev", "event")),
     )
 }
@@ -118,6 +120,7 @@ __all__ = [
     "ClusterNode",
     "Condition",
     "Event",
+    "GitSync",
     "IscsiTarget",
     "KindInfo",
     "ObjectMeta",
