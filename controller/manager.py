@@ -120,13 +120,15 @@ class Manager:
         resync_period: float | None = DEFAULT_RESYNC_PERIOD,
         component: str = "kvmctl-controller",
         node: str | None = None,
+        informers: SharedInformers | None = None,
     ) -> None:
+        """`informers` lets the caller build mappers on the caches the manager will use."""
         names = [controller.name for controller in controllers]
         if len(set(names)) != len(names):
             raise ValueError(f"controller names must be distinct: {names}")
         self.store = store
         self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
-        self.informers = SharedInformers(store, resync_period)
+        self.informers = informers or SharedInformers(store, resync_period)
         self.recorder = EventRecorder(store, component, node)
         self._runners = [_ControllerRunner(c, self.informers) for c in controllers]
         self.elector: LeaderElector | None = None

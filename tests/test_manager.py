@@ -1,0 +1,345 @@
+"""The manager against a real etcd: every object reconciled, mapped watches, terminal errors,
+convergence across an etcd restart, leader-only controllers, /healthz and /metrics, SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+
+import pytest
+
+from controller import telemetry
+from controller.informer import SharedInformers
+from controller.leader import ElectionTiming, current_leader
+from controller.manager import Controller, Manager, Watch
+from controller.reconcile import Result, TerminalError
+from controller.store import Store, StoreError
+from crds import AnyResource, ClusterNode, Event, ObjectMeta, VirtualMachine
+from crds.clusternode import ClusterNodeSpec, NodeAddresses
+from crds.meta import now
+from crds.virtualmachine import Placement, VirtualMachineSpec
+from e2e.etcd import EtcdCluster
+
+DEADLINE = 30.0
+FAST = ElectionTiming(ttl=2, renew_period=0.5, renew_deadline=1.5, retry_period=0.5)
+
+
+def vm(name: str) -> VirtualMachine:
+    return VirtualMachine(metadata=ObjectMeta(name=name), spec=VirtualMachineSpec(memory_mib=64))
+
+
+async def eventually(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while not condition():
+        if loop.time() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Seen:
+    """A no-op reconciler counting its calls per key (and remembering who made them)."""
+
+    def __init__(self, who: str = "") -> None:
+        self.who = who
+        self.calls: Counter[str] = Counter()
+        self.log: list[tuple[str, str]] = []
+
+    async def reconcile(self, key: str) -> Result:
+        self.calls[key] += 1
+        self.log.append((self.who, key))
+        return Result()
+
+
+class MarkReady:
+    """Converges each VM's status to Ready=True at its current generation, through the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def reconcile(self, key: str) -> Result:
+        def mark(obj: AnyResource) -> bool:
+            changed: bool = obj.status.set_condition(
+                "Ready", "True", "Converged", "", obj.metadata.generation
+            )
+            return changed
+
+        await self.store.patch_status("VirtualMachine", key, mark)
+        return Result()
+
+
+class FailsForGood:
+    async def reconcile(self, key: str) -> Result:
+        raise TerminalError("InvalidSpec", f"{key} asks for a disk that does not exist")
+
+
+@contextlib.asynccontextmanager
+async def running(manager: Manager) -> AsyncIterator[asyncio.Task[None]]:
+    """Run `manager` until the block ends; fail if it does not start or stops with an error."""
+    task = asyncio.create_task(manager.run(handle_signals=False))
+    started = asyncio.create_task(manager.started.wait())
+    try:
+        await asyncio.wait({task, started}, timeout=DEADLINE, return_when="FIRST_COMPLETED")
+        if task.done():
+            task.result()
+        assert manager.started.is_set(), "the manager did not start in time"
+        yield task
+    finally:
+        started.cancel()
+        manager.stop()
+        async with asyncio.timeout(DEADLINE):
+            await task
+
+
+@pytest.fixture
+async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
+    async with Store(etcd_endpoints, prefix=key_prefix) as store:
+        yield store
+
+
+async def manager_store(endpoints: list[str], prefix: str) -> Store:
+    """A store of the manager's own: the manager closes it when it stops."""
+    store = Store(endpoints, prefix=prefix, timeout=2.0)
+    await store.connect()
+    return store
+
+
+async def test_a_no_op_reconciler_sees_every_object_once(store: Store) -> None:
+    for index in range(20):
+        await store.create(vm(f"old{index}"))
+    seen = Seen()
+    manager = Manager(
+        await manager_store(store.endpoints, store.prefix),
+        [Controller("noop", "VirtualMachine", seen)],
+        http_port=None,
+    )
+    async with running(manager):
+        for index in range(5):
+            await store.create(vm(f"new{index}"))
+        await store.create(vm("sentinel"))
+        await eventually(lambda: "sentinel" in seen.calls, "the last object to be reconciled")
+    assert set(seen.calls) == {f"old{i}" for i in range(20)} | {f"new{i}" for i in range(5)} | {
+        "sentinel"
+    }
+    assert set(seen.calls.values()) == {1}
+
+
+async def test_a_watched_kind_enqueues_mapped_keys(store: Store) -> None:
+    for name, host in (("vm1", "host1"), ("vm2", "host2")):
+        created = await store.create(vm(name))
+        created.status.placement = Placement(node=host, token=1, since=now())
+        await store.update_status(created)
+    seen = Seen()
+    mine = await manager_store(store.endpoints, store.prefix)
+    informers = SharedInformers(mine, resync_period=None)
+
+    def vms_on(changed: AnyResource) -> Iterable[str]:
+        for candidate in informers.informer("VirtualMachine").list():
+            placement = candidate.status.placement
+            if placement is not None and placement.node == changed.metadata.name:
+                yield candidate.metadata.name
+
+    manager = Manager(
+        mine,
+        [Controller("vms", "VirtualMachine", seen, watches=[Watch("ClusterNode", vms_on)])],
+        http_port=None,
+        informers=informers,
+    )
+    async with running(manager):
+        await eventually(lambda: set(seen.calls) == {"vm1", "vm2"}, "the initial pass")
+        address = NodeAddresses(cluster="10.0.0.1")
+        await store.create(
+            ClusterNode(metadata=ObjectMeta(name="host1"), spec=ClusterNodeSpec(addresses=address))
+        )
+        await eventually(lambda: seen.calls["vm1"] == 2, "vm1 enqueued by its node")
+        assert seen.calls["vm2"] == 1
+
+
+async def test_a_terminal_error_becomes_a_condition_and_a_warning_event(store: Store) -> None:
+    await store.create(vm("broken"))
+    manager = Manager(
+        await manager_store(store.endpoints, store.prefix),
+        [Controller("strict", "VirtualMachine", FailsForGood())],
+        http_port=None,
+    )
+    async with running(manager):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + DEADLINE
+        while True:
+            events, _ = await store.list_objects("Event")
+            if events:
+                break
+            assert loop.time() < end, "no Warning event was recorded"
+            await asyncio.sleep(0.05)
+    broken = await store.get("VirtualMachine", "broken")
+    ready = broken.status.condition("Ready")
+    assert ready is not None
+    assert (ready.status, ready.reason) == ("False", "InvalidSpec")
+    assert ready.message == "broken asks for a disk that does not exist"
+    assert ready.observed_generation == broken.metadata.generation
+    [event] = events
+    assert isinstance(event, Event)
+    assert (event.spec.type, event.spec.reason) == ("Warning", "InvalidSpec")
+    assert event.spec.involved_object.name == "broken"
+
+
+def converged(store_objects: list[AnyResource]) -> bool:
+    for obj in store_objects:
+        ready = obj.status.condition("Ready")
+        if ready is None or ready.observed_generation != obj.metadata.generation:
+            return False
+    return True
+
+
+async def test_a_controller_keeps_converging_across_an_etcd_restart(
+    etcd_private: EtcdCluster, key_prefix: str
+) -> None:
+    async with Store(etcd_private.endpoints, prefix=key_prefix, timeout=2.0) as writer:
+        for index in range(5):
+            await writer.create(vm(f"vm{index}"))
+        mine = await manager_store(etcd_private.endpoints, key_prefix)
+        manager = Manager(
+            mine, [Controller("ready", "VirtualMachine", MarkReady(mine))], http_port=None
+        )
+        async with running(manager):
+            await until_converged(writer)
+            await asyncio.to_thread(etcd_private.restart)
+            for index in range(5):
+                await until_written(functools.partial(bump_memory, writer, f"vm{index}"))
+            await until_written(lambda: writer.create(vm("vm-after")))
+            await until_converged(writer)
+
+
+async def bump_memory(store: Store, name: str) -> None:
+    current = await store.get("VirtualMachine", name)
+    current.spec.memory_mib += 64
+    await store.update(current)
+
+
+async def until_written(write: Callable[[], Awaitable[object]]) -> None:
+    """Retry a write while the client reconnects after an etcd restart."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + DEADLINE
+    while True:
+        try:
+            await write()
+            return
+        except StoreError:
+            if loop.time() > end:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def until_converged(store: Store) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + DEADLINE
+    while True:
+        try:
+            objects, _ = await store.list_objects("VirtualMachine")
+            if converged(objects):
+                return
+        except StoreError:
+            pass
+        assert loop.time() < end, "the controller did not converge"
+        await asyncio.sleep(0.1)
+
+
+async def test_leader_only_controllers_run_in_one_manager_and_move_on_handover(
+    store: Store,
+) -> None:
+    for index in range(3):
+        await store.create(vm(f"vm{index}"))
+    seen = [Seen("first"), Seen("second")]
+    managers = [
+        Manager(
+            await manager_store(store.endpoints, store.prefix),
+            [Controller("ha", "VirtualMachine", reconciler, leader_only=True)],
+            identity=reconciler.who,
+            election_timing=FAST,
+            http_port=None,
+        )
+        for reconciler in seen
+    ]
+    async with running(managers[0]) as first:
+        await eventually(lambda: managers[0].is_leader, "the first manager to lead")
+        async with running(managers[1]):
+            await eventually(lambda: len(seen[0].calls) == 3, "the leader's initial pass")
+            assert not managers[1].is_leader and not seen[1].calls
+            managers[0].stop()
+            async with asyncio.timeout(DEADLINE):
+                await first
+            await eventually(lambda: managers[1].is_leader, "the second manager to take over")
+            await eventually(lambda: len(seen[1].calls) == 3, "the new leader's initial pass")
+            await store.create(vm("late"))
+            await eventually(lambda: seen[1].calls["late"] == 1, "the new leader to see changes")
+            assert "late" not in seen[0].calls
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def test_healthz_and_metrics_answer_over_http(store: Store) -> None:
+    telemetry.setup_telemetry("kvmctl-test", "prometheus")
+    try:
+        await store.create(vm("web"))
+        seen = Seen()
+        manager = Manager(
+            await manager_store(store.endpoints, store.prefix),
+            [Controller("noop", "VirtualMachine", seen)],
+            http_port=0,
+        )
+        async with running(manager):
+            await eventually(lambda: "web" in seen.calls, "web reconciled")
+            base = f"http://127.0.0.1:{manager.http_port}"
+            status, body = await asyncio.to_thread(http_get, f"{base}/healthz")
+            assert (status, body) == (200, "ok\n")
+            status, body = await asyncio.to_thread(http_get, f"{base}/metrics")
+            assert status == 200
+            assert 'kvmctl_reconcile_duration_seconds_count{controller="noop"' in body
+            assert 'kvmctl_workqueue_depth{controller="noop"' in body
+            assert "process_resident_memory_bytes" in body
+            status, _ = await asyncio.to_thread(http_get, f"{base}/nothing")
+            assert status == 404
+    finally:
+        telemetry.setup_telemetry("kvmctl-test", "none")
+
+
+async def test_sigterm_stops_workers_resigns_and_closes_everything(store: Store) -> None:
+    seen = Seen()
+    manager = Manager(
+        await manager_store(store.endpoints, store.prefix),
+        [Controller("ha", "VirtualMachine", seen, leader_only=True)],
+        election_timing=FAST,
+        http_port=0,
+    )
+    task = asyncio.create_task(manager.run(handle_signals=True))
+    try:
+        await eventually(lambda: manager.is_leader and manager.http_port is not None, "a leader")
+        assert manager.elector is not None
+        assert await current_leader(store.client, manager.elector.key) is not None
+        port = manager.http_port
+        os.kill(os.getpid(), signal.SIGTERM)
+        async with asyncio.timeout(DEADLINE):
+            await task  # returns normally: a clean shutdown
+    finally:
+        if not task.done():
+            manager.stop()
+            await task
+    assert not manager.is_leader
+    assert await current_leader(store.client, manager.elector.key) is None, "it resigned"
+    assert asyncio.all_tasks() == {asyncio.current_task()}, "no task left running"
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
