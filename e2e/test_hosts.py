@@ -179,6 +179,23 @@ def test_live_migration_keeps_the_guest_counting(
 
 
 @pytest.mark.slow
+def test_guest_powers_off_on_shutdown(lab: Lab, guest_image: GuestImage, tmp_path: Path) -> None:
+    host = lab["host-a"]
+    serial_log = start_guest(host, guest_image, tmp_path)
+    conn = libvirt.open(host.libvirt_uri)
+    try:
+        domain = conn.lookupByName("guest")
+        domain.shutdown()  # the ACPI power button
+        wait_until(lambda: not domain.isActive(), 60, "guest shut off after shutdown()")
+        state, reason = domain.state()
+        assert (state, reason) == (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN)
+    finally:
+        conn.close()
+    assert b"kvmctl-guest powering off" in serial_log.read_bytes()
+    assert host.qemu_pids() == []
+
+
+@pytest.mark.slow
 def test_migration_to_a_cut_off_host_fails_and_the_guest_keeps_running(
     lab: Lab, guest_image: GuestImage, tmp_path: Path
 ) -> None:

@@ -1,9 +1,10 @@
 """Build (once) the tiny TCG test guest: Debian's cloud kernel plus a busybox initramfs.
 
 The kernel comes from the Debian package that `linux-image-cloud-amd64` depends on, fetched with
-`apt-get download` (the only network access) and unpacked with `dpkg -x`. The initramfs is a newc
-cpio archive written here with the standard library: busybox-static, `init.sh` as `/init` and a
-`/dev/console` node. Its `/init` prints `tick N` on ttyS0 every 100 ms.
+`apt-get download` (the only network access) and unpacked with `dpkg -x`; its ACPI button and
+evdev modules are kept too. The initramfs is a newc cpio archive written here with the standard
+library: busybox-static, `init.sh` as `/init`, the two modules and a `/dev/console` node. Its
+`/init` powers off on the ACPI power button and prints `tick N` on ttyS0 every 100 ms.
 
 Everything lands in `e2e/guest/build/` and is rebuilt only when missing; the initramfs name carries
 a hash of its inputs, so editing `init.sh` gives a new file.
@@ -35,6 +36,8 @@ BUSYBOX = Path("/bin/busybox")
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 DEFAULT_MEMORY_MIB = 96
+# Loaded by init.sh so that libvirt's shutdown() (the ACPI power button) powers the guest off.
+GUEST_MODULES = ("drivers/acpi/button.ko", "drivers/input/evdev.ko")
 
 
 class GuestBuildError(RuntimeError):
@@ -74,9 +77,10 @@ class GuestImage:
         ET.SubElement(os_element, "kernel").text = str(self.kernel)
         ET.SubElement(os_element, "initrd").text = str(self.initrd)
         ET.SubElement(os_element, "cmdline").text = KERNEL_CMDLINE
+        features = ET.SubElement(domain, "features")
+        ET.SubElement(features, "acpi")  # without it libvirt passes -no-acpi: no power button
         if domain_type == "qemu":
-            tcg = ET.SubElement(ET.SubElement(domain, "features"), "tcg")
-            ET.SubElement(tcg, "tb-cache", unit="MiB").text = "16"
+            ET.SubElement(ET.SubElement(features, "tcg"), "tb-cache", unit="MiB").text = "16"
         ET.SubElement(domain, "on_poweroff").text = "destroy"
         ET.SubElement(domain, "on_reboot").text = "restart"
         ET.SubElement(domain, "on_crash").text = "destroy"
@@ -96,7 +100,8 @@ def ensure_guest_image() -> GuestImage:
     """Return the guest image, building whatever part of it is missing."""
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     with _build_lock():
-        return GuestImage(kernel=_ensure_kernel(), initrd=_ensure_initrd())
+        kernel_dir = _ensure_kernel()
+        return GuestImage(kernel=kernel_dir / "vmlinuz", initrd=_ensure_initrd(kernel_dir))
 
 
 @contextmanager
@@ -118,11 +123,12 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
 
 
 def _ensure_kernel() -> Path:
-    existing = sorted(BUILD_DIR.glob("vmlinuz-*"))
+    """A directory holding `vmlinuz` and the `GUEST_MODULES`, named after the kernel version."""
+    existing = sorted(path.parent for path in BUILD_DIR.glob("kernel-*/vmlinuz"))
     if existing:
         return existing[-1]
     package = _kernel_package()
-    with tempfile.TemporaryDirectory(prefix="kvmctl-guest-kernel-") as scratch_name:
+    with tempfile.TemporaryDirectory(prefix="kvmctl-guest-kernel-", dir=BUILD_DIR) as scratch_name:
         scratch = Path(scratch_name)
         # The sandbox user _apt cannot write into a private temp dir: download as root.
         _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", package], cwd=scratch)
@@ -134,10 +140,17 @@ def _ensure_kernel() -> Path:
         kernels = list((unpacked / "boot").glob("vmlinuz-*"))
         if len(kernels) != 1:
             raise GuestBuildError(f"{debs[0].name} holds {len(kernels)} kernels in /boot")
-        target = BUILD_DIR / kernels[0].name
-        partial = target.with_suffix(".partial")
-        shutil.copyfile(kernels[0], partial)
-        partial.replace(target)
+        version = kernels[0].name.removeprefix("vmlinuz-")
+        staging = scratch / "kernel"
+        staging.mkdir()
+        shutil.copyfile(kernels[0], staging / "vmlinuz")
+        for module in GUEST_MODULES:
+            source = unpacked / "lib" / "modules" / version / "kernel" / module
+            if not source.is_file():
+                raise GuestBuildError(f"{debs[0].name} has no module {module}")
+            shutil.copyfile(source, staging / source.name)
+        target = BUILD_DIR / f"kernel-{version}"
+        staging.rename(target)
         return target
 
 
@@ -158,30 +171,38 @@ def _kernel_package() -> str:
     raise GuestBuildError(f"apt-cache finds no kernel package behind {KERNEL_METAPACKAGE}")
 
 
-def _ensure_initrd() -> Path:
+def _ensure_initrd(kernel_dir: Path) -> Path:
     if not BUSYBOX.is_file():
         raise GuestBuildError(f"{BUSYBOX} is missing: install the Debian package busybox-static")
-    init = INIT_SCRIPT.read_bytes()
-    busybox = BUSYBOX.read_bytes()
-    digest = hashlib.sha256(init + busybox).hexdigest()[:12]
-    target = BUILD_DIR / f"initrd-{digest}.cpio"
+    files = {
+        "init": INIT_SCRIPT.read_bytes(),
+        "bin/busybox": BUSYBOX.read_bytes(),
+        **{
+            f"lib/modules/{Path(module).name}": (kernel_dir / Path(module).name).read_bytes()
+            for module in GUEST_MODULES
+        },
+    }
+    digest = hashlib.sha256()
+    for name, content in files.items():
+        digest.update(name.encode() + b"\0" + content)
+    target = BUILD_DIR / f"initrd-{digest.hexdigest()[:12]}.cpio"
     if target.exists():
         return target
     partial = target.with_suffix(".partial")
-    partial.write_bytes(_initramfs(init, busybox))
+    partial.write_bytes(_initramfs(files))
     partial.replace(target)
     return target
 
 
-def _initramfs(init: bytes, busybox: bytes) -> bytes:
-    """A newc cpio archive: directories, /dev/console, busybox and /init."""
+def _initramfs(files: dict[str, bytes]) -> bytes:
+    """A newc cpio archive: directories, /dev/console, /bin/sh and the given files (all 0755)."""
     archive = _CpioWriter()
-    for directory in ("bin", "dev", "proc", "sys", "tmp"):
+    for directory in ("bin", "dev", "lib", "lib/modules", "proc", "sys", "tmp"):
         archive.add(directory, stat.S_IFDIR | 0o755)
     archive.add("dev/console", stat.S_IFCHR | 0o600, device=(5, 1))
-    archive.add("bin/busybox", stat.S_IFREG | 0o755, busybox)
     archive.add("bin/sh", stat.S_IFLNK | 0o777, b"busybox")
-    archive.add("init", stat.S_IFREG | 0o755, init)
+    for name, content in files.items():
+        archive.add(name, stat.S_IFREG | 0o755, content)
     return archive.finish()
 
 
