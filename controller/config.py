@@ -7,6 +7,9 @@ The config file (`~/.config/kvmctl/config.yaml`, or `KVMCTL_CONFIG`) is kubeconf
       lab:
         endpoints: [10.0.0.1:2379, 10.0.0.2:2379, 10.0.0.3:2379]
         prefix: /kvmctl
+        cacert: /etc/kvmctl/pki/ca.crt     # TLS: etcd's CA
+        cert: /etc/kvmctl/pki/admin.crt    # mutual TLS: our client certificate
+        key: /etc/kvmctl/pki/admin.key
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .store import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Store
+from .store import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Store, TlsFiles
 
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
 
@@ -32,9 +35,10 @@ class Settings:
     endpoints: list[str] = field(default_factory=lambda: [DEFAULT_ENDPOINT])
     prefix: str = DEFAULT_PREFIX
     timeout: float = DEFAULT_TIMEOUT
+    tls: TlsFiles | None = None
 
     def store(self) -> Store:
-        return Store(self.endpoints, prefix=self.prefix, timeout=self.timeout)
+        return Store(self.endpoints, prefix=self.prefix, timeout=self.timeout, tls=self.tls)
 
 
 def config_path() -> Path:
@@ -76,6 +80,9 @@ def resolve(
     prefix: str | None = None,
     context: str | None = None,
     timeout: float | None = None,
+    cacert: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
 ) -> Settings:
     """Settings from flags (given here), else environment, else the config file's context."""
     from_file = _context(config_path(), context)
@@ -92,6 +99,18 @@ def resolve(
         settings.timeout = timeout
     elif "timeout" in from_file:
         settings.timeout = float(from_file["timeout"])
+    tls_files = {
+        name: flag or os.environ.get(f"KVMCTL_{name.upper()}") or from_file.get(name)
+        for name, flag in (("cacert", cacert), ("cert", cert), ("key", key))
+    }
+    if tls_files["cacert"]:
+        settings.tls = TlsFiles(
+            ca=Path(tls_files["cacert"]),
+            cert=Path(tls_files["cert"]) if tls_files["cert"] else None,
+            key=Path(tls_files["key"]) if tls_files["key"] else None,
+        )
+    elif tls_files["cert"] or tls_files["key"]:
+        raise ConfigError("a client certificate needs the CA too (--cacert or KVMCTL_CACERT)")
     if not settings.prefix.startswith("/") or ".." in settings.prefix.split("/"):
         raise ConfigError(f"prefix {settings.prefix!r} must be an absolute key path without '..'")
     return settings

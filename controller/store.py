@@ -17,11 +17,15 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import aetcd
 import aetcd.exceptions
+import aetcd.rpc
 import aetcd.rtypes
+import aetcd.watcher
+import grpc
 
 from crds import KINDS, AnyResource
 from crds.meta import _check_name, now
@@ -98,6 +102,56 @@ def grpc_target(endpoints: Sequence[str]) -> tuple[str, int]:
     return f"ipv4:{head},{last_host}", last_port
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for mutual TLS to etcd: the CA that signed etcd's certificate, our pair."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return path.read_bytes()
+            except OSError as error:
+                raise StoreError(f"cannot read the TLS {what} {path}: {error.strerror}") from None
+
+        if (self.cert is None) != (self.key is None):
+            raise StoreError("a TLS client certificate needs both --cert and --key")
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca, "CA"),
+            private_key=read(self.key, "key"),
+            certificate_chain=read(self.cert, "certificate"),
+        )
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client over a TLS channel (aetcd itself only dials plain text)."""
+
+    def __init__(self, tls: TlsFiles, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = tls.credentials()
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        target = f"{self._host}:{self._port}"
+        self.channel = aetcd.rpc.secure_channel(
+            target, self._credentials, options=list(self._options.items())
+        )
+        self.kvstub = aetcd.rpc.KVStub(self.channel)
+        self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+        self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+        self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(
+            aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+
+
 def _unavailable(endpoints: Sequence[str], error: Exception) -> Unavailable:
     detail = str(error).splitlines()[0] if str(error) else type(error).__name__
     return Unavailable(f"etcd at {','.join(endpoints)} is unreachable: {detail}")
@@ -111,18 +165,20 @@ class Store:
         endpoints: Sequence[str],
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.endpoints = list(endpoints)
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
         host, port = grpc_target(self.endpoints)
-        self.client = aetcd.Client(
-            host=host,
-            port=port,
-            timeout=timeout,
-            connect_wait_timeout=int(timeout),
-            options={"grpc.max_receive_message_length": MAX_MESSAGE_BYTES},
-        )
+        settings: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "timeout": timeout,
+            "connect_wait_timeout": int(timeout),
+            "options": {"grpc.max_receive_message_length": MAX_MESSAGE_BYTES},
+        }
+        self.client = _TlsClient(tls, **settings) if tls else aetcd.Client(**settings)
 
     async def __aenter__(self) -> Store:
         await self.connect()

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -43,10 +44,26 @@ class EtcdMember:
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    pki: Path | None = None
+    """A folder from deploy/etcd/make-certs.sh: serve clients over mutual TLS when set."""
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.pki else "http"
+
+    def _tls_args(self) -> list[str]:
+        if self.pki is None:
+            return []
+        return [
+            f"--cert-file={self.pki / 'etcd1.crt'}",
+            f"--key-file={self.pki / 'etcd1.key'}",
+            f"--trusted-ca-file={self.pki / 'ca.crt'}",
+            "--client-cert-auth",
+        ]
 
     def start(self, state: str = "new") -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -55,14 +72,15 @@ class EtcdMember:
             "etcd",
             "--name", self.name,
             "--data-dir", str(self.data_dir),
-            "--listen-client-urls", f"http://127.0.0.1:{self.client_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{self.client_port}",
+            "--listen-client-urls", f"{self._scheme}://127.0.0.1:{self.client_port}",
+            "--advertise-client-urls", f"{self._scheme}://127.0.0.1:{self.client_port}",
             "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-cluster", self.cluster,
             "--initial-cluster-state", state,
             "--logger=zap",
             "--log-outputs=stderr",
+            *self._tls_args(),
             *self.extra_args,
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
@@ -71,8 +89,13 @@ class EtcdMember:
             )
 
     def healthy(self) -> bool:
+        context = None
+        if self.pki is not None:
+            context = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+            context.load_cert_chain(self.pki / "admin.crt", self.pki / "admin.key")
+        url = f"{self._scheme}://{self.endpoint}/health"
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as reply:
+            with urllib.request.urlopen(url, timeout=1, context=context) as reply:
                 return b'"true"' in reply.read()
         except OSError:
             return False
@@ -104,7 +127,11 @@ class EtcdMember:
 class EtcdCluster:
     """One or more etcd members on loopback; `endpoints` is what clients are given."""
 
-    def __init__(self, size: int = 1, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, size: int = 1, extra_args: list[str] | None = None, pki: Path | None = None
+    ) -> None:
+        if pki is not None and size != 1:
+            raise ValueError("TLS test clusters have one member (the certificate is etcd1's)")
         self.root = Path(tempfile.mkdtemp(prefix="kvmctl-etcd-", dir=_data_root()))
         ports = [(free_port(), free_port()) for _ in range(size)]
         cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
@@ -116,6 +143,7 @@ class EtcdCluster:
                 data_dir=self.root / f"m{i}",
                 cluster=cluster,
                 extra_args=list(extra_args or []),
+                pki=pki,
             )
             for i, (client, peer) in enumerate(ports)
         ]

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix", help="key prefix in etcd (env KVMCTL_PREFIX, default /kvmctl)")
     parser.add_argument("--context", help="context of the config file to use")
     parser.add_argument("--timeout", type=float, help="seconds to wait for etcd (default 5)")
+    parser.add_argument("--cacert", help="CA of etcd's TLS certificate (env KVMCTL_CACERT)")
+    parser.add_argument("--cert", help="client certificate for mutual TLS (env KVMCTL_CERT)")
+    parser.add_argument("--key", help="client key for mutual TLS (env KVMCTL_KEY)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug information")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True

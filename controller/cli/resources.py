@@ -20,7 +20,9 @@ VERSION = "0.1.0"
 
 
 def store_from(args: argparse.Namespace) -> Store:
-    settings = config.resolve(args.etcd, args.prefix, args.context, args.timeout)
+    settings = config.resolve(
+        args.etcd, args.prefix, args.context, args.timeout, args.cacert, args.cert, args.key
+    )
     return settings.store()
 
 
