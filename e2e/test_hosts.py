@@ -148,7 +148,9 @@ def test_killing_a_host_kills_all_its_processes(
     assert not os.path.exists(f"/proc/{sleeper}")
     assert host_b.is_running() and host_b.processes()
 
-    # Power on again: libvirtd answers, the persistent definition survived, nothing runs.
+    # Power on again, cable still out: libvirtd answers on its unix socket, the persistent
+    # definition survived, nothing runs.
+    host_a.cut_network()
     host_a.start()
     conn = libvirt.open(host_a.libvirt_uri)
     try:
