@@ -1,0 +1,236 @@
+"""What the HA engine sees and what it asks for: the world, the actions, the environment.
+
+The engine is pure decision code. An `Environment` gives it a snapshot of the world (`World`) and
+carries out its `Action`s. Production implements the environment over etcd (objects, agent
+leases, the leader's fencing token) and the fence-agent runner; the simulator implements it over
+simulated hosts and a virtual clock. Both run the same `controller.ha.engine.run` loop.
+
+Times are seconds on the controller's monotonic clock (virtual in the simulator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from crds.clusternode import ClusterNodeSpec, NodeHealth
+from crds.virtualmachine import VirtualMachineSpec
+
+FenceHow = Literal["PowerOff", "SelfFence", "ManualAck"]
+DrainMode = Literal["migrate", "force"]
+VmState = Literal["Running", "Stopped", "Crashed", "Migrating", "Unknown"]
+MigrationPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+EventType = Literal["Normal", "Warning"]
+
+
+@dataclass(frozen=True)
+class HaTimings:
+    """Timings shared by the agents and the engine; docs/ha.md explains each default."""
+
+    lease_ttl: float = 2.0
+    """TTL of each agent's heartbeat lease in etcd."""
+    renew_interval: float = 0.5
+    """How often an agent renews (keepalive) its lease."""
+    self_fence_margin: float = 0.5
+    """An agent destroys its VMs at last successful renewal + lease_ttl - self_fence_margin."""
+    recovery_grace: float = 0.5
+    """After the lease is seen expired, how long the engine waits before trusting a self-fence."""
+    watchdog_timeout: float = 1.0
+    """A stalled agent's host is reset this long after its last feed (= its last renewal)."""
+    fence_retry_initial: float = 1.0
+    fence_retry_max: float = 30.0
+    max_parallel_migrations: int = 2
+
+    def __post_init__(self) -> None:
+        deadline = self.lease_ttl - self.self_fence_margin
+        if not 0 < self.renew_interval < deadline:
+            raise ValueError(
+                f"renew_interval ({self.renew_interval}s) must be positive and below "
+                f"lease_ttl - self_fence_margin ({deadline}s)"
+            )
+        if self.watchdog_timeout > deadline:
+            raise ValueError(
+                f"watchdog_timeout ({self.watchdog_timeout}s) must not exceed lease_ttl - "
+                f"self_fence_margin ({deadline}s): a stalled agent's host must be reset before "
+                "its lease can expire"
+            )
+        if self.recovery_grace < 0 or self.fence_retry_initial <= 0:
+            raise ValueError("recovery_grace must be >= 0 and fence_retry_initial > 0")
+
+
+@dataclass(frozen=True)
+class FenceConfirmation:
+    """Why a node is known to run nothing any more (ClusterNode.status.fence)."""
+
+    how: FenceHow
+    at: float
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    spec: ClusterNodeSpec
+    health: NodeHealth
+    """As last written by the engine (ClusterNode.status.health)."""
+    fence: FenceConfirmation | None
+    """Set by the engine when fencing is confirmed; cleared when the node is Online again."""
+    lease_alive: bool
+    lease_lost_at: float | None
+    """Earliest time this controller knows the lease was gone (None while it is alive)."""
+    clean_since: float | None
+    """The agent reported, at this time, that it destroyed every domain it found (after a fence)."""
+    fence_ack_at: float | None
+    """An operator's `kvmctl fence ack NODE`, not yet consumed."""
+    domains: frozenset[str]
+    """VMs whose qemu process the node's agent last reported (stale once the lease is gone)."""
+    cpus: int | None
+    memory_mib: int | None
+    """Capacity (spec override, else the agent's report); None means unknown (not limited)."""
+    drain: DrainMode | None = None
+
+
+@dataclass(frozen=True)
+class MigrationView:
+    source: str
+    target: str
+    phase: MigrationPhase
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class VmView:
+    name: str
+    spec: VirtualMachineSpec
+    placement: str | None
+    """Where the VM should run (status.placement.node), written by the engine only."""
+    state: VmState
+    """The agent's last report for this VM."""
+    crashed_at: float | None = None
+    """When the agent last saw the VM crash (None if it has not crashed since its last start)."""
+    restarts: tuple[float, ...] = ()
+    relocations: int = 0
+    failed: bool = False
+    migration: MigrationView | None = None
+
+
+@dataclass(frozen=True)
+class FenceResult:
+    attempt: int
+    node: str
+    method: str
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class World:
+    now: float
+    nodes: dict[str, NodeView]
+    vms: dict[str, VmView]
+    fence_results: tuple[FenceResult, ...] = ()
+    """Results of fence attempts finished since the previous snapshot."""
+
+
+# Actions --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetNodeHealth:
+    node: str
+    health: NodeHealth
+    fence: FenceConfirmation | None
+    """The confirmation to record (None clears it)."""
+
+
+@dataclass(frozen=True)
+class ClearFenceAck:
+    node: str
+
+
+@dataclass(frozen=True)
+class StartFence:
+    """Run every device of one fence method (off, then status must say off)."""
+
+    node: str
+    method: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Place:
+    """Write the VM's placement (None: stop it). Production adds the leader's fencing token."""
+
+    vm: str
+    node: str | None
+    relocation: bool = False
+    """A restart-policy relocation: count it and forget the in-place restarts."""
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Restart a crashed VM where it is placed (recorded in status.restarts)."""
+
+    vm: str
+
+
+@dataclass(frozen=True)
+class SetFailed:
+    """Mark or clear the VM's Failed state; clearing also resets its restart counters."""
+
+    vm: str
+    failed: bool
+
+
+@dataclass(frozen=True)
+class Migrate:
+    vm: str
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class ClearMigration:
+    vm: str
+
+
+@dataclass(frozen=True)
+class Emit:
+    kind: Literal["ClusterNode", "VirtualMachine"]
+    name: str
+    reason: str
+    message: str
+    type: EventType = "Normal"
+
+
+Action = (
+    SetNodeHealth
+    | ClearFenceAck
+    | StartFence
+    | Place
+    | Restart
+    | SetFailed
+    | Migrate
+    | ClearMigration
+    | Emit
+)
+
+
+class Environment(Protocol):
+    """What the engine loop needs from the outside world."""
+
+    def now(self) -> float:
+        """The controller's monotonic clock, in seconds."""
+        ...
+
+    async def observe(self) -> World:
+        """A snapshot of nodes, VMs, leases and the fence results finished since last time."""
+        ...
+
+    async def apply(self, action: Action) -> None:
+        """Carry out one action (write status, start a fence attempt, emit an event)."""
+        ...
+
+    async def wait(self, until: float) -> bool:
+        """Sleep until `until` or until something changes; False when the loop must stop."""
+        ...

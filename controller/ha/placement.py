@@ -1,0 +1,137 @@
+"""Where a VM may run and where it should: eligibility, capacity, anti-affinity, preference.
+
+Pure functions over the engine's `World`. A node is eligible for a VM when it is Online with a
+live lease, not cordoned, in the failover domain if the domain is restricted, has room for the
+VM's vcpus and memory, and runs no VM the VM is anti-affine with (either side may name the
+other). Eligible nodes are ranked by domain preference (ordered domains: priority 1 first;
+unordered: every member alike; non-members last), then by memory use after placing (least
+loaded first), then by name, so decisions are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from crds.virtualmachine import VirtualMachineSpec
+
+from .environment import NodeView, VmView
+
+OUTSIDE_DOMAIN = 1000
+"""Rank of a node outside the VM's failover domain (domain priorities are 1..100)."""
+
+
+@dataclass
+class NodeUsage:
+    cpus: int = 0
+    memory_mib: int = 0
+    vms: set[str] = field(default_factory=set)
+
+
+class Usage:
+    """What each node has committed: placed VMs plus reserved migration targets."""
+
+    def __init__(self, vms: Iterable[VmView]) -> None:
+        self.by_node: dict[str, NodeUsage] = {}
+        for vm in vms:
+            if vm.placement is not None and not vm.failed:
+                self.add(vm.name, vm.spec, vm.placement)
+            migration = vm.migration
+            if (
+                migration is not None
+                and migration.phase in ("Running", "Succeeded")
+                and migration.target != vm.placement
+            ):
+                self.add(vm.name, vm.spec, migration.target)
+
+    def of(self, node: str) -> NodeUsage:
+        return self.by_node.setdefault(node, NodeUsage())
+
+    def add(self, vm: str, spec: VirtualMachineSpec, node: str) -> None:
+        usage = self.of(node)
+        if vm in usage.vms:
+            return
+        usage.vms.add(vm)
+        usage.cpus += spec.vcpus
+        usage.memory_mib += spec.memory_mib
+
+    def remove(self, vm: str, spec: VirtualMachineSpec, node: str) -> None:
+        usage = self.of(node)
+        if vm not in usage.vms:
+            return
+        usage.vms.discard(vm)
+        usage.cpus -= spec.vcpus
+        usage.memory_mib -= spec.memory_mib
+
+
+def domain_rank(spec: VirtualMachineSpec, node: str) -> int:
+    """Lower is more preferred."""
+    domain = spec.failover_domain
+    for member in domain.nodes:
+        if member.name == node:
+            return member.priority if domain.ordered else 1
+    return OUTSIDE_DOMAIN
+
+
+def anti_affine(name: str, spec: VirtualMachineSpec, other: VmView) -> bool:
+    return other.name in spec.anti_affinity or name in other.spec.anti_affinity
+
+
+def ineligibility(
+    name: str,
+    spec: VirtualMachineSpec,
+    node: NodeView,
+    usage: Usage,
+    vms: Mapping[str, VmView],
+) -> str | None:
+    """Why `node` cannot take VM `name` now, or None if it can."""
+    if node.health != "Online" or not node.lease_alive:
+        return f"{node.name} is {node.health if node.lease_alive else 'without a lease'}"
+    if node.spec.cordoned:
+        return f"{node.name} is cordoned"
+    if spec.failover_domain.restricted and domain_rank(spec, node.name) == OUTSIDE_DOMAIN:
+        return f"{node.name} is outside the restricted failover domain"
+    used = usage.of(node.name)
+    if name not in used.vms:
+        if node.cpus is not None and used.cpus + spec.vcpus > node.cpus:
+            return f"{node.name} has {node.cpus - used.cpus} free vcpus of {spec.vcpus} needed"
+        if node.memory_mib is not None and used.memory_mib + spec.memory_mib > node.memory_mib:
+            free = node.memory_mib - used.memory_mib
+            return f"{node.name} has {free} MiB free of {spec.memory_mib} MiB needed"
+    for other_name in sorted(used.vms | node.domains):
+        other = vms.get(other_name)
+        if other_name != name and other is not None and anti_affine(name, spec, other):
+            return f"{node.name} runs {other_name} (anti-affinity)"
+    return None
+
+
+def _load_after(spec: VirtualMachineSpec, node: NodeView, usage: Usage) -> float:
+    if node.memory_mib is None:
+        return 0.0
+    return (usage.of(node.name).memory_mib + spec.memory_mib) / node.memory_mib
+
+
+def choose_node(
+    vm: VmView,
+    nodes: Mapping[str, NodeView],
+    vms: Mapping[str, VmView],
+    usage: Usage,
+    exclude: Iterable[str] = (),
+) -> tuple[str | None, str]:
+    """The best eligible node for `vm`, or None with the reasons every node was refused."""
+    excluded = set(exclude)
+    eligible: list[tuple[int, float, str]] = []
+    refusals: list[str] = []
+    for node in sorted(nodes.values(), key=lambda n: n.name):
+        if node.name in excluded:
+            continue
+        reason = ineligibility(vm.name, vm.spec, node, usage, vms)
+        if reason is None:
+            eligible.append(
+                (domain_rank(vm.spec, node.name), _load_after(vm.spec, node, usage), node.name)
+            )
+        else:
+            refusals.append(reason)
+    if not eligible:
+        return None, "; ".join(refusals) or "no nodes"
+    return min(eligible)[2], ""

@@ -1,0 +1,380 @@
+"""Scenario files for the simulator: nodes, VMs and timed commands; run them into a log.
+
+    description: host1 loses power; its VM comes back on host2
+    duration: 30
+    nodes:
+      - name: host1
+        cpus: 8
+        memoryMiB: 16384
+        fencing:                    # ClusterNode spec.fencing, plus `simulate` per device
+          methods:
+            - name: ipmi
+              devices:
+                - agent: fence_ipmilan
+                  parameters: {ip: 10.0.0.101}
+                  simulate: {result: ok, seconds: 0.5}    # ok | fail | timeout
+      - name: host2
+    vms:
+      - name: vm1
+        node: host1                 # running there at time 0 (omit: the engine places it)
+        memoryMiB: 1024             # any VirtualMachine spec field
+    commands:
+      - {at: 5, do: power-off host1}
+
+Optional top-level `timings` (HaTimings fields in camelCase: leaseTtl, renewInterval,
+selfFenceMargin, recoveryGrace, watchdogTimeout, fenceRetryInitial, fenceRetryMax,
+maxParallelMigrations) and `simulation` (bootSeconds, startSeconds, migrateSeconds).
+
+Commands: power-off|power-on|network-off|network-on|agent-kill|agent-start|ack|cordon|
+uncordon NODE; drain NODE [force]; fence-device NODE METHOD[/INDEX] ok|fail|timeout;
+migrate VM NODE; crash|start|stop|disable VM; controller-restart.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from crds import describe_validation_error
+from crds.clusternode import ClusterNodeSpec, Fencing
+from crds.virtualmachine import VirtualMachineSpec
+
+from .engine import Engine, run
+from .environment import HaTimings
+from .simulator import Host, SimDevice, SimSettings, Simulator, SimVm
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be run; the message names the file and the place."""
+
+
+@dataclass
+class Scenario:
+    path: str
+    description: str
+    duration: float
+    timings: HaTimings
+    settings: SimSettings
+    hosts: list[Host]
+    vms: list[SimVm]
+    commands: list[tuple[float, str]] = field(default_factory=list)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def _dataclass_from(cls: Any, document: Any, where: str) -> Any:
+    if document is None:
+        return cls()
+    if not isinstance(document, dict):
+        raise ScenarioError(f"{where}: expected a mapping")
+    names = {_camel(f.name): f.name for f in fields(cls)}
+    unknown = sorted(set(document) - set(names))
+    if unknown:
+        raise ScenarioError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(names)})")
+    values = {}
+    for key, value in document.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ScenarioError(f"{where}.{key}: expected a number, got {value!r}")
+        values[names[key]] = value
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise ScenarioError(f"{where}: {error}") from None
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ScenarioError(f"{where}: expected a mapping")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ScenarioError(f"{where}: expected a list")
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value) or len(value) > 63:
+        raise ScenarioError(f"{where}.name: expected a DNS-1123 name, got {value!r}")
+    return value
+
+
+def _host(document: Any, index: int, where: str) -> Host:
+    node = dict(_mapping(document, where))
+    name = _name(node.pop("name", None), where)
+    cpus = node.pop("cpus", None)
+    memory = node.pop("memoryMiB", None)
+    powered = node.pop("powered", True)
+    cordoned = node.pop("cordoned", False)
+    fencing = _mapping(node.pop("fencing", None) or {}, f"{where}.fencing")
+    if node:
+        raise ScenarioError(f"{where}: unknown field {sorted(node)[0]!r}")
+    for key, value in (("cpus", cpus), ("memoryMiB", memory)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ScenarioError(f"{where}.{key}: expected a positive integer, got {value!r}")
+    if not isinstance(powered, bool) or not isinstance(cordoned, bool):
+        raise ScenarioError(f"{where}: powered and cordoned must be true or false")
+    devices: dict[str, list[SimDevice]] = {}
+    clean_methods = []
+    for m_index, method in enumerate(_list(fencing.get("methods"), f"{where}.fencing.methods")):
+        method_where = f"{where}.fencing.methods[{m_index}]"
+        method = dict(_mapping(method, method_where))
+        clean_devices = []
+        sims = []
+        for d_index, device in enumerate(_list(method.get("devices"), f"{method_where}.devices")):
+            device_where = f"{method_where}.devices[{d_index}]"
+            device = dict(_mapping(device, device_where))
+            simulate = _mapping(device.pop("simulate", None) or {}, f"{device_where}.simulate")
+            sims.append(_device(device, simulate, f"{device_where}.simulate"))
+            clean_devices.append(device)
+        method["devices"] = clean_devices
+        clean_methods.append(method)
+        if isinstance(method.get("name"), str):
+            devices[method["name"]] = sims
+    fencing = {**fencing, "methods": clean_methods}
+    try:
+        spec = ClusterNodeSpec.model_validate(
+            {
+                "addresses": {"cluster": f"10.0.{index // 250}.{index % 250 + 1}"},
+                "cordoned": cordoned,
+                "fencing": Fencing.model_validate(fencing),
+            }
+        )
+    except ValidationError as error:
+        raise ScenarioError(f"{where}.fencing: {describe_validation_error(error)}") from None
+    for method_name, sims in devices.items():
+        for sim, device in zip(
+            sims,
+            next(m for m in spec.fencing.methods if m.name == method_name).devices,
+            strict=True,
+        ):
+            sim.timeout = float(device.timeout_seconds)
+    host = Host(name=name, spec=spec, cpus=cpus, memory_mib=memory, devices=devices)
+    if not powered:
+        host.powered = host.agent = False
+        host.last_renewal = None
+        host.health = "Unknown"
+    return host
+
+
+def _device(device: dict[str, Any], simulate: dict[str, Any], where: str) -> SimDevice:
+    result = simulate.pop("result", "ok")
+    seconds = simulate.pop("seconds", 0.5)
+    if simulate:
+        raise ScenarioError(f"{where}: unknown field {sorted(simulate)[0]!r}")
+    if result not in ("ok", "fail", "timeout"):
+        raise ScenarioError(f"{where}.result: expected ok, fail or timeout, got {result!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        raise ScenarioError(f"{where}.seconds: expected a number >= 0, got {seconds!r}")
+    return SimDevice(agent=str(device.get("agent")), behaviour=result, seconds=float(seconds))
+
+
+def _vm(document: Any, hosts: dict[str, Host], where: str) -> SimVm:
+    vm = dict(_mapping(document, where))
+    name = _name(vm.pop("name", None), where)
+    node = vm.pop("node", None)
+    if node is not None and node not in hosts:
+        raise ScenarioError(f"{where}.node: no node named {node!r}")
+    try:
+        spec = VirtualMachineSpec.model_validate(vm)
+    except ValidationError as error:
+        raise ScenarioError(f"{where}: {describe_validation_error(error)}") from None
+    if node is not None and not hosts[node].powered:
+        raise ScenarioError(f"{where}.node: {node} is powered off at time 0")
+    return SimVm(name=name, spec=spec, placement=node)
+
+
+_NODE_VERBS = {
+    "power-off",
+    "power-on",
+    "network-off",
+    "network-on",
+    "agent-kill",
+    "agent-start",
+    "ack",
+    "cordon",
+    "uncordon",
+    "drain",
+    "fence-device",
+}
+_VM_VERBS = {"migrate", "crash", "start", "stop", "disable"}
+VERBS = sorted(_NODE_VERBS | _VM_VERBS | {"controller-restart"})
+
+
+def _check_command(text: str, scenario: Scenario, where: str) -> None:
+    words = text.split()
+    if not words or words[0] not in VERBS:
+        verb = words[0] if words else ""
+        raise ScenarioError(f"{where}: unknown command {verb!r} (known: {', '.join(VERBS)})")
+    verb, args = words[0], words[1:]
+    hosts = {h.name: h for h in scenario.hosts}
+    vms = {v.name for v in scenario.vms}
+    usage = {
+        "drain": (1, 2),
+        "fence-device": (3, 3),
+        "migrate": (2, 2),
+        "controller-restart": (0, 0),
+    }.get(verb, (1, 1))
+    if not usage[0] <= len(args) <= usage[1]:
+        raise ScenarioError(f"{where}: {verb!r} takes {usage[0]} to {usage[1]} arguments")
+    if verb in _NODE_VERBS and args[0] not in hosts:
+        raise ScenarioError(f"{where}: no node named {args[0]!r}")
+    if verb in _VM_VERBS and args[0] not in vms:
+        raise ScenarioError(f"{where}: no VM named {args[0]!r}")
+    if verb == "migrate" and args[1] not in hosts:
+        raise ScenarioError(f"{where}: no node named {args[1]!r}")
+    if verb == "drain" and len(args) == 2 and args[1] != "force":
+        raise ScenarioError(f"{where}: drain takes NODE [force], got {args[1]!r}")
+    if verb == "fence-device":
+        method, _, index = args[1].partition("/")
+        devices = hosts[args[0]].devices.get(method)
+        if devices is None:
+            raise ScenarioError(f"{where}: {args[0]} has no fence method {method!r}")
+        if index and (not index.isdigit() or int(index) >= len(devices)):
+            raise ScenarioError(f"{where}: method {method!r} has no device {index!r}")
+        if args[2] not in ("ok", "fail", "timeout"):
+            raise ScenarioError(f"{where}: device behaviour must be ok, fail or timeout")
+
+
+def parse(text: str, path: str = "<scenario>") -> Scenario:
+    """Validate a scenario document; raises ScenarioError naming the file and field."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ScenarioError(f"{path}: not valid YAML: {error}") from None
+    document = dict(_mapping(document, path))
+    description = str(document.pop("description", ""))
+    duration = document.pop("duration", 60)
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or duration <= 0:
+        raise ScenarioError(f"{path}: duration: expected a positive number of seconds")
+    timings = _dataclass_from(HaTimings, document.pop("timings", None), f"{path}: timings")
+    settings = _dataclass_from(SimSettings, document.pop("simulation", None), f"{path}: simulation")
+    hosts = [
+        _host(node, index, f"{path}: nodes[{index}]")
+        for index, node in enumerate(_list(document.pop("nodes", None), f"{path}: nodes"))
+    ]
+    if not hosts:
+        raise ScenarioError(f"{path}: nodes: at least one node is needed")
+    by_name = {h.name: h for h in hosts}
+    if len(by_name) != len(hosts):
+        raise ScenarioError(f"{path}: nodes: names must be distinct")
+    vms = [
+        _vm(vm, by_name, f"{path}: vms[{index}]")
+        for index, vm in enumerate(_list(document.pop("vms", None), f"{path}: vms"))
+    ]
+    if len({v.name for v in vms}) != len(vms):
+        raise ScenarioError(f"{path}: vms: names must be distinct")
+    raw_commands = _list(document.pop("commands", None), f"{path}: commands")
+    if document:
+        raise ScenarioError(f"{path}: unknown field {sorted(document)[0]!r}")
+    scenario = Scenario(path, description, float(duration), timings, settings, hosts, vms)
+    for index, entry in enumerate(raw_commands):
+        where = f"{path}: commands[{index}]"
+        entry = _mapping(entry, where)
+        at, command = entry.get("at"), entry.get("do")
+        if set(entry) != {"at", "do"} or not isinstance(command, str):
+            raise ScenarioError(f"{where}: expected {{at: SECONDS, do: COMMAND}}")
+        if isinstance(at, bool) or not isinstance(at, int | float) or not 0 <= at <= duration:
+            raise ScenarioError(f"{where}.at: expected seconds between 0 and {duration}")
+        _check_command(command, scenario, where)
+        scenario.commands.append((float(at), command))
+    return scenario
+
+
+def load(path: str | Path) -> Scenario:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ScenarioError(f"{path}: cannot read: {error}") from None
+    return parse(text, str(path))
+
+
+def command_action(sim: Simulator, command: str) -> Callable[[], None]:
+    """The simulator call a (validated) command stands for, logging it when it runs."""
+    verb, *args = command.split()
+    actions: dict[str, Callable[[], None]] = {
+        "power-off": lambda: sim.power_off(args[0]),
+        "power-on": lambda: sim.power_on(args[0]),
+        "network-off": lambda: sim.set_network(args[0], up=False),
+        "network-on": lambda: sim.set_network(args[0], up=True),
+        "agent-kill": lambda: sim.kill_agent(args[0]),
+        "agent-start": lambda: sim.start_agent(args[0]),
+        "ack": lambda: sim.ack(args[0]),
+        "cordon": lambda: sim.cordon(args[0], cordoned=True),
+        "uncordon": lambda: sim.cordon(args[0], cordoned=False),
+        "drain": lambda: sim.drain(args[0], force=args[1:] == ["force"]),
+        "migrate": lambda: sim.request_migration(args[0], args[1]),
+        "crash": lambda: sim.crash(args[0]),
+        "start": lambda: sim.set_run_state(args[0], "started"),
+        "stop": lambda: sim.set_run_state(args[0], "stopped"),
+        "disable": lambda: sim.set_run_state(args[0], "disabled"),
+        "controller-restart": sim.restart_controller,
+    }
+    if verb == "fence-device":
+        method, _, index = args[1].partition("/")
+        actions[verb] = lambda: sim.set_device(
+            args[0], method, int(index) if index else None, args[2]
+        )
+
+    def run_command() -> None:
+        sim.log(">", command)
+        actions[verb]()
+
+    return run_command
+
+
+async def simulate(sim: Simulator) -> None:
+    """Run the engine against the simulator until its end, with a fresh engine after every
+    controller restart (as a new leader would start)."""
+    while True:
+        await run(Engine(sim.timings), sim)
+        if sim.finished:
+            return
+        sim.log("controller", "new leader: engine restarted with no memory")
+
+
+def build(scenario: Scenario, echo: Callable[[str], None] | None = None) -> Simulator:
+    sim = Simulator(
+        scenario.hosts, scenario.vms, scenario.timings, scenario.settings, scenario.duration, echo
+    )
+    for at, command in scenario.commands:
+        sim.at(at, command_action(sim, command))
+    return sim
+
+
+def summary(sim: Simulator) -> list[str]:
+    """The end state: node health, where each VM runs, invariant violations."""
+    lines = [f"--- end at {sim.now():.1f}"]
+    for host in sim.hosts.values():
+        how = f" ({host.fence.how})" if host.fence is not None else ""
+        power = "on" if host.powered else "off"
+        lines.append(f"node {host.name}: {host.health}{how}, power {power}")
+    for vm in sim.vms.values():
+        running = ", ".join(sim.running_hosts(vm.name)) or "nowhere"
+        failed = " Failed" if vm.failed else ""
+        lines.append(f"vm {vm.name}: placed {vm.placement or '-'}, running on {running}{failed}")
+    lines.append(f"invariant violations: {len(sim.violations)}")
+    return lines
+
+
+async def run_scenario(scenario: Scenario, echo: Callable[[str], None] | None = None) -> Simulator:
+    """Run a scenario to its end; the log is in `.lines` (plus `summary(sim)`)."""
+    sim = build(scenario, echo)
+    if scenario.description:
+        sim.log("#", scenario.description)
+    await simulate(sim)
+    return sim

@@ -1,0 +1,620 @@
+"""Simulated hosts, agents, fence devices and a virtual clock, behind the engine's Environment.
+
+Each host models what really runs there: which VMs have a qemu process (starting, running, or
+an incoming migration), whether it is powered, whether its agent runs and reaches etcd. The
+simulated agents follow the agent's contract (docs/ha.md): renew the lease, report domains,
+start what is placed on an Online node, stop what is not theirs, self-fence at the deadline
+when the node's policy relies on it, feed the watchdog only while that is safe, and destroy
+every stale domain when they find their node Fenced. Time advances in ticks of 0.1 s.
+
+Invariants are checked as the simulation runs; violations are logged and kept in
+`Simulator.violations`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from crds.clusternode import ClusterNodeSpec, NodeHealth
+from crds.virtualmachine import VirtualMachineSpec
+
+from .environment import (
+    Action,
+    ClearFenceAck,
+    ClearMigration,
+    DrainMode,
+    Emit,
+    FenceConfirmation,
+    FenceResult,
+    HaTimings,
+    Migrate,
+    MigrationPhase,
+    MigrationView,
+    NodeView,
+    Place,
+    Restart,
+    SetFailed,
+    SetNodeHealth,
+    StartFence,
+    VmState,
+    VmView,
+    World,
+)
+
+TICKS_PER_SECOND = 10
+DeviceBehaviour = Literal["ok", "fail", "timeout"]
+QemuPhase = Literal["starting", "running", "incoming"]
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """How long simulated things take (seconds)."""
+
+    boot_seconds: float = 10.0
+    start_seconds: float = 0.5
+    migrate_seconds: float = 2.0
+
+
+@dataclass
+class SimDevice:
+    agent: str
+    behaviour: DeviceBehaviour = "ok"
+    seconds: float = 0.5
+    timeout: float = 60.0
+
+
+@dataclass
+class Qemu:
+    phase: QemuPhase
+    ready_at: float = 0.0
+
+
+@dataclass
+class Host:
+    name: str
+    spec: ClusterNodeSpec
+    cpus: int | None
+    memory_mib: int | None
+    devices: dict[str, list[SimDevice]]
+    powered: bool = True
+    network: bool = True
+    agent: bool = True
+    boot_done_at: float | None = None
+    qemu: dict[str, Qemu] = field(default_factory=dict)
+    last_renewal: float | None = 0.0
+    last_feed: float = 0.0
+    self_fenced: bool = False
+    reported: frozenset[str] = frozenset()
+    clean_since: float | None = None
+    fence_ack_at: float | None = None
+    drain: DrainMode | None = None
+    health: NodeHealth = "Online"
+    fence: FenceConfirmation | None = None
+
+    def connected(self) -> bool:
+        return self.powered and self.agent and self.network
+
+    def executing(self) -> set[str]:
+        """VMs with a guest that runs or is about to run here (incoming migrations excluded)."""
+        if not self.powered:
+            return set()
+        return {name for name, q in self.qemu.items() if q.phase != "incoming"}
+
+
+@dataclass
+class SimMigration:
+    source: str
+    target: str
+    done_at: float
+    phase: MigrationPhase = "Running"
+    message: str = ""
+
+
+@dataclass
+class SimVm:
+    name: str
+    spec: VirtualMachineSpec
+    placement: str | None = None
+    state: VmState = "Stopped"
+    crashed_at: float | None = None
+    restarts: list[float] = field(default_factory=list)
+    relocations: int = 0
+    failed: bool = False
+    migration: SimMigration | None = None
+    down_since: float | None = None
+
+
+@dataclass
+class _FenceRun:
+    attempt: int
+    node: str
+    method: str
+    done_at: float
+    ok: bool
+    message: str
+
+
+class Simulator:
+    """An `Environment` over simulated hosts; drive it with `controller.ha.engine.run`."""
+
+    def __init__(
+        self,
+        hosts: list[Host],
+        vms: list[SimVm],
+        timings: HaTimings,
+        settings: SimSettings,
+        end: float,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.hosts = {h.name: h for h in hosts}
+        self.vms = {v.name: v for v in vms}
+        self.timings = timings
+        self.settings = settings
+        self.tick = 0
+        self.end_tick = round(end * TICKS_PER_SECOND)
+        self.lines: list[str] = []
+        self.violations: list[str] = []
+        self._log_sink = log
+        self._commands: dict[int, list[Callable[[], None]]] = {}
+        self._fence_runs: list[_FenceRun] = []
+        self._fence_results: list[FenceResult] = []
+        self._lost_seen: dict[str, float] = {}
+        self._controller_since = 0.0
+        self._restart_controller = False
+        self._doubled: set[str] = set()
+        for vm in vms:
+            if vm.placement is not None and vm.spec.run_state == "started":
+                self.hosts[vm.placement].qemu[vm.name] = Qemu("running")
+                vm.state = "Running"
+        for host in hosts:
+            host.reported = frozenset(host.qemu)
+
+    # Clock and log ----------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self.tick / TICKS_PER_SECOND
+
+    def log(self, subject: str, text: str) -> None:
+        line = f"{self.now():7.1f}  {subject:<22} {text}"
+        self.lines.append(line)
+        if self._log_sink is not None:
+            self._log_sink(line)
+
+    def violation(self, text: str) -> None:
+        self.violations.append(f"{self.now():.1f}: {text}")
+        self.log("INVARIANT", text)
+
+    def at(self, when: float, command: Callable[[], None]) -> None:
+        """Run `command` at virtual time `when` (before the engine looks at that tick)."""
+        tick = max(round(when * TICKS_PER_SECOND), self.tick)
+        self._commands.setdefault(tick, []).append(command)
+
+    def restart_controller(self) -> None:
+        """The leader dies and another takes over: the engine's memory is lost."""
+        self._restart_controller = True
+        self._controller_since = self.now()
+        self._lost_seen.clear()
+
+    def take_controller_restart(self) -> bool:
+        requested = self._restart_controller
+        self._restart_controller = False
+        return requested
+
+    @property
+    def finished(self) -> bool:
+        return self.tick >= self.end_tick
+
+    # Environment ------------------------------------------------------------------------------
+
+    async def observe(self) -> World:
+        now = self.now()
+        nodes: dict[str, NodeView] = {}
+        for host in self.hosts.values():
+            alive = self._lease_alive(host)
+            if alive:
+                self._lost_seen.pop(host.name, None)
+                lost_at = None
+            else:
+                expired = 0.0 if host.last_renewal is None else host.last_renewal
+                expired += self.timings.lease_ttl
+                lost_at = self._lost_seen.setdefault(
+                    host.name, max(expired, self._controller_since)
+                )
+            nodes[host.name] = NodeView(
+                name=host.name,
+                spec=host.spec,
+                health=host.health,
+                fence=host.fence,
+                lease_alive=alive,
+                lease_lost_at=lost_at,
+                clean_since=host.clean_since,
+                fence_ack_at=host.fence_ack_at,
+                domains=host.reported,
+                cpus=host.cpus,
+                memory_mib=host.memory_mib,
+                drain=host.drain,
+            )
+        vms = {
+            vm.name: VmView(
+                name=vm.name,
+                spec=vm.spec,
+                placement=vm.placement,
+                state=vm.state,
+                crashed_at=vm.crashed_at,
+                restarts=tuple(vm.restarts),
+                relocations=vm.relocations,
+                failed=vm.failed,
+                migration=None
+                if vm.migration is None
+                else MigrationView(
+                    vm.migration.source,
+                    vm.migration.target,
+                    vm.migration.phase,
+                    vm.migration.message,
+                ),
+            )
+            for vm in self.vms.values()
+        }
+        results = tuple(self._fence_results)
+        self._fence_results.clear()
+        return World(now=now, nodes=nodes, vms=vms, fence_results=results)
+
+    async def apply(self, action: Action) -> None:
+        if isinstance(action, Emit):
+            self.log(
+                f"{action.kind}/{action.name}", f"{action.type} {action.reason}: {action.message}"
+            )
+        elif isinstance(action, SetNodeHealth):
+            self._set_health(action)
+        elif isinstance(action, ClearFenceAck):
+            self.hosts[action.node].fence_ack_at = None
+        elif isinstance(action, StartFence):
+            self._start_fence(action)
+        elif isinstance(action, Place):
+            self._place(action)
+        elif isinstance(action, Restart):
+            self.vms[action.vm].restarts.append(self.now())
+        elif isinstance(action, SetFailed):
+            vm = self.vms[action.vm]
+            vm.failed = action.failed
+            if not action.failed:
+                vm.restarts.clear()
+                vm.relocations = 0
+                vm.crashed_at = None
+        elif isinstance(action, Migrate):
+            self._migrate(action)
+        elif isinstance(action, ClearMigration):
+            self.vms[action.vm].migration = None
+
+    async def wait(self, until: float) -> bool:
+        """Advance one tick (something may change on any tick); False at the end or on a
+        controller restart."""
+        del until
+        if self.finished:
+            return False
+        self.tick += 1
+        for command in self._commands.pop(self.tick, []):
+            command()
+        self._advance()
+        self._check_copies()
+        return not self._restart_controller
+
+    # Applying the engine's actions ------------------------------------------------------------
+
+    def _set_health(self, action: SetNodeHealth) -> None:
+        host = self.hosts[action.node]
+        host.health = action.health
+        host.fence = action.fence
+        if action.health == "Fenced" and action.fence is not None:
+            running = sorted(host.executing())
+            if running and action.fence.how != "ManualAck":
+                self.violation(
+                    f"{host.name} declared fenced ({action.fence.how}) while running "
+                    f"{', '.join(running)}"
+                )
+
+    def _start_fence(self, action: StartFence) -> None:
+        host = self.hosts[action.node]
+        elapsed, ok, message = 0.0, True, "off"
+        for index, device in enumerate(host.devices.get(action.method, [])):
+            if device.behaviour == "ok":
+                elapsed += device.seconds
+                continue
+            ok = False
+            if device.behaviour == "fail":
+                elapsed += device.seconds
+                message = f"device {index} ({device.agent}) failed"
+            else:
+                elapsed += device.timeout
+                message = f"device {index} ({device.agent}) timed out after {device.timeout:g}s"
+            break
+        self._fence_runs.append(
+            _FenceRun(action.attempt, action.node, action.method, self.now() + elapsed, ok, message)
+        )
+
+    def _place(self, action: Place) -> None:
+        vm = self.vms[action.vm]
+        vm.placement = action.node
+        if action.relocation:
+            vm.relocations += 1
+            vm.restarts.clear()
+            vm.crashed_at = None
+        if action.node is None:
+            return
+        elsewhere = sorted(
+            h.name
+            for h in self.hosts.values()
+            if h.name != action.node and vm.name in h.executing()
+        )
+        if elsewhere:
+            self.violation(f"{vm.name} placed on {action.node} while running on {elsewhere}")
+
+    def _migrate(self, action: Migrate) -> None:
+        vm = self.vms[action.vm]
+        source, target = self.hosts[action.source], self.hosts[action.target]
+        if vm.name not in source.executing():
+            self.violation(f"{vm.name} migrated from {source.name}, which does not run it")
+        vm.migration = SimMigration(
+            action.source, action.target, self.now() + self.settings.migrate_seconds
+        )
+        vm.state = "Migrating"
+        target.qemu[vm.name] = Qemu("incoming")
+
+    # Commands (scenario verbs) ----------------------------------------------------------------
+
+    def power_off(self, name: str, why: str = "powered off") -> None:
+        host = self.hosts[name]
+        if not host.powered:
+            return
+        lost = sorted(host.executing())
+        host.powered = False
+        host.agent = False
+        host.boot_done_at = None
+        host.qemu.clear()
+        self.log(f"host/{name}", why + (f" (killed {', '.join(lost)})" if lost else ""))
+        self._lose(lost)
+
+    def power_on(self, name: str) -> None:
+        host = self.hosts[name]
+        if host.powered:
+            return
+        host.powered = True
+        host.boot_done_at = self.now() + self.settings.boot_seconds
+        self.log(f"host/{name}", "powered on, booting")
+
+    def set_network(self, name: str, up: bool) -> None:
+        self.hosts[name].network = up
+        self.log(f"host/{name}", f"network {'up' if up else 'down'}")
+
+    def kill_agent(self, name: str) -> None:
+        host = self.hosts[name]
+        if host.agent:
+            host.agent = False
+            self.log(f"host/{name}", "agent killed; guests keep running")
+
+    def start_agent(self, name: str) -> None:
+        host = self.hosts[name]
+        if host.powered and host.boot_done_at is None and not host.agent:
+            host.agent = True
+            host.last_feed = self.now()
+            self.log(f"host/{name}", "agent started")
+
+    def set_device(self, name: str, method: str, index: int | None, behaviour: str) -> None:
+        devices = self.hosts[name].devices[method]
+        for position, device in enumerate(devices):
+            if index is None or position == index:
+                device.behaviour = behaviour  # type: ignore[assignment]
+
+    def ack(self, name: str) -> None:
+        self.hosts[name].fence_ack_at = self.now()
+
+    def drain(self, name: str, force: bool) -> None:
+        host = self.hosts[name]
+        host.spec = host.spec.model_copy(update={"cordoned": True})
+        host.drain = "force" if force else "migrate"
+
+    def cordon(self, name: str, cordoned: bool) -> None:
+        host = self.hosts[name]
+        host.spec = host.spec.model_copy(update={"cordoned": cordoned})
+        if not cordoned:
+            host.drain = None
+
+    def request_migration(self, vm_name: str, target: str) -> None:
+        vm = self.vms[vm_name]
+        vm.migration = SimMigration(vm.placement or "", target, 0.0, "Pending")
+
+    def crash(self, vm_name: str) -> None:
+        vm = self.vms[vm_name]
+        for host in self.hosts.values():
+            qemu = host.qemu.get(vm_name)
+            if host.powered and qemu is not None and qemu.phase == "running":
+                del host.qemu[vm_name]
+                vm.crashed_at = self.now()
+                vm.state = "Crashed"
+                self.log(f"host/{host.name}", f"{vm_name} crashed")
+                self._fail_migration(vm, "the source guest crashed")
+                self._lose([vm_name])
+
+    def set_run_state(self, vm_name: str, run_state: str) -> None:
+        vm = self.vms[vm_name]
+        vm.spec = vm.spec.model_copy(update={"run_state": run_state})
+
+    # Time passing -----------------------------------------------------------------------------
+
+    def _lease_alive(self, host: Host) -> bool:
+        if host.last_renewal is None:
+            return False
+        return self.now() < host.last_renewal + self.timings.lease_ttl
+
+    def _lose(self, vm_names: list[str]) -> None:
+        for name in vm_names:
+            if not any(name in h.executing() for h in self.hosts.values()):
+                self.vms[name].down_since = self.now()
+
+    def _advance(self) -> None:
+        now = self.now()
+        for host in self.hosts.values():
+            if host.powered and host.boot_done_at is not None and now >= host.boot_done_at:
+                host.boot_done_at = None
+                host.agent = True
+                host.last_feed = now
+                self.log(f"host/{host.name}", "booted; agent started")
+        self._advance_guests()
+        self._advance_migrations()
+        self._advance_fencing()
+        for host in self.hosts.values():
+            self._watchdog_and_self_fence(host)
+        for host in self.hosts.values():
+            if host.connected():
+                self._agent(host)
+
+    def _advance_guests(self) -> None:
+        now = self.now()
+        for host in self.hosts.values():
+            for name, qemu in sorted(host.qemu.items()):
+                if qemu.phase == "starting" and now >= qemu.ready_at:
+                    qemu.phase = "running"
+                    vm = self.vms[name]
+                    vm.crashed_at = None
+                    down = "" if vm.down_since is None else f" (down {now - vm.down_since:.1f}s)"
+                    vm.down_since = None
+                    self.log(f"host/{host.name}", f"{name} running{down}")
+
+    def _fail_migration(self, vm: SimVm, message: str) -> None:
+        migration = vm.migration
+        if migration is None or migration.phase != "Running":
+            return
+        migration.phase = "Failed"
+        migration.message = message
+        target = self.hosts[migration.target]
+        incoming = target.qemu.get(vm.name)
+        if incoming is not None and incoming.phase == "incoming":
+            del target.qemu[vm.name]
+
+    def _advance_migrations(self) -> None:
+        now = self.now()
+        for vm in self.vms.values():
+            migration = vm.migration
+            if migration is None or migration.phase != "Running":
+                continue
+            source, target = self.hosts[migration.source], self.hosts[migration.target]
+            if not (source.powered and source.network):
+                self._fail_migration(vm, f"{source.name} unreachable")
+            elif not (target.powered and target.network):
+                self._fail_migration(vm, f"{target.name} unreachable")
+            elif now >= migration.done_at:
+                del source.qemu[vm.name]
+                target.qemu[vm.name] = Qemu("running")
+                migration.phase = "Succeeded"
+                vm.state = "Running"
+                self.log(f"host/{target.name}", f"{vm.name} running (migrated from {source.name})")
+
+    def _advance_fencing(self) -> None:
+        now = self.now()
+        for run in [r for r in self._fence_runs if now >= r.done_at]:
+            self._fence_runs.remove(run)
+            if run.ok:
+                self.power_off(run.node, f"powered off by fence method {run.method}")
+            self._fence_results.append(
+                FenceResult(run.attempt, run.node, run.method, run.ok, run.message)
+            )
+
+    def _watchdog_and_self_fence(self, host: Host) -> None:
+        if not host.powered or host.boot_done_at is not None:
+            return
+        now = self.now()
+        relies_on_self_fence = host.spec.fencing.self_fence
+        if not host.agent:
+            if relies_on_self_fence and now >= host.last_feed + self.timings.watchdog_timeout:
+                self.power_off(host.name, "watchdog reset the host")
+                self.power_on(host.name)
+            return
+        deadline = (host.last_renewal or 0.0) + self.timings.lease_ttl
+        deadline -= self.timings.self_fence_margin
+        if relies_on_self_fence and not host.self_fenced and now >= deadline:
+            host.self_fenced = True
+            lost = sorted(host.qemu)
+            host.qemu.clear()
+            if lost:
+                self.log(f"host/{host.name}", f"agent self-fenced: destroyed {', '.join(lost)}")
+                self._lose([n for n in lost if n in self.vms])
+        # Feed only while a stall could not outlive the self-fence deadline.
+        if host.self_fenced or now + self.timings.watchdog_timeout <= deadline:
+            host.last_feed = now
+
+    def _agent(self, host: Host) -> None:
+        now = self.now()
+        if host.last_renewal is None or now - host.last_renewal >= self.timings.renew_interval:
+            host.last_renewal = now
+            host.self_fenced = False
+        if host.health == "Fenced":
+            if host.fence is not None and (
+                host.clean_since is None or host.clean_since < host.fence.at
+            ):
+                stale = sorted(host.qemu)
+                host.qemu.clear()
+                host.clean_since = now
+                text = f"destroyed {', '.join(stale)}" if stale else "nothing to destroy"
+                self.log(f"host/{host.name}", f"agent found its node Fenced: {text}")
+                self._lose(stale)
+        elif host.health == "Online":
+            self._agent_converge(host)
+        host.reported = frozenset(host.qemu)
+        for vm in self.vms.values():
+            if vm.placement == host.name and (
+                vm.migration is None or vm.migration.phase != "Running"
+            ):
+                qemu = host.qemu.get(vm.name)
+                if qemu is not None and qemu.phase == "running":
+                    vm.state = "Running"
+                elif vm.crashed_at is not None:
+                    vm.state = "Crashed"
+                else:
+                    vm.state = "Stopped"
+
+    def _agent_converge(self, host: Host) -> None:
+        """Start what is placed here, stop what is not (the agent's reconcile)."""
+        now = self.now()
+        for vm in sorted(self.vms.values(), key=lambda v: v.name):
+            migration = vm.migration
+            migrating = migration is not None and migration.phase in ("Running", "Succeeded")
+            qemu = host.qemu.get(vm.name)
+            if vm.placement == host.name:
+                wanted = vm.spec.run_state == "started" and not vm.failed
+                awaiting_restart = vm.crashed_at is not None and not any(
+                    t >= vm.crashed_at for t in vm.restarts
+                )
+                left = migrating and migration is not None and migration.source == host.name
+                if wanted and qemu is None and not awaiting_restart and not left:
+                    host.qemu[vm.name] = Qemu("starting", now + self.settings.start_seconds)
+                    self.log(f"host/{host.name}", f"starting {vm.name}")
+                elif not wanted and qemu is not None:
+                    del host.qemu[vm.name]
+                    self.log(f"host/{host.name}", f"stopped {vm.name}")
+            elif qemu is not None:
+                arriving = migrating and migration is not None and migration.target == host.name
+                if not arriving:
+                    del host.qemu[vm.name]
+                    self.log(f"host/{host.name}", f"stopped {vm.name} (not placed here)")
+                    self._lose([vm.name])
+
+    def _check_copies(self) -> None:
+        for vm in self.vms.values():
+            hosts = sorted(h.name for h in self.hosts.values() if vm.name in h.executing())
+            if len(hosts) > 1 and vm.name not in self._doubled:
+                self.violation(f"{vm.name} runs on {', '.join(hosts)} at once")
+            if len(hosts) > 1:
+                self._doubled.add(vm.name)
+            else:
+                self._doubled.discard(vm.name)
+
+    # Questions for tests ----------------------------------------------------------------------
+
+    def running_hosts(self, vm_name: str) -> list[str]:
+        return sorted(
+            h.name
+            for h in self.hosts.values()
+            if (q := h.qemu.get(vm_name)) is not None and h.powered and q.phase == "running"
+        )
