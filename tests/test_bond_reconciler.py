@@ -1,0 +1,257 @@
+"""The Bond reconciler on the host kernel, each test in a fresh network namespace and etcd prefix.
+
+This kernel has no bonding: here the reconciler must say so clearly and create nothing, refuse
+bad input before touching anything, and converge the bridge and address parts (with a veth
+standing in for the bond). The bond itself converges in the kernel lab
+(e2e/lab_tests/test_bond_reconciler_lab.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from controller.events import EventRecorder
+from controller.informer import Informer
+from controller.store import Store
+from crds import Bond, ClusterNode, Event, ObjectMeta
+from crds.bond import BondSpec
+from crds.clusternode import ClusterNodeSpec, NodeAddresses
+from reconcilers.bond import (
+    BondConverger,
+    BondProblem,
+    BondReconciler,
+    bond_keys_for_link,
+    watch_bond_links,
+)
+from reconcilers.drivers.netlink import Netlink
+
+NODE = "host1"
+CLUSTER_ADDRESS = "10.77.0.1"
+DEADLINE = 30.0
+
+
+async def _ip(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        "ip", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0, f"ip {' '.join(args)}: {output.decode()}"
+
+
+@pytest.fixture
+async def netns() -> AsyncIterator[str]:
+    name = f"kvmctl-bond-{uuid.uuid4().hex[:8]}"
+    await _ip("netns", "add", name)
+    try:
+        yield name
+    finally:
+        await _ip("netns", "del", name)
+
+
+@pytest.fixture
+async def nl(netns: str) -> AsyncIterator[Netlink]:
+    async with Netlink(netns) as driver:
+        await driver.set_up("lo")
+        for nic in ("eth0", "eth2"):
+            await driver.create_veth(nic, f"sw-{nic}")
+            await driver.set_up(f"sw-{nic}")
+        yield driver
+
+
+@pytest.fixture
+async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
+    async with Store(etcd_endpoints, prefix=key_prefix) as store:
+        await store.create(
+            ClusterNode(
+                metadata=ObjectMeta(name=NODE),
+                spec=ClusterNodeSpec(addresses=NodeAddresses(cluster=CLUSTER_ADDRESS)),
+            )
+        )
+        yield store
+
+
+def bond_object(**spec: object) -> Bond:
+    fields: dict[str, object] = {"node": NODE, "interface": "bond0", "slaves": ["eth0", "eth2"]}
+    fields.update(spec)
+    return Bond(metadata=ObjectMeta(name="bond0"), spec=BondSpec.model_validate(fields))
+
+
+async def reconcile(store: Store, netns: str, bond: Bond) -> Bond:
+    await store.create(bond)
+    reconciler = BondReconciler(store, NODE, EventRecorder(store, "agent", NODE), netns=netns)
+    await reconciler.reconcile(bond.metadata.name)
+    stored = await store.get("Bond", bond.metadata.name)
+    assert isinstance(stored, Bond)
+    return stored
+
+
+async def warnings(store: Store) -> list[tuple[str, str]]:
+    objects, _ = await store.list_objects("Event")
+    return [
+        (e.spec.reason, e.spec.message)
+        for e in objects
+        if isinstance(e, Event) and e.spec.type == "Warning"
+    ]
+
+
+def ready(bond: Bond) -> tuple[str, str, str]:
+    condition = bond.status.condition("Ready")
+    assert condition is not None
+    return condition.status, condition.reason, condition.message
+
+
+async def test_no_bonding_in_the_kernel_is_a_clear_condition_and_nothing_is_created(
+    store: Store, netns: str, nl: Netlink
+) -> None:
+    bond = await reconcile(
+        store, netns, bond_object(bridge={"name": "br0", "addresses": ["10.77.0.1/24"]})
+    )
+    status, reason, message = ready(bond)
+    if reason != "BondingUnsupported":
+        pytest.skip("this kernel has bonding: the bond is tested in the kernel lab")
+    assert status == "False"
+    assert "no bonding support" in message
+    assert ("BondingUnsupported", message) in await warnings(store)
+    names = {link.name for link in await nl.links()}
+    assert "bond0" not in names and "br0" not in names
+    assert all(link.master is None for link in await nl.links())
+
+
+async def test_a_missing_slave_is_reported_and_nothing_is_created(
+    store: Store, netns: str, nl: Netlink
+) -> None:
+    bond = await reconcile(store, netns, bond_object(slaves=["eth0", "eth9"]))
+    status, reason, message = ready(bond)
+    assert (status, reason) == ("False", "SlaveMissing")
+    assert message == "slave eth9 of bond bond0 does not exist on this node"
+    assert ("SlaveMissing", message) in await warnings(store)
+    assert not await nl.exists("bond0")
+    assert (await nl.link("eth0")).master is None
+
+
+async def test_a_bond_name_taken_by_another_kind_of_link_is_a_conflict(
+    store: Store, netns: str, nl: Netlink
+) -> None:
+    await nl.create_veth("bond0", "bond0-peer")
+    bond = await reconcile(store, netns, bond_object())
+    status, reason, message = ready(bond)
+    assert (status, reason) == ("False", "InterfaceConflict")
+    assert message.startswith("bond0 exists as a veth link, not a bond")
+
+
+async def test_the_nic_carrying_the_cluster_network_is_not_enslaved_without_permission(
+    store: Store, netns: str, nl: Netlink
+) -> None:
+    await nl.set_up("eth0")
+    await nl.add_address("eth0", f"{CLUSTER_ADDRESS}/24")
+    bond = await reconcile(
+        store, netns, bond_object(bridge={"name": "br0", "addresses": ["10.77.0.1/24"]})
+    )
+    status, reason, message = ready(bond)
+    assert (status, reason) == ("False", "DisruptionNotAllowed")
+    assert "enslaving eth0 to bond0 would cut the cluster network" in message
+    assert "allowDisruption" in message
+    assert ("DisruptionNotAllowed", message) in await warnings(store)
+    assert f"{CLUSTER_ADDRESS}/24" in {a.cidr for a in await nl.addresses("eth0")}
+    assert not await nl.exists("bond0") and not await nl.exists("br0")
+
+
+async def test_bridge_takes_over_the_port_and_its_cluster_address_without_a_gap(
+    nl: Netlink,
+) -> None:
+    """The bridge part of a pass, with a veth named bond0 standing in for the bond."""
+    await nl.create_veth("bond0", "bond0-peer")
+    await nl.set_up("bond0")
+    await nl.add_address("bond0", f"{CLUSTER_ADDRESS}/24")
+    await nl.create_bridge("br0")
+    await nl.add_address("br0", "192.0.2.5/24")  # drift: not in the spec
+    spec = bond_object(
+        mtu=1400, bridge={"name": "br0", "addresses": [f"{CLUSTER_ADDRESS}/24"]}
+    ).spec
+    converger = BondConverger(nl, spec, CLUSTER_ADDRESS)
+    await converger.refresh()
+    assert converger.protected == {"bond0"}
+
+    await converger.converge_bridge("bond0")
+    await converger.converge_addresses("br0", [f"{CLUSTER_ADDRESS}/24"])
+    await converger.converge_addresses("bond0", [])
+
+    bridge, port = await nl.link("br0"), await nl.link("bond0")
+    assert port.master == "br0"
+    assert bridge.up and bridge.mtu == 1400
+    bridge_cidrs = {a.cidr for a in await nl.addresses("br0")}
+    assert f"{CLUSTER_ADDRESS}/24" in bridge_cidrs and "192.0.2.5/24" not in bridge_cidrs
+    assert all(a.cidr.startswith("fe80") for a in await nl.addresses("bond0"))
+    assert "enslaved bond0 to bridge br0" in converger.actions
+
+    again = BondConverger(nl, spec, CLUSTER_ADDRESS)
+    await again.refresh()
+    assert again.protected == {"br0", "bond0"}
+    await again.converge_bridge("bond0")
+    await again.converge_addresses("br0", [f"{CLUSTER_ADDRESS}/24"])
+    assert again.actions == []
+
+
+async def test_the_cluster_address_is_kept_unless_disruption_is_allowed(nl: Netlink) -> None:
+    await nl.create_bridge("br0")
+    await nl.add_address("br0", f"{CLUSTER_ADDRESS}/24")
+    spec = bond_object(bridge={"name": "br0", "addresses": ["10.88.0.1/24"]}).spec
+    converger = BondConverger(nl, spec, CLUSTER_ADDRESS)
+    await converger.refresh()
+    with pytest.raises(BondProblem, match=r"removing 10\.77\.0\.1/24 from br0 would cut"):
+        await converger.converge_addresses("br0", ["10.88.0.1/24"])
+    assert f"{CLUSTER_ADDRESS}/24" in {a.cidr for a in await nl.addresses("br0")}
+
+    allowed = bond_object(
+        allowDisruption=True, bridge={"name": "br0", "addresses": ["10.88.0.1/24"]}
+    ).spec
+    converger = BondConverger(nl, allowed, CLUSTER_ADDRESS)
+    await converger.refresh()
+    await converger.converge_addresses("br0", ["10.88.0.1/24"])
+    cidrs = {a.cidr for a in await nl.addresses("br0")}
+    assert "10.88.0.1/24" in cidrs and f"{CLUSTER_ADDRESS}/24" not in cidrs
+
+
+def test_link_names_map_to_the_bonds_of_this_node() -> None:
+    here = bond_object(bridge={"name": "br0"})
+    elsewhere = Bond(
+        metadata=ObjectMeta(name="other"),
+        spec=BondSpec(node="host2", interface="bond0", slaves=["eth0"]),
+    )
+    for link in ("bond0", "eth0", "eth2", "br0"):
+        assert bond_keys_for_link([here, elsewhere], NODE, link) == ["bond0"]
+    assert bond_keys_for_link([here, elsewhere], NODE, "eth1") == []
+
+
+async def test_a_slave_losing_carrier_enqueues_its_bond(
+    store: Store, netns: str, nl: Netlink
+) -> None:
+    await store.create(bond_object())
+    informer = Informer(store, "Bond", resync_period=None)
+    keys: list[str] = []
+
+    class Sink:
+        def add(self, key: str) -> None:
+            keys.append(key)
+
+    informer_task = asyncio.create_task(informer.run())
+    watch = asyncio.create_task(watch_bond_links(netns, NODE, informer, Sink()))
+    try:
+        await asyncio.wait_for(informer.has_synced.wait(), DEADLINE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE
+        while not keys:
+            assert loop.time() < deadline, "no key enqueued for a link change"
+            # Toggle until the watch (subscribing in the background) reports a change.
+            toggle = nl.set_down if (await nl.link("eth0")).up else nl.set_up
+            await toggle("eth0")
+            await asyncio.sleep(0.1)
+        assert set(keys) == {"bond0"}
+    finally:
+        watch.cancel()
+        informer_task.cancel()
+        await asyncio.gather(watch, informer_task, return_exceptions=True)
