@@ -9,7 +9,7 @@ stored objects. docs/ha.md states the rules and why they are safe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from crds.clusternode import NodeHealth
 
@@ -76,6 +76,9 @@ class Engine:
         self.next_wakeup = None
         for node in sorted(world.nodes.values(), key=lambda n: n.name):
             self._node_step(node)
+        self._nodes = {
+            name: replace(view, health=self._health[name]) for name, view in world.nodes.items()
+        }
         for vm in sorted(world.vms.values(), key=lambda v: (-v.spec.priority, v.name)):
             self._vm_step(vm)
         self._report_drains()
@@ -334,7 +337,7 @@ class Engine:
     def _start_somewhere(self, vm: VmView) -> None:
         if self._blocked(vm):
             return
-        target, why = choose_node(vm, self._world.nodes, self._world.vms, self._usage)
+        target, why = choose_node(vm, self._nodes, self._world.vms, self._usage)
         if target is None:
             self._report(vm, "VMPending", f"no node can run it: {why}")
             return
@@ -351,11 +354,11 @@ class Engine:
                 return
         if self._blocked(vm):
             return
-        target, why = choose_node(vm, self._world.nodes, self._world.vms, self._usage, {lost})
+        target, why = choose_node(vm, self._nodes, self._world.vms, self._usage)
         self._recovering.add(vm.name)
         if target is None:
             self._place(vm, None)
-            self._report(vm, "VMPending", f"cannot recover from {lost}: {why}")
+            self._report(vm, "VMPending", f"no node can run it: {why}")
             return
         self._place(vm, target)
         self._emit(vm, "VMRelocating", f"{lost} is fenced; recovering on {target}", "Warning")
@@ -372,13 +375,13 @@ class Engine:
         if vm.relocations < policy.max_relocations:
             if self._blocked(vm):
                 return
-            target, why = choose_node(vm, self._world.nodes, self._world.vms, self._usage, {node})
+            target, why = choose_node(vm, self._nodes, self._world.vms, self._usage, {node})
             if target is None:
                 self._report(vm, "VMPending", f"restart limit reached; cannot relocate: {why}")
                 return
             self._place(vm, target, relocation=True)
             message = (
-                f"crashed {len(recent)} times in {window}s on {node}; relocation "
+                f"crashed again after {len(recent)} restarts in {window}s on {node}; relocation "
                 f"{vm.relocations + 1} of {policy.max_relocations} to {target}"
             )
             self._emit(vm, "VMRelocating", message, "Warning")
@@ -410,7 +413,7 @@ class Engine:
             refusal = f"no node named {target}"
         else:
             refusal = ineligibility(
-                vm.name, vm.spec, self._world.nodes[target], self._usage, self._world.vms
+                vm.name, vm.spec, self._nodes[target], self._usage, self._world.vms
             )
         if refusal is not None:
             self._actions.append(ClearMigration(vm.name))
@@ -426,7 +429,7 @@ class Engine:
     def _drain(self, vm: VmView, node: NodeView) -> None:
         if self._migrations >= self.timings.max_parallel_migrations:
             return
-        target, why = choose_node(vm, self._world.nodes, self._world.vms, self._usage, {node.name})
+        target, why = choose_node(vm, self._nodes, self._world.vms, self._usage, {node.name})
         if target is None:
             self._report(vm, "VMNotMigratable", f"cannot leave {node.name}: {why}")
         elif vm.spec.migration.allowed:
@@ -448,7 +451,7 @@ class Engine:
             return
         if self._migrations >= self.timings.max_parallel_migrations:
             return
-        target, _ = choose_node(vm, self._world.nodes, self._world.vms, self._usage, {current})
+        target, _ = choose_node(vm, self._nodes, self._world.vms, self._usage, {current})
         if target is None or domain_rank(vm.spec, target) >= domain_rank(vm.spec, current):
             return
         self._migrate(vm, current, target)

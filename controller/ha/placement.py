@@ -85,8 +85,10 @@ def ineligibility(
     vms: Mapping[str, VmView],
 ) -> str | None:
     """Why `node` cannot take VM `name` now, or None if it can."""
-    if node.health != "Online" or not node.lease_alive:
-        return f"{node.name} is {node.health if node.lease_alive else 'without a lease'}"
+    if node.health != "Online":
+        return f"{node.name} is {node.health}"
+    if not node.lease_alive:
+        return f"{node.name} has no lease"
     if node.spec.cordoned:
         return f"{node.name} is cordoned"
     if spec.failover_domain.restricted and domain_rank(spec, node.name) == OUTSIDE_DOMAIN:

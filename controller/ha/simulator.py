@@ -197,11 +197,6 @@ class Simulator:
         self._controller_since = self.now()
         self._lost_seen.clear()
 
-    def take_controller_restart(self) -> bool:
-        requested = self._restart_controller
-        self._restart_controller = False
-        return requested
-
     @property
     def finished(self) -> bool:
         return self.tick >= self.end_tick
@@ -299,7 +294,10 @@ class Simulator:
             command()
         self._advance()
         self._check_copies()
-        return not self._restart_controller
+        if self._restart_controller:
+            self._restart_controller = False
+            return False
+        return True
 
     # Applying the engine's actions ------------------------------------------------------------
 
