@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.util
+import io
+import json
+import logging
 import os
 import signal
 import urllib.error
@@ -14,13 +18,17 @@ import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
+import prometheus_client
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from controller import telemetry
 from controller.informer import SharedInformers
 from controller.leader import ElectionTiming, current_leader
 from controller.manager import Controller, Manager, Watch
-from controller.reconcile import Result, TerminalError
+from controller.reconcile import Result, RetryableError, TerminalError
 from controller.store import Store, StoreError
 from crds import AnyResource, ClusterNode, Event, ObjectMeta, VirtualMachine
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
@@ -343,3 +351,85 @@ async def test_sigterm_stops_workers_resigns_and_closes_everything(store: Store)
     assert asyncio.all_tasks() == {asyncio.current_task()}, "no task left running"
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+class LogsAndFails:
+    """Logs once per reconcile; fails `web` once (to be retried), `bad` for good."""
+
+    def __init__(self) -> None:
+        self.failed: set[str] = set()
+
+    async def reconcile(self, key: str) -> Result:
+        logging.getLogger("kvmctl.test").info("reconciling")
+        if key == "bad":
+            raise TerminalError("InvalidSpec", "bad spec")
+        if key not in self.failed:
+            self.failed.add(key)
+            raise RetryableError("not yet")
+        return Result(requeue_after=3600)
+
+
+async def test_reconciles_are_traced_counted_and_logged_with_context(store: Store) -> None:
+    spans = InMemorySpanExporter()
+    setup = telemetry.setup_telemetry("kvmctl-test", "prometheus")
+    assert isinstance(setup.tracer_provider, TracerProvider)
+    setup.tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.addFilter(telemetry.ReconcileContextFilter())
+    handler.setFormatter(telemetry.JsonFormatter())
+    test_log = logging.getLogger("kvmctl.test")
+    test_log.addHandler(handler)
+    test_log.setLevel(logging.INFO)
+    try:
+        for name in ("web", "bad"):
+            await store.create(vm(name))
+        manager = Manager(
+            await manager_store(store.endpoints, store.prefix),
+            [Controller("traced", "VirtualMachine", LogsAndFails())],
+            http_port=None,
+        )
+        async with running(manager):
+            await eventually(
+                lambda: (
+                    {"requeue", "error", "terminal"}
+                    <= {
+                        span.attributes.get("result")
+                        for span in spans.get_finished_spans()
+                        if span.attributes
+                    }
+                ),
+                "spans of every outcome",
+            )
+        results = {
+            (span.attributes["name"], span.attributes["result"])
+            for span in spans.get_finished_spans()
+            if span.attributes
+        }
+        assert {("web", "error"), ("web", "requeue"), ("bad", "terminal")} <= results
+        failed = next(
+            span
+            for span in spans.get_finished_spans()
+            if span.attributes and span.attributes["result"] == "error"
+        )
+        assert failed.attributes is not None
+        assert failed.attributes["kind"] == "VirtualMachine"
+        assert failed.attributes["error"] == "RetryableError: not yet"
+        metrics = prometheus_client.generate_latest().decode()
+        assert 'kvmctl_reconcile_retries_total{controller="traced",kind="VirtualMachine"' in metrics
+        records = [json.loads(line) for line in lines.getvalue().splitlines()]
+        assert records and all(r["kind"] == "VirtualMachine" for r in records)
+        assert {r["name"] for r in records} == {"web", "bad"}
+        assert len({r["reconcileID"] for r in records}) == len(records), "one id per pass"
+    finally:
+        test_log.removeHandler(handler)
+        test_log.setLevel(logging.NOTSET)
+        telemetry.setup_telemetry("kvmctl-test", "none")
+
+
+def test_telemetry_refuses_unknown_or_missing_exporters() -> None:
+    with pytest.raises(telemetry.TelemetryError, match="unknown telemetry exporter 'zipkin'"):
+        telemetry.setup_telemetry("kvmctl-test", "zipkin")  # type: ignore[arg-type]
+    if importlib.util.find_spec("opentelemetry.exporter.otlp") is None:
+        with pytest.raises(telemetry.TelemetryError, match="pip install"):
+            telemetry.setup_telemetry("kvmctl-test", "otlp")
