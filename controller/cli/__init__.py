@@ -15,9 +15,9 @@ from controller.config import ConfigError
 from controller.manifests import ManifestError
 from controller.store import StoreError
 
-from . import resources
+from . import resources, sync, vm
 
-COMMAND_MODULES = [resources]
+COMMAND_MODULES = [resources, sync, vm]
 
 
 class UsageError(Exception):
