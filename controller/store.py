@@ -59,6 +59,10 @@ class Unavailable(StoreError):
     """etcd could not be reached or did not answer in time."""
 
 
+class UndecodableObject(StoreError):
+    """A stored value that is not a valid object (written by something other than kvmctl)."""
+
+
 class Compacted(StoreError):
     """A watch asked for a revision etcd has compacted away: relist."""
 
@@ -222,9 +226,23 @@ class Store:
         return self.kind_prefix(kind) + name.encode()
 
     def _decode(self, kind: str, kv: aetcd.rtypes.KeyValue) -> AnyResource:
-        document = json.loads(kv.value)
-        document["metadata"]["resourceVersion"] = str(kv.mod_revision)
-        return KINDS[kind].model.model_validate(document)
+        try:
+            document = json.loads(kv.value)
+            document["metadata"]["resourceVersion"] = str(kv.mod_revision)
+            return KINDS[kind].model.model_validate(document)
+        except (ValueError, KeyError, TypeError) as error:
+            key = kv.key.decode(errors="replace")
+            raise UndecodableObject(f"{key}: stored value is not a valid {kind}: {error}") from None
+
+    def _decode_all(self, kind: str, kvs: Any) -> list[AnyResource]:
+        """Decode a listing, skipping (and logging) values that are not valid objects."""
+        objects = []
+        for kv in kvs:
+            try:
+                objects.append(self._decode(kind, kv))
+            except UndecodableObject as error:
+                log.error("skipping %s", error)
+        return objects
 
     @staticmethod
     def _encode(obj: AnyResource) -> bytes:
@@ -255,7 +273,7 @@ class Store:
     async def list_objects(self, kind: str) -> tuple[list[AnyResource], int]:
         """Every object of a kind, sorted by name, and the revision the list was read at."""
         reply = await self.call(self.client.get_prefix(self.kind_prefix(kind)))
-        objects = [self._decode(kind, kv) for kv in reply]
+        objects = self._decode_all(kind, reply)
         return objects, reply.header.revision
 
     # Writes --------------------------------------------------------------------------------
@@ -465,8 +483,12 @@ class Store:
                     prefix, start_revision=next_revision, prev_kv=True
                 )
                 async for event in stream:
-                    decoded = self._watch_event(kind, event)
-                    next_revision = decoded.revision + 1
+                    next_revision = event.kv.mod_revision + 1
+                    try:
+                        decoded = self._watch_event(kind, event)
+                    except UndecodableObject as error:
+                        log.error("skipping watch event: %s", error)
+                        continue
                     yield decoded
             except aetcd.exceptions.RevisionCompactedError as error:
                 raise Compacted(error.compacted_revision) from None

@@ -200,3 +200,15 @@ async def test_several_endpoints_fail_over(etcd_session: EtcdCluster, key_prefix
     async with Store(endpoints, prefix=key_prefix) as store:
         await store.create(make_vm())
         assert (await store.get("VirtualMachine", "vm1")).metadata.generation == 1
+
+
+async def test_a_corrupt_value_is_skipped_not_fatal(store: Store) -> None:
+    await store.create(make_vm("good"))
+    _, revision = await store.list_objects("VirtualMachine")
+    watcher = asyncio.create_task(_collect(store, revision + 1, 1))
+    await store.client.put(store.kind_prefix("VirtualMachine") + b"bad", b"{not json")
+    await store.create(make_vm("after"))
+    events = await asyncio.wait_for(watcher, 30)
+    assert [e.object.metadata.name for e in events] == ["after"]
+    objects, _ = await store.list_objects("VirtualMachine")
+    assert sorted(o.metadata.name for o in objects) == ["after", "good"]
