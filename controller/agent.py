@@ -1,0 +1,386 @@
+"""The host agent: `kvmctl agent --node NAME`, one per KVM host.
+
+It waits for its ClusterNode object, reports the host in the node's status (capacity from
+libvirt unless `spec.capacity` overrides it, agent version, the libvirt URI peers use, the
+migration address, `Ready`/`AgentReady` conditions, `lastHeartbeatTime` every
+`status_interval`), keeps its heartbeat lease (`controller/heartbeat.py`) and runs the host's
+reconcilers: VirtualMachines (`reconcilers/virtualmachine.py`) and the source side of live
+migrations (`reconcilers/migration.py`).
+
+Libvirt lifecycle events enqueue the VM of the same name, so a crashed guest is seen at once; the
+informers resync every `resync_period`. A lost libvirt connection is reopened, and every VM and
+domain is looked at again.
+
+Starting a domain needs a valid heartbeat lease and a node that is not being fenced, and the
+reconciler re-reads the VM from etcd right before: a VM the controller moved away while this
+node was cut off is never started here from stale information.
+
+SIGTERM stops the agent cleanly; the guests keep running (like libvirtd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller.events import EventRecorder
+from controller.heartbeat import Heartbeat, HeartbeatTiming, Watchdog
+from controller.informer import EventType, SharedInformers
+from controller.reconcile import TerminalError, run_workers
+from controller.store import NotFound, Store, StoreError
+from controller.workqueue import WorkQueue
+from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigration
+from crds.clusternode import Capacity
+from crds.meta import now
+from reconcilers.drivers.libvirt import LibvirtError, LibvirtHost, LibvirtUnavailable
+from reconcilers.migration import DEFAULT_CONCURRENCY, MigrationRunner
+from reconcilers.virtualmachine import ACTIVE_STATES, DomainSettings, VirtualMachineReconciler
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = importlib.metadata.version("kvmctl")
+RECONNECT_DELAY = 1.0
+FENCING_HEALTH = ("Fencing", "Fenced")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    node: str
+    libvirt_uri: str
+    domain: DomainSettings = field(default_factory=DomainSettings)
+    heartbeat: HeartbeatTiming = field(default_factory=HeartbeatTiming)
+    watchdog: Path | None = None
+    resync_period: float = 30.0
+    status_interval: float = 30.0
+    """How often lastHeartbeatTime (and capacity) is written to the ClusterNode status."""
+    migration_concurrency: int = DEFAULT_CONCURRENCY
+    vm_workers: int = 4
+
+
+class Agent:
+    """One host's agent; `run(stop)` until `stop` is set."""
+
+    def __init__(self, store: Store, settings: AgentSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.node = settings.node
+        self.informers = SharedInformers(store, settings.resync_period)
+        self.vms = self.informers.informer("VirtualMachine")
+        self.migrations = self.informers.informer("VirtualMachineMigration")
+        self.nodes = self.informers.informer("ClusterNode")
+        self.iscsi_targets = self.informers.informer("IscsiTarget")
+        self.recorder = EventRecorder(store, "kvmctl-agent", settings.node)
+        self.vm_queue: WorkQueue | None = None
+        self.migration_queue: WorkQueue | None = None
+        self.vm_reconciler = VirtualMachineReconciler(
+            self.node,
+            store,
+            self.vms,
+            self.migrations,
+            self.iscsi_targets,
+            self.nodes,
+            self.recorder,
+            settings.domain,
+            self.start_blocker,
+        )
+        self.migration_runner = MigrationRunner(
+            self.node,
+            store,
+            self.migrations,
+            self.vms,
+            self.nodes,
+            self.recorder,
+            settings.migration_concurrency,
+        )
+        watchdog = Watchdog(settings.watchdog) if settings.watchdog is not None else None
+        self.heartbeat = Heartbeat(
+            store.client,
+            store.prefix,
+            self.node,
+            AGENT_VERSION,
+            settings.heartbeat,
+            self._self_fence_enabled,
+            self._self_fence,
+            self._healthy,
+            watchdog,
+        )
+        self.host: LibvirtHost | None = None
+        self.ready = asyncio.Event()
+        """Set once registered, connected to libvirt and reconciling."""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._fenced_domains: list[str] = []
+
+    # -- state the reconcilers and the heartbeat read ----------------------------------------
+
+    def own_node(self) -> ClusterNode | None:
+        node = self.nodes.get(self.node)
+        return node if isinstance(node, ClusterNode) else None
+
+    def start_blocker(self) -> str | None:
+        """Why domains may not be started now, or None."""
+        if not self.heartbeat.lease_valid():
+            return "no valid heartbeat lease"
+        if self.heartbeat.self_fenced:
+            return "self-fenced: waiting for the heartbeat lease to come back"
+        node = self.own_node()
+        if node is not None and node.status.health in FENCING_HEALTH:
+            return f"node is {node.status.health}"
+        return None
+
+    def _self_fence_enabled(self) -> bool:
+        node = self.own_node()
+        return node is not None and node.spec.fencing.self_fence
+
+    def _healthy(self) -> bool:
+        """The agent's loops are alive (the caller runs on the event loop, so it turns)."""
+        return bool(self._tasks) and all(not task.done() for task in self._tasks)
+
+    async def _self_fence(self) -> None:
+        """Destroy every kvmctl domain of this host now; libvirt only, no etcd."""
+        host = self.host
+        if host is None:
+            raise LibvirtUnavailable(f"self-fence of {self.node}: no libvirt connection")
+        destroyed = []
+        for domain in await host.list_domains():
+            if domain.metadata.get("uid") and domain.state in ACTIVE_STATES:
+                with contextlib.suppress(LibvirtError):
+                    await host.destroy(domain.name)
+                destroyed.append(domain.name)
+        log.error("self-fenced %s: destroyed %s", self.node, ", ".join(destroyed) or "nothing")
+        self._fenced_domains = destroyed
+        await self.migration_runner.stop()
+
+    # -- run ---------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Register, then reconcile until `stop` is set; raise if a part fails for good."""
+        try:
+            self.informers.start()
+            if not await _unless(stop, self._register()):
+                return
+            vm_queue, migration_queue = WorkQueue(), WorkQueue()
+            self.vm_queue, self.migration_queue = vm_queue, migration_queue
+            self._wire(vm_queue, migration_queue)
+            self._start(self.heartbeat.run(), "heartbeat")
+            self._start(self._libvirt_forever(vm_queue), "libvirt events")
+            self._start(self._report_forever(), "node status")
+            self._start(self._recover_from_self_fence(vm_queue), "self-fence recovery")
+            on_terminal = self._on_terminal
+            vm_workers = run_workers(
+                vm_queue, self.vm_reconciler, self.settings.vm_workers, on_terminal
+            )
+            self._start(vm_workers, "vm workers")
+            self._start(run_workers(migration_queue, self.migration_runner, 2), "migrations")
+            for obj in self.vms.list():
+                vm_queue.add(obj.metadata.name)
+            for obj in self.migrations.list():
+                migration_queue.add(obj.metadata.name)
+            self.ready.set()
+            log.info("agent of %s running", self.node)
+            await self._until_stopped_or_failed(stop)
+        finally:
+            await self._shutdown()
+
+    def _start(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(work, name=name))
+
+    async def _until_stopped_or_failed(self, stop: asyncio.Event) -> None:
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            waiting: set[asyncio.Future[Any]] = {stopping, *self._tasks, *self.informers.tasks()}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        for task in done:
+            if task is not stopping:
+                error = None if task.cancelled() else task.exception()
+                name = task.get_name() if isinstance(task, asyncio.Task) else "a task"
+                raise RuntimeError(f"agent part {name!r} stopped: {error!r}") from error
+
+    async def _shutdown(self) -> None:
+        for queue in (self.vm_queue, self.migration_queue):
+            if queue is not None:
+                queue.shutdown()
+        await self.migration_runner.stop()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        with contextlib.suppress(StoreError, TimeoutError):
+            async with asyncio.timeout(2):
+                await self._write_node_status(stopping=True)
+        await self.informers.stop()
+        if self.host is not None:
+            await self.host.close()
+        log.info("agent of %s stopped; guests keep running", self.node)
+
+    def _wire(self, vm_queue: WorkQueue, migration_queue: WorkQueue) -> None:
+        self.vms.enqueue(vm_queue)
+
+        def migration_changed(_type: EventType, obj: AnyResource) -> None:
+            if isinstance(obj, VirtualMachineMigration):
+                vm_queue.add(obj.spec.vm)
+                migration_queue.add(obj.metadata.name)
+
+        self.migrations.add_handler(migration_changed)
+
+        def node_changed(_type: EventType, obj: AnyResource) -> None:
+            if obj.metadata.name == self.node:
+                for vm in self.vms.list():
+                    vm_queue.add(vm.metadata.name)
+
+        self.nodes.add_handler(node_changed)
+
+    async def _register(self) -> None:
+        """Wait for the ClusterNode object and libvirt, then write the node's status."""
+        await self.informers.wait_for_sync()
+        if self.own_node() is None:
+            log.warning("waiting for ClusterNode %s to be created", self.node)
+            created = asyncio.Event()
+            self.nodes.add_handler(
+                lambda _type, obj: created.set() if obj.metadata.name == self.node else None
+            )
+            if self.own_node() is None:
+                await created.wait()
+        self.host = await self._connect()
+        self.vm_reconciler.host = self.migration_runner.host = self.host
+        await self._write_node_status()
+
+    async def _connect(self) -> LibvirtHost:
+        while True:
+            try:
+                return await LibvirtHost.connect(self.settings.libvirt_uri)
+            except LibvirtError as error:
+                log.warning("%s; retrying", error)
+                await asyncio.sleep(RECONNECT_DELAY)
+
+    # -- libvirt -----------------------------------------------------------------------------
+
+    async def _libvirt_forever(self, vm_queue: WorkQueue) -> None:
+        """Enqueue the VM of every lifecycle event; reconnect when the connection is lost."""
+        while True:
+            host = self.host
+            if host is None:
+                host = await self._connect()
+                self.host = self.vm_reconciler.host = self.migration_runner.host = host
+            with host.events() as events:
+                try:
+                    for domain in await host.list_domains():
+                        if domain.metadata.get("uid"):
+                            vm_queue.add(domain.metadata.get("vm", domain.name))
+                    for vm in self.vms.list():
+                        vm_queue.add(vm.metadata.name)
+                    async for event in events:
+                        vm_queue.add(event.name)
+                except LibvirtUnavailable as error:
+                    log.warning("libvirt on %s lost: %s; reconnecting", self.node, error)
+            self.host = self.vm_reconciler.host = self.migration_runner.host = None
+            await host.close()
+            await asyncio.sleep(RECONNECT_DELAY)
+
+    # -- node status -------------------------------------------------------------------------
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.status_interval)
+            try:
+                await self._write_node_status()
+            except (StoreError, LibvirtError) as error:
+                log.warning("node status of %s not written: %s", self.node, error)
+
+    async def _write_node_status(self, stopping: bool = False) -> None:
+        node = self.own_node()
+        host = self.host
+        if node is None:
+            return
+        capacity = node.spec.capacity
+        if capacity is None and host is not None and not stopping:
+            info = await host.node_info()
+            capacity = Capacity(cpus=info.cpus, memory_mib=max(64, info.memory_mib))
+        libvirt_uri = node.spec.libvirt_uri or self.settings.libvirt_uri
+        address = str(node.spec.addresses.cluster)
+
+        def mutate(current: Any) -> bool:
+            status = current.status
+            if stopping:
+                status.set_condition("AgentReady", "False", "AgentStopped", "agent stopped")
+                return True
+            if capacity is not None:
+                status.capacity = capacity
+            status.agent_version = AGENT_VERSION
+            status.libvirt_uri = libvirt_uri
+            status.migration_address = address
+            status.last_heartbeat_time = now()
+            message = f"agent {AGENT_VERSION} on {self.node} with {libvirt_uri}"
+            status.set_condition("AgentReady", "True", "AgentRunning", message)
+            if status.condition("Ready") is None or status.health in ("Online", "Unknown"):
+                status.set_condition("Ready", "True", "AgentRunning", message)
+            return True
+
+        await self.store.patch_status("ClusterNode", self.node, mutate)
+
+    # -- self-fence recovery, terminal errors ------------------------------------------------
+
+    async def _recover_from_self_fence(self, vm_queue: WorkQueue) -> None:
+        """After a self-fence: once the lease is back, record it and look at every VM again.
+
+        Starting needs no more than that: the reconciler re-reads each VM from etcd before
+        starting it, so a VM the controller moved away meanwhile stays down here.
+        """
+        interval = self.settings.heartbeat.renew_interval
+        while True:
+            await asyncio.sleep(interval)
+            if not self.heartbeat.self_fenced or not self.heartbeat.lease_valid():
+                continue
+            self.heartbeat.acknowledge_fence()
+            fenced, self._fenced_domains = self._fenced_domains, []
+            node = self.own_node()
+            if node is not None:
+                await self.recorder.record(
+                    node,
+                    "Warning",
+                    "SelfFenced",
+                    "%s could not renew its heartbeat lease in time and destroyed its VMs: %s",
+                    self.node,
+                    ", ".join(fenced) or "none",
+                )
+            for vm in self.vms.list():
+                vm_queue.add(vm.metadata.name)
+
+    async def _on_terminal(self, key: str, error: TerminalError) -> None:
+        def mutate(vm: Any) -> bool:
+            placement = vm.status.placement
+            if placement is None or placement.node != self.node:
+                return False
+            return bool(vm.status.set_condition("Ready", "False", error.reason, error.message))
+
+        try:
+            vm = await self.store.patch_status("VirtualMachine", key, mutate)
+        except NotFound:
+            return
+        if isinstance(vm, VirtualMachine):
+            await self.recorder.record(vm, "Warning", error.reason, "%s", error.message)
+
+
+async def _unless(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> bool:
+    """Run `work` unless `stop` is set first; True if it completed (re-raising its error)."""
+    task = asyncio.create_task(work)
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        return False
+    task.result()
+    return True

@@ -1,0 +1,251 @@
+"""The agent's heartbeat: a lease-bound key in etcd, the self-fence deadline and the watchdog.
+
+The key `{prefix}/heartbeats/{node}` holds `{node, bootId, agentVersion, startedAt}` and is bound
+to an etcd lease of `ttl` seconds, refreshed every `renew_interval`. The HA controller watches
+these keys: a key that disappears means the node is lost.
+
+Self-fencing: the time a successful renewal was *sent* is kept on the local monotonic clock
+(etcd counts the TTL from when it received it, which is later). The self-fence deadline is
+`last_success + ttl - margin`: if it passes without a renewal and the node's policy relies on
+self-fencing, `on_self_fence` runs at once (it destroys the node's VMs through libvirt, without
+waiting for etcd), so the VMs are gone before the lease can expire on the server.
+
+Watchdog: with a device path, one byte is written every `renew_interval` while `healthy()` holds
+(the caller's loops are progressing and any required self-fence succeeded). A hung agent stops
+feeding it and the watchdog resets the host. A clean stop writes 'V' (magic close) first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aetcd
+
+log = logging.getLogger(__name__)
+
+MAGIC_CLOSE = b"V"
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+
+@dataclass(frozen=True)
+class HeartbeatTiming:
+    """Lease TTL (whole seconds, etcd's unit), renewal period and self-fence margin (s)."""
+
+    ttl: int = 3
+    renew_interval: float = 1.0
+    self_fence_margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.ttl < 1:
+            raise ValueError(f"heartbeat lease TTL must be at least 1 s, got {self.ttl}")
+        if not 0 < self.renew_interval < self.ttl:
+            raise ValueError(
+                f"renew interval must be > 0 and below the TTL ({self.ttl} s), "
+                f"got {self.renew_interval}"
+            )
+        if not 0 <= self.self_fence_margin < self.ttl:
+            raise ValueError(
+                f"self-fence margin must be >= 0 and below the TTL ({self.ttl} s), "
+                f"got {self.self_fence_margin}"
+            )
+
+    @property
+    def validity(self) -> float:
+        """Seconds after a renewal was sent during which the lease is surely still held."""
+        return self.ttl - self.self_fence_margin
+
+
+def heartbeat_key(prefix: str, node: str) -> str:
+    """The heartbeat key of `node` under the cluster's key prefix."""
+    if not node or "/" in node:
+        raise ValueError(f"node name must be non-empty and without '/', got {node!r}")
+    return f"{prefix.rstrip('/')}/heartbeats/{node}"
+
+
+def boot_id() -> str:
+    """This kernel's boot id (changes at every reboot)."""
+    try:
+        return BOOT_ID_PATH.read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+class Watchdog:
+    """A watchdog device (or the test harness's FIFO): open, feed, magic close."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    async def open(self, timeout: float = 10.0) -> None:
+        """Open the device; a FIFO waits for its reader, so this is bounded by `timeout`."""
+        try:
+            async with asyncio.timeout(timeout):
+                self._fd = await asyncio.to_thread(os.open, self.path, os.O_WRONLY)
+        except TimeoutError:
+            raise OSError(f"watchdog {self.path}: nobody opened it for reading") from None
+
+    def feed(self) -> None:
+        if self._fd is not None:
+            os.write(self._fd, b"\0")
+
+    def close(self, magic: bool) -> None:
+        """Close; with `magic`, disarm first (clean shutdown). Without, it stays armed."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            if magic:
+                os.write(fd, MAGIC_CLOSE)
+        finally:
+            os.close(fd)
+
+
+class Heartbeat:
+    """Keeps the heartbeat key alive; runs the self-fence deadline and feeds the watchdog.
+
+    `self_fence_enabled()` is read when the deadline passes (the node's spec may change).
+    `on_self_fence()` must not need etcd. `healthy()` gates feeding the watchdog.
+    """
+
+    def __init__(
+        self,
+        client: aetcd.Client,
+        prefix: str,
+        node: str,
+        agent_version: str,
+        timing: HeartbeatTiming,
+        self_fence_enabled: Callable[[], bool],
+        on_self_fence: Callable[[], Awaitable[None]],
+        healthy: Callable[[], bool] = lambda: True,
+        watchdog: Watchdog | None = None,
+    ) -> None:
+        self._client = client
+        self.key = heartbeat_key(prefix, node)
+        self.timing = timing
+        self._record = json.dumps(
+            {
+                "node": node,
+                "bootId": boot_id(),
+                "agentVersion": agent_version,
+                "startedAt": datetime.now(UTC).isoformat(),
+            }
+        ).encode()
+        self._self_fence_enabled = self_fence_enabled
+        self._on_self_fence = on_self_fence
+        self._healthy = healthy
+        self._watchdog = watchdog
+        self._lease_id: int | None = None
+        self._last_success: float | None = None
+        self.established = asyncio.Event()
+        """Set while the key is held; cleared when renewal fails past the deadline."""
+        self.lease_count = 0
+        """How many leases were granted: grows when the key had to be written anew."""
+        self.self_fence_failed = False
+        self.self_fenced = False
+        """True once VMs were destroyed for a missed deadline (until `acknowledge_fence`)."""
+
+    def lease_valid(self) -> bool:
+        """True while the last renewal is recent enough that etcd surely holds the lease."""
+        if self._last_success is None:
+            return False
+        loop = asyncio.get_running_loop()
+        return loop.time() < self._last_success + self.timing.validity
+
+    def acknowledge_fence(self) -> None:
+        """The agent has re-synchronised after a self-fence: VMs may start again."""
+        self.self_fenced = False
+
+    async def run(self) -> None:
+        """Renew, watch the deadline and feed the watchdog until cancelled.
+
+        The lease is not revoked on the way out: the guests keep running when the agent stops,
+        and an agent restarted within the TTL takes the key over without the node ever
+        looking lost.
+        """
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._renew_forever(), name="heartbeat renew")
+            group.create_task(self._deadline_forever(), name="self-fence deadline")
+            if self._watchdog is not None:
+                group.create_task(self._feed_forever(self._watchdog), name="watchdog")
+
+    async def _renew_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sent_at = loop.time()
+            try:
+                async with asyncio.timeout(self.timing.renew_interval * 2):
+                    await self._renew_once()
+            except (TimeoutError, aetcd.ClientError) as error:
+                log.warning("heartbeat %s: renewal failed: %s", self.key, error)
+            else:
+                self._last_success = sent_at
+                self.established.set()
+            await asyncio.sleep(max(0.0, sent_at + self.timing.renew_interval - loop.time()))
+
+    async def _renew_once(self) -> None:
+        if self._lease_id is not None:
+            reply = await self._client.refresh_lease(self._lease_id)
+            if reply is not None and reply.TTL > 0:
+                return
+            log.warning(
+                "heartbeat %s: lease %x expired; writing the key anew", self.key, self._lease_id
+            )
+            self._lease_id = None
+        lease = await self._client.lease(self.timing.ttl)
+        await self._client.put(self.key.encode(), self._record, lease=lease.id)
+        self._lease_id = lease.id
+        self.lease_count += 1
+        log.info("heartbeat %s held with lease %x (TTL %d s)", self.key, lease.id, self.timing.ttl)
+
+    async def _deadline_forever(self) -> None:
+        """Wait for the deadline; when it passes unrenewed, self-fence (once per outage)."""
+        loop = asyncio.get_running_loop()
+        await self.established.wait()
+        fenced_for: float | None = None  # the renewal time whose deadline we already acted on
+        while True:
+            assert self._last_success is not None
+            deadline = self._last_success + self.timing.validity
+            if loop.time() < deadline:
+                await asyncio.sleep(min(deadline - loop.time(), self.timing.renew_interval))
+                continue
+            if fenced_for == self._last_success:
+                await asyncio.sleep(self.timing.renew_interval / 4)
+                continue
+            fenced_for = self._last_success
+            self.established.clear()
+            if not self._self_fence_enabled():
+                log.warning(
+                    "heartbeat %s: lease not renewed in time; this node does not self-fence, "
+                    "its VMs keep running",
+                    self.key,
+                )
+                continue
+            log.error("heartbeat %s: self-fence deadline passed: destroying VMs", self.key)
+            self.self_fenced = True
+            try:
+                await self._on_self_fence()
+            except Exception:
+                log.exception("self-fence failed: the watchdog is no longer fed")
+                self.self_fence_failed = True
+
+    async def _feed_forever(self, watchdog: Watchdog) -> None:
+        await watchdog.open()
+        try:
+            while True:
+                if self._healthy() and not self.self_fence_failed:
+                    watchdog.feed()
+                await asyncio.sleep(self.timing.renew_interval)
+        except asyncio.CancelledError:
+            watchdog.close(magic=True)
+            raise
+        except BaseException:
+            watchdog.close(magic=False)
+            raise

@@ -1,0 +1,552 @@
+"""The host agent and its VirtualMachine reconciler on libvirt's test driver and a real etcd.
+
+Each agent runs in-process on its own `test:///PATH/host.xml` connection (a private host that
+lives as long as the connection), so the test drives its domains through `agent.host`, the same
+connection. `test:///default` is shared by every connection of the process: used where a host
+must outlive an agent. The test driver has no qemu and no migration (e2e/test_agent.py covers
+those on real libvirtd). Placement is written like the controller writes it: through a real
+LeaderElector's fencing-token guard and `store.patch_status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.agent import Agent, AgentSettings
+from controller.events import EventRecorder
+from controller.heartbeat import HeartbeatTiming, heartbeat_key
+from controller.leader import LeaderElector, guard_compare
+from controller.migrations import Term, lead_migrations
+from controller.store import Store
+from crds import ClusterNode, Event, ObjectMeta, VirtualMachine, VirtualMachineMigration
+from crds.clusternode import ClusterNodeSpec, NodeAddresses
+from crds.meta import now
+from crds.migration import VirtualMachineMigrationSpec
+from crds.virtualmachine import Placement, RestartPolicy, VirtualMachineSpec
+from e2e.etcd import EtcdCluster
+from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
+from reconcilers.drivers.libvirt import DomainState, LibvirtHost
+from reconcilers.migration import PLACEMENT_SWITCHED
+from reconcilers.virtualmachine import FINALIZER, DomainSettings
+from tests.test_libvirt_driver import host_uri
+
+DEADLINE = 30.0
+
+
+async def eventually(condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
+    """Poll `condition` (sync or async) until it returns something truthy; return that."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"not reached within {timeout:.0f} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+class Cluster:
+    """Agents on test-driver hosts, and a controller stand-in that writes placements."""
+
+    def __init__(self, store: Store, tmp_path: Path) -> None:
+        self.store = store
+        self.tmp_path = tmp_path
+        self.agents: dict[str, tuple[Agent, asyncio.Event, asyncio.Task[None]]] = {}
+        self.elector = LeaderElector(store.client, store.prefix, "controller", "test")
+        self.token = 0
+        self.node_count = 0
+        self._leading: asyncio.Task[None] | None = None
+
+    async def lead(self) -> None:
+        led = asyncio.Event()
+
+        async def leading(token: int) -> None:
+            self.token = token
+            led.set()
+            await asyncio.Event().wait()
+
+        self._leading = asyncio.create_task(self.elector.run(leading))
+        await asyncio.wait_for(led.wait(), DEADLINE)
+
+    @property
+    def term(self) -> Term:
+        return Term.of(self.store, self.elector.key, self.token)
+
+    async def add_node(self, name: str, self_fence: bool = False) -> None:
+        self.node_count += 1
+        index = self.node_count
+        node = ClusterNode(
+            metadata=ObjectMeta(name=name),
+            spec=ClusterNodeSpec(addresses=NodeAddresses(cluster=f"127.0.0.{index}")),
+        )
+        node.spec.fencing.self_fence = self_fence
+        await self.store.create(node)
+
+    async def start_agent(
+        self, name: str, uri: str | None = None, timing: HeartbeatTiming | None = None
+    ) -> Agent:
+        settings = AgentSettings(
+            node=name,
+            libvirt_uri=uri or host_uri(self.tmp_path, name),
+            domain=DomainSettings("qemu", self.tmp_path / "serial"),
+            heartbeat=timing or HeartbeatTiming(),
+            resync_period=30.0,
+        )
+        agent = Agent(self.store, settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        self.agents[name] = (agent, stop, task)
+        await eventually(lambda: agent.ready.is_set() or task.done(), f"agent {name} ready")
+        if task.done():
+            task.result()
+        return agent
+
+    async def stop_agent(self, name: str) -> None:
+        _, stop, task = self.agents.pop(name)
+        stop.set()
+        await asyncio.wait_for(task, DEADLINE)
+
+    async def close(self) -> None:
+        for name in list(self.agents):
+            with contextlib.suppress(Exception):
+                await self.stop_agent(name)
+        if self._leading is not None:
+            self._leading.cancel()
+            await asyncio.wait({self._leading})
+
+    async def place(self, vm: str, node: str | None) -> None:
+        """Write the placement as the elected controller does: guarded by its token."""
+
+        def mutate(obj: Any) -> bool:
+            obj.status.placement = (
+                None if node is None else Placement(node=node, token=self.token, since=now())
+            )
+            return True
+
+        guard = [guard_compare(self.store.client, self.elector.key, self.token)]
+        await self.store.patch_status("VirtualMachine", vm, mutate, guard=guard)
+
+    async def vm(self, name: str) -> VirtualMachine:
+        obj = await self.store.get("VirtualMachine", name)
+        assert isinstance(obj, VirtualMachine)
+        return obj
+
+    async def events(self, involved: str, reason: str) -> list[Event]:
+        objects, _ = await self.store.list_objects("Event")
+        return [
+            e
+            for e in objects
+            if isinstance(e, Event)
+            and e.spec.involved_object.name == involved
+            and e.spec.reason == reason
+        ]
+
+
+@pytest.fixture
+async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
+    async with Store(etcd_endpoints, prefix=key_prefix) as connected:
+        yield connected
+
+
+@pytest.fixture
+async def cluster(store: Store, tmp_path: Path) -> AsyncIterator[Cluster]:
+    lab = Cluster(store, tmp_path)
+    await lab.lead()
+    try:
+        yield lab
+    finally:
+        await lab.close()
+
+
+def vm_object(name: str, **spec: Any) -> VirtualMachine:
+    fields: dict[str, Any] = {
+        "memoryMiB": 128,
+        "boot": {"kernel": "/boot/vmlinuz", "cmdline": "console=ttyS0"},
+        "disks": [{"file": f"/var/lib/kvmctl/{name}.img"}],
+        **spec,
+    }
+    return VirtualMachine(
+        metadata=ObjectMeta(name=name), spec=VirtualMachineSpec.model_validate(fields)
+    )
+
+
+async def domain_state(agent: Agent, name: str) -> DomainState | None:
+    assert agent.host is not None
+    info = await agent.host.lookup(name)
+    return None if info is None else info.state
+
+
+async def running_vm(cluster: Cluster, name: str, node: str, **spec: Any) -> VirtualMachine:
+    await cluster.store.create(vm_object(name, **spec))
+    await cluster.place(name, node)
+
+    async def running() -> VirtualMachine | None:
+        vm = await cluster.vm(name)
+        return vm if vm.status.state == "Running" and vm.status.node == node else None
+
+    vm: VirtualMachine = await eventually(running, f"{name} running on {node}")
+    return vm
+
+
+async def test_agent_registers_and_keeps_a_heartbeat(cluster: Cluster) -> None:
+    agent_task = asyncio.create_task(cluster.start_agent("host1"))
+    await asyncio.sleep(0)  # the agent waits for its ClusterNode
+    await cluster.add_node("host1")
+    agent = await agent_task
+    node = await cluster.store.get("ClusterNode", "host1")
+    assert isinstance(node, ClusterNode)
+    assert node.status.capacity is not None and node.status.capacity.cpus == 4
+    assert node.status.capacity.memory_mib == 8192
+    assert node.status.libvirt_uri == agent.settings.libvirt_uri
+    assert node.status.migration_address == "127.0.0.1"
+    assert node.status.agent_version and node.status.last_heartbeat_time
+    ready = node.status.condition("AgentReady")
+    assert ready is not None and ready.status == "True"
+    key = heartbeat_key(cluster.store.prefix, "host1").encode()
+    kv = await cluster.store.client.get(key)
+    assert kv is not None and b'"node": "host1"' in kv.value and kv.lease != 0
+
+
+async def test_placed_vm_is_defined_and_started(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    vm = await running_vm(cluster, "vm1", "host1")
+
+    assert vm.status.domain_uuid == vm.metadata.uid
+    assert vm.status.running_generation == vm.metadata.generation
+    assert FINALIZER in vm.metadata.finalizers
+    ready = vm.status.condition("Ready")
+    assert ready is not None and ready.status == "True"
+    assert await domain_state(agent, "vm1") is DomainState.RUNNING
+    assert agent.host is not None
+    xml = await agent.host.domain_xml("vm1")
+    assert str(cluster.tmp_path / "serial" / "vm1.log") in xml
+    assert '<type arch="x86_64">hvm</type>' in xml or "hvm" in xml
+    assert await cluster.events("vm1", "DomainStarted")
+
+
+async def test_stopped_vm_is_shut_down(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    vm = await running_vm(cluster, "vm1", "host1")
+
+    vm.spec.run_state = "stopped"
+    await cluster.store.update(vm)
+
+    async def stopped() -> bool:
+        return (await cluster.vm("vm1")).status.state == "Stopped"
+
+    await eventually(stopped, "vm1 Stopped")
+    assert await domain_state(agent, "vm1") is DomainState.SHUTOFF
+
+
+async def test_domain_of_a_vm_placed_elsewhere_is_destroyed(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    await cluster.add_node("host2")
+    host1 = await cluster.start_agent("host1")
+    host2 = await cluster.start_agent("host2")
+    await running_vm(cluster, "vm1", "host1")
+
+    await cluster.place("vm1", "host2")
+
+    async def moved() -> bool:
+        vm = await cluster.vm("vm1")
+        return vm.status.node == "host2" and vm.status.state == "Running"
+
+    await eventually(moved, "vm1 running on host2")
+    assert await domain_state(host1, "vm1") is None
+    assert await domain_state(host2, "vm1") is DomainState.RUNNING
+    events = await cluster.events("vm1", "DomainStoppedNotPlacedHere")
+    assert events and events[0].spec.type == "Warning"
+    assert events[0].spec.source.node == "host1"
+
+
+async def test_agent_start_destroys_domains_placed_elsewhere_and_ignores_foreign_ones(
+    cluster: Cluster,
+) -> None:
+    """On test:///default (shared by the process), so the domain exists before the agent."""
+    await cluster.add_node("host1")
+    await cluster.add_node("host2")
+    name = f"vm-{secrets.token_hex(3)}"
+    vm = await cluster.store.create(vm_object(name))
+    await cluster.place(name, "host2")
+    async with await LibvirtHost.connect("test:///default") as default:
+        foreign = [d.name for d in await default.list_domains() if not d.metadata]
+        assert vm.metadata.uid is not None
+        spec = DomainSpec(
+            name=name,
+            uuid=vm.metadata.uid,
+            domain_type="qemu",
+            vcpus=1,
+            memory_mib=128,
+            metadata={"vm": name, "uid": vm.metadata.uid, "node": "host1"},
+        )
+        await default.define(build_domain_xml(spec))
+        await default.start(name)
+
+        await cluster.start_agent("host1", "test:///default")
+
+        async def gone() -> bool:
+            return await default.lookup(name) is None
+
+        await eventually(gone, f"{name} destroyed and undefined on host1")
+        assert await cluster.events(name, "DomainStoppedNotPlacedHere")
+        remaining = [d.name for d in await default.list_domains() if not d.metadata]
+        assert remaining == foreign  # domains without kvmctl metadata are never touched
+
+
+async def test_spec_change_while_running_requires_a_restart(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    vm = await running_vm(cluster, "vm1", "host1")
+    first_generation = vm.metadata.generation
+
+    vm.spec.memory_mib = 256
+    await cluster.store.update(vm)
+
+    async def restart_required() -> VirtualMachine | None:
+        current = await cluster.vm("vm1")
+        condition = current.status.condition("RestartRequired")
+        return current if condition is not None and condition.status == "True" else None
+
+    current: VirtualMachine = await eventually(restart_required, "RestartRequired=True")
+    assert current.status.running_generation == first_generation
+    assert agent.host is not None
+    assert "262144" not in await agent.host.domain_xml("vm1")  # still the old definition
+
+    current.spec.run_state = "stopped"
+    current = await cluster.store.update(current)
+
+    async def stopped() -> VirtualMachine | None:
+        fresh = await cluster.vm("vm1")
+        return fresh if fresh.status.state == "Stopped" else None
+
+    current = await eventually(stopped, "vm1 stopped")
+    current.spec.run_state = "started"
+    await cluster.store.update(current)
+
+    async def applied() -> bool:
+        fresh = await cluster.vm("vm1")
+        condition = fresh.status.condition("RestartRequired")
+        return (
+            fresh.status.state == "Running"
+            and condition is not None
+            and condition.status == "False"
+            and fresh.status.running_generation == fresh.metadata.generation
+        )
+
+    await eventually(applied, "new spec running")
+    assert "262144" in await agent.host.domain_xml("vm1")  # 256 MiB in KiB
+
+
+async def test_deleted_vm_is_undefined_and_its_finalizer_removed(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    await running_vm(cluster, "vm1", "host1")
+
+    marked = await cluster.store.delete("VirtualMachine", "vm1")
+    assert marked is not None  # held by the finalizer
+
+    async def gone() -> bool:
+        return await cluster.store.try_get("VirtualMachine", "vm1") is None
+
+    await eventually(gone, "vm1 deleted")
+    assert await domain_state(agent, "vm1") is None
+
+
+async def test_crashed_vm_is_restarted_up_to_the_limit(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    policy = RestartPolicy(max_restarts=2, window_seconds=600)
+    await running_vm(cluster, "vm1", "host1", restartPolicy=policy.model_dump(by_alias=True))
+    assert agent.host is not None
+
+    for restarts in (1, 2):
+        await agent.host.destroy("vm1")  # behind the agent's back, like a dying qemu
+
+        async def restarted(count: int = restarts) -> bool:
+            vm = await cluster.vm("vm1")
+            return len(vm.status.restarts) == count and vm.status.state == "Running"
+
+        await eventually(restarted, f"restart {restarts}")
+        assert await domain_state(agent, "vm1") is DomainState.RUNNING
+
+    await agent.host.destroy("vm1")
+
+    async def given_up() -> VirtualMachine | None:
+        vm = await cluster.vm("vm1")
+        return vm if vm.status.state == "Crashed" else None
+
+    vm: VirtualMachine = await eventually(given_up, "RestartLimitReached")
+    condition = vm.status.condition("RestartLimitReached")
+    assert condition is not None and condition.status == "True"
+    assert await domain_state(agent, "vm1") is DomainState.SHUTOFF
+    assert await cluster.events("vm1", "RestartLimitReached")
+    assert len(await cluster.events("vm1", "VMRestarted")) == 1  # aggregated: count 2
+    assert (await cluster.events("vm1", "VMRestarted"))[0].spec.count == 2
+
+
+async def test_domain_of_an_in_flight_migration_is_left_alone(cluster: Cluster) -> None:
+    """The target must not destroy the incoming domain before the placement switches."""
+    await cluster.add_node("host1")
+    await cluster.add_node("host2")
+    await cluster.start_agent("host1")
+    host2 = await cluster.start_agent("host2")
+    vm = await running_vm(cluster, "vm1", "host1")
+    migration = VirtualMachineMigration(
+        metadata=ObjectMeta(name="vm1-move"),
+        spec=VirtualMachineMigrationSpec(vm="vm1", target_node="host2"),
+    )
+    migration.status.phase = "Scheduled"
+    migration.status.source_node = "host3"
+    await cluster.store.create(migration)
+
+    def set_phase(phase: str) -> Callable[[Any], bool]:
+        def mutate(obj: Any) -> bool:
+            obj.status.phase = phase
+            return True
+
+        return mutate
+
+    # Created as Scheduled from a node without an agent: no controller and no source agent act
+    # on it, so only the target's rule is exercised.
+    assert host2.host is not None
+    spec = host2.vm_reconciler.domain_spec(vm)
+    await host2.host.define(build_domain_xml(spec))  # the incoming domain
+    await host2.host.start("vm1")
+    assert host2.vm_queue is not None
+    host2.vm_queue.add("vm1")
+    await asyncio.sleep(1.0)  # give the agent every chance to do the wrong thing
+    assert await domain_state(host2, "vm1") is DomainState.RUNNING
+
+    await cluster.store.patch_status("VirtualMachineMigration", "vm1-move", set_phase("Failed"))
+
+    async def destroyed() -> bool:
+        return await domain_state(host2, "vm1") is None
+
+    await eventually(destroyed, "incoming domain destroyed after the migration failed")
+
+
+async def test_self_fence_destroys_vms_only_where_the_node_relies_on_it(
+    etcd_private: EtcdCluster, tmp_path: Path
+) -> None:
+    async with Store(etcd_private.endpoints, prefix="/kvmctl", timeout=1.0) as store:
+        cluster = Cluster(store, tmp_path)
+        await cluster.lead()
+        try:
+            await cluster.add_node("fencer", self_fence=True)
+            await cluster.add_node("keeper", self_fence=False)
+            timing = HeartbeatTiming(ttl=2, renew_interval=0.5, self_fence_margin=0.5)
+            fencer = await cluster.start_agent("fencer", timing=timing)
+            keeper = await cluster.start_agent("keeper", timing=timing)
+            await running_vm(cluster, "vm1", "fencer")
+            await running_vm(cluster, "vm2", "keeper")
+            etcd = etcd_private.members[0].process
+            assert etcd is not None
+            etcd.send_signal(signal.SIGSTOP)
+            try:
+                stopped_at = asyncio.get_running_loop().time()
+
+                async def fenced() -> bool:
+                    return await domain_state(fencer, "vm1") is DomainState.SHUTOFF
+
+                await eventually(fenced, "vm1 destroyed by the self-fence", 10.0)
+                # Before etcd could have expired the lease (TTL 2 s after the last renewal).
+                assert asyncio.get_running_loop().time() - stopped_at < 2.0 + 0.5
+                await asyncio.sleep(1.0)
+                assert await domain_state(keeper, "vm2") is DomainState.RUNNING
+            finally:
+                etcd.send_signal(signal.SIGCONT)
+            assert fencer.heartbeat.self_fenced or fencer.heartbeat.lease_valid()
+
+            async def restarted() -> bool:
+                return await domain_state(fencer, "vm1") is DomainState.RUNNING
+
+            # Still placed on fencer once etcd is back: it starts again (counted as a restart).
+            await eventually(restarted, "vm1 running again once the lease is back")
+            assert await cluster.events("fencer", "SelfFenced")
+        finally:
+            await cluster.close()
+
+
+async def test_controller_validates_migrations_and_switches_placement(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    await cluster.add_node("host2")
+    await cluster.start_agent("host1")
+    await cluster.start_agent("host2")
+    await running_vm(cluster, "vm1", "host1")
+    recorder = EventRecorder(cluster.store, "test-controller")
+    controller = asyncio.create_task(lead_migrations(cluster.store, recorder, cluster.term))
+    try:
+        for name, target in (("to-nowhere", "host9"), ("to-itself", "host1")):
+            await cluster.store.create(
+                VirtualMachineMigration(
+                    metadata=ObjectMeta(name=name),
+                    spec=VirtualMachineMigrationSpec(vm="vm1", target_node=target),
+                )
+            )
+
+            async def rejected(name: str = name) -> VirtualMachineMigration | None:
+                obj = await cluster.store.get("VirtualMachineMigration", name)
+                assert isinstance(obj, VirtualMachineMigration)
+                return obj if obj.status.phase == "Failed" else None
+
+            failed: VirtualMachineMigration = await eventually(rejected, f"{name} rejected")
+            assert failed.status.message
+
+        # A valid request is scheduled from host1. The test driver cannot migrate: the source
+        # agent's attempt fails and the VM keeps running on host1.
+        await cluster.store.create(
+            VirtualMachineMigration(
+                metadata=ObjectMeta(name="to-host2"),
+                spec=VirtualMachineMigrationSpec(vm="vm1", target_node="host2"),
+            )
+        )
+
+        async def ended() -> VirtualMachineMigration | None:
+            obj = await cluster.store.get("VirtualMachineMigration", "to-host2")
+            assert isinstance(obj, VirtualMachineMigration)
+            return obj if obj.status.phase in ("Succeeded", "Failed") else None
+
+        result: VirtualMachineMigration = await eventually(ended, "to-host2 ended")
+        assert result.status.source_node == "host1"
+        assert result.status.phase == "Failed"
+        assert await cluster.events("vm1", "MigrationFailed")
+        vm = await cluster.vm("vm1")
+        assert vm.status.placement is not None and vm.status.placement.node == "host1"
+        assert vm.status.state == "Running"
+
+        # What the controller does once a source agent reports success: switch the placement.
+        reported = VirtualMachineMigration(
+            metadata=ObjectMeta(name="reported"),
+            spec=VirtualMachineMigrationSpec(vm="vm1", target_node="host2"),
+        )
+        reported.status.phase = "Succeeded"
+        reported.status.source_node = "host1"
+        await cluster.store.create(reported)
+
+        async def switched() -> VirtualMachineMigration | None:
+            obj = await cluster.store.get("VirtualMachineMigration", "reported")
+            assert isinstance(obj, VirtualMachineMigration)
+            return obj if obj.status.condition(PLACEMENT_SWITCHED) is not None else None
+
+        done: VirtualMachineMigration = await eventually(switched, "placement switched")
+        condition = done.status.condition(PLACEMENT_SWITCHED)
+        assert condition is not None and condition.status == "True"
+        vm = await cluster.vm("vm1")
+        assert vm.status.placement is not None
+        assert (vm.status.placement.node, vm.status.placement.token) == ("host2", cluster.token)
+    finally:
+        controller.cancel()
+        await asyncio.wait({controller})
