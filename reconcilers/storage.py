@@ -4,9 +4,12 @@
 kinds (and what they refer to: Secrets, VirtualMachines, this node's ClusterNode), enqueues
 only the objects that concern this node (`spec.node`, or for a VolumeGroup `spec.nodes`
 containing it or empty), feeds netlink link events to the Bond queue, starts tgtd when the
-settings name a portal and none answers, and runs the workers until cancelled.
+caller passes a `TgtdSupervisor` and none answers, and runs the workers until cancelled.
+A tgtd started this way keeps running when the loop stops (its sessions belong to the
+initiators); the caller owns the supervisor and may `stop()` it.
 
-    await run_storage_reconcilers(store, "host1", recorder, StorageSettings(tgtd_portal=...))
+    tgtd = TgtdSupervisor("10.0.1.1:3260")
+    await run_storage_reconcilers(store, "host1", recorder, StorageSettings(), tgtd)
 """
 
 from __future__ import annotations
@@ -39,8 +42,6 @@ class StorageSettings:
     """Network namespace of the node's links (None: the agent's own)."""
     tgtd_control_port: int | None = None
     """tgtd's control port (None: tgtd's default)."""
-    tgtd_portal: str | None = None
-    """If set, start tgtd on this portal (`10.0.1.1:3260`) when none answers."""
     lvm: LvmSettings = field(default_factory=LvmSettings)
     workers: int = 1
     resync_period: float | None = DEFAULT_RESYNC_PERIOD
@@ -117,13 +118,16 @@ def _recording(store: Store, kind: str, recorder: EventRecorder) -> OnTerminal:
 
 
 async def run_storage_reconcilers(
-    store: Store, node: str, recorder: EventRecorder, settings: StorageSettings
+    store: Store,
+    node: str,
+    recorder: EventRecorder,
+    settings: StorageSettings,
+    tgtd: TgtdSupervisor | None = None,
 ) -> None:
-    """Run the Bond, IscsiTarget and VolumeGroup reconcilers of `node` until cancelled."""
-    supervisor = None
-    if settings.tgtd_portal is not None:
-        supervisor = TgtdSupervisor(settings.tgtd_portal, settings.tgtd_control_port)
-        await supervisor.ensure_running()
+    """Run the Bond, IscsiTarget and VolumeGroup reconcilers of `node` until cancelled;
+    first start tgtd through `tgtd` if it is given and no tgtd answers."""
+    if tgtd is not None:
+        await tgtd.ensure_running()
     informers = SharedInformers(store, settings.resync_period)
     bonds = _Kind(
         informers.informer("Bond"),
@@ -187,5 +191,3 @@ async def run_storage_reconcilers(
         for work in kinds.values():
             work.queue.shutdown()
         await informers.stop()
-        if supervisor is not None:
-            await supervisor.stop()
