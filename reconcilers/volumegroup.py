@@ -254,6 +254,13 @@ async def activate_for_vm(
             if active_tag(node) not in tags:
                 await lvm.add_tag(vg, lv, active_tag(node))
         await lvm.activate_exclusive(vg, lv)
+        if not any(found.name == lv and found.active for found in await lvm.lvs(vg)):
+            # lvchange succeeds without activating when lvm.conf filters the LV out
+            # (activation/volume_list) or activation is off (no device-mapper).
+            raise LvmError(
+                f"lvchange --activate ey {vg}/{lv} left it inactive on {node}: check "
+                "activation/volume_list and that device-mapper is available"
+            )
     except BaseException:
         await deactivate(store, lvm, vg, lv, node)
         raise

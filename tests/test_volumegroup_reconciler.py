@@ -22,10 +22,14 @@ from crds.iscsitarget import IscsiTargetSpec
 from crds.virtualmachine import VirtualMachineSpec
 from crds.volumegroup import VolumeGroupSpec
 from reconcilers.volumegroup import (
+    ActivationConflict,
     LockTimeout,
     LvmCommands,
+    LvmError,
     LvmSettings,
     VolumeGroupReconciler,
+    activate_for_vm,
+    active_on,
     metadata_lock,
 )
 
@@ -306,3 +310,26 @@ async def test_one_host_at_a_time_holds_the_metadata_lock(
         order.append("first out")
     await asyncio.wait_for(waiter, 30)
     assert order == ["first in", "first out", "second in"]
+
+
+async def test_activation_claims_are_exclusive_and_rolled_back_on_failure(
+    store: Store, settings: LvmSettings, loop_devices: list[str], vg_name: str
+) -> None:
+    """Activation itself needs device-mapper (kernel lab); here the claim around it."""
+    lvm = LvmCommands(settings)
+    await lvm.pvcreate(loop_devices[0])
+    await lvm.vgcreate(vg_name, [loop_devices[0]])
+    await lvm.lvcreate(vg_name, "lv_vm1", 8 * MIB)
+    claim = f"{store.prefix}/lvm/activation/{vg_name}/lv_vm1".encode()
+    await store.client.put(claim, b"host2")
+
+    with pytest.raises(ActivationConflict, match=f"{vg_name}/lv_vm1 is active on host2"):
+        await activate_for_vm(store, lvm, vg_name, "lv_vm1", "host1")
+    assert await active_on(store, vg_name, "lv_vm1") == "host2"
+
+    # Taken over from a fenced host2; activation fails here (no device-mapper): rolled back.
+    with pytest.raises(LvmError, match="lvchange"):
+        await activate_for_vm(store, lvm, vg_name, "lv_vm1", "host1", take_over_from="host2")
+    assert await active_on(store, vg_name, "lv_vm1") is None
+    [lv] = await lvm.lvs(vg_name)
+    assert lv.tags == ()

@@ -1,0 +1,101 @@
+"""LVM activation under Debian's kernel (device-mapper present), as the activation contract
+uses it: an LV is activated only on the node whose `kvmctl_active_<node>` tag it carries.
+
+Each node's lvm.conf sets `activation/volume_list = ["@kvmctl_active_<node>"]`, so LVM itself
+refuses to activate an LV claimed for another node, even by hand. (The etcd claim around it is
+tested on the host: etcd does not fit in the lab's memory next to pytest.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reconcilers.volumegroup import LvmCommands, LvmSettings, active_tag
+
+MIB = 1 << 20
+
+
+def lvm_conf(node: str) -> str:
+    return (
+        "global { activation = 1 }\n"
+        "devices { obtain_device_list_from_udev = 0 use_devicesfile = 0 }\n"
+        "backup { backup = 0 archive = 0 }\n"
+        "activation { udev_sync = 0 udev_rules = 0 "
+        f'volume_list = [ "@{active_tag(node)}" ] }}\n'
+    )
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    image = tmp_path / "shared.img"
+    with open(image, "wb") as file:
+        file.truncate(24 * MIB)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False, timeout=60)
+
+
+def node_lvm(tmp_path: Path, node: str, device: str) -> LvmCommands:
+    system_dir = tmp_path / f"lvm-{node}"
+    system_dir.mkdir()
+    (system_dir / "lvm.conf").write_text(lvm_conf(node))
+    return LvmCommands(LvmSettings(system_dir=str(system_dir), devices=(device,)))
+
+
+async def is_active(lvm: LvmCommands, vg: str, lv: str) -> bool:
+    return any(found.name == lv and found.active for found in await lvm.lvs(vg))
+
+
+async def test_an_lv_activates_only_on_the_node_it_is_tagged_for(
+    tmp_path: Path, loop_device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DM_DISABLE_UDEV", "1")  # no udev in the lab
+    host1 = node_lvm(tmp_path, "host1", loop_device)
+    host2 = node_lvm(tmp_path, "host2", loop_device)
+    vg = f"vg_lab_{uuid.uuid4().hex[:6]}"
+    await host1.pvcreate(loop_device)
+    await host1.vgcreate(vg, [loop_device])
+    await host1.lvcreate(vg, "lv_vm1", 8 * MIB)
+    try:
+        assert not await is_active(host1, vg, "lv_vm1")
+
+        await host1.add_tag(vg, "lv_vm1", active_tag("host1"))
+        await host2.activate_exclusive(vg, "lv_vm1")  # filtered out by host2's volume_list
+        assert not await is_active(host2, vg, "lv_vm1")
+        assert not await asyncio.to_thread(os.path.exists, f"/dev/mapper/{vg}-lv_vm1")
+
+        await host1.activate_exclusive(vg, "lv_vm1")
+        assert await is_active(host1, vg, "lv_vm1")
+        assert await asyncio.to_thread(os.path.exists, f"/dev/mapper/{vg}-lv_vm1")
+
+        await host1.deactivate(vg, "lv_vm1")
+        assert not await is_active(host1, vg, "lv_vm1")
+        await host1.del_tag(vg, "lv_vm1", active_tag("host1"))
+        await host2.add_tag(vg, "lv_vm1", active_tag("host2"))
+        await host2.activate_exclusive(vg, "lv_vm1")
+        assert await is_active(host2, vg, "lv_vm1")
+        await host2.deactivate(vg, "lv_vm1")
+    finally:
+        remove = await asyncio.create_subprocess_exec(
+            "dmsetup",
+            "remove",
+            f"{vg}-lv_vm1",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await remove.wait()
