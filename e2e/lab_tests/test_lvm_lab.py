@@ -37,13 +37,16 @@ def loop_device(tmp_path: Path) -> Iterator[str]:
     image = tmp_path / "shared.img"
     with open(image, "wb") as file:
         file.truncate(24 * MIB)
-    device = subprocess.run(
+    subprocess.run(["modprobe", "loop"], check=False, capture_output=True, timeout=60)
+    attached = subprocess.run(
         ["losetup", "--find", "--show", str(image)],
-        check=True,
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
-    ).stdout.strip()
+    )
+    assert attached.returncode == 0, f"losetup: {attached.stderr}"
+    device = attached.stdout.strip()
     try:
         yield device
     finally:
