@@ -290,6 +290,11 @@ class VirtualMachineReconciler:
             log.info("domain %s was already started on %s", name, self.node)
         except InvalidDefinition as error:
             raise TerminalError("InvalidDefinition", str(error)) from None
+        except LibvirtError as error:
+            if isinstance(error, LibvirtUnavailable):
+                raise
+            await self.recorder.record(vm, "Warning", "StartFailed", "%s", str(error))
+            raise RetryableError(str(error)) from None
         if was_running:
             restarts.append(now())
             await self.recorder.record(
@@ -331,7 +336,7 @@ class VirtualMachineReconciler:
         self, vm: VirtualMachine, domain: DomainInfo, desired: DomainSpec
     ) -> Result:
         if vm.status.node != self.node or vm.status.state not in ("Running", "Paused"):
-            log.info("adopting running domain %s on %s", vm.metadata.name, self.node)
+            log.debug("adopting running domain %s on %s", vm.metadata.name, self.node)
         await self._patch_status(
             vm,
             lambda vm_: _set_running(vm_, self.node, domain, desired, list(vm_.status.restarts)),

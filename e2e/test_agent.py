@@ -1,0 +1,463 @@
+"""The host agent on real parts: `kvmctl agent` processes inside simulated hosts, each with its
+own libvirtd, a real etcd on the lab gateway, TCG guests printing a counter.
+
+The test process plays the elected controller: a real LeaderElector writes placements with its
+fencing token and runs the migration controller (`controller/migrations.py`) while it leads.
+One lab (three hosts) serves the whole module; every test uses its own VM names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from controller.events import EventRecorder
+from controller.heartbeat import heartbeat_key
+from controller.leader import LeaderElector, guard_compare
+from controller.migrations import Term, lead_migrations
+from controller.store import Store
+from crds import ClusterNode, Event, ObjectMeta, VirtualMachine
+from crds.clusternode import ClusterNodeSpec, NodeAddresses
+from crds.meta import now
+from crds.virtualmachine import Placement, VirtualMachineSpec
+from e2e.etcd import EtcdCluster
+from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
+from e2e.guest.console import BOOTED_LINE, read_ticks, tick_gaps
+from e2e.hosts import REPO_ROOT, Lab, SimulatedHost
+
+KVMCTL = str(Path(sys.executable).parent / "kvmctl")
+PREFIX = "/kvmctl"
+DEADLINE = 90.0
+HOSTS = ("host-a", "host-b", "host-w")
+
+
+def _ignore_libvirt_error(_context: object, _error: object) -> None:
+    """Errors are raised as exceptions; do not also print them on stderr."""
+
+
+libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+
+
+async def eventually(condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
+    """Poll `condition` (sync or async) until it returns something truthy; return that."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"not reached within {timeout:.0f} s: {what}")
+        await asyncio.sleep(0.1)
+
+
+class AgentLab:
+    """A lab, its etcd and one `kvmctl agent` per host (host-w gets one per test)."""
+
+    def __init__(self, lab: Lab, etcd: EtcdCluster, image: GuestImage) -> None:
+        self.lab = lab
+        self.etcd = etcd
+        self.image = image
+        self.serial_dir = lab.root / "serial"
+        self.serial_dir.mkdir()
+        self.agents: dict[str, int] = {}
+
+    def agent_argv(self, node: str, *extra: str) -> list[str]:
+        endpoints = ",".join(self.lab.host_etcd_endpoints(self.etcd))
+        return [
+            KVMCTL, "--etcd", endpoints, "--prefix", PREFIX, "agent", "--node", node,
+            "--libvirt-uri", "qemu:///system", "--domain-type", "qemu",
+            "--serial-log-dir", str(self.serial_dir), *extra,
+        ]  # fmt: skip
+
+    def start_agent(self, node: str, *extra: str) -> int:
+        host = self.lab[node]
+        pid = host.spawn(self.agent_argv(node, *extra), log_path=host.dir / "agent.log")
+        self.agents[node] = pid
+        return pid
+
+    def stop_agent(self, node: str) -> int:
+        """SIGTERM the agent (by its PID) and wait for it; its exit status."""
+        pid = self.agents.pop(node)
+        os.kill(pid, signal.SIGTERM)
+        return self.lab[node].wait_exit(pid, 30.0)
+
+    def serial_log(self, vm: str) -> Path:
+        return self.serial_dir / f"{vm}.log"
+
+    def host(self, name: str) -> SimulatedHost:
+        return self.lab[name]
+
+
+@pytest.fixture(scope="module")
+def agent_lab() -> Iterator[AgentLab]:
+    image = ensure_guest_image()
+    with Lab(list(HOSTS)) as lab:
+        etcd = lab.start_etcd()
+        agents = AgentLab(lab, etcd, image)
+        asyncio.run(_create_nodes(etcd.endpoints, lab))
+        for name in ("host-a", "host-b"):
+            agents.start_agent(name)
+        yield agents
+        for name in list(agents.agents):
+            with contextlib.suppress(ProcessLookupError, OSError):
+                agents.stop_agent(name)
+
+
+async def _create_nodes(endpoints: list[str], lab: Lab) -> None:
+    async with Store(endpoints, prefix=PREFIX) as store:
+        for name in HOSTS:
+            host = lab[name]
+            node = ClusterNode(
+                metadata=ObjectMeta(name=name),
+                spec=ClusterNodeSpec(
+                    addresses=NodeAddresses(cluster=host.address),
+                    libvirt_uri=host.libvirt_tcp_uri,
+                ),
+            )
+            node.spec.fencing.self_fence = name == "host-w"
+            await store.create(node)
+
+
+class Controller:
+    """The elected controller's part in these tests: placements and the migration controller."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.elector = LeaderElector(store.client, store.prefix, "controller", "e2e-test")
+        self.token = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        led = asyncio.Event()
+        recorder = EventRecorder(self.store, "kvmctl-controller")
+
+        async def leading(token: int) -> None:
+            self.token = token
+            led.set()
+            await lead_migrations(
+                self.store, recorder, Term.of(self.store, self.elector.key, token)
+            )
+
+        self._task = asyncio.create_task(self.elector.run(leading))
+        await asyncio.wait_for(led.wait(), 30)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+
+    async def place(self, vm: str, node: str) -> None:
+        def mutate(obj: Any) -> bool:
+            obj.status.placement = Placement(node=node, token=self.token, since=now())
+            return True
+
+        guard = [guard_compare(self.store.client, self.elector.key, self.token)]
+        await self.store.patch_status("VirtualMachine", vm, mutate, guard=guard)
+
+    async def vm(self, name: str) -> VirtualMachine:
+        obj = await self.store.get("VirtualMachine", name)
+        assert isinstance(obj, VirtualMachine)
+        return obj
+
+    async def events(self, involved: str, reason: str) -> list[Event]:
+        objects, _ = await self.store.list_objects("Event")
+        return [
+            e
+            for e in objects
+            if isinstance(e, Event)
+            and e.spec.involved_object.name == involved
+            and e.spec.reason == reason
+        ]
+
+
+@pytest.fixture
+async def controller(agent_lab: AgentLab) -> AsyncIterator[Controller]:
+    async with Store(agent_lab.etcd.endpoints, prefix=PREFIX) as store:
+        running = Controller(store)
+        await running.start()
+        try:
+            yield running
+        finally:
+            await running.stop()
+
+
+def guest_vm(name: str, image: GuestImage, **spec: Any) -> VirtualMachine:
+    fields: dict[str, Any] = {
+        "memoryMiB": 96,
+        "boot": {
+            "kernel": str(image.kernel),
+            "initrd": str(image.initrd),
+            "cmdline": KERNEL_CMDLINE,
+        },
+        "shutdownTimeoutSeconds": 5,
+        **spec,
+    }
+    return VirtualMachine(
+        metadata=ObjectMeta(name=name), spec=VirtualMachineSpec.model_validate(fields)
+    )
+
+
+def boots(agent_lab: AgentLab, vm: str) -> int:
+    """How many times the guest booted (its serial log is appended to across boots)."""
+    try:
+        return agent_lab.serial_log(vm).read_bytes().count(BOOTED_LINE)
+    except FileNotFoundError:
+        return 0
+
+
+async def running_on(controller: Controller, name: str, node: str) -> None:
+    async def running() -> bool:
+        vm = await controller.vm(name)
+        return vm.status.state == "Running" and vm.status.node == node
+
+    await eventually(running, f"{name} Running on {node}")
+
+
+def unique(name: str) -> str:
+    return f"{name}-{secrets.token_hex(2)}"
+
+
+async def booted(agent_lab: AgentLab, vm: str, above: int = 0, timeout: float = DEADLINE) -> int:
+    """Wait until the guest's counter passes `above`; the latest value."""
+
+    def latest() -> int | None:
+        ticks = read_ticks(agent_lab.serial_log(vm))
+        return ticks[-1] if ticks and ticks[-1] > above else None
+
+    value: int = await eventually(latest, f"{vm} counting past {above}", timeout)
+    return value
+
+
+async def apply_running(
+    agent_lab: AgentLab, controller: Controller, name: str, node: str, **spec: Any
+) -> int:
+    """Create the VM placed on `node`; wait until it runs and counts. Its qemu PID."""
+    await controller.store.create(guest_vm(name, agent_lab.image, **spec))
+    await controller.place(name, node)
+    host = agent_lab.host(node)
+    pid: int = await eventually(lambda: host.qemu_guests().get(name), f"qemu of {name} on {node}")
+    await running_on(controller, name, node)
+    await booted(agent_lab, name)
+    return pid
+
+
+async def delete_vm(controller: Controller, name: str) -> None:
+    await controller.store.delete("VirtualMachine", name)
+
+    async def gone() -> bool:
+        return await controller.store.try_get("VirtualMachine", name) is None
+
+    await eventually(gone, f"{name} deleted")
+
+
+def defined_on(host: SimulatedHost, name: str) -> bool:
+    connection = libvirt.open(host.libvirt_uri)
+    try:
+        return name in [domain.name() for domain in connection.listAllDomains(0)]
+    finally:
+        connection.close()
+
+
+async def kvmctl(agent_lab: AgentLab, *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        KVMCTL,
+        "--etcd",
+        ",".join(agent_lab.etcd.endpoints),
+        "--prefix",
+        PREFIX,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), DEADLINE)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+@pytest.mark.slow
+async def test_guest_boots_stops_restarts_after_a_crash_and_is_deleted(
+    agent_lab: AgentLab, controller: Controller
+) -> None:
+    name = unique("life")
+    host = agent_lab.host("host-a")
+    await apply_running(agent_lab, controller, name, "host-a")
+    assert agent_lab.host("host-b").qemu_guests().get(name) is None
+
+    # Stop: the guest powers off (ACPI) or is destroyed after the timeout.
+    vm = await controller.vm(name)
+    vm.spec.run_state = "stopped"
+    await controller.store.update(vm)
+    await eventually(lambda: name not in host.qemu_guests(), f"qemu of {name} gone")
+
+    async def stopped() -> bool:
+        return (await controller.vm(name)).status.state == "Stopped"
+
+    await eventually(stopped, f"{name} Stopped")
+    assert defined_on(host, name)  # kept defined for the next start
+
+    # Start again, then crash it: kill -9 of qemu, by PID.
+    vm = await controller.vm(name)
+    vm.spec.run_state = "started"
+    await controller.store.update(vm)
+    await eventually(lambda: boots(agent_lab, name) == 2, f"{name} booted again")
+    pid = host.qemu_guests()[name]
+    await running_on(controller, name, "host-a")
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted() -> int | None:
+        new = host.qemu_guests().get(name)
+        return new if new is not None and new != pid else None
+
+    await eventually(restarted, f"{name} restarted after the crash", 30)
+    await eventually(lambda: boots(agent_lab, name) == 3, f"{name} booted after the crash")
+
+    async def counted() -> VirtualMachine | None:
+        current = await controller.vm(name)
+        return current if len(current.status.restarts) == 1 else None
+
+    await eventually(counted, "the restart recorded in status")
+    assert await controller.events(name, "VMRestarted")
+
+    # Delete: destroyed, undefined, the finalizer removed by the agent.
+    await delete_vm(controller, name)
+    assert name not in host.qemu_guests()
+    assert not defined_on(host, name)
+
+
+@pytest.mark.slow
+async def test_agent_restart_adopts_running_guests(
+    agent_lab: AgentLab, controller: Controller
+) -> None:
+    name = unique("adopt")
+    pid = await apply_running(agent_lab, controller, name, "host-a")
+    try:
+        assert agent_lab.stop_agent("host-a") == 0  # SIGTERM: a clean stop
+        assert agent_lab.host("host-a").qemu_guests().get(name) == pid  # the guest keeps running
+        agent_lab.start_agent("host-a")
+
+        async def adopted() -> bool:
+            node = await controller.store.get("ClusterNode", "host-a")
+            ready = node.status.condition("AgentReady")
+            return ready is not None and ready.status == "True"
+
+        await eventually(adopted, "agent of host-a back")
+        ticks = await booted(agent_lab, name, above=max(read_ticks(agent_lab.serial_log(name))))
+        assert agent_lab.host("host-a").qemu_guests().get(name) == pid  # adopted, not restarted
+        assert ticks > 0
+        vm = await controller.vm(name)
+        assert vm.status.restarts == [] and vm.status.state == "Running"
+    finally:
+        if "host-a" not in agent_lab.agents:
+            agent_lab.start_agent("host-a")
+        await delete_vm(controller, name)
+
+
+@pytest.mark.slow
+async def test_live_migration_keeps_the_guest_counting(
+    agent_lab: AgentLab, controller: Controller
+) -> None:
+    name = unique("move")
+    source, target = agent_lab.host("host-a"), agent_lab.host("host-b")
+    await apply_running(agent_lab, controller, name, "host-a")
+    await booted(agent_lab, name, above=10)
+
+    code, out, err = await kvmctl(agent_lab, "migrate", name, "--to", "host-b", "--wait")
+
+    assert code == 0, f"stdout: {out}\nstderr: {err}"
+    assert "100%" in err and f"{name} migrated to host-b" in out
+    assert name in target.qemu_guests() and name not in source.qemu_guests()
+    vm = await controller.vm(name)
+    assert vm.status.placement is not None and vm.status.placement.node == "host-b"
+    assert vm.status.placement.token == controller.token
+
+    async def running_on_target() -> bool:
+        current = await controller.vm(name)
+        return current.status.node == "host-b" and current.status.state == "Running"
+
+    await eventually(running_on_target, f"{name} adopted by host-b")
+    latest = max(read_ticks(agent_lab.serial_log(name)))
+    await booted(agent_lab, name, above=latest + 10)
+    ticks = read_ticks(agent_lab.serial_log(name))
+    assert tick_gaps(ticks) == [], "the counter has a gap: the guest rebooted or lost time"
+    assert not defined_on(source, name)
+    await asyncio.sleep(1.0)  # neither agent may touch it now
+    assert name in target.qemu_guests() and name not in source.qemu_guests()
+    await delete_vm(controller, name)
+    assert not defined_on(target, name)
+
+
+@pytest.mark.slow
+async def test_migration_to_a_cut_off_node_fails_and_the_guest_stays_up(
+    agent_lab: AgentLab, controller: Controller
+) -> None:
+    name = unique("stay")
+    source, target = agent_lab.host("host-a"), agent_lab.host("host-b")
+    pid = await apply_running(agent_lab, controller, name, "host-a")
+    # pyroute2's synchronous IPRoute runs its own event loop: keep it off this one.
+    await asyncio.to_thread(target.cut_network)
+    try:
+        code, out, err = await kvmctl(agent_lab, "migrate", name, "--to", "host-b", "--wait")
+        assert code == 1, f"stdout: {out}\nstderr: {err}"
+        assert "failed" in err
+        assert await controller.events(name, "MigrationFailed")  # the source agent tried
+        assert source.qemu_guests().get(name) == pid
+        latest = max(read_ticks(agent_lab.serial_log(name)))
+        await booted(agent_lab, name, above=latest + 5)
+        assert tick_gaps(read_ticks(agent_lab.serial_log(name))) == []
+        vm = await controller.vm(name)
+        assert vm.status.placement is not None and vm.status.placement.node == "host-a"
+    finally:
+        await asyncio.to_thread(target.restore_network)
+    assert name not in target.qemu_guests()
+    await delete_vm(controller, name)
+
+
+@pytest.mark.slow
+async def test_watchdog_is_fed_while_the_agent_runs_and_fires_when_it_hangs(
+    agent_lab: AgentLab, controller: Controller
+) -> None:
+    host = agent_lab.host("host-w")
+    fifo = host.start_watchdog(timeout=3.0)
+    pid = agent_lab.start_agent("host-w", "--watchdog", str(fifo))
+    key = heartbeat_key(PREFIX, "host-w").encode()
+
+    async def heartbeat() -> bool:
+        return await controller.store.client.get(key) is not None
+
+    await eventually(heartbeat, "host-w heartbeat")
+    await asyncio.sleep(4.0)  # longer than the watchdog timeout: fed, so the host lives
+    assert host.is_running() and not host.watchdog_fired()
+
+    # nsenter (the agent's parent, which spawn started) stops itself when its child stops and
+    # would then never reap the killed agent: wake it once the host is dead.
+    launcher = parent_pid(pid)
+    os.kill(pid, signal.SIGSTOP)  # a hung agent
+    await eventually(host.watchdog_fired, "watchdog fired", 30)
+    agent_lab.agents.pop("host-w")
+    os.kill(launcher, signal.SIGCONT)
+    # Lab cleanup would otherwise signal the dead init and fail with ProcessLookupError.
+    await asyncio.to_thread(host.wait_dead)
+
+
+def parent_pid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
