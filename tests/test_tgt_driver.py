@@ -323,6 +323,21 @@ async def test_a_missing_daemon_is_unavailable(tgtd: TgtDaemon) -> None:
     assert not await adm.is_running()
 
 
+async def test_stop_daemon_once_its_targets_are_gone(
+    adm: TgtAdm, tgtd: TgtDaemon, exported: Path
+) -> None:
+    with pytest.raises(TgtError, match=r"^stop tgtd failed: "):
+        await adm.stop_daemon()
+    await adm.delete_target(1)
+    await adm.stop_daemon()
+
+    async def exited() -> bool:
+        return tgtd.process is not None and tgtd.process.poll() is not None
+
+    await wait_for(exited, "tgtd to exit")
+    assert not await adm.is_running()
+
+
 def test_parse_targets_reads_every_section() -> None:
     output = """\
 Target 3: iqn.2024-01.org.example:storage

@@ -108,6 +108,13 @@ class TgtAdm:
             return False
         return True
 
+    async def stop_daemon(self) -> None:
+        """Ask tgtd to exit (`--op delete --mode system`): tgtd refuses while it has targets.
+
+        SIGTERM alone can leave tgtd hanging; this is the clean way to stop it.
+        """
+        await self._run("stop tgtd", ["--op", "delete", "--mode", "system"])
+
     async def show(self) -> list[Target]:
         """All targets with their LUNs, sessions, accounts and ACLs."""
         output = await self._run("show targets", ["--op", "show", "--mode", "target"])
