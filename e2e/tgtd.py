@@ -34,7 +34,7 @@ TGTADM_TIMEOUT = 15.0
 
 
 class TgtdStartError(RuntimeError):
-    """tgtd did not come up; the message points at its log."""
+    """tgtd did not come up; the message carries its last complaints."""
 
 
 class TgtDaemon:

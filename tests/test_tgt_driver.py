@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -336,6 +337,32 @@ async def test_stop_daemon_once_its_targets_are_gone(
 
     await wait_for(exited, "tgtd to exit")
     assert not await adm.is_running()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace of our own with loopback up."""
+    name = f"kvmctl-tgt-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+async def test_tgtd_in_a_network_namespace(netns: str, iqn: str, tmp_path: Path) -> None:
+    """The portal lives in the namespace; the control socket stays reachable from here."""
+    with TgtDaemon(portal="127.0.0.1:3260", netns=netns) as daemon:
+        adm = TgtAdm(daemon.control_port)
+        await adm.new_target(1, iqn)
+        await adm.add_lun(1, 1, backing_file(tmp_path, "lun1.img", 8 * MIB))
+        await adm.bind_address(1, "ALL")
+        status, listing = await initiator(
+            "ip", "netns", "exec", netns, "iscsi-ls", "-s", daemon.url()
+        )
+        assert status == 0, listing
+        assert f"Target:{iqn}" in listing
 
 
 def test_parse_targets_reads_every_section() -> None:
