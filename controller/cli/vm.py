@@ -11,15 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from controller.agent import Agent, AgentSettings
-from controller.heartbeat import HeartbeatTiming
 from controller.store import NotFound, Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.meta import _check_name
 from crds.migration import VirtualMachineMigrationSpec
 from reconcilers.drivers.libvirt import LibvirtError
 from reconcilers.migration import DEFAULT_CONCURRENCY, PLACEMENT_SWITCHED
-from reconcilers.virtualmachine import DomainSettings
 
 from .resources import store_from
 
@@ -62,6 +59,11 @@ def _name(value: str) -> str:
 
 
 async def run_agent(args: argparse.Namespace) -> int:
+    # Imported here: libvirt and the reconcilers would slow every other command's start-up.
+    from controller.agent import Agent, AgentSettings
+    from controller.heartbeat import HeartbeatTiming
+    from reconcilers.virtualmachine import DomainSettings
+
     if not args.verbose:
         logging.getLogger().setLevel(logging.INFO)
     timing = HeartbeatTiming(args.lease_ttl, args.renew_interval, args.self_fence_margin)
