@@ -4,6 +4,7 @@ print exactly its .log file. Regenerate with KVMCTL_UPDATE_GOLDEN=1 after an int
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -36,8 +37,6 @@ async def test_scenario_matches_golden_log(path: Path) -> None:
 
 
 async def test_cli_prints_the_log_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser()
     simulate_cli.register(parser.add_subparsers())
     args = parser.parse_args(["simulate", str(SCENARIOS / "01-power-off-ipmi.yaml")])

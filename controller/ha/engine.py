@@ -285,8 +285,8 @@ class Engine:
             if migration.phase == "Running":
                 return
             if migration.phase == "Succeeded":
-                self._actions.append(ClearMigration(vm.name))
                 self._place(vm, migration.target)
+                self._actions.append(ClearMigration(vm.name))
                 message = f"live-migrated from {migration.source} to {migration.target}"
                 self._emit(vm, "VMMigrated", message)
                 return

@@ -334,6 +334,11 @@ class Simulator:
 
     def _place(self, action: Place) -> None:
         vm = self.vms[action.vm]
+        old = None if vm.placement is None else self.hosts[vm.placement]
+        migrated = vm.migration is not None and vm.migration.phase == "Succeeded"
+        moved = old is not None and action.node is not None and old.name != action.node
+        if moved and old is not None and old.health not in ("Online", "Fenced") and not migrated:
+            self.violation(f"{vm.name} moved off {old.name}, which is {old.health}")
         vm.placement = action.node
         if action.relocation:
             vm.relocations += 1
@@ -352,11 +357,13 @@ class Simulator:
     def _migrate(self, action: Migrate) -> None:
         vm = self.vms[action.vm]
         source, target = self.hosts[action.source], self.hosts[action.target]
-        if vm.name not in source.executing():
-            self.violation(f"{vm.name} migrated from {source.name}, which does not run it")
         vm.migration = SimMigration(
             action.source, action.target, self.now() + self.settings.migrate_seconds
         )
+        if vm.name not in source.executing():
+            vm.migration.phase = "Failed"
+            vm.migration.message = f"{vm.name} does not run on {source.name}"
+            return
         vm.state = "Migrating"
         target.qemu[vm.name] = Qemu("incoming")
 
@@ -500,8 +507,12 @@ class Simulator:
             source, target = self.hosts[migration.source], self.hosts[migration.target]
             if not (source.powered and source.network):
                 self._fail_migration(vm, f"{source.name} unreachable")
-            elif not (target.powered and target.network):
+            elif not (target.powered and target.network) or target.boot_done_at is not None:
                 self._fail_migration(vm, f"{target.name} unreachable")
+            elif vm.name not in source.executing():
+                self._fail_migration(vm, f"the guest stopped on {source.name}")
+            elif vm.name not in target.qemu:
+                self._fail_migration(vm, f"the incoming guest on {target.name} is gone")
             elif now >= migration.done_at:
                 del source.qemu[vm.name]
                 target.qemu[vm.name] = Qemu("running")
@@ -531,7 +542,8 @@ class Simulator:
             return
         deadline = (host.last_renewal or 0.0) + self.timings.lease_ttl
         deadline -= self.timings.self_fence_margin
-        if relies_on_self_fence and not host.self_fenced and now >= deadline:
+        if relies_on_self_fence and now >= deadline:
+            # Past the deadline the agent destroys every domain, including late arrivals.
             host.self_fenced = True
             lost = sorted(host.qemu)
             host.qemu.clear()

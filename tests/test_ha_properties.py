@@ -1,0 +1,172 @@
+"""Property test: random failure sequences against the real engine and the simulator.
+
+Invariants (the simulator checks the first two on every tick and every action):
+- a VM never runs on two hosts at once;
+- no VM is moved off a node, and no node is declared fenced, before fencing is confirmed
+  (power off, self-fence deadline passed, or an honest operator ack);
+- once the sequence settles (every host powered, connected, fence devices working), every VM
+  that should run runs exactly once, since capacity exists for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controller.ha import scenario
+from controller.ha.scenario import Scenario
+from controller.ha.simulator import Simulator
+
+NODES = ("host1", "host2", "host3")
+VMS = ("vm1", "vm2", "vm3", "vm4")
+CHAOS_SECONDS = 60
+SETTLE_SECONDS = 60
+POLICIES = ("ipmi", "self-fence", "manual", "ipmi+self-fence")
+
+
+def cluster_yaml(policies: tuple[str, ...], vm_options: list[dict[str, object]]) -> str:
+    nodes = []
+    for name, policy in zip(NODES, policies, strict=True):
+        fencing: dict[str, object] = {"selfFence": "self-fence" in policy}
+        if "ipmi" in policy:
+            device = {"agent": "fence_ipmilan", "parameters": {"ip": "192.0.2.1"}}
+            fencing["methods"] = [{"name": "ipmi", "devices": [device]}]
+        nodes.append({"name": name, "cpus": 8, "memoryMiB": 8192, "fencing": fencing})
+    vms = []
+    for name, options in zip(VMS, vm_options, strict=False):
+        vms.append({"name": name, "memoryMiB": 1024, **options})
+    return yaml.safe_dump(
+        {
+            "duration": CHAOS_SECONDS + SETTLE_SECONDS,
+            "simulation": {"bootSeconds": 5},
+            "nodes": nodes,
+            "vms": vms,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    verb: str
+    target: str
+    extra: str = ""
+
+
+node_verbs = st.sampled_from(
+    [
+        "power-off",
+        "power-on",
+        "network-off",
+        "network-on",
+        "agent-kill",
+        "agent-start",
+        "fence-fail",
+        "fence-ok",
+        "honest-ack",
+        "drain",
+        "drain-force",
+        "uncordon",
+    ]
+)
+vm_verbs = st.sampled_from(["crash", "stop", "start", "migrate"])
+times = st.integers(min_value=1, max_value=CHAOS_SECONDS * 10).map(lambda t: t / 10)
+events = st.one_of(
+    st.builds(Event, times, node_verbs, st.sampled_from(NODES)),
+    st.builds(Event, times, vm_verbs, st.sampled_from(VMS), st.sampled_from(NODES)),
+    st.builds(Event, times, st.just("controller-restart"), st.just("")),
+)
+vm_option = st.fixed_dictionaries(
+    {},
+    optional={
+        "node": st.sampled_from(NODES),
+        "priority": st.integers(-5, 5),
+        "failoverDomain": st.builds(
+            lambda first, ordered, failback: {
+                "ordered": ordered,
+                "failback": failback,
+                "nodes": [{"name": first, "priority": 1}],
+            },
+            st.sampled_from(NODES),
+            st.booleans(),
+            st.booleans(),
+        ),
+        "migration": st.builds(lambda allowed: {"allowed": allowed}, st.booleans()),
+    },
+)
+
+
+def apply_event(sim: Simulator, loaded: Scenario, event: Event) -> Callable[[], None]:
+    def run() -> None:
+        host = sim.hosts.get(event.target)
+        if host is None and event.target not in sim.vms and event.verb != "controller-restart":
+            return
+        if event.verb == "honest-ack":
+            assert host is not None
+            if not host.powered:
+                sim.ack(event.target)
+        elif event.verb in ("fence-fail", "fence-ok"):
+            assert host is not None
+            if "ipmi" in host.devices:
+                sim.set_device(event.target, "ipmi", None, event.verb.removeprefix("fence-"))
+        elif event.verb == "drain-force":
+            sim.drain(event.target, force=True)
+        elif event.verb == "migrate":
+            vm = sim.vms[event.target]
+            if vm.migration is None:
+                sim.request_migration(event.target, event.extra)
+        else:
+            command = f"{event.verb} {event.target}".strip()
+            scenario.command_action(sim, command)()
+
+    return run
+
+
+def settle(sim: Simulator) -> None:
+    for name, host in sim.hosts.items():
+        for method in host.devices:
+            sim.set_device(name, method, None, "ok")
+        sim.power_on(name)
+        sim.set_network(name, up=True)
+        sim.start_agent(name)
+        sim.cordon(name, cordoned=False)
+
+
+def start_agents_after_boot(sim: Simulator) -> None:
+    for name in sim.hosts:
+        sim.start_agent(name)
+
+
+@settings(
+    max_examples=int(os.environ.get("KVMCTL_HA_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    policies=st.tuples(*(st.sampled_from(POLICIES) for _ in NODES)),
+    vm_options=st.lists(vm_option, min_size=1, max_size=len(VMS)),
+    chaos=st.lists(events, max_size=25),
+)
+def test_random_failures_keep_the_invariants(
+    policies: tuple[str, ...], vm_options: list[dict[str, object]], chaos: list[Event]
+) -> None:
+    loaded = scenario.parse(cluster_yaml(policies, vm_options), "random.yaml")
+    sim = scenario.build(loaded)
+    for event in chaos:
+        sim.at(event.at, apply_event(sim, loaded, event))
+    sim.at(CHAOS_SECONDS, lambda: settle(sim))
+    sim.at(CHAOS_SECONDS + 10, lambda: start_agents_after_boot(sim))
+    asyncio.run(scenario.simulate(sim))
+
+    log = "\n".join(sim.lines)
+    assert sim.violations == [], log
+    for vm in sim.vms.values():
+        if vm.spec.run_state != "started" or vm.failed:
+            continue
+        assert len(sim.running_hosts(vm.name)) == 1, f"{vm.name} does not run once:\n{log}"
