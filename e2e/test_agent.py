@@ -432,6 +432,40 @@ async def test_migration_to_a_cut_off_node_fails_and_the_guest_stays_up(
 
 
 @pytest.mark.slow
+async def test_cut_off_self_fencing_node_destroys_its_guests_before_its_lease_expires(
+    agent_lab: AgentLab, controller: Controller
+) -> None:
+    """host-w relies on self-fencing (spec.fencing.selfFence); host-a does not."""
+    fencing, keeping = unique("fenced"), unique("kept")
+    host_w, host_a = agent_lab.host("host-w"), agent_lab.host("host-a")
+    agent_lab.start_agent("host-w")
+    try:
+        await apply_running(agent_lab, controller, fencing, "host-w")
+        await apply_running(agent_lab, controller, keeping, "host-a")
+        key = heartbeat_key(PREFIX, "host-w").encode()
+        await asyncio.to_thread(host_w.cut_network)
+        try:
+            cut_at = asyncio.get_running_loop().time()
+            await eventually(lambda: fencing not in host_w.qemu_guests(), "self-fence", 30)
+            fenced_after = asyncio.get_running_loop().time() - cut_at
+            # The lease (TTL 3 s) is still held in etcd when the guest is already gone.
+            lease_alive = await controller.store.client.get(key) is not None
+            assert fenced_after < 3.0 and lease_alive, f"fenced after {fenced_after:.1f} s"
+        finally:
+            await asyncio.to_thread(host_w.restore_network)
+        assert keeping in host_a.qemu_guests()
+
+        # Back on the network, and still placed there: the agent starts it again.
+        await eventually(lambda: fencing in host_w.qemu_guests(), "restarted after the outage")
+        assert await controller.events("host-w", "SelfFenced")
+    finally:
+        await delete_vm(controller, fencing)
+        await delete_vm(controller, keeping)
+        assert agent_lab.stop_agent("host-w") == 0
+
+
+# Last: it leaves host-w dead.
+@pytest.mark.slow
 async def test_watchdog_is_fed_while_the_agent_runs_and_fires_when_it_hangs(
     agent_lab: AgentLab, controller: Controller
 ) -> None:

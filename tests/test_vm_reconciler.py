@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from controller.agent import Agent, AgentSettings
+from controller.cli import main as cli_main
 from controller.events import EventRecorder
 from controller.heartbeat import HeartbeatTiming, heartbeat_key
 from controller.leader import LeaderElector, guard_compare
@@ -550,3 +551,30 @@ async def test_controller_validates_migrations_and_switches_placement(cluster: C
     finally:
         controller.cancel()
         await asyncio.wait({controller})
+
+
+async def test_migrate_command_reports_bad_names_in_one_line(
+    cluster: Cluster, etcd_endpoints: list[str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--etcd", ",".join(etcd_endpoints), "--prefix", cluster.store.prefix, "migrate"]
+    await cluster.add_node("host1")
+
+    code = await asyncio.to_thread(cli_main, [*base, "nosuch", "--to", "host1"])
+    assert code == 1
+    assert capfd.readouterr().err == "error: VirtualMachine 'nosuch' not found\n"
+
+    await cluster.store.create(vm_object("vm1"))
+    code = await asyncio.to_thread(cli_main, [*base, "vm1", "--to", "host9"])
+    assert code == 1
+    assert capfd.readouterr().err == "error: ClusterNode 'host9' not found\n"
+
+    with pytest.raises(SystemExit) as usage:
+        cli_main([*base, "VM_1", "--to", "host1"])
+    assert usage.value.code == 2
+    assert "must be a DNS-1123 label" in capfd.readouterr().err
+
+    code = await asyncio.to_thread(cli_main, [*base, "vm1", "--to", "host1"])
+    assert code == 0
+    assert capfd.readouterr().out.startswith("virtualmachinemigration/vm1-")
+    objects, _ = await cluster.store.list_objects("VirtualMachineMigration")
+    assert [(m.spec.vm, m.spec.target_node) for m in objects] == [("vm1", "host1")]
