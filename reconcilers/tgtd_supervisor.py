@@ -2,7 +2,7 @@
 
 A tgtd that is already running (started by systemd, or by a previous agent) is left alone: its
 targets carry live sessions. One that this supervisor started is stopped only by `stop()`, by the
-PID it started, never by name.
+PID it started, never by name; `stop()` also removes the control socket files tgtd leaves behind.
 
     supervisor = TgtdSupervisor(portal="10.0.1.1:3260")
     await supervisor.ensure_running()
@@ -11,15 +11,19 @@ PID it started, never by name.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+from pathlib import Path
 
-from reconcilers.drivers.tgt import TgtAdm
+from reconcilers.drivers.tgt import TgtAdm, TgtError
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
 POLL_INTERVAL = 0.05
 STOP_TIMEOUT = 10.0
+CONTROL_SOCKET_DIR = Path("/run/tgtd")
+"""Where tgtd puts its control socket `socket.N` and lock file `socket.N.lock` (N: the port)."""
 
 
 class TgtdStartError(RuntimeError):
@@ -73,34 +77,39 @@ class TgtdSupervisor:
     async def stop(self) -> None:
         """Stop the tgtd this supervisor started (targets are dropped with it)."""
         process, self.process = self.process, None
-        if process is None or process.returncode is not None:
+        if process is None:
             return
-        for target in await self.adm.show():
-            await self.adm.delete_target(target.tid, force=True)
-        await self._ask_to_exit()
+        if process.returncode is None:
+            try:
+                for target in await self.adm.show():
+                    await self.adm.delete_target(target.tid, force=True)
+                await self.adm.stop_daemon()
+            except TgtError as error:
+                log.warning("tgtd (pid %d) did not stop on request: %s", process.pid, error)
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await asyncio.to_thread(remove_stale_control_socket, self.control_port)
+
+
+def remove_stale_control_socket(control_port: int | None) -> None:
+    """Remove the control socket and lock file an exited tgtd left behind (tgtd never does).
+
+    tgtd holds a `lockf` lock on the lock file for as long as it runs: files whose lock cannot
+    be taken belong to a running tgtd (perhaps another one on the same port) and are kept.
+    """
+    socket = CONTROL_SOCKET_DIR / f"socket.{control_port or 0}"
+    lock_path = socket.with_name(f"{socket.name}.lock")
+    try:
+        lock_file = open(lock_path, "r+b")  # noqa: SIM115 - closed below, after the unlink
+    except FileNotFoundError:
+        return
+    with lock_file:
         try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-    async def _ask_to_exit(self) -> None:
-        """`tgtadm --op delete --mode system` (SIGTERM alone may leave tgtd hanging).
-
-        TgtAdm has no such request yet; this is the one tgtadm call made outside the driver.
-        """
-        control = [] if self.control_port is None else ["--control-port", str(self.control_port)]
-        process = await asyncio.create_subprocess_exec(
-            "tgtadm",
-            "--lld",
-            "iscsi",
-            *control,
-            "--op",
-            "delete",
-            "--mode",
-            "system",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        await process.wait()
+            fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return
+        socket.unlink(missing_ok=True)
+        lock_path.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from e2e.etcd import free_port
 from e2e.tgtd import TgtDaemon
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import FINALIZER, FORCE_DELETE, IscsiTargetReconciler
-from reconcilers.tgtd_supervisor import TgtdSupervisor
+from reconcilers.tgtd_supervisor import CONTROL_SOCKET_DIR, TgtdSupervisor
 
 NODE = "storage1"
 IQN = "iqn.2024-01.org.example:storage.vg-cluster"
@@ -341,12 +341,20 @@ async def test_tids_are_stable_and_distinct(
     assert (await converge(store, reconciler, "a")).status.tid == 2
 
 
-async def test_supervisor_starts_tgtd_only_when_absent() -> None:
-    supervisor = TgtdSupervisor(f"127.0.0.1:{free_port()}", control_port=control_port())
+async def test_supervisor_starts_tgtd_only_when_absent_and_stops_it_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = control_port()
+    supervisor = TgtdSupervisor(f"127.0.0.1:{free_port()}", control_port=port)
     try:
         assert await supervisor.ensure_running()
         assert not await supervisor.ensure_running()
         assert await supervisor.adm.is_running()
+        assert (CONTROL_SOCKET_DIR / f"socket.{port}").exists()
+        await supervisor.adm.new_target(1, IQN)  # tgtd only exits once its targets are gone
     finally:
         await supervisor.stop()
     assert not await supervisor.adm.is_running()
+    assert "did not stop on request" not in caplog.text
+    assert not (CONTROL_SOCKET_DIR / f"socket.{port}").exists()
+    assert not (CONTROL_SOCKET_DIR / f"socket.{port}.lock").exists()
