@@ -6,24 +6,21 @@ a device that is missing here, an iSCSI LUN not attached here, a device used by 
 LV that would shrink or not fit: a condition and a Warning event, nothing changed.
 
 Activation contract (called by the VirtualMachine reconciler of the node running the VM):
-`activate_for_vm(store, lvm, vg, lv, node)` claims the LV for `node` in etcd (compare-and-swap,
-so two nodes can never both hold it), tags it `kvmctl_active_<node>` and activates it
-exclusively; `deactivate(store, lvm, vg, lv, node)` undoes that. See docs/storage.md.
-
-`LvmCommands` is a thin stand-in for `reconcilers/drivers/lvm.py` (not committed yet when this
-was written): one `lvm` call per method, JSON reports, readable errors.
+`activate_for_vm(store, settings, vg, lv, node)` claims the LV for `node` in etcd
+(compare-and-swap, so two nodes can never both hold it), tags it `kvmctl_active_<node>` and
+activates it exclusively; `deactivate(store, settings, vg, lv, node)` undoes that. See
+docs/storage.md. Every LVM command goes through `reconcilers/drivers/lvm.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 from controller.events import EventRecorder
 from controller.reconcile import Result, RetryableError
@@ -31,15 +28,12 @@ from controller.store import Store
 from crds import IscsiTarget, VirtualMachine, VolumeGroup
 from crds.meta import ConditionStatus, parse_size
 from crds.volumegroup import LogicalVolumeStatus, PhysicalVolume
+from reconcilers.drivers.lvm import Lvm, LvmError, VgReport
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RESYNC = 60.0
 ACTIVE_TAG_PREFIX = "kvmctl_active_"
-
-
-class LvmError(Exception):
-    """An lvm command failed; the message names the command and LVM's reason."""
 
 
 @dataclass(frozen=True)
@@ -56,120 +50,10 @@ class LvmSettings:
     by_path_dir: str = "/dev/disk/by-path"
     """Where open-iscsi's udev rules name attached LUNs."""
 
-
-@dataclass(frozen=True)
-class VgReport:
-    name: str
-    size: int
-    free: int
-    extent: int
-
-
-@dataclass(frozen=True)
-class LvReport:
-    name: str
-    size: int
-    tags: tuple[str, ...]
-    active: bool
-
-
-class LvmCommands:
-    """One `lvm` command per method, under `settings` (system dir and device list)."""
-
-    def __init__(self, settings: LvmSettings) -> None:
-        self.settings = settings
-
-    async def _run(self, *args: str) -> str:
-        command = list(args)
-        if self.settings.devices:
-            command[1:1] = ["--devices", ",".join(self.settings.devices)]
-        env = dict(os.environ)
-        if self.settings.system_dir is not None:
-            env["LVM_SYSTEM_DIR"] = self.settings.system_dir
-        env["LVM_SUPPRESS_FD_WARNINGS"] = "1"
-        try:
-            process = await asyncio.create_subprocess_exec(
-                "lvm",
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-            )
-        except FileNotFoundError:
-            raise LvmError("lvm is not installed (Debian package lvm2)") from None
-        stdout, stderr = await process.communicate()
-        if process.returncode != 0:
-            lines = [line.strip() for line in stderr.decode(errors="replace").splitlines()]
-            reason = "; ".join(line for line in lines if line) or "no message"
-            raise LvmError(f"{' '.join(args[:1])} {' '.join(args[-1:])} failed: {reason}")
-        return stdout.decode(errors="replace")
-
-    async def _report(self, command: str, kind: str, fields: str, *args: str) -> list[Any]:
-        output = await self._run(
-            command, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, *args
-        )
-        rows: list[Any] = json.loads(output)["report"][0][kind]
-        return rows
-
-    async def pv_vgs(self) -> dict[str, str]:
-        """Every PV's device -> its VG name ('' when in none)."""
-        rows = await self._report("pvs", "pv", "pv_name,vg_name")
-        return {row["pv_name"]: row["vg_name"] for row in rows}
-
-    async def vg(self, vg: str) -> VgReport | None:
-        rows = await self._report("vgs", "vg", "vg_name,vg_size,vg_free,vg_extent_size")
-        for row in rows:
-            if row["vg_name"] == vg:
-                return VgReport(
-                    vg, int(row["vg_size"]), int(row["vg_free"]), int(row["vg_extent_size"])
-                )
-        return None
-
-    async def lvs(self, vg: str) -> list[LvReport]:
-        rows = await self._report("lvs", "lv", "lv_name,lv_size,lv_tags,lv_active", vg)
-        return [
-            LvReport(
-                row["lv_name"],
-                int(row["lv_size"]),
-                tuple(tag for tag in row["lv_tags"].split(",") if tag),
-                row["lv_active"] == "active",
-            )
-            for row in rows
-        ]
-
-    async def pvcreate(self, device: str) -> None:
-        await self._run("pvcreate", "--yes", device)
-
-    async def vgcreate(self, vg: str, devices: Sequence[str]) -> None:
-        await self._run("vgcreate", vg, *devices)
-
-    async def vgextend(self, vg: str, device: str) -> None:
-        await self._run("vgextend", vg, device)
-
-    async def lvcreate(self, vg: str, lv: str, size: int) -> None:
-        """A new LV of `size` bytes, not activated (the activation contract does that)."""
-        await self._run(
-            "lvcreate", "--yes", "--activate", "n", "--zero", "n", "-n", lv, "-L", f"{size}b", vg
-        )
-
-    async def lvextend(self, vg: str, lv: str, size: int) -> None:
-        await self._run("lvextend", "-L", f"{size}b", f"{vg}/{lv}")
-
-    async def lvremove(self, vg: str, lv: str) -> None:
-        await self._run("lvremove", "--yes", f"{vg}/{lv}")
-
-    async def add_tag(self, vg: str, lv: str, tag: str) -> None:
-        await self._run("lvchange", "--addtag", tag, f"{vg}/{lv}")
-
-    async def del_tag(self, vg: str, lv: str, tag: str) -> None:
-        await self._run("lvchange", "--deltag", tag, f"{vg}/{lv}")
-
-    async def activate_exclusive(self, vg: str, lv: str) -> None:
-        await self._run("lvchange", "--activate", "ey", f"{vg}/{lv}")
-
-    async def deactivate(self, vg: str, lv: str) -> None:
-        await self._run("lvchange", "--activate", "n", f"{vg}/{lv}")
+    def driver(self) -> Lvm:
+        """The LVM driver for this node's configuration and devices."""
+        system_dir = Path(self.system_dir) if self.system_dir is not None else None
+        return Lvm(system_dir=system_dir, devices=self.devices)
 
 
 # -- the metadata lock and the activation contract ---------------------------------------------
@@ -216,13 +100,13 @@ async def active_on(store: Store, vg: str, lv: str) -> str | None:
 
 async def activate_for_vm(
     store: Store,
-    lvm: LvmCommands,
+    settings: LvmSettings,
     vg: str,
     lv: str,
     node: str,
     take_over_from: str | None = None,
 ) -> None:
-    """Claim `vg/lv` for `node` and activate it exclusively there.
+    """Claim `vg/lv` for `node` and activate it exclusively there, with LVM as `settings` says.
 
     The claim is a compare-and-swap in etcd: it succeeds when nobody holds it, when `node`
     already does, or when `take_over_from` does (only pass a node that has been fenced).
@@ -245,32 +129,35 @@ async def activate_for_vm(
     if not claimed:
         holder = await active_on(store, vg, lv)
         raise ActivationConflict(f"{vg}/{lv} is active on {holder}; deactivate it there first")
+    lvm = settings.driver()
     try:
-        async with metadata_lock(store, vg, lvm.settings):
+        async with metadata_lock(store, vg, settings):
             tags = {t for lv_ in await lvm.lvs(vg) if lv_.name == lv for t in lv_.tags}
             for tag in tags:
                 if tag.startswith(ACTIVE_TAG_PREFIX) and tag != active_tag(node):
                     await lvm.del_tag(vg, lv, tag)
             if active_tag(node) not in tags:
                 await lvm.add_tag(vg, lv, active_tag(node))
-        await lvm.activate_exclusive(vg, lv)
-        if not any(found.name == lv and found.active for found in await lvm.lvs(vg)):
+        await lvm.lvchange_activate(vg, lv, exclusive=True)
+        if not any(found.name == lv and found.active is True for found in await lvm.lvs(vg)):
             # lvchange succeeds without activating when lvm.conf filters the LV out
-            # (activation/volume_list) or activation is off (no device-mapper).
+            # (activation/volume_list) or activation is off (no device-mapper; `active` is None).
             raise LvmError(
-                f"lvchange --activate ey {vg}/{lv} left it inactive on {node}: check "
-                "activation/volume_list and that device-mapper is available"
+                f"lvchange --activate ey {vg}/{lv}",
+                f"it is not active on {node}: check activation/volume_list and that "
+                "device-mapper is available",
             )
     except BaseException:
-        await deactivate(store, lvm, vg, lv, node)
+        await deactivate(store, settings, vg, lv, node)
         raise
 
 
-async def deactivate(store: Store, lvm: LvmCommands, vg: str, lv: str, node: str) -> None:
+async def deactivate(store: Store, settings: LvmSettings, vg: str, lv: str, node: str) -> None:
     """Deactivate `vg/lv` on `node` and drop its claim and tag (no-op when not held)."""
+    lvm = settings.driver()
     with contextlib.suppress(LvmError):
-        await lvm.deactivate(vg, lv)
-    async with metadata_lock(store, vg, lvm.settings):
+        await lvm.lvchange_deactivate(vg, lv)
+    async with metadata_lock(store, vg, settings):
         for found in await lvm.lvs(vg):
             if found.name == lv and active_tag(node) in found.tags:
                 await lvm.del_tag(vg, lv, active_tag(node))
@@ -320,7 +207,8 @@ class VolumeGroupReconciler:
         self.store = store
         self.node = node
         self.recorder = recorder
-        self.lvm = LvmCommands(settings)
+        self.settings = settings
+        self.lvm = settings.driver()
         self.resync = resync
 
     async def reconcile(self, key: str) -> Result:
@@ -332,7 +220,7 @@ class VolumeGroupReconciler:
         actions: list[str] = []
         try:
             devices = await self._devices(obj.spec.physical_volumes)
-            async with metadata_lock(self.store, obj.spec.vg_name, self.lvm.settings):
+            async with metadata_lock(self.store, obj.spec.vg_name, self.settings):
                 await self._converge_vg(obj, devices, actions)
                 await self._converge_lvs(obj, actions)
         except VgProblem as problem:
@@ -362,7 +250,7 @@ class VolumeGroupReconciler:
                         "IscsiTargetMissing", f"IscsiTarget {pv.iscsi.target!r} does not exist"
                     )
                 path = iscsi_by_path(
-                    self.lvm.settings.by_path_dir,
+                    self.settings.by_path_dir,
                     target.spec.portal,
                     target.spec.iqn,
                     pv.iscsi.lun,
@@ -380,55 +268,59 @@ class VolumeGroupReconciler:
 
     async def _converge_vg(self, obj: VolumeGroup, devices: list[str], actions: list[str]) -> None:
         vg = obj.spec.vg_name
-        pv_vgs = await self.lvm.pv_vgs()
-        foreign = [d for d in devices if pv_vgs.get(d) not in (None, "", vg)]
+        # Each PV's device -> its VG (None: in no VG); a device that is not a PV is absent.
+        owners = {pv.name: pv.vg_name for pv in await self.lvm.pvs()}
+        foreign = [d for d in devices if owners.get(d) not in (None, vg)]
         if foreign:
             raise VgProblem(
                 "DeviceInUse",
-                ", ".join(f"{d} belongs to VG {pv_vgs[d]}" for d in foreign),
+                ", ".join(f"{d} belongs to VG {owners[d]}" for d in foreign),
             )
         for device in devices:
-            if device not in pv_vgs:
+            if device not in owners:
                 await self.lvm.pvcreate(device)
                 actions.append(f"created PV {device}")
-        if await self.lvm.vg(vg) is None:
+        if await self._vg_report(vg) is None:
             await self.lvm.vgcreate(vg, devices)
             actions.append(f"created VG {vg} on {', '.join(devices)}")
             return
-        for device in devices:
-            if pv_vgs.get(device) != vg:
-                await self.lvm.vgextend(vg, device)
-                actions.append(f"extended VG {vg} with {device}")
+        joining = [d for d in devices if owners.get(d) != vg]
+        if joining:
+            await self.lvm.vgextend(vg, joining)
+            actions.append(f"extended VG {vg} with {', '.join(joining)}")
+
+    async def _vg_report(self, vg: str) -> VgReport | None:
+        return next((report for report in await self.lvm.vgs() if report.name == vg), None)
 
     async def _converge_lvs(self, obj: VolumeGroup, actions: list[str]) -> None:
         vg_name = obj.spec.vg_name
-        report = await self.lvm.vg(vg_name)
+        report = await self._vg_report(vg_name)
         assert report is not None
         present = {lv.name: lv for lv in await self.lvm.lvs(vg_name)}
         wanted = {
-            lv.name: _round_up(parse_size(lv.size), report.extent)
+            lv.name: _round_up(parse_size(lv.size), report.extent_size_bytes)
             for lv in obj.spec.logical_volumes
         }
         shrinking = [
-            f"{name} ({present[name].size} -> {size} bytes)"
+            f"{name} ({present[name].size_bytes} -> {size} bytes)"
             for name, size in wanted.items()
-            if name in present and size < present[name].size
+            if name in present and size < present[name].size_bytes
         ]
         needed = sum(
-            size - (present[name].size if name in present else 0)
+            size - (present[name].size_bytes if name in present else 0)
             for name, size in wanted.items()
-            if name not in present or size > present[name].size
+            if name not in present or size > present[name].size_bytes
         )
-        if needed > report.free:
+        if needed > report.free_bytes:
             raise VgProblem(
                 "InsufficientSpace",
-                f"VG {vg_name} has {report.free} bytes free; the spec needs {needed} more",
+                f"VG {vg_name} has {report.free_bytes} bytes free; the spec needs {needed} more",
             )
         for name, size in wanted.items():
             if name not in present:
                 await self.lvm.lvcreate(vg_name, name, size)
                 actions.append(f"created LV {vg_name}/{name} ({size} bytes)")
-            elif size > present[name].size:
+            elif size > present[name].size_bytes:
                 await self.lvm.lvextend(vg_name, name, size)
                 actions.append(f"extended LV {vg_name}/{name} to {size} bytes")
         in_use = await self._lvs_used_by_vms(vg_name)
@@ -465,11 +357,11 @@ class VolumeGroupReconciler:
 
     async def _write_status(self, obj: VolumeGroup, problem: VgProblem | None) -> None:
         vg_name = obj.spec.vg_name
-        report = await self.lvm.vg(vg_name)
+        report = await self._vg_report(vg_name)
         lvs = await self.lvm.lvs(vg_name) if report is not None else []
         holders = {lv.name: await active_on(self.store, vg_name, lv.name) for lv in lvs}
         status_lvs = [
-            LogicalVolumeStatus(name=lv.name, size_bytes=lv.size, active_on=holders[lv.name])
+            LogicalVolumeStatus(name=lv.name, size_bytes=lv.size_bytes, active_on=holders[lv.name])
             for lv in lvs
         ]
         ready: tuple[ConditionStatus, str, str] = (
@@ -485,8 +377,8 @@ class VolumeGroupReconciler:
             status = current.status
             before = status.model_dump()
             old = status.condition("Ready")
-            status.size_bytes = report.size if report is not None else None
-            status.free_bytes = report.free if report is not None else None
+            status.size_bytes = report.size_bytes if report is not None else None
+            status.free_bytes = report.free_bytes if report is not None else None
             status.logical_volumes = status_lvs
             status.set_condition("Ready", *ready, observed_generation=generation)
             newly_failed = ready[0] == "False" and (

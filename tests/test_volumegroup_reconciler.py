@@ -21,11 +21,10 @@ from crds import Event, IscsiTarget, ObjectMeta, VirtualMachine, VolumeGroup
 from crds.iscsitarget import IscsiTargetSpec
 from crds.virtualmachine import VirtualMachineSpec
 from crds.volumegroup import VolumeGroupSpec
+from reconcilers.drivers.lvm import LvmError
 from reconcilers.volumegroup import (
     ActivationConflict,
     LockTimeout,
-    LvmCommands,
-    LvmError,
     LvmSettings,
     VolumeGroupReconciler,
     activate_for_vm,
@@ -138,7 +137,12 @@ async def warnings(store: Store) -> list[str]:
 
 
 async def lv_sizes(settings: LvmSettings, vg: str) -> dict[str, int]:
-    return {lv.name: lv.size for lv in await LvmCommands(settings).lvs(vg)}
+    return {lv.name: lv.size_bytes for lv in await settings.driver().lvs(vg)}
+
+
+async def pv_owners(settings: LvmSettings) -> dict[str, str | None]:
+    """Each PV's device -> its VG."""
+    return {pv.name: pv.vg_name for pv in await settings.driver().pvs()}
 
 
 async def test_vg_and_lvs_are_created_grown_and_reported(
@@ -167,7 +171,7 @@ async def test_vg_and_lvs_are_created_grown_and_reported(
     obj = await converge(store, reconciler)
     assert ready(obj)[0] == "True"
     assert await lv_sizes(settings, vg_name) == {"lv_vm1": 16 * MIB, "lv_vm2": 12 * MIB}
-    assert await LvmCommands(settings).pv_vgs() == {d: vg_name for d in loop_devices}
+    assert await pv_owners(settings) == {d: vg_name for d in loop_devices}
 
 
 async def test_shrink_is_refused_and_the_lv_keeps_its_size(
@@ -266,12 +270,12 @@ async def test_missing_devices_and_unattached_iscsi_luns_change_nothing(
     assert (status, reason) == ("False", "IscsiNotAttached")
     assert "not attached to host1" in message
     assert "ip-0.0.0.0:3260-iscsi-iqn.2024-01.org.example:storage-lun-1" in message
-    assert await LvmCommands(settings).pv_vgs() == {}
+    assert await pv_owners(settings) == {}
 
     await respec(store, {}, [loop_devices[0], "/dev/absent-disk"])
     status, reason, message = ready(await converge(store, reconciler))
     assert (status, reason) == ("False", "DeviceMissing")
-    assert await LvmCommands(settings).pv_vgs() == {}
+    assert await pv_owners(settings) == {}
 
 
 async def test_a_device_of_another_vg_is_not_taken(
@@ -281,14 +285,14 @@ async def test_a_device_of_another_vg_is_not_taken(
     loop_devices: list[str],
     vg_name: str,
 ) -> None:
-    lvm = LvmCommands(settings)
+    lvm = settings.driver()
     await lvm.pvcreate(loop_devices[1])
     await lvm.vgcreate(f"{vg_name}_other", [loop_devices[1]])
     await store.create(volume_group(vg_name, loop_devices, {}))
     status, reason, message = ready(await converge(store, reconciler))
     assert (status, reason) == ("False", "DeviceInUse")
     assert f"{loop_devices[1]} belongs to VG {vg_name}_other" in message
-    assert await lvm.vg(vg_name) is None
+    assert vg_name not in [vg.name for vg in await lvm.vgs()]
 
 
 async def test_one_host_at_a_time_holds_the_metadata_lock(
@@ -316,7 +320,7 @@ async def test_activation_claims_are_exclusive_and_rolled_back_on_failure(
     store: Store, settings: LvmSettings, loop_devices: list[str], vg_name: str
 ) -> None:
     """Activation itself needs device-mapper (kernel lab); here the claim around it."""
-    lvm = LvmCommands(settings)
+    lvm = settings.driver()
     await lvm.pvcreate(loop_devices[0])
     await lvm.vgcreate(vg_name, [loop_devices[0]])
     await lvm.lvcreate(vg_name, "lv_vm1", 8 * MIB)
@@ -324,12 +328,12 @@ async def test_activation_claims_are_exclusive_and_rolled_back_on_failure(
     await store.client.put(claim, b"host2")
 
     with pytest.raises(ActivationConflict, match=f"{vg_name}/lv_vm1 is active on host2"):
-        await activate_for_vm(store, lvm, vg_name, "lv_vm1", "host1")
+        await activate_for_vm(store, settings, vg_name, "lv_vm1", "host1")
     assert await active_on(store, vg_name, "lv_vm1") == "host2"
 
     # Taken over from a fenced host2; activation fails here (no device-mapper): rolled back.
     with pytest.raises(LvmError, match="lvchange"):
-        await activate_for_vm(store, lvm, vg_name, "lv_vm1", "host1", take_over_from="host2")
+        await activate_for_vm(store, settings, vg_name, "lv_vm1", "host1", take_over_from="host2")
     assert await active_on(store, vg_name, "lv_vm1") is None
     [lv] = await lvm.lvs(vg_name)
     assert lv.tags == ()

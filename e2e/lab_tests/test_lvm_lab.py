@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from reconcilers.volumegroup import LvmCommands, LvmSettings, active_tag
+from reconcilers.drivers.lvm import Lvm
+from reconcilers.volumegroup import active_tag
 
 MIB = 1 << 20
 
@@ -53,15 +54,15 @@ def loop_device(tmp_path: Path) -> Iterator[str]:
         subprocess.run(["losetup", "-d", device], check=False, timeout=60)
 
 
-def node_lvm(tmp_path: Path, node: str, device: str) -> LvmCommands:
+def node_lvm(tmp_path: Path, node: str, device: str) -> Lvm:
     system_dir = tmp_path / f"lvm-{node}"
     system_dir.mkdir()
     (system_dir / "lvm.conf").write_text(lvm_conf(node))
-    return LvmCommands(LvmSettings(system_dir=str(system_dir), devices=(device,)))
+    return Lvm(system_dir, [device])
 
 
-async def is_active(lvm: LvmCommands, vg: str, lv: str) -> bool:
-    return any(found.name == lv and found.active for found in await lvm.lvs(vg))
+async def is_active(lvm: Lvm, vg: str, lv: str) -> bool:
+    return any(found.name == lv and found.active is True for found in await lvm.lvs(vg))
 
 
 async def test_an_lv_activates_only_on_the_node_it_is_tagged_for(
@@ -78,21 +79,22 @@ async def test_an_lv_activates_only_on_the_node_it_is_tagged_for(
         assert not await is_active(host1, vg, "lv_vm1")
 
         await host1.add_tag(vg, "lv_vm1", active_tag("host1"))
-        await host2.activate_exclusive(vg, "lv_vm1")  # filtered out by host2's volume_list
+        # Filtered out by host2's volume_list: lvchange succeeds, the LV stays inactive.
+        await host2.lvchange_activate(vg, "lv_vm1", exclusive=True)
         assert not await is_active(host2, vg, "lv_vm1")
         assert not await asyncio.to_thread(os.path.exists, f"/dev/mapper/{vg}-lv_vm1")
 
-        await host1.activate_exclusive(vg, "lv_vm1")
+        await host1.lvchange_activate(vg, "lv_vm1", exclusive=True)
         assert await is_active(host1, vg, "lv_vm1")
         assert await asyncio.to_thread(os.path.exists, f"/dev/mapper/{vg}-lv_vm1")
 
-        await host1.deactivate(vg, "lv_vm1")
+        await host1.lvchange_deactivate(vg, "lv_vm1")
         assert not await is_active(host1, vg, "lv_vm1")
         await host1.del_tag(vg, "lv_vm1", active_tag("host1"))
         await host2.add_tag(vg, "lv_vm1", active_tag("host2"))
-        await host2.activate_exclusive(vg, "lv_vm1")
+        await host2.lvchange_activate(vg, "lv_vm1", exclusive=True)
         assert await is_active(host2, vg, "lv_vm1")
-        await host2.deactivate(vg, "lv_vm1")
+        await host2.lvchange_deactivate(vg, "lv_vm1")
     finally:
         remove = await asyncio.create_subprocess_exec(
             "dmsetup",
