@@ -238,6 +238,16 @@ class Agent:
 
         self.nodes.add_handler(node_changed)
 
+        def target_changed(_type: EventType, obj: AnyResource) -> None:
+            for vm in self.vms.list():
+                if any(
+                    disk.iscsi is not None and disk.iscsi.target == obj.metadata.name
+                    for disk in vm.spec.disks
+                ):
+                    vm_queue.add(vm.metadata.name)
+
+        self.iscsi_targets.add_handler(target_changed)
+
     async def _register(self) -> None:
         """Wait for the ClusterNode object and libvirt, then write the node's status."""
         await self.informers.wait_for_sync()

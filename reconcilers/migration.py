@@ -147,7 +147,8 @@ class MigrationRunner:
         try:
             await self._run_migration(host, migration)
         except asyncio.CancelledError:
-            await asyncio.shield(self._finish(migration, "Failed", "aborted: agent stopping"))
+            message = f"aborted on {self.node}; the VM stays there if it still runs"
+            await asyncio.shield(self._finish(migration, "Failed", message))
             raise
         except Exception as error:
             log.exception("migration %s failed unexpectedly", name)
