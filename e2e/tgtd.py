@@ -13,7 +13,6 @@ started is the last resort. Nothing is ever stopped by name.
 
 from __future__ import annotations
 
-import fcntl
 import random
 import shutil
 import subprocess
@@ -23,8 +22,8 @@ from pathlib import Path
 
 from e2e.etcd import free_port
 from reconcilers.drivers.tgt import parse_targets
+from reconcilers.tgtd_supervisor import remove_stale_control_socket
 
-SOCKET_DIR = Path("/run/tgtd")
 CONTROL_PORTS = range(20000, 32768)
 """Where random control ports are drawn from: tgtd takes up to 32767; its default (0) is left
 to a system tgtd."""
@@ -165,26 +164,7 @@ class TgtDaemon:
                 process.kill()
                 process.wait()
         self.process = None
-        self._remove_stale_control_socket()
-
-    def _remove_stale_control_socket(self) -> None:
-        """tgtd may leave its socket and lock file behind; remove them unless a tgtd holds the lock.
-
-        tgtd takes a `lockf` lock on the lock file for as long as it runs (so a colleague's tgtd
-        that refused to share our port still owns its files).
-        """
-        lock_path = SOCKET_DIR / f"socket.{self.control_port}.lock"
-        try:
-            lock_file = open(lock_path, "r+b")  # noqa: SIM115 - closed below, after the unlink
-        except FileNotFoundError:
-            return
-        with lock_file:
-            try:
-                fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return
-            (SOCKET_DIR / f"socket.{self.control_port}").unlink(missing_ok=True)
-            lock_path.unlink(missing_ok=True)
+        remove_stale_control_socket(self.control_port)
 
     def close(self) -> None:
         """Stop tgtd and remove its log directory."""
