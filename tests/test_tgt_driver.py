@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from e2e.tgtd import SOCKET_DIR, TgtDaemon
+from e2e.tgtd import TgtDaemon
 from reconcilers.drivers.tgt import Target, TgtAdm, TgtError, TgtUnavailable, parse_targets
+from reconcilers.tgtd_supervisor import CONTROL_SOCKET_DIR as SOCKET_DIR
 
 MIB = 1024 * 1024
 DEADLINE = 60.0
