@@ -12,7 +12,8 @@ waiting for etcd), so the VMs are gone before the lease can expire on the server
 
 Watchdog: with a device path, one byte is written every `renew_interval` while `healthy()` holds
 (the caller's loops are progressing and any required self-fence succeeded). A hung agent stops
-feeding it and the watchdog resets the host. A clean stop writes 'V' (magic close) first.
+feeding it and the watchdog resets the host. A clean stop writes 'V' (magic close) first,
+except on a self-fencing node, where guests outlive the agent and only the watchdog stops them.
 """
 
 from __future__ import annotations
@@ -244,7 +245,16 @@ class Heartbeat:
                     watchdog.feed()
                 await asyncio.sleep(self.timing.renew_interval)
         except asyncio.CancelledError:
-            watchdog.close(magic=True)
+            # On a self-fencing node the watchdog is what makes recovery elsewhere safe: the
+            # guests keep running when the agent stops, so it must stay armed (sbd's contract).
+            # Drain the node before stopping its agent, or restart it within the timeout.
+            armed = self._self_fence_enabled()
+            if armed:
+                log.warning(
+                    "agent stopping on a self-fencing node: the watchdog stays armed and resets "
+                    "this host unless the agent is back in time (drain the node first)"
+                )
+            watchdog.close(magic=not armed)
             raise
         except BaseException:
             watchdog.close(magic=False)

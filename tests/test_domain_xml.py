@@ -112,7 +112,7 @@ def test_minimal_spec_boots_from_disk_with_a_pty_console() -> None:
     assert domain.get("type") == "kvm"
     assert domain.find("os/boot").attrib == {"dev": "hd"}  # type: ignore[union-attr]
     assert domain.find("os/kernel") is None
-    assert domain.find("features") is None
+    assert [f.tag for f in domain.find("features")] == ["acpi"]  # type: ignore[union-attr]
     assert domain.find("metadata") is None
     assert domain.find("devices/serial").attrib == {"type": "pty"}  # type: ignore[union-attr]
     assert parse_kvmctl_metadata(build_domain_xml(spec)) == {}

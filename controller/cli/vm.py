@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from controller.ha.environment import HaTimings
 from controller.store import NotFound, Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.meta import _check_name
@@ -30,9 +31,16 @@ def register(commands: Any) -> None:
     agent.add_argument("--libvirt-uri", default="qemu:///system", help="local libvirt URI")
     agent.add_argument("--domain-type", choices=["kvm", "qemu"], default="kvm")
     agent.add_argument("--serial-log-dir", type=Path, help="append guest consoles to DIR/VM.log")
-    agent.add_argument("--lease-ttl", type=int, default=3, help="heartbeat lease TTL, seconds")
-    agent.add_argument("--renew-interval", type=float, default=1.0, help="seconds")
-    agent.add_argument("--self-fence-margin", type=float, default=1.0, help="seconds")
+    defaults = HaTimings()
+    agent.add_argument(
+        "--lease-ttl", type=int, default=int(defaults.lease_ttl), help="heartbeat lease TTL, s"
+    )
+    agent.add_argument(
+        "--renew-interval", type=float, default=defaults.renew_interval, help="seconds"
+    )
+    agent.add_argument(
+        "--self-fence-margin", type=float, default=defaults.self_fence_margin, help="seconds"
+    )
     agent.add_argument("--watchdog", type=Path, help="watchdog device to feed (/dev/watchdog)")
     agent.add_argument("--resync-period", type=float, default=30.0, help="seconds")
     agent.add_argument(

@@ -138,8 +138,10 @@ def build_domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(domain, "vcpu").text = str(spec.vcpus)
     _add_os(domain, spec)
+    features = ET.SubElement(domain, "features")
+    ET.SubElement(features, "acpi")  # without it qemu runs with -no-acpi: no graceful shutdown
     if spec.tb_cache_mib is not None:
-        tcg = ET.SubElement(ET.SubElement(domain, "features"), "tcg")
+        tcg = ET.SubElement(features, "tcg")
         ET.SubElement(tcg, "tb-cache", unit="MiB").text = str(spec.tb_cache_mib)
     # A crashed guest stays off: the agent decides about restarts (restart policy).
     for event, action in (("poweroff", "destroy"), ("reboot", "restart"), ("crash", "destroy")):
