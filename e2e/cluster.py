@@ -1,0 +1,485 @@
+"""A whole kvmctl cluster on one machine: etcd, simulated KVM hosts, a storage host, BMCs.
+
+`Cluster` builds on `e2e.hosts.Lab`:
+
+- a local etcd the hosts reach on the lab gateway (`lab.start_etcd()`);
+- KVM hosts (default host1..host3), each running `kvmctl agent --domain-type qemu` and, once
+  the CLI has it, `kvmctl controller` (the controllers elect one leader among themselves);
+- a storage host whose agent starts tgtd (`--tgtd-portal`), so IscsiTarget objects bound to it
+  are served from inside its namespace;
+- one simulated IPMI BMC (`e2e.bmc`) per KVM host, listening on the lab gateway: powering the
+  chassis off SIGKILLs that host's namespace init, so `fence_ipmilan` run by a controller on
+  another host really pulls the power;
+- optionally a shared disk: a loop device every agent may use for LVM metadata (this kernel has
+  no device-mapper: LVM runs with activation off in a private lvm.conf that sees only it);
+- on each KVM host a veth pair `eth1`/`eth2`, free NICs for Bond objects to enslave (the host's
+  `eth0` carries the cluster network).
+
+Failure injection for chaos tests: `kill_host` (pull the power), `cut_network`, `restore`
+(plug the cable back in, or power the host on again with its agent, controller and BMC).
+
+In-process use: `with Cluster() as cluster: ...` removes everything on exit. The demo outlives
+its Python process instead: `detach(state_file)` records every PID (with its start time, so a
+reused PID is never signalled), namespace, link, loop device and directory, and
+`teardown_detached(state_file)` removes them later from another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute, netns
+
+from e2e.etcd import EtcdCluster
+from e2e.hosts import REPO_ROOT, Lab, LabError, SimulatedHost, wait_until
+
+KVMCTL = str(Path(sys.executable).parent / "kvmctl")
+DEFAULT_PREFIX = "/kvmctl"
+BMC_USER = "admin"
+ISCSI_PORT = 3260
+TGTD_CONTROL_PORT = 4001
+"""tgtd's `-C` port on the storage host; its /run is private, so no other tgtd can collide."""
+BOND_SLAVES = ("eth1", "eth2")
+"""A veth pair created in every KVM host: NICs a Bond may enslave without cutting eth0."""
+START_TIMEOUT = 60.0
+
+
+class ClusterError(RuntimeError):
+    """Part of the cluster could not be started, driven or removed."""
+
+
+@dataclass(frozen=True)
+class BmcEndpoint:
+    """Where a host's simulated BMC answers IPMI (UDP, on the lab gateway)."""
+
+    address: str
+    port: int
+    user: str
+
+
+@dataclass
+class _Bmc:
+    process: subprocess.Popen[bytes]
+    endpoint: BmcEndpoint
+    log_path: Path
+
+
+@dataclass
+class RecordedProcess:
+    """A process of a detached cluster: stopped only if its PID still names the same process."""
+
+    what: str
+    pid: int
+    start_time: int
+    stop_signal: int
+
+
+@dataclass
+class DetachedState:
+    """Everything a detached cluster holds, enough to remove it from another process."""
+
+    processes: list[RecordedProcess] = field(default_factory=list)
+    network_namespaces: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    loop_devices: list[str] = field(default_factory=list)
+    directories: list[str] = field(default_factory=list)
+    etcd_endpoints: list[str] = field(default_factory=list)
+    prefix: str = DEFAULT_PREFIX
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> DetachedState:
+        data = json.loads(path.read_text())
+        processes = [RecordedProcess(**entry) for entry in data.pop("processes")]
+        return cls(processes=processes, **data)
+
+
+class Cluster:
+    """etcd, KVM hosts with agents (and controllers), a storage host with tgtd, BMCs."""
+
+    def __init__(
+        self,
+        kvm_hosts: Sequence[str] = ("host1", "host2", "host3"),
+        storage_host: str | None = "storage",
+        *,
+        controllers: bool = True,
+        shared_disk_mib: int | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        agent_args: Sequence[str] = (),
+    ) -> None:
+        self.kvm_hosts = list(kvm_hosts)
+        self.storage_host = storage_host
+        self.lab = Lab([*self.kvm_hosts, *([storage_host] if storage_host else [])])
+        self.prefix = prefix
+        self.serial_dir = self.lab.root / "serial"
+        self.lvm_system_dir = self.lab.root / "lvm"
+        self.bmc_password = secrets.token_urlsafe(12)
+        self.shared_disk: str | None = None
+        """The loop device standing for shared storage, when `shared_disk_mib` was given."""
+        self.agents: dict[str, int] = {}
+        """Host name -> root-namespace PID of its `kvmctl agent`."""
+        self.controllers: dict[str, int] = {}
+        """Host name -> root-namespace PID of its `kvmctl controller`."""
+        self.etcd: EtcdCluster | None = None
+        self._want_controllers = controllers
+        self._shared_disk_mib = shared_disk_mib
+        self._agent_args = list(agent_args)
+        self._bmcs: dict[str, _Bmc] = {}
+        self._detached = False
+
+    # Addresses and access.
+
+    def host(self, name: str) -> SimulatedHost:
+        return self.lab[name]
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """etcd as reached from the root namespace (tests, the CLI)."""
+        if self.etcd is None:
+            raise ClusterError("the cluster is not started")
+        return self.etcd.endpoints
+
+    @property
+    def host_etcd_endpoints(self) -> list[str]:
+        """etcd as reached from inside the hosts."""
+        if self.etcd is None:
+            raise ClusterError("the cluster is not started")
+        return self.lab.host_etcd_endpoints(self.etcd)
+
+    def kvmctl_env(self) -> dict[str, str]:
+        """Environment for `kvmctl` commands run from the root namespace."""
+        return {"KVMCTL_ETCD": ",".join(self.etcd_endpoints), "KVMCTL_PREFIX": self.prefix}
+
+    @property
+    def tgtd_portal(self) -> str:
+        """The iSCSI portal tgtd serves on the storage host."""
+        if self.storage_host is None:
+            raise ClusterError("this cluster has no storage host")
+        return f"{self.lab[self.storage_host].address}:{ISCSI_PORT}"
+
+    def bmc(self, host: str) -> BmcEndpoint:
+        return self._bmcs[host].endpoint
+
+    def qemu_guests(self, host: str) -> dict[str, int]:
+        """Guest name -> qemu PID of the guests running on `host`."""
+        return self.lab[host].qemu_guests()
+
+    def serial_log(self, vm: str) -> Path:
+        """The guest's console, appended to across hosts and boots."""
+        return self.serial_dir / f"{vm}.log"
+
+    # Life cycle.
+
+    def start(self) -> Cluster:
+        try:
+            self.lab.start()
+            self.etcd = self.lab.start_etcd()
+            self.serial_dir.mkdir()
+            self._write_lvm_conf()
+            for name in self.kvm_hosts:
+                self._add_bond_slaves(self.lab[name])
+                self._start_bmc(name)
+            for name in self.lab.hosts:
+                self._start_daemons(name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Remove everything the cluster started. Idempotent; not after `detach`."""
+        if self._detached:
+            return
+        failures = []
+        for name in list(self._bmcs):
+            self._stop_bmc(name)
+        try:
+            self.lab.cleanup()  # hosts (with everything inside), etcd, links, namespaces, dirs
+        except LabError as error:
+            failures.append(str(error))
+        if self.shared_disk is not None:
+            problem = _detach_loop(self.shared_disk)
+            if problem:
+                failures.append(problem)
+            self.shared_disk = None
+        if failures:
+            raise ClusterError("; ".join(failures))
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # Failure injection.
+
+    def kill_host(self, name: str) -> None:
+        """Pull the power: every process of the host dies at once (agent, controller, guests)."""
+        host = self.lab[name]
+        host.kill()
+        host.wait_dead()
+        self.agents.pop(name, None)
+        self.controllers.pop(name, None)
+
+    def cut_network(self, name: str) -> None:
+        """Unplug the host's cable; it keeps running, cut off from etcd and its peers."""
+        self.lab[name].cut_network()
+
+    def restore(self, name: str) -> None:
+        """Undo a failure: plug the cable back in, or power the host on again if it is off."""
+        host = self.lab[name]
+        host.restore_network()
+        if host.is_running():
+            return
+        if host.processes():
+            host.wait_dead()
+        host.start()
+        if name in self._bmcs:
+            self._restart_bmc(name)
+        self._start_daemons(name)
+
+    # Detaching (the demo).
+
+    def detach(self, state_file: Path) -> DetachedState:
+        """Leave everything running after this process exits; record it in `state_file`."""
+        if self.etcd is None:
+            raise ClusterError("the cluster is not started")
+        state = DetachedState(etcd_endpoints=self.etcd_endpoints, prefix=self.prefix)
+        for bmc_host, bmc in self._bmcs.items():
+            state.processes.append(_record(f"BMC of {bmc_host}", bmc.process.pid, signal.SIGTERM))
+        for name, host in self.lab.hosts.items():
+            if host.is_running():
+                state.processes.append(_record(f"host {name}", host.init_pid, signal.SIGKILL))
+        for member in self.etcd.members:
+            if member.process is not None and member.process.poll() is None:
+                state.processes.append(
+                    _record(f"etcd {member.name}", member.process.pid, signal.SIGTERM)
+                )
+        state.network_namespaces = [host.netns for host in self.lab.hosts.values()]
+        state.links = [host.uplink for host in self.lab.hosts.values()] + [self.lab.bridge]
+        state.loop_devices = [self.shared_disk] if self.shared_disk else []
+        state.directories = [str(self.lab.root), str(self.etcd.root)]
+        state.save(state_file)
+        self._detached = True
+        return state
+
+    # Internals.
+
+    def _write_lvm_conf(self) -> None:
+        """A private lvm.conf: no activation (no device-mapper here), only the shared disk."""
+        self.lvm_system_dir.mkdir()
+        accepted = ""
+        if self._shared_disk_mib is not None:
+            image = self.lab.root / "shared-disk.img"
+            with open(image, "wb") as file:
+                file.truncate(self._shared_disk_mib << 20)
+            self.shared_disk = _run(["losetup", "--find", "--show", str(image)]).strip()
+            accepted = f'"a|^{self.shared_disk}$|", '
+        (self.lvm_system_dir / "lvm.conf").write_text(
+            "global { activation = 0 }\n"
+            f"devices {{ obtain_device_list_from_udev = 0 use_devicesfile = 0 "
+            f'global_filter = [ {accepted}"r|.*|" ] }}\n'
+            "backup { backup = 0 archive = 0 }\n"
+        )
+
+    def _add_bond_slaves(self, host: SimulatedHost) -> None:
+        with IPRoute(netns=host.netns, flags=os.O_RDONLY) as inside:
+            first, second = BOND_SLAVES
+            inside.link("add", ifname=first, kind="veth", peer={"ifname": second})
+
+    def _start_daemons(self, name: str) -> None:
+        host = self.lab[name]
+        self.agents[name] = host.spawn(self._agent_argv(name), log_path=host.dir / "agent.log")
+        if name in self.kvm_hosts and self._want_controllers and controller_available():
+            self.controllers[name] = host.spawn(
+                self._controller_argv(name), log_path=host.dir / "controller.log"
+            )
+
+    def _global_args(self) -> list[str]:
+        return [KVMCTL, "--etcd", ",".join(self.host_etcd_endpoints), "--prefix", self.prefix]
+
+    def _agent_argv(self, name: str) -> list[str]:
+        argv = [
+            *self._global_args(), "agent", "--node", name,
+            "--libvirt-uri", "qemu:///system", "--domain-type", "qemu",
+            "--serial-log-dir", str(self.serial_dir),
+            "--lvm-system-dir", str(self.lvm_system_dir),
+        ]  # fmt: skip
+        if self.shared_disk is not None:
+            argv += ["--lvm-device", self.shared_disk]
+        if name == self.storage_host:
+            argv += [
+                "--tgtd-portal",
+                self.tgtd_portal,
+                "--tgtd-control-port",
+                str(TGTD_CONTROL_PORT),
+            ]
+        return argv + self._agent_args
+
+    def _controller_argv(self, name: str) -> list[str]:
+        return [*self._global_args(), "controller", "--id", name]
+
+    def _start_bmc(self, name: str, port: int = 0) -> None:
+        host = self.lab[name]
+        password_file = self.lab.root / "bmc-password"
+        if not password_file.exists():
+            password_file.touch(mode=0o600)
+            password_file.write_text(self.bmc_password)
+        log_path = self.lab.root / f"bmc-{name}.log"
+        argv = [
+            sys.executable, "-m", "e2e.bmc", "--address", self.lab.gateway_address,
+            "--port", str(port), "--user", BMC_USER, "--password-file", str(password_file),
+            # Powering the chassis off pulls the host's power: SIGKILL of its namespace init.
+            "--on-off-command", "kill", "-KILL", str(host.init_pid),
+        ]  # fmt: skip
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        bound: list[int] = []
+
+        def listening() -> bool:
+            for line in log_path.read_text(errors="replace").splitlines():
+                words = line.split()
+                if len(words) == 3 and words[0] == "listening":
+                    bound.append(int(words[2]))
+                    return True
+            return process.poll() is not None
+
+        wait_until(listening, START_TIMEOUT, f"BMC of {name} listening")
+        if not bound:
+            raise ClusterError(f"BMC of {name} exited: see {log_path}")
+        endpoint = BmcEndpoint(self.lab.gateway_address, bound[0], BMC_USER)
+        self._bmcs[name] = _Bmc(process, endpoint, log_path)
+
+    def _stop_bmc(self, name: str) -> None:
+        bmc = self._bmcs.pop(name)
+        if bmc.process.poll() is None:
+            bmc.process.terminate()
+        try:
+            bmc.process.wait(10)
+        except subprocess.TimeoutExpired:
+            bmc.process.kill()
+            bmc.process.wait()
+
+    def _restart_bmc(self, name: str) -> None:
+        """A new BMC on the same port, powering the host's new init off (fencing parameters
+        naming the port stay valid)."""
+        port = self._bmcs[name].endpoint.port
+        self._stop_bmc(name)
+        self._start_bmc(name, port)
+
+
+def controller_available() -> bool:
+    """True once the CLI has `kvmctl controller` (a colleague's work in progress)."""
+    result = subprocess.run(
+        [KVMCTL, "controller", "--help"], capture_output=True, check=False, timeout=60
+    )
+    return result.returncode == 0
+
+
+# Detached clusters.
+
+
+def teardown_detached(state_file: Path) -> list[str]:
+    """Remove a detached cluster recorded in `state_file`; the problems met (keeps going)."""
+    state = DetachedState.load(state_file)
+    problems = []
+    live = [p for p in state.processes if _start_time(p.pid) == p.start_time]
+    for process in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, process.stop_signal)
+    deadline = time.monotonic() + 30.0
+    for process in live:
+        while _start_time(process.pid) == process.start_time and not _is_zombie(process.pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10.0
+            time.sleep(0.05)
+    # Host processes (qemu, nsenter'd agents) die with their init; wait for their namespaces.
+    existing = netns.listnetns()
+    with IPRoute() as ipr:
+        for link in state.links:
+            indexes = ipr.link_lookup(ifname=link)
+            if indexes:
+                try:
+                    ipr.link("del", index=indexes[0])
+                except Exception as error:  # keep going; report below
+                    problems.append(f"link {link}: {error}")
+    for name in state.network_namespaces:
+        if name in existing:
+            try:
+                netns.remove(name)
+            except Exception as error:  # keep going; report below
+                problems.append(f"network namespace {name}: {error}")
+    for device in state.loop_devices:
+        problem = _detach_loop(device)
+        if problem:
+            problems.append(problem)
+    for directory in state.directories:
+        shutil.rmtree(directory, ignore_errors=True)
+    state_file.unlink(missing_ok=True)
+    return problems
+
+
+def _record(what: str, pid: int, stop_signal: int) -> RecordedProcess:
+    start_time = _start_time(pid)
+    if start_time is None:
+        raise ClusterError(f"{what} (pid {pid}) is not running")
+    return RecordedProcess(what, pid, start_time, int(stop_signal))
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (with the PID: a unique identity)."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def _is_zombie(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] == "Z"
+
+
+def _detach_loop(device: str) -> str | None:
+    result = subprocess.run(
+        ["losetup", "--detach", device], capture_output=True, text=True, check=False, timeout=60
+    )
+    if result.returncode != 0 and "No such device" not in result.stderr:
+        return f"loop device {device}: {result.stderr.strip()}"
+    return None
+
+
+def _run(argv: Sequence[str]) -> str:
+    result = subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=60)
+    if result.returncode != 0:
+        raise ClusterError(f"{argv[0]} failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout
