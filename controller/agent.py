@@ -40,6 +40,8 @@ from crds.clusternode import Capacity
 from crds.meta import now
 from reconcilers.drivers.libvirt import LibvirtError, LibvirtHost, LibvirtUnavailable
 from reconcilers.migration import DEFAULT_CONCURRENCY, MigrationRunner
+from reconcilers.storage import StorageSettings, run_storage_reconcilers
+from reconcilers.tgtd_supervisor import TgtdSupervisor
 from reconcilers.virtualmachine import ACTIVE_STATES, DomainSettings, VirtualMachineReconciler
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,10 @@ class AgentSettings:
     """How often lastHeartbeatTime (and capacity) is written to the ClusterNode status."""
     migration_concurrency: int = DEFAULT_CONCURRENCY
     vm_workers: int = 4
+    storage: StorageSettings | None = field(default_factory=StorageSettings)
+    """Bond, IscsiTarget and VolumeGroup reconcilers for this node (None: do not run them)."""
+    tgtd_portal: str | None = None
+    """Start a tgtd serving this portal when none answers (a storage node)."""
 
 
 class Agent:
@@ -177,6 +183,8 @@ class Agent:
             )
             self._start(vm_workers, "vm workers")
             self._start(run_workers(migration_queue, self.migration_runner, 2), "migrations")
+            if self.settings.storage is not None:
+                self._start(self._storage(self.settings.storage), "storage")
             for obj in self.vms.list():
                 vm_queue.add(obj.metadata.name)
             for obj in self.migrations.list():
@@ -186,6 +194,12 @@ class Agent:
             await self._until_stopped_or_failed(stop)
         finally:
             await self._shutdown()
+
+    async def _storage(self, storage: StorageSettings) -> None:
+        tgtd = None
+        if self.settings.tgtd_portal is not None:
+            tgtd = TgtdSupervisor(self.settings.tgtd_portal, storage.tgtd_control_port)
+        await run_storage_reconcilers(self.store, self.node, self.recorder, storage, tgtd)
 
     def _start(self, work: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(work, name=name))

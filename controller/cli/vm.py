@@ -42,6 +42,17 @@ def register(commands: Any) -> None:
         "--self-fence-margin", type=float, default=defaults.self_fence_margin, help="seconds"
     )
     agent.add_argument("--watchdog", type=Path, help="watchdog device to feed (/dev/watchdog)")
+    agent.add_argument(
+        "--no-storage", action="store_true", help="do not run the Bond/IscsiTarget/VG reconcilers"
+    )
+    agent.add_argument("--tgtd-portal", metavar="ADDR:PORT", help="start tgtd here if absent")
+    agent.add_argument("--tgtd-control-port", type=int, metavar="N", help="tgtd's -C port")
+    agent.add_argument(
+        "--lvm-system-dir", metavar="DIR", help="LVM_SYSTEM_DIR (a private lvm.conf)"
+    )
+    agent.add_argument(
+        "--lvm-device", action="append", default=[], metavar="DEV", help="restrict LVM to DEV"
+    )
     agent.add_argument("--resync-period", type=float, default=30.0, help="seconds")
     agent.add_argument(
         "--migration-concurrency", type=int, default=DEFAULT_CONCURRENCY, help="per node"
@@ -70,7 +81,9 @@ async def run_agent(args: argparse.Namespace) -> int:
     # Imported here: libvirt and the reconcilers would slow every other command's start-up.
     from controller.agent import Agent, AgentSettings
     from controller.heartbeat import HeartbeatTiming
+    from reconcilers.storage import StorageSettings
     from reconcilers.virtualmachine import DomainSettings
+    from reconcilers.volumegroup import LvmSettings
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.INFO)
@@ -85,6 +98,13 @@ async def run_agent(args: argparse.Namespace) -> int:
         watchdog=args.watchdog,
         resync_period=args.resync_period,
         migration_concurrency=args.migration_concurrency,
+        storage=None
+        if args.no_storage
+        else StorageSettings(
+            tgtd_control_port=args.tgtd_control_port,
+            lvm=LvmSettings(system_dir=args.lvm_system_dir, devices=tuple(args.lvm_device)),
+        ),
+        tgtd_portal=args.tgtd_portal,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
