@@ -7,7 +7,9 @@ kinds whose changes map to primary keys (`Watch`). The manager:
 1. starts one informer per kind (shared between controllers) and waits until all have listed;
 2. runs every controller's workers; a `leader_only` controller runs only while this process
    leads the election and is cancelled the moment leadership is lost; each start (every term)
-   enqueues every cached object, so nothing changed meanwhile is missed;
+   enqueues every cached object, so nothing changed meanwhile is missed; `leader_tasks` are
+   other long-running leader-only work (the HA loop), started each term with the term's
+   fencing token and guard and cancelled with it;
 3. records a terminal reconcile error as `Ready=False reason=<reason>` on the object's status
    (guarded by the fencing token for leader-only controllers) and as a Warning event;
 4. serves `GET /healthz` (200 once synced and every part alive, else 503) and `GET /metrics`
@@ -25,7 +27,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +68,17 @@ class Controller:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"controller {self.name!r} needs at least one worker")
+
+
+@dataclass(frozen=True)
+class LeaderTask:
+    """Leader-only work besides reconcilers: `run(token, guard)` for one term, until cancelled.
+
+    `guard` is the compare list that makes a write fail once the term `token` is over.
+    """
+
+    name: str
+    run: Callable[[int, list[Compare]], Coroutine[Any, Any, None]]
 
 
 class _ControllerRunner:
@@ -121,9 +134,10 @@ class Manager:
         component: str = "kvmctl-controller",
         node: str | None = None,
         informers: SharedInformers | None = None,
+        leader_tasks: Sequence[LeaderTask] = (),
     ) -> None:
         """`informers` lets the caller build mappers on the caches the manager will use."""
-        names = [controller.name for controller in controllers]
+        names = [controller.name for controller in controllers] + [t.name for t in leader_tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"controller names must be distinct: {names}")
         self.store = store
@@ -131,8 +145,9 @@ class Manager:
         self.informers = informers or SharedInformers(store, resync_period)
         self.recorder = EventRecorder(store, component, node)
         self._runners = [_ControllerRunner(c, self.informers) for c in controllers]
+        self._leader_tasks = list(leader_tasks)
         self.elector: LeaderElector | None = None
-        if any(c.leader_only for c in controllers):
+        if leader_tasks or any(c.leader_only for c in controllers):
             self.elector = LeaderElector(
                 store.client, store.prefix, election, self.identity, election_timing
             )
@@ -228,15 +243,18 @@ class Manager:
                 raise RuntimeError(f"{name} stopped unexpectedly: {error!r}") from error
 
     async def _lead(self, token: int) -> None:
-        """Leader-only work for one term: every leader-only controller, until cancelled."""
+        """Leader-only work for one term: leader-only controllers and tasks, until cancelled."""
         self._token = token
         if self.elector is not None:
             telemetry.set_leader(self.elector.key, True)
         try:
+            guard = self.leader_guard()
             async with asyncio.TaskGroup() as group:
                 for runner in self._runners:
                     if runner.controller.leader_only:
                         group.create_task(runner.run(self._on_terminal(runner.controller)))
+                for task in self._leader_tasks:
+                    group.create_task(task.run(token, list(guard)), name=task.name)
         finally:
             self._token = None
             if self.elector is not None:

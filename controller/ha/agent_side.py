@@ -1,0 +1,150 @@
+"""What a host agent does for the HA contract beyond its reconcilers (docs/ha.md).
+
+- It reports the kvmctl domains that have a qemu process on its host (`{prefix}/reports/{node}`,
+  `controller/ha/requests.py`), so the engine knows what may run where even after placements
+  moved (a VM's own status is only written while it is placed on the reporting node).
+- When it finds its node **Fenced**, it destroys every kvmctl domain it finds and reports that
+  it did so after this very fence (the report names the fence's `confirmedAt`): only then does
+  the engine let the node back Online. Clock offsets between hosts do not matter.
+- While it is past its self-fence deadline, it keeps destroying any kvmctl domain that appears.
+
+`HaReporter.run(...)` does all three in one loop; the agent starts it as one of its tasks and
+calls `wake()` on changes of its ClusterNode and on libvirt lifecycle events.
+`heartbeat_timing(HaTimings())` gives the agent the engine's timing defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from controller.heartbeat import HeartbeatTiming
+from controller.store import Store, StoreError
+from crds import ClusterNode
+from reconcilers.drivers.libvirt import (
+    DomainNotFound,
+    DomainStateConflict,
+    LibvirtError,
+    LibvirtHost,
+)
+from reconcilers.virtualmachine import ACTIVE_STATES
+
+from .environment import HaTimings
+from .requests import NodeReport, read_report, write_report
+
+log = logging.getLogger(__name__)
+
+
+def heartbeat_timing(timings: HaTimings) -> HeartbeatTiming:
+    """The agent's heartbeat timing that matches the engine's `timings`.
+
+    etcd leases have whole-second TTLs: a fractional `lease_ttl` is refused rather than rounded
+    (rounding up would let the server hold the lease longer than the engine assumes).
+    """
+    ttl = math.floor(timings.lease_ttl)
+    if ttl != timings.lease_ttl:
+        raise ValueError(f"lease_ttl must be a whole number of seconds, got {timings.lease_ttl}")
+    return HeartbeatTiming(ttl, timings.renew_interval, timings.self_fence_margin)
+
+
+async def running_domains(host: LibvirtHost) -> frozenset[str]:
+    """VMs with a kvmctl domain (owner uid in its metadata) that has a qemu process here."""
+    return frozenset(
+        domain.metadata.get("vm", domain.name)
+        for domain in await host.list_domains()
+        if domain.metadata.get("uid") and domain.state in ACTIVE_STATES
+    )
+
+
+async def destroy_every_domain(host: LibvirtHost) -> list[str]:
+    """Destroy every running kvmctl domain of `host` (libvirt only); the names destroyed."""
+    destroyed = []
+    for domain in await host.list_domains():
+        if domain.metadata.get("uid") and domain.state in ACTIVE_STATES:
+            with contextlib.suppress(DomainNotFound, DomainStateConflict):
+                await host.destroy(domain.name)
+            destroyed.append(domain.name)
+    return destroyed
+
+
+class HaReporter:
+    """The agent's HA duties for node `node`; see the module docstring."""
+
+    def __init__(self, store: Store, node: str, timings: HaTimings | None = None) -> None:
+        self.store = store
+        self.node = node
+        self.interval = (timings or HaTimings()).renew_interval
+        self._written: NodeReport | None = None
+        self._cleaned_fence: datetime | None = None
+        self._loaded = False
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Look again now (the node object changed, or a domain started or stopped)."""
+        self._wake.set()
+
+    async def run(
+        self,
+        own_node: Callable[[], ClusterNode | None],
+        host: Callable[[], LibvirtHost | None],
+        past_deadline: Callable[[], bool],
+    ) -> None:
+        """Until cancelled: self-fence enforcement, cleaning after a fence, reports.
+
+        `own_node()` is the node's object from the agent's cache, `host()` the current libvirt
+        connection (None while disconnected), `past_deadline()` True while the agent is past its
+        self-fence deadline without a renewed lease.
+        """
+        while True:
+            self._wake.clear()
+            connection = host()
+            if connection is not None:
+                try:
+                    await self.step(own_node(), connection, past_deadline())
+                except (LibvirtError, StoreError) as error:
+                    log.warning("HA report of %s: %s; retrying", self.node, error)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+
+    async def step(self, node: ClusterNode | None, host: LibvirtHost, past_deadline: bool) -> None:
+        """One look: destroy what must not run, then report what runs (if it changed)."""
+        if past_deadline:
+            destroyed = await destroy_every_domain(host)
+            if destroyed:
+                log.error("%s is past its self-fence deadline: destroyed %s", self.node, destroyed)
+            return  # etcd is presumably unreachable: no report
+        if not self._loaded:
+            previous = await read_report(self.store, self.node)
+            self._cleaned_fence = None if previous is None else previous.cleaned_fence
+            self._loaded = True
+        fence = None if node is None or node.status.fence is None else node.status.fence
+        if (
+            node is not None
+            and node.status.health == "Fenced"
+            and fence is not None
+            and fence.confirmed_at is not None
+            and fence.confirmed_at != self._cleaned_fence
+        ):
+            destroyed = await destroy_every_domain(host)
+            log.warning(
+                "%s found its node Fenced (%s): destroyed %s",
+                self.node,
+                fence.how,
+                ", ".join(destroyed) or "nothing",
+            )
+            self._cleaned_fence = fence.confirmed_at
+        domains = await running_domains(host)
+        if (
+            self._written is not None
+            and self._written.domains == domains
+            and self._written.cleaned_fence == self._cleaned_fence
+        ):
+            return
+        report = NodeReport(domains, self._cleaned_fence, datetime.now(UTC))
+        await write_report(self.store, self.node, report)
+        self._written = report

@@ -1,0 +1,646 @@
+"""The HA engine's Environment over etcd: objects, heartbeat leases, requests, fence agents.
+
+One `EtcdEnvironment` serves one term of leadership (`term`: the fencing token and its guard).
+
+observe() builds the `World` from the informer caches (ClusterNode, VirtualMachine,
+VirtualMachineMigration), the heartbeat keys (`{prefix}/heartbeats/{node}`, bound to the agents'
+leases), the operator requests and agent reports (`controller/ha/requests.py`) and the results
+of fence attempts finished since the last call. Times are the event loop's monotonic clock;
+stored wall-clock times are converted at each observation. A heartbeat key missing since the
+start of the term counts as lost since that start (later than the truth, hence safer).
+
+apply() writes what the engine decided, every object write guarded by the term's token:
+node health and fence confirmation (`ClusterNode.status.health`, `status.fence`), placements
+(`VirtualMachine.status.placement`, with the token), restarts, relocations and the `Failed`
+condition; `Migrate` creates a VirtualMachineMigration (the migration controller and the source
+agent carry it out); `ClearMigration` marks the VM's finished migrations `HaAcknowledged`;
+`StartFence` runs the method's devices with `FenceRunner.power_off_and_confirm` in a task
+(secrets resolved from Secret objects, never logged); `Emit` records an Event.
+
+A guarded write that fails because the term is over marks the environment deposed: nothing more
+is applied and `wait()` returns False. Any other failed write skips the remaining writes of the
+step (their order matters: a node is written Fenced before anything is recovered from it); the
+next observation decides again. Our own writes are overlaid on the caches until the informers
+catch up, so the next step never acts on the state from before them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from controller import telemetry
+from controller.events import EventRecorder
+from controller.heartbeat import heartbeat_key
+from controller.informer import SharedInformers
+from controller.migrations import Term
+from controller.store import Compare, Conflict, NotFound, Store, StoreError
+from crds import AnyResource, ClusterNode, ObjectMeta, Secret, VirtualMachine
+from crds.clusternode import FenceDevice as FenceDeviceSpec
+from crds.clusternode import FenceRecord
+from crds.event import ObjectReference
+from crds.migration import VirtualMachineMigration, VirtualMachineMigrationSpec
+from crds.virtualmachine import Placement
+from reconcilers.drivers.fence import FenceConfigError, FenceDevice, FenceRunner
+from reconcilers.migration import PLACEMENT_SWITCHED
+
+from . import requests
+from .environment import (
+    Action,
+    ClearFenceAck,
+    ClearMigration,
+    Emit,
+    FenceConfirmation,
+    FenceResult,
+    HaTimings,
+    Migrate,
+    MigrationView,
+    NodeView,
+    Place,
+    Restart,
+    SetFailed,
+    SetNodeHealth,
+    StartFence,
+    VmState,
+    VmView,
+    World,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("ClusterNode", "VirtualMachine", "VirtualMachineMigration")
+ACKNOWLEDGED = "HaAcknowledged"
+"""Condition on a finished VirtualMachineMigration the HA engine has taken into account."""
+FAILED = "Failed"
+"""Condition on a VirtualMachine the restart policy gave up on."""
+RESTART_LIMIT = "RestartLimitReached"
+REQUESTED_BY = "kvmctl.io/requested-by"
+ACTIVE_STATES = ("Running", "Paused", "Migrating")
+"""VM states (status.state) in which the reporting node has a qemu process for it."""
+STATES: dict[str, VmState] = {
+    "Running": "Running",
+    "Paused": "Running",
+    "Stopped": "Stopped",
+    "Crashed": "Crashed",
+    "Migrating": "Migrating",
+    "Unknown": "Unknown",
+}
+
+
+ToMonotonic = Callable[[datetime], float]
+
+
+def _precise_now() -> datetime:
+    """Wall-clock time with microseconds (crds.meta.now drops them)."""
+    return datetime.now(UTC)
+
+
+def _migration_name(vm: str) -> str:
+    suffix = secrets.token_hex(3)[:5]
+    return f"{vm[:50].rstrip('-')}-ha-{suffix}"
+
+
+class EtcdEnvironment:
+    """`Environment` of the HA engine for one term; use as `async with`, see the docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        informers: SharedInformers,
+        recorder: EventRecorder,
+        term: Term,
+        changed: asyncio.Event,
+        timings: HaTimings | None = None,
+        fence_runner: FenceRunner | None = None,
+    ) -> None:
+        """`changed` is set by the caller's informer handlers on every object change."""
+        self.store = store
+        self.recorder = recorder
+        self.term = term
+        self.timings = timings or HaTimings()
+        self.fence_runner = fence_runner or FenceRunner()
+        self._informers = {kind: informers.informer(kind) for kind in KINDS}
+        self._changed = changed
+        self._loop = asyncio.get_running_loop()
+        self._started_at = self._loop.time()
+        self._lost_at: dict[str, float] = {}
+        self._ack_seen: dict[str, float] = {}
+        self._crashes: dict[str, tuple[datetime | None, float]] = {}
+        self.heartbeats = requests.PrefixCache(
+            store, _heartbeat_prefix(store.prefix), self._heartbeat_changed
+        )
+        self.fence_acks = requests.PrefixCache(
+            store, requests.fence_ack_prefix(store.prefix), self._key_changed
+        )
+        self.drains = requests.PrefixCache(
+            store, requests.drain_prefix(store.prefix), self._key_changed
+        )
+        self.reports = requests.PrefixCache(
+            store, requests.report_prefix(store.prefix), self._key_changed
+        )
+        self._caches = (self.heartbeats, self.fence_acks, self.drains, self.reports)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._fence_tasks: set[asyncio.Task[None]] = set()
+        self._fence_results: list[FenceResult] = []
+        self._overlay: dict[tuple[str, str], AnyResource] = {}
+        self._created: set[tuple[str, str]] = set()
+        self._world: World | None = None
+        self._migration_names: dict[str, list[str]] = {}
+        self._skip_writes = False
+        self.deposed = False
+
+    async def __aenter__(self) -> EtcdEnvironment:
+        for cache in self._caches:
+            self._tasks.append(asyncio.create_task(cache.run(), name=f"watch {cache.prefix}"))
+        waiting = [asyncio.create_task(cache.synced.wait()) for cache in self._caches]
+        try:
+            await asyncio.gather(*waiting)
+        except BaseException:
+            await self._stop_tasks()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stop_tasks()
+
+    async def _stop_tasks(self) -> None:
+        tasks = [*self._tasks, *self._fence_tasks]
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    # Change notifications --------------------------------------------------------------------
+
+    def _heartbeat_changed(self, node: str, value: bytes | None) -> None:
+        if value is None:
+            self._lost_at[node] = self._loop.time()
+        else:
+            self._lost_at.pop(node, None)
+        self._changed.set()
+
+    def _key_changed(self, _name: str, _value: bytes | None) -> None:
+        self._changed.set()
+
+    # Environment -----------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    async def wait(self, until: float) -> bool:
+        if self.deposed:
+            return False
+        try:
+            async with asyncio.timeout_at(until):
+                await self._changed.wait()
+        except TimeoutError:
+            pass
+        return not self.deposed
+
+    async def observe(self) -> World:
+        self._changed.clear()
+        self._skip_writes = False
+        now, wall = self._loop.time(), _precise_now()
+
+        def mono(moment: datetime) -> float:
+            return now - (wall - moment).total_seconds()
+
+        nodes = [n for n in self._objects("ClusterNode") if isinstance(n, ClusterNode)]
+        vms = [v for v in self._objects("VirtualMachine") if isinstance(v, VirtualMachine)]
+        migrations = [
+            m
+            for m in self._objects("VirtualMachineMigration")
+            if isinstance(m, VirtualMachineMigration)
+        ]
+        node_views = {node.metadata.name: self._node_view(node, vms, now, mono) for node in nodes}
+        vm_views: dict[str, VmView] = {}
+        self._migration_names = {}
+        for vm in vms:
+            if vm.metadata.deletion_timestamp is not None:
+                continue
+            mine = [m for m in migrations if m.spec.vm == vm.metadata.name]
+            vm_views[vm.metadata.name] = self._vm_view(vm, mine, now, mono)
+        results, self._fence_results = tuple(self._fence_results), []
+        self._world = World(now=now, nodes=node_views, vms=vm_views, fence_results=results)
+        return self._world
+
+    async def apply(self, action: Action) -> None:
+        if self.deposed:
+            return
+        if isinstance(action, Emit):
+            await self._emit(action)
+        elif isinstance(action, StartFence):
+            task = asyncio.create_task(self._fence(action), name=f"fence {action.node}")
+            self._fence_tasks.add(task)
+            task.add_done_callback(self._fence_tasks.discard)
+        elif self._skip_writes:
+            log.info("skipped %s: an earlier write of this step failed", action)
+        else:
+            try:
+                await self._write(action)
+            except NotFound as error:
+                log.info("%s: %s", action, error)
+            except Conflict as error:
+                if not await self._still_leading():
+                    log.error("deposed: %s was refused by the fencing token guard", action)
+                    self.deposed = True
+                    return
+                log.warning("%s conflicted (%s); deciding again", action, error)
+                self._skip_writes = True
+            except StoreError as error:
+                log.warning("%s failed (%s); deciding again", action, error)
+                self._skip_writes = True
+
+    # Building the world ----------------------------------------------------------------------
+
+    def _objects(self, kind: str) -> list[AnyResource]:
+        """The cached objects of `kind`, with our own newer writes in place of stale copies."""
+        objects = {obj.metadata.name: obj for obj in self._informers[kind].list()}
+        for (overlay_kind, name), written in list(self._overlay.items()):
+            if overlay_kind != kind:
+                continue
+            cached = objects.get(name)
+            if cached is None:
+                if (kind, name) in self._created:  # created by us, not in the cache yet
+                    objects[name] = written
+                else:  # deleted since we wrote it
+                    del self._overlay[(kind, name)]
+                continue
+            self._created.discard((kind, name))
+            cached_version = int(cached.metadata.resource_version or 0)
+            written_version = int(written.metadata.resource_version or 0)
+            if cached_version >= written_version or cached.metadata.uid != written.metadata.uid:
+                del self._overlay[(kind, name)]
+            else:
+                objects[name] = written
+        return sorted(objects.values(), key=lambda obj: obj.metadata.name)
+
+    def _node_view(
+        self, node: ClusterNode, vms: list[VirtualMachine], now: float, mono: ToMonotonic
+    ) -> NodeView:
+        name = node.metadata.name
+        status = node.status
+        alive = name in self.heartbeats.values
+        fence: FenceConfirmation | None = None
+        if status.fence is not None and status.fence.how is not None:
+            at = now if status.fence.confirmed_at is None else mono(status.fence.confirmed_at)
+            fence = FenceConfirmation(status.fence.how, at, status.fence.method)
+        report = self._report(name)
+        if report is not None:
+            domains = report.domains
+        else:  # no agent report: what the VMs' statuses say runs there
+            domains = frozenset(
+                vm.metadata.name
+                for vm in vms
+                if vm.status.node == name and vm.status.state in ACTIVE_STATES
+            )
+        clean_since: float | None = None
+        if (
+            report is not None
+            and fence is not None
+            and status.fence is not None
+            and report.cleaned_fence is not None
+            and report.cleaned_fence == status.fence.confirmed_at
+        ):
+            clean_since = fence.at
+        drain = self._drain(name)
+        spec = node.spec
+        if drain is not None and not spec.cordoned:
+            spec = spec.model_copy(update={"cordoned": True})
+        capacity = spec.capacity or status.capacity
+        return NodeView(
+            name=name,
+            spec=spec,
+            health=status.health,
+            fence=fence,
+            lease_alive=alive,
+            lease_lost_at=None if alive else self._lost_at.get(name, self._started_at),
+            clean_since=clean_since,
+            fence_ack_at=self._fence_ack_at(name),
+            domains=domains,
+            cpus=capacity.cpus if capacity else None,
+            memory_mib=capacity.memory_mib if capacity else None,
+            drain=None if drain is None else drain.mode,
+        )
+
+    def _report(self, node: str) -> requests.NodeReport | None:
+        value = self.reports.values.get(node)
+        if value is None:
+            return None
+        try:
+            return requests.parse_report(requests.report_key(self.store.prefix, node), value)
+        except requests.RequestFormatError as error:
+            log.error("ignoring the report of %s: %s", node, error)
+            return None
+
+    def _drain(self, node: str) -> requests.DrainRequest | None:
+        value = self.drains.values.get(node)
+        if value is None:
+            return None
+        try:
+            return requests.parse_drain(requests.drain_key(self.store.prefix, node), value)
+        except requests.RequestFormatError as error:
+            log.error("ignoring the drain request of %s: %s", node, error)
+            return None
+
+    def _fence_ack_at(self, node: str) -> float | None:
+        """When this term first saw the pending ack of `node` (None if there is none)."""
+        if node not in self.fence_acks.values:
+            self._ack_seen.pop(node, None)
+            return None
+        return self._ack_seen.setdefault(node, self._loop.time())
+
+    def _vm_view(
+        self,
+        vm: VirtualMachine,
+        migrations: list[VirtualMachineMigration],
+        now: float,
+        mono: ToMonotonic,
+    ) -> VmView:
+        name = vm.metadata.name
+        status = vm.status
+        placement = None if status.placement is None else status.placement.node
+        state: VmState = "Stopped"
+        if placement is not None and status.node == placement:
+            state = STATES[status.state]
+        crashed_at: float | None = None
+        if state == "Crashed":
+            limit = status.condition(RESTART_LIMIT)
+            since = None if limit is None else limit.last_transition_time
+            seen = self._crashes.get(name)
+            if seen is None or seen[0] != since:
+                seen = (since, now)
+                self._crashes[name] = seen
+            crashed_at = seen[1]
+        else:
+            self._crashes.pop(name, None)
+        failed = status.condition(FAILED)
+        return VmView(
+            name=name,
+            spec=vm.spec,
+            placement=placement,
+            state=state,
+            crashed_at=crashed_at,
+            restarts=tuple(mono(moment) for moment in status.restarts),
+            relocations=status.relocations,
+            failed=failed is not None and failed.status == "True",
+            migration=self._migration_view(vm, migrations),
+        )
+
+    def _migration_view(
+        self, vm: VirtualMachine, migrations: list[VirtualMachineMigration]
+    ) -> MigrationView | None:
+        """The VM's migration as the engine sees it: in flight, or finished and not yet
+        acknowledged (the newest such)."""
+        placement = None if vm.status.placement is None else vm.status.placement.node
+        finished: list[tuple[VirtualMachineMigration, MigrationView]] = []
+        for migration in migrations:
+            status = migration.status
+            target = migration.spec.target_node
+            source = status.source_node or placement or ""
+            switched = status.condition(PLACEMENT_SWITCHED)
+            if status.phase in ("Pending", "Scheduled", "Running") or (
+                status.phase == "Succeeded" and switched is None
+            ):
+                # The migration controller validates and switches placement; until it is done
+                # the engine counts both ends as possibly running the VM.
+                return MigrationView(source, target, "Running", status.message)
+            if status.condition(ACKNOWLEDGED) is not None:
+                continue
+            if status.phase == "Failed":
+                finished.append(
+                    (migration, MigrationView(source, target, "Failed", status.message))
+                )
+            elif switched is not None and switched.status == "True" and placement == target:
+                finished.append((migration, MigrationView(source, target, "Succeeded")))
+        if not finished:
+            return None
+        self._migration_names[vm.metadata.name] = [m.metadata.name for m, _ in finished]
+        newest = max(
+            finished,
+            key=lambda item: (
+                item[0].metadata.creation_timestamp or datetime.min.replace(tzinfo=UTC),
+                item[0].metadata.name,
+            ),
+        )
+        return newest[1]
+
+    # Writes ----------------------------------------------------------------------------------
+
+    async def _still_leading(self) -> bool:
+        client = self.store.client
+        try:
+            ok, _ = await self.store.call(
+                client.transaction(compare=list(self.term.guard), success=[], failure=[])
+            )
+        except StoreError:
+            return True  # cannot tell: the next write tries again
+        return bool(ok)
+
+    def _guard(self) -> list[Compare]:
+        return list(self.term.guard)
+
+    async def _patch(self, kind: str, name: str, mutate: Any) -> None:
+        written = await self.store.patch_status(kind, name, mutate, guard=self._guard())
+        self._overlay[(kind, name)] = written
+
+    async def _write(self, action: Action) -> None:
+        if isinstance(action, SetNodeHealth):
+            await self._set_health(action)
+        elif isinstance(action, ClearFenceAck):
+            await self._clear_fence_ack(action.node)
+        elif isinstance(action, Place):
+            await self._place(action)
+        elif isinstance(action, Restart):
+            await self._patch("VirtualMachine", action.vm, _restart)
+        elif isinstance(action, SetFailed):
+            await self._patch(
+                "VirtualMachine", action.vm, lambda vm: _set_failed(vm, action.failed)
+            )
+        elif isinstance(action, Migrate):
+            await self._migrate(action)
+        elif isinstance(action, ClearMigration):
+            await self._acknowledge(self._migration_names.pop(action.vm, []))
+
+    async def _set_health(self, action: SetNodeHealth) -> None:
+        record: FenceRecord | None = None
+        if action.fence is not None:
+            confirmed = _precise_now() - timedelta(seconds=self.now() - action.fence.at)
+            record = FenceRecord(
+                method=action.fence.method,
+                confirmed_at=confirmed,
+                how=action.fence.how,
+                token=self.term.token,
+            )
+
+        def mutate(node: Any) -> bool:
+            if (node.status.health, node.status.fence) == (action.health, record):
+                return False
+            node.status.health = action.health
+            node.status.fence = record
+            return True
+
+        await self._patch("ClusterNode", action.node, mutate)
+
+    async def _clear_fence_ack(self, node: str) -> None:
+        key = requests.fence_ack_key(self.store.prefix, node).encode()
+        client = self.store.client
+        ok, _ = await self.store.call(
+            client.transaction(
+                compare=self._guard(), success=[client.transactions.delete(key)], failure=[]
+            )
+        )
+        if not ok:
+            raise Conflict(f"clearing the fence ack of {node} refused: guard failed")
+        self.fence_acks.forget(node)
+        self._ack_seen.pop(node, None)
+
+    async def _place(self, action: Place) -> None:
+        world = self._world
+        old = None
+        if world is not None and action.vm in world.vms:
+            old = world.vms[action.vm].placement
+        placement = (
+            None
+            if action.node is None
+            else Placement(node=action.node, token=self.term.token, since=_precise_now())
+        )
+
+        def mutate(vm: Any) -> bool:
+            status = vm.status
+            current = None if status.placement is None else status.placement.node
+            if current == action.node and not action.relocation:
+                return False
+            status.placement = placement
+            if action.relocation:
+                status.relocations += 1
+                status.restarts = []
+                _drop_condition(status, RESTART_LIMIT)
+            return True
+
+        await self._patch("VirtualMachine", action.vm, mutate)
+        if (
+            world is not None
+            and old is not None
+            and action.node is not None
+            and old != action.node
+            and old in world.nodes
+            and world.nodes[old].health == "Fenced"
+        ):
+            telemetry.count_failover(old)
+
+    async def _migrate(self, action: Migrate) -> None:
+        request = VirtualMachineMigration(
+            metadata=ObjectMeta(
+                name=_migration_name(action.vm), labels={REQUESTED_BY: "ha-controller"}
+            ),
+            spec=VirtualMachineMigrationSpec(vm=action.vm, target_node=action.target),
+        )
+        created = await self.store.create(request, guard=self._guard())
+        key = ("VirtualMachineMigration", created.metadata.name)
+        self._overlay[key] = created
+        self._created.add(key)
+
+    async def _acknowledge(self, names: Iterable[str]) -> None:
+        def mark(migration: Any) -> bool:
+            return bool(
+                migration.status.set_condition(
+                    ACKNOWLEDGED, "True", "Observed", "taken into account by the HA controller"
+                )
+            )
+
+        for name in names:
+            await self._patch("VirtualMachineMigration", name, mark)
+
+    async def _emit(self, action: Emit) -> None:
+        involved = ObjectReference(kind=action.kind, name=action.name)
+        await self.recorder.record(involved, action.type, action.reason, "%s", action.message)
+
+    # Fencing ---------------------------------------------------------------------------------
+
+    async def _fence(self, action: StartFence) -> None:
+        ok, message = False, ""
+        try:
+            ok, message = await self._run_method(action.node, action.method)
+        except (FenceConfigError, StoreError, OSError) as error:
+            message = str(error)
+        log.info(
+            "fence attempt %d of %s, method %s: %s (%s)",
+            action.attempt,
+            action.node,
+            action.method,
+            "confirmed off" if ok else "failed",
+            message,
+        )
+        self._fence_results.append(
+            FenceResult(action.attempt, action.node, action.method, ok, message)
+        )
+        self._changed.set()
+
+    async def _run_method(self, node_name: str, method_name: str) -> tuple[bool, str]:
+        node = self._informers["ClusterNode"].get(node_name)
+        if not isinstance(node, ClusterNode):
+            return False, f"ClusterNode {node_name} not found"
+        method = next((m for m in node.spec.fencing.methods if m.name == method_name), None)
+        if method is None:
+            return False, f"no fence method {method_name!r} on {node_name}"
+        devices = [await self._device(node_name, spec) for spec in method.devices]
+        for index, (spec, device) in enumerate(zip(method.devices, devices, strict=True)):
+            outcome = await self.fence_runner.power_off_and_confirm(device, spec.timeout_seconds)
+            if not outcome.succeeded:
+                return False, f"device {index} ({device.agent}): {outcome.message}"
+        return True, "every device confirmed power off"
+
+    async def _device(self, node: str, spec: FenceDeviceSpec) -> FenceDevice:
+        """The runner's device, with secret parameters read from their Secrets."""
+        secret_values: dict[str, str] = {}
+        for parameter, ref in spec.secret_parameters.items():
+            where = f"ClusterNode {node} fence device {spec.agent} parameter {parameter!r}"
+            try:
+                secret = await self.store.get("Secret", ref.name)
+            except NotFound:
+                raise FenceConfigError(f"{where}: Secret {ref.name!r} not found") from None
+            if not isinstance(secret, Secret) or ref.key not in secret.spec.data:
+                raise FenceConfigError(f"{where}: Secret {ref.name!r} has no key {ref.key!r}")
+            secret_values[parameter] = secret.spec.data[ref.key]
+        return FenceDevice(spec.agent, dict(spec.parameters), secret_values)
+
+
+def _heartbeat_prefix(prefix: str) -> str:
+    """The directory of every node's heartbeat key."""
+    return heartbeat_key(prefix, "node").rpartition("/")[0] + "/"
+
+
+def _drop_condition(status: Any, type_: str) -> None:
+    status.conditions = [c for c in status.conditions if c.type != type_]
+
+
+def _restart(vm: Any) -> bool:
+    """Record an in-place restart; dropping RestartLimitReached lets the agent start it."""
+    vm.status.restarts = [*vm.status.restarts, _precise_now()]
+    _drop_condition(vm.status, RESTART_LIMIT)
+    return True
+
+
+def _set_failed(vm: Any, failed: bool) -> bool:
+    status = vm.status
+    if failed:
+        return bool(
+            status.set_condition(
+                FAILED,
+                "True",
+                "RestartPolicyExhausted",
+                "crashed past its restarts and relocations; set runState to stopped, then "
+                "started, to try again",
+            )
+        )
+    _drop_condition(status, FAILED)
+    _drop_condition(status, RESTART_LIMIT)
+    status.restarts = []
+    status.relocations = 0
+    return True

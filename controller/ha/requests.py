@@ -1,0 +1,244 @@
+"""Operator requests and agent reports for the HA controller, kept beside the objects.
+
+They live in keys of their own, so `kvmctl apply` of a ClusterNode manifest (which owns the
+whole spec and the annotations) never wipes them:
+
+- `{prefix}/requests/fence-ack/{node}`: `kvmctl fence ack NODE`, `{"at", "by"}`; one-shot, the
+  engine deletes it when it consumes or discards it;
+- `{prefix}/requests/drain/{node}`: `kvmctl node drain NODE [--force]`, `{"mode", "at"}`; the
+  node counts as cordoned for the HA engine while it exists, whatever `spec.cordoned` says;
+  `kvmctl node uncordon NODE` deletes it;
+- `{prefix}/reports/{node}`: written by the node's agent, `{"domains", "cleanedFence", "at"}`:
+  the kvmctl domains that have a qemu process there, and the fence (its `confirmedAt`) after
+  which the agent destroyed every domain it found.
+
+`PrefixCache` keeps one such key family (or the agents' heartbeat keys) in memory from a watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aetcd
+import aetcd.rtypes
+
+from controller.store import Store, StoreError
+from crds.meta import _check_name
+
+from .environment import DrainMode
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAY = 0.5
+
+
+def _key(prefix: str, family: str, node: str) -> str:
+    _check_name(node)
+    return f"{prefix.rstrip('/')}/{family}/{node}"
+
+
+def fence_ack_prefix(prefix: str) -> str:
+    return f"{prefix.rstrip('/')}/requests/fence-ack/"
+
+
+def drain_prefix(prefix: str) -> str:
+    return f"{prefix.rstrip('/')}/requests/drain/"
+
+
+def report_prefix(prefix: str) -> str:
+    return f"{prefix.rstrip('/')}/reports/"
+
+
+def fence_ack_key(prefix: str, node: str) -> str:
+    return _key(prefix, "requests/fence-ack", node)
+
+
+def drain_key(prefix: str, node: str) -> str:
+    return _key(prefix, "requests/drain", node)
+
+
+def report_key(prefix: str, node: str) -> str:
+    return _key(prefix, "reports", node)
+
+
+@dataclass(frozen=True)
+class FenceAck:
+    at: datetime
+    by: str
+
+
+@dataclass(frozen=True)
+class DrainRequest:
+    mode: DrainMode
+    at: datetime
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What a node's agent last reported."""
+
+    domains: frozenset[str]
+    cleaned_fence: datetime | None
+    """`status.fence.confirmedAt` of the fence after which the agent destroyed every domain."""
+    at: datetime
+
+
+class RequestFormatError(ValueError):
+    """A request or report key holds something kvmctl did not write."""
+
+
+def _document(key: str, value: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(value)
+    except ValueError as error:
+        raise RequestFormatError(f"{key}: not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise RequestFormatError(f"{key}: expected a JSON object")
+    return document
+
+
+def _time(key: str, value: object) -> datetime:
+    if not isinstance(value, str):
+        raise RequestFormatError(f"{key}: expected an ISO 8601 time, got {value!r}")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as error:
+        raise RequestFormatError(f"{key}: {error}") from None
+
+
+def parse_fence_ack(key: str, value: bytes) -> FenceAck:
+    document = _document(key, value)
+    return FenceAck(_time(key, document.get("at")), str(document.get("by", "")))
+
+
+def parse_drain(key: str, value: bytes) -> DrainRequest:
+    document = _document(key, value)
+    mode = document.get("mode")
+    if mode not in ("migrate", "force"):
+        raise RequestFormatError(f"{key}: mode must be migrate or force, got {mode!r}")
+    return DrainRequest(mode, _time(key, document.get("at")))
+
+
+def parse_report(key: str, value: bytes) -> NodeReport:
+    document = _document(key, value)
+    domains = document.get("domains", [])
+    if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+        raise RequestFormatError(f"{key}: domains must be a list of names")
+    cleaned = document.get("cleanedFence")
+    return NodeReport(
+        domains=frozenset(domains),
+        cleaned_fence=None if cleaned is None else _time(key, cleaned),
+        at=_time(key, document.get("at")),
+    )
+
+
+def _encode(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+async def request_fence_ack(store: Store, node: str) -> None:
+    """Record the operator's word that `node` is off (`kvmctl fence ack NODE`)."""
+    document = {"at": datetime.now(UTC).isoformat(), "by": getpass.getuser()}
+    await store.call(
+        store.client.put(fence_ack_key(store.prefix, node).encode(), _encode(document))
+    )
+
+
+async def request_drain(store: Store, node: str, force: bool) -> None:
+    document = {"mode": "force" if force else "migrate", "at": datetime.now(UTC).isoformat()}
+    await store.call(store.client.put(drain_key(store.prefix, node).encode(), _encode(document)))
+
+
+async def cancel_drain(store: Store, node: str) -> bool:
+    """Delete the drain request of `node`; True if there was one."""
+    deleted = await store.call(store.client.delete(drain_key(store.prefix, node).encode()))
+    return bool(deleted)
+
+
+async def read_drain(store: Store, node: str) -> DrainRequest | None:
+    key = drain_key(store.prefix, node)
+    kv = await store.call(store.client.get(key.encode()))
+    return None if kv is None else parse_drain(key, kv.value)
+
+
+async def write_report(store: Store, node: str, report: NodeReport) -> None:
+    document = {
+        "domains": sorted(report.domains),
+        "cleanedFence": None if report.cleaned_fence is None else report.cleaned_fence.isoformat(),
+        "at": report.at.isoformat(),
+    }
+    await store.call(store.client.put(report_key(store.prefix, node).encode(), _encode(document)))
+
+
+async def read_report(store: Store, node: str) -> NodeReport | None:
+    key = report_key(store.prefix, node)
+    kv = await store.call(store.client.get(key.encode()))
+    return None if kv is None else parse_report(key, kv.value)
+
+
+OnChange = Callable[[str, bytes | None], None]
+
+
+class PrefixCache:
+    """Every key under `prefix`, by the name after the prefix, kept current from a watch.
+
+    `on_change(name, value)` runs on every change (value None: deleted), including the
+    differences a relist finds after a lost watch. Run it as a task; cancel to stop.
+    """
+
+    def __init__(self, store: Store, prefix: str, on_change: OnChange) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.values: dict[str, bytes] = {}
+        self.synced = asyncio.Event()
+        self._on_change = on_change
+
+    def forget(self, name: str) -> None:
+        """Drop `name` now (after deleting its key), before the watch reports it."""
+        self.values.pop(name, None)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                revision = await self._relist()
+                await self._watch(revision)
+            except (StoreError, aetcd.ClientError) as error:
+                log.warning("watch of %s lost (%s); relisting", self.prefix, error)
+            await asyncio.sleep(RETRY_DELAY)
+
+    async def _relist(self) -> int:
+        reply = await self.store.call(self.store.client.get_prefix(self.prefix.encode()))
+        fresh = {kv.key.decode()[len(self.prefix) :]: bytes(kv.value) for kv in reply}
+        for name in [name for name in self.values if name not in fresh]:
+            del self.values[name]
+            self._on_change(name, None)
+        for name, value in fresh.items():
+            if self.values.get(name) != value:
+                self.values[name] = value
+                self._on_change(name, value)
+        self.synced.set()
+        revision: int = reply.header.revision
+        return revision
+
+    async def _watch(self, revision: int) -> None:
+        stream = await self.store.client.watch_prefix(
+            self.prefix.encode(), start_revision=revision + 1
+        )
+        try:
+            async for event in stream:
+                name = event.kv.key.decode()[len(self.prefix) :]
+                if event.kind == aetcd.rtypes.EventKind.DELETE:
+                    if self.values.pop(name, None) is not None:
+                        self._on_change(name, None)
+                else:
+                    self.values[name] = bytes(event.kv.value)
+                    self._on_change(name, bytes(event.kv.value))
+        finally:
+            await stream.cancel()
