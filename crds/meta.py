@@ -138,7 +138,9 @@ def now() -> datetime:
 class Strict(BaseModel):
     """Base of every API type: unknown fields are errors, fields use camelCase aliases."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=False)
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, validate_assignment=False, defer_build=True
+    )
 
 
 class ObjectMeta(Strict):
