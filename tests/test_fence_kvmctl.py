@@ -1,0 +1,266 @@
+"""fence_kvmctl: its protocol checked against its own metadata, and off/status/on of a VM whose
+host agent runs in-process on libvirt's test driver, with a real etcd.
+
+The agent is run as Pacemaker runs it: a separate process, options on stdin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from controller.fence_kvmctl import ACTIONS, SAVED_TIMEOUT_ANNOTATION, main, options_from
+from controller.store import Store
+from crds import ClusterNode, VirtualMachine
+from reconcilers.drivers.libvirt import DomainState
+from tests.test_vm_reconciler import Cluster, domain_state, running_vm, vm_object
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_VALUES = {"string": "x", "second": "5", "boolean": "1"}
+"""A valid value of each metadata content type (string parameters get specific ones below)."""
+STRING_SAMPLES = {"action": "validate-all", "plug": "vm1", "port": "vm1", "prefix": "/kvmctl"}
+
+
+def metadata() -> ET.Element:
+    out = io.StringIO()
+    assert main(["-o", "metadata"], out=out) == 0
+    return ET.fromstring(out.getvalue())
+
+
+def sample(parameter: ET.Element) -> str:
+    name = parameter.get("name", "")
+    content = parameter.find("content")
+    assert content is not None, f"parameter {name} has no content element"
+    return STRING_SAMPLES.get(name, SAMPLE_VALUES[content.get("type", "")])
+
+
+def run_main(argv: list[str], stdin: str = "") -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(argv, stdin=io.StringIO(stdin), out=out)
+    return code, out.getvalue()
+
+
+# -- the protocol against the metadata ------------------------------------------------------
+
+
+def test_metadata_is_a_fence_agent_description() -> None:
+    root = metadata()
+    assert root.tag == "resource-agent" and root.get("name") == "fence_kvmctl"
+    assert root.get("shortdesc") and (root.findtext("longdesc") or "").strip()
+    parameters = root.findall("parameters/parameter")
+    names = [p.get("name") for p in parameters]
+    assert len(names) == len(set(names))
+    assert {"action", "plug", "port", "etcd", "prefix", "cacert", "cert", "key"} <= set(names)
+    for parameter in parameters:
+        assert parameter.get("unique") == "0" and parameter.get("required") in ("0", "1")
+        getopt = parameter.find("getopt")
+        assert getopt is not None and getopt.get("mixed", "").startswith(("-", "--"))
+        content = parameter.find("content")
+        assert content is not None and content.get("type") in SAMPLE_VALUES
+        assert parameter.findtext("shortdesc")
+    actions = {a.get("name") for a in root.findall("actions/action")}
+    assert {"on", "off", "reboot", "status", "list", "monitor", "metadata"} <= actions
+    assert actions == set(ACTIONS)
+
+
+def test_every_parameter_in_the_metadata_is_accepted_on_stdin() -> None:
+    for parameter in metadata().findall("parameters/parameter"):
+        name = parameter.get("name")
+        lines = f"action=validate-all\n{name}={sample(parameter)}\n"
+        code, _ = run_main([], lines)
+        assert code == 0, f"stdin parameter {name} refused"
+
+
+def test_every_option_in_the_metadata_is_accepted_on_the_command_line() -> None:
+    for parameter in metadata().findall("parameters/parameter"):
+        getopt = parameter.find("getopt")
+        content = parameter.find("content")
+        assert getopt is not None and content is not None
+        value = sample(parameter)
+        for flag in getopt.get("mixed", "").split(", "):
+            option = flag.split("=")[0]
+            argv = [option] if content.get("type") == "boolean" else [option, value]
+            if parameter.get("name") != "action":
+                argv += ["--action", "validate-all"]
+            code, _ = run_main(argv)
+            assert code == 0, f"command line {argv} refused"
+
+
+def test_every_action_in_the_metadata_is_accepted() -> None:
+    for action in metadata().findall("actions/action"):
+        name = action.get("name", "")
+        assert options_from({"action": name, "plug": "vm1"}).action == name
+
+
+@pytest.mark.parametrize(
+    ("argv", "stdin", "message"),
+    [
+        ([], "action=off\nplug=vm1\nbogus=1\n", "unknown parameter 'bogus'"),
+        (["--bogus", "1"], "", "unrecognized arguments"),
+        ([], "action=explode\nplug=vm1\n", "'explode' is not one of"),
+        ([], "action=off\n", "needs the VirtualMachine's name"),
+        ([], "action=off\nplug=Not_A_Name\n", "not a VirtualMachine name"),
+        ([], "action=off\nplug=vm1\npower_timeout=soon\n", "power_timeout: 'soon'"),
+        ([], "action=off\nplug=vm1\nverbose=maybe\n", "verbose: 'maybe'"),
+        ([], "action=off\njust words\n", "line 2: expected key=value"),
+    ],
+)
+def test_bad_input_is_one_readable_failure(
+    argv: list[str], stdin: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = run_main(argv, stdin)
+    assert code == 1 and out == ""
+    error = capsys.readouterr().err
+    assert message in error and error.startswith("Failed: ") and "Traceback" not in error
+
+
+def test_stdin_comments_quotes_and_pacemakers_nodename_are_understood() -> None:
+    stdin = '# from stonithd\nnodename=guest1\naction="validate-all"\nport=vm1\n\n'
+    assert run_main([], stdin)[0] == 0
+
+
+def test_help_and_version() -> None:
+    code, out = run_main(["-h"])
+    assert code == 0 and "--plug" in out and "--etcd" in out
+    code, out = run_main(["--version"])
+    assert code == 0 and out.strip()
+
+
+def test_unreachable_etcd_is_a_failure(capsys: pytest.CaptureFixture[str]) -> None:
+    stdin = "action=status\nplug=vm1\netcd=127.0.0.1:1\n"
+    assert run_main([], stdin)[0] == 1
+    assert "unreachable" in capsys.readouterr().err
+
+
+# -- against a real etcd and a real host agent ------------------------------------------------
+
+
+async def fence(
+    store: Store, action: str, plug: str | None = None, **extra: str
+) -> tuple[int, str]:
+    """Run `python -m controller.fence_kvmctl` with options on stdin; (exit code, stdout)."""
+    values = {"action": action, "etcd": ",".join(store.endpoints), "prefix": store.prefix}
+    if plug is not None:
+        values["plug"] = plug
+    values.update(extra)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "controller.fence_kvmctl",
+        cwd=REPO_ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdin = "".join(f"{key}={value}\n" for key, value in values.items()).encode()
+    try:
+        out, err = await asyncio.wait_for(process.communicate(stdin), 120)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    if process.returncode == 1:
+        print(err.decode(), file=sys.stderr)
+    return process.returncode, out.decode()
+
+
+@pytest.fixture
+async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
+    async with Store(etcd_endpoints, prefix=key_prefix) as connected:
+        yield connected
+
+
+@pytest.fixture
+async def cluster(store: Store, tmp_path: Path) -> AsyncIterator[Cluster]:
+    lab = Cluster(store, tmp_path)
+    await lab.lead()
+    try:
+        yield lab
+    finally:
+        await lab.close()
+
+
+async def test_off_status_on_of_a_vm_on_its_host_agent(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    await running_vm(cluster, "vm1", "host1", shutdownTimeoutSeconds=600)
+
+    assert await fence(cluster.store, "status", "vm1") == (0, "Status: ON\n")
+
+    assert await fence(cluster.store, "off", "vm1") == (0, "Success: Powered OFF\n")
+    vm = await cluster.vm("vm1")
+    assert vm.status.state == "Stopped" and vm.spec.run_state == "stopped"
+    assert vm.spec.shutdown_timeout_seconds == 0
+    assert vm.metadata.annotations[SAVED_TIMEOUT_ANNOTATION] == "600"
+    assert await domain_state(agent, "vm1") is DomainState.SHUTOFF
+    assert await cluster.events("vm1", "DomainStopped")  # at once (test domains obey ACPI)
+
+    assert await fence(cluster.store, "status", "vm1") == (2, "Status: OFF\n")
+    assert await fence(cluster.store, "off", "vm1") == (0, "Success: Powered OFF\n")
+
+    assert await fence(cluster.store, "on", "vm1") == (0, "Success: Powered ON\n")
+    vm = await cluster.vm("vm1")
+    assert vm.status.state == "Running" and vm.spec.run_state == "started"
+    assert vm.spec.shutdown_timeout_seconds == 600
+    assert SAVED_TIMEOUT_ANNOTATION not in vm.metadata.annotations
+    assert await fence(cluster.store, "status", "vm1") == (0, "Status: ON\n")
+
+
+async def test_reboot_list_and_monitor(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    await cluster.start_agent("host1")
+    await running_vm(cluster, "vm1", "host1")
+    await cluster.store.create(vm_object("vm2", runState="stopped"))
+
+    first = (await cluster.vm("vm1")).status.domain_uuid
+    assert await fence(cluster.store, "reboot", "vm1") == (0, "Success: Rebooted\n")
+    vm = await cluster.vm("vm1")
+    assert vm.status.state == "Running" and vm.status.domain_uuid == first
+    assert len(await cluster.events("vm1", "DomainStopped")) == 1
+
+    assert await fence(cluster.store, "list") == (0, "vm1,\nvm2,\n")
+    assert await fence(cluster.store, "list-status") == (0, "vm1,,ON\nvm2,,OFF\n")
+    assert await fence(cluster.store, "monitor") == (0, "")
+
+
+async def test_unknown_vm_and_unconfirmed_off_fail(cluster: Cluster) -> None:
+    assert (await fence(cluster.store, "status", "ghost"))[0] == 1
+    assert (await fence(cluster.store, "off", "ghost"))[0] == 1
+
+    # Placed on a node whose agent does not run: nothing can confirm the stop.
+    await cluster.add_node("host1")
+    await cluster.store.create(vm_object("vm1"))
+    await cluster.place("vm1", "host1")
+    assert (await fence(cluster.store, "status", "vm1"))[0] == 1
+    assert await fence(cluster.store, "off", "vm1", power_timeout="1") == (1, "")
+    assert (await cluster.vm("vm1")).spec.run_state == "stopped"
+
+
+async def test_off_is_confirmed_by_the_fencing_of_the_vms_host(cluster: Cluster) -> None:
+    """A VM last seen on a host kvmctl has fenced, and placed nowhere, is off."""
+    await cluster.add_node("host1")
+    await cluster.store.create(vm_object("vm1"))
+    await cluster.place("vm1", "host1")
+
+    def seen_running(obj: VirtualMachine) -> bool:
+        obj.status.state, obj.status.node = "Running", "host1"
+        return True
+
+    await cluster.store.patch_status("VirtualMachine", "vm1", seen_running)
+    assert await fence(cluster.store, "status", "vm1") == (0, "Status: ON\n")
+
+    def fenced(obj: ClusterNode) -> bool:
+        obj.status.health = "Fenced"
+        return True
+
+    await cluster.store.patch_status("ClusterNode", "host1", fenced)
+    await cluster.place("vm1", None)
+    assert await fence(cluster.store, "off", "vm1") == (0, "Success: Powered OFF\n")
+    assert await fence(cluster.store, "status", "vm1") == (2, "Status: OFF\n")
