@@ -133,6 +133,10 @@ async def run_diff(args: argparse.Namespace) -> int:
 
 
 async def run_get(args: argparse.Namespace) -> int:
+    if args.kind == "leader":  # not a kind: the controllers' elected leader
+        from .cluster import print_leader
+
+        return await print_leader(args)
     info = crds.resolve_kind(args.kind)
     selector = parse_selector(args.selector) if args.selector else None
     output = args.output

@@ -83,6 +83,7 @@ def build_manager(
     identity: str | None = None,
     timings: HaTimings | None = None,
     election_timing: ElectionTiming | None = None,
+    http_host: str = "127.0.0.1",
     http_port: int | None = None,
     fence_runner: FenceRunner | None = None,
 ) -> Manager:
@@ -99,6 +100,7 @@ def build_manager(
         [],
         identity=identity,
         election_timing=election_timing,
+        http_host=http_host,
         http_port=http_port,
         component=COMPONENT,
         informers=informers,
