@@ -11,15 +11,18 @@ the VM runs.
   `spec.shutdownTimeoutSeconds: 0`, so the host agent destroys the domain at once instead of
   asking the guest to shut down; the timeout it replaced is kept in the annotation
   `fence.kvmctl.io/shutdown-timeout-seconds`. Then it waits until the VM is confirmed off:
-  the agent of its host reported it Stopped (or Crashed), or it never ran, or kvmctl fenced
-  the host it last ran on (ClusterNode health Fenced) and placed it nowhere else.
+  the agent of its host wrote it Stopped (or Crashed) in its status, or listed the domains
+  running there without it after the request (`{prefix}/reports/{node}`: the HA controller
+  unplaces a stopped VM, and the agent writes no status for a VM placed elsewhere), or it never
+  ran, or kvmctl fenced the host it last ran on and placed it nowhere else.
 - on: `runState: started` and the saved timeout restored, then wait until it runs.
 - reboot: off, then on; success once off is confirmed (as fence-agents do).
 - status: "on" when the VM runs (Running, Paused, Migrating), "off" as above, else a failure.
 - list / list-status: every VirtualMachine; monitor: etcd answers; validate-all: options parse.
 
 etcd credentials: read and write on `{prefix}/objects/VirtualMachine/`, read on
-`{prefix}/objects/ClusterNode/` and on the `{prefix}/revision-probe` key (docs/operations.md).
+`{prefix}/objects/ClusterNode/`, `{prefix}/reports/` and the `{prefix}/revision-probe` key
+(docs/operations.md).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from typing import Literal, TextIO
 
 from controller.config import ConfigError, resolve
+from controller.ha.requests import RequestFormatError, parse_report, report_key
 from controller.store import Conflict, NotFound, Store, StoreError
 from crds import ClusterNode, VirtualMachine
 from crds.meta import ObjectMeta
@@ -333,16 +337,34 @@ def usage() -> str:
 # -- the VM's power state --------------------------------------------------------------------
 
 
-def power_state(vm: VirtualMachine, host_health: str | None) -> PowerState | None:
-    """What the stored VM says about its domain; None when it cannot be told.
+@dataclass(frozen=True)
+class Observation:
+    """The stored VM and what kvmctl knows about the host it last ran on (`status.node`)."""
 
-    `host_health` is the health of the ClusterNode the VM last ran on (`status.node`).
+    vm: VirtualMachine
+    host_health: str | None = None
+    """That node's ClusterNode health; None if unknown."""
+    report: tuple[int, frozenset[str]] | None = None
+    """That node's agent report (`{prefix}/reports/{node}`): its etcd revision and the domains
+    with a qemu process there; None if there is none."""
+
+
+def power_state(seen: Observation, after: int) -> PowerState | None:
+    """What kvmctl's records say about the VM's domain; None when they cannot tell.
+
+    A VM reported running is off all the same when its host was fenced while it is placed
+    elsewhere, or when its host's agent wrote a report after revision `after` without it
+    (the agent does not write the status of a VM that is no longer placed on its node).
     """
-    status = vm.status
+    vm, status = seen.vm, seen.vm.status
     placed_on = status.placement.node if status.placement is not None else None
     if status.state in ("Running", "Paused", "Migrating"):
-        if host_health == "Fenced" and placed_on != status.node:
-            return "off"  # its host was fenced, and it is not placed there any more
+        if seen.host_health == "Fenced" and placed_on != status.node:
+            return "off"
+        if seen.report is not None:
+            revision, domains = seen.report
+            if revision > after and vm.metadata.name not in domains:
+                return "off"
         return "on"
     if status.state in ("Stopped", "Crashed"):
         return "off"
@@ -351,15 +373,16 @@ def power_state(vm: VirtualMachine, host_health: str | None) -> PowerState | Non
     return None
 
 
-def off_confirmed(vm: VirtualMachine, generation: int, host_health: str | None) -> bool:
-    """The domain is off and the report comes after our stop request (generation `generation`).
+def off_confirmed(seen: Observation, request: int, generation: int) -> bool:
+    """Off, by a report that comes after our stop request (revision `request`, generation
+    `generation`).
 
     The agent's Ready condition carries no observedGeneration yet; when it does, a report
     older than the request is not taken as a confirmation.
     """
-    if vm.spec.run_state == "started" or power_state(vm, host_health) != "off":
+    if seen.vm.spec.run_state == "started" or power_state(seen, request) != "off":
         return False
-    ready = vm.status.condition("Ready")
+    ready = seen.vm.status.condition("Ready")
     observed = ready.observed_generation if ready is not None else None
     return observed is None or observed >= generation
 
@@ -371,6 +394,10 @@ def describe(vm: VirtualMachine) -> str:
     ready = status.condition("Ready")
     detail = f": {ready.message}" if ready is not None and ready.message else ""
     return f"state {status.state}{where}, placed {placed}{detail}"
+
+
+def _revision(vm: VirtualMachine) -> int:
+    return int(vm.metadata.resource_version or 0)
 
 
 class Fencer:
@@ -387,32 +414,46 @@ class Fencer:
         assert isinstance(obj, VirtualMachine)
         return obj
 
-    async def host_health(self, vm: VirtualMachine) -> str | None:
-        """Health of the node the VM last ran on; None if unknown or unreadable."""
-        if vm.status.node is None:
-            return None
+    async def observe(self, vm: VirtualMachine) -> Observation:
+        """`vm` with its last host's health and report; unreadable ones count as unknown."""
+        node = vm.status.node
+        if node is None:
+            return Observation(vm)
+        health = None
         try:
-            node = await self.store.get("ClusterNode", vm.status.node)
+            obj = await self.store.get("ClusterNode", node)
+            health = obj.status.health if isinstance(obj, ClusterNode) else None
         except StoreError as error:
-            log.debug("cannot read ClusterNode %s: %s", vm.status.node, error)
-            return None
-        return node.status.health if isinstance(node, ClusterNode) else None
+            log.debug("cannot read ClusterNode %s: %s", node, error)
+        report = None
+        key = report_key(self.store.prefix, node)
+        try:
+            kv = await self.store.call(self.store.client.get(key.encode()))
+            if kv is not None:
+                report = (kv.mod_revision, parse_report(key, kv.value).domains)
+        except (StoreError, RequestFormatError) as error:
+            log.debug("cannot read the report of %s: %s", node, error)
+        return Observation(vm, health, report)
 
     async def status(self, name: str) -> PowerState:
         vm = await self.vm(name)
-        state = power_state(vm, await self.host_health(vm))
+        state = power_state(await self.observe(vm), _revision(vm))
         if state is None:
             raise FenceError(f"power state of {name} unknown: {describe(vm)}")
         return state
 
     async def power_off(self, name: str, timeout: float) -> None:
-        vm = await self._write(name, _stop_now)
+        before, vm = await self._write(name, _stop_now)
+        # Nothing can start the VM after the revision from which it was unplaced (placement is
+        # in the same key, written with compare-and-swap) or after our stop request.
+        unplaced = before.status.placement is None
+        request = _revision(before if unplaced else vm)
         generation = vm.metadata.generation or 0
-        log.info("%s: asked for an immediate stop (generation %d)", name, generation)
+        log.info("%s: asked for an immediate stop (revision %d)", name, _revision(vm))
 
         async def confirmed() -> bool:
-            current = await self.vm(name)
-            return off_confirmed(current, generation, await self.host_health(current))
+            seen = await self.observe(await self.vm(name))
+            return off_confirmed(seen, request, generation)
 
         await self._wait(name, confirmed, timeout, "confirmed off")
 
@@ -431,14 +472,16 @@ class Fencer:
 
     async def _write(
         self, name: str, change: Callable[[VirtualMachine], bool], attempts: int = 10
-    ) -> VirtualMachine:
-        """Apply `change` to the VM's spec with compare-and-swap; re-read on a conflict."""
+    ) -> tuple[VirtualMachine, VirtualMachine]:
+        """Apply `change` to the VM's spec with compare-and-swap, re-reading on a conflict;
+        the VM as read just before, and as written (the same when nothing changed)."""
         for _ in range(attempts):
-            vm = await self.vm(name)
+            before = await self.vm(name)
+            vm = before.model_copy(deep=True)
             if not change(vm):
-                return vm
+                return before, before
             try:
-                return await self.store.update(vm)
+                return before, await self.store.update(vm)
             except Conflict:
                 log.debug("%s changed while writing it; reading it again", name)
         raise FenceError(f"VirtualMachine {name!r} kept changing; {attempts} writes conflicted")
@@ -509,7 +552,7 @@ async def _act(fencer: Fencer, options: Options, out: TextIO) -> int:
         for vm in await fencer.list():
             line = f"{vm.metadata.name},"
             if action == "list-status":
-                state = power_state(vm, await fencer.host_health(vm))
+                state = power_state(await fencer.observe(vm), _revision(vm))
                 line += f",{(state or 'unknown').upper()}"
             print(line, file=out)
         return EXIT_SUCCESS

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from controller.fence_kvmctl import ACTIONS, SAVED_TIMEOUT_ANNOTATION, main, options_from
+from controller.ha.agent_side import HaReporter
+from controller.ha.requests import read_report
 from controller.store import Store
 from crds import ClusterNode, VirtualMachine
 from reconcilers.drivers.libvirt import DomainState
-from tests.test_vm_reconciler import Cluster, domain_state, running_vm, vm_object
+from tests.test_vm_reconciler import Cluster, domain_state, eventually, running_vm, vm_object
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_VALUES = {"string": "x", "second": "5", "boolean": "1"}
@@ -264,3 +266,29 @@ async def test_off_is_confirmed_by_the_fencing_of_the_vms_host(cluster: Cluster)
     await cluster.place("vm1", None)
     assert await fence(cluster.store, "off", "vm1") == (0, "Success: Powered OFF\n")
     assert await fence(cluster.store, "status", "vm1") == (2, "Status: OFF\n")
+
+
+async def test_off_is_confirmed_by_the_host_agents_report_once_unplaced(cluster: Cluster) -> None:
+    """The HA controller unplaces a stopped VM; the agent then destroys the domain without
+    writing the VM's status (it is not placed there): its report of running domains tells."""
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    reporter = HaReporter(cluster.store, "host1")
+    reporting = asyncio.create_task(reporter.run(agent.own_node, lambda: agent.host, lambda: False))
+    try:
+        await running_vm(cluster, "vm1", "host1")
+
+        async def reported(running: bool) -> bool:
+            report = await read_report(cluster.store, "host1")
+            return report is not None and ("vm1" in report.domains) == running
+
+        await eventually(lambda: reported(True), "vm1 in host1's report")
+        await cluster.place("vm1", None)
+        await eventually(lambda: reported(False), "vm1 gone from host1's report")
+        assert (await cluster.vm("vm1")).status.state == "Running"  # as last written
+        assert await fence(cluster.store, "status", "vm1") == (2, "Status: OFF\n")
+        assert await fence(cluster.store, "off", "vm1") == (0, "Success: Powered OFF\n")
+        assert await domain_state(agent, "vm1") is not DomainState.RUNNING
+    finally:
+        reporting.cancel()
+        await asyncio.wait({reporting})

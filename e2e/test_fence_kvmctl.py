@@ -1,0 +1,105 @@
+"""fence_kvmctl against a real TCG guest: a `kvmctl agent` with its own libvirtd in a simulated
+host (the lab of e2e/test_agent.py), a real etcd, the fence agent run as a separate process
+with its options on stdin, as Pacemaker's stonithd runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import pytest
+
+from e2e.hosts import REPO_ROOT
+from e2e.test_agent import (  # noqa: F401  (agent_lab, controller: fixtures used below)
+    PREFIX,
+    AgentLab,
+    Controller,
+    agent_lab,
+    apply_running,
+    booted,
+    boots,
+    controller,
+    eventually,
+    running_on,
+    unique,
+)
+
+FENCE_TIMEOUT = 90
+
+
+async def fence(lab: AgentLab, action: str, plug: str) -> tuple[int, str, float]:
+    """Run fence_kvmctl with `key=value` lines on stdin: (exit code, stdout, seconds taken)."""
+    values = {
+        "action": action,
+        "plug": plug,
+        "etcd": ",".join(lab.etcd.endpoints),
+        "prefix": PREFIX,
+        "power_timeout": str(FENCE_TIMEOUT),
+    }
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "controller.fence_kvmctl",
+        cwd=REPO_ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdin = "".join(f"{key}={value}\n" for key, value in values.items()).encode()
+    try:
+        out, err = await asyncio.wait_for(process.communicate(stdin), FENCE_TIMEOUT + 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    if process.returncode == 1:
+        print(err.decode(), file=sys.stderr)
+    return process.returncode, out.decode(), time.monotonic() - started
+
+
+@pytest.mark.slow
+async def test_fence_off_status_on_reboot_of_a_tcg_guest(
+    agent_lab: AgentLab,  # noqa: F811
+    controller: Controller,  # noqa: F811
+) -> None:
+    name = unique("fenced")
+    host = agent_lab.host("host-a")
+    # A long graceful timeout: fencing must not wait for it.
+    await apply_running(agent_lab, controller, name, "host-a", shutdownTimeoutSeconds=3600)
+
+    code, out, _ = await fence(agent_lab, "status", name)
+    assert (code, out) == (0, "Status: ON\n")
+
+    code, out, took = await fence(agent_lab, "off", name)
+    assert (code, out) == (0, "Success: Powered OFF\n")
+    print(f"fence off of a running TCG guest: {took:.2f} s (process start included)")
+    assert name not in host.qemu_guests()
+    stopped = await controller.events(name, "DomainStopped")
+    assert stopped and "destroyed after 0 s" in stopped[-1].spec.message
+    assert (await controller.vm(name)).status.state == "Stopped"
+
+    code, out, _ = await fence(agent_lab, "status", name)
+    assert (code, out) == (2, "Status: OFF\n")
+
+    code, out, _ = await fence(agent_lab, "on", name)
+    assert (code, out) == (0, "Success: Powered ON\n")
+    await running_on(controller, name, "host-a")
+    await eventually(lambda: boots(agent_lab, name) == 2, f"{name} booted again")
+    await booted(agent_lab, name)
+    assert (await controller.vm(name)).spec.shutdown_timeout_seconds == 3600
+
+    pid = host.qemu_guests()[name]
+    code, out, _ = await fence(agent_lab, "reboot", name)
+    assert (code, out) == (0, "Success: Rebooted\n")
+    assert host.qemu_guests().get(name) not in (None, pid)
+    await eventually(lambda: boots(agent_lab, name) == 3, f"{name} booted after the reboot")
+
+    vm = await controller.vm(name)
+    vm.spec.run_state = "stopped"
+    await controller.store.update(vm)
+    await eventually(lambda: name not in host.qemu_guests(), f"qemu of {name} gone")
+    await controller.store.delete("VirtualMachine", name)
