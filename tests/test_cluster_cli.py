@@ -1,0 +1,177 @@
+"""kvmctl's cluster commands against a real etcd and a running HA controller: node drain and
+uncordon, fence ack, status, get leader, and bad input to `kvmctl controller`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controller.ha import requests
+from controller.manager import Manager
+from controller.store import Store
+from crds import VirtualMachineMigration
+from tests.test_ha_production import (
+    Kvmctl,
+    Leases,
+    controller,
+    eventually,
+    get_node,
+    kvmctl_thread,
+    leases,
+    node_object,
+    placed_on,
+    reasons,
+    report_running,
+    store,
+    vm_object,
+)
+
+__all__ = ["controller", "kvmctl_thread", "leases", "store"]  # fixtures used here
+
+
+async def two_nodes_with_vms(store: Store, leases: Leases) -> None:
+    """Nodes a and b online; vm1 (may live-migrate) and vm2 (may not) running on a."""
+    await store.create(node_object("a"))
+    await store.create(node_object("b"))
+    await leases.hold("a")
+    await leases.hold("b")
+    await store.create(vm_object("vm1"))
+    await store.create(vm_object("vm2", migration={"allowed": False}))
+    for vm in ("vm1", "vm2"):
+
+        async def placed(vm: str = vm) -> object:
+            return await placed_on(store, vm, "a")
+
+        await eventually(placed, f"{vm} placed on a")
+        await report_running(store, vm, "a")
+
+
+async def test_drain_migrates_what_it_can_and_reports_the_rest(
+    store: Store, leases: Leases, controller: Manager, kvmctl_thread: Kvmctl
+) -> None:
+    await two_nodes_with_vms(store, leases)
+
+    code, out, err = await kvmctl_thread("node", "drain", "a")
+    assert code == 0, err
+    assert "clusternode/a cordoned; draining 2 VMs" in out
+    assert "virtualmachine/vm2 stays on a: live migration is not allowed" in out
+    assert (await get_node(store, "a")).spec.cordoned
+
+    async def drain_migration() -> VirtualMachineMigration | None:
+        migrations, _ = await store.list_objects("VirtualMachineMigration")
+        for migration in migrations:
+            if isinstance(migration, VirtualMachineMigration) and migration.spec.vm == "vm1":
+                return migration
+        return None
+
+    migration = await eventually(drain_migration, "a migration of vm1")
+    assert migration.spec.target_node == "b"
+    assert migration.metadata.labels == {"kvmctl.io/requested-by": "ha-controller"}
+
+    async def reported() -> bool:
+        return "VMNotMigratable" in await reasons(store, "VirtualMachine", "vm2")
+
+    await eventually(reported, "vm2 reported as not migratable")
+    assert await placed_on(store, "vm2", "a") is not None
+
+    # Once only VMs that may not leave are left, --wait ends at once and names them.
+    def moved_to_b(vm: Any) -> bool:  # what the migration controller writes after success
+        vm.status.placement = vm.status.placement.model_copy(update={"node": "b"})
+        return True
+
+    await store.patch_status("VirtualMachine", "vm1", moved_to_b)
+    code, out, err = await kvmctl_thread("node", "drain", "a", "--wait", "--wait-timeout", "30")
+    assert code == 1
+    assert "a not drained: vm2 may not live-migrate" in err
+
+    code, out, err = await kvmctl_thread("node", "uncordon", "a")
+    assert code == 0, err
+    assert out.strip() == "clusternode/a uncordoned"
+    assert not (await get_node(store, "a")).spec.cordoned
+    assert await requests.read_drain(store, "a") is None
+
+
+async def test_drain_request_survives_apply_of_the_node_manifest(
+    store: Store, kvmctl_thread: Kvmctl
+) -> None:
+    await store.create(node_object("a"))
+    code, _, err = await kvmctl_thread("node", "drain", "a", "--force")
+    assert code == 0, err
+    node = await get_node(store, "a")
+    node.spec.cordoned = False  # what `kvmctl apply` of the original manifest does
+    await store.update(node)
+    request = await requests.read_drain(store, "a")
+    assert request is not None and request.mode == "force"
+
+
+async def test_fence_ack_only_for_a_lost_node(
+    store: Store, leases: Leases, controller: Manager, kvmctl_thread: Kvmctl
+) -> None:
+    await store.create(node_object("a"))
+    await leases.hold("a")
+
+    async def online() -> bool:
+        return (await get_node(store, "a")).status.health == "Online"
+
+    await eventually(online, "a Online")
+    code, _, err = await kvmctl_thread("fence", "ack", "a")
+    assert code == 1
+    assert "a is Online: an acknowledgement only counts while the node is lost" in err
+    code, _, err = await kvmctl_thread("fence", "ack", "nowhere")
+    assert code == 1 and "ClusterNode 'nowhere' not found" in err
+    code, _, err = await kvmctl_thread("fence", "ack", "Bad_Name")
+    assert code == 2 and "DNS-1123" in err
+
+
+async def test_status_and_get_leader(
+    store: Store, leases: Leases, controller: Manager, kvmctl_thread: Kvmctl
+) -> None:
+    await two_nodes_with_vms(store, leases)
+    await leases.drop("b")
+
+    async def b_offline() -> bool:
+        return (await get_node(store, "b")).status.health == "Offline"
+
+    await eventually(b_offline, "b Offline (nothing placed there)")
+    code, out, err = await kvmctl_thread("status")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("Leader: ctl-1 since ")
+    member = {line.split()[0]: line.split()[1:5] for line in lines if line.startswith(("a ", "b "))}
+    assert member == {
+        "a": ["Online", "alive", "enabled", "2"],
+        "b": ["Offline", "lost", "enabled", "0"],
+    }
+    vm_lines = [line.split()[:4] for line in lines if line.startswith("vm")]
+    assert vm_lines == [["vm1", "started", "a", "Running"], ["vm2", "started", "a", "Running"]]
+
+    code, out, err = await kvmctl_thread("get", "leader")
+    assert code == 0, err
+    header, row = out.splitlines()
+    assert header.split() == ["IDENTITY", "SINCE", "AGE", "TOKEN"]
+    assert row.split()[0] == "ctl-1"
+    code, out, _ = await kvmctl_thread("get", "leader", "-o", "name")
+    assert out.strip() == "ctl-1"
+
+
+async def test_get_leader_without_controller(kvmctl_thread: Kvmctl) -> None:
+    code, out, err = await kvmctl_thread("get", "leader")
+    assert code == 1 and out == "" and "No leader." in err
+    code, out, err = await kvmctl_thread("status")
+    assert code == 0 and out.startswith("Leader: none")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--watchdog-timeout", "3"], "watchdog_timeout (3.0s) must not exceed"),
+        (["--election-ttl", "1"], "leader election ttl must be at least 2 s"),
+    ],
+)
+async def test_controller_refuses_bad_timings(
+    kvmctl_thread: Kvmctl, argv: list[str], message: str
+) -> None:
+    code, _, err = await kvmctl_thread("controller", "--metrics-port", "0", *argv)
+    assert code == 1
+    assert message in err and "Traceback" not in err
