@@ -14,8 +14,9 @@ import asyncio
 import ipaddress
 import json
 import logging
+import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -57,6 +58,10 @@ class Conflict(StoreError):
 
 class Unavailable(StoreError):
     """etcd could not be reached or did not answer in time."""
+
+
+class PermissionDenied(StoreError):
+    """etcd's RBAC refused the request: this client's user lacks the permission."""
 
 
 class UndecodableObject(StoreError):
@@ -106,6 +111,42 @@ def grpc_target(endpoints: Sequence[str]) -> tuple[str, int]:
     return f"ipv4:{head},{last_host}", last_port
 
 
+def _der_elements(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(tag, content) of each DER element in `data`, in order."""
+    offset = 0
+    while offset < len(data):
+        tag, length = data[offset], data[offset + 1]
+        offset += 2
+        if length & 0x80:
+            size = length & 0x7F
+            length = int.from_bytes(data[offset : offset + size], "big")
+            offset += size
+        yield tag, data[offset : offset + length]
+        offset += length
+
+
+_COMMON_NAME_OID = b"\x55\x04\x03"  # 2.5.4.3
+_EXPLICIT_VERSION_TAG = 0xA0
+
+
+def certificate_user(pem: bytes) -> str | None:
+    """The subject CN of a PEM certificate: etcd's user name under `--client-cert-auth`."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem.decode())
+        certificate = next(_der_elements(der))[1]
+        to_be_signed = next(_der_elements(certificate))[1]
+        fields = [body for tag, body in _der_elements(to_be_signed) if tag != _EXPLICIT_VERSION_TAG]
+        subject = fields[4]  # after serial, signature algorithm, issuer, validity
+        for _, relative_name in _der_elements(subject):
+            for _, attribute in _der_elements(relative_name):
+                (_, oid), (_, value) = _der_elements(attribute)
+                if oid == _COMMON_NAME_OID:
+                    return value.decode()
+    except (ValueError, IndexError, StopIteration, UnicodeDecodeError):
+        return None
+    return None
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files for mutual TLS to etcd: the CA that signed etcd's certificate, our pair."""
@@ -113,6 +154,15 @@ class TlsFiles:
     ca: Path
     cert: Path | None = None
     key: Path | None = None
+
+    def user(self) -> str | None:
+        """The etcd user this client is, from its certificate's CN (None if unknown)."""
+        if self.cert is None:
+            return None
+        try:
+            return certificate_user(self.cert.read_bytes())
+        except OSError:
+            return None
 
     def credentials(self) -> grpc.ChannelCredentials:
         def read(path: Path | None, what: str) -> bytes | None:
@@ -156,6 +206,14 @@ class _TlsClient(aetcd.Client):  # type: ignore[misc]
         self._connected.set()
 
 
+def _is_permission_denied(error: aetcd.exceptions.ClientError) -> bool:
+    """aetcd wraps etcd's PERMISSION_DENIED status in a plain ClientError: look at the cause."""
+    cause = error.__cause__
+    return isinstance(cause, grpc.aio.AioRpcError) and (
+        cause.code() == grpc.StatusCode.PERMISSION_DENIED
+    )
+
+
 def _unavailable(endpoints: Sequence[str], error: Exception) -> Unavailable:
     detail = str(error).splitlines()[0] if str(error) else type(error).__name__
     return Unavailable(f"etcd at {','.join(endpoints)} is unreachable: {detail}")
@@ -183,6 +241,8 @@ class Store:
             "options": {"grpc.max_receive_message_length": MAX_MESSAGE_BYTES},
         }
         self.client = _TlsClient(tls, **settings) if tls else aetcd.Client(**settings)
+        self.user = tls.user() if tls else None
+        """The etcd user of this client (its certificate's CN), for error messages."""
 
     async def __aenter__(self) -> Store:
         await self.connect()
@@ -199,8 +259,22 @@ class Store:
     async def close(self) -> None:
         await self.client.close()
 
-    async def call(self, awaitable: Awaitable[Any]) -> Any:
-        """Run one etcd request, turning connection trouble into `Unavailable`."""
+    def relative(self, key: bytes) -> str:
+        """`key` without the cluster's prefix, as messages show it."""
+        return key.decode(errors="replace").removeprefix(f"{self.prefix}/")
+
+    def _permission_denied(self, action: str, key: bytes | None) -> PermissionDenied:
+        what = f"the {action} of {self.relative(key)}" if key is not None else f"a {action}"
+        who = f"user {self.user}" if self.user else "this client's etcd user"
+        return PermissionDenied(f"etcd refused {what}: {who} lacks permission")
+
+    async def call(
+        self, awaitable: Awaitable[Any], key: bytes | None = None, action: str = "request"
+    ) -> Any:
+        """Run one etcd request, turning connection trouble into `Unavailable`.
+
+        `action` ("read", "write", "delete") and `key` name the request in a `PermissionDenied`.
+        """
         try:
             return await asyncio.wait_for(awaitable, self.timeout + 1)
         except (
@@ -211,6 +285,8 @@ class Store:
         except TimeoutError as e:
             raise _unavailable(self.endpoints, e) from None
         except aetcd.exceptions.ClientError as e:
+            if _is_permission_denied(e):
+                raise self._permission_denied(action, key) from None
             raise StoreError(f"etcd request failed: {e}") from None
 
     # Keys ----------------------------------------------------------------------------------
@@ -254,12 +330,14 @@ class Store:
 
     async def revision(self) -> int:
         """The store's current revision (a linearizable read)."""
-        reply = await self.call(self.client.get_prefix(f"{self.prefix}/revision-probe".encode()))
+        probe = f"{self.prefix}/revision-probe".encode()
+        reply = await self.call(self.client.get_prefix(probe), probe, "read")
         revision: int = reply.header.revision
         return revision
 
     async def get(self, kind: str, name: str) -> AnyResource:
-        reply = await self.call(self.client.get(self.key(kind, name)))
+        key = self.key(kind, name)
+        reply = await self.call(self.client.get(key), key, "read")
         if reply is None:
             raise NotFound(f"{kind} {name!r} not found")
         return self._decode(kind, reply)
@@ -272,7 +350,8 @@ class Store:
 
     async def list_objects(self, kind: str) -> tuple[list[AnyResource], int]:
         """Every object of a kind, sorted by name, and the revision the list was read at."""
-        reply = await self.call(self.client.get_prefix(self.kind_prefix(kind)))
+        prefix = self.kind_prefix(kind)
+        reply = await self.call(self.client.get_prefix(prefix), prefix, "read")
         objects = self._decode_all(kind, reply)
         return objects, reply.header.revision
 
@@ -290,7 +369,9 @@ class Store:
         ok, responses = await self.call(
             self.client.transaction(
                 compare=compares, success=[txn.put(key, value, lease)], failure=[]
-            )
+            ),
+            key,
+            "write",
         )
         if not ok:
             raise Conflict("the object was modified since it was read; read it again and retry")
@@ -432,7 +513,9 @@ class Store:
     async def _delete_if(self, key: bytes, compares: list[Compare]) -> None:
         txn = self.client.transactions
         ok, _ = await self.call(
-            self.client.transaction(compare=compares, success=[txn.delete(key)], failure=[])
+            self.client.transaction(compare=compares, success=[txn.delete(key)], failure=[]),
+            key,
+            "delete",
         )
         if not ok:
             raise Conflict("the object was modified since it was read; read it again and retry")
@@ -476,6 +559,14 @@ class Store:
         Raises `Compacted` when etcd no longer has the revision to resume from: relist.
         """
         prefix = self.kind_prefix(kind)
+        # etcd refuses a watch by cancelling it on creation, which aetcd ignores (the stream
+        # stays silent): read the range's keys once so a refusal is an error, not a hang.
+        try:
+            await self.call(self.client.get_prefix(prefix, keys_only=True), prefix, "watch")
+        except PermissionDenied:
+            raise
+        except StoreError as error:  # connection trouble: the loop below retries
+            log.info("watch of %s: permission check failed: %s", kind, error)
         next_revision = start_revision
         while True:
             try:

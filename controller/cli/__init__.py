@@ -15,9 +15,9 @@ from controller.config import ConfigError
 from controller.manifests import ManifestError
 from controller.store import StoreError
 
-from . import cluster, resources, simulate, sync, vm
+from . import admin, cluster, resources, simulate, sync, vm
 
-COMMAND_MODULES = [resources, sync, vm, cluster, simulate]
+COMMAND_MODULES = [resources, sync, vm, admin, cluster, simulate]
 
 
 class UsageError(Exception):

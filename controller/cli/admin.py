@@ -1,0 +1,65 @@
+"""admin: cluster administration (etcd users and roles)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from controller.rbac import apply_rbac, cluster_roles, describe_roles
+
+from .resources import store_from
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def register(commands: Any) -> None:
+    admin = commands.add_parser("admin", help="cluster administration")
+    topics = admin.add_subparsers(dest="topic", metavar="TOPIC")
+    topics.required = True
+    rbac = topics.add_parser(
+        "rbac",
+        help="etcd users and roles for the controller, agents and monitoring",
+        description="Users are the CNs of make-certs.sh's client certificates: admin, "
+        "controller, monitor, agent-<node>. See docs/security.md.",
+    )
+    actions = rbac.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    for name, help_text in (
+        ("apply", "create or correct users and roles, then enable authentication"),
+        ("show", "print the permissions apply would set (no etcd needed)"),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument(
+            "--nodes", type=_names, required=True, metavar="NODE,...", help="agent nodes"
+        )
+        action.add_argument(
+            "--secret-readers",
+            type=_names,
+            default=[],
+            metavar="NODE,...",
+            help="storage nodes whose agents read Secrets (CHAP targets)",
+        )
+        if name == "apply":
+            action.add_argument(
+                "--no-enable", action="store_true", help="set roles but leave auth as it is"
+            )
+        action.set_defaults(func=run_rbac_apply if name == "apply" else run_rbac_show)
+
+
+async def run_rbac_apply(args: argparse.Namespace) -> int:
+    roles = cluster_roles(args.nodes, args.secret_readers)
+    async with store_from(args) as store:
+        changes = await apply_rbac(store, roles, enable=not args.no_enable)
+    for line in changes or ["users and roles unchanged"]:
+        print(line)
+    if not args.no_enable:
+        print("authentication enabled")
+    return 0
+
+
+async def run_rbac_show(args: argparse.Namespace) -> int:
+    for line in describe_roles(cluster_roles(args.nodes, args.secret_readers)):
+        print(line)
+    return 0

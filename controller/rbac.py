@@ -1,0 +1,273 @@
+"""etcd users and roles for kvmctl's components, as narrow as etcd's key-range permissions allow.
+
+etcd (run with `--client-cert-auth`) takes a client's user name from its certificate's CN
+(deploy/etcd/make-certs.sh): `admin`, `controller`, `monitor`, `agent-<node>`. The users have no
+password: only the certificate authenticates them. Keys are relative to the cluster prefix.
+
+- admin (and etcd's `root`): role `root`, everything, including users and roles.
+- controller: reads everything (it resolves fence passwords); writes objects, the leader key,
+  operator requests and locks.
+- agent-<node>: reads every kind except Secret, heartbeats, the leader key, locks and LVM
+  activation claims; writes only its own heartbeat, the kinds it reports status on (the whole
+  object key: status lives in it), Events, the VolumeGroup metadata locks and LVM activation
+  claims. Nodes named as secret readers (storage nodes serving CHAP targets) also read Secrets.
+- monitor: reads every kind except Secret, heartbeats and the leader key; writes nothing.
+
+`apply_rbac` makes etcd match exactly (extra permissions and roles of the managed users are
+revoked), then enables authentication. Running it again changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import aetcd.rpc
+import grpc
+
+from crds import KINDS
+from crds.meta import _check_name
+
+from .store import Store, StoreError
+
+Access = Literal["read", "write", "readwrite"]
+_PERMISSION_TYPES: dict[Access, int] = {"read": 0, "write": 1, "readwrite": 2}
+
+ROOT_ROLE = "root"
+ADMIN_USERS = ("root", "admin")
+CONTROLLER = "controller"
+MONITOR = "monitor"
+AGENT_PREFIX = "agent-"
+
+REPORTED_KINDS = (
+    "ClusterNode",
+    "Bond",
+    "IscsiTarget",
+    "VolumeGroup",
+    "VirtualMachine",
+    "VirtualMachineMigration",
+    "Event",
+)
+"""What an agent writes: status of the objects it reconciles (in the object key), Events."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """`access` to `key` (relative to the cluster prefix), or to every key under it."""
+
+    access: Access
+    key: str
+    prefix: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.access} {self.key}{'*' if self.prefix else ''}"
+
+
+@dataclass(frozen=True)
+class Role:
+    """An etcd role and the one user (of the same name) that holds it."""
+
+    name: str
+    grants: tuple[Grant, ...]
+
+
+def _objects(kind: str) -> str:
+    return f"objects/{kind}/"
+
+
+def _readable_objects(secrets: bool) -> list[Grant]:
+    """Read grants per kind: one range per kind, so the Secret range can be left out."""
+    return [Grant("read", _objects(k)) for k in KINDS if secrets or k != "Secret"]
+
+
+_PROBE = Grant("read", "revision-probe")
+"""Every client reads this empty range to learn the store's revision (Store.revision)."""
+
+
+def controller_role() -> Role:
+    return Role(
+        CONTROLLER,
+        (
+            Grant("read", ""),
+            Grant("readwrite", "objects/"),
+            Grant("readwrite", "leader/"),
+            Grant("readwrite", "requests/"),
+            Grant("readwrite", "locks/"),
+        ),
+    )
+
+
+def agent_role(node: str, read_secrets: bool = False) -> Role:
+    """The role of `node`'s agent; `read_secrets` for a storage node serving CHAP targets."""
+    _check_name(node)
+    reported = [Grant("readwrite", _objects(kind)) for kind in REPORTED_KINDS]
+    reported_keys = {grant.key for grant in reported}
+    reads = [g for g in _readable_objects(read_secrets) if g.key not in reported_keys]
+    return Role(
+        f"{AGENT_PREFIX}{node}",
+        (
+            _PROBE,
+            *reads,
+            *reported,
+            Grant("read", "heartbeats/"),
+            Grant("readwrite", f"heartbeats/{node}", prefix=False),
+            Grant("read", "leader/"),
+            Grant("readwrite", "locks/lvm/"),
+            Grant("readwrite", "lvm/activation/"),
+        ),
+    )
+
+
+def monitor_role() -> Role:
+    return Role(
+        MONITOR,
+        (
+            _PROBE,
+            *_readable_objects(secrets=False),
+            Grant("read", "heartbeats/"),
+            Grant("read", "leader/"),
+            Grant("read", "lvm/activation/"),
+        ),
+    )
+
+
+def cluster_roles(nodes: Sequence[str], secret_readers: Sequence[str] = ()) -> list[Role]:
+    """The controller, monitor and one agent role per node."""
+    unknown = sorted(set(secret_readers) - set(nodes))
+    if unknown:
+        raise ValueError(f"secret reader {unknown[0]!r} is not one of the nodes given")
+    agents = [agent_role(node, node in secret_readers) for node in sorted(set(nodes))]
+    return [controller_role(), monitor_role(), *agents]
+
+
+def key_range(prefix: str, grant: Grant) -> tuple[bytes, bytes]:
+    """etcd's [key, range_end) for a grant; range_end is empty for a single key."""
+    key = f"{prefix.rstrip('/')}/{grant.key}".encode()
+    if not grant.prefix:
+        return key, b""
+    return key, key[:-1] + bytes([key[-1] + 1])
+
+
+class _Auth:
+    """etcd's Auth service on the store's (already connected) channel."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.stub = aetcd.rpc.AuthStub(store.client.channel)
+
+    async def call(self, what: str, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        try:
+            return await method(request, timeout=self.store.timeout)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.PERMISSION_DENIED:
+                who = f"user {self.store.user}" if self.store.user else "this client"
+                raise StoreError(
+                    f"etcd refused to {what}: {who} lacks the root role (use the admin certificate)"
+                ) from None
+            raise StoreError(f"etcd could not {what}: {error.details()}") from None
+
+    async def users(self) -> set[str]:
+        reply = await self.call("list users", self.stub.UserList, aetcd.rpc.AuthUserListRequest())
+        return set(reply.users)
+
+    async def roles(self) -> set[str]:
+        reply = await self.call("list roles", self.stub.RoleList, aetcd.rpc.AuthRoleListRequest())
+        return set(reply.roles)
+
+    async def ensure_user(self, name: str, roles: set[str], existing: set[str]) -> list[str]:
+        changes = []
+        if name not in existing:
+            options = aetcd.rpc.UserAddOptions(no_password=True)
+            request = aetcd.rpc.AuthUserAddRequest(name=name, options=options)
+            await self.call(f"add user {name}", self.stub.UserAdd, request)
+            changes.append(f"user {name}: created (certificate only, no password)")
+        reply = await self.call(
+            f"read user {name}", self.stub.UserGet, aetcd.rpc.AuthUserGetRequest(name=name)
+        )
+        held = set(reply.roles)
+        for role in sorted(roles - held):
+            request = aetcd.rpc.AuthUserGrantRoleRequest(user=name, role=role)
+            await self.call(f"grant role {role} to {name}", self.stub.UserGrantRole, request)
+            changes.append(f"user {name}: granted role {role}")
+        for role in sorted(held - roles):
+            request = aetcd.rpc.AuthUserRevokeRoleRequest(name=name, role=role)
+            await self.call(f"revoke role {role} from {name}", self.stub.UserRevokeRole, request)
+            changes.append(f"user {name}: revoked role {role}")
+        return changes
+
+    async def ensure_role(self, role: Role, prefix: str, existing: set[str]) -> list[str]:
+        changes = []
+        if role.name not in existing:
+            request = aetcd.rpc.AuthRoleAddRequest(name=role.name)
+            await self.call(f"add role {role.name}", self.stub.RoleAdd, request)
+            changes.append(f"role {role.name}: created")
+        reply = await self.call(
+            f"read role {role.name}",
+            self.stub.RoleGet,
+            aetcd.rpc.AuthRoleGetRequest(role=role.name),
+        )
+        held = {(p.key, p.range_end): int(p.permType) for p in reply.perm}
+        wanted = {key_range(prefix, grant): grant for grant in role.grants}
+        for (key, range_end), _ in sorted(held.items()):
+            if (key, range_end) not in wanted:
+                request = aetcd.rpc.AuthRoleRevokePermissionRequest(
+                    role=role.name, key=key, range_end=range_end
+                )
+                await self.call(
+                    f"revoke a permission of {role.name}", self.stub.RoleRevokePermission, request
+                )
+                shown = key.decode(errors="replace") + ("*" if range_end else "")
+                changes.append(f"role {role.name}: revoked {shown}")
+        for (key, range_end), grant in wanted.items():
+            permission_type = _PERMISSION_TYPES[grant.access]
+            if held.get((key, range_end)) == permission_type:
+                continue
+            permission = aetcd.rpc.Permission(
+                permType=permission_type, key=key, range_end=range_end
+            )
+            request = aetcd.rpc.AuthRoleGrantPermissionRequest(name=role.name, perm=permission)
+            await self.call(f"grant {grant} to {role.name}", self.stub.RoleGrantPermission, request)
+            changes.append(f"role {role.name}: granted {grant}")
+        return changes
+
+    async def enable(self) -> None:
+        await self.call(
+            "enable authentication", self.stub.AuthEnable, aetcd.rpc.AuthEnableRequest()
+        )
+
+
+async def apply_rbac(store: Store, roles: Sequence[Role], enable: bool = True) -> list[str]:
+    """Make etcd's users and roles match `roles` plus the admin users; enable authentication.
+
+    Returns one line per change (empty when everything was already so). Before
+    authentication is enabled any client may do this; afterwards only a root-role user.
+    """
+    await store.connect()
+    auth = _Auth(store)
+    changes: list[str] = []
+    existing_roles = await auth.roles()
+    if ROOT_ROLE not in existing_roles:
+        await auth.call(
+            "add role root", auth.stub.RoleAdd, aetcd.rpc.AuthRoleAddRequest(name=ROOT_ROLE)
+        )
+        changes.append("role root: created")
+    existing_users = await auth.users()
+    for user in ADMIN_USERS:
+        changes += await auth.ensure_user(user, {ROOT_ROLE}, existing_users)
+    for role in roles:
+        changes += await auth.ensure_role(role, store.prefix, existing_roles)
+        changes += await auth.ensure_user(role.name, {role.name}, existing_users)
+    if enable:
+        await auth.enable()
+    return changes
+
+
+def describe_roles(roles: Sequence[Role]) -> list[str]:
+    """One line per grant, for `kvmctl admin rbac show`."""
+    lines = [f"{user}: root (everything, users and roles)" for user in ADMIN_USERS]
+    for role in roles:
+        lines += [f"{role.name}: {grant}" for grant in role.grants]
+    return lines
