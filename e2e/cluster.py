@@ -331,7 +331,7 @@ class Cluster:
         return argv + self._agent_args
 
     def _controller_argv(self, name: str) -> list[str]:
-        return [*self._global_args(), "controller", "--id", name]
+        return [*self._global_args(), "controller", "--identity", name]
 
     def _start_bmc(self, name: str, port: int = 0) -> None:
         host = self.lab[name]
