@@ -21,6 +21,7 @@ from e2e.test_agent import (  # noqa: F401  (agent_lab, controller: fixtures use
     booted,
     boots,
     controller,
+    delete_vm,
     eventually,
     running_on,
     unique,
@@ -98,8 +99,5 @@ async def test_fence_off_status_on_reboot_of_a_tcg_guest(
     assert host.qemu_guests().get(name) not in (None, pid)
     await eventually(lambda: boots(agent_lab, name) == 3, f"{name} booted after the reboot")
 
-    vm = await controller.vm(name)
-    vm.spec.run_state = "stopped"
-    await controller.store.update(vm)
-    await eventually(lambda: name not in host.qemu_guests(), f"qemu of {name} gone")
-    await controller.store.delete("VirtualMachine", name)
+    await delete_vm(controller, name)  # destroys the domain at once
+    assert name not in host.qemu_guests()
