@@ -338,6 +338,12 @@ def test_lvm_gets_each_value_as_one_argument_and_no_name_reads_as_an_option(
 # -- fence agent stdin -----------------------------------------------------------------------
 
 
+def _unsendable(value: str) -> bool:
+    """Values a fence agent's `key=value` stdin cannot carry unchanged."""
+    surrogate = any(0xD800 <= ord(c) < 0xE000 for c in value)
+    return value != value.strip() or any(c in value for c in "\n\r\0") or surrogate
+
+
 @EXAMPLES
 @given(
     parameters=st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True), HOSTILE),
@@ -349,9 +355,9 @@ def test_fence_stdin_has_one_line_per_parameter(parameters: dict[str, str], pass
     try:
         device = FenceDevice("fence_ipmilan", parameters, {"password": password})
     except FenceConfigError as error:
-        values = [*parameters.values(), password]
-        assert any(v != v.strip() or any(c in v for c in "\n\r\0") for v in values), error
-        assert password not in str(error) or password in parameters.values() or len(password) < 2
+        assert any(map(_unsendable, [*parameters.values(), password])), error
+        if "'password'" in str(error):
+            assert "the secret value" in str(error) and f"value {password!r}" not in str(error)
         return
     lines = device.stdin_lines("off").decode().split("\n")
     assert lines[-1] == ""

@@ -61,6 +61,12 @@ def _check_parameter(agent: str, name: str, value: str, *, secret: bool) -> None
             f"{where}: {shown} contains a newline, carriage return or NUL, which would inject "
             "extra lines into the agent's input"
         )
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise FenceConfigError(
+            f"{where}: {shown} contains a lone surrogate, which cannot be sent as UTF-8"
+        ) from None
     if value != value.strip():
         raise FenceConfigError(
             f"{where}: {shown} has leading or trailing whitespace, which the agent would strip"
