@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from crds import APPLY_ORDER, AnyResource
+from crds import APPLY_ORDER, AnyResource, VirtualMachine
 
 from .store import Conflict, Store
 
@@ -27,12 +27,29 @@ class Applied:
     outcome: Outcome
 
 
+SERVER_OWNED_ANNOTATION_PREFIX = "fence.kvmctl.io/"
+"""Annotations that fence_kvmctl sets while a VM is fenced off; apply keeps them."""
+
+
 def merged(existing: AnyResource, manifest: AnyResource) -> AnyResource:
-    """The object `existing` becomes when `manifest` is applied to it."""
+    """The object `existing` becomes when `manifest` is applied to it.
+
+    While a guest cluster holds a VM fenced off (a `fence.kvmctl.io/` annotation), apply and
+    sync keep its run state and shutdown timeout: re-applying a manifest must not power on a VM
+    that a fence agent powered off.
+    """
     result = existing.model_copy(deep=True)
     result.spec = manifest.spec.model_copy(deep=True)
     result.metadata.labels = dict(manifest.metadata.labels)
-    result.metadata.annotations = dict(manifest.metadata.annotations)
+    fence_owned = {
+        key: value
+        for key, value in existing.metadata.annotations.items()
+        if key.startswith(SERVER_OWNED_ANNOTATION_PREFIX)
+    }
+    result.metadata.annotations = {**manifest.metadata.annotations, **fence_owned}
+    if fence_owned and isinstance(result, VirtualMachine) and isinstance(existing, VirtualMachine):
+        result.spec.run_state = existing.spec.run_state
+        result.spec.shutdown_timeout_seconds = existing.spec.shutdown_timeout_seconds
     return result
 
 

@@ -384,7 +384,11 @@ class VirtualMachineReconciler:
         def mutate(vm_: VirtualMachine) -> bool:
             status = vm_.status
             changed = status.set_condition(
-                "Ready", "False", reason, f"runState is {reason.lower()}"
+                "Ready",
+                "False",
+                reason,
+                f"runState is {reason.lower()}",
+                observed_generation=vm.metadata.generation,
             )
             changed |= _drop_condition(vm_, "RestartLimitReached")
             changed |= _drop_condition(vm_, "RestartRequired")

@@ -217,3 +217,19 @@ def test_events_listing_filters(kvmctl: Run, tmp_path: Path) -> None:
     code, out, _err = kvmctl("events", "--for", "vm/other")
     assert code == 0 and "VMRecovered" not in out
     assert json.loads(kvmctl("events", "-o", "json")[1])["spec"]["reason"] == "VMRecovered"
+
+
+def test_apply_keeps_a_fence_agents_power_off() -> None:
+    from controller.apply import merged
+    from crds import parse_object
+
+    manifest = parse_object(yaml.safe_load(VM))
+    stored = manifest.model_copy(deep=True)
+    stored.spec.run_state = "stopped"
+    stored.spec.shutdown_timeout_seconds = 0
+    stored.metadata.annotations["fence.kvmctl.io/shutdown-timeout-seconds"] = "60"
+    result = merged(stored, manifest)
+    assert result.spec.run_state == "stopped" and result.spec.shutdown_timeout_seconds == 0
+    assert "fence.kvmctl.io/shutdown-timeout-seconds" in result.metadata.annotations
+    stored.metadata.annotations.clear()
+    assert merged(stored, manifest).spec.run_state == "started"
