@@ -8,7 +8,7 @@ host serving iSCSI, one IPMI BMC per KVM host), applies deploy/examples/demo/ (t
 in with the lab's addresses), waits for the four VMs, live-migrates vm1, pulls host1's power and
 streams the failover's events until every VM runs again. The cluster keeps running afterwards,
 detached from this process; its PIDs, namespaces, links and directories are recorded in
-.run/demo/cluster.json for `down`. `up` removes a previous demo first.
+.run/demo/cluster.json (or `--run-dir DIR`) for `down`. `up` removes a previous demo first.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from e2e.guest.build import KERNEL_CMDLINE, ensure_guest_image
 from e2e.guest.console import read_ticks, tick_gaps
 from e2e.hosts import REPO_ROOT
 
-RUN_DIR = REPO_ROOT / ".run" / "demo"
-STATE_FILE = RUN_DIR / "cluster.json"
+DEFAULT_RUN_DIR = REPO_ROOT / ".run" / "demo"
+STATE_FILE_NAME = "cluster.json"
 TEMPLATES = REPO_ROOT / "deploy" / "examples" / "demo"
 KVM_HOSTS = ("host1", "host2", "host3")
 VMS = ("vm1", "vm2", "vm3", "vm4")
@@ -257,10 +257,10 @@ async def _has_command(name: str) -> bool:
     return await process.wait() == 0
 
 
-def render_manifests(cluster: Cluster, destination: Path) -> list[Path]:
+def render_manifests(cluster: Cluster, run_dir: Path) -> list[Path]:
     """Fill the demo templates with this cluster's addresses, ports and paths."""
     image = ensure_guest_image()
-    lun_dir = RUN_DIR / "luns"
+    lun_dir = run_dir / "luns"
     lun_dir.mkdir(parents=True, exist_ok=True)
     for vm in VMS:
         with open(lun_dir / f"{vm}.img", "wb") as lun:
@@ -279,6 +279,7 @@ def render_manifests(cluster: Cluster, destination: Path) -> list[Path]:
     for index, host in enumerate(KVM_HOSTS, start=1):
         values[f"HOST{index}_ADDRESS"] = cluster.host(host).address
         values[f"HOST{index}_BMC_PORT"] = str(cluster.bmc(host).port)
+    destination = run_dir / "manifests"
     destination.mkdir(parents=True, exist_ok=True)
     rendered = []
     for template in sorted(TEMPLATES.glob("*.yaml")):
@@ -288,10 +289,10 @@ def render_manifests(cluster: Cluster, destination: Path) -> list[Path]:
     return rendered
 
 
-async def up(tour: Tour) -> int:
-    if STATE_FILE.exists():
+async def up(tour: Tour, run_dir: Path) -> int:
+    if (run_dir / STATE_FILE_NAME).exists():
         tour.step("A previous demo is still up: removing it first")
-        await asyncio.to_thread(down_quietly)
+        await asyncio.to_thread(down_quietly, run_dir)
     tour.step("Building the test guest (Debian cloud kernel + busybox initramfs; cached)")
     image = await asyncio.to_thread(ensure_guest_image)
     tour.note(f"kernel {image.kernel}")
@@ -302,16 +303,16 @@ async def up(tour: Tour) -> int:
     )
     cluster = Cluster(KVM_HOSTS, "storage", shared_disk_mib=SHARED_DISK_MIB)
     await asyncio.to_thread(cluster.start)
-    cluster.detach(STATE_FILE)  # from here on, `down` can remove it whatever happens
+    cluster.detach(run_dir / STATE_FILE_NAME)  # from here on, `down` can remove it whatever happens
     try:
-        return await tour_cluster(cluster, tour)
+        return await tour_cluster(cluster, tour, run_dir)
     except BaseException:
         print("\nThe demo failed: removing the cluster.", file=sys.stderr, flush=True)
-        await asyncio.to_thread(down_quietly)
+        await asyncio.to_thread(down_quietly, run_dir)
         raise
 
 
-async def tour_cluster(cluster: Cluster, tour: Tour) -> int:
+async def tour_cluster(cluster: Cluster, tour: Tour, run_dir: Path) -> int:
     for host in (*KVM_HOSTS, "storage"):
         address = cluster.host(host).address
         extra = (
@@ -322,7 +323,7 @@ async def tour_cluster(cluster: Cluster, tour: Tour) -> int:
         tour.note(f"{host}: {address}{extra} (logs in {cluster.host(host).dir})")
     if not cluster.controllers:
         tour.note("`kvmctl controller` is not in this kvmctl yet: nothing will place the VMs.")
-    manifests = await asyncio.to_thread(render_manifests, cluster, RUN_DIR / "manifests")
+    manifests = await asyncio.to_thread(render_manifests, cluster, run_dir)
     async with Store(cluster.etcd_endpoints, prefix=cluster.prefix) as store:
         demo = Demo(cluster, store, tour)
         await demo.apply_reference_setup(manifests)
@@ -339,19 +340,20 @@ async def tour_cluster(cluster: Cluster, tour: Tour) -> int:
     return 0
 
 
-def down_quietly() -> list[str]:
+def down_quietly(run_dir: Path) -> list[str]:
     """Remove a detached demo cluster and the demo's files; the problems met."""
-    problems = teardown_detached(STATE_FILE) if STATE_FILE.exists() else []
-    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    state_file = run_dir / STATE_FILE_NAME
+    problems = teardown_detached(state_file) if state_file.exists() else []
+    shutil.rmtree(run_dir, ignore_errors=True)
     return problems
 
 
-def down() -> int:
-    if not STATE_FILE.exists():
-        shutil.rmtree(RUN_DIR, ignore_errors=True)
+def down(run_dir: Path) -> int:
+    if not (run_dir / STATE_FILE_NAME).exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
         print("No demo cluster is up.")
         return 0
-    problems = down_quietly()
+    problems = down_quietly(run_dir)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     print("Demo cluster removed." if not problems else "Demo cluster removed, with warnings.")
@@ -361,14 +363,20 @@ def down() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.demo", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=DEFAULT_RUN_DIR,
+        help="where the demo keeps its state, manifests and LUNs (default .run/demo)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("error: the demo needs root (namespaces, libvirtd, loop devices)", file=sys.stderr)
         return 1
     if args.action == "down":
-        return down()
+        return down(args.run_dir.resolve())
     try:
-        return asyncio.run(up(Tour()))
+        return asyncio.run(up(Tour(), args.run_dir.resolve()))
     except DemoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
