@@ -27,8 +27,9 @@ import aetcd.rpc
 import aetcd.rtypes
 import aetcd.watcher
 import grpc
+import pydantic
 
-from crds import KINDS, AnyResource
+from crds import KINDS, AnyResource, describe_validation_error
 from crds.meta import _check_name, now
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,15 @@ class Store:
             return KINDS[kind].model.model_validate(document)
         except (ValueError, KeyError, TypeError) as error:
             key = kv.key.decode(errors="replace")
-            raise UndecodableObject(f"{key}: stored value is not a valid {kind}: {error}") from None
+            # pydantic's own text quotes the offending input: a Secret's value would be logged.
+            reason = (
+                describe_validation_error(error)
+                if isinstance(error, pydantic.ValidationError)
+                else str(error)
+            )
+            raise UndecodableObject(
+                f"{key}: stored value is not a valid {kind}: {reason}"
+            ) from None
 
     def _decode_all(self, kind: str, kvs: Any) -> list[AnyResource]:
         """Decode a listing, skipping (and logging) values that are not valid objects."""
