@@ -216,7 +216,7 @@ async def test_fence_runner_never_logs_the_password(
     # exactly what an agent with a verbose error would do.
     device = FenceDevice(
         "fence_dummy",
-        {"type": "fail", "status_file": "/nonexistent/kvmctl-test"},
+        {"type": "fail", "status_file": "/nonexistent/kvmctl-test", "power_timeout": "2"},
         {"password": FENCE_PASSWORD},
     )
     runner = FenceRunner()
