@@ -245,8 +245,7 @@ class Cluster:
         host.restore_network()
         if host.is_running():
             return
-        if host.processes():
-            host.wait_dead()
+        host.wait_dead()  # reaps what is left of the previous power-on
         host.start()
         if name in self._bmcs:
             self._restart_bmc(name)

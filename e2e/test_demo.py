@@ -1,7 +1,10 @@
 """`make demo` end to end: `python -m e2e.demo up` twice (the second run removes the first
 cluster), then `down`, which must leave no process, namespace, link, loop device or directory.
-
 Each run uses its own `--run-dir`, so a demo a developer left running is not touched.
+
+Also the harness's failure injection the chaos tests build on: a host cut off the network is
+fenced through its simulated BMC by the elected controller, its guest recovered on the other
+host, and `restore` powers it on again.
 """
 
 from __future__ import annotations
@@ -9,16 +12,25 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 from pyroute2 import IPRoute, netns
 
-from e2e.cluster import DetachedState, RecordedProcess
+from controller.heartbeat import heartbeat_key
+from controller.store import Store
+from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
+from crds.clusternode import ClusterNodeSpec
+from crds.secret import SecretSpec
+from crds.virtualmachine import VirtualMachineSpec
+from e2e.cluster import Cluster, DetachedState, RecordedProcess
 from e2e.demo import STATE_FILE_NAME
+from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
 from e2e.hosts import REPO_ROOT
 
+DEADLINE = 120.0
 DEMO_TIMEOUT = 400.0
 """The demo aims at under 3 minutes; a loaded 2-core machine gets slack."""
 
@@ -105,3 +117,100 @@ async def test_demo_runs_end_to_end_reruns_and_down_removes_everything(run_dir: 
     assert not await asyncio.to_thread(run_dir.exists)
     status, output = await demo(run_dir, "down")
     assert (status, output.strip()) == (0, "No demo cluster is up.")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while not await check():
+        assert loop.time() < deadline, f"not reached within {DEADLINE:.0f} s: {what}"
+        await asyncio.sleep(0.2)
+
+
+def ipmi_fenced_node(cluster: Cluster, name: str) -> ClusterNode:
+    bmc = cluster.bmc(name)
+    device = {
+        "agent": "fence_ipmilan",
+        "parameters": {
+            "ip": bmc.address,
+            "ipport": str(bmc.port),
+            "username": bmc.user,
+            "lanplus": "1",
+        },
+        "secretParameters": {"password": {"name": "ipmi", "key": "password"}},
+    }
+    spec = {
+        "addresses": {"cluster": cluster.host(name).address},
+        "libvirtUri": cluster.host(name).libvirt_tcp_uri,
+        "fencing": {"methods": [{"name": "ipmi", "devices": [device]}]},
+    }
+    return ClusterNode(metadata=ObjectMeta(name=name), spec=ClusterNodeSpec.model_validate(spec))
+
+
+def guest_preferring(node: str, image: GuestImage) -> VirtualMachine:
+    spec = {
+        "memoryMiB": 96,
+        "boot": {
+            "kernel": str(image.kernel),
+            "initrd": str(image.initrd),
+            "cmdline": KERNEL_CMDLINE,
+        },
+        "failoverDomain": {"ordered": True, "nodes": [{"name": node, "priority": 1}]},
+        "shutdownTimeoutSeconds": 5,
+    }
+    return VirtualMachine(
+        metadata=ObjectMeta(name="guest"), spec=VirtualMachineSpec.model_validate(spec)
+    )
+
+
+@pytest.mark.slow
+async def test_a_cut_off_host_is_fenced_through_its_bmc_and_restore_powers_it_on() -> None:
+    image = await asyncio.to_thread(ensure_guest_image)
+    cluster = Cluster(("host1", "host2"), storage_host=None)
+    await asyncio.to_thread(cluster.start)
+    try:
+        async with Store(cluster.etcd_endpoints, prefix=cluster.prefix) as store:
+            secret = SecretSpec.model_validate({"data": {"password": cluster.bmc_password}})
+            await store.create(Secret(metadata=ObjectMeta(name="ipmi"), spec=secret))
+            for name in cluster.kvm_hosts:
+                await store.create(ipmi_fenced_node(cluster, name))
+
+            async def heartbeat(node: str) -> bool:
+                return (
+                    await store.client.get(heartbeat_key(store.prefix, node).encode()) is not None
+                )
+
+            for name in cluster.kvm_hosts:
+                await eventually(partial(heartbeat, name), f"{name} heartbeat")
+            assert cluster.controllers.keys() == {"host1", "host2"}
+            # A host running nothing is not fenced, only marked Offline: give host1 a guest.
+            await store.create(guest_preferring("host1", image))
+
+            async def guest_on(node: str) -> bool:
+                vm = await store.get("VirtualMachine", "guest")
+                assert isinstance(vm, VirtualMachine)
+                return vm.status.state == "Running" and vm.status.node == node
+
+            await eventually(partial(guest_on, "host1"), "the guest Running on host1")
+
+            await asyncio.to_thread(cluster.cut_network, "host1")
+
+            async def powered_off() -> bool:
+                node = await store.get("ClusterNode", "host1")
+                assert isinstance(node, ClusterNode)
+                fence = node.status.fence
+                return (
+                    not cluster.host("host1").is_running()
+                    and fence is not None
+                    and fence.how == "PowerOff"
+                )
+
+            await eventually(powered_off, "host1 powered off by fence_ipmilan through its BMC")
+            await eventually(partial(guest_on, "host2"), "the guest recovered on host2")
+            assert "guest" in cluster.qemu_guests("host2")
+
+            await asyncio.to_thread(cluster.restore, "host1")
+            await eventually(partial(heartbeat, "host1"), "host1's agent back after power-on")
+            assert cluster.host("host1").is_running()
+    finally:
+        await asyncio.to_thread(cluster.stop)
