@@ -64,6 +64,10 @@ def parse_yaml(text: str, source: str) -> list[dict[str, Any]]:
         documents = list(yaml.load_all(text, Loader=_Loader))
     except ManifestError as error:
         raise ManifestError(f"{source}: {error}") from None
+    except yaml.reader.ReaderError as error:  # its str() spans several lines
+        raise ManifestError(
+            f"{source}: character {error.position}: invalid YAML: {error.reason}"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""

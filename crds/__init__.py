@@ -83,10 +83,10 @@ def describe_validation_error(error: ValidationError) -> str:
         for part in problem["loc"]:
             if isinstance(part, int):
                 path += f"[{part}]"
-            elif not path:
-                path = str(part)
             else:
-                path += f".{part}"
+                # A user's key may hold newlines or terminal escapes: never print them raw.
+                shown = part if part.isprintable() else repr(part)
+                path += f".{shown}" if path else shown
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown field"

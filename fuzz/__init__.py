@@ -1,0 +1,1 @@
+"""atheris fuzz harnesses (run by `make fuzz`; tests never need atheris)."""
