@@ -1,6 +1,6 @@
 """Fuzz the domain XML builder: any values give a document of fixed structure, or DomainSpecError.
 
-.venv/bin/python -m fuzz.fuzz_domain_xml -max_total_time=60
+.venv/bin/python -m fuzz.fuzz_domain_xml -max_total_time=60 -artifact_prefix=/tmp/
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Fuzz manifest parsing: any bytes give manifests or one ManifestError, never anything else.
 
-.venv/bin/python -m fuzz.fuzz_manifests -max_total_time=60 fuzz/corpus/manifests
+    corpus=$(mktemp -d) && cp deploy/examples/article/*.yaml "$corpus" &&
+    .venv/bin/python -m fuzz.fuzz_manifests -max_total_time=60 -artifact_prefix=/tmp/ "$corpus"
+
+libFuzzer adds what it finds to the corpus folder: give it a scratch copy of the seeds.
 """
 
 from __future__ import annotations
