@@ -8,10 +8,12 @@ password: only the certificate authenticates them. Keys are relative to the clus
 - controller: reads everything (it resolves fence passwords); writes objects, the leader key,
   operator requests and locks.
 - agent-<node>: reads every kind except Secret, heartbeats, the leader key, locks and LVM
-  activation claims; writes only its own heartbeat, the kinds it reports status on (the whole
-  object key: status lives in it), Events, the VolumeGroup metadata locks and LVM activation
-  claims. Nodes named as secret readers (storage nodes serving CHAP targets) also read Secrets.
-- monitor: reads every kind except Secret, heartbeats and the leader key; writes nothing.
+  activation claims; writes only its own heartbeat and report key, the kinds it reports status
+  on (the whole object key: status lives in it), Events, the VolumeGroup metadata locks and LVM
+  activation claims. Nodes named as secret readers (storage nodes serving CHAP targets) also
+  read Secrets.
+- monitor: reads every kind except Secret, heartbeats, the leader key, operator requests and
+  agent reports; writes nothing.
 
 `apply_rbac` makes etcd match exactly (extra permissions and roles of the managed users are
 revoked), then enables authentication. Running it again changes nothing.
@@ -114,6 +116,7 @@ def agent_role(node: str, read_secrets: bool = False) -> Role:
             *reported,
             Grant("read", "heartbeats/"),
             Grant("readwrite", f"heartbeats/{node}", prefix=False),
+            Grant("readwrite", f"reports/{node}", prefix=False),
             Grant("read", "leader/"),
             Grant("readwrite", "locks/lvm/"),
             Grant("readwrite", "lvm/activation/"),
@@ -129,6 +132,8 @@ def monitor_role() -> Role:
             *_readable_objects(secrets=False),
             Grant("read", "heartbeats/"),
             Grant("read", "leader/"),
+            Grant("read", "requests/"),
+            Grant("read", "reports/"),
             Grant("read", "lvm/activation/"),
         ),
     )

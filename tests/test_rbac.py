@@ -104,7 +104,10 @@ def test_prefix_grants_cover_exactly_their_range() -> None:
     )
     agent = cluster_roles(["host1"])[2]
     single = [g for g in agent.grants if not g.prefix]
-    assert [key_range(PREFIX, g) for g in single] == [(b"/kvmctl/heartbeats/host1", b"")]
+    assert [key_range(PREFIX, g) for g in single] == [
+        (b"/kvmctl/heartbeats/host1", b""),
+        (b"/kvmctl/reports/host1", b""),
+    ]
 
 
 def test_secret_readers_must_be_nodes() -> None:
@@ -118,8 +121,8 @@ async def test_apply_again_changes_nothing(etcd: EtcdCluster, pki: Path) -> None
 
 
 async def test_agent_writes_its_heartbeat_not_another_nodes(agent: Store) -> None:
-    own = heartbeat_key(PREFIX, "host1").encode()
-    await agent.call(agent.client.put(own, b"{}"), own, "write")
+    for own in (heartbeat_key(PREFIX, "host1").encode(), f"{PREFIX}/reports/host1".encode()):
+        await agent.call(agent.client.put(own, b"{}"), own, "write")
     other = heartbeat_key(PREFIX, "host2").encode()
     with pytest.raises(PermissionDenied) as refused:
         await agent.call(agent.client.put(other, b"{}"), other, "write")
@@ -165,8 +168,12 @@ async def test_agent_cannot_read_secrets(agent: Store) -> None:
         await agent.list_objects("Secret")
 
 
-async def test_agent_cannot_write_leader_or_requests(agent: Store) -> None:
-    for key in (leader_key(PREFIX, "controller"), f"{PREFIX}/requests/fence-host2"):
+async def test_agent_cannot_write_leader_requests_or_other_reports(agent: Store) -> None:
+    for key in (
+        leader_key(PREFIX, "controller"),
+        f"{PREFIX}/requests/fence-ack/host2",
+        f"{PREFIX}/reports/host2",
+    ):
         with pytest.raises(PermissionDenied, match="user agent-host1 lacks permission"):
             await agent.call(agent.client.put(key.encode(), b"x"), key.encode(), "write")
 
