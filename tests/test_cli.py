@@ -233,3 +233,52 @@ def test_apply_keeps_a_fence_agents_power_off() -> None:
     assert "fence.kvmctl.io/shutdown-timeout-seconds" in result.metadata.annotations
     stored.metadata.annotations.clear()
     assert merged(stored, manifest).spec.run_state == "started"
+
+
+def test_events_watch_streams_new_events(
+    etcd_endpoints: list[str], key_prefix: str, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "KVMCTL_ETCD": etcd_endpoints[0],
+        "KVMCTL_PREFIX": key_prefix,
+        "KVMCTL_CONFIG": "",
+    }
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", "events", "--watch"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        event = {
+            "apiVersion": "kvmctl.io/v1alpha1",
+            "kind": "Event",
+            "metadata": {"name": "web-stream"},
+            "spec": {
+                "involvedObject": {"kind": "VirtualMachine", "name": "web"},
+                "reason": "NodeFenced",
+                "message": "host1 powered off",
+                "source": {"component": "test"},
+            },
+        }
+        manifest = write(tmp_path, yaml.safe_dump(event))
+        deadline = time.monotonic() + 60
+        seen = ""
+        while "NodeFenced" not in seen:  # the watcher may start after the first apply: re-apply
+            assert time.monotonic() < deadline, "no streamed event"
+            subprocess.run(
+                [sys.executable, "-m", "controller.cli", "apply", "-f", manifest],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            event["spec"]["message"] += "!"
+            Path(manifest).write_text(yaml.safe_dump(event))
+            assert watcher.stdout is not None
+            seen = watcher.stdout.readline()
+        assert "host1 powered off" in seen
+    finally:
+        watcher.kill()
+        watcher.wait()

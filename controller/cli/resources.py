@@ -315,8 +315,7 @@ def _print_events(events: list[crds.Event], output: str, header: bool) -> None:
         if header:
             rows.insert(0, list(printers.headers("Event", False)))
         if rows:
-            lines = printers.table(rows).splitlines()
-            print("\n".join(lines[1:] if not header and rows else lines), flush=True)
+            print(printers.table(rows), flush=True)
     else:
         print(printers.render(events, output, "Event"), flush=True)
 
