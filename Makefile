@@ -6,7 +6,7 @@ DEB_PACKAGES := etcd-server etcd-client libvirt-daemon libvirt-daemon-driver-qem
 	libvirt-dev qemu-system-x86 qemu-utils qemu-block-extra busybox-static pkg-config tgt \
 	libiscsi-bin lvm2 fence-agents iproute2 git gcc python3-dev kmod dpkg ipmitool
 
-.PHONY: install deb venv lint test test-fast test-e2e demo demo-down crds bench clean
+.PHONY: install deb venv lint test test-fast test-e2e demo demo-down crds bench fuzz clean
 
 install: deb venv
 
@@ -43,6 +43,13 @@ demo: install
 
 demo-down: venv
 	$(PY) -m e2e.demo down
+
+# Coverage-guided fuzzing of manifest parsing and the domain XML builder (atheris, libFuzzer).
+fuzz: install
+	$(PY) -m pip install -q -e '.[fuzz]'
+	corpus=$$(mktemp -d) && cp deploy/examples/article/*.yaml "$$corpus" && \
+		$(PY) -m fuzz.fuzz_manifests -max_total_time=60 -rss_limit_mb=4096 -artifact_prefix=/tmp/ "$$corpus"
+	$(PY) -m fuzz.fuzz_domain_xml -max_total_time=60 -rss_limit_mb=4096 -artifact_prefix=/tmp/
 
 bench: install
 	$(PY) -m bench.run_all

@@ -22,7 +22,8 @@ _DNS1123_SUBDOMAIN = re.compile(
 )
 _IQN = re.compile(r"^iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[^\s/]{1,200})?$")
 _EUI = re.compile(r"^eui\.[0-9A-F]{16}$")
-_IFNAME_FORBIDDEN = re.compile(r"[\s/:%\x00]")
+_IFNAME_FORBIDDEN = re.compile(r"[\s/:%\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LVM_NAME = re.compile(r"^[a-zA-Z0-9+_.][a-zA-Z0-9+_.-]{0,126}$")
 _SIZE = re.compile(r"^(\d+)([KMGTP]?)(i?B?)$")
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -103,8 +104,8 @@ def _check_label_value(value: str) -> str:
 
 
 def _check_absolute_path(value: str) -> str:
-    if not value.startswith("/") or len(value) > 4096 or any(c in value for c in "\x00\n\r"):
-        raise ValueError(f"path {value!r} must be absolute, without NUL or newlines")
+    if not value.startswith("/") or len(value) > 4096 or _CONTROL.search(value):
+        raise ValueError(f"path {value!r} must be absolute, without control characters")
     if ".." in value.split("/"):
         raise ValueError(f"path {value!r} must not contain '..'")
     return value

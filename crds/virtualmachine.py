@@ -21,7 +21,7 @@ from .meta import (
 from .volumegroup import IscsiLunRef
 
 DiskTarget = Annotated[str, StringConstraints(pattern=r"^(vd|sd|hd)[a-z]{1,2}$")]
-KernelArgs = Annotated[str, StringConstraints(pattern=r"^[^\n\r\x00]*$", max_length=2048)]
+KernelArgs = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]*$", max_length=2048)]
 
 
 class VolumeRef(Strict):
