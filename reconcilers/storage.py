@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from controller.events import EventRecorder
 from controller.informer import DEFAULT_RESYNC_PERIOD, Informer, SharedInformers
 from controller.reconcile import OnTerminal, Reconciler, TerminalError, run_workers
-from controller.store import NotFound, Store
+from controller.store import NotFound, PermissionDenied, Store
 from controller.workqueue import WorkQueue
 from crds import AnyResource, Bond, IscsiTarget, Secret, VirtualMachine, VolumeGroup
 from reconcilers.bond import BondReconciler, watch_bond_links
@@ -117,6 +117,16 @@ def _recording(store: Store, kind: str, recorder: EventRecorder) -> OnTerminal:
     return record
 
 
+async def _may_read_secrets(store: Store, node: str) -> bool:
+    """Whether this node's etcd user may read Secrets (with RBAC, only storage nodes may)."""
+    try:
+        await store.list_objects("Secret")
+    except PermissionDenied:
+        log.info("%s may not read Secrets: CHAP targets cannot be served from this node", node)
+        return False
+    return True
+
+
 async def run_storage_reconcilers(
     store: Store,
     node: str,
@@ -144,15 +154,16 @@ async def run_storage_reconcilers(
         node,
         VolumeGroupReconciler(store, node, recorder, settings.lvm),
     )
-    informers.informer("Secret").add_handler(
-        targets.mapped(
-            lambda s: (
-                targets_using_secret(targets.informer.list(), s.metadata.name)
-                if isinstance(s, Secret)
-                else []
+    if await _may_read_secrets(store, node):
+        informers.informer("Secret").add_handler(
+            targets.mapped(
+                lambda s: (
+                    targets_using_secret(targets.informer.list(), s.metadata.name)
+                    if isinstance(s, Secret)
+                    else []
+                )
             )
         )
-    )
     informers.informer("VirtualMachine").add_handler(
         vgs.mapped(
             lambda vm: (
