@@ -1,0 +1,28 @@
+"""Run every benchmark in turn (`make bench`); each prints its method and figures.
+
+The failover benchmark and the chaos soak are run on their own (`python -m bench.failover_bench`,
+`make soak`): they take minutes and boot guests.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHMARKS = ["bench.store_bench", "bench.runtime_bench", "bench.agent_bench"]
+
+
+def main() -> int:
+    failed = []
+    for module in BENCHMARKS:
+        print(f"== {module}", flush=True)
+        if subprocess.run([sys.executable, "-m", module], check=False).returncode != 0:
+            failed.append(module)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
