@@ -79,6 +79,7 @@ FAILED = "Failed"
 """Condition on a VirtualMachine the restart policy gave up on."""
 RESTART_LIMIT = "RestartLimitReached"
 REQUESTED_BY = "kvmctl.io/requested-by"
+CANCEL_RETRY = 1.0
 ACTIVE_STATES = ("Running", "Paused", "Migrating")
 """VM states (status.state) in which the reporting node has a qemu process for it."""
 STATES: dict[str, VmState] = {
@@ -168,12 +169,17 @@ class EtcdEnvironment:
         await self._stop_tasks()
 
     async def _stop_tasks(self) -> None:
-        tasks = [*self._tasks, *self._fence_tasks]
+        """Cancel the watches and fence runs; cancel again any that swallowed it.
+
+        Python 3.11's `asyncio.wait_for` (under every etcd call) drops a cancellation that
+        arrives as the inner call completes, so one cancel may not stop a task.
+        """
+        pending = {*self._tasks, *self._fence_tasks}
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY)
 
     # Change notifications --------------------------------------------------------------------
 

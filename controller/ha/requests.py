@@ -18,6 +18,7 @@ whole spec and the annotations) never wipes them:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -37,6 +38,7 @@ from .environment import DrainMode
 log = logging.getLogger(__name__)
 
 RETRY_DELAY = 0.5
+STREAM_CANCEL_TIMEOUT = 1.0
 
 
 def _key(prefix: str, family: str, node: str) -> str:
@@ -241,4 +243,8 @@ class PrefixCache:
                     self.values[name] = bytes(event.kv.value)
                     self._on_change(name, bytes(event.kv.value))
         finally:
-            await stream.cancel()
+            # aetcd's cancel waits for a lock its watcher can hold for long: bounded, best effort
+            # (the server-side watch goes with the client otherwise).
+            with contextlib.suppress(TimeoutError, aetcd.ClientError):
+                async with asyncio.timeout(STREAM_CANCEL_TIMEOUT):
+                    await stream.cancel()
