@@ -277,7 +277,10 @@ class Store:
         `action` ("read", "write", "delete") and `key` name the request in a `PermissionDenied`.
         """
         try:
-            return await asyncio.wait_for(awaitable, self.timeout + 1)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # that arrives as the request completes, and a cancelled task must stop.
+            async with asyncio.timeout(self.timeout + 1):
+                return await awaitable
         except (
             aetcd.exceptions.ConnectionFailedError,
             aetcd.exceptions.ConnectionTimeoutError,
