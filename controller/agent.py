@@ -5,7 +5,9 @@ libvirt unless `spec.capacity` overrides it, agent version, the libvirt URI peer
 migration address, `Ready`/`AgentReady` conditions, `lastHeartbeatTime` every
 `status_interval`), keeps its heartbeat lease (`controller/heartbeat.py`) and runs the host's
 reconcilers: VirtualMachines (`reconcilers/virtualmachine.py`) and the source side of live
-migrations (`reconcilers/migration.py`).
+migrations (`reconcilers/migration.py`). With `domain.lvm` set both manage the activation of the
+VMs' LVs (claimed and activated before a start, released after a stop, handed over during a
+migration; docs/storage.md).
 
 Libvirt lifecycle events enqueue the VM of the same name, so a crashed guest is seen at once; the
 informers resync every `resync_period`. A lost libvirt connection is reopened, and every VM and
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.events import EventRecorder
+from controller.ha.agent_side import HaReporter
+from controller.ha.environment import HaTimings
 from controller.heartbeat import Heartbeat, HeartbeatTiming, Watchdog
 from controller.informer import EventType, SharedInformers
 from controller.reconcile import TerminalError, run_workers
@@ -103,6 +107,7 @@ class Agent:
             self.nodes,
             self.recorder,
             settings.migration_concurrency,
+            lvm=settings.domain.lvm,
         )
         watchdog = Watchdog(settings.watchdog) if settings.watchdog is not None else None
         self.heartbeat = Heartbeat(
@@ -116,6 +121,8 @@ class Agent:
             self._healthy,
             watchdog,
         )
+        self.ha = HaReporter(store, self.node, HaTimings())
+        """Tells the HA controller which domains run here, and clears the node after a fence."""
         self.host: LibvirtHost | None = None
         self.ready = asyncio.Event()
         """Set once registered, connected to libvirt and reconciling."""
@@ -142,6 +149,10 @@ class Agent:
     def _self_fence_enabled(self) -> bool:
         node = self.own_node()
         return node is not None and node.spec.fencing.self_fence
+
+    def _past_self_fence_deadline(self) -> bool:
+        """Self-fenced and still without a lease: destroy anything that appears."""
+        return self.heartbeat.self_fenced and not self.heartbeat.lease_valid()
 
     def _healthy(self) -> bool:
         """The agent's loops are alive (the caller runs on the event loop, so it turns)."""
@@ -183,6 +194,10 @@ class Agent:
             )
             self._start(vm_workers, "vm workers")
             self._start(run_workers(migration_queue, self.migration_runner, 2), "migrations")
+            self._start(
+                self.ha.run(self.own_node, lambda: self.host, self._past_self_fence_deadline),
+                "ha report",
+            )
             if self.settings.storage is not None:
                 self._start(self._storage(self.settings.storage), "storage")
             for obj in self.vms.list():
@@ -247,6 +262,7 @@ class Agent:
 
         def node_changed(_type: EventType, obj: AnyResource) -> None:
             if obj.metadata.name == self.node:
+                self.ha.wake()
                 for vm in self.vms.list():
                     vm_queue.add(vm.metadata.name)
 
@@ -303,6 +319,7 @@ class Agent:
                         vm_queue.add(vm.metadata.name)
                     async for event in events:
                         vm_queue.add(event.name)
+                        self.ha.wake()
                 except LibvirtUnavailable as error:
                     log.warning("libvirt on %s lost: %s; reconnecting", self.node, error)
             self.host = self.vm_reconciler.host = self.migration_runner.host = None
