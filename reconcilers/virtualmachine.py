@@ -17,6 +17,15 @@ name (libvirt) and converges one step:
 - being deleted: destroy and undefine the local domain; the placement node (or any node when
   there is no placement) then removes the finalizer.
 
+LV activation (when `DomainSettings.lvm` is set; docs/storage.md): before a domain with
+`volume: VG/LV` disks is defined and started, each LV is claimed and activated here
+(`activate_for_vm`, taking over from a holder whose node is `Fenced`); if one cannot be, the
+domain is not started: `Ready=False` `VolumeActivationFailed`, a Warning event, a new attempt
+every `ACTIVATION_RETRY`. Once the domain is stopped, crashed for good, destroyed or removed,
+the LVs this node holds are deactivated and released. A running domain re-claims a free claim.
+As the target of a Running migration the agent takes the LVs over from the source and reports
+`VolumesActivated` on the migration; if the migration fails it deactivates them again.
+
 Domains without kvmctl owner metadata are never touched. The domain's metadata carries the VM's
 name, uid, generation, node and `specHash` (a hash of the definition without the metadata), so
 a spec change is noticed whatever field changed and only when it changes the domain.
@@ -28,11 +37,12 @@ import contextlib
 import hashlib
 import logging
 import string
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from ipaddress import ip_address
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from controller.events import EventRecorder
@@ -41,7 +51,7 @@ from controller.reconcile import Result, RetryableError, TerminalError
 from controller.store import NotFound, Store, StoreError
 from crds import ClusterNode, IscsiTarget, VirtualMachine, VirtualMachineMigration
 from crds.event import ObjectReference
-from crds.meta import now
+from crds.meta import ConditionStatus, now
 from crds.virtualmachine import Disk
 from reconcilers.drivers.domain_xml import (
     BlockSource,
@@ -66,7 +76,15 @@ from reconcilers.drivers.libvirt import (
     LibvirtHost,
     LibvirtUnavailable,
 )
-from reconcilers.migration import in_flight_migration
+from reconcilers.migration import (
+    ACTIVATION_ERRORS,
+    VOLUMES_ACTIVATED,
+    Volume,
+    in_flight_migration,
+    names,
+    vm_volumes,
+)
+from reconcilers.volumegroup import LvmSettings, activate_for_vm, active_on, deactivate
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +93,8 @@ TCG_TB_CACHE_MIB = 16
 """TCG's translation cache for `qemu` domains: QEMU's default (1 GiB) would dominate RSS."""
 BLOCKED_RETRY = 1.0
 """Seconds between looks while starting a domain is not allowed (no heartbeat lease)."""
+ACTIVATION_RETRY = 5.0
+"""Seconds between attempts to activate the LVs of a VM that cannot start yet."""
 ACTIVE_STATES = frozenset(
     {
         DomainState.RUNNING,
@@ -95,6 +115,9 @@ class DomainSettings:
     domain_type: DomainType = "kvm"
     serial_log_dir: Path | None = None
     """Each VM's serial console is appended to `<dir>/<vm>.log`; None gives a pty."""
+    lvm: LvmSettings | None = None
+    """Manage the activation of `volume:` disks with this node's LVM settings; None: do not
+    (hosts without device-mapper, or where something else activates the LVs)."""
 
 
 def spec_hash(spec: DomainSpec) -> str:
@@ -178,8 +201,11 @@ class VirtualMachineReconciler:
         if migration is not None:
             return await self._leave_to_migration(vm, migration)
         if not self._placed_here(vm):
+            volumes = await self._volumes(host, vm, domain)
             if domain is not None:
                 await self._remove_not_placed(host, vm, domain)
+            await self._release(volumes, name)
+            await self._release_failed_incoming(vm)
             return Result()
         if FINALIZER not in vm.metadata.finalizers:
             await self.store.add_finalizer("VirtualMachine", name, FINALIZER)
@@ -280,15 +306,23 @@ class VirtualMachineReconciler:
         if vm.status.node == self.node and limit is not None and limit.status == "True":
             return Result()  # left down: stop and start the VM, or relocate it
         if was_running and len(restarts) >= policy.max_restarts:
+            await self._release(await self._volumes(host, vm, domain), name)
             return await self._give_up(vm, restarts)
         if not await self._still_placed_here(vm):
             return Result()  # the cache was behind; the informer brings the change
-        await self._define(host, desired)
+        if not await self._activate_volumes(vm):
+            return Result(requeue_after=ACTIVATION_RETRY)
+        try:
+            await self._define(host, desired)
+        except TerminalError:
+            await self._release(vm_volumes(vm), name)
+            raise
         try:
             await host.start(name)
         except DomainStateConflict:
             log.info("domain %s was already started on %s", name, self.node)
         except InvalidDefinition as error:
+            await self._release(vm_volumes(vm), name)
             raise TerminalError("InvalidDefinition", str(error)) from None
         except LibvirtError as error:
             if isinstance(error, LibvirtUnavailable):
@@ -337,6 +371,7 @@ class VirtualMachineReconciler:
     ) -> Result:
         if vm.status.node != self.node or vm.status.state not in ("Running", "Paused"):
             log.debug("adopting running domain %s on %s", vm.metadata.name, self.node)
+        await self._keep_claims(vm)
         await self._patch_status(
             vm,
             lambda vm_: _set_running(vm_, self.node, domain, desired, list(vm_.status.restarts)),
@@ -369,6 +404,7 @@ class VirtualMachineReconciler:
         self, host: LibvirtHost, vm: VirtualMachine, domain: DomainInfo | None
     ) -> Result:
         name = vm.metadata.name
+        volumes = await self._volumes(host, vm, domain)
         if domain is not None and domain.state in ACTIVE_STATES:
             timeout = vm.spec.shutdown_timeout_seconds
             clean = await host.shutdown(name, timeout)
@@ -379,6 +415,7 @@ class VirtualMachineReconciler:
             inactive = parse_kvmctl_metadata(await host.domain_xml(name, inactive=True))
             if inactive.get("specHash") != desired.metadata["specHash"]:
                 await self._define(host, desired)
+        await self._release(volumes, name)
         reason = "Disabled" if vm.spec.run_state == "disabled" else "Stopped"
 
         def mutate(vm_: VirtualMachine) -> bool:
@@ -430,6 +467,7 @@ class VirtualMachineReconciler:
         self, host: LibvirtHost, domain: DomainInfo, vm: VirtualMachine | None
     ) -> None:
         """A kvmctl domain whose VM is gone (or was recreated with another uid)."""
+        volumes = await self._volumes(host, None, domain)
         if domain.state in ACTIVE_STATES:
             await _destroy(host, domain.name)
             involved = vm or ObjectReference(kind="VirtualMachine", name=domain.name)
@@ -442,15 +480,18 @@ class VirtualMachineReconciler:
                 self.node,
             )
         await _undefine(host, domain.name)
+        await self._release(volumes, domain.name)
 
     async def _delete(
         self, host: LibvirtHost, vm: VirtualMachine, domain: DomainInfo | None
     ) -> Result:
+        volumes = await self._volumes(host, vm, domain)
         if domain is not None:
             if domain.state in ACTIVE_STATES:
                 await _destroy(host, domain.name)
             await _undefine(host, domain.name)
             await self.recorder.record(vm, "Normal", "DomainDeleted", "undefined on %s", self.node)
+        await self._release(volumes, vm.metadata.name)
         placement = vm.status.placement
         if placement is None or placement.node == self.node:
             await self.store.remove_finalizer("VirtualMachine", vm.metadata.name, FINALIZER)
@@ -460,6 +501,7 @@ class VirtualMachineReconciler:
         self, vm: VirtualMachine, migration: VirtualMachineMigration
     ) -> Result:
         """A migration owns the domain: neither start nor destroy it."""
+        await self._activate_incoming(vm, migration)
         if self._placed_here(vm) and migration.status.phase == "Running":
 
             def mutate(vm_: VirtualMachine) -> bool:
@@ -470,6 +512,212 @@ class VirtualMachineReconciler:
 
             await self._patch_status(vm, mutate)
         return Result()
+
+    # -- LV activation -----------------------------------------------------------------------
+
+    async def _activate_volumes(self, vm: VirtualMachine) -> bool:
+        """Claim and activate the VM's LVs here; False (reported) if one cannot be.
+
+        The LVs this attempt activated are released again, so a VM that cannot start holds none.
+        """
+        lvm = self.settings.lvm
+        if lvm is None:
+            return True
+        activated: list[Volume] = []
+        try:
+            for vg, lv in vm_volumes(vm):
+                holder = await self._fenced_holder(vg, lv)
+                await activate_for_vm(self.store, lvm, vg, lv, self.node, take_over_from=holder)
+                activated.append((vg, lv))
+        except ACTIVATION_ERRORS as error:
+            await self._release(activated, vm.metadata.name)
+            await self._activation_failed(vm, f"not started on {self.node}: {error}")
+            return False
+        return True
+
+    async def _fenced_holder(self, vg: str, lv: str) -> str | None:
+        """The node holding the LV's claim when that node is Fenced (its claim may be taken)."""
+        holder = await active_on(self.store, vg, lv)
+        if holder is None or holder == self.node:
+            return None
+        node = self.nodes.get(holder)
+        fenced = isinstance(node, ClusterNode) and node.status.health == "Fenced"
+        return holder if fenced else None
+
+    async def _activation_failed(self, vm: VirtualMachine, message: str) -> None:
+        reason = "VolumeActivationFailed"
+        new = False
+
+        def mutate(vm_: VirtualMachine) -> bool:
+            nonlocal new
+            old = vm_.status.condition("Ready")
+            new = old is None or (old.status, old.reason, old.message) != ("False", reason, message)
+            return vm_.status.set_condition(
+                "Ready", "False", reason, message, vm.metadata.generation
+            )
+
+        await self._patch_status(vm, mutate)
+        if new:
+            await self.recorder.record(vm, "Warning", reason, "%s", message)
+
+    async def _keep_claims(self, vm: VirtualMachine) -> None:
+        """A domain runs here: claim its LVs again where their claim is free (none is lost)."""
+        lvm = self.settings.lvm
+        if lvm is None:
+            return
+        for vg, lv in vm_volumes(vm):
+            holder = await active_on(self.store, vg, lv)
+            if holder == self.node:
+                continue
+            if holder is not None:
+                log.warning(
+                    "%s/%s of %s running on %s is claimed by %s",
+                    vg,
+                    lv,
+                    vm.metadata.name,
+                    self.node,
+                    holder,
+                )
+                continue
+            try:
+                await activate_for_vm(self.store, lvm, vg, lv, self.node)
+            except ACTIVATION_ERRORS as error:
+                log.warning(
+                    "claiming %s/%s of running %s again: %s", vg, lv, vm.metadata.name, error
+                )
+
+    async def _volumes(
+        self, host: LibvirtHost, vm: VirtualMachine | None, domain: DomainInfo | None
+    ) -> list[Volume]:
+        """The LVs to release when the VM leaves: its own and those its domain here opens."""
+        if self.settings.lvm is None:
+            return []
+        volumes = vm_volumes(vm) if vm is not None else []
+        if domain is not None:
+            try:
+                xml = await host.domain_xml(domain.name)
+            except DomainNotFound:
+                return volumes
+            volumes += [volume for volume in _block_volumes(xml) if volume not in volumes]
+        return volumes
+
+    async def _release(self, volumes: list[Volume], vm_name: str) -> None:
+        """Deactivate and release the `volumes` this node holds, unless another VM here uses one."""
+        lvm = self.settings.lvm
+        if lvm is None or not volumes:
+            return
+        in_use = {
+            volume
+            for other in self.vms.list()
+            if isinstance(other, VirtualMachine)
+            and other.metadata.name != vm_name
+            and self._placed_here(other)
+            for volume in vm_volumes(other)
+        }
+        for vg, lv in volumes:
+            if (vg, lv) in in_use or await active_on(self.store, vg, lv) != self.node:
+                continue
+            try:
+                await deactivate(self.store, lvm, vg, lv, self.node)
+            except ACTIVATION_ERRORS as error:
+                raise RetryableError(f"releasing {vg}/{lv} on {self.node}: {error}") from None
+            log.info("released %s/%s of %s on %s", vg, lv, vm_name, self.node)
+
+    async def _activate_incoming(
+        self, vm: VirtualMachine, migration: VirtualMachineMigration
+    ) -> None:
+        """Target of a Running migration: take the VM's LVs over from the source.
+
+        `VolumesActivated` is set to Unknown before anything is done, so a failed migration's
+        LVs are deactivated again whatever point this reached (`_release_failed_incoming`).
+        """
+        lvm = self.settings.lvm
+        volumes = vm_volumes(vm)
+        if (
+            lvm is None
+            or not volumes
+            or migration.spec.target_node != self.node
+            or migration.status.phase != "Running"
+            or migration.status.condition(VOLUMES_ACTIVATED) is not None
+        ):
+            return
+        begun = await self._set_volumes_activated(
+            migration,
+            ("Unknown", "Activating", f"activating {names(volumes)} on {self.node}"),
+            when=lambda m: (
+                m.status.phase == "Running" and m.status.condition(VOLUMES_ACTIVATED) is None
+            ),
+        )
+        if not begun:
+            return
+        source = migration.status.source_node
+        try:
+            for vg, lv in volumes:
+                await activate_for_vm(self.store, lvm, vg, lv, self.node, take_over_from=source)
+        except ACTIVATION_ERRORS as error:
+            message = f"{self.node} could not activate {names(volumes)}: {error}"
+            await self._set_volumes_activated(
+                migration, ("False", "VolumeActivationFailed", message), when=_activating
+            )
+            await self.recorder.record(
+                migration, "Warning", "VolumeActivationFailed", "%s", message
+            )
+            return
+        await self._set_volumes_activated(
+            migration,
+            ("True", "Activated", f"{names(volumes)} active on {self.node}"),
+            when=_activating,
+        )
+
+    async def _release_failed_incoming(self, vm: VirtualMachine) -> None:
+        """Deactivate here the LVs taken over for an incoming migration that failed."""
+        lvm = self.settings.lvm
+        if lvm is None:
+            return
+        for migration in self.migrations.list():
+            if not (
+                isinstance(migration, VirtualMachineMigration)
+                and migration.spec.vm == vm.metadata.name
+                and migration.spec.target_node == self.node
+                and migration.status.phase == "Failed"
+            ):
+                continue
+            condition = migration.status.condition(VOLUMES_ACTIVATED)
+            if condition is None or condition.reason == "Released":
+                continue
+            for vg, lv in vm_volumes(vm):
+                try:
+                    await deactivate(self.store, lvm, vg, lv, self.node)
+                except ACTIVATION_ERRORS as error:
+                    raise RetryableError(f"releasing {vg}/{lv} on {self.node}: {error}") from None
+            message = f"deactivated on {self.node}: the migration failed"
+            await self._set_volumes_activated(
+                migration, ("False", "Released", message), when=_not_released
+            )
+
+    async def _set_volumes_activated(
+        self,
+        migration: VirtualMachineMigration,
+        condition: tuple[ConditionStatus, str, str],
+        when: Callable[[VirtualMachineMigration], bool],
+    ) -> bool:
+        """Set the migration's `VolumesActivated` if `when(current)`; True if it was written."""
+        written = False
+
+        def mutate(current: Any) -> bool:
+            nonlocal written
+            if not isinstance(current, VirtualMachineMigration) or not when(current):
+                return False
+            written = current.status.set_condition(VOLUMES_ACTIVATED, *condition)
+            return written
+
+        try:
+            await self.store.patch_status(
+                "VirtualMachineMigration", migration.metadata.name, mutate
+            )
+        except NotFound:
+            return False
+        return written
 
     # -- status ------------------------------------------------------------------------------
 
@@ -538,6 +786,26 @@ def _set_running(
         ) = new
         changed = True
     return changed
+
+
+def _activating(migration: VirtualMachineMigration) -> bool:
+    condition = migration.status.condition(VOLUMES_ACTIVATED)
+    return condition is not None and condition.reason == "Activating"
+
+
+def _not_released(migration: VirtualMachineMigration) -> bool:
+    condition = migration.status.condition(VOLUMES_ACTIVATED)
+    return condition is not None and condition.reason != "Released"
+
+
+def _block_volumes(domain_xml: str) -> list[Volume]:
+    """The LVs (`/dev/VG/LV` block sources) a domain's disks open."""
+    volumes: list[Volume] = []
+    for source in ET.fromstring(domain_xml).iterfind("devices/disk[@type='block']/source"):
+        parts = PurePosixPath(source.get("dev", "")).parts
+        if len(parts) == 4 and parts[:2] == ("/", "dev") and (parts[2], parts[3]) not in volumes:
+            volumes.append((parts[2], parts[3]))
+    return volumes
 
 
 def _drop_condition(vm: VirtualMachine, type_: str) -> bool:

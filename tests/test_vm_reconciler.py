@@ -6,6 +6,10 @@ connection. `test:///default` is shared by every connection of the process: used
 must outlive an agent. The test driver has no qemu and no migration (e2e/test_agent.py covers
 those on real libvirtd). Placement is written like the controller writes it: through a real
 LeaderElector's fencing-token guard and `store.patch_status`.
+
+LV activation (`DomainSettings.lvm`) runs real LVM on a loop device with a private lvm.conf;
+this kernel has no device-mapper, so activation fails there and only the claim, the rollback
+and the reporting are tested here (real activation: e2e/lab_tests/test_vm_activation_lab.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import asyncio
 import contextlib
 import secrets
 import signal
-from collections.abc import AsyncIterator, Callable
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +41,9 @@ from crds.virtualmachine import Placement, RestartPolicy, VirtualMachineSpec
 from e2e.etcd import EtcdCluster
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
 from reconcilers.drivers.libvirt import DomainState, LibvirtHost
-from reconcilers.migration import PLACEMENT_SWITCHED
+from reconcilers.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED
 from reconcilers.virtualmachine import FINALIZER, DomainSettings
+from reconcilers.volumegroup import LvmSettings, active_on
 from tests.test_libvirt_driver import host_uri
 
 DEADLINE = 30.0
@@ -95,12 +102,16 @@ class Cluster:
         await self.store.create(node)
 
     async def start_agent(
-        self, name: str, uri: str | None = None, timing: HeartbeatTiming | None = None
+        self,
+        name: str,
+        uri: str | None = None,
+        timing: HeartbeatTiming | None = None,
+        lvm: LvmSettings | None = None,
     ) -> Agent:
         settings = AgentSettings(
             node=name,
             libvirt_uri=uri or host_uri(self.tmp_path, name),
-            domain=DomainSettings("qemu", self.tmp_path / "serial"),
+            domain=DomainSettings("qemu", self.tmp_path / "serial", lvm),
             heartbeat=timing or HeartbeatTiming(),
             resync_period=30.0,
         )
@@ -578,3 +589,170 @@ async def test_migrate_command_reports_bad_names_in_one_line(
     assert capfd.readouterr().out.startswith("virtualmachinemigration/vm1-")
     objects, _ = await cluster.store.list_objects("VirtualMachineMigration")
     assert [(m.spec.vm, m.spec.target_node) for m in objects] == [("vm1", "host1")]
+
+
+# -- LV activation ---------------------------------------------------------------------------
+
+MIB = 1 << 20
+NO_DEVICE_MAPPER_LVM_CONF = """\
+global { activation = 0 }
+devices { obtain_device_list_from_udev = 0 use_devicesfile = 0 }
+backup { backup = 0 archive = 0 }
+"""
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    """A 32 MiB loop device of the test's own, always detached afterwards."""
+    image = tmp_path / "shared.img"
+    with open(image, "wb") as file:
+        file.truncate(32 * MIB)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False, timeout=60)
+
+
+@pytest.fixture
+async def lvm(tmp_path: Path, loop_device: str) -> tuple[LvmSettings, str]:
+    """A VG with the LV `lv_vm1` on the loop device: (settings, VG name)."""
+    system_dir = tmp_path / "lvm"
+    system_dir.mkdir()
+    (system_dir / "lvm.conf").write_text(NO_DEVICE_MAPPER_LVM_CONF)
+    settings = LvmSettings(str(system_dir), (loop_device,), lock_ttl=5, lock_timeout=10)
+    vg = f"vg_vm_{uuid.uuid4().hex[:8]}"
+    driver = settings.driver()
+    await driver.pvcreate(loop_device)
+    await driver.vgcreate(vg, [loop_device])
+    await driver.lvcreate(vg, "lv_vm1", 8 * MIB)
+    return settings, vg
+
+
+async def released(settings: LvmSettings, store: Store, vg: str) -> bool:
+    """Nobody claims `vg/lv_vm1` and it carries no tag (a retry may hold it for a moment)."""
+    [lv] = await settings.driver().lvs(vg)
+    return await active_on(store, vg, "lv_vm1") is None and lv.tags == ()
+
+
+async def ready_reason(cluster: Cluster, name: str) -> tuple[str, str] | None:
+    condition = (await cluster.vm(name)).status.condition("Ready")
+    return None if condition is None else (condition.reason, condition.message)
+
+
+async def test_a_vm_whose_lv_cannot_be_activated_is_not_started(
+    cluster: Cluster, lvm: tuple[LvmSettings, str]
+) -> None:
+    settings, vg = lvm
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1", lvm=settings)
+    await cluster.store.create(vm_object("vm1", disks=[{"volume": f"{vg}/lv_vm1"}]))
+    await cluster.place("vm1", "host1")
+
+    async def refused() -> tuple[str, str] | None:
+        ready = await ready_reason(cluster, "vm1")
+        return ready if ready is not None and ready[0] == "VolumeActivationFailed" else None
+
+    _, message = await eventually(refused, "vm1 Ready=False VolumeActivationFailed")
+    assert message.startswith("not started on host1: ")
+    assert "device-mapper" in message  # this kernel has none: LVM cannot activate
+    assert await domain_state(agent, "vm1") is None  # never defined, never started
+    [event] = await eventually(lambda: cluster.events("vm1", "VolumeActivationFailed"), "event")
+    assert event.spec.type == "Warning"
+    # Rolled back: neither the claim nor the tag is left behind (between retries).
+    await eventually(lambda: released(settings, cluster.store, vg), "claim and tag rolled back")
+
+    # A VM without volume disks on the same node is unaffected.
+    await running_vm(cluster, "vm2", "host1")
+    assert await domain_state(agent, "vm2") is DomainState.RUNNING
+    assert await domain_state(agent, "vm1") is None
+
+
+async def test_an_lv_claim_is_taken_over_only_from_a_fenced_node(
+    cluster: Cluster, lvm: tuple[LvmSettings, str]
+) -> None:
+    settings, vg = lvm
+    await cluster.add_node("host1")
+    await cluster.add_node("host2")
+    await cluster.start_agent("host1", lvm=settings)
+    claim = f"{cluster.store.prefix}/lvm/activation/{vg}/lv_vm1".encode()
+    await cluster.store.client.put(claim, b"host2")  # host2 runs (or ran) the VM
+    await cluster.store.create(vm_object("vm1", disks=[{"volume": f"{vg}/lv_vm1"}]))
+    await cluster.place("vm1", "host1")
+
+    async def conflict() -> tuple[str, str] | None:
+        ready = await ready_reason(cluster, "vm1")
+        return ready if ready is not None and "is active on host2" in ready[1] else None
+
+    await eventually(conflict, "activation refused while host2 holds the LV")
+    assert await active_on(cluster.store, vg, "lv_vm1") == "host2"
+
+    def fenced(node: Any) -> bool:
+        node.status.health = "Fenced"
+        return True
+
+    await cluster.store.patch_status("ClusterNode", "host2", fenced)
+
+    async def taken_over() -> bool:
+        ready = await ready_reason(cluster, "vm1")
+        # Taken from the fenced host2; activation then fails here (no device-mapper) and the
+        # claim is rolled back, so nobody holds it any more.
+        return (
+            ready is not None
+            and "device-mapper" in ready[1]
+            and await active_on(cluster.store, vg, "lv_vm1") is None
+        )
+
+    await eventually(taken_over, "claim taken over from the fenced host2", 2 * DEADLINE)
+
+
+async def test_lv_hand_over_protocol_of_a_migration_whose_target_cannot_activate(
+    cluster: Cluster, lvm: tuple[LvmSettings, str]
+) -> None:
+    """The source waits for the target's VolumesActivated; the target's failure fails the
+    migration (the VM stays on the source), and the target deactivates what it took."""
+    settings, vg = lvm
+    await cluster.add_node("host1")
+    await cluster.add_node("host2")
+    await cluster.start_agent("host1", lvm=settings)
+    await cluster.start_agent("host2", lvm=settings)
+    # Stopped, so the source needs no activation here (which this kernel cannot do); the
+    # source agent only needs the object.
+    vm = vm_object("vm1", runState="stopped", disks=[{"volume": f"{vg}/lv_vm1"}])
+    await cluster.store.create(vm)
+    await cluster.place("vm1", "host1")
+    claim = f"{cluster.store.prefix}/lvm/activation/{vg}/lv_vm1".encode()
+    await cluster.store.client.put(claim, b"host1")
+    migration = VirtualMachineMigration(
+        metadata=ObjectMeta(name="vm1-move"),
+        spec=VirtualMachineMigrationSpec(vm="vm1", target_node="host2"),
+    )
+    migration.status.phase = "Scheduled"  # as the controller leaves it
+    migration.status.source_node = "host1"
+    await cluster.store.create(migration)
+
+    async def failed() -> VirtualMachineMigration | None:
+        obj = await cluster.store.get("VirtualMachineMigration", "vm1-move")
+        assert isinstance(obj, VirtualMachineMigration)
+        return obj if obj.status.phase == "Failed" else None
+
+    result: VirtualMachineMigration = await eventually(failed, "migration failed")
+    assert result.status.message.startswith(f"host2 could not activate {vg}/lv_vm1: ")
+    assert result.status.message.endswith("; the VM keeps running on host1")
+    assert await cluster.events("vm1-move", "VolumeActivationFailed")  # from the target
+    # The source claims the LV back (and cannot activate it here: no device-mapper).
+    await eventually(lambda: cluster.events("vm1", "VolumeActivationFailed"), "claimed back")
+
+    async def target_released() -> bool:
+        obj = await cluster.store.get("VirtualMachineMigration", "vm1-move")
+        condition = obj.status.condition(VOLUMES_ACTIVATED)
+        return condition is not None and condition.reason == "Released"
+
+    await eventually(target_released, "the target released the LV after the failure")
+    await eventually(lambda: released(settings, cluster.store, vg), "no claim and no tag left")

@@ -53,6 +53,11 @@ def register(commands: Any) -> None:
     agent.add_argument(
         "--lvm-device", action="append", default=[], metavar="DEV", help="restrict LVM to DEV"
     )
+    agent.add_argument(
+        "--no-lv-activation",
+        action="store_true",
+        help="do not activate the VMs' LVs (hosts without device-mapper)",
+    )
     agent.add_argument("--resync-period", type=float, default=30.0, help="seconds")
     agent.add_argument(
         "--migration-concurrency", type=int, default=DEFAULT_CONCURRENCY, help="per node"
@@ -90,20 +95,20 @@ async def run_agent(args: argparse.Namespace) -> int:
     timing = HeartbeatTiming(args.lease_ttl, args.renew_interval, args.self_fence_margin)
     if args.serial_log_dir is not None:
         args.serial_log_dir.mkdir(parents=True, exist_ok=True)
+    lvm = LvmSettings(system_dir=args.lvm_system_dir, devices=tuple(args.lvm_device))
     settings = AgentSettings(
         node=args.node,
         libvirt_uri=args.libvirt_uri,
-        domain=DomainSettings(args.domain_type, args.serial_log_dir),
+        domain=DomainSettings(
+            args.domain_type, args.serial_log_dir, None if args.no_lv_activation else lvm
+        ),
         heartbeat=timing,
         watchdog=args.watchdog,
         resync_period=args.resync_period,
         migration_concurrency=args.migration_concurrency,
         storage=None
         if args.no_storage
-        else StorageSettings(
-            tgtd_control_port=args.tgtd_control_port,
-            lvm=LvmSettings(system_dir=args.lvm_system_dir, devices=tuple(args.lvm_device)),
-        ),
+        else StorageSettings(tgtd_control_port=args.tgtd_control_port, lvm=lvm),
         tgtd_portal=args.tgtd_portal,
     )
     stop = asyncio.Event()
