@@ -727,8 +727,6 @@ async def test_lv_hand_over_protocol_of_a_migration_whose_target_cannot_activate
     vm = vm_object("vm1", runState="stopped", disks=[{"volume": f"{vg}/lv_vm1"}])
     await cluster.store.create(vm)
     await cluster.place("vm1", "host1")
-    claim = f"{cluster.store.prefix}/lvm/activation/{vg}/lv_vm1".encode()
-    await cluster.store.client.put(claim, b"host1")
     migration = VirtualMachineMigration(
         metadata=ObjectMeta(name="vm1-move"),
         spec=VirtualMachineMigrationSpec(vm="vm1", target_node="host2"),
