@@ -2,8 +2,8 @@
 uses it: an LV is activated only on the node whose `kvmctl_active_<node>` tag it carries.
 
 Each node's lvm.conf sets `activation/volume_list = ["@kvmctl_active_<node>"]`, so LVM itself
-refuses to activate an LV claimed for another node, even by hand. (The etcd claim around it is
-tested on the host: etcd does not fit in the lab's memory next to pytest.)
+refuses to activate an LV claimed for another node, even by hand. The etcd claim around it is
+tested on the host and, with a real etcd in the lab, in test_vm_activation_lab.py.
 """
 
 from __future__ import annotations
