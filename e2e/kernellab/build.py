@@ -24,6 +24,8 @@ KERNELLAB_DIR = Path(__file__).resolve().parent
 BUILD_DIR = KERNELLAB_DIR / "build"
 REPO_DIR = KERNELLAB_DIR.parent.parent
 GUEST_INIT = KERNELLAB_DIR / "guest_init.py"
+REPO_TAG = "repo"
+"""9p mount tag of the read-only share of the repository (overlaid writable in the guest)."""
 BUSYBOX = Path("/bin/busybox")
 META_PACKAGE = "linux-image-amd64"
 """Debian's meta package; it depends on the current generic `linux-image-6.1.0-NN-amd64`."""
@@ -189,6 +191,13 @@ mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
+# The repository gets its own share and overlay: the host root's view may not show it (a
+# checkout under /tmp is hidden by the tmpfs above, and 9p does not cross host mounts).
+mkdir -p /rw/repo-upper /rw/repo-work /newroot{REPO_DIR}
+mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose {REPO_TAG} /repo \\
+    || fail 'mount the repository over 9p'
+mount -t overlay -o lowerdir=/repo,upperdir=/rw/repo-upper,workdir=/rw/repo-work overlay \\
+    /newroot{REPO_DIR} || fail 'mount the repository overlay'
 mkdir -p /newroot{GUEST_OUTPUT_DIR}
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {OUTPUT_TAG} /newroot{GUEST_OUTPUT_DIR} \\
     || fail 'mount the output share'
@@ -236,7 +245,7 @@ def _pad(length: int) -> bytes:
 def build_initramfs(release: str, modules_dir: Path) -> bytes:
     modules = module_load_order(modules_dir, BOOT_MODULES)
     cpio = _Cpio()
-    for directory in ("bin", "dev", "proc", "sys", "lower", "rw", "newroot", "modules"):
+    for directory in ("bin", "dev", "proc", "sys", "lower", "repo", "rw", "newroot", "modules"):
         cpio.directory(directory)
     cpio.char_device("dev/console", 5, 1)
     cpio.file("bin/busybox", BUSYBOX.read_bytes(), executable=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from e2e.kernellab.build import (
     OUTPUT_TAG,
     REPO_DIR,
+    REPO_TAG,
     LabBuildError,
     LabImage,
     ensure_built,
@@ -76,6 +77,8 @@ def qemu_argv(image: LabImage, share: Path) -> list[str]:
         "-virtfs",
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={share},mount_tag={OUTPUT_TAG},security_model=none",
+        "-virtfs",
+        f"local,path={REPO_DIR},mount_tag={REPO_TAG},security_model=none,readonly=on,multidevs=remap",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
         "-device", "virtio-rng-pci",
     ]  # fmt: skip
