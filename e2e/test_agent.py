@@ -412,6 +412,15 @@ async def test_migration_to_a_cut_off_node_fails_and_the_guest_stays_up(
     name = unique("stay")
     source, target = agent_lab.host("host-a"), agent_lab.host("host-b")
     pid = await apply_running(agent_lab, controller, name, "host-a")
+    # A fresh ARP entry for the target makes the source's TCP connect hang (no "no route to
+    # host"): the agent must still give up, through the driver's stall timeout.
+    touch = (
+        "import socket, sys\n"
+        "try: socket.create_connection((sys.argv[1], 9), 5)\n"
+        "except OSError: pass"
+    )
+    knock = source.spawn([sys.executable, "-c", touch, target.address])
+    assert await asyncio.to_thread(source.wait_exit, knock, 30) == 0
     # pyroute2's synchronous IPRoute runs its own event loop: keep it off this one.
     await asyncio.to_thread(target.cut_network)
     try:

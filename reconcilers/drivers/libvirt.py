@@ -541,6 +541,7 @@ class LibvirtHost:
         bandwidth_mibps: int | None = None,
         progress: Callable[[MigrationProgress], None] | None = None,
         poll_interval: float = 0.5,
+        stall_timeout: float = 15.0,
     ) -> None:
         """Live-migrate a running domain, peer to peer, to the host at `dest_uri`.
 
@@ -549,7 +550,9 @@ class LibvirtHost:
         (`tcp://10.0.0.2`). The definition moves with the domain (persistent on the
         destination, undefined here). `progress` is called every `poll_interval` seconds while
         the job runs. Raises DomainNotFound, or MigrationError (the domain normally keeps
-        running here). Cancelling the calling task aborts the migration job.
+        running here). Cancelling the calling task aborts the migration job, and so does a job
+        that moved no data for `stall_timeout` seconds: an unreachable target can otherwise hold
+        it for minutes (a TCP connect to a silent peer).
         """
         context = f"migrate domain {name!r} to {dest_uri}"
         domain = await self._call(f"look up domain {name!r}", lambda: self._domain(name))
@@ -567,23 +570,35 @@ class LibvirtHost:
         job = asyncio.ensure_future(
             self._call(context, lambda: domain.migrateToURI3(dest_uri, params, _MIGRATE_FLAGS))
         )
+        loop = asyncio.get_running_loop()
+        moved, last_move = -1, loop.time()
         try:
             while not (await asyncio.wait({job}, timeout=poll_interval))[0]:
-                if progress is not None:
-                    report = await self._job_progress(domain)
-                    if report is not None:
-                        progress(report)
+                report = await self._job_progress(domain)
+                if report is not None and report.data_processed_bytes > moved:
+                    moved, last_move = report.data_processed_bytes, loop.time()
+                if report is not None and progress is not None:
+                    progress(report)
+                if loop.time() - last_move > stall_timeout:
+                    await self._abort(domain, job, name)
+                    raise MigrationError(
+                        f"{context}: no data moved for {stall_timeout:.0f} s; aborted "
+                        "(is the target reachable on its migration address?)"
+                    )
         except asyncio.CancelledError:
             log.warning("%s: cancelled, aborting the migration job", context)
-            with suppress(LibvirtError):
-                await self._call(f"abort migration of domain {name!r}", domain.abortJob)
-            with suppress(LibvirtError):
-                await job  # fails with "operation aborted", or completed just before the abort
+            await self._abort(domain, job, name)
             raise
         try:
             job.result()
         except LibvirtError as error:
             raise MigrationError(str(error), error.code) from error
+
+    async def _abort(self, domain: Any, job: asyncio.Future[Any], name: str) -> None:
+        with suppress(LibvirtError):
+            await self._call(f"abort migration of domain {name!r}", domain.abortJob)
+        with suppress(LibvirtError):
+            await job  # fails with "operation aborted", or completed just before the abort
 
     async def _job_progress(self, domain: Any) -> MigrationProgress | None:
         """The running job's statistics; None between jobs or if they cannot be read."""
