@@ -4,16 +4,16 @@ Run: `python -m bench.failover_bench [--runs 20] [--profile default|tuned] [--pa
 [--power-wait S]` as root. Prints the method, every run's step times and the summary; nothing
 is asserted (figures live in docs/benchmarks.md, `## Failover`).
 
-Method. An `e2e.chaos.ChaosCluster`: one etcd member, host1..host3 (own namespaces and libvirtd
+Method. An `e2e.chaos.ChaosCluster`: one etcd member, host1..host4 (own namespaces and libvirtd
 each, `kvmctl agent --watchdog` fed to a watchdog stand-in), IPMI BMCs, and one `kvmctl
 controller`, on host1, which is never killed: the figures are for a host other than the leader's
 (a leader-host failure adds the leader election, `--election-ttl`). One TCG guest (96 MiB) in a
-failover domain restricted to host2 and host3. Each run kills the host running the guest (SIGKILL
+failover domain restricted to host2..host4. Each run kills the host running the guest (SIGKILL
 of its namespace init: every process dies at once) and times, on the bench's monotonic clock,
 when the bench saw each step through etcd watches: the agent's heartbeat key deleted (lease
 expiry), the node Unknown/Fencing, FencingStarted, the node Fenced, the placement written, and
 the guest's qemu process on the other host (a scan of /proc every 20 ms). The killed host is
-then powered on again and the next run starts once all three nodes are Online.
+then powered on again, and the next run starts once it is Online.
 
 Paths: `ipmi` fences through fence_ipmilan against the host's simulated BMC (`power_wait` as the
 agent's default, 2 s, unless `--power-wait`); `self-fence` relies on the node's `selfFence`
@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aetcd
@@ -51,7 +52,7 @@ from e2e.chaos import (
 from e2e.guest.build import ensure_guest_image
 
 VM = "bench"
-VICTIMS = ("host2", "host3")
+VICTIMS = ("host2", "host3", "host4")
 CONTROLLER_HOST = "host1"
 DEADLINE = 120.0
 SAMPLE_PERIOD = 0.02
@@ -146,14 +147,18 @@ class Bench:
         self.timeline = Timeline()
         self.checker = TwoCopiesChecker(cluster, SAMPLE_PERIOD)
 
+    async def online(self, name: str) -> bool:
+        if await self.store.client.get(heartbeat_key(self.store.prefix, name).encode()) is None:
+            return False
+        node = await self.store.get("ClusterNode", name)
+        return isinstance(node, ClusterNode) and node.status.health == "Online"
+
     async def all_online(self) -> bool:
-        for name in self.cluster.kvm_hosts:
-            if await self.store.client.get(heartbeat_key(self.store.prefix, name).encode()) is None:
-                return False
-            node = await self.store.get("ClusterNode", name)
-            if not isinstance(node, ClusterNode) or node.status.health != "Online":
-                return False
-        return True
+        return all([await self.online(name) for name in self.cluster.kvm_hosts])
+
+    async def restore(self, name: str) -> None:
+        await asyncio.to_thread(self.cluster.restore, name)
+        await eventually(partial(self.online, name), f"{name} Online again")
 
     async def set_up(self) -> None:
         await self.store.create(ipmi_secret(self.cluster.bmc_password))
@@ -184,6 +189,7 @@ class Bench:
             runs.append(run)
             cells = "  ".join(_cell(run.steps[step]) for step in STEPS)
             print(f"{index + 1:3}  {run.victim}->{run.target}  {cells}", flush=True)
+            await self.restore(run.victim)
         return runs
 
     async def one_run(self) -> Run:
@@ -211,8 +217,6 @@ class Bench:
         placed = self.timeline.first("placed", target, killed_at)
         steps["placed"] = None if placed is None else placed - killed_at
         steps["qemu running"] = first_seen - killed_at
-        await asyncio.to_thread(self.cluster.restore, victim)
-        await eventually(self.all_online, f"{victim} Online again")
         return Run(victim, target, first_seen - killed_at, steps)
 
 
@@ -244,7 +248,7 @@ def report(runs: list[Run], args: argparse.Namespace, violations: int) -> dict[s
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     profile = PROFILES[args.profile]
     cluster = ChaosCluster(
-        ("host1", "host2", "host3"),
+        (CONTROLLER_HOST, *VICTIMS),
         profile=profile,
         watchdog=True,
         controller_hosts=(CONTROLLER_HOST,),

@@ -93,10 +93,11 @@ TUNED_PROFILE = TimingProfile(
     self_fence_margin=0.25,
     recovery_grace=0.25,
     watchdog_timeout=0.5,
-    election_ttl=2,
+    election_ttl=4,
     etcd_args=("--heartbeat-interval=50", "--election-timeout=500"),
 )
-"""1 s leases (etcd's minimum needs its faster timers) and the shortest leader election."""
+"""1 s leases (etcd's minimum needs its faster timers) and a shorter leader election (4 s: with
+`kvmctl controller --election-ttl` the renew deadline stays 3.5 s, so 2 or 3 are refused)."""
 PROFILES = {profile.name: profile for profile in (DEFAULT_PROFILE, TUNED_PROFILE)}
 
 
@@ -127,7 +128,8 @@ class ChaosCluster(Cluster):
         self.etcd_members = etcd_members
         self.watchdog = watchdog
         self.controller_hosts = list(kvm_hosts if controller_hosts is None else controller_hosts)
-        self._stopped_launchers: dict[str, int] = {}
+        self._stopped_launchers: dict[str, tuple[int, int]] = {}
+        """Host -> (launcher, agent) of an agent stopped by `stop_agent`."""
 
     def start(self) -> ChaosCluster:
         try:
@@ -168,15 +170,28 @@ class ChaosCluster(Cluster):
         continue the launcher (which continues the agent, if it still lives).
         """
         pid = self.agents[name]
-        self._stopped_launchers[name] = _parent(pid)
+        self._stopped_launchers[name] = (_parent(pid), pid)
         os.kill(pid, signal.SIGSTOP)
 
-    def release_stopped_agent(self, name: str) -> None:
-        """SIGCONT the launcher of an agent stopped by `stop_agent` (see there)."""
-        launcher = self._stopped_launchers.pop(name, None)
-        if launcher is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(launcher, signal.SIGCONT)
+    def release_stopped_agent(self, name: str) -> bool:
+        """Continue the launcher of an agent stopped by `stop_agent` (see there), which
+        continues the agent if it still lives; False if the agent was not stopped."""
+        stopped = self._stopped_launchers.pop(name, None)
+        if stopped is None:
+            return False
+        launcher, agent = stopped
+
+        def released() -> bool:
+            # The launcher stops itself only after seeing the agent stop: until both run (or
+            # are gone), keep continuing it.
+            if _process_state(launcher) == "T":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(launcher, signal.SIGCONT)
+                return False
+            return _process_state(agent) != "T"
+
+        wait_until(released, 30.0, f"agent of {name} released")
+        return True
 
     def kill_controller(self, name: str) -> None:
         """SIGKILL the controller of host `name`."""
@@ -191,25 +206,18 @@ class ChaosCluster(Cluster):
         member.start(state="existing")
         member.wait_healthy(60.0)
 
-    def etcd_member_running(self, index: int) -> bool:
-        process = self._etcd_member(index).process
-        return process is not None and process.poll() is None
-
     def restore(self, name: str) -> None:
         """Power on / reconnect the host, and restart its agent or controller if they died."""
         host = self.lab[name]
-        self.release_stopped_agent(name)
-        if host.watchdog_fired():  # the host may still be reaping its last processes
-            wait_until(lambda: not host.is_running(), 30.0, f"{name} powered off by its watchdog")
+        agent = self.agents.get(name)
+        # A stopped agent dies only with its host: let the host finish dying.
+        if self.release_stopped_agent(name) and not _alive(agent):
+            wait_until(lambda: not host.is_running(), 30.0, f"{name} powered off")
         super().restore(name)
         if not _alive(self.agents.get(name)):
             self._spawn_agent(host)
         if name in self.controller_hosts and not _alive(self.controllers.get(name)):
             self._spawn_controller(host)
-
-    def agent_stopped(self, name: str) -> bool:
-        """True while the host's agent is stopped by SIGSTOP (state T)."""
-        return _process_state(self.agents.get(name)) == "T"
 
     # Internals.
 
