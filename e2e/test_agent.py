@@ -173,14 +173,21 @@ class Controller:
         return obj
 
     async def events(self, involved: str, reason: str) -> list[Event]:
-        objects, _ = await self.store.list_objects("Event")
-        return [
-            e
-            for e in objects
-            if isinstance(e, Event)
-            and e.spec.involved_object.name == involved
-            and e.spec.reason == reason
-        ]
+        """The events of `involved` with `reason`, waiting until there is one: events are
+        recorded just after the status change a test waits for."""
+
+        async def matching() -> list[Event]:
+            objects, _ = await self.store.list_objects("Event")
+            return [
+                e
+                for e in objects
+                if isinstance(e, Event)
+                and e.spec.involved_object.name == involved
+                and e.spec.reason == reason
+            ]
+
+        found: list[Event] = await eventually(matching, f"a {reason} event for {involved}")
+        return found
 
 
 @pytest.fixture
