@@ -317,3 +317,13 @@ def test_bmc_cli_reports_a_missing_password_file(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot read --password-file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_power_off_skips_the_agents_own_wait_unless_the_device_sets_it() -> None:
+    runner = FenceRunner()
+    plain = FenceDevice("fence_ipmilan", {"ip": "127.0.0.1"}, {"password": "x"})
+    assert (await runner._without_power_wait(plain, 30)).parameters["power_wait"] == "0"
+    chosen = FenceDevice("fence_ipmilan", {"ip": "127.0.0.1", "power_wait": "5"}, {})
+    assert (await runner._without_power_wait(chosen, 30)).parameters["power_wait"] == "5"
+    manual = FenceDevice("fence_manual", {}, {})
+    assert "power_wait" not in (await runner._without_power_wait(manual, 30)).parameters

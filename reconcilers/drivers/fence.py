@@ -359,9 +359,13 @@ class FenceRunner:
     async def power_off_and_confirm(self, device: FenceDevice, timeout: float) -> FenceOutcome:
         """Power off, then require `status` to report off; both within `timeout` seconds.
 
-        Succeeds (exit code 0) only when the device confirmed the power is off.
+        Succeeds (exit code 0) only when the device confirmed the power is off. Agents that
+        sleep after `off` before checking (`power_wait`, 2 s for fence_ipmilan) are told not to
+        unless the device sets it: the confirming `status` call is ours, so the sleep only delays
+        recovery.
         """
         deadline = time.monotonic() + timeout
+        device = await self._without_power_wait(device, timeout)
         off = await self.run(device, "off", timeout)
         if not off.succeeded:
             return off
@@ -388,6 +392,19 @@ class FenceRunner:
             exit_code=EXIT_FAILURE if status.exit_code is not None else None,
             message=f"off reported success but status did not confirm off: {status.message}",
             timed_out=status.timed_out,
+        )
+
+    async def _without_power_wait(self, device: FenceDevice, timeout: float) -> FenceDevice:
+        if "power_wait" in device.parameters or "power_wait" in device.secret_parameters:
+            return device
+        try:
+            known = await self.metadata(device.agent, timeout)
+        except (FenceConfigError, TimeoutError):
+            return device  # the `off` below reports what is wrong with the agent
+        if "power_wait" not in known.parameters:
+            return device
+        return FenceDevice(
+            device.agent, {**device.parameters, "power_wait": "0"}, device.secret_parameters
         )
 
     async def metadata(self, agent: str, timeout: float = 30.0) -> AgentMetadata:
