@@ -6,7 +6,7 @@ DEB_PACKAGES := etcd-server etcd-client libvirt-daemon libvirt-daemon-driver-qem
 	libvirt-dev qemu-system-x86 qemu-utils qemu-block-extra busybox-static pkg-config tgt \
 	libiscsi-bin lvm2 fence-agents iproute2 git gcc python3-dev kmod dpkg ipmitool
 
-.PHONY: install deb venv lint test test-fast test-e2e demo demo-down crds bench fuzz clean
+.PHONY: install deb venv lint test test-fast test-e2e demo demo-down crds bench fuzz soak clean
 
 install: deb venv
 
@@ -50,6 +50,12 @@ fuzz: install
 	corpus=$$(mktemp -d) && cp deploy/examples/article/*.yaml "$$corpus" && \
 		$(PY) -m fuzz.fuzz_manifests -max_total_time=60 -rss_limit_mb=4096 -artifact_prefix=/tmp/ "$$corpus"
 	$(PY) -m fuzz.fuzz_domain_xml -max_total_time=60 -rss_limit_mb=4096 -artifact_prefix=/tmp/
+
+# Random host, network, agent, leader and etcd-member faults for SOAK_MINUTES (not part of
+# `make test`, which runs a 3-minute version); writes a report and fails on any violation.
+SOAK_MINUTES ?= 30
+soak: install
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
 bench: install
 	$(PY) -m bench.run_all
