@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"kvmctl: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `kvmctl ... | head`: the reader is gone, say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (StoreError, ManifestError, ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
