@@ -237,11 +237,22 @@ class Heartbeat:
                 log.exception("self-fence failed: the watchdog is no longer fed")
                 self.self_fence_failed = True
 
+    def _may_feed(self) -> bool:
+        """Feed while the agent works and, on a self-fencing node, while its guests are covered:
+        the lease is valid, or the self-fence destroyed them. A lapsed lease with guests possibly
+        still running stops the feeding, so the host is reset by the self-fence deadline plus
+        the watchdog timeout, which the controller's recovery grace covers (docs/ha.md)."""
+        if not self._healthy() or self.self_fence_failed:
+            return False
+        if self._last_success is None or not self._self_fence_enabled():
+            return True
+        return self.lease_valid() or self.self_fenced
+
     async def _feed_forever(self, watchdog: Watchdog) -> None:
         await watchdog.open()
         try:
             while True:
-                if self._healthy() and not self.self_fence_failed:
+                if self._may_feed():
                     watchdog.feed()
                 await asyncio.sleep(self.timing.renew_interval)
         except asyncio.CancelledError:

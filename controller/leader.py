@@ -46,6 +46,13 @@ class ElectionTiming:
     renew_deadline: float = 3.5
     retry_period: float = 1.0
 
+    @classmethod
+    def for_ttl(cls, ttl: int) -> ElectionTiming:
+        """Periods in the default proportions for a given TTL (5 s: renew 1 s, deadline 3.5 s)."""
+        return cls(
+            ttl=ttl, renew_period=ttl / 5, renew_deadline=ttl * 0.7, retry_period=min(1.0, ttl / 5)
+        )
+
     def __post_init__(self) -> None:
         if self.ttl < 2:
             raise ValueError(f"leader election ttl must be at least 2 s (etcd), got {self.ttl}")

@@ -81,7 +81,7 @@ DEFAULT_PROFILE = TimingProfile(
     lease_ttl=2,
     renew_interval=0.5,
     self_fence_margin=0.5,
-    recovery_grace=0.5,
+    recovery_grace=1.0,
     watchdog_timeout=1.0,
     election_ttl=5,
 )
@@ -91,7 +91,7 @@ TUNED_PROFILE = TimingProfile(
     lease_ttl=1,
     renew_interval=0.25,
     self_fence_margin=0.25,
-    recovery_grace=0.25,
+    recovery_grace=0.5,
     watchdog_timeout=0.5,
     election_ttl=4,
     etcd_args=("--heartbeat-interval=50", "--election-timeout=500"),

@@ -168,6 +168,12 @@ class SimulatedHost:
         if self._init_pidfd is not None:
             with contextlib.suppress(ProcessLookupError):  # already dead
                 signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+        # An nsenter whose child was SIGSTOPped stops too and never reaps it, which keeps the
+        # namespace from dying: wake the launchers we started.
+        for launcher in self._spawned.values():
+            if launcher.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    launcher.send_signal(signal.SIGCONT)
 
     def wait_dead(self, timeout: float = 30.0) -> None:
         """Wait until no process of the host is left, then release what we held for it."""

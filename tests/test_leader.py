@@ -410,3 +410,9 @@ def test_bad_settings_are_refused() -> None:
         ElectionTiming(ttl=5, renew_deadline=6)
     with pytest.raises(ValueError, match="without '/'"):
         leader_key("/p", "a/b")
+
+
+def test_timing_for_any_ttl_keeps_the_default_proportions() -> None:
+    for ttl in (2, 3, 4, 5, 10):
+        timing = ElectionTiming.for_ttl(ttl)
+        assert 0 < timing.renew_period < timing.renew_deadline < timing.ttl == ttl

@@ -145,14 +145,14 @@ def test_a_lost_node_is_fenced_before_its_vm_moves() -> None:
 
 
 def test_self_fence_waits_for_the_grace_after_expiry() -> None:
-    engine = Engine(HaTimings(recovery_grace=0.5))
+    engine = Engine(HaTimings(recovery_grace=1.0))
     lost = node("a", health="Fencing", lease=False, fencing={"selfFence": True}, lost_at=10.0)
     assert not [
         a
-        for a in engine.step(world([lost, node("b")], [vm("x", "a")], now=10.4))
+        for a in engine.step(world([lost, node("b")], [vm("x", "a")], now=10.9))
         if isinstance(a, Place)
     ]
-    actions = engine.step(world([lost, node("b")], [vm("x", "a")], now=10.5))
+    actions = engine.step(world([lost, node("b")], [vm("x", "a")], now=11.0))
     assert Place("x", "b") in actions
 
 

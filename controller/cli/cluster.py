@@ -146,7 +146,7 @@ async def run_controller(args: argparse.Namespace) -> int:
         fence_retry_max=args.fence_retry_max,
         max_parallel_migrations=args.max_parallel_migrations,
     )
-    election = ElectionTiming(ttl=args.election_ttl)
+    election = ElectionTiming.for_ttl(args.election_ttl)
     setup_telemetry("kvmctl-controller", "prometheus")
     store = store_from(args)
     await store.connect()

@@ -33,7 +33,7 @@ class HaTimings:
     """How often an agent renews (keepalive) its lease."""
     self_fence_margin: float = 0.5
     """An agent destroys its VMs at last successful renewal + lease_ttl - self_fence_margin."""
-    recovery_grace: float = 0.5
+    recovery_grace: float = 1.0
     """After the lease is seen expired, how long the engine waits before trusting a self-fence."""
     watchdog_timeout: float = 1.0
     """A stalled agent's host is reset this long after its last feed (= its last renewal)."""
@@ -54,8 +54,14 @@ class HaTimings:
                 f"self_fence_margin ({deadline}s): a stalled agent's host must be reset before "
                 "its lease can expire"
             )
-        if self.recovery_grace < 0 or self.fence_retry_initial <= 0:
-            raise ValueError("recovery_grace must be >= 0 and fence_retry_initial > 0")
+        if self.recovery_grace <= self.watchdog_timeout - self.self_fence_margin:
+            raise ValueError(
+                f"recovery_grace ({self.recovery_grace}s) must exceed watchdog_timeout - "
+                f"self_fence_margin ({self.watchdog_timeout - self.self_fence_margin}s): an agent "
+                "that hangs at its self-fence deadline is reset that much later"
+            )
+        if self.fence_retry_initial <= 0:
+            raise ValueError("fence_retry_initial must be > 0")
 
 
 @dataclass(frozen=True)
