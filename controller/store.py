@@ -417,6 +417,17 @@ class Store:
             raise StoreError(f"{obj.kind} {obj.metadata.name!r}: update needs a resourceVersion")
         return int(version)
 
+    async def _current_at_version(self, obj: AnyResource) -> tuple[AnyResource, int]:
+        """The stored object and the version `obj` was read at; Conflict if they differ."""
+        current = await self.get(obj.kind, obj.metadata.name)
+        version = self._require_version(obj)
+        if int(current.metadata.resource_version or 0) != version:
+            raise Conflict(
+                f"{obj.kind} {obj.metadata.name!r} was modified since it was read "
+                "(stale resourceVersion)"
+            )
+        return current, version
+
     async def update(self, obj: T, lease: Any = None) -> T:
         """Write metadata and spec; status stays as stored. CAS on resourceVersion.
 
@@ -424,12 +435,7 @@ class Store:
         removed here is deleted.
         """
         kind, name = obj.kind, obj.metadata.name
-        current = await self.get(kind, name)
-        version = self._require_version(obj)
-        if int(current.metadata.resource_version or 0) != version:
-            raise Conflict(
-                f"{kind} {name!r} was modified since it was read (stale resourceVersion)"
-            )
+        current, version = await self._current_at_version(obj)
         stored = obj.model_copy(deep=True)
         stored.status = current.status
         stored.metadata.uid = current.metadata.uid
@@ -453,12 +459,7 @@ class Store:
         `guard` adds compares to the same transaction (a leader's fencing token).
         """
         kind, name = obj.kind, obj.metadata.name
-        current = await self.get(kind, name)
-        version = self._require_version(obj)
-        if int(current.metadata.resource_version or 0) != version:
-            raise Conflict(
-                f"{kind} {name!r} was modified since it was read (stale resourceVersion)"
-            )
+        current, version = await self._current_at_version(obj)
         stored = current.model_copy(deep=True)
         stored.status = obj.status
         key = self.key(kind, name)
