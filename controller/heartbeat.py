@@ -244,11 +244,15 @@ class Heartbeat:
         the watchdog timeout, which the controller's recovery grace covers (docs/ha.md)."""
         if not self._healthy() or self.self_fence_failed:
             return False
-        if self._last_success is None or not self._self_fence_enabled():
+        if not self._self_fence_enabled():
             return True
         return self.lease_valid() or self.self_fenced
 
     async def _feed_forever(self, watchdog: Watchdog) -> None:
+        # Open (and so arm) the watchdog only once the lease is held: an agent restarted while
+        # etcd is unreachable must not feed a watchdog its predecessor left armed over guests
+        # that no lease covers.
+        await self.established.wait()
         await watchdog.open()
         try:
             while True:
