@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -32,3 +33,22 @@ def etcd_private() -> Iterator[EtcdCluster]:
     """An etcd of the test's own, for tests that restart, compact or kill it."""
     with EtcdCluster() as cluster:
         yield cluster
+
+
+async def _ip(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        "ip", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0, f"ip {' '.join(args)}: {output.decode()}"
+
+
+@pytest.fixture
+async def netns() -> AsyncIterator[str]:
+    """A fresh network namespace of the test's own, deleted afterwards with everything in it."""
+    name = f"kvmctl-ns-{uuid.uuid4().hex[:8]}"
+    await _ip("netns", "add", name)
+    try:
+        yield name
+    finally:
+        await _ip("netns", "del", name)

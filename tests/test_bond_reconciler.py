@@ -9,7 +9,6 @@ standing in for the bond). The bond itself converges in the kernel lab
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -32,24 +31,6 @@ from reconcilers.drivers.netlink import Netlink
 NODE = "host1"
 CLUSTER_ADDRESS = "10.77.0.1"
 DEADLINE = 30.0
-
-
-async def _ip(*args: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        "ip", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    output, _ = await process.communicate()
-    assert process.returncode == 0, f"ip {' '.join(args)}: {output.decode()}"
-
-
-@pytest.fixture
-async def netns() -> AsyncIterator[str]:
-    name = f"kvmctl-bond-{uuid.uuid4().hex[:8]}"
-    await _ip("netns", "add", name)
-    try:
-        yield name
-    finally:
-        await _ip("netns", "del", name)
 
 
 @pytest.fixture

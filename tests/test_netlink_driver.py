@@ -18,24 +18,6 @@ from reconcilers.drivers.netlink import Link, LinkEvent, Netlink, NetlinkDriverE
 DEADLINE = 30.0
 
 
-async def _ip(*args: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        "ip", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    output, _ = await process.communicate()
-    assert process.returncode == 0, f"ip {' '.join(args)}: {output.decode()}"
-
-
-@pytest.fixture
-async def netns() -> AsyncIterator[str]:
-    name = f"kvmctl-nl-{uuid.uuid4().hex[:8]}"
-    await _ip("netns", "add", name)
-    try:
-        yield name
-    finally:
-        await _ip("netns", "del", name)
-
-
 @pytest.fixture
 async def nl(netns: str) -> AsyncIterator[Netlink]:
     async with Netlink(netns) as driver:
