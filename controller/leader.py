@@ -169,12 +169,17 @@ class LeaderElector:
             if ended_by_itself:
                 work.result()  # re-raises what `leading` raised
                 return
+            if resigned_meanwhile:
+                # Stepping down must hand over: the other candidates watch the key and
+                # campaign at once, so give them one retry period before campaigning again.
+                await asyncio.sleep(self.timing.retry_period)
 
     async def resign(self) -> None:
         """Give up leadership if held: delete the key if still ours, then revoke the lease.
 
         `run()` does this itself when cancelled. Called while `run()` is active, it steps down
-        now: it stops the leader-only work first, and `run()` then campaigns again.
+        now: it stops the leader-only work first, and `run()` campaigns again only after one
+        retry period, so that another candidate takes over.
         Revoking alone would delete the key too; the guarded delete first makes the handover
         visible even if the revoke does not get through. Best effort: if etcd is unreachable,
         the lease expires by itself within the TTL.
