@@ -44,8 +44,10 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from pyroute2 import IPRoute, netns
+from pyroute2.netlink import NETLINK_ROUTE
 
 from e2e.etcd import EtcdCluster
+from reconcilers.drivers.netns import socket_in_netns
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NETWORK_LOCK = Path(tempfile.gettempdir()) / "kvmctl-lab-network.lock"
@@ -485,7 +487,7 @@ class Lab:
             ipr.addr("add", index=bridge, address=self.gateway_address, prefixlen=24)
             ipr.link("set", index=bridge, state="up")
         for host in self.hosts.values():
-            netns.create(host.netns)
+            subprocess.run(["ip", "netns", "add", host.netns], check=True)
             with IPRoute() as ipr:
                 ipr.link(
                     "add",
@@ -494,7 +496,7 @@ class Lab:
                     peer={"ifname": "eth0", "net_ns_fd": host.netns},
                 )
                 ipr.link("set", index=_link_index(ipr, host.uplink), master=bridge, state="up")
-            with IPRoute(netns=host.netns, flags=os.O_RDONLY) as inside:
+            with route_inside(host.netns) as inside:
                 inside.link("set", index=_link_index(inside, "lo"), state="up")
                 eth0 = _link_index(inside, "eth0")
                 inside.addr("add", index=eth0, address=host.address, prefixlen=24)
@@ -504,6 +506,12 @@ class Lab:
 
 
 # Helpers.
+
+
+def route_inside(netns_name: str) -> IPRoute:
+    """An IPRoute inside a named namespace, opened without pyroute2's fork (see drivers.netns)."""
+    sock = socket_in_netns(netns_name, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+    return IPRoute(fileno=sock.detach())
 
 
 def _config_lines(settings: Mapping[str, str | int | list[str]]) -> str:

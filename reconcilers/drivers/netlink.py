@@ -10,7 +10,6 @@ deciding *what* to change is the reconcilers' job. Kernel errors come out as
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ipaddress
 import os
@@ -24,7 +23,8 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink import NETLINK_ROUTE
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
-from pyroute2.netns import create_socket
+
+from .netns import NetnsError, socket_in_netns
 
 BOND_MODES: dict[str, int] = {
     "balance-rr": 0,
@@ -155,20 +155,10 @@ class Netlink:
     async def _new_socket(self, groups: int = 0) -> AsyncIPRoute:
         if self.netns is None:
             return AsyncIPRoute(groups=groups)
-        # pyroute2 enters the namespace in a forked helper: keep that off the event loop.
         try:
-            sock = await asyncio.to_thread(
-                create_socket,
-                self.netns,
-                socket.AF_NETLINK,
-                socket.SOCK_DGRAM,
-                NETLINK_ROUTE,
-                flags=os.O_RDONLY,
-            )
-        except FileNotFoundError:
-            raise NetlinkDriverError(
-                f"network namespace {self.netns!r} does not exist", errno.ENOENT
-            ) from None
+            sock = socket_in_netns(self.netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+        except NetnsError as error:
+            raise NetlinkDriverError(str(error.strerror), error.errno or errno.EIO) from None
         return AsyncIPRoute(fileno=sock.detach(), groups=groups)
 
     @property
