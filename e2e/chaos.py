@@ -123,6 +123,8 @@ class ChaosCluster(Cluster):
             storage_host=None,
             prefix=prefix,
             agent_args=["--no-storage", *profile.agent_args()],
+            etcd_members=etcd_members,
+            etcd_args=profile.etcd_args,
         )
         self.profile = profile
         self.etcd_members = etcd_members
@@ -131,29 +133,10 @@ class ChaosCluster(Cluster):
         self._stopped_launchers: dict[str, tuple[int, int]] = {}
         """Host -> (launcher, agent) of an agent stopped by `stop_agent`."""
 
-    def start(self) -> ChaosCluster:
-        try:
-            self.lab.start()
-            self.etcd = self.lab.start_etcd(self.etcd_members, self.profile.etcd_args)
-            self.serial_dir.mkdir()
-            self._write_lvm_conf()
-            for name in self.kvm_hosts:
-                self._add_bond_slaves(self.lab[name])
-                self._start_bmc(name)
-            for name in self.lab.hosts:
-                self._start_daemons(name)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def stop(self) -> None:
         for name in list(self._stopped_launchers):
             self.release_stopped_agent(name)
         super().stop()
-
-    def __enter__(self) -> ChaosCluster:
-        return self.start()
 
     # Faults.
 

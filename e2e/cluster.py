@@ -38,11 +38,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Self
 
 from pyroute2 import IPRoute, netns
 
 from e2e.etcd import EtcdCluster
-from e2e.hosts import REPO_ROOT, Lab, LabError, SimulatedHost, wait_until
+from e2e.hosts import REPO_ROOT, Lab, LabError, SimulatedHost, route_inside, wait_until
 
 KVMCTL = str(Path(sys.executable).parent / "kvmctl")
 DEFAULT_PREFIX = "/kvmctl"
@@ -120,6 +121,8 @@ class Cluster:
         shared_disk_mib: int | None = None,
         prefix: str = DEFAULT_PREFIX,
         agent_args: Sequence[str] = (),
+        etcd_members: int = 1,
+        etcd_args: Sequence[str] = (),
     ) -> None:
         self.kvm_hosts = list(kvm_hosts)
         self.storage_host = storage_host
@@ -138,6 +141,8 @@ class Cluster:
         self._want_controllers = controllers
         self._shared_disk_mib = shared_disk_mib
         self._agent_args = list(agent_args)
+        self._etcd_members = etcd_members
+        self._etcd_args = list(etcd_args)
         self._bmcs: dict[str, _Bmc] = {}
         self._detached = False
 
@@ -184,10 +189,10 @@ class Cluster:
 
     # Life cycle.
 
-    def start(self) -> Cluster:
+    def start(self) -> Self:
         try:
             self.lab.start()
-            self.etcd = self.lab.start_etcd()
+            self.etcd = self.lab.start_etcd(self._etcd_members, self._etcd_args)
             self.serial_dir.mkdir()
             self._write_lvm_conf()
             for name in self.kvm_hosts:
@@ -219,7 +224,7 @@ class Cluster:
         if failures:
             raise ClusterError("; ".join(failures))
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -296,7 +301,7 @@ class Cluster:
         )
 
     def _add_bond_slaves(self, host: SimulatedHost) -> None:
-        with IPRoute(netns=host.netns, flags=os.O_RDONLY) as inside:
+        with route_inside(host.netns) as inside:
             first, second = BOND_SLAVES
             inside.link("add", ifname=first, kind="veth", peer={"ifname": second})
 
