@@ -233,7 +233,7 @@ async def bench_converge(endpoints: list[str], count: int) -> tuple[float, float
                 objects, _ = await store.list_objects("VirtualMachine")
                 return sum(1 for o in objects if o.status.state == "Running") == count
 
-            await eventually(all_running, "all running", 300)
+            await eventually(all_running, "all running", timeout=300)
             elapsed = time.perf_counter() - started
             stop.set()
             await task

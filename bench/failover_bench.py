@@ -31,7 +31,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -41,6 +41,7 @@ import aetcd
 from controller.heartbeat import heartbeat_key
 from controller.store import Store
 from crds import ClusterNode, Event, VirtualMachine
+from e2e import polling
 from e2e.chaos import (
     PROFILES,
     ChaosCluster,
@@ -64,12 +65,7 @@ class BenchError(RuntimeError):
     """A run did not reach a step within the deadline."""
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not await check():
-        if time.monotonic() > deadline:
-            raise BenchError(f"not reached within {DEADLINE:.0f} s: {what}")
-        await asyncio.sleep(0.05)
+eventually = partial(polling.eventually, timeout=DEADLINE, error=BenchError)
 
 
 @dataclass

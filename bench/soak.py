@@ -42,7 +42,6 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import Any
 from controller.heartbeat import heartbeat_key
 from controller.store import Store
 from crds import ClusterNode
+from e2e import polling
 from e2e.chaos import (
     PROFILES,
     ChaosCluster,
@@ -84,6 +84,9 @@ DEFAULT_REPORT = REPO_ROOT / ".run" / "soak" / "report.json"
 
 class SoakError(RuntimeError):
     """The cluster did not get back to a steady state within the hard deadline."""
+
+
+eventually = partial(polling.eventually, timeout=HARD_DEADLINE, interval=0.1, error=SoakError)
 
 
 @dataclass
@@ -157,15 +160,6 @@ class Soak:
         self.initial: dict[str, str] = {}
         """'Kind/name' -> its spec as JSON, for the lost-object check."""
 
-    async def eventually(
-        self, check: Callable[[], Awaitable[bool]], what: str, timeout: float = HARD_DEADLINE
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        while not await check():
-            if time.monotonic() > deadline:
-                raise SoakError(f"not reached within {timeout:.0f} s: {what}")
-            await asyncio.sleep(0.1)
-
     async def all_online(self) -> bool:
         for name in HOSTS:
             if await self.store.client.get(heartbeat_key(self.store.prefix, name).encode()) is None:
@@ -199,12 +193,12 @@ class Soak:
         ]
         for obj in objects:
             await self.store.create(obj)
-        await self.eventually(self.all_online, "every host Online")
+        await eventually(self.all_online, "every host Online")
         for vm, host in VMS.items():
             others = [name for name in HOSTS if name != host]
             objects.append(await self.store.create(guest_vm(vm, image, [host, *others])))
         self.initial = {f"{o.kind}/{o.metadata.name}": o.spec.model_dump_json() for o in objects}
-        await self.eventually(partial(self.each_vm_once, set()), "every VM running")
+        await eventually(partial(self.each_vm_once, set()), "every VM running")
 
     async def check_objects(self) -> None:
         for key, spec in self.initial.items():
@@ -223,12 +217,10 @@ class Soak:
         self.report.faults[fault] += 1
         description = f"{fault} {f'member m{member}' if member >= 0 else host}"
         if lost:
-            await self.eventually(partial(self.lost_seen, lost), f"{description} noticed")
+            await eventually(partial(self.lost_seen, lost), f"{description} noticed")
         elif fault == "leader-kill" and leader is not None:
-            await self.eventually(partial(self.new_leader, leader), "another controller leading")
-        await self.eventually(
-            partial(self.each_vm_once, lost), f"every VM once after {description}"
-        )
+            await eventually(partial(self.new_leader, leader), "another controller leading")
+        await eventually(partial(self.each_vm_once, lost), f"every VM once after {description}")
         allowance = self.target + (self.cluster.profile.election_ttl + 1.0 if leader_lost else 0.0)
         times = []
         for vm, old in where.items():
@@ -283,8 +275,8 @@ class Soak:
             await asyncio.to_thread(self.cluster.restart_etcd_member, member)
         for name in HOSTS:
             await asyncio.to_thread(self.cluster.restore, name)
-        await self.eventually(self.all_online, f"every host Online after {description}")
-        await self.eventually(partial(self.each_vm_once, set()), "every VM running")
+        await eventually(self.all_online, f"every host Online after {description}")
+        await eventually(partial(self.each_vm_once, set()), "every VM running")
         await asyncio.sleep(SETTLE)
 
 

@@ -21,13 +21,14 @@ import shutil
 import string
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 from controller.store import Store
 from crds import Event, IscsiTarget, VirtualMachine, VolumeGroup
+from e2e import polling
 from e2e.cluster import KVMCTL, Cluster, controller_available, teardown_detached
 from e2e.guest.build import KERNEL_CMDLINE, ensure_guest_image
 from e2e.guest.console import read_ticks, tick_gaps
@@ -51,6 +52,9 @@ class DemoError(RuntimeError):
     """A step of the tour did not reach its goal; the message says which."""
 
 
+eventually = partial(polling.eventually, timeout=DEADLINE, interval=0.2, error=DemoError)
+
+
 class Tour:
     """Prints the tour: numbered steps with elapsed time, commands as they are run."""
 
@@ -65,19 +69,6 @@ class Tour:
 
     def note(self, text: str) -> None:
         print(f"    {text}", flush=True)
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], what: str) -> T:
-    """Poll `check` until it returns something other than None (or False); return it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while True:
-        value = await check()
-        if value is not None and value is not False:
-            return value
-        if loop.time() > deadline:
-            raise DemoError(f"not reached within {DEADLINE:.0f} s: {what}")
-        await asyncio.sleep(0.2)
 
 
 class Demo:
@@ -180,7 +171,7 @@ class Demo:
         self.tour.step("Applying vm1..vm4 (TCG guests; failover domains kvm-node1 and kvm-node2)")
         vms = [path for path in manifests if path.name == VM_MANIFEST]
         await self.kvmctl("apply", *(f"-f={path}" for path in vms))
-        nodes = await eventually(self.running_nodes, "vm1..vm4 Running")
+        nodes: dict[str, str] = await eventually(self.running_nodes, "vm1..vm4 Running")
         for vm in VMS:
             await eventually(partial(_latest_tick, self.cluster, vm), f"{vm} console ticking")
         self.tour.note(f"qemu processes: {self.qemu_summary()}")

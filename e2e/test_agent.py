@@ -14,7 +14,8 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from crds import ClusterNode, Event, ObjectMeta, VirtualMachine
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.meta import now
 from crds.virtualmachine import Placement, VirtualMachineSpec
+from e2e import polling
 from e2e.etcd import EtcdCluster
 from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
 from e2e.guest.console import BOOTED_LINE, read_ticks, tick_gaps
@@ -38,6 +40,7 @@ from e2e.hosts import REPO_ROOT, Lab, SimulatedHost
 KVMCTL = str(Path(sys.executable).parent / "kvmctl")
 PREFIX = "/kvmctl"
 DEADLINE = 90.0
+eventually = partial(polling.eventually, timeout=DEADLINE)
 HOSTS = ("host-a", "host-b", "host-w")
 
 
@@ -46,21 +49,6 @@ def _ignore_libvirt_error(_context: object, _error: object) -> None:
 
 
 libvirt.registerErrorHandler(_ignore_libvirt_error, None)
-
-
-async def eventually(condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    """Poll `condition` (sync or async) until it returns something truthy; return that."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"not reached within {timeout:.0f} s: {what}")
-        await asyncio.sleep(0.1)
 
 
 class AgentLab:
@@ -152,7 +140,7 @@ class Controller:
             )
 
         self._task = asyncio.create_task(self.elector.run(leading))
-        await asyncio.wait_for(led.wait(), 30)
+        await asyncio.wait_for(led.wait(), timeout=30)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -244,7 +232,7 @@ async def booted(agent_lab: AgentLab, vm: str, above: int = 0, timeout: float = 
         ticks = read_ticks(agent_lab.serial_log(vm))
         return ticks[-1] if ticks and ticks[-1] > above else None
 
-    value: int = await eventually(latest, f"{vm} counting past {above}", timeout)
+    value: int = await eventually(latest, f"{vm} counting past {above}", timeout=timeout)
     return value
 
 
@@ -334,7 +322,7 @@ async def test_guest_boots_stops_restarts_after_a_crash_and_is_deleted(
         new = host.qemu_guests().get(name)
         return new if new is not None and new != pid else None
 
-    await eventually(restarted, f"{name} restarted after the crash", 30)
+    await eventually(restarted, f"{name} restarted after the crash", timeout=30)
     await eventually(lambda: boots(agent_lab, name) == 3, f"{name} booted after the crash")
 
     async def counted() -> VirtualMachine | None:
@@ -462,7 +450,7 @@ async def test_cut_off_self_fencing_node_destroys_its_guests_before_its_lease_ex
         await asyncio.to_thread(host_w.cut_network)
         try:
             cut_at = asyncio.get_running_loop().time()
-            await eventually(lambda: fencing not in host_w.qemu_guests(), "self-fence", 30)
+            await eventually(lambda: fencing not in host_w.qemu_guests(), "self-fence", timeout=30)
             fenced_after = asyncio.get_running_loop().time() - cut_at
             # The lease (TTL 3 s) is still held in etcd when the guest is already gone.
             lease_alive = await controller.store.client.get(key) is not None
@@ -501,7 +489,7 @@ async def test_watchdog_is_fed_while_the_agent_runs_and_fires_when_it_hangs(
     # would then never reap the killed agent: wake it once the host is dead.
     launcher = parent_pid(pid)
     os.kill(pid, signal.SIGSTOP)  # a hung agent
-    await eventually(host.watchdog_fired, "watchdog fired", 30)
+    await eventually(host.watchdog_fired, "watchdog fired", timeout=30)
     agent_lab.agents.pop("host-w")
     os.kill(launcher, signal.SIGCONT)
     # Lab cleanup would otherwise signal the dead init and fail with ProcessLookupError.

@@ -17,14 +17,16 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from functools import partial
 
 import pytest
 
 from controller.heartbeat import heartbeat_key
 from controller.store import NotFound, Store
 from crds import ClusterNode, Event
+from e2e import polling
 from e2e.chaos import (
     IPMI_SECRET,
     ChaosCluster,
@@ -40,6 +42,7 @@ from e2e.guest.build import GuestImage, ensure_guest_image
 pytestmark = pytest.mark.slow
 
 DEADLINE = 120.0
+eventually = partial(polling.eventually, timeout=DEADLINE)
 """Generous: two cores, TCG guests, other work running."""
 WRONG_SECRET = "ipmi-wrong"
 
@@ -68,13 +71,6 @@ class Chaos:
         self.image = image
         self.checker = TwoCopiesChecker(cluster)
         self.started_wall = datetime.now(UTC)
-
-    async def eventually(self, check: Callable[[], Awaitable[bool]], what: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEADLINE
-        while not await check():
-            assert loop.time() < deadline, f"not reached within {DEADLINE:.0f} s: {what}"
-            await asyncio.sleep(0.1)
 
     async def node(self, name: str) -> ClusterNode:
         node = await self.store.get("ClusterNode", name)
@@ -110,7 +106,7 @@ class Chaos:
         async def running() -> bool:
             return self.checker.where(name) == (preferred[0],)
 
-        await self.eventually(running, f"{name} running on {preferred[0]}")
+        await eventually(running, f"{name} running on {preferred[0]}")
 
     async def recovered(self, vm: str, lost: str) -> str:
         """Wait until the VM runs on exactly one host other than `lost`; that host."""
@@ -121,7 +117,7 @@ class Chaos:
             hosts = self.checker.where(vm)
             return len(hosts) == 1 and hosts[0] != lost
 
-        await self.eventually(elsewhere, f"{vm} running again elsewhere than {lost}")
+        await eventually(elsewhere, f"{vm} running again elsewhere than {lost}")
         return hosts[0]
 
     async def fence_how(self, name: str) -> str | None:
@@ -190,14 +186,14 @@ async def _reset(chaos: Chaos) -> None:
             await store.create(ipmi_node(chaos.cluster, name))
         else:
             await chaos.set_fencing(name, self_fence=False)
-    await chaos.eventually(chaos.all_online, "every host Online")
+    await eventually(chaos.all_online, "every host Online")
 
 
 async def _cleanup(chaos: Chaos) -> None:
     """Power every host on / reconnect it, delete every VM, wait until no qemu runs."""
     for name in chaos.cluster.kvm_hosts:
         await asyncio.to_thread(chaos.cluster.restore, name)
-    await chaos.eventually(chaos.all_online, "every host Online again")
+    await eventually(chaos.all_online, "every host Online again")
     objects, _ = await chaos.store.list_objects("VirtualMachine")
     for vm in objects:
         with contextlib.suppress(NotFound):
@@ -207,7 +203,7 @@ async def _cleanup(chaos: Chaos) -> None:
         remaining, _ = await chaos.store.list_objects("VirtualMachine")
         return not remaining and not chaos.checker.running()
 
-    await chaos.eventually(all_gone, "every VM deleted and its qemu gone")
+    await eventually(all_gone, "every VM deleted and its qemu gone")
 
 
 async def test_power_cut_host_vms_run_elsewhere(chaos: Chaos) -> None:
@@ -249,13 +245,13 @@ async def test_leader_killed_mid_failover_next_leader_finishes_once(chaos: Chaos
     async def fencing() -> bool:
         return (await chaos.node(victim)).status.health in ("Fencing", "Fenced")
 
-    await chaos.eventually(fencing, f"{leader} fencing {victim}")
+    await eventually(fencing, f"{leader} fencing {victim}")
     chaos.cluster.kill_controller(leader)
 
     async def new_leader() -> bool:
         return await leader_host(chaos.store) not in (None, leader)
 
-    await chaos.eventually(new_leader, "another controller leading")
+    await eventually(new_leader, "another controller leading")
     for vm in vms:
         await chaos.recovered(vm, victim)
     for vm in vms:
@@ -282,7 +278,7 @@ async def test_failing_fence_device_blocks_recovery_until_ack_or_fixed(chaos: Ch
         counts = [await chaos.event_count(name, "FencingFailed") for name in (powered_off, cut_off)]
         return min(counts) >= 2
 
-    await chaos.eventually(failed_twice, "two failed fencing rounds for each host")
+    await eventually(failed_twice, "two failed fencing rounds for each host")
     for name in (powered_off, cut_off):
         assert (await chaos.node(name)).status.health == "Fencing"
     assert chaos.cluster.host(cut_off).is_running(), "a wrong password powers nothing off"

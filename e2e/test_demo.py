@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -25,12 +25,14 @@ from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
 from crds.secret import SecretSpec
 from crds.virtualmachine import VirtualMachineSpec
+from e2e import polling
 from e2e.cluster import Cluster, DetachedState, RecordedProcess
 from e2e.demo import STATE_FILE_NAME
 from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
 from e2e.hosts import REPO_ROOT
 
 DEADLINE = 120.0
+eventually = partial(polling.eventually, timeout=DEADLINE)
 DEMO_TIMEOUT = 400.0
 """The demo aims at under 3 minutes; a loaded 2-core machine gets slack."""
 
@@ -117,14 +119,6 @@ async def test_demo_runs_end_to_end_reruns_and_down_removes_everything(run_dir: 
     assert not await asyncio.to_thread(run_dir.exists)
     status, output = await demo(run_dir, "down")
     assert (status, output.strip()) == (0, "No demo cluster is up.")
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while not await check():
-        assert loop.time() < deadline, f"not reached within {DEADLINE:.0f} s: {what}"
-        await asyncio.sleep(0.2)
 
 
 def ipmi_fenced_node(cluster: Cluster, name: str) -> ClusterNode:

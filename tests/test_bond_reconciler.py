@@ -212,6 +212,8 @@ async def test_a_slave_losing_carrier_enqueues_its_bond(
     store: Store, netns: str, nl: Netlink
 ) -> None:
     await store.create(bond_object())
+    import threading, sys
+    print("THREADS", len(threading.enumerate()), [t.name for t in threading.enumerate()], file=sys.stderr)
     informer = Informer(store, "Bond", resync_period=None)
     keys: list[str] = []
 
@@ -226,6 +228,8 @@ async def test_a_slave_losing_carrier_enqueues_its_bond(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DEADLINE
         while not keys:
+            if watch.done():
+                watch.result()
             assert loop.time() < deadline, "no key enqueued for a link change"
             # Toggle until the watch (subscribing in the background) reports a change.
             toggle = nl.set_down if (await nl.link("eth0")).up else nl.set_up

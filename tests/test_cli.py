@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -25,7 +26,7 @@ def kvmctl(
     key_prefix: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-):
+) -> Run:
     """Run kvmctl in-process against the test's etcd prefix; returns (code, stdout, stderr)."""
     monkeypatch.setenv("KVMCTL_ETCD", ",".join(etcd_endpoints))
     monkeypatch.setenv("KVMCTL_PREFIX", key_prefix)
@@ -252,7 +253,7 @@ def test_events_watch_streams_new_events(
         text=True,
     )
     try:
-        event = {
+        event: dict[str, Any] = {
             "apiVersion": "kvmctl.io/v1alpha1",
             "kind": "Event",
             "metadata": {"name": "web-stream"},

@@ -11,11 +11,11 @@ from controller.ha import requests
 from controller.manager import Manager
 from controller.store import Store
 from crds import VirtualMachineMigration
+from e2e.polling import eventually
 from tests.test_ha_production import (
     Kvmctl,
     Leases,
     controller,
-    eventually,
     get_node,
     kvmctl_thread,
     leases,

@@ -20,8 +20,9 @@ from controller.ha.agent_side import HaReporter
 from controller.ha.requests import read_report
 from controller.store import Store
 from crds import ClusterNode, VirtualMachine
+from e2e.polling import eventually
 from reconcilers.drivers.libvirt import DomainState
-from tests.test_vm_reconciler import Cluster, domain_state, eventually, running_vm, vm_object
+from tests.test_vm_reconciler import Cluster, domain_state, running_vm, vm_object
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_VALUES = {"string": "x", "second": "5", "boolean": "1"}

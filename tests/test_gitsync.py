@@ -26,6 +26,7 @@ from controller.gitsync import (
 from controller.store import Store
 from crds import Event, GitSync, ObjectMeta, VirtualMachine
 from crds.virtualmachine import VirtualMachineSpec
+from e2e.polling import eventually
 
 DEADLINE = 60.0
 ROOT = Path(__file__).parent.parent
@@ -412,13 +413,6 @@ async def test_cli_sync_once_from_a_file_url(
     assert code == 2 and "interval '0s'" in err
 
 
-async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + DEADLINE
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
-
-
 async def test_the_loop_corrects_drift_and_stops_on_sigterm(
     store: Store, repo: Repository, etcd_endpoints: list[str], key_prefix: str, tmp_path: Path
 ) -> None:
@@ -454,7 +448,7 @@ async def test_the_loop_corrects_drift_and_stops_on_sigterm(
             state = await store.try_get("GitSync", "loop")
             return state is not None and state.status.last_synced_commit == commit
 
-        await wait_until(synced, "the first sync")
+        await eventually(synced, "the first sync")
         web = await store.get("VirtualMachine", "web")
         web.spec.memory_mib = 2048
         await store.update(web)
@@ -462,7 +456,7 @@ async def test_the_loop_corrects_drift_and_stops_on_sigterm(
         async def restored() -> bool:
             return await vm_memory(store, "web") == 256
 
-        await wait_until(restored, "drift correction")
+        await eventually(restored, "drift correction")
         process.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(process.communicate(), DEADLINE)
         assert process.returncode == 0, err.decode()

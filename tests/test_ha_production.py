@@ -33,6 +33,7 @@ from crds import ClusterNode, Event, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
 from crds.secret import SecretSpec
 from crds.virtualmachine import VirtualMachineSpec
+from e2e.polling import eventually
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
 from reconcilers.drivers.libvirt import LibvirtHost
 
@@ -51,26 +52,6 @@ ELECTION = ElectionTiming(ttl=2, renew_period=0.5, renew_deadline=1.5, retry_per
 DEADLINE = 40.0
 HOST_XML = """<node><cpu><mhz>2000</mhz><model>x86_64</model><active>4</active><nodes>1</nodes>
 <sockets>1</sockets><cores>4</cores><threads>1</threads></cpu><memory>8388608</memory></node>"""
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], what: str) -> T:
-    """Poll `check` until it returns something truthy; fail after DEADLINE seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-async def eventually_true(check: Callable[[], bool], what: str) -> None:
-    async def poll() -> bool:
-        return check()
-
-    await eventually(poll, what)
 
 
 Kvmctl = Callable[..., Awaitable[tuple[int, str, str]]]
@@ -362,14 +343,14 @@ async def test_deposed_leader_placement_write_fails(store: Store, leases: Leases
 
     first = LeaderElector(store.client, store.prefix, "controller", "old", ELECTION)
     first_run = asyncio.create_task(first.run(lead_once))
-    await eventually_true(lambda: bool(terms), "the first leader")
+    await eventually(lambda: bool(terms), "the first leader")
     old_token = terms[0]
     first_run.cancel()  # resigns
     await asyncio.wait({first_run})
     second = LeaderElector(store.client, store.prefix, "controller", "new", ELECTION)
     second_run = asyncio.create_task(second.run(lead_once))
     try:
-        await eventually_true(lambda: len(terms) == 2, "the second leader")
+        await eventually(lambda: len(terms) == 2, "the second leader")
         informers = SharedInformers(store, None)
         for kind in KINDS:
             informers.informer(kind)
@@ -418,7 +399,7 @@ async def test_controllers_elect_one_leader_and_the_next_takes_over(
         stopping, stopping_task = (first, first_task) if first.is_leader else (second, second_task)
         survivor = second if stopping is first else first
         await stop_controller(stopping, stopping_task)
-        await eventually_true(lambda: survivor.is_leader, "the other to lead")
+        await eventually(lambda: survivor.is_leader, "the other to lead")
         await store.create(vm_object("vm2"))
         vm2 = await eventually(lambda: placed_on(store, "vm2", "a"), "vm2 placed by the new leader")
         assert vm2.status.placement is not None

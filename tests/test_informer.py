@@ -20,6 +20,7 @@ from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.meta import now
 from crds.virtualmachine import Placement, VirtualMachineSpec
 from e2e.etcd import EtcdCluster
+from e2e.polling import eventually
 
 DEADLINE = 30.0
 
@@ -35,16 +36,6 @@ def node(name: str) -> ClusterNode:
         metadata=ObjectMeta(name=name),
         spec=ClusterNodeSpec(addresses=NodeAddresses(cluster="10.0.0.1")),
     )
-
-
-async def eventually(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    """Poll `condition` until it holds, failing with `what` after `deadline` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while not condition():
-        if loop.time() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Recorder:

@@ -35,6 +35,7 @@ from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.meta import now
 from crds.virtualmachine import Placement, VirtualMachineSpec
 from e2e.etcd import EtcdCluster
+from e2e.polling import eventually
 
 DEADLINE = 30.0
 FAST = ElectionTiming(ttl=2, renew_period=0.5, renew_deadline=1.5, retry_period=0.5)
@@ -42,15 +43,6 @@ FAST = ElectionTiming(ttl=2, renew_period=0.5, renew_deadline=1.5, retry_period=
 
 def vm(name: str) -> VirtualMachine:
     return VirtualMachine(metadata=ObjectMeta(name=name), spec=VirtualMachineSpec(memory_mib=64))
-
-
-async def eventually(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while not condition():
-        if loop.time() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Seen:

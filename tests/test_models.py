@@ -133,7 +133,7 @@ def test_iqn_syntax_and_luns() -> None:
 
 
 def test_volume_group_sizes_and_names() -> None:
-    document = {
+    document: dict[str, Any] = {
         "apiVersion": "kvmctl.io/v1alpha1",
         "kind": "VolumeGroup",
         "metadata": {"name": "vg-cluster"},

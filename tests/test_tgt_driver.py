@@ -8,11 +8,12 @@ import os
 import re
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from e2e.polling import eventually
 from e2e.tgtd import TgtDaemon
 from reconcilers.drivers.tgt import Target, TgtAdm, TgtError, TgtUnavailable, parse_targets
 from reconcilers.tgtd_supervisor import CONTROL_SOCKET_DIR as SOCKET_DIR
@@ -68,15 +69,6 @@ async def only_target(adm: TgtAdm) -> Target:
     targets = await adm.show()
     assert len(targets) == 1
     return targets[0]
-
-
-async def wait_for(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while not await condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -237,7 +229,7 @@ async def test_sessions_are_reported_and_survive_lun_changes(
         async def connected() -> bool:
             return bool((await only_target(adm)).sessions)
 
-        await wait_for(connected, "qemu-io's session")
+        await eventually(connected, "qemu-io's session")
         (session,) = (await only_target(adm)).sessions
         assert session.initiator == holder
         assert session.alias is None
@@ -261,7 +253,7 @@ async def test_sessions_are_reported_and_survive_lun_changes(
     async def disconnected() -> bool:
         return not (await only_target(adm)).sessions
 
-    await wait_for(disconnected, "the session to end")
+    await eventually(disconnected, "the session to end")
     await adm.delete_target(1)
     assert await adm.show() == []
 
@@ -283,7 +275,7 @@ async def test_forced_delete_drops_connected_initiators(
         async def connected() -> bool:
             return bool((await only_target(adm)).sessions)
 
-        await wait_for(connected, "qemu-io's session")
+        await eventually(connected, "qemu-io's session")
         await adm.delete_target(1, force=True)
         assert await adm.show() == []
     finally:
@@ -336,7 +328,7 @@ async def test_stop_daemon_once_its_targets_are_gone(
     async def exited() -> bool:
         return tgtd.process is not None and tgtd.process.poll() is not None
 
-    await wait_for(exited, "tgtd to exit")
+    await eventually(exited, "tgtd to exit")
     assert not await adm.is_running()
 
 

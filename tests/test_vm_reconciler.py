@@ -39,6 +39,7 @@ from crds.meta import now
 from crds.migration import VirtualMachineMigrationSpec
 from crds.virtualmachine import Placement, RestartPolicy, VirtualMachineSpec
 from e2e.etcd import EtcdCluster
+from e2e.polling import eventually
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
 from reconcilers.drivers.libvirt import DomainState, LibvirtHost
 from reconcilers.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED
@@ -47,21 +48,6 @@ from reconcilers.volumegroup import LvmSettings, active_on
 from tests.test_libvirt_driver import host_uri
 
 DEADLINE = 30.0
-
-
-async def eventually(condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    """Poll `condition` (sync or async) until it returns something truthy; return that."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"not reached within {timeout:.0f} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 class Cluster:
@@ -473,7 +459,7 @@ async def test_self_fence_destroys_vms_only_where_the_node_relies_on_it(
                 async def fenced() -> bool:
                     return await domain_state(fencer, "vm1") is DomainState.SHUTOFF
 
-                await eventually(fenced, "vm1 destroyed by the self-fence", 10.0)
+                await eventually(fenced, "vm1 destroyed by the self-fence")
                 # Before etcd could have expired the lease (TTL 2 s after the last renewal).
                 assert asyncio.get_running_loop().time() - stopped_at < 2.0 + 0.5
                 await asyncio.sleep(1.0)
@@ -535,9 +521,14 @@ async def test_controller_validates_migrations_and_switches_placement(cluster: C
         assert result.status.source_node == "host1"
         assert result.status.phase == "Failed"
         assert await cluster.events("vm1", "MigrationFailed")
-        vm = await cluster.vm("vm1")
-        assert vm.status.placement is not None and vm.status.placement.node == "host1"
-        assert vm.status.state == "Running"
+
+        async def running_on_host1() -> bool:
+            # The agent reports "Migrating" while the migration runs, "Running" on its next pass.
+            vm = await cluster.vm("vm1")
+            placed = vm.status.placement is not None and vm.status.placement.node == "host1"
+            return placed and vm.status.state == "Running"
+
+        await eventually(running_on_host1, "vm1 Running on host1 again")
 
         # What the controller does once a source agent reports success: switch the placement.
         reported = VirtualMachineMigration(
@@ -709,7 +700,7 @@ async def test_an_lv_claim_is_taken_over_only_from_a_fenced_node(
             and await active_on(cluster.store, vg, "lv_vm1") is None
         )
 
-    await eventually(taken_over, "claim taken over from the fenced host2", 2 * DEADLINE)
+    await eventually(taken_over, "claim taken over from the fenced host2", timeout=2 * DEADLINE)
 
 
 async def test_lv_hand_over_protocol_of_a_migration_whose_target_cannot_activate(
