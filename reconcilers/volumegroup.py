@@ -186,6 +186,10 @@ def _round_up(size: int, extent: int) -> int:
     return -(-size // extent) * extent
 
 
+def _real_paths(paths: list[str]) -> list[str]:
+    return [os.path.realpath(path) for path in paths]
+
+
 def iscsi_by_path(directory: str, portal: str, iqn: str, lun: int) -> str:
     """The udev name open-iscsi's LUN gets: `ip-PORTAL-iscsi-IQN-lun-N`."""
     host = "0.0.0.0" if portal.startswith("0.0.0.0") else portal.rsplit(":", 1)[0]
@@ -269,22 +273,26 @@ class VolumeGroupReconciler:
     async def _converge_vg(self, obj: VolumeGroup, devices: list[str], actions: list[str]) -> None:
         vg = obj.spec.vg_name
         # Each PV's device -> its VG (None: in no VG); a device that is not a PV is absent.
-        owners = {pv.name: pv.vg_name for pv in await self.lvm.pvs()}
-        foreign = [d for d in devices if owners.get(d) not in (None, vg)]
+        # Keyed by real path: LVM reports /dev/sdb for a PV given as a by-path link.
+        pvs = await self.lvm.pvs()
+        pv_paths = await asyncio.to_thread(_real_paths, [pv.name for pv in pvs])
+        owners = {path: pv.vg_name for path, pv in zip(pv_paths, pvs, strict=True)}
+        real = dict(zip(devices, await asyncio.to_thread(_real_paths, devices), strict=True))
+        foreign = [d for d in devices if owners.get(real[d]) not in (None, vg)]
         if foreign:
             raise VgProblem(
                 "DeviceInUse",
-                ", ".join(f"{d} belongs to VG {owners[d]}" for d in foreign),
+                ", ".join(f"{d} belongs to VG {owners[real[d]]}" for d in foreign),
             )
         for device in devices:
-            if device not in owners:
+            if real[device] not in owners:
                 await self.lvm.pvcreate(device)
                 actions.append(f"created PV {device}")
         if await self._vg_report(vg) is None:
             await self.lvm.vgcreate(vg, devices)
             actions.append(f"created VG {vg} on {', '.join(devices)}")
             return
-        joining = [d for d in devices if owners.get(d) != vg]
+        joining = [d for d in devices if owners.get(real[d]) != vg]
         if joining:
             await self.lvm.vgextend(vg, joining)
             actions.append(f"extended VG {vg} with {', '.join(joining)}")
