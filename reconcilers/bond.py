@@ -20,7 +20,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from controller.events import EventRecorder
 from controller.informer import Informer, KeySink
@@ -430,8 +430,14 @@ def bond_keys_for_link(bonds: Iterable[Bond], node: str, link: str) -> list[str]
     return keys
 
 
-async def watch_bond_links(netns: str | None, node: str, bonds: Informer, queue: KeySink) -> None:
-    """Enqueue the Bonds that use a link whenever it changes (carrier, master, up/down)."""
+async def watch_bond_links(
+    netns: str | None, node: str, bonds: Informer, queue: KeySink
+) -> NoReturn:
+    """Enqueue the Bonds that use a link whenever it changes (carrier, master, up/down).
+
+    Runs until cancelled. It never ends quietly: a failed watch raises `NetlinkDriverError`,
+    so the task group running it fails instead of carrying on without link events.
+    """
     async with Netlink(netns) as nl:
         async for event in nl.watch_links():
             if event.action == "existing":
@@ -439,3 +445,4 @@ async def watch_bond_links(netns: str | None, node: str, bonds: Informer, queue:
             cached = [bond for bond in bonds.list() if isinstance(bond, Bond)]
             for key in bond_keys_for_link(cached, node, event.link.name):
                 queue.add(key)
+    raise NetlinkDriverError(f"the link watch in {netns or 'the current namespace'} ended")

@@ -9,7 +9,10 @@ standing in for the bond). The bond itself converges in the kernel lab
 from __future__ import annotations
 
 import asyncio
+import errno
+import subprocess
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import pytest
 
@@ -19,6 +22,7 @@ from controller.store import Store
 from crds import Bond, ClusterNode, Event, ObjectMeta
 from crds.bond import BondSpec
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
+from e2e.polling import eventually
 from reconcilers.bond import (
     BondConverger,
     BondProblem,
@@ -26,11 +30,13 @@ from reconcilers.bond import (
     bond_keys_for_link,
     watch_bond_links,
 )
-from reconcilers.drivers.netlink import Netlink
+from reconcilers.drivers.netlink import Netlink, NetlinkDriverError
 
 NODE = "host1"
 CLUSTER_ADDRESS = "10.77.0.1"
 DEADLINE = 30.0
+FLOOD_PAIRS = 1000
+"""veth pairs created at once: their 2000 events overflow a 1 MiB netlink receive buffer."""
 
 
 @pytest.fixture
@@ -208,35 +214,82 @@ def test_link_names_map_to_the_bonds_of_this_node() -> None:
     assert bond_keys_for_link([here, elsewhere], NODE, "eth1") == []
 
 
-async def test_a_slave_losing_carrier_enqueues_its_bond(
-    store: Store, netns: str, nl: Netlink
-) -> None:
+class KeyList:
+    """A queue stand-in that records the keys it is given."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def add(self, key: str) -> None:
+        self.keys.append(key)
+
+
+def raise_if_ended(watch: asyncio.Task[NoReturn]) -> None:
+    """Fail at once, with the watcher's own error, when the link watch has died."""
+    if watch.done():
+        watch.result()  # re-raises what killed it
+        pytest.fail("the link watch ended without an error")
+
+
+async def enqueued_by_toggling(nl: Netlink, watch: asyncio.Task[NoReturn], keys: KeyList) -> None:
+    """Toggle eth0 until the watch (subscribing in the background) enqueues a key."""
+
+    async def toggled_and_enqueued() -> bool:
+        raise_if_ended(watch)
+        if keys.keys:
+            return True
+        toggle = nl.set_down if (await nl.link("eth0")).up else nl.set_up
+        await toggle("eth0")
+        return False
+
+    await eventually(toggled_and_enqueued, "a key enqueued for a link change", timeout=DEADLINE)
+
+
+@pytest.fixture
+async def informer(store: Store) -> AsyncIterator[Informer]:
     await store.create(bond_object())
-    import threading, sys
-    print("THREADS", len(threading.enumerate()), [t.name for t in threading.enumerate()], file=sys.stderr)
     informer = Informer(store, "Bond", resync_period=None)
-    keys: list[str] = []
-
-    class Sink:
-        def add(self, key: str) -> None:
-            keys.append(key)
-
-    informer_task = asyncio.create_task(informer.run())
-    watch = asyncio.create_task(watch_bond_links(netns, NODE, informer, Sink()))
+    task = asyncio.create_task(informer.run())
     try:
         await asyncio.wait_for(informer.has_synced.wait(), DEADLINE)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEADLINE
-        while not keys:
-            if watch.done():
-                watch.result()
-            assert loop.time() < deadline, "no key enqueued for a link change"
-            # Toggle until the watch (subscribing in the background) reports a change.
-            toggle = nl.set_down if (await nl.link("eth0")).up else nl.set_up
-            await toggle("eth0")
-            await asyncio.sleep(0.1)
-        assert set(keys) == {"bond0"}
+        yield informer
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_slave_losing_carrier_enqueues_its_bond(
+    informer: Informer, netns: str, nl: Netlink
+) -> None:
+    keys = KeyList()
+    watch = asyncio.create_task(watch_bond_links(netns, NODE, informer, keys))
+    try:
+        await enqueued_by_toggling(nl, watch, keys)
+        assert set(keys.keys) == {"bond0"}
     finally:
         watch.cancel()
-        informer_task.cancel()
-        await asyncio.gather(watch, informer_task, return_exceptions=True)
+        await asyncio.gather(watch, return_exceptions=True)
+
+
+def flood_links_with_the_event_loop_stalled(netns: str, pairs: int) -> None:
+    """Create `pairs` veth pairs while blocking the event loop on purpose (a synchronous
+    subprocess): nobody reads the monitor socket, so the kernel overflows it (ENOBUFS)."""
+    batch = "".join(f"link add flood{i} type veth peer name flood{i}p\n" for i in range(pairs))
+    subprocess.run(["ip", "-n", netns, "-batch", "-"], input=batch.encode(), check=True)
+
+
+async def test_a_link_watch_that_falls_behind_fails_loudly(
+    informer: Informer, netns: str, nl: Netlink
+) -> None:
+    keys = KeyList()
+    watch = asyncio.create_task(watch_bond_links(netns, NODE, informer, keys))
+    try:
+        await enqueued_by_toggling(nl, watch, keys)
+        flood_links_with_the_event_loop_stalled(netns, FLOOD_PAIRS)
+        with pytest.raises(NetlinkDriverError, match="dropped events") as caught:
+            await asyncio.wait_for(watch, DEADLINE)
+        assert caught.value.code == errno.ENOBUFS
+        assert f"watch links in {netns}" in str(caught.value)
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)

@@ -115,6 +115,7 @@ def _explain(code: int, operation: str) -> str:
         errno.EPERM: "not permitted",
         errno.EOPNOTSUPP: "not supported by this kernel or link type",
         errno.EADDRNOTAVAIL: "address not present",
+        errno.ENOBUFS: "the kernel dropped events that were not read in time",
     }
     reason = reasons.get(code, os.strerror(code))
     return f"{operation}: {reason} (errno {code})"
@@ -363,17 +364,20 @@ class Netlink:
         stop). The listing is taken after subscribing, so no change falls in between.
 
         Only AF_UNSPEC messages are reported: the kernel also sends AF_BRIDGE copies for
-        bridge ports, which carry no carrier.
+        bridge ports, which carry no carrier. A failing monitor socket raises
+        `NetlinkDriverError`, e.g. ENOBUFS when the event loop read too slowly and the kernel
+        dropped events: the caller must start over, it has missed changes.
         """
+        operation = f"watch links in {self.netns or 'the current namespace'}"
         monitor = await self._new_socket(groups=RTMGRP_LINK)
         try:
-            await monitor.bind()
+            await self._call(operation, monitor.bind())
             messages = await self._dump()
             names: dict[int, str] = {m["index"]: m.get("ifname") for m in messages}
             for message in messages:
                 yield LinkEvent("existing", _to_link(message, names))
             while True:
-                async for message in monitor.get():
+                async for message in self._monitor_messages(operation, monitor):
                     event = message.get("event")
                     if message.get("family") != 0 or event not in ("RTM_NEWLINK", "RTM_DELLINK"):
                         continue
@@ -385,6 +389,17 @@ class Netlink:
                     yield LinkEvent(action, _to_link(message, names))
         finally:
             monitor.close()
+
+    async def _monitor_messages(self, operation: str, monitor: AsyncIPRoute) -> AsyncIterator[Any]:
+        """The messages of one read from `monitor`; kernel errors name `operation`."""
+        try:
+            async for message in monitor.get():
+                yield message
+        except NetlinkError as error:
+            raise NetlinkDriverError(_explain(error.code, operation), error.code) from None
+        except OSError as error:  # pyroute2 reports ENOBUFS as OSError
+            code = error.errno or errno.EIO
+            raise NetlinkDriverError(_explain(code, operation), code) from None
 
 
 def _mode_number(mode: str) -> int:
