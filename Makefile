@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := etcd-server etcd-client libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
 	libvirt-dev qemu-system-x86 qemu-utils qemu-block-extra busybox-static pkg-config tgt \
-	libiscsi-bin lvm2 fence-agents iproute2 git gcc python3-dev kmod dpkg ipmitool
+	libiscsi-bin open-iscsi lvm2 fence-agents iproute2 git gcc python3-dev kmod dpkg ipmitool
 
 .PHONY: install deb venv lint test test-fast test-e2e demo demo-down crds bench fuzz soak clean
 
