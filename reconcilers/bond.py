@@ -435,14 +435,29 @@ async def watch_bond_links(
 ) -> NoReturn:
     """Enqueue the Bonds that use a link whenever it changes (carrier, master, up/down).
 
-    Runs until cancelled. It never ends quietly: a failed watch raises `NetlinkDriverError`,
-    so the task group running it fails instead of carrying on without link events.
+    Runs until cancelled. When the kernel dropped events (the watch fell behind: ENOBUFS), it
+    watches anew and enqueues every Bond of this node, since any of their links may have
+    changed unseen. Any other failure raises `NetlinkDriverError`, so the task group running
+    it fails instead of carrying on without link events.
     """
     async with Netlink(netns) as nl:
-        async for event in nl.watch_links():
-            if event.action == "existing":
+        while True:
+            try:
+                async for event in nl.watch_links():
+                    if event.action == "existing":
+                        continue
+                    for key in bond_keys_for_link(_cached_bonds(bonds), node, event.link.name):
+                        queue.add(key)
+            except NetlinkDriverError as error:
+                if error.code != errno.ENOBUFS:
+                    raise
+                log.warning("%s; re-reading every Bond of %s", error, node)
+                for bond in _cached_bonds(bonds):
+                    if bond.spec.node == node:
+                        queue.add(bond.metadata.name)
                 continue
-            cached = [bond for bond in bonds.list() if isinstance(bond, Bond)]
-            for key in bond_keys_for_link(cached, node, event.link.name):
-                queue.add(key)
-    raise NetlinkDriverError(f"the link watch in {netns or 'the current namespace'} ended")
+            raise NetlinkDriverError(f"the link watch in {netns or 'the current namespace'} ended")
+
+
+def _cached_bonds(bonds: Informer) -> list[Bond]:
+    return [bond for bond in bonds.list() if isinstance(bond, Bond)]
