@@ -54,18 +54,22 @@ DEADLINE = 120.0
 """Generous: Python and the iSCSI login are slow under TCG."""
 COMMAND_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
+PACKAGES = "Debian packages open-iscsi, tgt, lvm2"
 ISCSI_ERR_NO_OBJS_FOUND = 21
 """iscsiadm's exit status for "no sessions": iscsid answered."""
 
 
 async def run(*argv: str) -> tuple[int, str]:
     """Run a command; its exit status and output (stdout and stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    except FileNotFoundError:
+        raise AssertionError(f"{argv[0]} is not installed ({PACKAGES})") from None
     try:
         output, _ = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT)
     except TimeoutError:
@@ -123,7 +127,8 @@ async def iscsid(
     await check("modprobe", "-a", "iscsi_tcp", "sd_mod")
     # iscsiadm locks its node database there (systemd-tmpfiles makes it on a real host).
     await asyncio.to_thread(Path("/run/lock/iscsi").mkdir, parents=True, exist_ok=True)
-    # Its own session: iscsid signals its whole process group when it shuts down.
+    await check("iscsid", "--version")
+    # Its own session: on SIGTERM iscsid -f signals its whole process group (pytest's too).
     process = await asyncio.create_subprocess_exec(
         "iscsid",
         "-f",
