@@ -298,6 +298,13 @@ class VirtualMachineReconciler:
         if blocker is not None:
             log.info("not starting %s on %s: %s", name, self.node, blocker)
             return Result(requeue_after=BLOCKED_RETRY)
+        # Starting is decided on etcd's current copy, not the cache: a crash seen before the
+        # cache caught up with our own "Running" report must still count as a restart.
+        fresh = await self._fresh_if_placed_here(vm)
+        if fresh is None:
+            return Result()  # the cache was behind; the informer brings the change
+        vm = fresh
+        desired = self.domain_spec(vm)
         policy = vm.spec.restart_policy
         window_start = now() - timedelta(seconds=policy.window_seconds)
         restarts = [moment for moment in vm.status.restarts if moment > window_start]
@@ -308,8 +315,6 @@ class VirtualMachineReconciler:
         if was_running and len(restarts) >= policy.max_restarts:
             await self._release(await self._volumes(host, vm, domain), name)
             return await self._give_up(vm, restarts)
-        if not await self._still_placed_here(vm):
-            return Result()  # the cache was behind; the informer brings the change
         if not await self._activate_volumes(vm):
             return Result(requeue_after=ACTIVATION_RETRY)
         try:
@@ -350,21 +355,22 @@ class VirtualMachineReconciler:
         )
         return Result()
 
-    async def _still_placed_here(self, vm: VirtualMachine) -> bool:
-        """Re-read the VM from etcd (a linearizable read) right before starting its domain."""
+    async def _fresh_if_placed_here(self, vm: VirtualMachine) -> VirtualMachine | None:
+        """The VM as etcd has it now (a linearizable read) if it is still to run here, else None."""
         try:
             fresh = await self.store.get("VirtualMachine", vm.metadata.name)
         except NotFound:
-            return False
+            return None
         except StoreError as error:
             raise RetryableError(f"re-reading {vm.metadata.name} before start: {error}") from None
-        return (
+        still_here = (
             isinstance(fresh, VirtualMachine)
             and fresh.metadata.uid == vm.metadata.uid
             and fresh.metadata.deletion_timestamp is None
             and fresh.spec.run_state == "started"
             and self._placed_here(fresh)
         )
+        return fresh if still_here and isinstance(fresh, VirtualMachine) else None
 
     async def _observe_running(
         self, vm: VirtualMachine, domain: DomainInfo, desired: DomainSpec
