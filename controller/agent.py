@@ -383,13 +383,18 @@ class Agent:
             self.heartbeat.acknowledge_fence()
             fenced, self._fenced_domains = self._fenced_domains, []
             node = self.own_node()
-            if node is not None:
+            timing = self.heartbeat.last_self_fence
+            if node is not None and timing is not None:
+                renewed_at, destroyed_at = timing
                 await self.recorder.record(
                     node,
                     "Warning",
                     "SelfFenced",
-                    "%s could not renew its heartbeat lease in time and destroyed its VMs: %s",
+                    "%s could not renew its heartbeat lease in time and destroyed its VMs "
+                    "%.2f s after its last renewal (lease TTL %d s): %s",
                     self.node,
+                    destroyed_at - renewed_at,
+                    self.settings.heartbeat.ttl,
                     ", ".join(fenced) or "none",
                 )
             for vm in self.vms.list():

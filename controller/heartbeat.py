@@ -152,6 +152,9 @@ class Heartbeat:
         self.self_fence_failed = False
         self.self_fenced = False
         """True once VMs were destroyed for a missed deadline (until `acknowledge_fence`)."""
+        self.last_self_fence: tuple[float, float] | None = None
+        """(last renewal sent, VMs destroyed) of the latest self-fence, on the loop's clock:
+        it was in time if the second is before the first plus the TTL (when etcd may expire)."""
 
     def lease_valid(self) -> bool:
         """True while the last renewal is recent enough that etcd surely holds the lease."""
@@ -231,8 +234,10 @@ class Heartbeat:
                 continue
             log.error("heartbeat %s: self-fence deadline passed: destroying VMs", self.key)
             self.self_fenced = True
+            self.last_self_fence = None
             try:
                 await self._on_self_fence()
+                self.last_self_fence = (fenced_for, loop.time())
             except Exception:
                 log.exception("self-fence failed: the watchdog is no longer fed")
                 self.self_fence_failed = True
