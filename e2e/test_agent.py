@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import signal
 import sys
@@ -446,22 +447,22 @@ async def test_cut_off_self_fencing_node_destroys_its_guests_before_its_lease_ex
     try:
         await apply_running(agent_lab, controller, fencing, "host-w")
         await apply_running(agent_lab, controller, keeping, "host-a")
-        key = heartbeat_key(PREFIX, "host-w").encode()
         await asyncio.to_thread(host_w.cut_network)
         try:
-            cut_at = asyncio.get_running_loop().time()
             await eventually(lambda: fencing not in host_w.qemu_guests(), "self-fence", timeout=30)
-            fenced_after = asyncio.get_running_loop().time() - cut_at
-            # The lease (TTL 3 s) is still held in etcd when the guest is already gone.
-            lease_alive = await controller.store.client.get(key) is not None
-            assert fenced_after < 3.0 and lease_alive, f"fenced after {fenced_after:.1f} s"
         finally:
             await asyncio.to_thread(host_w.restore_network)
         assert keeping in host_a.qemu_guests()
 
         # Back on the network, and still placed there: the agent starts it again.
         await eventually(lambda: fencing in host_w.qemu_guests(), "restarted after the outage")
-        assert await controller.events("host-w", "SelfFenced")
+        # The agent's own clock: its guests were gone before etcd could expire the lease.
+        events = await controller.events("host-w", "SelfFenced")
+        found = re.search(
+            r"([\d.]+) s after its last renewal \(lease TTL (\d+) s\)", events[0].spec.message
+        )
+        assert found, events[0].spec.message
+        assert float(found[1]) < int(found[2]), events[0].spec.message
     finally:
         await delete_vm(controller, fencing)
         await delete_vm(controller, keeping)

@@ -141,14 +141,21 @@ class Cluster:
         return obj
 
     async def events(self, involved: str, reason: str) -> list[Event]:
-        objects, _ = await self.store.list_objects("Event")
-        return [
-            e
-            for e in objects
-            if isinstance(e, Event)
-            and e.spec.involved_object.name == involved
-            and e.spec.reason == reason
-        ]
+        """The events of `involved` with `reason`, waiting until there is one: agents record
+        events just after the status change a test waits for."""
+
+        async def matching() -> list[Event]:
+            objects, _ = await self.store.list_objects("Event")
+            return [
+                e
+                for e in objects
+                if isinstance(e, Event)
+                and e.spec.involved_object.name == involved
+                and e.spec.reason == reason
+            ]
+
+        found: list[Event] = await eventually(matching, f"a {reason} event of {involved}")
+        return found
 
 
 @pytest.fixture
@@ -263,7 +270,11 @@ async def test_domain_of_a_vm_placed_elsewhere_is_destroyed(cluster: Cluster) ->
         return vm.status.node == "host2" and vm.status.state == "Running"
 
     await eventually(moved, "vm1 running on host2")
-    assert await domain_state(host1, "vm1") is None
+
+    async def gone_from_host1() -> bool:
+        return await domain_state(host1, "vm1") is None
+
+    await eventually(gone_from_host1, "vm1 destroyed and undefined on host1")
     assert await domain_state(host2, "vm1") is DomainState.RUNNING
     events = await cluster.events("vm1", "DomainStoppedNotPlacedHere")
     assert events and events[0].spec.type == "Warning"
@@ -445,7 +456,7 @@ async def test_self_fence_destroys_vms_only_where_the_node_relies_on_it(
         try:
             await cluster.add_node("fencer", self_fence=True)
             await cluster.add_node("keeper", self_fence=False)
-            timing = HeartbeatTiming(ttl=2, renew_interval=0.5, self_fence_margin=0.5)
+            timing = HeartbeatTiming(ttl=4, renew_interval=0.5, self_fence_margin=1.5)
             fencer = await cluster.start_agent("fencer", timing=timing)
             keeper = await cluster.start_agent("keeper", timing=timing)
             await running_vm(cluster, "vm1", "fencer")
@@ -454,15 +465,19 @@ async def test_self_fence_destroys_vms_only_where_the_node_relies_on_it(
             assert etcd is not None
             etcd.send_signal(signal.SIGSTOP)
             try:
-                stopped_at = asyncio.get_running_loop().time()
 
                 async def fenced() -> bool:
                     return await domain_state(fencer, "vm1") is DomainState.SHUTOFF
 
                 await eventually(fenced, "vm1 destroyed by the self-fence")
-                # Before etcd could have expired the lease (TTL 2 s after the last renewal).
-                assert asyncio.get_running_loop().time() - stopped_at < 2.0 + 0.5
-                await asyncio.sleep(1.0)
+                # Destroyed before etcd could have expired the lease (TTL after the last renewal).
+                assert fencer.heartbeat.last_self_fence is not None
+                renewed_at, destroyed_at = fencer.heartbeat.last_self_fence
+                assert destroyed_at < renewed_at + timing.ttl
+                # keeper handles its own deadline too (same timing, same outage; the heartbeat
+                # clears `established` in the same step as it decides) but keeps vm2.
+                await eventually(lambda: not keeper.heartbeat.established.is_set(), "deadline")
+                assert not keeper.heartbeat.self_fenced
                 assert await domain_state(keeper, "vm2") is DomainState.RUNNING
             finally:
                 etcd.send_signal(signal.SIGCONT)
@@ -473,7 +488,8 @@ async def test_self_fence_destroys_vms_only_where_the_node_relies_on_it(
 
             # Still placed on fencer once etcd is back: it starts again (counted as a restart).
             await eventually(restarted, "vm1 running again once the lease is back")
-            assert await cluster.events("fencer", "SelfFenced")
+            [event] = await cluster.events("fencer", "SelfFenced")
+            assert "after its last renewal (lease TTL 4 s): vm1" in event.spec.message
         finally:
             await cluster.close()
 
@@ -654,7 +670,7 @@ async def test_a_vm_whose_lv_cannot_be_activated_is_not_started(
     assert message.startswith("not started on host1: ")
     assert "device-mapper" in message  # this kernel has none: LVM cannot activate
     assert await domain_state(agent, "vm1") is None  # never defined, never started
-    [event] = await eventually(lambda: cluster.events("vm1", "VolumeActivationFailed"), "event")
+    [event] = await cluster.events("vm1", "VolumeActivationFailed")
     assert event.spec.type == "Warning"
     # Rolled back: neither the claim nor the tag is left behind (between retries).
     await eventually(lambda: released(settings, cluster.store, vg), "claim and tag rolled back")
@@ -736,7 +752,7 @@ async def test_lv_hand_over_protocol_of_a_migration_whose_target_cannot_activate
     assert result.status.message.endswith("; the VM keeps running on host1")
     assert await cluster.events("vm1-move", "VolumeActivationFailed")  # from the target
     # The source claims the LV back (and cannot activate it here: no device-mapper).
-    await eventually(lambda: cluster.events("vm1", "VolumeActivationFailed"), "claimed back")
+    assert await cluster.events("vm1", "VolumeActivationFailed")
 
     async def target_released() -> bool:
         obj = await cluster.store.get("VirtualMachineMigration", "vm1-move")
