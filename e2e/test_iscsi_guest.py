@@ -1,5 +1,5 @@
-"""End to end: the agent's storage loop serves a LUN from a tgtd it starts, a QEMU (TCG) guest
-uses the LUN as its virtio disk, the target's status shows the guest's session, deletion waits
+"""End to end: the agent's storage loop serves a LUN from the tgtd of its supervisor, a QEMU (TCG)
+guest uses the LUN as its virtio disk, the target's status shows the guest's session, deletion waits
 for the guest to let go, and data written through the LUN reads back through another initiator.
 """
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from controller.events import EventRecorder
 from controller.store import Store
 from crds import IscsiTarget, ObjectMeta
 from crds.iscsitarget import IscsiTargetSpec
-from e2e.etcd import free_port
 from e2e.guest.build import ensure_guest_image
+from e2e.tgtd import start_supervised_tgtd
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.storage import StorageSettings, run_storage_reconcilers
 from reconcilers.tgtd_supervisor import TgtdSupervisor
@@ -95,13 +94,22 @@ def disk(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+async def tgtd() -> AsyncIterator[TgtdSupervisor]:
+    """The agent's supervisor, its tgtd started on a free control port and portal."""
+    supervisor = await start_supervised_tgtd()
+    try:
+        yield supervisor
+    finally:
+        await supervisor.stop()
+
+
 @pytest.mark.slow
 async def test_a_guest_uses_a_lun_served_by_the_storage_loop(
-    etcd_endpoints: list[str], key_prefix: str, tmp_path: Path, disk: Path
+    etcd_endpoints: list[str], key_prefix: str, tmp_path: Path, disk: Path, tgtd: TgtdSupervisor
 ) -> None:
-    portal = f"127.0.0.1:{free_port()}"
-    settings = StorageSettings(tgtd_control_port=random.randint(20000, 32000), resync_period=None)
-    tgtd = TgtdSupervisor(portal, settings.tgtd_control_port)
+    portal = tgtd.portal
+    settings = StorageSettings(tgtd_control_port=tgtd.control_port, resync_period=None)
     adm = TgtAdm(settings.tgtd_control_port)
     url = f"iscsi://{portal}/{IQN}/1"
     async with Store(etcd_endpoints, prefix=key_prefix) as store:
@@ -164,4 +172,3 @@ async def test_a_guest_uses_a_lun_served_by_the_storage_loop(
         finally:
             loop_task.cancel()
             await asyncio.gather(loop_task, return_exceptions=True)
-            await tgtd.stop()

@@ -9,10 +9,14 @@ started is the last resort. Nothing is ever stopped by name.
     with TgtDaemon() as tgtd:
         adm = TgtAdm(tgtd.control_port)
         ...  # initiators connect to tgtd.url(iqn, lun)
+
+Tests of the agent's own `TgtdSupervisor` get one from `start_supervised_tgtd()`, which gives
+it a free control port and portal the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import subprocess
@@ -22,7 +26,8 @@ from pathlib import Path
 
 from e2e.etcd import free_port
 from reconcilers.drivers.tgt import parse_targets
-from reconcilers.tgtd_supervisor import remove_stale_control_socket
+from reconcilers.tgtd_supervisor import TgtdStartError as SupervisorStartError
+from reconcilers.tgtd_supervisor import TgtdSupervisor, remove_stale_control_socket
 
 CONTROL_PORTS = range(20000, 32768)
 """Where random control ports are drawn from: tgtd takes up to 32767; its default (0) is left
@@ -180,3 +185,57 @@ class TgtDaemon:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def start_supervised_tgtd() -> TgtdSupervisor:
+    """A `TgtdSupervisor` that has just started its own tgtd, serving a free loopback portal.
+
+    The control port is drawn at random and the portal picked free, so either can be taken by
+    the time tgtd starts: another tgtd may answer on that control port (the supervisor would
+    use it instead of starting one), or ours may exit, or serve without our portal. Each such
+    attempt is undone and made again on fresh ones, up to `START_ATTEMPTS` times.
+    """
+    problems: list[str] = []
+    for _ in range(START_ATTEMPTS):
+        supervisor = TgtdSupervisor(f"127.0.0.1:{free_port()}", random.choice(CONTROL_PORTS))
+        try:
+            started = await supervisor.ensure_running()
+        except SupervisorStartError as error:
+            problems.append(str(error))
+            await supervisor.stop()
+            continue
+        if not started:
+            problems.append(f"control port {supervisor.control_port} is another tgtd's")
+            continue
+        if await _serves_portal(supervisor):
+            return supervisor
+        problems.append(f"portal {supervisor.portal} was taken")
+        await supervisor.stop()
+    raise TgtdStartError(f"tgtd did not start in {START_ATTEMPTS} attempts: {'; '.join(problems)}")
+
+
+async def _serves_portal(supervisor: TgtdSupervisor) -> bool:
+    """Whether the running tgtd serves the supervisor's portal (it binds portals before it
+    answers tgtadm, and without the one asked for if that is taken)."""
+    process = await asyncio.create_subprocess_exec(
+        "tgtadm",
+        "--lld",
+        "iscsi",
+        "--control-port",
+        str(supervisor.control_port),
+        "--op",
+        "show",
+        "--mode",
+        "portal",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(TGTADM_TIMEOUT):
+            output, _ = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return False
+    return process.returncode == 0 and f"Portal: {supervisor.portal}," in output.decode()

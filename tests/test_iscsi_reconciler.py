@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,11 +15,10 @@ from controller.store import Store
 from crds import Event, IscsiTarget, ObjectMeta, Secret
 from crds.iscsitarget import IscsiTargetSpec
 from crds.secret import SecretSpec
-from e2e.etcd import free_port
-from e2e.tgtd import TgtDaemon
+from e2e.tgtd import TgtDaemon, start_supervised_tgtd
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import FINALIZER, FORCE_DELETE, IscsiTargetReconciler
-from reconcilers.tgtd_supervisor import CONTROL_SOCKET_DIR, TgtdSupervisor
+from reconcilers.tgtd_supervisor import CONTROL_SOCKET_DIR
 
 NODE = "storage1"
 IQN = "iqn.2024-01.org.example:storage.vg-cluster"
@@ -30,14 +28,9 @@ DEADLINE = 30.0
 LUN_BYTES = 8 << 20
 
 
-def control_port() -> int:
-    """tgtd refuses control ports above 32767."""
-    return random.randint(20000, 32000)
-
-
 @pytest.fixture
 def tgtd() -> Iterator[TgtDaemon]:
-    with TgtDaemon(control_port=control_port()) as daemon:
+    with TgtDaemon() as daemon:  # it picks free ports, again if one is taken at start-up
         yield daemon
 
 
@@ -344,10 +337,9 @@ async def test_tids_are_stable_and_distinct(
 async def test_supervisor_starts_tgtd_only_when_absent_and_stops_it_cleanly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    port = control_port()
-    supervisor = TgtdSupervisor(f"127.0.0.1:{free_port()}", control_port=port)
+    supervisor = await start_supervised_tgtd()  # its first ensure_running() started tgtd
+    port = supervisor.control_port
     try:
-        assert await supervisor.ensure_running()
         assert not await supervisor.ensure_running()
         assert await supervisor.adm.is_running()
         assert (CONTROL_SOCKET_DIR / f"socket.{port}").exists()
