@@ -290,6 +290,7 @@ async def kvmctl(agent_lab: AgentLab, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # its setup starts agent_lab: a first run downloads the guest kernel
 async def test_guest_boots_stops_restarts_after_a_crash_and_is_deleted(
     agent_lab: AgentLab, controller: Controller
 ) -> None:
