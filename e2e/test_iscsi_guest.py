@@ -105,6 +105,7 @@ async def tgtd() -> AsyncIterator[TgtdSupervisor]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # when it runs first, it downloads the guest kernel
 async def test_a_guest_uses_a_lun_served_by_the_storage_loop(
     etcd_endpoints: list[str], key_prefix: str, tmp_path: Path, disk: Path, tgtd: TgtdSupervisor
 ) -> None:
