@@ -133,6 +133,9 @@ _CLOSE_REASONS = {
     libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "client",
 }
 
+ABORTED_JOB_GRACE = 10.0
+"""Seconds to wait for a migration job to end once libvirt accepted its abort."""
+
 _MIGRATE_FLAGS = (
     libvirt.VIR_MIGRATE_LIVE
     | libvirt.VIR_MIGRATE_PEER2PEER
@@ -269,6 +272,12 @@ def _run_event_loop() -> None:
     while True:
         if libvirt.virEventRunDefaultImpl() < 0:
             log.error("libvirt event loop iteration failed")
+
+
+def _consume_result(job: asyncio.Future[Any]) -> None:
+    """Retrieve a left-behind job's outcome, so asyncio does not report it as never retrieved."""
+    if not job.cancelled():
+        job.exception()
 
 
 def _wrap(error: Any, context: str) -> LibvirtError:
@@ -580,7 +589,8 @@ class LibvirtHost:
                 if report is not None and progress is not None:
                     progress(report)
                 if loop.time() - last_move > stall_timeout:
-                    await self._abort(domain, job, name)
+                    if await self._abort(domain, job, name):
+                        return  # it completed just before the abort
                     raise MigrationError(
                         f"{context}: no data moved for {stall_timeout:.0f} s; aborted "
                         "(is the target reachable on its migration address?)"
@@ -594,11 +604,31 @@ class LibvirtHost:
         except LibvirtError as error:
             raise MigrationError(str(error), error.code) from error
 
-    async def _abort(self, domain: Any, job: asyncio.Future[Any], name: str) -> None:
-        with suppress(LibvirtError):
+    async def _abort(self, domain: Any, job: asyncio.Future[Any], name: str) -> bool:
+        """Abort the migration job and wait for it to end; True if it had completed anyway.
+
+        Once libvirt accepted the abort, the migration can no longer complete (libvirt checks
+        the abort flag before QEMU starts sending), so the wait is bounded: a peer-to-peer
+        connect to a silent target only ends with TCP's own timeout, about two minutes, and
+        the domain keeps running here meanwhile. If the abort was refused (the job may just
+        have ended) the outcome is unknown, so wait for the job whatever it takes.
+        """
+        try:
             await self._call(f"abort migration of domain {name!r}", domain.abortJob)
-        with suppress(LibvirtError):
-            await job  # fails with "operation aborted", or completed just before the abort
+        except LibvirtError as error:
+            log.info("aborting the migration of %s: %s; waiting for the job", name, error)
+            await asyncio.wait({job})
+        else:
+            await asyncio.wait({job}, timeout=ABORTED_JOB_GRACE)
+        if not job.done():
+            log.warning(
+                "migration of %s aborted; libvirt ends its job when the connection attempt "
+                "gives up",
+                name,
+            )
+            job.add_done_callback(_consume_result)
+            return False
+        return job.exception() is None
 
     async def _job_progress(self, domain: Any) -> MigrationProgress | None:
         """The running job's statistics; None between jobs or if they cannot be read."""
