@@ -270,16 +270,23 @@ class Store:
         return PermissionDenied(f"etcd refused {what}: {who} lacks permission")
 
     async def call(
-        self, awaitable: Awaitable[Any], key: bytes | None = None, action: str = "request"
+        self,
+        awaitable: Awaitable[Any],
+        key: bytes | None = None,
+        action: str = "request",
+        *,
+        waits: float = 0.0,
     ) -> Any:
         """Run one etcd request, turning connection trouble into `Unavailable`.
 
         `action` ("read", "write", "delete") and `key` name the request in a `PermissionDenied`.
+        `waits`: seconds the request may legitimately wait on top of the usual timeout (a lock
+        acquisition waiting for another holder).
         """
         try:
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
             # that arrives as the request completes, and a cancelled task must stop.
-            async with asyncio.timeout(self.timeout + 1):
+            async with asyncio.timeout(self.timeout + 1 + waits):
                 return await awaitable
         except (
             aetcd.exceptions.ConnectionFailedError,

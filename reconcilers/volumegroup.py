@@ -22,9 +22,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aetcd
+
 from controller.events import EventRecorder
 from controller.reconcile import Result, RetryableError
-from controller.store import Store
+from controller.store import Store, StoreError
 from crds import IscsiTarget, VirtualMachine, VolumeGroup
 from crds.meta import ConditionStatus, parse_size
 from crds.volumegroup import LogicalVolumeStatus, PhysicalVolume
@@ -65,19 +67,39 @@ class LockTimeout(RetryableError):
 
 @contextlib.asynccontextmanager
 async def metadata_lock(store: Store, vg: str, settings: LvmSettings) -> AsyncIterator[None]:
-    """Hold `{prefix}/locks/lvm/{vg}` in etcd: one host at a time changes the VG's metadata."""
+    """Hold `{prefix}/locks/lvm/{vg}` in etcd: one host at a time changes the VG's metadata.
+
+    The lock's lease is refreshed while held, so only a host that dies holding it loses it
+    (after `lock_ttl` seconds), never a slow one.
+    """
     lock = store.client.lock(f"{store.prefix}/locks/lvm/{vg}".encode(), ttl=settings.lock_ttl)
-    if not await store.call(lock.acquire(timeout=settings.lock_timeout)):
+    acquired = await store.call(
+        lock.acquire(timeout=settings.lock_timeout), waits=settings.lock_timeout
+    )
+    if not acquired:
         raise LockTimeout(
             f"the metadata lock of VG {vg} stayed taken for {settings.lock_timeout} s"
         )
+    keep_alive = asyncio.create_task(_refresh_forever(store, lock, settings.lock_ttl / 3))
     try:
         yield
     finally:
+        keep_alive.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keep_alive
         with contextlib.suppress(Exception):
             await store.call(lock.release())
             if lock.lease is not None:
                 await store.call(lock.lease.revoke())
+
+
+async def _refresh_forever(store: Store, lock: aetcd.Lock, period: float) -> None:
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await store.call(lock.refresh())
+        except StoreError as error:
+            log.warning("refreshing the lease of %s failed: %s", lock.key.decode(), error)
 
 
 class ActivationConflict(Exception):
