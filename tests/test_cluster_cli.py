@@ -36,6 +36,12 @@ async def two_nodes_with_vms(store: Store, leases: Leases) -> None:
     await store.create(node_object("b"))
     await leases.hold("a")
     await leases.hold("b")
+
+    async def both_online() -> bool:  # until then the engine may still see b's lease missing
+        nodes = [await get_node(store, name) for name in ("a", "b")]
+        return all(node.status.health == "Online" for node in nodes)
+
+    await eventually(both_online, "a and b Online")
     await store.create(vm_object("vm1"))
     await store.create(vm_object("vm2", migration={"allowed": False}))
     for vm in ("vm1", "vm2"):
