@@ -419,11 +419,11 @@ class Lab:
         `cluster.endpoints` stay loopback addresses for the test itself; agents inside the
         hosts get `lab.host_etcd_endpoints(cluster)`. `cleanup()` stops it after the hosts.
         """
-        cluster = EtcdCluster(size=size, extra_args=list(extra_args))
-        for member in cluster.members:
-            urls = f"http://127.0.0.1:{member.client_port},http://{self.gateway_address}:{member.client_port}"
-            # etcd keeps the last value of a repeated flag: these replace the loopback-only URLs.
-            member.extra_args += ["--listen-client-urls", urls, "--advertise-client-urls", urls]
+        cluster = EtcdCluster(
+            size=size,
+            extra_args=list(extra_args),
+            client_hosts=["127.0.0.1", self.gateway_address],
+        )
         self._etcd_clusters.append(cluster)
         return cluster.start()
 

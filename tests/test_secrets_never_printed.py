@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -249,7 +248,7 @@ async def test_iscsi_reconciler_with_chap_never_shows_the_secret(
     disk = tmp_path / "lun1.img"
     with disk.open("wb") as handle:
         handle.truncate(8 << 20)
-    with TgtDaemon(control_port=random.randint(20000, 32000)) as tgtd:
+    with TgtDaemon() as tgtd:
         async with Store(etcd_endpoints, prefix=key_prefix) as store:
             for manifest in load_text(manifests(str(disk)), "all.yaml"):
                 await store.create(manifest.object)
