@@ -6,7 +6,7 @@ DEB_PACKAGES := etcd-server etcd-client libvirt-daemon libvirt-daemon-driver-qem
 	libvirt-dev qemu-system-x86 qemu-utils qemu-block-extra busybox-static pkg-config tgt \
 	libiscsi-bin open-iscsi lvm2 fence-agents iproute2 git gcc python3-dev kmod dpkg ipmitool
 
-.PHONY: install deb venv lint test test-fast test-e2e demo demo-down crds bench fuzz soak clean
+.PHONY: install deb venv images lint test test-fast test-e2e demo demo-down crds bench fuzz soak clean
 
 install: deb venv
 
@@ -26,13 +26,19 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: install lint
+# The TCG test guest and the kernel lab's Debian kernel: downloaded and built once, here, so a
+# slow mirror fails as a set-up error and not as a test timeout.
+images: install
+	$(PY) -m e2e.guest.build
+	$(PY) -m e2e.kernellab.build
+
+test: install lint images
 	$(VENV)/bin/pytest -q tests e2e
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow" tests
 
-test-e2e: install
+test-e2e: install images
 	$(VENV)/bin/pytest -q e2e
 
 crds: venv
