@@ -8,10 +8,10 @@ password: only the certificate authenticates them. Keys are relative to the clus
 - controller: reads everything (it resolves fence passwords); writes objects, the leader key,
   operator requests and locks.
 - agent-<node>: reads every kind except Secret, heartbeats, the leader key, locks and LVM
-  activation claims; writes only its own heartbeat and report key, the kinds it reports status
-  on (the whole object key: status lives in it), Events, the VolumeGroup metadata locks and LVM
-  activation claims. Nodes named as secret readers (storage nodes serving CHAP targets) also
-  read Secrets.
+  activation claims; writes only its own heartbeat, report and ClusterNode keys, the other
+  kinds it reports status on (the whole object key: status lives in it), Events, the
+  VolumeGroup metadata locks and LVM activation claims. Nodes named as secret readers
+  (storage nodes serving CHAP targets) also read Secrets.
 - monitor: reads every kind except Secret, heartbeats, the leader key, operator requests and
   agent reports; writes nothing.
 
@@ -43,7 +43,6 @@ MONITOR = "monitor"
 AGENT_PREFIX = "agent-"
 
 REPORTED_KINDS = (
-    "ClusterNode",
     "Bond",
     "IscsiTarget",
     "VolumeGroup",
@@ -51,7 +50,8 @@ REPORTED_KINDS = (
     "VirtualMachineMigration",
     "Event",
 )
-"""What an agent writes: status of the objects it reconciles (in the object key), Events."""
+"""What an agent writes, whole ranges: status of the objects it reconciles (in the object key),
+Events. Of the ClusterNodes it writes only its own (one key)."""
 
 T = TypeVar("T")
 
@@ -114,6 +114,7 @@ def agent_role(node: str, read_secrets: bool = False) -> Role:
             _PROBE,
             *reads,
             *reported,
+            Grant("readwrite", f"{_objects('ClusterNode')}{node}", prefix=False),
             Grant("read", "heartbeats/"),
             Grant("readwrite", f"heartbeats/{node}", prefix=False),
             Grant("readwrite", f"reports/{node}", prefix=False),

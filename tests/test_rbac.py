@@ -105,6 +105,7 @@ def test_prefix_grants_cover_exactly_their_range() -> None:
     agent = cluster_roles(["host1"])[2]
     single = [g for g in agent.grants if not g.prefix]
     assert [key_range(PREFIX, g) for g in single] == [
+        (b"/kvmctl/objects/ClusterNode/host1", b""),
         (b"/kvmctl/heartbeats/host1", b""),
         (b"/kvmctl/reports/host1", b""),
     ]
@@ -182,6 +183,26 @@ async def test_agent_cannot_write_leader_requests_or_other_reports(agent: Store)
     ):
         with pytest.raises(PermissionDenied, match="user agent-host1 lacks permission"):
             await agent.call(agent.client.put(key.encode(), b"x"), key.encode(), "write")
+
+
+async def test_agent_writes_its_own_cluster_node_only(agent: Store) -> None:
+    for name in ("host1", "host2"):
+        node = parse_object(
+            {
+                "apiVersion": "kvmctl.io/v1alpha1",
+                "kind": "ClusterNode",
+                "metadata": {"name": name},
+                "spec": {"addresses": {"cluster": "10.0.0.1"}},
+            }
+        )
+        if name == "host1":
+            created = await agent.create(node)
+            await agent.patch_status("ClusterNode", "host1", lambda status: None)
+            assert created.metadata.name == "host1"
+        else:
+            with pytest.raises(PermissionDenied, match="write of objects/ClusterNode/host2"):
+                await agent.create(node)
+    assert [n.metadata.name for n in (await agent.list_objects("ClusterNode"))[0]] == ["host1"]
 
 
 async def test_agent_cannot_write_secrets(agent: Store) -> None:
