@@ -35,7 +35,7 @@ from controller.cli.vm import migration_name
 from controller.store import Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
-from crds.migration import VirtualMachineMigrationSpec
+from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 from e2e.guest.build import ensure_guest_image
 from e2e.guest.console import read_ticks
 from e2e.hosts import Lab, SimulatedHost
@@ -47,7 +47,6 @@ from e2e.test_agent import (
     eventually,
     guest_vm,
 )
-from reconcilers.migration import PLACEMENT_SWITCHED
 from reconcilers.virtualmachine import DomainSettings
 from tests.test_libvirt_driver import host_uri
 

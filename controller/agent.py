@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.events import EventRecorder
 from controller.ha.agent_side import HaReporter
 from controller.ha.environment import HaTimings
@@ -43,7 +44,7 @@ from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigrati
 from crds.clusternode import Capacity
 from crds.meta import now
 from reconcilers.drivers.libvirt import LibvirtError, LibvirtHost, LibvirtUnavailable
-from reconcilers.migration import DEFAULT_CONCURRENCY, MigrationRunner
+from reconcilers.migration import MigrationRunner
 from reconcilers.storage import StorageSettings, run_storage_reconcilers
 from reconcilers.tgtd_supervisor import TgtdSupervisor
 from reconcilers.virtualmachine import ACTIVE_STATES, DomainSettings, VirtualMachineReconciler
@@ -65,7 +66,7 @@ class AgentSettings:
     resync_period: float = 30.0
     status_interval: float = 30.0
     """How often lastHeartbeatTime (and capacity) is written to the ClusterNode status."""
-    migration_concurrency: int = DEFAULT_CONCURRENCY
+    migration_concurrency: int = DEFAULT_MIGRATION_CONCURRENCY
     vm_workers: int = 4
     storage: StorageSettings | None = field(default_factory=StorageSettings)
     """Bond, IscsiTarget and VolumeGroup reconcilers for this node (None: do not run them)."""

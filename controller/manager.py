@@ -34,6 +34,7 @@ from typing import Any
 import prometheus_client
 
 from . import telemetry
+from .defaults import DEFAULT_HTTP_PORT
 from .events import EventRecorder
 from .informer import DEFAULT_RESYNC_PERIOD, KeyMapper, SharedInformers
 from .leader import ElectionTiming, LeaderElector, guard_compare
@@ -43,7 +44,6 @@ from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HTTP_PORT = 8080
 HTTP_READ_TIMEOUT = 5.0
 MAX_CONDITION_MESSAGE = 4096
 

@@ -31,8 +31,9 @@ from controller.store import Compare, Conflict, NotFound, Store
 from controller.workqueue import WorkQueue
 from crds import ClusterNode, VirtualMachine, VirtualMachineMigration
 from crds.meta import now
+from crds.migration import PLACEMENT_SWITCHED
 from crds.virtualmachine import Placement
-from reconcilers.migration import PLACEMENT_SWITCHED, in_flight_migration
+from reconcilers.migration import in_flight_migration
 
 log = logging.getLogger(__name__)
 

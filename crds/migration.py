@@ -17,6 +17,13 @@ class VirtualMachineMigrationSpec(Strict):
 
 MigrationPhase = Literal["Pending", "Scheduled", "Running", "Succeeded", "Failed"]
 
+PLACEMENT_SWITCHED = "PlacementSwitched"
+"""Condition the leader sets on a Succeeded migration once the VM's placement moved."""
+VOLUMES_ACTIVATED = "VolumesActivated"
+"""Condition the target's agent sets on a Running migration: True once it holds the VM's LVs,
+False (`VolumeActivationFailed`) if it could not take them, False (`Released`) once it
+deactivated them again after the migration failed."""
+
 
 class VirtualMachineMigrationStatus(Status):
     phase: MigrationPhase = "Pending"

@@ -27,12 +27,14 @@ from collections.abc import Iterable
 from ipaddress import IPv6Address, ip_address
 from typing import Any
 
+from controller.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.events import EventRecorder
 from controller.informer import Informer
 from controller.reconcile import Result, RetryableError
 from controller.store import NotFound, Store, StoreError
 from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigration
 from crds.meta import now
+from crds.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED
 from reconcilers.drivers.libvirt import (
     LibvirtError,
     LibvirtHost,
@@ -49,13 +51,6 @@ from reconcilers.volumegroup import (
 
 log = logging.getLogger(__name__)
 
-PLACEMENT_SWITCHED = "PlacementSwitched"
-"""Condition the leader sets on a Succeeded migration once the VM's placement moved."""
-VOLUMES_ACTIVATED = "VolumesActivated"
-"""Condition the target's agent sets on a Running migration: True once it holds the VM's LVs,
-False (`VolumeActivationFailed`) if it could not take them, False (`Released`) once it
-deactivated them again after the migration failed."""
-DEFAULT_CONCURRENCY = 2
 PROGRESS_INTERVAL = 0.5
 CAP_RETRY = 1.0
 TARGET_ACTIVATION_TIMEOUT = 60.0
@@ -127,7 +122,7 @@ class MigrationRunner:
         vms: Informer,
         nodes: Informer,
         recorder: EventRecorder,
-        concurrency: int = DEFAULT_CONCURRENCY,
+        concurrency: int = DEFAULT_MIGRATION_CONCURRENCY,
         lvm: LvmSettings | None = None,
         activation_timeout: float = TARGET_ACTIVATION_TIMEOUT,
     ) -> None:

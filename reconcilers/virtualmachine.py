@@ -52,6 +52,7 @@ from controller.store import NotFound, Store, StoreError
 from crds import ClusterNode, IscsiTarget, VirtualMachine, VirtualMachineMigration
 from crds.event import ObjectReference
 from crds.meta import ConditionStatus, now
+from crds.migration import VOLUMES_ACTIVATED
 from crds.virtualmachine import Disk
 from reconcilers.drivers.domain_xml import (
     BlockSource,
@@ -78,7 +79,6 @@ from reconcilers.drivers.libvirt import (
 )
 from reconcilers.migration import (
     ACTIVATION_ERRORS,
-    VOLUMES_ACTIVATED,
     Volume,
     in_flight_migration,
     names,

@@ -36,13 +36,12 @@ from controller.store import Store
 from crds import ClusterNode, Event, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.meta import now
-from crds.migration import VirtualMachineMigrationSpec
+from crds.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED, VirtualMachineMigrationSpec
 from crds.virtualmachine import Placement, RestartPolicy, VirtualMachineSpec
 from e2e.etcd import EtcdCluster
 from e2e.polling import eventually
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
 from reconcilers.drivers.libvirt import DomainState, LibvirtHost
-from reconcilers.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED
 from reconcilers.virtualmachine import FINALIZER, DomainSettings
 from reconcilers.volumegroup import LvmSettings, active_on
 from tests.test_libvirt_driver import host_uri

@@ -13,11 +13,11 @@ from typing import Any
 import yaml
 
 from controller import printers
+from controller.defaults import DEFAULT_HTTP_PORT
 from controller.ha import requests
 from controller.ha.environment import HaTimings
 from controller.heartbeat import heartbeat_key
 from controller.leader import ElectionTiming, LeaderInfo, current_leader, leader_key
-from controller.manager import DEFAULT_HTTP_PORT
 from controller.store import Conflict, NotFound, Store
 from crds import ClusterNode, VirtualMachine
 from crds.meta import _check_name

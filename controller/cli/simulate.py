@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from controller.ha import scenario
-
 
 def register(commands: Any) -> None:
     simulate = commands.add_parser(
@@ -25,6 +23,9 @@ def register(commands: Any) -> None:
 
 
 async def run_simulate(args: argparse.Namespace) -> int:
+    # Imported here, like the daemons' code: other commands start faster without it.
+    from controller.ha import scenario
+
     loaded = scenario.load(args.scenario)
     sim = await scenario.run_scenario(loaded, echo=lambda line: print(line, flush=True))
     if not args.no_summary:

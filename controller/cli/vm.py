@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from controller.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.ha.environment import HaTimings
 from controller.store import NotFound, Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.meta import _check_name
-from crds.migration import VirtualMachineMigrationSpec
-from reconcilers.drivers.libvirt import LibvirtError
-from reconcilers.migration import DEFAULT_CONCURRENCY, PLACEMENT_SWITCHED
+from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 
 from .resources import store_from
 
@@ -60,7 +59,7 @@ def register(commands: Any) -> None:
     )
     agent.add_argument("--resync-period", type=float, default=30.0, help="seconds")
     agent.add_argument(
-        "--migration-concurrency", type=int, default=DEFAULT_CONCURRENCY, help="per node"
+        "--migration-concurrency", type=int, default=DEFAULT_MIGRATION_CONCURRENCY, help="per node"
     )
     agent.set_defaults(func=run_agent)
 
@@ -86,6 +85,7 @@ async def run_agent(args: argparse.Namespace) -> int:
     # Imported here: libvirt and the reconcilers would slow every other command's start-up.
     from controller.agent import Agent, AgentSettings
     from controller.heartbeat import HeartbeatTiming
+    from reconcilers.drivers.libvirt import LibvirtError
     from reconcilers.storage import StorageSettings
     from reconcilers.virtualmachine import DomainSettings
     from reconcilers.volumegroup import LvmSettings

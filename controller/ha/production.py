@@ -43,10 +43,9 @@ from crds import AnyResource, ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import FenceDevice as FenceDeviceSpec
 from crds.clusternode import FenceRecord
 from crds.event import ObjectReference
-from crds.migration import VirtualMachineMigration, VirtualMachineMigrationSpec
+from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigration, VirtualMachineMigrationSpec
 from crds.virtualmachine import Placement
 from reconcilers.drivers.fence import FenceConfigError, FenceDevice, FenceRunner
-from reconcilers.migration import PLACEMENT_SWITCHED
 
 from . import requests
 from .environment import (
