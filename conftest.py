@@ -1,10 +1,13 @@
-"""Shared fixtures: a real etcd (one per test session, a fresh key prefix per test)."""
+"""Shared fixtures: a real etcd (one per test session, a fresh key prefix per test), network
+namespaces and loop devices of a test's own."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +55,32 @@ async def netns() -> AsyncIterator[str]:
         yield name
     finally:
         await _ip("netns", "del", name)
+
+
+@pytest.fixture
+def make_loop_device(tmp_path: Path) -> Iterator[Callable[[int], str]]:
+    """Attach sparse files of the given size (bytes) as loop devices; all detached at teardown."""
+    attached: list[str] = []
+
+    def attach(size: int) -> str:
+        backing = tmp_path / f"loop-{uuid.uuid4().hex[:8]}.img"
+        with open(backing, "wb") as file:
+            file.truncate(size)
+        # The kernel lab loads modules on demand; on a host without modules this does nothing.
+        subprocess.run(["modprobe", "loop"], check=False, capture_output=True, timeout=60)
+        result = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert result.returncode == 0, f"losetup: {result.stderr.strip()}"
+        attached.append(result.stdout.strip())
+        return attached[-1]
+
+    try:
+        yield attach
+    finally:
+        for device in attached:
+            subprocess.run(["losetup", "--detach", device], capture_output=True, timeout=60)

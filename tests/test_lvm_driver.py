@@ -3,9 +3,8 @@ device-mapper, so activation is off), each test with its own devices and lvm.con
 
 from __future__ import annotations
 
-import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,29 +27,6 @@ def lvm_conf(directory: Path, text: str, local: str | None = None) -> Path:
     if local is not None:
         (directory / "lvmlocal.conf").write_text(local)
     return directory
-
-
-@pytest.fixture
-def make_loop_device(tmp_path: Path) -> Iterator[Callable[[int], str]]:
-    """Attach sparse files of the given size as loop devices; all detached at teardown."""
-    attached: list[str] = []
-
-    def attach(size: int) -> str:
-        backing = tmp_path / f"pv-{uuid.uuid4().hex[:8]}.img"
-        with open(backing, "wb") as file:
-            file.truncate(size)
-        device = subprocess.run(
-            ["losetup", "--find", "--show", str(backing)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        attached.append(device)
-        return device
-
-    yield attach
-    for device in attached:
-        subprocess.run(["losetup", "--detach", device], capture_output=True, check=False)
 
 
 @pytest.fixture

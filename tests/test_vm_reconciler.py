@@ -18,9 +18,8 @@ import asyncio
 import contextlib
 import secrets
 import signal
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -608,22 +607,8 @@ backup { backup = 0 archive = 0 }
 
 
 @pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[str]:
-    """A 32 MiB loop device of the test's own, always detached afterwards."""
-    image = tmp_path / "shared.img"
-    with open(image, "wb") as file:
-        file.truncate(32 * MIB)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(image)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False, timeout=60)
+def loop_device(make_loop_device: Callable[[int], str]) -> str:
+    return make_loop_device(32 * MIB)
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ scans; the real /dev/disk/by-path is under /dev, which it scans by default).
 
 from __future__ import annotations
 
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -31,21 +30,8 @@ PORTAL = "127.0.0.1:3260"
 
 
 @pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[str]:
-    image = tmp_path / "lun1.img"
-    with open(image, "wb") as file:
-        file.truncate(64 * MIB)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(image)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False, timeout=60)
+def loop_device(make_loop_device: Callable[[int], str]) -> str:
+    return make_loop_device(64 * MIB)
 
 
 @pytest.fixture

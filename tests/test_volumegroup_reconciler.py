@@ -8,9 +8,8 @@ exclusivity are tested in the kernel lab (e2e/lab_tests/test_lvm_lab.py).
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -41,26 +40,10 @@ backup { backup = 0 archive = 0 }
 """
 
 
-def _losetup(*args: str) -> str:
-    return subprocess.run(
-        ["losetup", *args], check=True, capture_output=True, text=True, timeout=60
-    ).stdout.strip()
-
-
 @pytest.fixture
-def loop_devices(tmp_path: Path) -> Iterator[list[str]]:
-    """Two 64 MiB loop devices, always detached afterwards."""
-    devices: list[str] = []
-    try:
-        for n in range(2):
-            image = tmp_path / f"pv{n}.img"
-            with open(image, "wb") as file:
-                file.truncate(64 * MIB)
-            devices.append(_losetup("--find", "--show", str(image)))
-        yield devices
-    finally:
-        for device in devices:
-            subprocess.run(["losetup", "-d", device], check=False, timeout=60)
+def loop_devices(make_loop_device: Callable[[int], str]) -> list[str]:
+    """Two 64 MiB loop devices."""
+    return [make_loop_device(64 * MIB) for _ in range(2)]
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,24 +33,8 @@ def lvm_conf(node: str) -> str:
 
 
 @pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[str]:
-    image = tmp_path / "shared.img"
-    with open(image, "wb") as file:
-        file.truncate(24 * MIB)
-    subprocess.run(["modprobe", "loop"], check=False, capture_output=True, timeout=60)
-    attached = subprocess.run(
-        ["losetup", "--find", "--show", str(image)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert attached.returncode == 0, f"losetup: {attached.stderr}"
-    device = attached.stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False, timeout=60)
+def loop_device(make_loop_device: Callable[[int], str]) -> str:
+    return make_loop_device(24 * MIB)
 
 
 def node_lvm(tmp_path: Path, node: str, device: str) -> Lvm:
