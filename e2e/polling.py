@@ -10,6 +10,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from controller.store import Store
+from crds import Event
+
 
 async def eventually(
     condition: Callable[[], Any],
@@ -34,3 +37,21 @@ async def eventually(
         if loop.time() > deadline:
             raise error(f"not reached within {timeout:.0f} s: {what}")
         await asyncio.sleep(interval)
+
+
+async def recorded_events(store: Store, involved: str, reason: str) -> list[Event]:
+    """The Events of object `involved` with `reason`, waiting until there is one: components
+    record an event just after the status change a test usually waits for."""
+
+    async def matching() -> list[Event]:
+        objects, _ = await store.list_objects("Event")
+        return [
+            event
+            for event in objects
+            if isinstance(event, Event)
+            and event.spec.involved_object.name == involved
+            and event.spec.reason == reason
+        ]
+
+    found: list[Event] = await eventually(matching, f"a {reason} event of {involved}")
+    return found

@@ -37,6 +37,7 @@ from e2e.etcd import EtcdCluster
 from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
 from e2e.guest.console import BOOTED_LINE, read_ticks, tick_gaps
 from e2e.hosts import REPO_ROOT, Lab, SimulatedHost
+from e2e.polling import recorded_events
 
 KVMCTL = str(Path(sys.executable).parent / "kvmctl")
 PREFIX = "/kvmctl"
@@ -162,21 +163,7 @@ class Controller:
         return obj
 
     async def events(self, involved: str, reason: str) -> list[Event]:
-        """The events of `involved` with `reason`, waiting until there is one: events are
-        recorded just after the status change a test waits for."""
-
-        async def matching() -> list[Event]:
-            objects, _ = await self.store.list_objects("Event")
-            return [
-                e
-                for e in objects
-                if isinstance(e, Event)
-                and e.spec.involved_object.name == involved
-                and e.spec.reason == reason
-            ]
-
-        found: list[Event] = await eventually(matching, f"a {reason} event for {involved}")
-        return found
+        return await recorded_events(self.store, involved, reason)
 
 
 @pytest.fixture

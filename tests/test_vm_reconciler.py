@@ -38,7 +38,7 @@ from crds.meta import now
 from crds.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED, VirtualMachineMigrationSpec
 from crds.virtualmachine import Placement, RestartPolicy, VirtualMachineSpec
 from e2e.etcd import EtcdCluster
-from e2e.polling import eventually
+from e2e.polling import eventually, recorded_events
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
 from reconcilers.drivers.libvirt import DomainState, LibvirtHost
 from reconcilers.virtualmachine import FINALIZER, DomainSettings
@@ -139,21 +139,7 @@ class Cluster:
         return obj
 
     async def events(self, involved: str, reason: str) -> list[Event]:
-        """The events of `involved` with `reason`, waiting until there is one: agents record
-        events just after the status change a test waits for."""
-
-        async def matching() -> list[Event]:
-            objects, _ = await self.store.list_objects("Event")
-            return [
-                e
-                for e in objects
-                if isinstance(e, Event)
-                and e.spec.involved_object.name == involved
-                and e.spec.reason == reason
-            ]
-
-        found: list[Event] = await eventually(matching, f"a {reason} event of {involved}")
-        return found
+        return await recorded_events(self.store, involved, reason)
 
 
 @pytest.fixture
