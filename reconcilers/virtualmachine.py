@@ -201,6 +201,8 @@ class VirtualMachineReconciler:
         if migration is not None:
             return await self._leave_to_migration(vm, migration)
         if not self._placed_here(vm):
+            if domain is not None and not await self._confirmed_elsewhere(vm):
+                return Result()  # the caches were behind; the informers bring the change
             volumes = await self._volumes(host, vm, domain)
             if domain is not None:
                 await self._remove_not_placed(host, vm, domain)
@@ -354,6 +356,25 @@ class VirtualMachineReconciler:
             lambda vm_: _set_running(vm_, self.node, started, desired, restarts),
         )
         return Result()
+
+    async def _confirmed_elsewhere(self, vm: VirtualMachine) -> bool:
+        """Whether etcd, read now, agrees the VM is not placed here and no migration owns it.
+
+        The VM and migration caches are separate watches: right after a migration, this agent
+        may see the placement switched on the migration before the VM's new placement arrives,
+        and must not take the domain that just arrived for a straggler.
+        """
+        try:
+            fresh = await self.store.get("VirtualMachine", vm.metadata.name)
+            migrations, _ = await self.store.list_objects("VirtualMachineMigration")
+        except NotFound:
+            return True
+        except StoreError as error:
+            raise RetryableError(f"re-reading {vm.metadata.name}: {error}") from None
+        if not isinstance(fresh, VirtualMachine) or fresh.metadata.uid != vm.metadata.uid:
+            return True
+        migrating = in_flight_migration(migrations, vm.metadata.name, self.node)
+        return not self._placed_here(fresh) and migrating is None
 
     async def _fresh_if_placed_here(self, vm: VirtualMachine) -> VirtualMachine | None:
         """The VM as etcd has it now (a linearizable read) if it is still to run here, else None."""
