@@ -47,8 +47,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import aetcd
+
 from controller.heartbeat import heartbeat_key
-from controller.store import Store
+from controller.store import Store, StoreError
 from crds import ClusterNode
 from e2e import polling
 from e2e.chaos import (
@@ -86,7 +88,12 @@ class SoakError(RuntimeError):
     """The cluster did not get back to a steady state within the hard deadline."""
 
 
-eventually = partial(polling.eventually, timeout=HARD_DEADLINE, interval=0.1, error=SoakError)
+TRANSIENT = (StoreError, aetcd.ClientError)
+"""What the harness's own etcd reads may raise while the soak has an etcd member down."""
+eventually = partial(
+    polling.eventually, timeout=HARD_DEADLINE, interval=0.1, error=SoakError, retry_on=TRANSIENT
+)
+retrying = partial(polling.retrying, timeout=HARD_DEADLINE, error=SoakError, retry_on=TRANSIENT)
 
 
 @dataclass
@@ -203,14 +210,14 @@ class Soak:
     async def check_objects(self) -> None:
         for key, spec in self.initial.items():
             kind, name = key.split("/")
-            obj = await self.store.try_get(kind, name)
+            obj = await retrying(partial(self.store.try_get, kind, name), f"{key} read")
             if obj is None or obj.spec.model_dump_json() != spec:
                 self.report.lost_objects.append(key)
 
     async def cycle(self) -> None:
         fault = self.rng.choice(FAULTS)
         host = self.rng.choice(HOSTS)
-        leader = await leader_host(self.store)
+        leader = await retrying(partial(leader_host, self.store), "the leader key read")
         where = {vm: hosts[0] for vm, hosts in self.checker.running().items() if hosts}
         started = time.monotonic()
         lost, leader_lost, member = await self.inject(fault, host, leader)

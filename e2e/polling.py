@@ -7,11 +7,13 @@ many times slower than a quiet one, so deadlines are generous and only bound a h
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from controller.store import Store
 from crds import Event
+
+T = TypeVar("T")
 
 
 async def eventually(
@@ -21,22 +23,48 @@ async def eventually(
     timeout: float = 60.0,
     interval: float = 0.05,
     error: type[Exception] = AssertionError,
+    retry_on: tuple[type[Exception], ...] = (),
 ) -> Any:
     """Poll `condition` (sync or async) until it returns something truthy, and return that.
 
-    Raises `error("not reached within N s: what")` once `timeout` seconds have passed.
+    An exception of a `retry_on` type counts as "not yet" (a harness that kills etcd members
+    must ride out an election). Raises `error("not reached within N s: what")` once `timeout`
+    seconds have passed.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    last_error = ""
     while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
+        try:
+            value = condition()
+            if asyncio.iscoroutine(value):
+                value = await value
+        except retry_on as transient:
+            value, last_error = None, f" (last error: {transient})"
         if value:
             return value
         if loop.time() > deadline:
-            raise error(f"not reached within {timeout:.0f} s: {what}")
+            raise error(f"not reached within {timeout:.0f} s: {what}{last_error}")
         await asyncio.sleep(interval)
+
+
+async def retrying(
+    read: Callable[[], Awaitable[T]],
+    what: str,
+    *,
+    retry_on: tuple[type[Exception], ...],
+    timeout: float = 60.0,
+    error: type[Exception] = AssertionError,
+) -> T:
+    """`read()`'s result, asking again while it raises one of `retry_on` (a transient fault)."""
+    results: list[T] = []
+
+    async def attempt() -> bool:
+        results.append(await read())
+        return True
+
+    await eventually(attempt, what, timeout=timeout, error=error, retry_on=retry_on)
+    return results[-1]
 
 
 async def recorded_events(store: Store, involved: str, reason: str) -> list[Event]:
