@@ -16,7 +16,6 @@ it a free control port and portal the same way.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 from e2e.etcd import free_port
-from reconcilers.drivers.tgt import parse_targets
+from reconcilers.drivers.tgt import TgtAdm, TgtError, parse_targets
 from reconcilers.tgtd_supervisor import TgtdStartError as SupervisorStartError
 from reconcilers.tgtd_supervisor import TgtdSupervisor, remove_stale_control_socket
 
@@ -215,27 +214,8 @@ async def start_supervised_tgtd() -> TgtdSupervisor:
 
 
 async def _serves_portal(supervisor: TgtdSupervisor) -> bool:
-    """Whether the running tgtd serves the supervisor's portal (it binds portals before it
-    answers tgtadm, and without the one asked for if that is taken)."""
-    process = await asyncio.create_subprocess_exec(
-        "tgtadm",
-        "--lld",
-        "iscsi",
-        "--control-port",
-        str(supervisor.control_port),
-        "--op",
-        "show",
-        "--mode",
-        "portal",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    """Whether the running tgtd serves the supervisor's portal (and not only another one)."""
     try:
-        async with asyncio.timeout(TGTADM_TIMEOUT):
-            output, _ = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
+        return supervisor.portal in await TgtAdm(supervisor.control_port, TGTADM_TIMEOUT).portals()
+    except TgtError:
         return False
-    return process.returncode == 0 and f"Portal: {supervisor.portal}," in output.decode()

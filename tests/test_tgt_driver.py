@@ -81,6 +81,10 @@ async def exported(adm: TgtAdm, iqn: str, tmp_path: Path) -> AsyncIterator[Path]
     yield disk
 
 
+async def test_portals_are_the_ones_tgtd_listens_on(adm: TgtAdm, tgtd: TgtDaemon) -> None:
+    assert await adm.portals() == [tgtd.portal]
+
+
 async def test_target_and_lun_are_visible_to_an_initiator(
     adm: TgtAdm, tgtd: TgtDaemon, iqn: str, exported: Path
 ) -> None:

@@ -115,6 +115,16 @@ class TgtAdm:
         """
         await self._run("stop tgtd", ["--op", "delete", "--mode", "system"])
 
+    async def portals(self) -> list[str]:
+        """The portals (`address:port`) tgtd listens on: it binds them before it answers, and
+        silently goes without one that is taken."""
+        output = await self._run("show portals", ["--op", "show", "--mode", "portal"])
+        return [
+            line.removeprefix("Portal:").strip().rsplit(",", 1)[0]
+            for line in output.splitlines()
+            if line.startswith("Portal:")
+        ]
+
     async def show(self) -> list[Target]:
         """All targets with their LUNs, sessions, accounts and ACLs."""
         output = await self._run("show targets", ["--op", "show", "--mode", "target"])
