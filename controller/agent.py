@@ -122,7 +122,7 @@ class Agent:
             self._healthy,
             watchdog,
         )
-        self.ha = HaReporter(store, self.node, HaTimings())
+        self.ha = HaReporter(store, self.node, HaTimings(), self.recorder)
         """Tells the HA controller which domains run here, and clears the node after a fence."""
         self.host: LibvirtHost | None = None
         self.ready = asyncio.Event()

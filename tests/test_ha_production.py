@@ -240,6 +240,20 @@ async def leader_token(store: Store) -> int:
 # The whole path: lease lost -> Unknown -> Fencing -> fence_dummy -> Fenced -> recovered -------
 
 
+async def start_stale_domain(host: LibvirtHost, vm: str) -> None:
+    """A kvmctl domain of `vm` left running on a host that was lost (or wrongly acked)."""
+    stale = DomainSpec(
+        name=vm,
+        uuid=str(uuid.uuid4()),
+        domain_type="qemu",
+        vcpus=1,
+        memory_mib=64,
+        metadata={"vm": vm, "uid": "stale"},
+    )
+    await host.define(build_domain_xml(stale))
+    await host.start(vm)
+
+
 async def test_lost_node_is_power_fenced_and_its_vm_recovered_then_rejoins(
     store: Store, leases: Leases, controller: Manager, tmp_path: Path
 ) -> None:
@@ -284,16 +298,7 @@ async def test_lost_node_is_power_fenced_and_its_vm_recovered_then_rejoins(
     host_xml = tmp_path / "host-a.xml"
     host_xml.write_text(HOST_XML)
     async with await LibvirtHost.connect(f"test://{host_xml}") as host:
-        stale = DomainSpec(
-            name="vm1",
-            uuid=str(uuid.uuid4()),
-            domain_type="qemu",
-            vcpus=1,
-            memory_mib=64,
-            metadata={"vm": "vm1", "uid": "stale"},
-        )
-        await host.define(build_domain_xml(stale))
-        await host.start("vm1")
+        await start_stale_domain(host, "vm1")
         reporter = HaReporter(store, "a", TIMINGS)
         await reporter.step(await get_node(store, "a"), host, past_deadline=False)
         assert [d.name for d in await host.list_domains() if d.state.value == "running"] == []
@@ -307,7 +312,7 @@ async def test_lost_node_is_power_fenced_and_its_vm_recovered_then_rejoins(
 
 
 async def test_failing_fence_device_blocks_recovery_until_fence_ack(
-    store: Store, leases: Leases, controller: Manager, kvmctl_thread: Kvmctl
+    store: Store, leases: Leases, controller: Manager, kvmctl_thread: Kvmctl, tmp_path: Path
 ) -> None:
     await store.create(
         node_object("a", dummy_fencing(parameters={"type": "fail", "power_timeout": "1"}))
@@ -337,6 +342,25 @@ async def test_failing_fence_device_blocks_recovery_until_fence_ack(
     assert node.status.fence is not None and node.status.fence.how == "ManualAck"
     key = f"{store.prefix}/requests/fence-ack/a".encode()
     assert await store.client.get(key) is None, "the ack was not consumed"
+
+    # The ack was wrong: a only lost its lease and still runs vm1. Its agent, back, destroys it
+    # and says so on the node and on the VM.
+    await leases.hold("a")
+    host_xml = tmp_path / "host-a.xml"
+    host_xml.write_text(HOST_XML)
+    async with await LibvirtHost.connect(f"test://{host_xml}") as host:
+        await start_stale_domain(host, "vm1")
+        reporter = HaReporter(store, "a", TIMINGS, EventRecorder(store, "kvmctl-agent", "a"))
+        await reporter.step(await get_node(store, "a"), host, past_deadline=False)
+        assert [d.name for d in await host.list_domains() if d.state.value == "running"] == []
+    wrong_ack = {"AckedNodeWasRunning"}
+    assert await recorded(store, "ClusterNode", "a", wrong_ack)
+    assert await recorded(store, "VirtualMachine", "vm1", wrong_ack)
+    (warning,) = [
+        e for e in await events_of(store, "ClusterNode", "a") if e.spec.reason in wrong_ack
+    ]
+    assert warning.spec.type == "Warning"
+    assert "acknowledged as off but found running vm1: destroyed" in warning.spec.message
 
 
 # Leadership: a deposed leader's writes fail ---------------------------------------------------

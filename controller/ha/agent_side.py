@@ -22,9 +22,11 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from controller.events import EventRecorder
 from controller.heartbeat import HeartbeatTiming
 from controller.store import Store, StoreError
 from crds import ClusterNode
+from crds.event import ObjectReference
 from reconcilers.drivers.libvirt import (
     DomainNotFound,
     DomainStateConflict,
@@ -33,7 +35,7 @@ from reconcilers.drivers.libvirt import (
 )
 from reconcilers.virtualmachine import ACTIVE_STATES
 
-from .environment import HaTimings
+from .environment import HaTimings, acked_but_running
 from .requests import NodeReport, read_report, write_report
 
 log = logging.getLogger(__name__)
@@ -61,22 +63,29 @@ async def running_domains(host: LibvirtHost) -> frozenset[str]:
 
 
 async def destroy_every_domain(host: LibvirtHost) -> list[str]:
-    """Destroy every running kvmctl domain of `host` (libvirt only); the names destroyed."""
+    """Destroy every running kvmctl domain of `host` (libvirt only); the VMs destroyed."""
     destroyed = []
     for domain in await host.list_domains():
         if domain.metadata.get("uid") and domain.state in ACTIVE_STATES:
             with contextlib.suppress(DomainNotFound, DomainStateConflict):
                 await host.destroy(domain.name)
-            destroyed.append(domain.name)
+            destroyed.append(domain.metadata.get("vm", domain.name))
     return destroyed
 
 
 class HaReporter:
     """The agent's HA duties for node `node`; see the module docstring."""
 
-    def __init__(self, store: Store, node: str, timings: HaTimings | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        node: str,
+        timings: HaTimings | None = None,
+        recorder: EventRecorder | None = None,
+    ) -> None:
         self.store = store
         self.node = node
+        self.recorder = recorder
         self.interval = (timings or HaTimings()).renew_interval
         self._written: NodeReport | None = None
         self._cleaned_fence: datetime | None = None
@@ -137,6 +146,8 @@ class HaReporter:
                 fence.how,
                 ", ".join(destroyed) or "nothing",
             )
+            if destroyed and fence.how == "ManualAck":
+                await self._warn_acked_but_running(destroyed)
             self._cleaned_fence = fence.confirmed_at
         domains = await running_domains(host)
         if (
@@ -148,3 +159,11 @@ class HaReporter:
         report = NodeReport(domains, self._cleaned_fence, datetime.now(UTC))
         await write_report(self.store, self.node, report)
         self._written = report
+
+    async def _warn_acked_but_running(self, destroyed: list[str]) -> None:
+        """An operator acknowledged this node as off while it ran VMs: say so where they look."""
+        if self.recorder is None:
+            return
+        for emit in acked_but_running(self.node, sorted(destroyed)):
+            involved = ObjectReference(kind=emit.kind, name=emit.name)
+            await self.recorder.record(involved, emit.type, emit.reason, "%s", emit.message)

@@ -209,6 +209,33 @@ class Emit:
     type: EventType = "Normal"
 
 
+ACKED_BUT_RUNNING = "AckedNodeWasRunning"
+"""Warning of an agent that finds its node Fenced by a manual ack while domains still ran."""
+
+
+def acked_but_running(node: str, destroyed: list[str]) -> list[Emit]:
+    """The Warnings an agent records when `kvmctl fence ack` was wrong: on the node and each VM."""
+    names = ", ".join(destroyed)
+    on_node = Emit(
+        "ClusterNode",
+        node,
+        ACKED_BUT_RUNNING,
+        f"{node} was acknowledged as off but found running {names}: destroyed",
+        "Warning",
+    )
+    on_vms = [
+        Emit(
+            "VirtualMachine",
+            vm,
+            ACKED_BUT_RUNNING,
+            f"{node} was acknowledged as off but still ran {vm}: destroyed there",
+            "Warning",
+        )
+        for vm in destroyed
+    ]
+    return [on_node, *on_vms]
+
+
 Action = (
     SetNodeHealth
     | ClearFenceAck

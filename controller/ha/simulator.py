@@ -41,6 +41,7 @@ from .environment import (
     VmState,
     VmView,
     World,
+    acked_but_running,
 )
 
 TICKS_PER_SECOND = 10
@@ -258,9 +259,7 @@ class Simulator:
 
     async def apply(self, action: Action) -> None:
         if isinstance(action, Emit):
-            self.log(
-                f"{action.kind}/{action.name}", f"{action.type} {action.reason}: {action.message}"
-            )
+            self._log_emit(action)
         elif isinstance(action, SetNodeHealth):
             self._set_health(action)
         elif isinstance(action, ClearFenceAck):
@@ -568,6 +567,8 @@ class Simulator:
                 host.clean_since = now
                 text = f"destroyed {', '.join(stale)}" if stale else "nothing to destroy"
                 self.log(f"host/{host.name}", f"agent found its node Fenced: {text}")
+                if stale and host.fence.how == "ManualAck":
+                    self._warn_acked_but_running(host.name, stale)
                 self._lose(stale)
         elif host.health == "Online":
             self._agent_converge(host)
@@ -583,6 +584,14 @@ class Simulator:
                     vm.state = "Crashed"
                 else:
                     vm.state = "Stopped"
+
+    def _warn_acked_but_running(self, node: str, destroyed: list[str]) -> None:
+        """The agent's Warnings when a node acknowledged as off still ran domains."""
+        for emit in acked_but_running(node, destroyed):
+            self._log_emit(emit)
+
+    def _log_emit(self, emit: Emit) -> None:
+        self.log(f"{emit.kind}/{emit.name}", f"{emit.type} {emit.reason}: {emit.message}")
 
     def _agent_converge(self, host: Host) -> None:
         """Start what is placed here, stop what is not (the agent's reconcile)."""
