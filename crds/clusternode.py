@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
-from ipaddress import IPv4Address, IPv6Address
 from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from .meta import Name, Resource, Status, Strict, Text
+from .meta import IPAddress, Line, Name, Resource, Status, Strict, Text, Time
 
 # Fence-agent parameters that carry credentials: they may only come from a Secret.
 SECRET_PARAMETER = re.compile(r"(passw|secret|community|key$|token)", re.IGNORECASE)
@@ -66,13 +64,14 @@ class Fencing(Strict):
 
 
 class NodeAddresses(Strict):
-    cluster: IPv4Address | IPv6Address
-    public: IPv4Address | IPv6Address | None = None
+    cluster: IPAddress
+    public: IPAddress | None = None
 
 
 class Capacity(Strict):
     cpus: int = Field(ge=1, le=4096)
-    memory_mib: int = Field(ge=64, alias="memoryMiB")
+    memory_mib: int = Field(ge=64, le=64 * 1024 * 1024, alias="memoryMiB")
+    """Memory in MiB: at most 64 TiB (67108864)."""
 
 
 class ClusterNodeSpec(Strict):
@@ -91,8 +90,8 @@ NodeHealth = Literal["Online", "Unknown", "Fencing", "Fenced", "Offline"]
 
 
 class FenceRecord(Strict):
-    method: str | None = None
-    confirmed_at: datetime | None = Field(default=None, alias="confirmedAt")
+    method: Line | None = None
+    confirmed_at: Time | None = Field(default=None, alias="confirmedAt")
     how: Literal["PowerOff", "SelfFence", "ManualAck"] | None = None
     token: int | None = None
 
@@ -100,10 +99,10 @@ class FenceRecord(Strict):
 class ClusterNodeStatus(Status):
     health: NodeHealth = "Unknown"
     capacity: Capacity | None = None
-    agent_version: str | None = Field(default=None, alias="agentVersion")
-    libvirt_uri: str | None = Field(default=None, alias="libvirtUri")
-    migration_address: str | None = Field(default=None, alias="migrationAddress")
-    last_heartbeat_time: datetime | None = Field(default=None, alias="lastHeartbeatTime")
+    agent_version: Line | None = Field(default=None, alias="agentVersion")
+    libvirt_uri: Line | None = Field(default=None, alias="libvirtUri")
+    migration_address: Line | None = Field(default=None, alias="migrationAddress")
+    last_heartbeat_time: Time | None = Field(default=None, alias="lastHeartbeatTime")
     fence: FenceRecord | None = None
     message: Text = ""
 
