@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
-from .meta import IPAddress, Line, Name, Resource, Status, Strict, Text, Time
+from .meta import AbsolutePath, IPAddress, Line, Name, Resource, Status, Strict, Text, Time
 
 # Fence-agent parameters that carry credentials: they may only come from a Secret.
 SECRET_PARAMETER = re.compile(r"(passw|secret|community|key$|token)", re.IGNORECASE)
@@ -74,11 +74,48 @@ class Capacity(Strict):
     """Memory in MiB: at most 64 TiB (67108864)."""
 
 
+UNEXPORTABLE = ("/etc", "/proc", "/sys", "/boot")
+"""Folders no export root may be or lie under."""
+TOO_WIDE = ("/", "/dev", "/root", "/home", "/usr", "/var")
+"""Folders too wide to be export roots themselves (a folder inside them may be one)."""
+
+
+def exportable_root(path: str) -> bool:
+    """Whether a folder may be an export root (see UNEXPORTABLE and TOO_WIDE)."""
+    return path not in TOO_WIDE and not any(
+        path == folder or path.startswith(f"{folder}/") for folder in UNEXPORTABLE
+    )
+
+
+def _check_export_root(value: str) -> str:
+    if not exportable_root(value):
+        raise ValueError(f"{value!r} cannot be an export root: it holds the system's own files")
+    return value
+
+
+class StorageExports(Strict):
+    """What IscsiTargets on this node may export (written by the admin). Empty: nothing.
+
+    The node's agent checks every backing store, symlinks resolved, before it exports it.
+    """
+
+    export_roots: list[Annotated[AbsolutePath, AfterValidator(_check_export_root)]] = Field(
+        default_factory=list, max_length=64, alias="exportRoots"
+    )
+    """Folders whose files (at any depth) may back LUNs."""
+    allowed_devices: list[AbsolutePath] = Field(
+        default_factory=list, max_length=1024, alias="allowedDevices"
+    )
+    """Block devices that may back LUNs, each exactly (a symlink resolves to its device)."""
+
+
 class ClusterNodeSpec(Strict):
     addresses: NodeAddresses
     capacity: Capacity | None = None
     """Overrides what the agent reports from libvirt."""
     cordoned: bool = False
+    storage: StorageExports = Field(default_factory=StorageExports)
+    """What IscsiTargets served by this node may export; by default nothing."""
     fencing: Fencing = Field(default_factory=Fencing)
     libvirt_uri: Annotated[str, StringConstraints(pattern=r"^[a-z0-9+]+://[^\s]*$")] | None = Field(
         default=None, alias="libvirtUri"

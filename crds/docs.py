@@ -43,6 +43,10 @@ VALIDATED_TYPES = {
     ),
     "_check_mac": ("MacAddress", "six lowercase hex pairs, `52:54:00:12:34:56`"),
     "_check_line": ("Line", "one line: no control characters"),
+    "_check_export_root": (
+        "AbsolutePath",
+        "not `/`, `/dev`, `/root`, `/home`, `/usr`, `/var`, nor under /etc, /proc, /sys, /boot",
+    ),
     "_check_portal": ("Portal", "`IPV4:PORT` or `[IPV6]:PORT`, port 1-65535"),
 }
 """The validated string types of crds/meta.py: their name and rule, by validator."""

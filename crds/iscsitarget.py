@@ -37,6 +37,8 @@ Portal = Annotated[str, AfterValidator(_check_portal)]
 class Lun(Strict):
     lun: int = Field(ge=1, le=255)
     backing_store: AbsolutePath = Field(alias="backingStore")
+    """A file under one of the node's ClusterNode `spec.storage.exportRoots`, or one of its
+    `allowedDevices`; anything else is refused before it is exported."""
 
 
 class Acl(Strict):

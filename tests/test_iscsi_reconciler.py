@@ -15,7 +15,7 @@ from controller.store import Store
 from crds import Event, IscsiTarget, ObjectMeta, Secret
 from crds.iscsitarget import IscsiTargetSpec
 from crds.secret import SecretSpec
-from e2e.tgtd import TgtDaemon, start_supervised_tgtd
+from e2e.tgtd import TgtDaemon, start_supervised_tgtd, storage_node
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import FINALIZER, FORCE_DELETE, IscsiTargetReconciler
 from reconcilers.tgtd_supervisor import CONTROL_SOCKET_DIR
@@ -50,7 +50,8 @@ def disks(tmp_path: Path) -> list[Path]:
 
 
 @pytest.fixture
-def reconciler(store: Store, tgtd: TgtDaemon) -> IscsiTargetReconciler:
+async def reconciler(store: Store, tgtd: TgtDaemon, tmp_path: Path) -> IscsiTargetReconciler:
+    await store.create(storage_node(NODE, tmp_path))  # the disks may be exported
     return IscsiTargetReconciler(
         store, NODE, EventRecorder(store, "agent", NODE), TgtAdm(tgtd.control_port)
     )
