@@ -1,7 +1,8 @@
 """Read manifests: YAML files, folders or stdin, validated before anything is written.
 
 Refused up front: files over the size limit, non-UTF-8 bytes, YAML aliases (the "billion laughs"
-expansion), very deep nesting, and any document that is not a valid object. Errors name the file,
+expansion) and merge keys, very deep nesting, a key given twice in one mapping (YAML would keep
+the last silently), and any document that is not a valid object. Errors name the file,
 the document's index and the field path.
 """
 
@@ -36,11 +37,59 @@ class Manifest:
         return f"{self.source}, document {self.index}"
 
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: 10x faster
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: 10x faster
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def _line(event: yaml.Event) -> int:
-    return event.start_mark.line + 1 if event.start_mark is not None else 0
+class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """The safe loader, refusing merge keys and a key repeated in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            line = _line(key_node)
+            if key_node.tag == _MERGE_TAG:
+                raise ManifestError(f"line {line}: YAML merge keys ('<<') are not allowed")
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                raise ManifestError(f"line {line}: a mapping key must be a scalar") from None
+            if first is not None:
+                raise ManifestError(
+                    f"line {line}: duplicate key {_shown(key)} (first on line {first})"
+                )
+            seen[key] = line
+        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return result
+
+
+class _InDocument(ManifestError):
+    """A problem found while building a document: its message starts `document N: `."""
+
+
+def _documents(text: str) -> list[Any]:
+    loader = _Loader(text)
+    documents: list[Any] = []
+    try:
+        while loader.check_data():
+            try:
+                documents.append(loader.get_data())
+            except ManifestError as error:
+                index = sum(document is not None for document in documents)
+                raise _InDocument(f"document {index}: {error}") from None
+    finally:
+        loader.dispose()
+    return documents
+
+
+def _shown(key: Any) -> str:
+    text = repr(key)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _line(item: yaml.Event | yaml.Node) -> int:
+    return item.start_mark.line + 1 if item.start_mark is not None else 0
 
 
 def _check_structure(text: str) -> None:
@@ -61,9 +110,10 @@ def parse_yaml(text: str, source: str) -> list[dict[str, Any]]:
     """The non-empty documents of a YAML text."""
     try:
         _check_structure(text)
-        documents = list(yaml.load_all(text, Loader=_Loader))
+        documents = _documents(text)
     except ManifestError as error:
-        raise ManifestError(f"{source}: {error}") from None
+        separator = ", " if isinstance(error, _InDocument) else ": "
+        raise ManifestError(f"{source}{separator}{error}") from None
     except yaml.reader.ReaderError as error:  # its str() spans several lines
         raise ManifestError(
             f"{source}: character {error.position}: invalid YAML: {error.reason}"

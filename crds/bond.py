@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Interface, IPv6Interface
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .meta import InterfaceName, Name, Resource, Status, Strict
+from .meta import InterfaceName, IPInterface, Line, Name, Resource, Status, Strict
 
 BondMode = Literal[
     "balance-rr",
@@ -22,7 +21,7 @@ BondMode = Literal[
 
 class BridgeSpec(Strict):
     name: InterfaceName
-    addresses: list[IPv4Interface | IPv6Interface] = Field(default_factory=list)
+    addresses: list[IPInterface] = Field(default_factory=list, max_length=64)
     stp: bool = False
 
 
@@ -35,7 +34,7 @@ class BondSpec(Strict):
     slaves: list[InterfaceName] = Field(min_length=1, max_length=32)
     mtu: int | None = Field(default=None, ge=68, le=65535)
     bridge: BridgeSpec | None = None
-    addresses: list[IPv4Interface | IPv6Interface] = Field(default_factory=list)
+    addresses: list[IPInterface] = Field(default_factory=list, max_length=64)
     """Addresses on the bond itself; leave empty when a bridge carries them."""
     allow_disruption: bool = Field(default=False, alias="allowDisruption")
 
@@ -58,13 +57,13 @@ class BondSpec(Strict):
 
 
 class SlaveStatus(Strict):
-    name: str
+    name: Line
     carrier: bool
     active: bool = False
 
 
 class BondStatus(Status):
-    active_slave: str | None = Field(default=None, alias="activeSlave")
+    active_slave: Line | None = Field(default=None, alias="activeSlave")
     slaves: list[SlaveStatus] = Field(default_factory=list)
 
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
-from ipaddress import IPv4Address, IPv6Address
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
-from .meta import Name, Resource, Status, Strict, Text
+from .meta import AbsolutePath, IPAddress, Line, Name, Resource, Status, Strict, Text, Time
 
 # Fence-agent parameters that carry credentials: they may only come from a Secret.
 SECRET_PARAMETER = re.compile(r"(passw|secret|community|key$|token)", re.IGNORECASE)
@@ -66,13 +64,49 @@ class Fencing(Strict):
 
 
 class NodeAddresses(Strict):
-    cluster: IPv4Address | IPv6Address
-    public: IPv4Address | IPv6Address | None = None
+    cluster: IPAddress
+    public: IPAddress | None = None
 
 
 class Capacity(Strict):
     cpus: int = Field(ge=1, le=4096)
-    memory_mib: int = Field(ge=64, alias="memoryMiB")
+    memory_mib: int = Field(ge=64, le=64 * 1024 * 1024, alias="memoryMiB")
+    """Memory in MiB: at most 64 TiB (67108864)."""
+
+
+UNEXPORTABLE = ("/etc", "/proc", "/sys", "/boot")
+"""Folders no export root may be or lie under."""
+TOO_WIDE = ("/", "/dev", "/root", "/home", "/usr", "/var")
+"""Folders too wide to be export roots themselves (a folder inside them may be one)."""
+
+
+def exportable_root(path: str) -> bool:
+    """Whether a folder may be an export root (see UNEXPORTABLE and TOO_WIDE)."""
+    return path not in TOO_WIDE and not any(
+        path == folder or path.startswith(f"{folder}/") for folder in UNEXPORTABLE
+    )
+
+
+def _check_export_root(value: str) -> str:
+    if not exportable_root(value):
+        raise ValueError(f"{value!r} cannot be an export root: it holds the system's own files")
+    return value
+
+
+class StorageExports(Strict):
+    """What IscsiTargets on this node may export (written by the admin). Empty: nothing.
+
+    The node's agent checks every backing store, symlinks resolved, before it exports it.
+    """
+
+    export_roots: list[Annotated[AbsolutePath, AfterValidator(_check_export_root)]] = Field(
+        default_factory=list, max_length=64, alias="exportRoots"
+    )
+    """Folders whose files (at any depth) may back LUNs."""
+    allowed_devices: list[AbsolutePath] = Field(
+        default_factory=list, max_length=1024, alias="allowedDevices"
+    )
+    """Block devices that may back LUNs, each exactly (a symlink resolves to its device)."""
 
 
 class ClusterNodeSpec(Strict):
@@ -80,6 +114,8 @@ class ClusterNodeSpec(Strict):
     capacity: Capacity | None = None
     """Overrides what the agent reports from libvirt."""
     cordoned: bool = False
+    storage: StorageExports = Field(default_factory=StorageExports)
+    """What IscsiTargets served by this node may export; by default nothing."""
     fencing: Fencing = Field(default_factory=Fencing)
     libvirt_uri: Annotated[str, StringConstraints(pattern=r"^[a-z0-9+]+://[^\s]*$")] | None = Field(
         default=None, alias="libvirtUri"
@@ -91,8 +127,8 @@ NodeHealth = Literal["Online", "Unknown", "Fencing", "Fenced", "Offline"]
 
 
 class FenceRecord(Strict):
-    method: str | None = None
-    confirmed_at: datetime | None = Field(default=None, alias="confirmedAt")
+    method: Line | None = None
+    confirmed_at: Time | None = Field(default=None, alias="confirmedAt")
     how: Literal["PowerOff", "SelfFence", "ManualAck"] | None = None
     token: int | None = None
 
@@ -100,10 +136,10 @@ class FenceRecord(Strict):
 class ClusterNodeStatus(Status):
     health: NodeHealth = "Unknown"
     capacity: Capacity | None = None
-    agent_version: str | None = Field(default=None, alias="agentVersion")
-    libvirt_uri: str | None = Field(default=None, alias="libvirtUri")
-    migration_address: str | None = Field(default=None, alias="migrationAddress")
-    last_heartbeat_time: datetime | None = Field(default=None, alias="lastHeartbeatTime")
+    agent_version: Line | None = Field(default=None, alias="agentVersion")
+    libvirt_uri: Line | None = Field(default=None, alias="libvirtUri")
+    migration_address: Line | None = Field(default=None, alias="migrationAddress")
+    last_heartbeat_time: Time | None = Field(default=None, alias="lastHeartbeatTime")
     fence: FenceRecord | None = None
     message: Text = ""
 

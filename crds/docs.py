@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import AfterValidator, BaseModel, StringConstraints
+from pydantic import AfterValidator, BaseModel, Strict, StringConstraints
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -32,13 +32,22 @@ VALIDATED_TYPES = {
     "_check_name": ("Name", "DNS-1123 label: lowercase letters, digits, '-', at most 63"),
     "_check_subdomain": ("Subdomain", "DNS-1123 subdomain: lowercase, digits, '-', '.'"),
     "_check_iqn": ("Iqn", "iSCSI name (RFC 3720): `iqn.YYYY-MM.reversed.domain[:id]` or `eui.`"),
-    "_check_ifname": ("InterfaceName", "1-15 characters, no spaces, '/', ':' or '%'"),
+    "_check_ifname": ("InterfaceName", "1-15 printable ASCII characters, no '/', ':' or '%'"),
     "_check_lvm_name": ("LvmName", "letters, digits, '+', '_', '.', '-'"),
-    "_check_size": ("Size", "a size such as `50G`, `512Mi` (binary multiples), above 0"),
+    "_check_size": ("Size", "a size such as `50G`, `512Mi` (binary multiples), above 0, ≤ 1P"),
     "_check_label_key": ("LabelKey", "qualified name, optionally `prefix/`"),
     "_check_label_value": ("LabelValue", "at most 63 alphanumerics and '-', '_', '.'"),
-    "_check_absolute_path": ("AbsolutePath", "absolute, no '..', NUL or newline"),
+    "_check_absolute_path": (
+        "AbsolutePath",
+        "absolute and normalised: no '..', '//', '/./', trailing '/' or control characters",
+    ),
     "_check_mac": ("MacAddress", "six lowercase hex pairs, `52:54:00:12:34:56`"),
+    "_check_line": ("Line", "one line: no control characters"),
+    "_check_export_root": (
+        "AbsolutePath",
+        "not `/`, `/dev`, `/root`, `/home`, `/usr`, `/var`, nor under /etc, /proc, /sys, /boot",
+    ),
+    "_check_portal": ("Portal", "`IPV4:PORT` or `[IPV6]:PORT`, port 1-65535"),
 }
 """The validated string types of crds/meta.py: their name and rule, by validator."""
 
@@ -150,6 +159,8 @@ class Renderer:
                     rules.append(f"at least {item.min_length} characters")
                 if item.max_length is not None:
                     rules.append(f"at most {item.max_length} characters")
+            elif isinstance(item, Strict):
+                pass  # strictness is the rule everywhere (crds/meta.py Strict), not per field
             elif isinstance(item, annotated_types.Ge):
                 rules.append(f"≥ {item.ge}")
             elif isinstance(item, annotated_types.Gt):

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from .meta import Resource, Status, Strict, Text, now
+from .meta import Line, Name, Resource, Status, Strict, Text, Time, now
 
 EventType = Literal["Normal", "Warning"]
 
 
 class ObjectReference(Strict):
-    kind: str
-    name: str
-    uid: str | None = None
+    kind: Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Za-z0-9]{0,62}$")]
+    name: Name
+    uid: Line | None = None
 
 
 class EventSource(Strict):
-    component: str
-    node: str | None = None
+    component: Line
+    node: Line | None = None
 
 
 class EventSpec(Strict):
@@ -29,9 +28,10 @@ class EventSpec(Strict):
     type: EventType = "Normal"
     message: Text = ""
     source: EventSource
-    count: int = 1
-    first_timestamp: datetime = Field(default_factory=now, alias="firstTimestamp")
-    last_timestamp: datetime = Field(default_factory=now, alias="lastTimestamp")
+    count: int = Field(default=1, ge=1, le=2**31 - 1)
+    """How many times it happened (at most 2^31 - 1)."""
+    first_timestamp: Time = Field(default_factory=now, alias="firstTimestamp")
+    last_timestamp: Time = Field(default_factory=now, alias="lastTimestamp")
 
 
 class Event(Resource[EventSpec, Status]):

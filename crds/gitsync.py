@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from .meta import Resource, Status, Strict, Text
+from .meta import Line, Resource, Status, Strict, Text, Time
 
 
 class InventoryEntry(Strict):
-    kind: str
-    name: str
+    kind: Line
+    name: Line
 
 
 class GitSyncSpec(Strict):
     repo: Annotated[str, StringConstraints(pattern=r"^[^\s\x00]{1,4096}$")]
     ref: Annotated[str, StringConstraints(pattern=r"^[^\s\x00~^:?*\[\\]{1,255}$")] = "main"
     path: Annotated[str, StringConstraints(pattern=r"^[^\x00\n]{0,4096}$")] = "."
-    interval_seconds: int = Field(default=30, ge=1, alias="intervalSeconds")
+    interval_seconds: int = Field(default=30, ge=1, le=86400, alias="intervalSeconds")
+    """Seconds between polls of the repository: at most a day."""
     prune: bool = False
 
 
 class GitSyncStatus(Status):
-    last_synced_commit: str | None = Field(default=None, alias="lastSyncedCommit")
-    last_attempted_commit: str | None = Field(default=None, alias="lastAttemptedCommit")
-    last_sync_time: datetime | None = Field(default=None, alias="lastSyncTime")
+    last_synced_commit: Line | None = Field(default=None, alias="lastSyncedCommit")
+    last_attempted_commit: Line | None = Field(default=None, alias="lastAttemptedCommit")
+    last_sync_time: Time | None = Field(default=None, alias="lastSyncTime")
     applied: int = 0
     pruned: int = 0
     failed: int = 0

@@ -7,37 +7,45 @@ against a narrow pattern here, once.
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import Strict as PydanticStrict
 
 API_GROUP = "kvmctl.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Every pattern is used with `fullmatch` (never `match` with `$`, which accepts a trailing
+# newline) and spells digits `[0-9]`: `\d` also matches Unicode digits such as U+0661.
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_IQN = re.compile(
+    r"iqn\.[0-9]{4}-(0[1-9]|1[0-2])\.[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[A-Za-z0-9._:-]{1,200})?"
 )
-_IQN = re.compile(r"^iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[^\s/]{1,200})?$")
-_EUI = re.compile(r"^eui\.[0-9A-F]{16}$")
-_IFNAME_FORBIDDEN = re.compile(r"[\s/:%\x00-\x1f\x7f]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_LVM_NAME = re.compile(r"^[a-zA-Z0-9+_.][a-zA-Z0-9+_.-]{0,126}$")
-_SIZE = re.compile(r"^(\d+)([KMGTP]?)(i?B?)$")
+_EUI = re.compile(r"eui\.[0-9A-F]{16}")
+_IFNAME = re.compile(r"[!-~]{1,15}")
+"""Printable ASCII: the kernel counts IFNAMSIZ in bytes."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_LVM_NAME = re.compile(r"[a-zA-Z0-9+_.][a-zA-Z0-9+_.-]{0,126}")
+_SIZE = re.compile(r"([0-9]{1,20})([KMGTP]?)(i?B?)")
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+MAX_SIZE = 1 << 50
+"""The largest Size: 1 PiB."""
 _LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 )
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 def _check_name(value: str) -> str:
     if len(value) > 63:
         raise ValueError(f"name {value[:20]!r}... is longer than 63 characters")
-    if not _DNS1123_LABEL.match(value):
+    if not _DNS1123_LABEL.fullmatch(value):
         raise ValueError(
             f"name {value!r} must be a DNS-1123 label: lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
@@ -46,13 +54,13 @@ def _check_name(value: str) -> str:
 
 
 def _check_subdomain(value: str) -> str:
-    if len(value) > 253 or not _DNS1123_SUBDOMAIN.match(value):
+    if len(value) > 253 or not _DNS1123_SUBDOMAIN.fullmatch(value):
         raise ValueError(f"{value!r} must be a DNS-1123 subdomain (lowercase, digits, '-', '.')")
     return value
 
 
 def _check_iqn(value: str) -> str:
-    if not (_IQN.match(value) or _EUI.match(value)) or len(value) > 223:
+    if not (_IQN.fullmatch(value) or _EUI.fullmatch(value)) or len(value) > 223:
         raise ValueError(
             f"{value!r} is not an iSCSI name (RFC 3720): expected iqn.YYYY-MM.reversed.domain[:id]"
         )
@@ -60,9 +68,10 @@ def _check_iqn(value: str) -> str:
 
 
 def _check_ifname(value: str) -> str:
-    if not 1 <= len(value) <= 15 or value in (".", "..") or _IFNAME_FORBIDDEN.search(value):
+    if value in (".", "..") or not _IFNAME.fullmatch(value) or any(c in value for c in "/:%"):
         raise ValueError(
-            f"interface name {value!r} must be 1-15 characters without spaces, '/', ':' or '%'"
+            f"interface name {value!r} must be 1-15 printable ASCII characters without spaces, "
+            "'/', ':' or '%'"
         )
     return value
 
@@ -70,7 +79,7 @@ def _check_ifname(value: str) -> str:
 def _check_lvm_name(value: str) -> str:
     if (
         value in (".", "..")
-        or not _LVM_NAME.match(value)
+        or not _LVM_NAME.fullmatch(value)
         or value.startswith(("snapshot", "pvmove"))
     ):
         raise ValueError(f"LVM name {value!r} may use only letters, digits, '+', '_', '.', '-'")
@@ -79,26 +88,29 @@ def _check_lvm_name(value: str) -> str:
 
 def parse_size(value: str) -> int:
     """Bytes in a size such as `50G`, `512Mi`, `1TiB` (binary multiples, as LVM reads them)."""
-    match = _SIZE.match(value.strip())
+    match = _SIZE.fullmatch(value)
     if not match:
-        raise ValueError(f"size {value!r} must be a number with an optional unit K, M, G, T or P")
+        raise ValueError(
+            f"size {value!r} must be ASCII digits with an optional unit K, M, G, T or P"
+        )
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
 def _check_size(value: str) -> str:
-    if parse_size(value) <= 0:
-        raise ValueError(f"size {value!r} must be greater than zero")
+    size = parse_size(value)
+    if not 0 < size <= MAX_SIZE:
+        raise ValueError(f"size {value!r} must be above 0 and at most 1P")
     return value
 
 
 def _check_label_key(value: str) -> str:
-    if len(value) > 317 or not _LABEL_KEY.match(value):
+    if len(value) > 317 or not _LABEL_KEY.fullmatch(value):
         raise ValueError(f"label key {value!r} is not a valid qualified name")
     return value
 
 
 def _check_label_value(value: str) -> str:
-    if len(value) > 63 or not _LABEL_VALUE.match(value):
+    if len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
         raise ValueError(f"label value {value!r} is not valid (63 characters, alphanumeric, -_.)")
     return value
 
@@ -108,11 +120,22 @@ def _check_absolute_path(value: str) -> str:
         raise ValueError(f"path {value!r} must be absolute, without control characters")
     if ".." in value.split("/"):
         raise ValueError(f"path {value!r} must not contain '..'")
+    if value != os.path.normpath(value) or value.startswith("//"):
+        raise ValueError(
+            f"path {value!r} must be normalised: no '//', '/./' or trailing '/' "
+            f"(write {os.path.normpath(value)!r})"
+        )
+    return value
+
+
+def _check_line(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError(f"{value!r} must not contain control characters")
     return value
 
 
 def _check_mac(value: str) -> str:
-    if not _MAC.match(value):
+    if not _MAC.fullmatch(value):
         raise ValueError(
             f"MAC address {value!r} must be six lowercase hex pairs like 52:54:00:12:34:56"
         )
@@ -129,7 +152,20 @@ LabelKey = Annotated[str, AfterValidator(_check_label_key)]
 LabelValue = Annotated[str, AfterValidator(_check_label_value)]
 MacAddress = Annotated[str, AfterValidator(_check_mac)]
 AbsolutePath = Annotated[str, AfterValidator(_check_absolute_path)]
+Line = Annotated[str, StringConstraints(max_length=1024), AfterValidator(_check_line)]
+"""Free text printed on one line (names of other things, versions): no control characters."""
 Text = Annotated[str, StringConstraints(max_length=4096)]
+"""Messages written by kvmctl's components; may span lines."""
+Time = Annotated[datetime, PydanticStrict(False)]
+"""A time: an RFC 3339 string is accepted (JSON has no time type)."""
+IPAddress = (
+    Annotated[IPv4Address, PydanticStrict(False)] | Annotated[IPv6Address, PydanticStrict(False)]
+)
+IPInterface = (
+    Annotated[IPv4Interface, PydanticStrict(False)]
+    | Annotated[IPv6Interface, PydanticStrict(False)]
+)
+"""An address with its prefix length, `10.0.0.1/24`."""
 
 
 def now() -> datetime:
@@ -137,10 +173,19 @@ def now() -> datetime:
 
 
 class Strict(BaseModel):
-    """Base of every API type: unknown fields are errors, fields use camelCase aliases."""
+    """Base of every API type: unknown fields are errors, fields use camelCase aliases.
+
+    Types are strict: no string or float becomes an integer, only `true`/`false` are booleans
+    (`Time` and the address types, which JSON can only carry as strings, opt out). Patterns run
+    on pydantic's default Rust engine, where `$` matches only at the very end.
+    """
 
     model_config = ConfigDict(
-        extra="forbid", populate_by_name=True, validate_assignment=False, defer_build=True
+        extra="forbid",
+        populate_by_name=True,
+        validate_assignment=False,
+        defer_build=True,
+        strict=True,
     )
 
 
@@ -150,11 +195,13 @@ class ObjectMeta(Strict):
     annotations: dict[LabelKey, Annotated[str, StringConstraints(max_length=65536)]] = Field(
         default_factory=dict
     )
-    uid: str | None = None
+    uid: Annotated[str, StringConstraints(pattern=r"^[0-9a-f-]{1,64}$")] | None = None
     generation: int | None = None
-    resource_version: str | None = Field(default=None, alias="resourceVersion")
-    creation_timestamp: datetime | None = Field(default=None, alias="creationTimestamp")
-    deletion_timestamp: datetime | None = Field(default=None, alias="deletionTimestamp")
+    resource_version: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}$")] | None = Field(
+        default=None, alias="resourceVersion"
+    )
+    creation_timestamp: Time | None = Field(default=None, alias="creationTimestamp")
+    deletion_timestamp: Time | None = Field(default=None, alias="deletionTimestamp")
     finalizers: list[
         Subdomain | Annotated[str, StringConstraints(pattern=r"^[a-z0-9.-]+/[a-z0-9-]+$")]
     ] = Field(default_factory=list)
@@ -168,7 +215,7 @@ class Condition(Strict):
     status: ConditionStatus
     reason: Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Za-z0-9]*$", max_length=64)]
     message: Text = ""
-    last_transition_time: datetime = Field(default_factory=now, alias="lastTransitionTime")
+    last_transition_time: Time = Field(default_factory=now, alias="lastTransitionTime")
     observed_generation: int | None = Field(default=None, alias="observedGeneration")
 
 

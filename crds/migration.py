@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
 from pydantic import Field
 
-from .meta import Name, Resource, Status, Strict, Text
+from .meta import Line, Name, Resource, Status, Strict, Text, Time
 
 
 class VirtualMachineMigrationSpec(Strict):
@@ -27,11 +26,11 @@ deactivated them again after the migration failed."""
 
 class VirtualMachineMigrationStatus(Status):
     phase: MigrationPhase = "Pending"
-    source_node: str | None = Field(default=None, alias="sourceNode")
+    source_node: Line | None = Field(default=None, alias="sourceNode")
     progress_percent: int = Field(default=0, alias="progressPercent")
     data_remaining_bytes: int | None = Field(default=None, alias="dataRemainingBytes")
-    started_at: datetime | None = Field(default=None, alias="startedAt")
-    finished_at: datetime | None = Field(default=None, alias="finishedAt")
+    started_at: Time | None = Field(default=None, alias="startedAt")
+    finished_at: Time | None = Field(default=None, alias="finishedAt")
     message: Text = ""
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints, model_validator
@@ -10,6 +9,7 @@ from pydantic import Field, StringConstraints, model_validator
 from .meta import (
     AbsolutePath,
     InterfaceName,
+    Line,
     LvmName,
     MacAddress,
     Name,
@@ -17,11 +17,12 @@ from .meta import (
     Status,
     Strict,
     Text,
+    Time,
 )
 from .volumegroup import IscsiLunRef
 
 DiskTarget = Annotated[str, StringConstraints(pattern=r"^(vd|sd|hd)[a-z]{1,2}$")]
-KernelArgs = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]*$", max_length=2048)]
+KernelArgs = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f-\x9f]*$", max_length=2048)]
 
 
 class VolumeRef(Strict):
@@ -31,7 +32,7 @@ class VolumeRef(Strict):
 
 class Disk(Strict):
     target: DiskTarget | None = None
-    volume: Annotated[str, StringConstraints(pattern=r"^[^/]+/[^/]+$")] | None = None
+    volume: Annotated[str, StringConstraints(pattern=r"^[^/\s]+/[^/\s]+$")] | None = None
     """`vg_cluster/lv_vm1`: an LV of a VolumeGroup, seen as /dev/VG/LV on the running host."""
     iscsi: IscsiLunRef | None = None
     file: AbsolutePath | None = None
@@ -97,7 +98,8 @@ class MigrationPolicy(Strict):
 
 class RestartPolicy(Strict):
     max_restarts: int = Field(default=3, ge=0, le=100, alias="maxRestarts")
-    window_seconds: int = Field(default=600, ge=1, alias="windowSeconds")
+    window_seconds: int = Field(default=600, ge=1, le=7 * 86400, alias="windowSeconds")
+    """Restarts older than this many seconds (at most a week) no longer count."""
     max_relocations: int = Field(default=3, ge=0, le=100, alias="maxRelocations")
 
 
@@ -106,7 +108,9 @@ RunState = Literal["started", "stopped", "disabled"]
 
 class VirtualMachineSpec(Strict):
     vcpus: int = Field(default=1, ge=1, le=512)
+    """Virtual CPUs: at most 512."""
     memory_mib: int = Field(ge=16, le=16 * 1024 * 1024, alias="memoryMiB")
+    """Memory in MiB: at most 16 TiB (16777216)."""
     disks: list[Disk] = Field(default_factory=list, max_length=26)
     nics: list[Nic] = Field(default_factory=list, max_length=16)
     boot: Boot | None = None
@@ -118,6 +122,7 @@ class VirtualMachineSpec(Strict):
     migration: MigrationPolicy = Field(default_factory=MigrationPolicy)
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy, alias="restartPolicy")
     shutdown_timeout_seconds: int = Field(default=60, ge=0, le=3600, alias="shutdownTimeoutSeconds")
+    """Seconds a guest gets to shut down before it is destroyed: at most an hour."""
 
     @model_validator(mode="after")
     def _distinct_targets(self) -> VirtualMachineSpec:
@@ -131,17 +136,17 @@ class Placement(Strict):
     node: Name
     token: int
     """The leader's fencing token (its election key's create revision) that wrote it."""
-    since: datetime
+    since: Time
 
 
 class VirtualMachineStatus(Status):
     placement: Placement | None = None
     """Where the VM should run; written only by the elected controller."""
-    node: str | None = None
+    node: Line | None = None
     """Where the agent last saw the domain running."""
     state: Literal["Running", "Stopped", "Paused", "Crashed", "Migrating", "Unknown"] = "Unknown"
-    domain_uuid: str | None = Field(default=None, alias="domainUUID")
-    restarts: list[datetime] = Field(default_factory=list)
+    domain_uuid: Line | None = Field(default=None, alias="domainUUID")
+    restarts: list[Time] = Field(default_factory=list)
     """Times of in-place restarts inside the restart policy's window."""
     relocations: int = 0
     running_generation: int | None = Field(default=None, alias="runningGeneration")

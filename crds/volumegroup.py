@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .meta import AbsolutePath, LvmName, Name, Resource, Size, Status, Strict
+from .meta import AbsolutePath, Line, LvmName, Name, Resource, Size, Status, Strict
 
 
 class IscsiLunRef(Strict):
@@ -46,9 +46,9 @@ class VolumeGroupSpec(Strict):
 
 
 class LogicalVolumeStatus(Strict):
-    name: str
+    name: Line
     size_bytes: int = Field(alias="sizeBytes")
-    active_on: str | None = Field(default=None, alias="activeOn")
+    active_on: Line | None = Field(default=None, alias="activeOn")
 
 
 class VolumeGroupStatus(Status):

@@ -17,7 +17,7 @@ from controller.store import Store
 from crds import IscsiTarget, ObjectMeta
 from crds.iscsitarget import IscsiTargetSpec
 from e2e.guest.build import ensure_guest_image
-from e2e.tgtd import start_supervised_tgtd
+from e2e.tgtd import start_supervised_tgtd, storage_node
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.storage import StorageSettings, run_storage_reconcilers
 from reconcilers.tgtd_supervisor import TgtdSupervisor
@@ -119,6 +119,7 @@ async def test_a_guest_uses_a_lun_served_by_the_storage_loop(
             run_storage_reconcilers(store, NODE, recorder, settings, tgtd)
         )
         try:
+            await store.create(storage_node(NODE, disk.parent))
             await store.create(
                 IscsiTarget(
                     metadata=ObjectMeta(name="guest-disk"),

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from crds import ClusterNode, ObjectMeta
+from crds.clusternode import ClusterNodeSpec
 from e2e.etcd import free_port
 from reconcilers.drivers.tgt import TgtAdm, TgtError, parse_targets
 from reconcilers.tgtd_supervisor import TgtdStartError as SupervisorStartError
@@ -34,6 +36,16 @@ to a system tgtd."""
 START_ATTEMPTS = 10
 TGTADM_TIMEOUT = 15.0
 """tgtadm can block forever on a tgtd that is shutting down."""
+
+
+def storage_node(name: str, *export_roots: Path) -> ClusterNode:
+    """A storage host's ClusterNode whose IscsiTargets may export files under `export_roots`."""
+    spec = {
+        "addresses": {"cluster": "127.0.0.1"},
+        "cordoned": True,
+        "storage": {"exportRoots": [str(root) for root in export_roots]},
+    }
+    return ClusterNode(metadata=ObjectMeta(name=name), spec=ClusterNodeSpec.model_validate(spec))
 
 
 class TgtdStartError(RuntimeError):

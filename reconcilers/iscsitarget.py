@@ -1,8 +1,12 @@
 """IscsiTarget reconciler: one tgtd target per object, on the node named in its spec.
 
-Each pass checks everything first (IQN not taken by another target, every backing store present,
-the CHAP secret readable) and changes nothing when a check fails: the object gets `Ready=False`
-with the reason (`IqnConflict`, `BackingStoreMissing`, `SecretMissing`) and a Warning event.
+Each pass checks everything first (IQN not taken by another target, every backing store allowed
+by this node's ClusterNode `spec.storage` and present, the CHAP secret readable) and changes
+nothing when a check fails: the object gets `Ready=False` with the reason (`IqnConflict`,
+`BackingStoreNotAllowed`, `BackingStoreMissing`, `SecretMissing`) and a Warning event.
+
+A backing store is allowed when, symlinks resolved, it is one of `storage.allowedDevices` or a
+file under one of `storage.exportRoots`: an IscsiTarget cannot export /etc/shadow.
 
 The target id is allocated once and kept in `status.tid`, written *before* the target is created:
 a target in tgtd with this object's IQN but another tid is therefore never ours (`IqnConflict`),
@@ -22,7 +26,8 @@ from collections.abc import Callable
 from controller.events import EventRecorder
 from controller.reconcile import Result, RetryableError
 from controller.store import Store
-from crds import IscsiTarget, Secret
+from crds import ClusterNode, IscsiTarget, Secret
+from crds.clusternode import StorageExports, exportable_root
 from crds.iscsitarget import IscsiTargetSpec, LunStatus
 from crds.meta import ConditionStatus
 from reconcilers.drivers.tgt import Target, TgtAdm, TgtError, TgtUnavailable
@@ -50,6 +55,22 @@ def acl_entries(spec: IscsiTargetSpec) -> list[str]:
     if spec.acl.allow_all:
         return ["ALL"]
     return [str(a) for a in spec.acl.initiator_addresses] + list(spec.acl.initiator_names)
+
+
+def backing_store_allowed(path: str, exports: StorageExports) -> bool:
+    """Whether `path`, symlinks resolved, is an allowed device or lies under an export root."""
+    real = os.path.realpath(path)
+    if real in {os.path.realpath(device) for device in exports.allowed_devices}:
+        return True
+    for root in exports.export_roots:
+        resolved = os.path.realpath(root)  # a root may be a symlink: to /etc it allows nothing
+        if (
+            exportable_root(resolved)
+            and real != resolved
+            and os.path.commonpath([real, resolved]) == resolved
+        ):
+            return True
+    return False
 
 
 def backing_store_size(path: str) -> int:
@@ -156,6 +177,19 @@ class IscsiTargetReconciler:
                 )
 
     async def _check_backing_stores(self, spec: IscsiTargetSpec) -> None:
+        node = await self.store.try_get("ClusterNode", self.node)
+        exports = node.spec.storage if isinstance(node, ClusterNode) else StorageExports()
+        refused = [
+            lun.backing_store
+            for lun in spec.luns
+            if not await asyncio.to_thread(backing_store_allowed, lun.backing_store, exports)
+        ]
+        if refused:
+            raise TargetProblem(
+                "BackingStoreNotAllowed",
+                f"backing store {', '.join(refused)} is not under an exportRoot nor one of the "
+                f"allowedDevices of ClusterNode {self.node} (spec.storage); nothing was exported",
+            )
         missing = [
             lun.backing_store
             for lun in spec.luns

@@ -142,6 +142,21 @@ BAD_INPUTS = {
     "nul in name": (VM.replace("name: web", 'name: "a\\0b"'), "metadata.name"),
     "long name": (VM.replace("name: web", "name: " + "a" * 300), "metadata.name"),
     "alias bomb": ("a: &a [x, x]\nb: [*a, *a]\n", "aliases are not allowed"),
+    "newline in name": (VM.replace("name: web", 'name: "web\\n"'), "metadata.name"),
+    "string for memory": (VM.replace("memoryMiB: 256", "memoryMiB: '256'"), "spec.memoryMiB"),
+    "duplicate key": (
+        VM.replace("name: web", "name: web, name: other"),
+        "document 1: line 10: duplicate key 'name' (first on line 10)",
+    ),
+    "window overflow": (
+        VM.replace("vcpus: 2", "vcpus: 2, restartPolicy: {windowSeconds: 100000000000000000000}"),
+        "spec.restartPolicy.windowSeconds",
+    ),
+    "secret backing store": (
+        "apiVersion: kvmctl.io/v1alpha1\nkind: IscsiTarget\nmetadata: {name: t}\n"
+        "spec: {node: s, iqn: 'iqn.2024-01.x:t', luns: [{lun: 1, backingStore: /etc//shadow}]}\n",
+        "spec.luns[0].backingStore",
+    ),
 }
 
 

@@ -15,7 +15,7 @@ from controller.store import Store
 from crds import Event, IscsiTarget, ObjectMeta, Secret
 from crds.iscsitarget import IscsiTargetSpec
 from crds.secret import SecretSpec
-from e2e.tgtd import TgtDaemon, start_supervised_tgtd
+from e2e.tgtd import TgtDaemon, start_supervised_tgtd, storage_node
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import FINALIZER, FORCE_DELETE, IscsiTargetReconciler
 from reconcilers.tgtd_supervisor import CONTROL_SOCKET_DIR
@@ -50,7 +50,8 @@ def disks(tmp_path: Path) -> list[Path]:
 
 
 @pytest.fixture
-def reconciler(store: Store, tgtd: TgtDaemon) -> IscsiTargetReconciler:
+async def reconciler(store: Store, tgtd: TgtDaemon, tmp_path: Path) -> IscsiTargetReconciler:
+    await store.create(storage_node(NODE, tmp_path))  # the disks may be exported
     return IscsiTargetReconciler(
         store, NODE, EventRecorder(store, "agent", NODE), TgtAdm(tgtd.control_port)
     )
@@ -214,6 +215,46 @@ async def test_a_missing_backing_store_changes_nothing(
     assert (status, reason) == ("False", "BackingStoreMissing")
     assert str(missing) in message
     assert ("BackingStoreMissing", message) in await warnings(store)
+    assert await TgtAdm(tgtd.control_port).show() == []
+
+
+@pytest.mark.parametrize("outside", ["/etc/shadow", "link-to-shadow", "../elsewhere.img"])
+async def test_a_backing_store_outside_the_export_roots_exports_nothing(
+    store: Store,
+    reconciler: IscsiTargetReconciler,
+    tgtd: TgtDaemon,
+    disks: list[Path],
+    tmp_path_factory: pytest.TempPathFactory,
+    outside: str,
+) -> None:
+    root = disks[0].parent  # the only export root of NODE (the reconciler fixture)
+    if outside == "link-to-shadow":  # inside the root by name, /etc/shadow once resolved
+        (root / outside).symlink_to("/etc/shadow")
+        outside = str(root / outside)
+    elif outside.startswith(".."):
+        elsewhere = tmp_path_factory.mktemp("elsewhere") / "elsewhere.img"
+        elsewhere.write_bytes(b"\0" * 4096)
+        outside = str(elsewhere)
+    luns = [{"lun": 1, "backingStore": str(disks[0])}, {"lun": 2, "backingStore": outside}]
+    await store.create(target(luns=luns, acl={"allowAll": True}))
+    obj = await converge(store, reconciler, "vg-cluster")
+    status, reason, message = ready(obj)
+    assert (status, reason) == ("False", "BackingStoreNotAllowed")
+    assert outside in message and "spec.storage" in message and "\n" not in message
+    assert ("BackingStoreNotAllowed", message) in await warnings(store)
+    assert await TgtAdm(tgtd.control_port).show() == []  # not even the allowed LUN
+
+
+async def test_without_export_roots_a_node_exports_nothing(
+    store: Store, tgtd: TgtDaemon, disks: list[Path]
+) -> None:
+    other = IscsiTargetReconciler(
+        store, "storage2", EventRecorder(store, "agent", "storage2"), TgtAdm(tgtd.control_port)
+    )  # no ClusterNode storage2 at all
+    luns = [{"lun": 1, "backingStore": str(disks[0])}]
+    await store.create(target(luns=luns, node="storage2"))
+    obj = await converge(store, other, "vg-cluster")
+    assert ready(obj)[:2] == ("False", "BackingStoreNotAllowed")
     assert await TgtAdm(tgtd.control_port).show() == []
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -64,6 +65,13 @@ spec:
       - agent: fence_ipmilan
         parameters: {{ip: 10.0.1.1, username: admin}}
         secretParameters: {{password: {{name: bmc-host1, key: password}}}}
+---
+apiVersion: kvmctl.io/v1alpha1
+kind: ClusterNode
+metadata: {{name: {NODE}}}
+spec:
+  addresses: {{cluster: 10.0.0.9}}
+  storage: {{exportRoots: [{os.path.dirname(lun_file)}]}}
 ---
 apiVersion: kvmctl.io/v1alpha1
 kind: IscsiTarget

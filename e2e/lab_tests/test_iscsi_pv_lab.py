@@ -30,6 +30,7 @@ from crds.iscsitarget import IscsiTargetSpec
 from crds.volumegroup import VolumeGroupSpec
 from e2e.etcd import free_port
 from e2e.polling import eventually
+from e2e.tgtd import storage_node
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import IscsiTargetReconciler
 from reconcilers.tgtd_supervisor import TgtdSupervisor
@@ -271,6 +272,7 @@ async def test_a_vg_on_an_iscsi_lun_from_login_to_an_active_lv(
     tgtd: TgtdSupervisor,
     iscsid: asyncio.subprocess.Process,
 ) -> None:
+    await store.create(storage_node(STORAGE_NODE, backing_store.parent))
     await store.create(
         IscsiTarget(
             metadata=ObjectMeta(name="vg-cluster"),
