@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from ipaddress import ip_address
 from pathlib import Path
 
 import libvirt
@@ -209,7 +210,7 @@ async def bench_converge(endpoints: list[str], count: int) -> tuple[float, float
             await store.create(
                 ClusterNode(
                     metadata=ObjectMeta(name="host1"),
-                    spec=ClusterNodeSpec(addresses=NodeAddresses(cluster="127.0.0.1")),
+                    spec=ClusterNodeSpec(addresses=NodeAddresses(cluster=ip_address("127.0.0.1"))),
                 )
             )
             settings = AgentSettings(
@@ -281,7 +282,8 @@ async def run(runs: int) -> None:
 async def create_nodes(store: Store, lab: Lab) -> None:
     for name, host in lab.hosts.items():
         spec = ClusterNodeSpec(
-            addresses=NodeAddresses(cluster=host.address), libvirt_uri=host.libvirt_tcp_uri
+            addresses=NodeAddresses(cluster=ip_address(host.address)),
+            libvirt_uri=host.libvirt_tcp_uri,
         )
         await store.create(ClusterNode(metadata=ObjectMeta(name=name), spec=spec))
 

@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ async def _create_nodes(endpoints: list[str], lab: Lab) -> None:
             node = ClusterNode(
                 metadata=ObjectMeta(name=name),
                 spec=ClusterNodeSpec(
-                    addresses=NodeAddresses(cluster=host.address),
+                    addresses=NodeAddresses(cluster=ip_address(host.address)),
                     libvirt_uri=host.libvirt_tcp_uri,
                 ),
             )

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import subprocess
 from collections.abc import AsyncIterator
+from ipaddress import ip_address
 from typing import NoReturn
 
 import pytest
@@ -55,7 +56,7 @@ async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Sto
         await store.create(
             ClusterNode(
                 metadata=ObjectMeta(name=NODE),
-                spec=ClusterNodeSpec(addresses=NodeAddresses(cluster=CLUSTER_ADDRESS)),
+                spec=ClusterNodeSpec(addresses=NodeAddresses(cluster=ip_address(CLUSTER_ADDRESS))),
             )
         )
         yield store

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from ipaddress import ip_address
 
 import pytest
 
@@ -34,7 +35,7 @@ def vm(name: str, memory: int = 64) -> VirtualMachine:
 def node(name: str) -> ClusterNode:
     return ClusterNode(
         metadata=ObjectMeta(name=name),
-        spec=ClusterNodeSpec(addresses=NodeAddresses(cluster="10.0.0.1")),
+        spec=ClusterNodeSpec(addresses=NodeAddresses(cluster=ip_address("10.0.0.1"))),
     )
 
 

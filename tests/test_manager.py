@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from ipaddress import ip_address
 
 import prometheus_client
 import pytest
@@ -157,7 +158,7 @@ async def test_a_watched_kind_enqueues_mapped_keys(store: Store) -> None:
     )
     async with running(manager):
         await eventually(lambda: set(seen.calls) == {"vm1", "vm2"}, "the initial pass")
-        address = NodeAddresses(cluster="10.0.0.1")
+        address = NodeAddresses(cluster=ip_address("10.0.0.1"))
         await store.create(
             ClusterNode(metadata=ObjectMeta(name="host1"), spec=ClusterNodeSpec(addresses=address))
         )

@@ -20,6 +20,7 @@ import secrets
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ class Cluster:
         index = self.node_count
         node = ClusterNode(
             metadata=ObjectMeta(name=name),
-            spec=ClusterNodeSpec(addresses=NodeAddresses(cluster=f"127.0.0.{index}")),
+            spec=ClusterNodeSpec(addresses=NodeAddresses(cluster=ip_address(f"127.0.0.{index}"))),
         )
         node.spec.fencing.self_fence = self_fence
         await self.store.create(node)
