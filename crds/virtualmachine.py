@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import posixpath
+from collections import Counter
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from .meta import (
     AbsolutePath,
@@ -53,11 +55,38 @@ class Disk(Strict):
         vg, lv = self.volume.split("/")
         return VolumeRef(vg=vg, lv=lv)
 
+    def source(self) -> str:
+        """The disk's backing storage in one canonical form, to tell when two disks are one.
+
+        `volume vg/lv`, `iscsi TARGET lun N` or `file /normalised/path`; a file `/dev/VG/LV` is
+        the LV's own device node, so it reads as `volume VG/LV`.
+        """
+        if self.volume is not None:
+            return f"volume {self.volume}"
+        if self.iscsi is not None:
+            return f"iscsi {self.iscsi.target} lun {self.iscsi.lun}"
+        assert self.file is not None
+        path = "/" + posixpath.normpath(self.file).lstrip("/")
+        parts = path.split("/")
+        if len(parts) == 4 and parts[1] == "dev":
+            return f"volume {parts[2]}/{parts[3]}"
+        return f"file {path}"
+
 
 class Nic(Strict):
     bridge: InterfaceName
     mac: MacAddress | None = None
     model: Literal["virtio", "e1000", "rtl8139"] = "virtio"
+
+    @field_validator("mac")
+    @classmethod
+    def _unicast(cls, mac: str | None) -> str | None:
+        if mac is not None and int(mac[:2], 16) & 1:
+            raise ValueError(
+                f"MAC address {mac!r} is multicast or broadcast (the low bit of its first octet "
+                "is set); a NIC needs a unicast address such as 52:54:00:12:34:56"
+            )
+        return mac
 
 
 class Boot(Strict):
@@ -124,7 +153,15 @@ class VirtualMachineSpec(Strict):
         targets = [disk.target for disk in self.disks if disk.target is not None]
         if len(targets) != len(set(targets)):
             raise ValueError(f"disk targets must be distinct: {targets}")
+        _refuse_twice("disk", [disk.source() for disk in self.disks])
+        _refuse_twice("MAC address", [nic.mac.lower() for nic in self.nics if nic.mac])
         return self
+
+
+def _refuse_twice(what: str, values: list[str]) -> None:
+    twice = sorted(value for value, count in Counter(values).items() if count > 1)
+    if twice:
+        raise ValueError(f"{what} {twice[0]} appears twice; each must be used once in a VM")
 
 
 class Placement(Strict):
