@@ -278,10 +278,8 @@ class Engine:
         self._report(vm, "DiskConflict", message)
 
     def _holds_disks(self, vm: VmView) -> bool:
-        """Whether `vm` is placed on, or may run on, a node not known to be fenced."""
-        placement = self._placement[vm.name]
-        placed = placement in self._world.nodes and self._health.get(placement) != "Fenced"
-        return placed or bool(self._may_run_on(vm))
+        """Placed (even on a fenced node: recovering keeps the disk), or may run somewhere."""
+        return self._placement[vm.name] is not None or bool(self._may_run_on(vm))
 
     def _may_run_on(self, vm: VmView) -> set[str]:
         """Nodes that may be running (or starting) `vm` and are not known to be fenced."""

@@ -144,11 +144,11 @@ def choose_node(
 
 
 class DiskHolders:
-    """The disks of the VMs that may run somewhere, and which of those VMs came second.
+    """The disks of the VMs that are placed or may run somewhere, and which of those came second.
 
     Of two such VMs on one disk the first keeps it: a running (or migrating) VM before one that
-    is not, then the engine's order (higher priority, then name). A VM that may run nowhere
-    holds nothing, so it is never preferred over one that may.
+    is not, then the engine's order (higher priority, then name). A VM neither placed nor
+    running holds nothing, so it never takes a disk from one that is.
     """
 
     def __init__(self, holders: Iterable[VmView]) -> None:

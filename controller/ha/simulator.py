@@ -174,6 +174,7 @@ class Simulator:
                 vm.state = "Running"
         for host in hosts:
             host.reported = frozenset(host.qemu)
+        self._check_disks()
 
     # Clock and log ----------------------------------------------------------------------------
 
