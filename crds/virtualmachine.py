@@ -32,6 +32,10 @@ class VolumeRef(Strict):
 
 
 class Disk(Strict):
+    """A VM's disk. A VM uses each source once, and no two VMs share one unless every user has
+    it `readonly` (an ISO image): apply refuses such a batch, and the HA controller leaves the
+    second VM Pending with a `DiskConflict` condition (docs/ha.md)."""
+
     target: DiskTarget | None = None
     volume: Annotated[str, StringConstraints(pattern=r"^[^/]+/[^/]+$")] | None = None
     """`vg_cluster/lv_vm1`: an LV of a VolumeGroup, seen as /dev/VG/LV on the running host."""
@@ -76,6 +80,7 @@ class Disk(Strict):
 class Nic(Strict):
     bridge: InterfaceName
     mac: MacAddress | None = None
+    """Unicast, and used by one NIC of one VM only (apply refuses a duplicate)."""
     model: Literal["virtio", "e1000", "rtl8139"] = "virtio"
 
     @field_validator("mac")
