@@ -3,17 +3,23 @@
 The manifest owns spec, labels and annotations: fields removed from the file are removed from
 the object. Everything else (status, finalizers, uid, generation) belongs to the store and the
 controllers and survives. Kinds are written in dependency order.
+
+Before anything is written, a batch in which two VMs would share a disk or a MAC address (with
+each other or with a stored VM) is refused whole (`controller/exclusive.py` states the rule).
+Two applies racing each other can still both pass: the HA controller checks disks again before
+it places a VM.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from crds import APPLY_ORDER, AnyResource, VirtualMachine
 
+from .exclusive import Claims
 from .store import Conflict, Store
 
 Outcome = Literal["created", "configured", "unchanged"]
@@ -51,6 +57,45 @@ def merged(existing: AnyResource, manifest: AnyResource) -> AnyResource:
         result.spec.run_state = existing.spec.run_state
         result.spec.shutdown_timeout_seconds = existing.spec.shutdown_timeout_seconds
     return result
+
+
+class ExclusiveResourceError(ValueError):
+    """Two VMs would use one disk or one MAC address; nothing of the batch was written."""
+
+
+async def find_clash(
+    store: Store, objects: Sequence[AnyResource], leaving: Collection[str] = ()
+) -> str | None:
+    """One line naming two VMs of the batch, or of the batch and the store, that would share a
+    disk or a MAC address; None when there are none.
+
+    Stored VMs replaced by the batch count as the batch's version; `leaving` names stored VMs
+    the caller deletes right after applying (a GitOps prune), which do not count.
+    """
+    batch = [obj for obj in objects if isinstance(obj, VirtualMachine)]
+    if not batch:
+        return None
+    listed, _ = await store.list_objects("VirtualMachine")
+    skipped = {vm.metadata.name for vm in batch} | set(leaving)
+    claims = Claims()
+    where: dict[str, str] = {}
+    for stored in listed:
+        name = stored.metadata.name
+        if isinstance(stored, VirtualMachine) and name not in skipped:
+            claims.add(name, stored.spec)
+            deleting = stored.metadata.deletion_timestamp is not None
+            where[name] = "in the store, being deleted" if deleting else "in the store"
+    for vm in batch:
+        name = vm.metadata.name
+        clash = claims.clash(name, vm.spec)
+        if clash is not None:
+            return (
+                f"VirtualMachine {name!r} and VirtualMachine {clash.other!r} "
+                f"({where.get(clash.other, 'in this apply')}) both use {clash.resource}: "
+                f"{clash.rule}"
+            )
+        claims.add(name, vm.spec)
+    return None
 
 
 def _same(a: AnyResource, b: AnyResource) -> bool:
@@ -120,8 +165,12 @@ async def apply_all(
 ) -> list[Applied]:
     """Apply every object, kind by kind; objects of one kind are written concurrently.
 
-    For many objects of a kind, one list replaces a read per object.
+    For many objects of a kind, one list replaces a read per object. Raises
+    ExclusiveResourceError, before writing anything, when two VMs would share a disk or MAC.
     """
+    clash = await find_clash(store, objects)
+    if clash is not None:
+        raise ExclusiveResourceError(f"{clash}; nothing was applied")
     limit = asyncio.Semaphore(CONCURRENCY)
 
     async def bounded(obj: AnyResource, known: AnyResource | Literal["unknown"] | None) -> Applied:

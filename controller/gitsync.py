@@ -34,7 +34,7 @@ from crds.event import ObjectReference
 from crds.gitsync import GitSyncSpec, GitSyncStatus, InventoryEntry
 from crds.meta import _check_name, now
 
-from .apply import CONCURRENCY, Applied, apply_one, in_apply_order
+from .apply import CONCURRENCY, Applied, apply_one, find_clash, in_apply_order
 from .events import EventRecorder
 from .manifests import MAX_FILE_BYTES, Manifest, ManifestError, load_text
 from .store import AlreadyExists, Conflict, NotFound, Store, StoreError
@@ -422,8 +422,16 @@ class GitSyncer:
         return await self._failed(state, "InvalidManifest", message, commit, len(problems))
 
     async def _apply(self, state: GitSync, commit: str, desired: list[AnyResource]) -> SyncResult:
-        applied, failures = await apply_objects(self.store, desired)
         in_git = {(obj.kind, obj.metadata.name) for obj in desired}
+        vms_to_prune = [
+            e.name
+            for e in state.status.inventory
+            if self.options.prune and e.kind == "VirtualMachine" and (e.kind, e.name) not in in_git
+        ]
+        clash = await find_clash(self.store, desired, leaving=vms_to_prune)
+        if clash is not None:
+            return await self._invalid(state, commit, [clash])
+        applied, failures = await apply_objects(self.store, desired)
         created = [
             InventoryEntry(kind=a.object.kind, name=a.object.metadata.name)
             for a in applied

@@ -123,7 +123,7 @@ def _check_absolute_path(value: str) -> str:
     if value != os.path.normpath(value) or value.startswith("//"):
         raise ValueError(
             f"path {value!r} must be normalised: no '//', '/./' or trailing '/' "
-            f"(write {os.path.normpath(value)!r})"
+            f"(write {'/' + os.path.normpath(value).lstrip('/')!r})"
         )
     return value
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from .meta import (
     AbsolutePath,
@@ -31,6 +32,10 @@ class VolumeRef(Strict):
 
 
 class Disk(Strict):
+    """A VM's disk. A VM uses each source once, and no two VMs share one unless every user has
+    it `readonly` (an ISO image): apply refuses such a batch, and the HA controller leaves the
+    second VM Pending with a `DiskConflict` condition (docs/ha.md)."""
+
     target: DiskTarget | None = None
     volume: Annotated[str, StringConstraints(pattern=r"^[^/\s]+/[^/\s]+$")] | None = None
     """`vg_cluster/lv_vm1`: an LV of a VolumeGroup, seen as /dev/VG/LV on the running host."""
@@ -54,11 +59,38 @@ class Disk(Strict):
         vg, lv = self.volume.split("/")
         return VolumeRef(vg=vg, lv=lv)
 
+    def source(self) -> str:
+        """The disk's backing storage in one canonical form, to tell when two disks are one.
+
+        `volume vg/lv`, `iscsi TARGET lun N` or `file /path` (paths are normalised by
+        validation); a file `/dev/VG/LV` is the LV's own device node, so it reads as `volume VG/LV`.
+        """
+        if self.volume is not None:
+            return f"volume {self.volume}"
+        if self.iscsi is not None:
+            return f"iscsi {self.iscsi.target} lun {self.iscsi.lun}"
+        assert self.file is not None
+        parts = self.file.split("/")
+        if len(parts) == 4 and parts[1] == "dev":
+            return f"volume {parts[2]}/{parts[3]}"
+        return f"file {self.file}"
+
 
 class Nic(Strict):
     bridge: InterfaceName
     mac: MacAddress | None = None
+    """Unicast, and used by one NIC of one VM only (apply refuses a duplicate)."""
     model: Literal["virtio", "e1000", "rtl8139"] = "virtio"
+
+    @field_validator("mac")
+    @classmethod
+    def _unicast(cls, mac: str | None) -> str | None:
+        if mac is not None and int(mac[:2], 16) & 1:
+            raise ValueError(
+                f"MAC address {mac!r} is multicast or broadcast (the low bit of its first octet "
+                "is set); a NIC needs a unicast address such as 52:54:00:12:34:56"
+            )
+        return mac
 
 
 class Boot(Strict):
@@ -129,7 +161,15 @@ class VirtualMachineSpec(Strict):
         targets = [disk.target for disk in self.disks if disk.target is not None]
         if len(targets) != len(set(targets)):
             raise ValueError(f"disk targets must be distinct: {targets}")
+        _refuse_twice("disk", [disk.source() for disk in self.disks])
+        _refuse_twice("MAC address", [nic.mac.lower() for nic in self.nics if nic.mac])
         return self
+
+
+def _refuse_twice(what: str, values: list[str]) -> None:
+    twice = sorted(value for value, count in Counter(values).items() if count > 1)
+    if twice:
+        raise ValueError(f"{what} {twice[0]} appears twice; each must be used once in a VM")
 
 
 class Placement(Strict):

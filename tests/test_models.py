@@ -55,6 +55,54 @@ def test_invalid_vm_is_refused_with_the_field_path(change: Any, expected: str) -
     assert expected in error_of(document)
 
 
+ISCSI = {"iscsi": {"target": "vmstore", "lun": 1}}
+NIC = {"bridge": "br0", "mac": "52:54:00:12:34:56"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"disks": [{"volume": "vg/lv"}, {"volume": "vg/lv"}]}, "disk volume vg/lv appears twice"),
+        ({"disks": [{"volume": "vg/lv"}, {"file": "/dev/vg/lv"}]}, "volume vg/lv appears twice"),
+        ({"disks": [{"file": "/srv/a.img"}, {"file": "/srv/a.img"}]}, "file /srv/a.img"),
+        ({"disks": [ISCSI, ISCSI]}, "disk iscsi vmstore lun 1 appears twice"),
+        (
+            {"disks": [{"file": "/srv/cd.iso", "readonly": True}] * 2},
+            "disk file /srv/cd.iso appears twice",
+        ),
+        ({"nics": [{**NIC, "mac": "01:00:5e:00:00:fb"}]}, "multicast or broadcast"),
+        ({"nics": [{**NIC, "mac": "ff:ff:ff:ff:ff:ff"}]}, "multicast or broadcast"),
+        ({"nics": [{**NIC, "mac": "53:54:00:12:34:56"}]}, "multicast or broadcast"),
+        ({"nics": [NIC, {**NIC, "bridge": "br1"}]}, "MAC address 52:54:00:12:34:56 appears twice"),
+    ],
+)
+def test_a_vm_uses_each_disk_and_mac_once_and_macs_are_unicast(
+    spec: dict[str, Any], expected: str
+) -> None:
+    assert expected in error_of(vm(**spec))
+
+
+def test_distinct_disks_and_unicast_macs_are_accepted() -> None:
+    disks = [
+        {"volume": "vg/lv"},
+        {"volume": "vg/lv2"},
+        {"file": "/dev/vg2/lv"},
+        {"file": "/srv/a.img"},
+        ISCSI,
+        {"iscsi": {"target": "vmstore", "lun": 2}},
+    ]
+    nics = [NIC, {**NIC, "mac": "52:54:00:12:34:57"}, {"bridge": "br1"}, {"bridge": "br2"}]
+    parsed = parse_object(vm(disks=disks, nics=nics))
+    assert [d.source() for d in parsed.spec.disks] == [
+        "volume vg/lv",
+        "volume vg/lv2",
+        "volume vg2/lv",
+        "file /srv/a.img",
+        "iscsi vmstore lun 1",
+        "iscsi vmstore lun 2",
+    ]
+
+
 def node(**fencing: Any) -> dict[str, Any]:
     return {
         "apiVersion": "kvmctl.io/v1alpha1",

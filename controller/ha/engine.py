@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from controller.exclusive import Clash
 from crds.clusternode import NodeHealth
 
 from .environment import (
@@ -27,13 +28,14 @@ from .environment import (
     NodeView,
     Place,
     Restart,
+    SetDiskConflict,
     SetFailed,
     SetNodeHealth,
     StartFence,
     VmView,
     World,
 )
-from .placement import Usage, choose_node, domain_rank, ineligibility
+from .placement import DiskHolders, Usage, choose_node, domain_rank, ineligibility
 
 DEFAULT_PERIOD = 0.5
 """The production loop looks again at least this often even when nothing changed."""
@@ -79,8 +81,12 @@ class Engine:
         self._nodes = {
             name: replace(view, health=self._health[name]) for name, view in world.nodes.items()
         }
+        self._disks = DiskHolders(v for v in world.vms.values() if self._holds_disks(v))
+        self._disk_blocked: set[str] = set()
         for vm in sorted(world.vms.values(), key=lambda v: (-v.spec.priority, v.name)):
             self._vm_step(vm)
+            if vm.disk_conflict is not None and vm.name not in self._disk_blocked:
+                self._actions.append(SetDiskConflict(vm.name, None))
         self._report_drains()
         return self._actions
 
@@ -255,9 +261,25 @@ class Engine:
             self._usage.remove(vm.name, vm.spec, old)
         if node is not None:
             self._usage.add(vm.name, vm.spec, node)
+            self._disks.add(vm)
         self._placement[vm.name] = node
         self._reported.pop(vm.name, None)
         self._actions.append(Place(vm.name, node, relocation))
+
+    def _report_disk_conflict(self, vm: VmView, clash: Clash) -> None:
+        """Record (condition, then Warning) that `vm` is left Pending for another's disk."""
+        message = (
+            f"{clash.resource} is in use by {clash.other} ({clash.rule}): not placed until "
+            f"{clash.other} no longer uses it"
+        )
+        self._disk_blocked.add(vm.name)
+        if vm.disk_conflict != message:
+            self._actions.append(SetDiskConflict(vm.name, message))
+        self._report(vm, "DiskConflict", message)
+
+    def _holds_disks(self, vm: VmView) -> bool:
+        """Placed (even on a fenced node: recovering keeps the disk), or may run somewhere."""
+        return self._placement[vm.name] is not None or bool(self._may_run_on(vm))
 
     def _may_run_on(self, vm: VmView) -> set[str]:
         """Nodes that may be running (or starting) `vm` and are not known to be fenced."""
@@ -304,6 +326,11 @@ class Engine:
         if health == "Fenced" or placement not in self._world.nodes:
             self._recover(vm, placement)
             return
+        clash = self._disks.clash(vm)
+        if clash is not None:  # placed as a second writer: a store written by hand or by old code
+            self._place(vm, None)
+            self._report_disk_conflict(vm, clash)
+            return
         if health != "Online":
             return
         node = self._world.nodes[placement]
@@ -335,6 +362,10 @@ class Engine:
         return bool(others)
 
     def _start_somewhere(self, vm: VmView) -> None:
+        clash = self._disks.clash(vm)
+        if clash is not None:
+            self._report_disk_conflict(vm, clash)
+            return
         if self._blocked(vm):
             return
         target, why = choose_node(vm, self._nodes, self._world.vms, self._usage)
@@ -353,6 +384,11 @@ class Engine:
                 self._emit(vm, "VMAdopted", f"{lost} is fenced and the VM runs on {host}")
                 return
         if self._blocked(vm):
+            return
+        clash = self._disks.clash(vm)
+        if clash is not None:
+            self._place(vm, None)
+            self._report_disk_conflict(vm, clash)
             return
         target, why = choose_node(vm, self._nodes, self._world.vms, self._usage)
         self._recovering.add(vm.name)

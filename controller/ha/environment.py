@@ -118,6 +118,8 @@ class VmView:
     relocations: int = 0
     failed: bool = False
     migration: MigrationView | None = None
+    disk_conflict: str | None = None
+    """The message of the VM's recorded DiskConflict (None: none recorded)."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,14 @@ class SetFailed:
 
 
 @dataclass(frozen=True)
+class SetDiskConflict:
+    """Record why the VM is not placed: another VM holds one of its disks (None: clear it)."""
+
+    vm: str
+    message: str | None
+
+
+@dataclass(frozen=True)
 class Migrate:
     vm: str
     source: str
@@ -243,6 +253,7 @@ Action = (
     | Place
     | Restart
     | SetFailed
+    | SetDiskConflict
     | Migrate
     | ClearMigration
     | Emit

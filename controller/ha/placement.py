@@ -6,6 +6,9 @@ VM's vcpus and memory, and runs no VM the VM is anti-affine with (either side ma
 other). Eligible nodes are ranked by domain preference (ordered domains: priority 1 first;
 unordered: every member alike; non-members last), then by memory use after placing (least
 loaded first), then by name, so decisions are deterministic.
+
+Disks are exclusive (`controller/exclusive.py`): a VM is not placed while another VM that may
+run holds one of its disks. `DiskHolders` says who holds what in one step of the engine.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from controller.exclusive import Claims, Clash
 from crds.virtualmachine import VirtualMachineSpec
 
 from .environment import NodeView, VmView
@@ -137,3 +141,33 @@ def choose_node(
     if not eligible:
         return None, "; ".join(refusals) or "no nodes"
     return min(eligible)[2], ""
+
+
+class DiskHolders:
+    """The disks of the VMs that are placed or may run somewhere, and which of those came second.
+
+    Of two such VMs on one disk the first keeps it: a running (or migrating) VM before one that
+    is not, then the engine's order (higher priority, then name). A VM neither placed nor
+    running holds nothing, so it never takes a disk from one that is.
+    """
+
+    def __init__(self, holders: Iterable[VmView]) -> None:
+        self._claims = Claims(macs=False)
+        self._holders: dict[str, Clash | None] = {}
+        ranked = sorted(
+            holders,
+            key=lambda v: (v.state not in ("Running", "Migrating"), -v.spec.priority, v.name),
+        )
+        for vm in ranked:
+            self._holders[vm.name] = self._claims.clash(vm.name, vm.spec)
+            self._claims.add(vm.name, vm.spec)
+
+    def clash(self, vm: VmView) -> Clash | None:
+        """Why `vm` must not run now (a disk another VM holds first), or None."""
+        if vm.name in self._holders:
+            return self._holders[vm.name]
+        return self._claims.clash(vm.name, vm.spec)
+
+    def add(self, vm: VmView) -> None:
+        """`vm` was just placed: it holds its disks from now on."""
+        self._claims.add(vm.name, vm.spec)

@@ -11,11 +11,12 @@ start of the term counts as lost since that start (later than the truth, hence s
 
 apply() writes what the engine decided, every object write guarded by the term's token:
 node health and fence confirmation (`ClusterNode.status.health`, `status.fence`), placements
-(`VirtualMachine.status.placement`, with the token), restarts, relocations and the `Failed`
-condition; `Migrate` creates a VirtualMachineMigration (the migration controller and the source
-agent carry it out); `ClearMigration` marks the VM's finished migrations `HaAcknowledged`;
-`StartFence` runs the method's devices with `FenceRunner.power_off_and_confirm` in a task
-(secrets resolved from Secret objects, never logged); `Emit` records an Event.
+(`VirtualMachine.status.placement`, with the token), restarts, relocations, the `Failed`
+and `DiskConflict` conditions; `Migrate` creates a VirtualMachineMigration (the migration
+controller and the source agent carry it out); `ClearMigration` marks the VM's finished
+migrations `HaAcknowledged`; `StartFence` runs the method's devices with
+`FenceRunner.power_off_and_confirm` in a task (secrets resolved from Secret objects, never
+logged); `Emit` records an Event.
 
 A guarded write that fails because the term is over marks the environment deposed: nothing more
 is applied and `wait()` returns False. Any other failed write skips the remaining writes of the
@@ -61,6 +62,7 @@ from .environment import (
     NodeView,
     Place,
     Restart,
+    SetDiskConflict,
     SetFailed,
     SetNodeHealth,
     StartFence,
@@ -77,6 +79,8 @@ ACKNOWLEDGED = "HaAcknowledged"
 FAILED = "Failed"
 """Condition on a VirtualMachine the restart policy gave up on."""
 RESTART_LIMIT = "RestartLimitReached"
+DISK_CONFLICT = "DiskConflict"
+"""Condition on a VirtualMachine left Pending because another VM holds one of its disks."""
 REQUESTED_BY = "kvmctl.io/requested-by"
 CANCEL_RETRY = 1.0
 ACTIVE_STATES = ("Running", "Paused", "Migrating")
@@ -385,6 +389,7 @@ class EtcdEnvironment:
         else:
             self._crashes.pop(name, None)
         failed = status.condition(FAILED)
+        conflict = status.condition(DISK_CONFLICT)
         return VmView(
             name=name,
             spec=vm.spec,
@@ -395,6 +400,7 @@ class EtcdEnvironment:
             relocations=status.relocations,
             failed=failed is not None and failed.status == "True",
             migration=self._migration_view(vm, migrations),
+            disk_conflict=None if conflict is None else conflict.message,
         )
 
     def _migration_view(
@@ -466,6 +472,10 @@ class EtcdEnvironment:
         elif isinstance(action, SetFailed):
             await self._patch(
                 "VirtualMachine", action.vm, lambda vm: _set_failed(vm, action.failed)
+            )
+        elif isinstance(action, SetDiskConflict):
+            await self._patch(
+                "VirtualMachine", action.vm, lambda vm: _set_disk_conflict(vm, action.message)
             )
         elif isinstance(action, Migrate):
             await self._migrate(action)
@@ -648,4 +658,14 @@ def _set_failed(vm: Any, failed: bool) -> bool:
     _drop_condition(status, RESTART_LIMIT)
     status.restarts = []
     status.relocations = 0
+    return True
+
+
+def _set_disk_conflict(vm: Any, message: str | None) -> bool:
+    status = vm.status
+    if message is not None:
+        return bool(status.set_condition(DISK_CONFLICT, "True", "DiskInUse", message))
+    if status.condition(DISK_CONFLICT) is None:
+        return False
+    _drop_condition(status, DISK_CONFLICT)
     return True

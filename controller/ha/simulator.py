@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from controller.exclusive import Claims
 from crds.clusternode import ClusterNodeSpec, NodeHealth
 from crds.virtualmachine import VirtualMachineSpec
 
@@ -35,6 +36,7 @@ from .environment import (
     NodeView,
     Place,
     Restart,
+    SetDiskConflict,
     SetFailed,
     SetNodeHealth,
     StartFence,
@@ -125,6 +127,7 @@ class SimVm:
     failed: bool = False
     migration: SimMigration | None = None
     down_since: float | None = None
+    disk_conflict: str | None = None
 
 
 @dataclass
@@ -165,12 +168,14 @@ class Simulator:
         self._controller_since = 0.0
         self._restart_controller = False
         self._doubled: set[str] = set()
+        self._sharing: set[tuple[str, str]] = set()
         for vm in vms:
             if vm.placement is not None and vm.spec.run_state == "started":
                 self.hosts[vm.placement].qemu[vm.name] = Qemu("running")
                 vm.state = "Running"
         for host in hosts:
             host.reported = frozenset(host.qemu)
+        self._check_disks()
 
     # Clock and log ----------------------------------------------------------------------------
 
@@ -250,6 +255,7 @@ class Simulator:
                     vm.migration.phase,
                     vm.migration.message,
                 ),
+                disk_conflict=vm.disk_conflict,
             )
             for vm in self.vms.values()
         }
@@ -277,6 +283,8 @@ class Simulator:
                 vm.restarts.clear()
                 vm.relocations = 0
                 vm.crashed_at = None
+        elif isinstance(action, SetDiskConflict):
+            self.vms[action.vm].disk_conflict = action.message
         elif isinstance(action, Migrate):
             self._migrate(action)
         elif isinstance(action, ClearMigration):
@@ -293,6 +301,7 @@ class Simulator:
             command()
         self._advance()
         self._check_copies()
+        self._check_disks()
         if self._restart_controller:
             self._restart_controller = False
             return False
@@ -628,6 +637,20 @@ class Simulator:
                 self._doubled.add(vm.name)
             else:
                 self._doubled.discard(vm.name)
+
+    def _check_disks(self) -> None:
+        """Two VMs with a guest each on one disk (not readonly for both) is a violation."""
+        claims = Claims(macs=False)
+        sharing: set[tuple[str, str]] = set()
+        for name in sorted({vm for host in self.hosts.values() for vm in host.executing()}):
+            spec = self.vms[name].spec
+            clash = claims.clash(name, spec)
+            if clash is not None:
+                sharing.add((clash.other, name))
+                if (clash.other, name) not in self._sharing:
+                    self.violation(f"{clash.other} and {name} both run on {clash.resource}")
+            claims.add(name, spec)
+        self._sharing = sharing
 
     # Questions for tests ----------------------------------------------------------------------
 
