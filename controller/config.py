@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from .store import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Store, TlsFiles
+from .etcd_transport import TlsFiles
+from .store import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Store
 
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
 

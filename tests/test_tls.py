@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.store import Store, StoreError, TlsFiles
+from controller.etcd_transport import TlsFiles
+from controller.store import Store, StoreError
 from crds import parse_object
 from e2e.etcd import EtcdCluster
 
