@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TextIO
 
+from controller import quiet_grpc  # noqa: F401  (first: before gRPC loads)
 from controller.config import ConfigError, resolve
 from controller.ha.requests import RequestFormatError, parse_report, report_key
 from controller.store import Conflict, NotFound, Store, StoreError

@@ -138,9 +138,9 @@ class Store:
             aetcd.exceptions.ConnectionFailedError,
             aetcd.exceptions.ConnectionTimeoutError,
         ) as e:
-            raise unavailable(self.endpoints, e) from None
+            raise unavailable(self.client, e) from None
         except TimeoutError as e:
-            raise unavailable(self.endpoints, e) from None
+            raise unavailable(self.client, e) from None
         except aetcd.exceptions.ClientError as e:
             if is_permission_denied(e):
                 raise self._permission_denied(action, key) from None
