@@ -36,6 +36,7 @@ class Unavailable(StoreError):
 
 
 Scheme = Literal["http", "https"] | None
+_SCHEMES: dict[str, Scheme] = {"": None, "http": "http", "https": "https"}
 _PORT = re.compile(r"[0-9]{1,5}")
 _HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")
 
@@ -46,9 +47,9 @@ def parse_endpoints(endpoints: Sequence[str]) -> tuple[Scheme, list[tuple[str, i
     parsed: list[tuple[str, int]] = []
     for endpoint in endpoints:
         scheme, _, rest = endpoint.rpartition("://")
-        if scheme not in ("", "http", "https"):
+        if scheme not in _SCHEMES:
             raise StoreError(f"etcd endpoint {endpoint!r}: scheme must be http:// or https://")
-        schemes.add(scheme or None)  # type: ignore[arg-type]
+        schemes.add(_SCHEMES[scheme])
         host, _, port = rest.rstrip("/").rpartition(":")
         if not _HOST.fullmatch(host) or not _PORT.fullmatch(port):
             raise StoreError(f"etcd endpoint {endpoint!r} must look like host:port")
