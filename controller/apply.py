@@ -20,7 +20,7 @@ from typing import Literal
 from crds import APPLY_ORDER, AnyResource, VirtualMachine
 
 from .exclusive import Claims
-from .store import Conflict, Store
+from .store import Conflict, Store, StoreError
 
 Outcome = Literal["created", "configured", "unchanged"]
 CONCURRENCY = 32
@@ -160,6 +160,36 @@ def in_apply_order(objects: Sequence[AnyResource]) -> list[list[AnyResource]]:
     return [groups[kind] for kind in sorted(groups, key=lambda k: rank.get(k, len(rank)))]
 
 
+class PartialApply(StoreError):
+    """Apply stopped at a store failure: what it applied before, and what it did not."""
+
+    def __init__(
+        self, applied: list[Applied], not_applied: list[AnyResource], error: StoreError
+    ) -> None:
+        """`not_applied[0]` is the object whose write failed with `error`."""
+        total = len(applied) + len(not_applied)
+        super().__init__(
+            f"applied {len(applied)} of {total} objects, then {label(not_applied[0])} failed: "
+            f"{error}; applied: {_sample([a.object for a in applied])}; "
+            f"not applied: {_sample(not_applied)}"
+        )
+        self.applied = applied
+        self.not_applied = not_applied
+
+
+def label(obj: AnyResource) -> str:
+    return f"{obj.kind.lower()}/{obj.metadata.name}"
+
+
+def _sample(objects: Sequence[AnyResource], shown: int = 3) -> str:
+    """The first few labels of `objects` and how many more; readable for thousands."""
+    if not objects:
+        return "none"
+    names = ", ".join(label(obj) for obj in objects[:shown])
+    rest = len(objects) - shown
+    return f"{names} and {rest} more" if rest > 0 else names
+
+
 async def apply_all(
     store: Store, objects: Sequence[AnyResource], dry_run: bool = False
 ) -> list[Applied]:
@@ -167,26 +197,53 @@ async def apply_all(
 
     For many objects of a kind, one list replaces a read per object. Raises
     ExclusiveResourceError, before writing anything, when two VMs would share a disk or MAC.
+    On a store failure no further object is started, the writes in flight finish, and
+    `PartialApply` says which objects were applied and which were not (the failed one first).
     """
     clash = await find_clash(store, objects)
     if clash is not None:
         raise ExclusiveResourceError(f"{clash}; nothing was applied")
     limit = asyncio.Semaphore(CONCURRENCY)
+    failures: list[tuple[AnyResource, StoreError]] = []
 
-    async def bounded(obj: AnyResource, known: AnyResource | Literal["unknown"] | None) -> Applied:
+    async def bounded(
+        obj: AnyResource, known: AnyResource | Literal["unknown"] | None
+    ) -> Applied | None:
         async with limit:
-            return await apply_one(store, obj, dry_run, known)
+            if failures:
+                return None
+            try:
+                return await apply_one(store, obj, dry_run, known)
+            except StoreError as error:
+                failures.append((obj, error))
+                return None
 
     results: list[Applied] = []
+    not_applied: list[AnyResource] = []
     for group in in_apply_order(objects):
+        if failures:
+            not_applied.extend(group)
+            continue
         stored: dict[str, AnyResource | Literal["unknown"] | None] = {}
         if len(group) > PREFETCH_THRESHOLD:
-            listed, _ = await store.list_objects(group[0].kind)
+            try:
+                listed, _ = await store.list_objects(group[0].kind)
+            except StoreError as error:
+                failures.append((group[0], error))
+                not_applied.extend(group)
+                continue
             by_name = {obj.metadata.name: obj for obj in listed}
             stored = {obj.metadata.name: by_name.get(obj.metadata.name) for obj in group}
-        results.extend(
-            await asyncio.gather(
-                *(bounded(obj, stored.get(obj.metadata.name, "unknown")) for obj in group)
-            )
+        outcomes = await asyncio.gather(
+            *(bounded(obj, stored.get(obj.metadata.name, "unknown")) for obj in group)
         )
+        for obj, outcome in zip(group, outcomes, strict=True):
+            if outcome is None:
+                not_applied.append(obj)
+            else:
+                results.append(outcome)
+    if failures:
+        failed, cause = failures[0]
+        not_applied.sort(key=lambda obj: obj is not failed)  # stable: the failed one first
+        raise PartialApply(results, not_applied, cause)
     return results

@@ -7,7 +7,7 @@ The config file (`~/.config/kvmctl/config.yaml`, or `KVMCTL_CONFIG`) is kubeconf
       lab:
         endpoints: [10.0.0.1:2379, 10.0.0.2:2379, 10.0.0.3:2379]
         prefix: /kvmctl
-        cacert: /etc/kvmctl/pki/ca.crt     # TLS: etcd's CA
+        cacert: /etc/kvmctl/pki/ca.crt     # TLS: etcd's CA (https:// without it: the system's CAs)
         cert: /etc/kvmctl/pki/admin.crt    # mutual TLS: our client certificate
         key: /etc/kvmctl/pki/admin.key
 """
@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from .store import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Store, TlsFiles
+from .etcd_transport import TlsFiles
+from .store import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Store
 
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
 
@@ -103,14 +104,9 @@ def resolve(
         name: flag or os.environ.get(f"KVMCTL_{name.upper()}") or from_file.get(name)
         for name, flag in (("cacert", cacert), ("cert", cert), ("key", key))
     }
-    if tls_files["cacert"]:
-        settings.tls = TlsFiles(
-            ca=Path(tls_files["cacert"]),
-            cert=Path(tls_files["cert"]) if tls_files["cert"] else None,
-            key=Path(tls_files["key"]) if tls_files["key"] else None,
-        )
-    elif tls_files["cert"] or tls_files["key"]:
-        raise ConfigError("a client certificate needs the CA too (--cacert or KVMCTL_CACERT)")
+    if any(tls_files.values()):  # TLS; without a CA file, to a certificate the system trusts
+        paths = {name: Path(path) if path else None for name, path in tls_files.items()}
+        settings.tls = TlsFiles(ca=paths["cacert"], cert=paths["cert"], key=paths["key"])
     if not settings.prefix.startswith("/") or ".." in settings.prefix.split("/"):
         raise ConfigError(f"prefix {settings.prefix!r} must be an absolute key path without '..'")
     return settings

@@ -30,12 +30,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
+import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TextIO
 
+from controller import quiet_grpc  # noqa: F401  (first: before gRPC loads)
 from controller.config import ConfigError, resolve
 from controller.ha.requests import RequestFormatError, parse_report, report_key
 from controller.store import Conflict, NotFound, Store, StoreError
@@ -183,24 +186,60 @@ class Options:
 # -- reading options -------------------------------------------------------------------------
 
 
+_STDIN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Control and format characters, surrogates (undecodable bytes), line and paragraph
+separators: none belongs in a value, and each has split or hidden a line somewhere."""
+
+
+def _stdin_line(number: int, raw: str) -> tuple[str, str] | None:
+    """One stdin line's (parameter name, value); None for a blank line or a comment."""
+    line = raw.removesuffix("\r").strip(" \t")
+    if not line or line.startswith("#"):
+        return None
+    key, separator, value = line.partition("=")
+    key, value = key.strip(" \t"), value.strip(" \t")
+    if not separator:
+        raise FenceError(f"stdin line {number}: expected key=value, got {line!r}")
+    if not _STDIN_KEY.fullmatch(key):
+        raise FenceError(f"stdin line {number}: {key!r} is not a parameter name")
+    for character in value:
+        if character != "\t" and unicodedata.category(character) in _REFUSED_CATEGORIES:
+            raise FenceError(
+                f"stdin line {number}: the value of {key} holds U+{ord(character):04X}, "
+                "a control or line-break character"
+            )
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return key.replace("-", "_"), value
+
+
 def parse_stdin(text: str) -> dict[str, str]:
-    """`key=value` lines (blank lines and `#` comments skipped) keyed by parameter name."""
+    """`key=value` lines keyed by parameter name; blank lines and `#` comments skipped.
+
+    Lines end at `\\n` only (a trailing `\\r` is dropped): any other line break inside a
+    line is a control character, refused, so no value can smuggle in another parameter. A
+    parameter given twice (plug and its alias port count as one) and an unknown parameter are
+    refused too: fence-agents' fencing.py ignores unknown ones, but a fence that runs with an
+    option silently dropped could report a success it did not achieve.
+    """
     values: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+    lines: dict[str, int] = {}
+    for number, raw in enumerate(text.split("\n"), start=1):
+        parsed = _stdin_line(number, raw)
+        if parsed is None:
             continue
-        name, separator, value = line.partition("=")
-        name = name.strip().replace("-", "_")
-        if not separator:
-            raise FenceError(f"stdin line {number}: expected key=value, got {line!r}")
+        name, value = parsed
         if name in IGNORED_STDIN_KEYS:
             continue
         if name not in _BY_NAME:
             raise FenceError(f"stdin line {number}: unknown parameter {name!r}")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
+        canonical = "plug" if name in ("plug", "port") else name
+        if canonical in lines:
+            raise FenceError(
+                f"stdin line {number}: parameter {name} repeats line {lines[canonical]}"
+            )
+        lines[canonical] = number
         values[name] = value
     return values
 

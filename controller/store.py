@@ -11,24 +11,23 @@ the key goes when the last finalizer is removed.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
-import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import aetcd
 import aetcd.exceptions
-import aetcd.rpc
 import aetcd.rtypes
-import aetcd.watcher
-import grpc
 import pydantic
 
+from controller.etcd_transport import StoreError as StoreError
+from controller.etcd_transport import TlsFiles as TlsFiles
+from controller.etcd_transport import Unavailable as Unavailable
+from controller.etcd_transport import certificate_user as certificate_user
+from controller.etcd_transport import is_permission_denied, make_client, unavailable
 from crds import KINDS, AnyResource, describe_validation_error
 from crds.meta import _check_name, now
 
@@ -36,13 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "/kvmctl"
 DEFAULT_TIMEOUT = 5.0
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # a list of every object of a kind arrives as one reply
 T = TypeVar("T", bound=AnyResource)
 Compare = Any  # an aetcd transaction compare (aetcd has no type hints)
-
-
-class StoreError(Exception):
-    """A store failure with a message fit for a user."""
 
 
 class NotFound(StoreError):
@@ -55,10 +49,6 @@ class AlreadyExists(StoreError):
 
 class Conflict(StoreError):
     """The object changed since it was read (stale resourceVersion) or a guard failed."""
-
-
-class Unavailable(StoreError):
-    """etcd could not be reached or did not answer in time."""
 
 
 class PermissionDenied(StoreError):
@@ -84,142 +74,6 @@ class WatchEvent:
     revision: int
 
 
-def grpc_target(endpoints: Sequence[str]) -> tuple[str, int]:
-    """aetcd's (host, port) for one or several `host:port` endpoints.
-
-    aetcd dials `f"{host}:{port}"`. For several IPv4 endpoints we hand gRPC its own list syntax
-    (`ipv4:a:p1,b:p2`), so the channel fails over between members by itself.
-    """
-    parsed: list[tuple[str, int]] = []
-    for endpoint in endpoints:
-        endpoint = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit():
-            raise StoreError(f"etcd endpoint {endpoint!r} must look like host:port")
-        parsed.append((host, int(port)))
-    if not parsed:
-        raise StoreError("no etcd endpoint given (use --etcd or KVMCTL_ETCD)")
-    if len(parsed) == 1:
-        return parsed[0]
-    try:
-        for host, _ in parsed:
-            ipaddress.IPv4Address(host)
-    except ValueError:
-        log.warning("several etcd endpoints given by name: using only %s", parsed[0][0])
-        return parsed[0]
-    head = ",".join(f"{host}:{port}" for host, port in parsed[:-1])
-    last_host, last_port = parsed[-1]
-    return f"ipv4:{head},{last_host}", last_port
-
-
-def _der_elements(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(tag, content) of each DER element in `data`, in order."""
-    offset = 0
-    while offset < len(data):
-        tag, length = data[offset], data[offset + 1]
-        offset += 2
-        if length & 0x80:
-            size = length & 0x7F
-            length = int.from_bytes(data[offset : offset + size], "big")
-            offset += size
-        yield tag, data[offset : offset + length]
-        offset += length
-
-
-_COMMON_NAME_OID = b"\x55\x04\x03"  # 2.5.4.3
-_EXPLICIT_VERSION_TAG = 0xA0
-
-
-def certificate_user(pem: bytes) -> str | None:
-    """The subject CN of a PEM certificate: etcd's user name under `--client-cert-auth`."""
-    try:
-        der = ssl.PEM_cert_to_DER_cert(pem.decode())
-        certificate = next(_der_elements(der))[1]
-        to_be_signed = next(_der_elements(certificate))[1]
-        fields = [body for tag, body in _der_elements(to_be_signed) if tag != _EXPLICIT_VERSION_TAG]
-        subject = fields[4]  # after serial, signature algorithm, issuer, validity
-        for _, relative_name in _der_elements(subject):
-            for _, attribute in _der_elements(relative_name):
-                (_, oid), (_, value) = _der_elements(attribute)
-                if oid == _COMMON_NAME_OID:
-                    return value.decode()
-    except (ValueError, IndexError, StopIteration, UnicodeDecodeError):
-        return None
-    return None
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files for mutual TLS to etcd: the CA that signed etcd's certificate, our pair."""
-
-    ca: Path
-    cert: Path | None = None
-    key: Path | None = None
-
-    def user(self) -> str | None:
-        """The etcd user this client is, from its certificate's CN (None if unknown)."""
-        if self.cert is None:
-            return None
-        try:
-            return certificate_user(self.cert.read_bytes())
-        except OSError:
-            return None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: Path | None, what: str) -> bytes | None:
-            if path is None:
-                return None
-            try:
-                return path.read_bytes()
-            except OSError as error:
-                raise StoreError(f"cannot read the TLS {what} {path}: {error.strerror}") from None
-
-        if (self.cert is None) != (self.key is None):
-            raise StoreError("a TLS client certificate needs both --cert and --key")
-        return grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca, "CA"),
-            private_key=read(self.key, "key"),
-            certificate_chain=read(self.cert, "certificate"),
-        )
-
-
-class _TlsClient(aetcd.Client):  # type: ignore[misc]
-    """aetcd's client over a TLS channel (aetcd itself only dials plain text)."""
-
-    def __init__(self, tls: TlsFiles, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._credentials = tls.credentials()
-
-    async def connect(self) -> None:
-        if self._connected.is_set():
-            return
-        target = f"{self._host}:{self._port}"
-        self.channel = aetcd.rpc.secure_channel(
-            target, self._credentials, options=list(self._options.items())
-        )
-        self.kvstub = aetcd.rpc.KVStub(self.channel)
-        self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
-        self.leasestub = aetcd.rpc.LeaseStub(self.channel)
-        self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
-        self._watcher = aetcd.watcher.Watcher(
-            aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
-        )
-        self._connected.set()
-
-
-def _is_permission_denied(error: aetcd.exceptions.ClientError) -> bool:
-    """aetcd wraps etcd's PERMISSION_DENIED status in a plain ClientError: look at the cause."""
-    cause = error.__cause__
-    return isinstance(cause, grpc.aio.AioRpcError) and (
-        cause.code() == grpc.StatusCode.PERMISSION_DENIED
-    )
-
-
-def _unavailable(endpoints: Sequence[str], error: Exception) -> Unavailable:
-    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return Unavailable(f"etcd at {','.join(endpoints)} is unreachable: {detail}")
-
-
 class Store:
     """Typed CRUD and watch of kvmctl objects in etcd."""
 
@@ -233,15 +87,7 @@ class Store:
         self.endpoints = list(endpoints)
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
-        host, port = grpc_target(self.endpoints)
-        settings: dict[str, Any] = {
-            "host": host,
-            "port": port,
-            "timeout": timeout,
-            "connect_wait_timeout": int(timeout),
-            "options": {"grpc.max_receive_message_length": MAX_MESSAGE_BYTES},
-        }
-        self.client = _TlsClient(tls, **settings) if tls else aetcd.Client(**settings)
+        self.client = make_client(self.endpoints, timeout, tls)
         self.user = tls.user() if tls else None
         """The etcd user of this client (its certificate's CN), for error messages."""
 
@@ -292,11 +138,11 @@ class Store:
             aetcd.exceptions.ConnectionFailedError,
             aetcd.exceptions.ConnectionTimeoutError,
         ) as e:
-            raise _unavailable(self.endpoints, e) from None
+            raise unavailable(self.client, e) from None
         except TimeoutError as e:
-            raise _unavailable(self.endpoints, e) from None
+            raise unavailable(self.client, e) from None
         except aetcd.exceptions.ClientError as e:
-            if _is_permission_denied(e):
+            if is_permission_denied(e):
                 raise self._permission_denied(action, key) from None
             raise StoreError(f"etcd request failed: {e}") from None
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +17,9 @@ import pytest
 import yaml
 
 from controller.cli import main
+from controller.store import Store
+from e2e.etcd import EtcdCluster
+from e2e.polling import eventually
 
 Run = Callable[..., tuple[int, str, str]]
 EXAMPLES = Path(__file__).parent.parent / "deploy" / "examples" / "article"
@@ -201,6 +206,73 @@ def test_unreachable_etcd_gives_one_line_quickly(tmp_path: Path) -> None:
     assert "unreachable" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert time.monotonic() - started < 60
+
+
+PARTIAL = re.compile(
+    r"error: applied (\d+) of 4000 objects, then virtualmachine/(vm\d+) failed: etcd at \S+ is "
+    r"unreachable: [^;]+; applied: virtualmachine/vm\d+, virtualmachine/vm\d+, virtualmachine/"
+    r"vm\d+ and (\d+) more; not applied: virtualmachine/(vm\d+), virtualmachine/vm\d+, "
+    r"virtualmachine/vm\d+ and (\d+) more\n"
+)
+
+
+async def test_an_apply_cut_off_by_etcd_lists_what_it_wrote(tmp_path: Path) -> None:
+    total = 4000
+    manifest = tmp_path / "many.yaml"
+    manifest.write_text(
+        "".join(f"---\n{VM.replace('name: web', f'name: vm{index:04d}')}" for index in range(total))
+    )
+    cluster = EtcdCluster().start()
+    try:
+        env = {**os.environ, "KVMCTL_ETCD": cluster.endpoints[0], "KVMCTL_CONFIG": ""}
+        env["KVMCTL_PREFIX"] = "/partial"
+        apply = await asyncio.create_subprocess_exec(
+            *[
+                sys.executable,
+                "-m",
+                "controller.cli",
+                "--timeout",
+                "3",
+                "apply",
+                "-f",
+                str(manifest),
+            ],
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with Store(cluster.endpoints, prefix="/partial") as store:
+
+                async def some_written() -> bool:
+                    return bool((await store.list_objects("VirtualMachine"))[0])
+
+                await eventually(some_written, "the first VMs written", interval=0.01)
+            cluster.members[0].kill()  # by the PID of the etcd this test started
+            async with asyncio.timeout(120):
+                stdout, stderr = await apply.communicate()
+        finally:
+            if apply.returncode is None:
+                apply.kill()
+                await apply.wait()
+        out, err = stdout.decode(), stderr.decode()
+        assert apply.returncode == 1, err
+        match = PARTIAL.fullmatch(err)
+        assert match is not None, err
+        applied, failed, applied_more, first_not_applied, not_applied_more = match.groups()
+        assert 0 < int(applied) < total and int(applied_more) == int(applied) - 3
+        assert failed == first_not_applied and int(not_applied_more) == total - int(applied) - 3
+        lines = out.splitlines()
+        created = {line.split()[0] for line in lines if line.endswith(" created")}
+        missed = {line.split()[0] for line in lines if line.endswith(" not applied")}
+        assert len(lines) == total and len(created) == int(applied)
+        assert f"virtualmachine/{failed}" in missed and not created & missed
+        cluster.restart()
+        async with Store(cluster.endpoints, prefix="/partial") as store:
+            stored, _ = await store.list_objects("VirtualMachine")
+        assert created <= {f"virtualmachine/{vm.metadata.name}" for vm in stored}
+    finally:
+        cluster.stop()
 
 
 def test_usage_errors_exit_2(kvmctl: Run) -> None:

@@ -75,7 +75,8 @@ def test_metadata_is_a_fence_agent_description() -> None:
 def test_every_parameter_in_the_metadata_is_accepted_on_stdin() -> None:
     for parameter in metadata().findall("parameters/parameter"):
         name = parameter.get("name")
-        lines = f"action=validate-all\n{name}={sample(parameter)}\n"
+        action = "" if name == "action" else "action=validate-all\n"
+        lines = f"{action}{name}={sample(parameter)}\n"
         code, _ = run_main([], lines)
         assert code == 0, f"stdin parameter {name} refused"
 
@@ -121,6 +122,47 @@ def test_bad_input_is_one_readable_failure(
     assert code == 1 and out == ""
     error = capsys.readouterr().err
     assert message in error and error.startswith("Failed: ") and "Traceback" not in error
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        # Each separator str.splitlines honours would turn this off into a monitor.
+        ("action=off\nplug=vm1\x0baction=monitor\n", "line 2: the value of plug holds U+000B"),
+        ("action=off\nplug=vm1\x0caction=monitor\n", "line 2: the value of plug holds U+000C"),
+        ("action=off\nplug=vm1\x1caction=monitor\n", "line 2: the value of plug holds U+001C"),
+        ("action=off\nplug=vm1\x1eaction=monitor\n", "line 2: the value of plug holds U+001E"),
+        ("action=off\nplug=vm1\x85action=monitor\n", "line 2: the value of plug holds U+0085"),
+        ("action=off\nplug=vm1\u2028action=monitor\n", "line 2: the value of plug holds U+2028"),
+        ("action=off\nplug=vm1\u2029action=monitor\n", "line 2: the value of plug holds U+2029"),
+        ("action=off\nplug=vm1\raction=monitor\n", "line 2: the value of plug holds U+000D"),
+        ("action=off\nplug=vm1\x00\n", "line 2: the value of plug holds U+0000"),
+        ("action=off\nplug=vm1\u200b\n", "line 2: the value of plug holds U+200B"),
+        ("action=off\nplug=vm1\udcff\n", "line 2: the value of plug holds U+DCFF"),
+        ("action=off\nplug=vm1\naction=monitor\n", "line 3: parameter action repeats line 1"),
+        ("action=off\nplug=vm1\nport=vm2\n", "line 3: parameter port repeats line 2"),
+        ("action=off\nplug=vm1\nplug=vm1\n", "line 3: parameter plug repeats line 2"),
+        ("action=off\nplug=vm1\npower-timeout=5\npower_timeout=9\n", "repeats line 3"),
+        ("action=off\nplug=vm1\n\x0baction=monitor\n", "line 3: '\\x0baction' is not a"),
+        ("action=off\nplug=vm1\nactión=monitor\n", "line 3: 'actión' is not a parameter"),
+        ("act\u2028ion=off\nplug=vm1\n", "line 1: 'act\\u2028ion' is not a parameter"),
+        ("action=off\nplug=vm1\n=vm2\n", "line 3: '' is not a parameter name"),
+    ],
+)
+def test_stdin_cannot_smuggle_a_parameter(
+    stdin: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = run_main([], stdin)
+    assert code == 1 and out == ""
+    error = capsys.readouterr().err
+    assert message in error, error
+    assert error.startswith("Failed: stdin line ") and error.count("\n") == 1
+
+
+def test_stdin_lines_end_at_newline_and_may_end_in_crlf() -> None:
+    assert run_main([], "action=validate-all\r\nplug=vm1\r\n")[0] == 0
+    assert run_main([], "action=validate-all\n\tplug = vm1 \t\n")[0] == 0
+    assert run_main([], "action=validate-all\nplug=vm1\nprefix=/kvmctl-ü\n")[0] == 0
 
 
 def test_stdin_comments_quotes_and_pacemakers_nodename_are_understood() -> None:

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from controller.cli import main
+from controller.etcd_transport import TlsFiles, certificate_user
 from controller.heartbeat import Heartbeat, HeartbeatTiming, heartbeat_key
 from controller.leader import leader_key
 from controller.rbac import apply_rbac, cluster_roles, key_range
-from controller.store import PermissionDenied, Store, StoreError, TlsFiles, certificate_user
+from controller.store import PermissionDenied, Store, StoreError
 from crds import parse_object
 from e2e.etcd import EtcdCluster
 from reconcilers.volumegroup import LvmSettings, metadata_lock

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from controller import quiet_grpc  # noqa: F401  (first: before gRPC loads)
 from controller.config import ConfigError
 from controller.manifests import ManifestError
 from controller.store import StoreError

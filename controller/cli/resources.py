@@ -12,7 +12,7 @@ import yaml
 
 import crds
 from controller import config, manifests, printers
-from controller.apply import apply_all, fresh, merged
+from controller.apply import PartialApply, apply_all, fresh, label, merged
 from controller.labels import parse_selector
 from controller.store import Compacted, NotFound, Store
 
@@ -83,13 +83,18 @@ async def run_apply(args: argparse.Namespace) -> int:
             print(f"{item.object.kind.lower()}/{item.object.metadata.name} validated{suffix}")
         return 0
     async with store_from(args) as store:
-        results = await apply_all(
-            store, [m.object for m in loaded], dry_run=args.dry_run == "server"
-        )
+        try:
+            results = await apply_all(
+                store, [m.object for m in loaded], dry_run=args.dry_run == "server"
+            )
+        except PartialApply as partial:  # every object's line, then the error
+            for result in partial.applied:
+                print(f"{label(result.object)} {result.outcome}{suffix}")
+            for obj in partial.not_applied:
+                print(f"{label(obj)} not applied{suffix}")
+            raise
     for result in results:
-        print(
-            f"{result.object.kind.lower()}/{result.object.metadata.name} {result.outcome}{suffix}"
-        )
+        print(f"{label(result.object)} {result.outcome}{suffix}")
     return 0
 
 
