@@ -2,9 +2,14 @@
 
 `Cluster` builds on `e2e.hosts.Lab`:
 
-- a local etcd the hosts reach on the lab gateway (`lab.start_etcd()`);
+- etcd, in one of two places: by default a local etcd outside the hosts, which they reach on
+  the lab gateway (`lab.start_etcd()`); with `etcd_hosts`, one member inside each of those hosts
+  (`e2e.host_etcd`), as users run it: a host's power cut kills its member, a power-on rejoins it
+  as the same member. `e2e.topology` names the two shapes users run (`reference`,
+  `three-hosts`);
 - KVM hosts (default host1..host3), each running `kvmctl agent --domain-type qemu` and, once
-  the CLI has it, `kvmctl controller` (the controllers elect one leader among themselves);
+  the CLI has it, `kvmctl controller` (the controllers elect one leader among themselves); with
+  etcd inside the hosts, every host runs a controller, the storage host included;
 - a storage host whose agent starts tgtd (`--tgtd-portal`), so IscsiTarget objects bound to it
   are served from inside its namespace;
 - one simulated IPMI BMC (`e2e.bmc`) per KVM host, listening on the lab gateway: powering the
@@ -43,6 +48,7 @@ from typing import Self
 from pyroute2 import IPRoute, netns
 
 from e2e.etcd import EtcdCluster
+from e2e.host_etcd import HostEtcd
 from e2e.hosts import REPO_ROOT, Lab, LabError, SimulatedHost, route_inside, wait_until
 
 KVMCTL = str(Path(sys.executable).parent / "kvmctl")
@@ -110,7 +116,11 @@ class DetachedState:
 
 
 class Cluster:
-    """etcd, KVM hosts with agents (and controllers), a storage host with tgtd, BMCs."""
+    """etcd, KVM hosts with agents (and controllers), a storage host with tgtd, BMCs.
+
+    `etcd_hosts`: run one etcd member inside each of these hosts instead of the etcd outside
+    (`etcd_members` is for the etcd outside only); `etcd_args` go to either.
+    """
 
     def __init__(
         self,
@@ -123,10 +133,17 @@ class Cluster:
         agent_args: Sequence[str] = (),
         etcd_members: int = 1,
         etcd_args: Sequence[str] = (),
+        etcd_hosts: Sequence[str] = (),
     ) -> None:
         self.kvm_hosts = list(kvm_hosts)
         self.storage_host = storage_host
         self.lab = Lab([*self.kvm_hosts, *([storage_host] if storage_host else [])])
+        self.etcd_hosts = list(etcd_hosts)
+        unknown = sorted(set(self.etcd_hosts) - set(self.lab.hosts))
+        if unknown or len(set(self.etcd_hosts)) != len(self.etcd_hosts):
+            raise ClusterError(f"etcd_hosts must be distinct hosts of the cluster: {etcd_hosts}")
+        if self.etcd_hosts and etcd_members != 1:
+            raise ClusterError("etcd_members is for the etcd outside the hosts, not etcd_hosts")
         self.prefix = prefix
         self.serial_dir = self.lab.root / "serial"
         self.lvm_system_dir = self.lab.root / "lvm"
@@ -138,6 +155,9 @@ class Cluster:
         self.controllers: dict[str, int] = {}
         """Host name -> root-namespace PID of its `kvmctl controller`."""
         self.etcd: EtcdCluster | None = None
+        """The etcd outside the hosts (None with `etcd_hosts`)."""
+        self.host_etcd: HostEtcd | None = None
+        """The members inside the hosts (with `etcd_hosts`)."""
         self._want_controllers = controllers
         self._shared_disk_mib = shared_disk_mib
         self._agent_args = list(agent_args)
@@ -154,6 +174,8 @@ class Cluster:
     @property
     def etcd_endpoints(self) -> list[str]:
         """etcd as reached from the root namespace (tests, the CLI)."""
+        if self.host_etcd is not None:
+            return self.host_etcd.endpoints
         if self.etcd is None:
             raise ClusterError("the cluster is not started")
         return self.etcd.endpoints
@@ -161,9 +183,17 @@ class Cluster:
     @property
     def host_etcd_endpoints(self) -> list[str]:
         """etcd as reached from inside the hosts."""
+        if self.host_etcd is not None:
+            return self.host_etcd.endpoints
         if self.etcd is None:
             raise ClusterError("the cluster is not started")
         return self.lab.host_etcd_endpoints(self.etcd)
+
+    def runs_controller(self, name: str) -> bool:
+        """Whether host `name` runs `kvmctl controller`: every KVM host, and with etcd inside
+        the hosts every host (the storage host too)."""
+        wanted = name in self.kvm_hosts or bool(self.etcd_hosts)
+        return wanted and self._want_controllers and controller_available()
 
     def kvmctl_env(self) -> dict[str, str]:
         """Environment for `kvmctl` commands run from the root namespace."""
@@ -192,7 +222,15 @@ class Cluster:
     def start(self) -> Self:
         try:
             self.lab.start()
-            self.etcd = self.lab.start_etcd(self._etcd_members, self._etcd_args)
+            if self.etcd_hosts:
+                self.host_etcd = HostEtcd(
+                    [self.lab[name] for name in self.etcd_hosts],
+                    self._etcd_args,
+                    token=f"kvmctl-{self.lab.lab_id}",
+                )
+                self.host_etcd.start()
+            else:
+                self.etcd = self.lab.start_etcd(self._etcd_members, self._etcd_args)
             self.serial_dir.mkdir()
             self._write_lvm_conf()
             for name in self.kvm_hosts:
@@ -213,9 +251,13 @@ class Cluster:
         for name in list(self._bmcs):
             self._stop_bmc(name)
         try:
-            self.lab.cleanup()  # hosts (with everything inside), etcd, links, namespaces, dirs
+            # Hosts (with everything inside: SIGKILL of each init also kills its etcd member,
+            # so no 3.4 leader lingers after its peers), etcd outside, links, namespaces, dirs.
+            self.lab.cleanup()
         except LabError as error:
             failures.append(str(error))
+        if self.host_etcd is not None:
+            self.host_etcd.remove_data()
         if self.shared_disk is not None:
             problem = _detach_loop(self.shared_disk)
             if problem:
@@ -239,6 +281,8 @@ class Cluster:
         host.wait_dead()
         self.agents.pop(name, None)
         self.controllers.pop(name, None)
+        if self.host_etcd is not None:
+            self.host_etcd.forget(name)
 
     def cut_network(self, name: str) -> None:
         """Unplug the host's cable; it keeps running, cut off from etcd and its peers."""
@@ -254,29 +298,35 @@ class Cluster:
         host.start()
         if name in self._bmcs:
             self._restart_bmc(name)
+        if self.host_etcd is not None and name in self.etcd_hosts:
+            self.host_etcd.start_member(name)  # from its data dir: the same member again
         self._start_daemons(name)
 
     # Detaching (the demo).
 
     def detach(self, state_file: Path) -> DetachedState:
         """Leave everything running after this process exits; record it in `state_file`."""
-        if self.etcd is None:
-            raise ClusterError("the cluster is not started")
         state = DetachedState(etcd_endpoints=self.etcd_endpoints, prefix=self.prefix)
         for bmc_host, bmc in self._bmcs.items():
             state.processes.append(_record(f"BMC of {bmc_host}", bmc.process.pid, signal.SIGTERM))
+        if self.host_etcd is not None:  # they die with their hosts; SIGKILL: no leader lingers
+            for member_host, pid in self.host_etcd.pids.items():
+                state.processes.append(_record(f"etcd on {member_host}", pid, signal.SIGKILL))
         for name, host in self.lab.hosts.items():
             if host.is_running():
                 state.processes.append(_record(f"host {name}", host.init_pid, signal.SIGKILL))
-        for member in self.etcd.members:
-            if member.process is not None and member.process.poll() is None:
-                state.processes.append(
-                    _record(f"etcd {member.name}", member.process.pid, signal.SIGTERM)
-                )
+        etcd_root = self.host_etcd.root if self.host_etcd is not None else None
+        if self.etcd is not None:
+            etcd_root = self.etcd.root
+            for member in self.etcd.members:
+                if member.process is not None and member.process.poll() is None:
+                    state.processes.append(
+                        _record(f"etcd {member.name}", member.process.pid, signal.SIGTERM)
+                    )
         state.network_namespaces = [host.netns for host in self.lab.hosts.values()]
         state.links = [host.uplink for host in self.lab.hosts.values()] + [self.lab.bridge]
         state.loop_devices = [self.shared_disk] if self.shared_disk else []
-        state.directories = [str(self.lab.root), str(self.etcd.root)]
+        state.directories = [str(self.lab.root), *([str(etcd_root)] if etcd_root else [])]
         state.save(state_file)
         self._detached = True
         return state
@@ -308,7 +358,7 @@ class Cluster:
     def _start_daemons(self, name: str) -> None:
         host = self.lab[name]
         self.agents[name] = host.spawn(self._agent_argv(name), log_path=host.dir / "agent.log")
-        if name in self.kvm_hosts and self._want_controllers and controller_available():
+        if self.runs_controller(name):
             self.controllers[name] = host.spawn(
                 self._controller_argv(name), log_path=host.dir / "controller.log"
             )
