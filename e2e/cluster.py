@@ -284,6 +284,19 @@ class Cluster:
         if self.host_etcd is not None:
             self.host_etcd.forget(name)
 
+    def restart_controller(self, name: str) -> None:
+        """Stop the host's controller (SIGTERM: a leader resigns, so another takes over at
+        once) and start a new one, which joins as a follower."""
+        host = self.lab[name]
+        pid = self.controllers.pop(name)
+        os.kill(pid, signal.SIGTERM)
+        try:
+            host.wait_exit(pid, START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)
+            host.wait_exit(pid, START_TIMEOUT)
+        self._spawn_controller(host)
+
     def cut_network(self, name: str) -> None:
         """Unplug the host's cable; it keeps running, cut off from etcd and its peers."""
         self.lab[name].cut_network()
@@ -359,9 +372,12 @@ class Cluster:
         host = self.lab[name]
         self.agents[name] = host.spawn(self._agent_argv(name), log_path=host.dir / "agent.log")
         if self.runs_controller(name):
-            self.controllers[name] = host.spawn(
-                self._controller_argv(name), log_path=host.dir / "controller.log"
-            )
+            self._spawn_controller(host)
+
+    def _spawn_controller(self, host: SimulatedHost) -> None:
+        self.controllers[host.name] = host.spawn(
+            self._controller_argv(host.name), log_path=host.dir / "controller.log"
+        )
 
     def _global_args(self) -> list[str]:
         return [KVMCTL, "--etcd", ",".join(self.host_etcd_endpoints), "--prefix", self.prefix]

@@ -175,6 +175,19 @@ class HostEtcd:
         names = {member.member_id: member.name for member in self.members()}
         return names.get(leader_id)
 
+    def move_leader(self, name: str) -> None:
+        """Hand etcd's leadership to the member of host `name` (`etcdctl move-leader`)."""
+        ids = {member.name: member.member_id for member in self.members()}
+        if name not in ids:
+            raise HostEtcdError(f"no etcd member named {name}")
+        argv = self._etcdctl_argv(self._live_endpoints(), "move-leader", f"{ids[name]:x}")
+        result = subprocess.run(
+            argv, capture_output=True, text=True, check=False, timeout=ETCDCTL_TIMEOUT
+        )
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise HostEtcdError(f"etcdctl move-leader to {name} failed: {last}")
+
     def _live_endpoints(self) -> list[str]:
         """Endpoints of the members whose host is powered on (a dead one only costs time)."""
         live = [self.endpoint(name) for name, host in self.hosts.items() if host.is_running()]
@@ -183,13 +196,17 @@ class HostEtcd:
         return live
 
     @staticmethod
-    def _etcdctl(endpoints: Sequence[str], *command: str) -> Any:
+    def _etcdctl_argv(endpoints: Sequence[str], *command: str) -> list[str]:
+        return [
+            "etcdctl", "--endpoints", ",".join(endpoints), "--dial-timeout=2s",
+            "--command-timeout=5s", *command,
+        ]  # fmt: skip
+
+    @classmethod
+    def _etcdctl(cls, endpoints: Sequence[str], *command: str) -> Any:
         """Run `etcdctl ... -w json`; its parsed output. With some endpoints unreachable it
         exits 1 but still prints what the others answered."""
-        argv = [
-            "etcdctl", "--endpoints", ",".join(endpoints), "--dial-timeout=2s",
-            "--command-timeout=5s", *command, "-w", "json",
-        ]  # fmt: skip
+        argv = cls._etcdctl_argv(endpoints, *command, "-w", "json")
         result = subprocess.run(
             argv, capture_output=True, text=True, check=False, timeout=ETCDCTL_TIMEOUT
         )
