@@ -26,33 +26,28 @@ Failure injection for chaos tests: `kill_host` (pull the power), `cut_network`, 
 In-process use: `with Cluster() as cluster: ...` removes everything on exit. The demo outlives
 its Python process instead: `detach(state_file)` records every PID (with its start time, so a
 reused PID is never signalled), namespace, link, loop device and directory, and
-`teardown_detached(state_file)` removes them later from another process.
+`e2e.detached.teardown_detached(state_file)` removes them later from another process.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from pyroute2 import IPRoute, netns
-
+from e2e.detached import DetachedState, detach_loop, record_process
 from e2e.etcd import EtcdCluster
 from e2e.host_etcd import HostEtcd
 from e2e.hosts import REPO_ROOT, Lab, LabError, SimulatedHost, route_inside, wait_until
 
-KVMCTL = str(Path(sys.executable).parent / "kvmctl")
 DEFAULT_PREFIX = "/kvmctl"
+KVMCTL = str(Path(sys.executable).parent / "kvmctl")
 BMC_USER = "admin"
 ISCSI_PORT = 3260
 TGTD_CONTROL_PORT = 4001
@@ -80,39 +75,6 @@ class _Bmc:
     process: subprocess.Popen[bytes]
     endpoint: BmcEndpoint
     log_path: Path
-
-
-@dataclass
-class RecordedProcess:
-    """A process of a detached cluster: stopped only if its PID still names the same process."""
-
-    what: str
-    pid: int
-    start_time: int
-    stop_signal: int
-
-
-@dataclass
-class DetachedState:
-    """Everything a detached cluster holds, enough to remove it from another process."""
-
-    processes: list[RecordedProcess] = field(default_factory=list)
-    network_namespaces: list[str] = field(default_factory=list)
-    links: list[str] = field(default_factory=list)
-    loop_devices: list[str] = field(default_factory=list)
-    directories: list[str] = field(default_factory=list)
-    etcd_endpoints: list[str] = field(default_factory=list)
-    prefix: str = DEFAULT_PREFIX
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> DetachedState:
-        data = json.loads(path.read_text())
-        processes = [RecordedProcess(**entry) for entry in data.pop("processes")]
-        return cls(processes=processes, **data)
 
 
 class Cluster:
@@ -259,7 +221,7 @@ class Cluster:
         if self.host_etcd is not None:
             self.host_etcd.remove_data()
         if self.shared_disk is not None:
-            problem = _detach_loop(self.shared_disk)
+            problem = detach_loop(self.shared_disk)
             if problem:
                 failures.append(problem)
             self.shared_disk = None
@@ -321,20 +283,26 @@ class Cluster:
         """Leave everything running after this process exits; record it in `state_file`."""
         state = DetachedState(etcd_endpoints=self.etcd_endpoints, prefix=self.prefix)
         for bmc_host, bmc in self._bmcs.items():
-            state.processes.append(_record(f"BMC of {bmc_host}", bmc.process.pid, signal.SIGTERM))
+            state.processes.append(
+                record_process(f"BMC of {bmc_host}", bmc.process.pid, signal.SIGTERM)
+            )
         if self.host_etcd is not None:  # they die with their hosts; SIGKILL: no leader lingers
             for member_host, pid in self.host_etcd.pids.items():
-                state.processes.append(_record(f"etcd on {member_host}", pid, signal.SIGKILL))
+                state.processes.append(
+                    record_process(f"etcd on {member_host}", pid, signal.SIGKILL)
+                )
         for name, host in self.lab.hosts.items():
             if host.is_running():
-                state.processes.append(_record(f"host {name}", host.init_pid, signal.SIGKILL))
+                state.processes.append(
+                    record_process(f"host {name}", host.init_pid, signal.SIGKILL)
+                )
         etcd_root = self.host_etcd.root if self.host_etcd is not None else None
         if self.etcd is not None:
             etcd_root = self.etcd.root
             for member in self.etcd.members:
                 if member.process is not None and member.process.poll() is None:
                     state.processes.append(
-                        _record(f"etcd {member.name}", member.process.pid, signal.SIGTERM)
+                        record_process(f"etcd {member.name}", member.process.pid, signal.SIGTERM)
                     )
         state.network_namespaces = [host.netns for host in self.lab.hosts.values()]
         state.links = [host.uplink for host in self.lab.hosts.values()] + [self.lab.bridge]
@@ -466,86 +434,6 @@ def controller_available() -> bool:
         [KVMCTL, "controller", "--help"], capture_output=True, check=False, timeout=60
     )
     return result.returncode == 0
-
-
-# Detached clusters.
-
-
-def teardown_detached(state_file: Path) -> list[str]:
-    """Remove a detached cluster recorded in `state_file`; the problems met (keeps going)."""
-    state = DetachedState.load(state_file)
-    problems = []
-    live = [p for p in state.processes if _start_time(p.pid) == p.start_time]
-    for process in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, process.stop_signal)
-    deadline = time.monotonic() + 30.0
-    for process in live:
-        while _start_time(process.pid) == process.start_time and not _is_zombie(process.pid):
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGKILL)
-                deadline = time.monotonic() + 10.0
-            time.sleep(0.05)
-    # Host processes (qemu, nsenter'd agents) die with their init; wait for their namespaces.
-    existing = netns.listnetns()
-    with IPRoute() as ipr:
-        for link in state.links:
-            indexes = ipr.link_lookup(ifname=link)
-            if indexes:
-                try:
-                    ipr.link("del", index=indexes[0])
-                except Exception as error:  # keep going; report below
-                    problems.append(f"link {link}: {error}")
-    for name in state.network_namespaces:
-        if name in existing:
-            try:
-                netns.remove(name)
-            except Exception as error:  # keep going; report below
-                problems.append(f"network namespace {name}: {error}")
-    for device in state.loop_devices:
-        problem = _detach_loop(device)
-        if problem:
-            problems.append(problem)
-    for directory in state.directories:
-        shutil.rmtree(directory, ignore_errors=True)
-    state_file.unlink(missing_ok=True)
-    return problems
-
-
-def _record(what: str, pid: int, stop_signal: int) -> RecordedProcess:
-    start_time = _start_time(pid)
-    if start_time is None:
-        raise ClusterError(f"{what} (pid {pid}) is not running")
-    return RecordedProcess(what, pid, start_time, int(stop_signal))
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (with the PID: a unique identity)."""
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[19])
-
-
-def _is_zombie(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return fields is None or fields[0] == "Z"
-
-
-def _detach_loop(device: str) -> str | None:
-    result = subprocess.run(
-        ["losetup", "--detach", device], capture_output=True, text=True, check=False, timeout=60
-    )
-    if result.returncode != 0 and "No such device" not in result.stderr:
-        return f"loop device {device}: {result.stderr.strip()}"
-    return None
 
 
 def _run(argv: Sequence[str]) -> str:

@@ -31,7 +31,8 @@ from typing import TypeVar
 from controller.store import Store, StoreError, Unavailable
 from crds import Event, IscsiTarget, VirtualMachine, VolumeGroup
 from e2e import polling
-from e2e.cluster import KVMCTL, Cluster, controller_available, teardown_detached
+from e2e.cluster import KVMCTL, Cluster, controller_available
+from e2e.detached import teardown_detached
 from e2e.guest.build import KERNEL_CMDLINE, ensure_guest_image
 from e2e.guest.console import read_ticks, tick_gaps
 from e2e.hosts import REPO_ROOT
