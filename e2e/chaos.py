@@ -117,6 +117,7 @@ class ChaosCluster(Cluster):
         watchdog: bool = False,
         controller_hosts: Sequence[str] | None = None,
         prefix: str = DEFAULT_PREFIX,
+        etcd_hosts: Sequence[str] = (),
     ) -> None:
         super().__init__(
             kvm_hosts,
@@ -125,6 +126,7 @@ class ChaosCluster(Cluster):
             agent_args=["--no-storage", *profile.agent_args()],
             etcd_members=etcd_members,
             etcd_args=profile.etcd_args,
+            etcd_hosts=etcd_hosts,
         )
         self.profile = profile
         self.etcd_members = etcd_members
@@ -205,6 +207,8 @@ class ChaosCluster(Cluster):
     # Internals.
 
     def _etcd_member(self, index: int) -> EtcdMember:
+        if self.etcd_hosts:
+            raise ClusterError("etcd runs inside the hosts: kill or cut the host instead")
         if self.etcd is None:
             raise ClusterError("the cluster is not started")
         return self.etcd.members[index]

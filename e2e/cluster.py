@@ -2,9 +2,14 @@
 
 `Cluster` builds on `e2e.hosts.Lab`:
 
-- a local etcd the hosts reach on the lab gateway (`lab.start_etcd()`);
+- etcd, in one of two places: by default a local etcd outside the hosts, which they reach on
+  the lab gateway (`lab.start_etcd()`); with `etcd_hosts`, one member inside each of those hosts
+  (`e2e.host_etcd`), as users run it: a host's power cut kills its member, a power-on rejoins it
+  as the same member. `e2e.topology` names the two shapes users run (`reference`,
+  `three-hosts`);
 - KVM hosts (default host1..host3), each running `kvmctl agent --domain-type qemu` and, once
-  the CLI has it, `kvmctl controller` (the controllers elect one leader among themselves);
+  the CLI has it, `kvmctl controller` (the controllers elect one leader among themselves); with
+  etcd inside the hosts, every host runs a controller, the storage host included;
 - a storage host whose agent starts tgtd (`--tgtd-portal`), so IscsiTarget objects bound to it
   are served from inside its namespace;
 - one simulated IPMI BMC (`e2e.bmc`) per KVM host, listening on the lab gateway: powering the
@@ -21,32 +26,28 @@ Failure injection for chaos tests: `kill_host` (pull the power), `cut_network`, 
 In-process use: `with Cluster() as cluster: ...` removes everything on exit. The demo outlives
 its Python process instead: `detach(state_file)` records every PID (with its start time, so a
 reused PID is never signalled), namespace, link, loop device and directory, and
-`teardown_detached(state_file)` removes them later from another process.
+`e2e.detached.teardown_detached(state_file)` removes them later from another process.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from pyroute2 import IPRoute, netns
-
+from e2e.detached import DetachedState, detach_loop, record_process
 from e2e.etcd import EtcdCluster
+from e2e.host_etcd import HostEtcd
 from e2e.hosts import REPO_ROOT, Lab, LabError, SimulatedHost, route_inside, wait_until
 
-KVMCTL = str(Path(sys.executable).parent / "kvmctl")
 DEFAULT_PREFIX = "/kvmctl"
+KVMCTL = str(Path(sys.executable).parent / "kvmctl")
 BMC_USER = "admin"
 ISCSI_PORT = 3260
 TGTD_CONTROL_PORT = 4001
@@ -76,41 +77,12 @@ class _Bmc:
     log_path: Path
 
 
-@dataclass
-class RecordedProcess:
-    """A process of a detached cluster: stopped only if its PID still names the same process."""
-
-    what: str
-    pid: int
-    start_time: int
-    stop_signal: int
-
-
-@dataclass
-class DetachedState:
-    """Everything a detached cluster holds, enough to remove it from another process."""
-
-    processes: list[RecordedProcess] = field(default_factory=list)
-    network_namespaces: list[str] = field(default_factory=list)
-    links: list[str] = field(default_factory=list)
-    loop_devices: list[str] = field(default_factory=list)
-    directories: list[str] = field(default_factory=list)
-    etcd_endpoints: list[str] = field(default_factory=list)
-    prefix: str = DEFAULT_PREFIX
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> DetachedState:
-        data = json.loads(path.read_text())
-        processes = [RecordedProcess(**entry) for entry in data.pop("processes")]
-        return cls(processes=processes, **data)
-
-
 class Cluster:
-    """etcd, KVM hosts with agents (and controllers), a storage host with tgtd, BMCs."""
+    """etcd, KVM hosts with agents (and controllers), a storage host with tgtd, BMCs.
+
+    `etcd_hosts`: run one etcd member inside each of these hosts instead of the etcd outside
+    (`etcd_members` is for the etcd outside only); `etcd_args` go to either.
+    """
 
     def __init__(
         self,
@@ -123,10 +95,17 @@ class Cluster:
         agent_args: Sequence[str] = (),
         etcd_members: int = 1,
         etcd_args: Sequence[str] = (),
+        etcd_hosts: Sequence[str] = (),
     ) -> None:
         self.kvm_hosts = list(kvm_hosts)
         self.storage_host = storage_host
         self.lab = Lab([*self.kvm_hosts, *([storage_host] if storage_host else [])])
+        self.etcd_hosts = list(etcd_hosts)
+        unknown = sorted(set(self.etcd_hosts) - set(self.lab.hosts))
+        if unknown or len(set(self.etcd_hosts)) != len(self.etcd_hosts):
+            raise ClusterError(f"etcd_hosts must be distinct hosts of the cluster: {etcd_hosts}")
+        if self.etcd_hosts and etcd_members != 1:
+            raise ClusterError("etcd_members is for the etcd outside the hosts, not etcd_hosts")
         self.prefix = prefix
         self.serial_dir = self.lab.root / "serial"
         self.lvm_system_dir = self.lab.root / "lvm"
@@ -138,6 +117,9 @@ class Cluster:
         self.controllers: dict[str, int] = {}
         """Host name -> root-namespace PID of its `kvmctl controller`."""
         self.etcd: EtcdCluster | None = None
+        """The etcd outside the hosts (None with `etcd_hosts`)."""
+        self.host_etcd: HostEtcd | None = None
+        """The members inside the hosts (with `etcd_hosts`)."""
         self._want_controllers = controllers
         self._shared_disk_mib = shared_disk_mib
         self._agent_args = list(agent_args)
@@ -154,6 +136,8 @@ class Cluster:
     @property
     def etcd_endpoints(self) -> list[str]:
         """etcd as reached from the root namespace (tests, the CLI)."""
+        if self.host_etcd is not None:
+            return self.host_etcd.endpoints
         if self.etcd is None:
             raise ClusterError("the cluster is not started")
         return self.etcd.endpoints
@@ -161,9 +145,17 @@ class Cluster:
     @property
     def host_etcd_endpoints(self) -> list[str]:
         """etcd as reached from inside the hosts."""
+        if self.host_etcd is not None:
+            return self.host_etcd.endpoints
         if self.etcd is None:
             raise ClusterError("the cluster is not started")
         return self.lab.host_etcd_endpoints(self.etcd)
+
+    def runs_controller(self, name: str) -> bool:
+        """Whether host `name` runs `kvmctl controller`: every KVM host, and with etcd inside
+        the hosts every host (the storage host too)."""
+        wanted = name in self.kvm_hosts or bool(self.etcd_hosts)
+        return wanted and self._want_controllers and controller_available()
 
     def kvmctl_env(self) -> dict[str, str]:
         """Environment for `kvmctl` commands run from the root namespace."""
@@ -192,7 +184,15 @@ class Cluster:
     def start(self) -> Self:
         try:
             self.lab.start()
-            self.etcd = self.lab.start_etcd(self._etcd_members, self._etcd_args)
+            if self.etcd_hosts:
+                self.host_etcd = HostEtcd(
+                    [self.lab[name] for name in self.etcd_hosts],
+                    self._etcd_args,
+                    token=f"kvmctl-{self.lab.lab_id}",
+                )
+                self.host_etcd.start()
+            else:
+                self.etcd = self.lab.start_etcd(self._etcd_members, self._etcd_args)
             self.serial_dir.mkdir()
             self._write_lvm_conf()
             for name in self.kvm_hosts:
@@ -213,11 +213,15 @@ class Cluster:
         for name in list(self._bmcs):
             self._stop_bmc(name)
         try:
-            self.lab.cleanup()  # hosts (with everything inside), etcd, links, namespaces, dirs
+            # Hosts (with everything inside: SIGKILL of each init also kills its etcd member,
+            # so no 3.4 leader lingers after its peers), etcd outside, links, namespaces, dirs.
+            self.lab.cleanup()
         except LabError as error:
             failures.append(str(error))
+        if self.host_etcd is not None:
+            self.host_etcd.remove_data()
         if self.shared_disk is not None:
-            problem = _detach_loop(self.shared_disk)
+            problem = detach_loop(self.shared_disk)
             if problem:
                 failures.append(problem)
             self.shared_disk = None
@@ -239,6 +243,21 @@ class Cluster:
         host.wait_dead()
         self.agents.pop(name, None)
         self.controllers.pop(name, None)
+        if self.host_etcd is not None:
+            self.host_etcd.forget(name)
+
+    def restart_controller(self, name: str) -> None:
+        """Stop the host's controller (SIGTERM: a leader resigns, so another takes over at
+        once) and start a new one, which joins as a follower."""
+        host = self.lab[name]
+        pid = self.controllers.pop(name)
+        os.kill(pid, signal.SIGTERM)
+        try:
+            host.wait_exit(pid, START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)
+            host.wait_exit(pid, START_TIMEOUT)
+        self._spawn_controller(host)
 
     def cut_network(self, name: str) -> None:
         """Unplug the host's cable; it keeps running, cut off from etcd and its peers."""
@@ -254,29 +273,41 @@ class Cluster:
         host.start()
         if name in self._bmcs:
             self._restart_bmc(name)
+        if self.host_etcd is not None and name in self.etcd_hosts:
+            self.host_etcd.start_member(name)  # from its data dir: the same member again
         self._start_daemons(name)
 
     # Detaching (the demo).
 
     def detach(self, state_file: Path) -> DetachedState:
         """Leave everything running after this process exits; record it in `state_file`."""
-        if self.etcd is None:
-            raise ClusterError("the cluster is not started")
         state = DetachedState(etcd_endpoints=self.etcd_endpoints, prefix=self.prefix)
         for bmc_host, bmc in self._bmcs.items():
-            state.processes.append(_record(f"BMC of {bmc_host}", bmc.process.pid, signal.SIGTERM))
+            state.processes.append(
+                record_process(f"BMC of {bmc_host}", bmc.process.pid, signal.SIGTERM)
+            )
+        if self.host_etcd is not None:  # they die with their hosts; SIGKILL: no leader lingers
+            for member_host, pid in self.host_etcd.pids.items():
+                state.processes.append(
+                    record_process(f"etcd on {member_host}", pid, signal.SIGKILL)
+                )
         for name, host in self.lab.hosts.items():
             if host.is_running():
-                state.processes.append(_record(f"host {name}", host.init_pid, signal.SIGKILL))
-        for member in self.etcd.members:
-            if member.process is not None and member.process.poll() is None:
                 state.processes.append(
-                    _record(f"etcd {member.name}", member.process.pid, signal.SIGTERM)
+                    record_process(f"host {name}", host.init_pid, signal.SIGKILL)
                 )
+        etcd_root = self.host_etcd.root if self.host_etcd is not None else None
+        if self.etcd is not None:
+            etcd_root = self.etcd.root
+            for member in self.etcd.members:
+                if member.process is not None and member.process.poll() is None:
+                    state.processes.append(
+                        record_process(f"etcd {member.name}", member.process.pid, signal.SIGTERM)
+                    )
         state.network_namespaces = [host.netns for host in self.lab.hosts.values()]
         state.links = [host.uplink for host in self.lab.hosts.values()] + [self.lab.bridge]
         state.loop_devices = [self.shared_disk] if self.shared_disk else []
-        state.directories = [str(self.lab.root), str(self.etcd.root)]
+        state.directories = [str(self.lab.root), *([str(etcd_root)] if etcd_root else [])]
         state.save(state_file)
         self._detached = True
         return state
@@ -308,10 +339,13 @@ class Cluster:
     def _start_daemons(self, name: str) -> None:
         host = self.lab[name]
         self.agents[name] = host.spawn(self._agent_argv(name), log_path=host.dir / "agent.log")
-        if name in self.kvm_hosts and self._want_controllers and controller_available():
-            self.controllers[name] = host.spawn(
-                self._controller_argv(name), log_path=host.dir / "controller.log"
-            )
+        if self.runs_controller(name):
+            self._spawn_controller(host)
+
+    def _spawn_controller(self, host: SimulatedHost) -> None:
+        self.controllers[host.name] = host.spawn(
+            self._controller_argv(host.name), log_path=host.dir / "controller.log"
+        )
 
     def _global_args(self) -> list[str]:
         return [KVMCTL, "--etcd", ",".join(self.host_etcd_endpoints), "--prefix", self.prefix]
@@ -400,86 +434,6 @@ def controller_available() -> bool:
         [KVMCTL, "controller", "--help"], capture_output=True, check=False, timeout=60
     )
     return result.returncode == 0
-
-
-# Detached clusters.
-
-
-def teardown_detached(state_file: Path) -> list[str]:
-    """Remove a detached cluster recorded in `state_file`; the problems met (keeps going)."""
-    state = DetachedState.load(state_file)
-    problems = []
-    live = [p for p in state.processes if _start_time(p.pid) == p.start_time]
-    for process in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, process.stop_signal)
-    deadline = time.monotonic() + 30.0
-    for process in live:
-        while _start_time(process.pid) == process.start_time and not _is_zombie(process.pid):
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGKILL)
-                deadline = time.monotonic() + 10.0
-            time.sleep(0.05)
-    # Host processes (qemu, nsenter'd agents) die with their init; wait for their namespaces.
-    existing = netns.listnetns()
-    with IPRoute() as ipr:
-        for link in state.links:
-            indexes = ipr.link_lookup(ifname=link)
-            if indexes:
-                try:
-                    ipr.link("del", index=indexes[0])
-                except Exception as error:  # keep going; report below
-                    problems.append(f"link {link}: {error}")
-    for name in state.network_namespaces:
-        if name in existing:
-            try:
-                netns.remove(name)
-            except Exception as error:  # keep going; report below
-                problems.append(f"network namespace {name}: {error}")
-    for device in state.loop_devices:
-        problem = _detach_loop(device)
-        if problem:
-            problems.append(problem)
-    for directory in state.directories:
-        shutil.rmtree(directory, ignore_errors=True)
-    state_file.unlink(missing_ok=True)
-    return problems
-
-
-def _record(what: str, pid: int, stop_signal: int) -> RecordedProcess:
-    start_time = _start_time(pid)
-    if start_time is None:
-        raise ClusterError(f"{what} (pid {pid}) is not running")
-    return RecordedProcess(what, pid, start_time, int(stop_signal))
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (with the PID: a unique identity)."""
-    fields = _stat_fields(pid)
-    return None if fields is None else int(fields[19])
-
-
-def _is_zombie(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return fields is None or fields[0] == "Z"
-
-
-def _detach_loop(device: str) -> str | None:
-    result = subprocess.run(
-        ["losetup", "--detach", device], capture_output=True, text=True, check=False, timeout=60
-    )
-    if result.returncode != 0 and "No such device" not in result.stderr:
-        return f"loop device {device}: {result.stderr.strip()}"
-    return None
 
 
 def _run(argv: Sequence[str]) -> str:

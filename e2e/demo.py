@@ -3,10 +3,12 @@
     python -m e2e.demo up      # start the cluster, apply the reference setup, migrate, fail over
     python -m e2e.demo down    # remove everything `up` started
 
-`up` starts an `e2e.cluster.Cluster` (etcd, host1..host3 with agent and controller, a storage
-host serving iSCSI, one IPMI BMC per KVM host), applies deploy/examples/demo/ (templates filled
-in with the lab's addresses), waits for the four VMs, live-migrates vm1, pulls host1's power and
-streams the failover's events until every VM runs again. The cluster keeps running afterwards,
+`up` starts an `e2e.cluster.Cluster` in the reference topology (`e2e.topology`: host1 and host2
+run the VMs, a storage host serves iSCSI; each of the three runs an etcd member, an agent and a
+controller; one IPMI BMC per KVM host), applies deploy/examples/demo/ (templates filled in with
+the lab's addresses), waits for the four VMs, live-migrates vm1, pulls the power of the host
+running vm1 (whatever etcd or controller role it holds: the tour says which) and streams the
+failover's events until every VM runs again. The cluster keeps running afterwards,
 detached from this process; its PIDs, namespaces, links and directories are recorded in
 .run/demo/cluster.json (or `--run-dir DIR`) for `down`. `up` removes a previous demo first.
 """
@@ -26,18 +28,20 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from controller.store import Store
+from controller.store import Store, StoreError, Unavailable
 from crds import Event, IscsiTarget, VirtualMachine, VolumeGroup
 from e2e import polling
-from e2e.cluster import KVMCTL, Cluster, controller_available, teardown_detached
+from e2e.cluster import KVMCTL, Cluster, controller_available
+from e2e.detached import teardown_detached
 from e2e.guest.build import KERNEL_CMDLINE, ensure_guest_image
 from e2e.guest.console import read_ticks, tick_gaps
 from e2e.hosts import REPO_ROOT
+from e2e.topology import REFERENCE, roles, topology_cluster
 
 DEFAULT_RUN_DIR = REPO_ROOT / ".run" / "demo"
 STATE_FILE_NAME = "cluster.json"
 TEMPLATES = REPO_ROOT / "deploy" / "examples" / "demo"
-KVM_HOSTS = ("host1", "host2", "host3")
+KVM_HOSTS = REFERENCE.kvm_hosts
 VMS = ("vm1", "vm2", "vm3", "vm4")
 VM_MANIFEST = "40-vms.yaml"
 LUN_MIB = 64
@@ -52,7 +56,10 @@ class DemoError(RuntimeError):
     """A step of the tour did not reach its goal; the message says which."""
 
 
-eventually = partial(polling.eventually, timeout=DEADLINE, interval=0.2, error=DemoError)
+eventually = partial(
+    polling.eventually, timeout=DEADLINE, interval=0.2, error=DemoError, retry_on=(Unavailable,)
+)
+"""Reads ride out etcd's election when the killed host held etcd's leader."""
 
 
 class Tour:
@@ -107,6 +114,19 @@ class Demo:
             nodes[name] = str(vm.status.node)
         return nodes if set(nodes) == set(VMS) else None
 
+    async def print_roles(self) -> dict[str, list[str]]:
+        """Print (and return) which host holds etcd's leader and the leading controller."""
+
+        async def elected() -> dict[str, list[str]] | None:
+            held = await roles(self.cluster, self.store)
+            leaders = [role for names in held.values() for role in names if "lead" in role]
+            return held if len(leaders) == 2 else None
+
+        held: dict[str, list[str]] = await eventually(elected, "an etcd and a controller leader")
+        for host, names in held.items():
+            self.tour.note(f"{host}: {', '.join(names)}")
+        return held
+
     def qemu_summary(self) -> str:
         """Which qemu processes really run where (read from /proc, not from the store)."""
         parts = []
@@ -130,10 +150,11 @@ class Demo:
             online = {o.metadata.name for o in objects if o.status.health == "Online"}
             return online >= set(KVM_HOSTS)
 
-        await eventually(members_online, "host1..host3 Online")
+        await eventually(members_online, f"{', '.join(KVM_HOSTS)} Online")
         self.tour.note(
             "Every host's agent holds its heartbeat lease; the controllers elected a leader."
         )
+        await self.print_roles()
 
         async def serving() -> bool:
             target = await self.store.try_get("IscsiTarget", "vmstore")
@@ -178,8 +199,9 @@ class Demo:
         await self.status()
         return nodes
 
-    async def migrate_vm1(self, nodes: dict[str, str]) -> None:
-        target = "host2" if nodes["vm1"] != "host2" else "host3"
+    async def migrate_vm1(self, nodes: dict[str, str]) -> str:
+        """Migrate vm1 to the other KVM host; the host it runs on afterwards."""
+        target = next(host for host in KVM_HOSTS if host != nodes["vm1"])
         self.tour.step(f"Live-migrating vm1 from {nodes['vm1']} to {target}")
         before = await eventually(lambda: _latest_tick(self.cluster, "vm1"), "vm1 ticking")
         await self.kvmctl("migrate", "vm1", "--to", target, "--wait")
@@ -193,9 +215,15 @@ class Demo:
             + ("without a gap: the guest never stopped." if not gaps else f"(gaps: {gaps})")
         )
         self.tour.note(f"qemu processes: {self.qemu_summary()}")
+        return target
 
     async def fail_over(self, victim: str) -> float:
         self.tour.step(f"Pulling {victim}'s power (SIGKILL of its namespace init)")
+        held = (await self.print_roles())[victim]
+        self.tour.note(
+            f"{victim} runs vm1 and holds: {', '.join(held)}; its etcd member, agent and "
+            "controller die with it."
+        )
         before = await self.vms()
         lost = sorted(name for name, vm in before.items() if vm.status.node == victim)
         self.tour.note(f"VMs on {victim}: {', '.join(lost) or 'none'}. The events (what")
@@ -288,11 +316,12 @@ async def up(tour: Tour, run_dir: Path) -> int:
     image = await asyncio.to_thread(ensure_guest_image)
     tour.note(f"kernel {image.kernel}")
     tour.step(
-        "Starting etcd, host1..host3 (namespaces, libvirtd, kvmctl agent"
-        + (", kvmctl controller)" if controller_available() else ")")
-        + ", a storage host (agent -> tgtd) and one IPMI BMC per KVM host"
+        f"Starting the reference topology: {', '.join(KVM_HOSTS)} and a storage host "
+        "(namespaces, libvirtd, an etcd member, kvmctl agent"
+        + (", kvmctl controller" if controller_available() else "")
+        + " on each; the storage host's agent runs tgtd) and one IPMI BMC per KVM host"
     )
-    cluster = Cluster(KVM_HOSTS, "storage", shared_disk_mib=SHARED_DISK_MIB)
+    cluster = topology_cluster("reference", shared_disk_mib=SHARED_DISK_MIB)
     await asyncio.to_thread(cluster.start)
     cluster.detach(run_dir / STATE_FILE_NAME)  # from here on, `down` can remove it whatever happens
     try:
@@ -304,7 +333,7 @@ async def up(tour: Tour, run_dir: Path) -> int:
 
 
 async def tour_cluster(cluster: Cluster, tour: Tour, run_dir: Path) -> int:
-    for host in (*KVM_HOSTS, "storage"):
+    for host in cluster.lab.hosts:
         address = cluster.host(host).address
         extra = (
             f", BMC {cluster.bmc(host).address}:{cluster.bmc(host).port}/udp"
@@ -319,15 +348,15 @@ async def tour_cluster(cluster: Cluster, tour: Tour, run_dir: Path) -> int:
         demo = Demo(cluster, store, tour)
         await demo.apply_reference_setup(manifests)
         nodes = await demo.start_vms(manifests)
-        await demo.migrate_vm1(nodes)
-        recovered = await demo.fail_over("host1")
-        tour.step(f"Every VM runs again, {recovered:.1f} s after host1 lost its power")
+        victim = await demo.migrate_vm1(nodes)
+        recovered = await demo.fail_over(victim)
+        tour.step(f"Every VM runs again, {recovered:.1f} s after {victim} lost its power")
         await demo.status()
     endpoints = ",".join(cluster.etcd_endpoints)
     tour.step("Done. The cluster keeps running; `make demo-down` removes it. Try:")
     print(f"    export KVMCTL_ETCD={endpoints} KVMCTL_PREFIX={cluster.prefix}")
-    print("    .venv/bin/kvmctl get vm -o wide; .venv/bin/kvmctl describe clusternode host1")
-    print("    .venv/bin/kvmctl migrate vm2 --to host3 --wait; .venv/bin/kvmctl events --watch")
+    print(f"    .venv/bin/kvmctl get vm -o wide; .venv/bin/kvmctl describe clusternode {victim}")
+    print("    .venv/bin/kvmctl get leader; .venv/bin/kvmctl events --watch")
     return 0
 
 
@@ -368,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return down(args.run_dir.resolve())
     try:
         return asyncio.run(up(Tour(), args.run_dir.resolve()))
-    except DemoError as error:
+    except (DemoError, StoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -49,7 +49,8 @@ def free_ports(count: int) -> list[int]:
         return [int(sock.getsockname()[1]) for sock in sockets]
 
 
-def _data_root() -> Path:
+def data_root() -> Path:
+    """Where test etcd data goes: /dev/shm when writable (etcd fsyncs every write)."""
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
@@ -189,7 +190,7 @@ class EtcdCluster:
         self.extra_args = list(extra_args or [])
         self.pki = pki
         self.client_hosts = list(client_hosts or ["127.0.0.1"])
-        self.root = Path(tempfile.mkdtemp(prefix="kvmctl-etcd-", dir=_data_root()))
+        self.root = Path(tempfile.mkdtemp(prefix="kvmctl-etcd-", dir=data_root()))
         self.members = self._new_members()
 
     def _new_members(self) -> list[EtcdMember]:

@@ -26,8 +26,9 @@ from crds.clusternode import ClusterNodeSpec
 from crds.secret import SecretSpec
 from crds.virtualmachine import VirtualMachineSpec
 from e2e import polling
-from e2e.cluster import Cluster, DetachedState, RecordedProcess
+from e2e.cluster import Cluster
 from e2e.demo import STATE_FILE_NAME
+from e2e.detached import DetachedState, RecordedProcess
 from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
 from e2e.hosts import REPO_ROOT
 

@@ -1,0 +1,94 @@
+"""The field topologies: etcd and the controllers on the hosts themselves, as users run them.
+
+- `reference`: host1 and host2 run the VMs; `storage` runs tgtd, an etcd member and a
+  controller, and no VM: its ClusterNode is cordoned (`storage_node`), which the HA engine's
+  placement honours (controller/ha/placement.py), so no VM is ever placed or recovered there.
+- `three-hosts`: host1..host3, each a KVM host with an etcd member and a controller; a storage
+  host may be added (it then runs tgtd, an agent and a controller, but no etcd member: etcd
+  keeps an odd member count).
+
+`topology_cluster(name)` builds the `Cluster`; `etcd_leader_host`, `roles` tell a test or the
+demo which host holds etcd's leader and which runs the leading controller, so it can pick a
+victim by role. `e2e.chaos.leader_host(store)` is the leading controller alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from controller.store import Store
+from crds import ClusterNode, ObjectMeta
+from crds.clusternode import ClusterNodeSpec
+from e2e.chaos import leader_host
+from e2e.cluster import Cluster, ClusterError
+
+STORAGE_HOST = "storage"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Which hosts run VMs, which one serves storage, which ones carry etcd's members."""
+
+    name: str
+    kvm_hosts: tuple[str, ...]
+    storage_host: str | None
+    etcd_hosts: tuple[str, ...]
+
+
+REFERENCE = Topology(
+    "reference", ("host1", "host2"), STORAGE_HOST, ("host1", "host2", STORAGE_HOST)
+)
+THREE_HOSTS = Topology(
+    "three-hosts", ("host1", "host2", "host3"), None, ("host1", "host2", "host3")
+)
+TOPOLOGIES = {shape.name: shape for shape in (REFERENCE, THREE_HOSTS)}
+
+
+def topology(name: str, *, storage: bool = False) -> Topology:
+    """A named topology; `storage` adds the storage host to `three-hosts` (`reference` has it)."""
+    try:
+        shape = TOPOLOGIES[name]
+    except KeyError:
+        raise ClusterError(f"unknown topology {name!r}: one of {', '.join(TOPOLOGIES)}") from None
+    if storage and shape.storage_host is None:
+        return Topology(shape.name, shape.kvm_hosts, STORAGE_HOST, shape.etcd_hosts)
+    return shape
+
+
+def topology_cluster(name: str, *, storage: bool = False, **options: Any) -> Cluster:
+    """A `Cluster` (not started) in topology `name`; `options` go to `Cluster`."""
+    shape = topology(name, storage=storage)
+    return Cluster(shape.kvm_hosts, shape.storage_host, etcd_hosts=shape.etcd_hosts, **options)
+
+
+def storage_node(cluster: Cluster) -> ClusterNode:
+    """The storage host's ClusterNode: cordoned, so no VM is placed there; no fencing (it runs
+    no VM, so its death never needs one)."""
+    if cluster.storage_host is None:
+        raise ClusterError("this cluster has no storage host")
+    spec = {"addresses": {"cluster": cluster.host(cluster.storage_host).address}, "cordoned": True}
+    return ClusterNode(
+        metadata=ObjectMeta(name=cluster.storage_host), spec=ClusterNodeSpec.model_validate(spec)
+    )
+
+
+def etcd_leader_host(cluster: Cluster) -> str | None:
+    """The host holding etcd's leader (None during an election). Blocking: it runs etcdctl."""
+    if cluster.host_etcd is None:
+        raise ClusterError("etcd does not run inside the hosts of this cluster")
+    return cluster.host_etcd.leader()
+
+
+async def roles(cluster: Cluster, store: Store) -> dict[str, list[str]]:
+    """Host -> the roles it holds now: "etcd leader", "etcd member", "leading controller",
+    "controller"."""
+    etcd_leader = await asyncio.to_thread(etcd_leader_host, cluster)
+    controller_leader = await leader_host(store)
+    held: dict[str, list[str]] = {name: [] for name in cluster.lab.hosts}
+    for name in cluster.etcd_hosts:
+        held[name].append("etcd leader" if name == etcd_leader else "etcd member")
+    for name in cluster.controllers:
+        held[name].append("leading controller" if name == controller_leader else "controller")
+    return held
