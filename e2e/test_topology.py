@@ -150,7 +150,12 @@ class Case:
             with contextlib.suppress(NotFound):
                 await self.store.delete("VirtualMachine", vm.metadata.name)
         await eventually(lambda: not self.checker.running(), "every qemu gone")
+        await eventually(self.no_vm_left, "every VM object gone (finalizers removed)")
         await eventually(self.all_online, "every host Online again")
+
+    async def no_vm_left(self) -> bool:
+        objects, _ = await self.store.list_objects("VirtualMachine")
+        return not objects
 
 
 @pytest.fixture
