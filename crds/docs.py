@@ -39,8 +39,13 @@ VALIDATED_TYPES = {
     "_check_label_value": ("LabelValue", "at most 63 alphanumerics and '-', '_', '.'"),
     "_check_absolute_path": ("AbsolutePath", "absolute, no '..', NUL or newline"),
     "_check_mac": ("MacAddress", "six lowercase hex pairs, `52:54:00:12:34:56`"),
+    "_plain_value": ("FenceParameterValue", "one word of `A-Za-z0-9._:@/%+,=[]-`, no leading '-'"),
+    "check_peer_uri": (
+        "LibvirtUri",
+        "`qemu[+unix|+tcp|+tls|+ssh|+libssh|+libssh2]://[HOST]/system`, allow-listed parameters",
+    ),
 }
-"""The validated string types of crds/meta.py: their name and rule, by validator."""
+"""The validated string types of crds/ (mostly meta.py): their name and rule, by validator."""
 
 HEADER = f"""# API reference ({API_VERSION})
 
