@@ -193,7 +193,8 @@ def uris(draw: st.DrawFn) -> str:
     query = draw(st.lists(st.sampled_from(PARAMETERS), max_size=3))
     separator = draw(st.sampled_from(["&", ";", "&amp;"]))
     uri = f"{scheme}://{authority}{path}"
-    if query or draw(st.booleans()):
+    empty_query: bool = draw(st.booleans())
+    if query or empty_query:
         uri += "?" + separator.join(query)
     return uri + draw(st.sampled_from(["", "", "#x", "\n", draw(st.text(max_size=4))]))
 
