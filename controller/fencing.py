@@ -6,10 +6,11 @@ the values to the agent on stdin. A ClusterNode may use only a Secret meant for 
 like one BMC password). Anything else (a CHAP secret, another node's password) is refused at
 fence time with a message saying which label is missing.
 
-`FenceChecker` is a leader task: whenever a ClusterNode changes (and on each informer resync) it
-checks every device the way the fence runner will (allow-list, the agent's metadata, secrets)
-and records one `InvalidFenceDevice` Warning per new set of problems, so the admin learns of a
-device that cannot work before a node has to be fenced with it.
+`FenceChecker` is a leader task: at the start of each term and whenever a ClusterNode's spec
+changes it checks every device the way the fence runner will (allow-list, the agent's metadata,
+secrets) and records an `InvalidFenceDevice` Warning per problem, so the admin learns of a device
+that cannot work before a node has to be fenced with it. (Status updates do not trigger a check;
+a Secret relabelled later is seen at the next spec change, term, or fence.)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import logging
 
 from crds import ClusterNode, Secret
+from crds.clusternode import ClusterNodeSpec
 from crds.clusternode import FenceDevice as FenceDeviceSpec
 from reconcilers.drivers.fence import FenceRunner
 from reconcilers.drivers.fence_policy import MANUAL_AGENTS, FenceConfigError, FenceDevice
@@ -89,17 +91,20 @@ class FenceChecker:
         self.runner = runner
         self.recorder = recorder
         self._changed = asyncio.Event()
-        self._reported: dict[str, list[str]] = {}
+        self._checked: dict[str, ClusterNodeSpec] = {}
         informers.informer("ClusterNode").add_handler(lambda _type, _obj: self._changed.set())
 
     async def run(self, token: int, guard: list[Compare]) -> None:
-        """Until cancelled, check every ClusterNode after each change."""
+        """Until cancelled, check each ClusterNode whose spec is new to this term."""
         await self.informers.wait_for_sync()
-        self._reported.clear()
+        self._checked.clear()
         while True:
             self._changed.clear()
             for node in self.informers.informer("ClusterNode").list():
-                if isinstance(node, ClusterNode):
+                if (
+                    isinstance(node, ClusterNode)
+                    and self._checked.get(node.metadata.name) != node.spec
+                ):
                     await self._check(node)
             await self._changed.wait()
 
@@ -110,9 +115,7 @@ class FenceChecker:
         except StoreError as error:
             log.warning("fence devices of %s not checked: %s", name, error)
             return
-        if problems == self._reported.get(name, []):
-            return
-        self._reported[name] = problems
+        self._checked[name] = node.spec
         for problem in problems:
             log.warning("ClusterNode %s: fence %s", name, problem)
             # The whole text as the template: each distinct problem is its own Event.
