@@ -44,6 +44,7 @@ from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigrati
 from crds.clusternode import Capacity
 from crds.meta import now
 from reconcilers.drivers.libvirt import LibvirtError, LibvirtHost, LibvirtUnavailable
+from reconcilers.drivers.libvirt_uri import peer_uri_or_none
 from reconcilers.migration import MigrationRunner
 from reconcilers.storage import StorageSettings, run_storage_reconcilers
 from reconcilers.tgtd_supervisor import TgtdSupervisor
@@ -346,7 +347,8 @@ class Agent:
         if capacity is None and host is not None and not stopping:
             info = await host.node_info()
             capacity = Capacity(cpus=info.cpus, memory_mib=max(64, info.memory_mib))
-        libvirt_uri = node.spec.libvirt_uri or self.settings.libvirt_uri
+        # Peers migrate to it: a local-only URI (a socket path, test://) is not reported.
+        libvirt_uri = node.spec.libvirt_uri or peer_uri_or_none(self.settings.libvirt_uri)
         address = str(node.spec.addresses.cluster)
 
         def mutate(current: Any) -> bool:
@@ -360,7 +362,7 @@ class Agent:
             status.libvirt_uri = libvirt_uri
             status.migration_address = address
             status.last_heartbeat_time = now()
-            message = f"agent {AGENT_VERSION} on {self.node} with {libvirt_uri}"
+            message = f"agent {AGENT_VERSION} on {self.node} with {self.settings.libvirt_uri}"
             status.set_condition("AgentReady", "True", "AgentRunning", message)
             if status.condition("Ready") is None or status.health in ("Online", "Unknown"):
                 status.set_condition("Ready", "True", "AgentRunning", message)

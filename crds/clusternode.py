@@ -7,13 +7,30 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
+from reconcilers.drivers import fence_policy
+from reconcilers.drivers.libvirt_uri import check_peer_uri
+
 from .meta import AbsolutePath, IPAddress, Line, Name, Resource, Status, Strict, Text, Time
 
 # Fence-agent parameters that carry credentials: they may only come from a Secret.
 SECRET_PARAMETER = re.compile(r"(passw|secret|community|key$|token)", re.IGNORECASE)
-FenceAgentName = Annotated[str, StringConstraints(pattern=r"^fence_[a-z0-9_]{1,60}$")]
-ParameterName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
-ParameterValue = Annotated[str, StringConstraints(pattern=r"^[^\n\r\x00]*$", max_length=1024)]
+
+
+def _plain_value(value: str) -> str:
+    problem = fence_policy.value_problem(value) or fence_policy.plain_value_problem(value)
+    if problem:
+        raise ValueError(f"value {value!r} {problem}")
+    return value
+
+
+# pydantic's (Rust) patterns: `$` is the end of the text, a trailing newline does not match.
+FenceAgentName = Annotated[str, StringConstraints(pattern=f"^{fence_policy.AGENT_NAME.pattern}$")]
+ParameterName = Annotated[
+    str, StringConstraints(pattern=f"^{fence_policy.PARAMETER_NAME.pattern}$")
+]
+ParameterValue = Annotated[str, AfterValidator(_plain_value)]
+LibvirtUri = Annotated[str, AfterValidator(check_peer_uri)]
+"""A URI peers may migrate to: transports and parameters of reconcilers/drivers/libvirt_uri.py."""
 
 
 class SecretKeyRef(Strict):
@@ -37,7 +54,8 @@ class FenceDevice(Strict):
                     f"parameter {name!r} is a credential: give it under secretParameters "
                     "as a reference to a Secret, never inline"
                 )
-            if name in ("action", "plug_action"):
+        for name in [*self.parameters, *self.secret_parameters]:
+            if name in fence_policy.RESERVED_PARAMETERS:
                 raise ValueError(f"parameter {name!r} is chosen by kvmctl, not by the manifest")
         overlap = set(self.parameters) & set(self.secret_parameters)
         if overlap:
@@ -117,10 +135,9 @@ class ClusterNodeSpec(Strict):
     storage: StorageExports = Field(default_factory=StorageExports)
     """What IscsiTargets served by this node may export; by default nothing."""
     fencing: Fencing = Field(default_factory=Fencing)
-    libvirt_uri: Annotated[str, StringConstraints(pattern=r"^[a-z0-9+]+://[^\s]*$")] | None = Field(
-        default=None, alias="libvirtUri"
-    )
-    """How peers reach this host's libvirtd for migration; the agent reports it when unset."""
+    libvirt_uri: LibvirtUri | None = Field(default=None, alias="libvirtUri")
+    """How peers reach this host's libvirtd for migration (`qemu+tcp://10.0.0.1/system`); the
+    agent reports it when unset. No `command=`, `socket=` or other program-choosing parameter."""
 
 
 NodeHealth = Literal["Online", "Unknown", "Fencing", "Fenced", "Offline"]
@@ -137,7 +154,7 @@ class ClusterNodeStatus(Status):
     health: NodeHealth = "Unknown"
     capacity: Capacity | None = None
     agent_version: Line | None = Field(default=None, alias="agentVersion")
-    libvirt_uri: Line | None = Field(default=None, alias="libvirtUri")
+    libvirt_uri: LibvirtUri | None = Field(default=None, alias="libvirtUri")
     migration_address: Line | None = Field(default=None, alias="migrationAddress")
     last_heartbeat_time: Time | None = Field(default=None, alias="lastHeartbeatTime")
     fence: FenceRecord | None = None

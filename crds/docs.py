@@ -48,8 +48,13 @@ VALIDATED_TYPES = {
         "not `/`, `/dev`, `/root`, `/home`, `/usr`, `/var`, nor under /etc, /proc, /sys, /boot",
     ),
     "_check_portal": ("Portal", "`IPV4:PORT` or `[IPV6]:PORT`, port 1-65535"),
+    "_plain_value": ("FenceParameterValue", "one word of `A-Za-z0-9._:@/%+,=[]-`, no leading '-'"),
+    "check_peer_uri": (
+        "LibvirtUri",
+        "`qemu[+unix|+tcp|+tls|+ssh|+libssh|+libssh2]://[HOST]/system`, allow-listed parameters",
+    ),
 }
-"""The validated string types of crds/meta.py: their name and rule, by validator."""
+"""The validated string types of crds/ (mostly meta.py): their name and rule, by validator."""
 
 HEADER = f"""# API reference ({API_VERSION})
 

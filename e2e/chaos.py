@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.fencing import FENCING_USAGE, USAGE_LABEL
 from controller.leader import current_leader, leader_key
 from controller.store import Store
 from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
@@ -415,7 +416,7 @@ def _live_qemu_guest(pid: int) -> str | None:
 
 def ipmi_secret(password: str, name: str = IPMI_SECRET) -> Secret:
     return Secret(
-        metadata=ObjectMeta(name=name),
+        metadata=ObjectMeta(name=name, labels={USAGE_LABEL: FENCING_USAGE}),
         spec=SecretSpec.model_validate({"data": {"password": password}}),
     )
 

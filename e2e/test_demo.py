@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, netns
 
+from controller.fencing import FENCING_USAGE, USAGE_LABEL
 from controller.heartbeat import heartbeat_key
 from controller.store import Store
 from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
@@ -166,7 +167,8 @@ async def test_a_cut_off_host_is_fenced_through_its_bmc_and_restore_powers_it_on
     try:
         async with Store(cluster.etcd_endpoints, prefix=cluster.prefix) as store:
             secret = SecretSpec.model_validate({"data": {"password": cluster.bmc_password}})
-            await store.create(Secret(metadata=ObjectMeta(name="ipmi"), spec=secret))
+            labels = {USAGE_LABEL: FENCING_USAGE}
+            await store.create(Secret(metadata=ObjectMeta(name="ipmi", labels=labels), spec=secret))
             for name in cluster.kvm_hosts:
                 await store.create(ipmi_fenced_node(cluster, name))
 

@@ -16,16 +16,20 @@ from pathlib import Path
 import pytest
 
 from e2e.bmc import REPO_ROOT, BmcProcess
-from reconcilers.drivers.fence import (
-    EXIT_FAILURE,
-    EXIT_STATUS_OFF,
-    EXIT_SUCCESS,
+from reconcilers.drivers.fence import EXIT_FAILURE, EXIT_STATUS_OFF, EXIT_SUCCESS, FenceRunner
+from reconcilers.drivers.fence_policy import (
+    DEFAULT_AGENTS,
     FenceConfigError,
     FenceDevice,
-    FenceRunner,
+    FencePolicy,
 )
 
 TIMEOUT = 60.0  # generous: the machine is small and shared
+TEST_POLICY = FencePolicy(
+    agents=DEFAULT_AGENTS | {"fence_dummy"},
+    allowed_parameters=frozenset({("fence_dummy", "status_file")}),
+)
+"""What a test controller allows: fence_dummy too, and its status file (a path it writes)."""
 
 
 def free_udp_port() -> int:
@@ -53,7 +57,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 @pytest.fixture
 def runner() -> FenceRunner:
-    return FenceRunner()
+    return FenceRunner(policy=TEST_POLICY)
 
 
 @pytest.fixture
@@ -117,7 +121,8 @@ def test_agent_names_must_be_plain_fence_names(agent: str) -> None:
         FenceDevice(agent=agent)
 
 
-async def test_unknown_agent_is_a_clear_error(runner: FenceRunner) -> None:
+async def test_unknown_agent_is_a_clear_error() -> None:
+    runner = FenceRunner(policy=FencePolicy(agents=frozenset({"fence_nosuchagent"})))
     with pytest.raises(FenceConfigError, match="fence_nosuchagent not found in /usr/sbin"):
         await runner.status(FenceDevice(agent="fence_nosuchagent"), TIMEOUT)
 
@@ -227,25 +232,26 @@ async def test_ipmilan_wrong_password_fails_redacted(
     assert not is_dead(host)
 
 
-async def test_ipmilan_unknown_option_echo_is_redacted(
-    runner: FenceRunner, bmc: BmcProcess, password: str
+async def test_an_unknown_parameter_is_refused_before_the_agent_runs(
+    runner: FenceRunner, tmp_path: Path
 ) -> None:
-    """fencing.py echoes a line it does not understand: if a secret sits under an unknown
-    name, the agent prints it on stderr, and the driver must still redact it."""
-    device = FenceDevice(
-        agent="fence_ipmilan",
-        parameters={
-            "ip": "127.0.0.1",
-            "ipport": str(bmc.port),
-            "username": bmc.user,
-            "lanplus": "1",
-        },
-        secret_parameters={"pass_word": password},
-    )
-    outcome = await runner.status(device, TIMEOUT)
+    """fencing.py would ignore it (and echo the line, secrets included, on stderr)."""
+    power = tmp_path / "power"
+    device = FenceDevice("fence_dummy", {"status_file": str(power)}, {"pass_word": "pw-1"})
+    with pytest.raises(FenceConfigError, match="'pass_word': unknown to fence_dummy") as caught:
+        await runner.on(device, TIMEOUT)
+    assert "pw-1" not in str(caught.value)
+    assert not power.exists(), "the agent ran"
+
+
+async def test_the_agents_own_output_is_redacted(runner: FenceRunner, tmp_path: Path) -> None:
+    """fence_dummy's traceback for an unwritable status file quotes the (secret) path."""
+    secret_path = str(tmp_path / "missing-dir" / f"pw-{secrets.token_hex(8)}")
+    device = FenceDevice("fence_dummy", {}, {"status_file": secret_path})
+    outcome = await runner.on(device, TIMEOUT)
     assert outcome.exit_code == EXIT_FAILURE
-    assert "pass_word=[redacted]" in outcome.message
-    assert password not in outcome.message
+    assert "[redacted]" in outcome.message
+    assert secret_path not in outcome.message and secret_path not in repr(outcome)
 
 
 async def test_ipmilan_timeout_kills_the_agent(runner: FenceRunner, password: str) -> None:

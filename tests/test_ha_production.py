@@ -35,6 +35,8 @@ from crds.secret import SecretSpec
 from crds.virtualmachine import VirtualMachineSpec
 from e2e.polling import eventually
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
+from reconcilers.drivers.fence import FenceRunner
+from reconcilers.drivers.fence_policy import DEFAULT_AGENTS, FencePolicy
 from reconcilers.drivers.libvirt import LibvirtHost
 
 T = TypeVar("T")
@@ -52,6 +54,11 @@ ELECTION = ElectionTiming.for_ttl(10)
 """No test here needs a leader's lease to expire (handovers are resigns, which take effect at
 once), so the term is long: a stall of the loaded test machine must not move leadership."""
 DEADLINE = 40.0
+TEST_POLICY = FencePolicy(
+    agents=DEFAULT_AGENTS | {"fence_dummy"},
+    allowed_parameters=frozenset({("fence_dummy", "status_file")}),
+)
+"""The test controllers may run fence_dummy, and give it its status file."""
 HOST_XML = """<node><cpu><mhz>2000</mhz><model>x86_64</model><active>4</active><nodes>1</nodes>
 <sockets>1</sockets><cores>4</cores><threads>1</threads></cpu><memory>8388608</memory></node>"""
 
@@ -137,7 +144,12 @@ async def start_controller(
     store = Store(etcd_endpoints, key_prefix)
     await store.connect()
     manager = build_manager(
-        store, identity=identity, timings=TIMINGS, election_timing=ELECTION, http_port=None
+        store,
+        identity=identity,
+        timings=TIMINGS,
+        election_timing=ELECTION,
+        http_port=None,
+        fence_runner=FenceRunner(policy=TEST_POLICY),
     )
     task = asyncio.create_task(manager.run(handle_signals=False))
     return manager, task
@@ -259,7 +271,10 @@ async def test_lost_node_is_power_fenced_and_its_vm_recovered_then_rejoins(
 ) -> None:
     power = tmp_path / "a.power"
     power.write_text("on")
-    secret = Secret(metadata=ObjectMeta(name="fence-a"), spec=SecretSpec(data={"file": str(power)}))
+    secret = Secret(
+        metadata=ObjectMeta(name="fence-a", labels={"kvmctl.io/node": "a"}),
+        spec=SecretSpec(data={"file": str(power)}),
+    )
     await store.create(secret)
     fencing = dummy_fencing(secretParameters={"status_file": {"name": "fence-a", "key": "file"}})
     await store.create(node_object("a", fencing))
@@ -309,6 +324,42 @@ async def test_lost_node_is_power_fenced_and_its_vm_recovered_then_rejoins(
     await eventually(online, "a back Online after its agent cleaned up")
     assert (await get_node(store, "a")).status.fence is None
     assert (await placed_on(store, "vm1", "b")) is not None
+
+
+async def test_a_device_using_another_nodes_secret_is_flagged_and_never_run(
+    store: Store, leases: Leases, controller: Manager, tmp_path: Path
+) -> None:
+    """The fence-device checker warns at once; at fence time the device is refused, unrun."""
+    power = tmp_path / "a.power"
+    power.write_text("on")
+    secret = Secret(
+        metadata=ObjectMeta(name="fence-b", labels={"kvmctl.io/node": "b"}),
+        spec=SecretSpec(data={"file": str(power)}),
+    )
+    await store.create(secret)
+    fencing = dummy_fencing(secretParameters={"status_file": {"name": "fence-b", "key": "file"}})
+    await store.create(node_object("a", fencing))
+    await store.create(node_object("b"))
+    await leases.hold("a")
+    await leases.hold("b")
+
+    async def warned(reason: str) -> list[str]:
+        return [
+            e.spec.message
+            for e in await events_of(store, "ClusterNode", "a")
+            if e.spec.reason == reason and "'fence-b' is not for fencing a" in e.spec.message
+        ]
+
+    (early,) = await eventually(lambda: warned("InvalidFenceDevice"), "an early warning")
+    assert "kvmctl.io/node=a or kvmctl.io/usage=fencing" in early
+    await store.create(vm_object("vm1"))
+    await eventually(lambda: placed_on(store, "vm1", "a"), "vm1 placed on a")
+    await report_running(store, "vm1", "a")
+    await leases.drop("a")
+    await eventually(lambda: warned("FencingFailed"), "fencing refused")
+    assert power.read_text() == "on", "the device ran"
+    assert (await get_node(store, "a")).status.health == "Fencing"
+    assert await placed_on(store, "vm1", "a") is not None
 
 
 async def test_failing_fence_device_blocks_recovery_until_fence_ack(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from controller.reconcile import TerminalError
 from controller.store import Store, StoreError
 from crds import KINDS, VirtualMachine, parse_object
 from reconcilers.drivers.domain_xml import DomainSpecError, build_domain_xml
-from reconcilers.drivers.fence import FenceConfigError, FenceDevice
+from reconcilers.drivers.fence_policy import FenceConfigError, FenceDevice
 from reconcilers.drivers.lvm import Lvm
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.virtualmachine import DomainSettings, VirtualMachineReconciler
@@ -343,8 +344,8 @@ def test_lvm_gets_each_value_as_one_argument_and_no_name_reads_as_an_option(
 
 def _unsendable(value: str) -> bool:
     """Values a fence agent's `key=value` stdin cannot carry unchanged."""
-    surrogate = any(0xD800 <= ord(c) < 0xE000 for c in value)
-    return value != value.strip() or any(c in value for c in "\n\r\0") or surrogate
+    unsafe = any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in value)
+    return value != value.strip() or unsafe
 
 
 @EXAMPLES

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from reconcilers.drivers.domain_xml import (
@@ -29,10 +30,12 @@ from reconcilers.drivers.libvirt import (
     DomainState,
     EventStream,
     InvalidDefinition,
+    InvalidUri,
     LibvirtHost,
     LibvirtUnavailable,
     LifecycleEvent,
     LifecycleEventKind,
+    MigrationError,
 )
 
 EVENT_DEADLINE_S = 20.0
@@ -183,6 +186,58 @@ async def test_unreachable_daemon_is_unavailable(tmp_path: Path) -> None:
     socket = tmp_path / "no-libvirtd.sock"
     with pytest.raises(LibvirtUnavailable, match="cannot connect to libvirt at qemu\\+unix"):
         await LibvirtHost.connect(f"qemu+unix:///system?socket={socket}")
+
+
+def command_writing(tmp_path: Path) -> tuple[Path, Path]:
+    """A program that records that it ran, and the file it writes."""
+    out = tmp_path / "ran"
+    program = tmp_path / "program.sh"
+    program.write_text(f"#!/bin/sh\nid > {out}\n")
+    program.chmod(0o755)
+    return program, out
+
+
+def test_libvirt_runs_the_command_of_an_ext_uri(tmp_path: Path) -> None:
+    """The control: libvirt itself runs what `command=` names."""
+    program, out = command_writing(tmp_path)
+    with pytest.raises(libvirt.libvirtError):
+        libvirt.open(f"qemu+ext:///system?command={program}")
+    assert out.read_text().startswith("uid=")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "qemu+ext:///system?command={program}",
+        "qemu+ssh://h1/system?command={program}",
+        "qemu+ssh://h1/system?no_tty=1;command={program}",
+        "qemu+ssh://h1/system?netcat={program}",
+        "qemu:///system?command={program}",
+    ],
+)
+async def test_connect_refuses_uris_outside_the_allow_list(tmp_path: Path, uri: str) -> None:
+    program, out = command_writing(tmp_path)
+    with pytest.raises(InvalidUri, match="cannot connect to libvirt: libvirt URI"):
+        await LibvirtHost.connect(uri.format(program=program))
+    assert not out.exists()
+
+
+async def test_migrate_refuses_a_peer_uri_outside_the_allow_list(
+    host: LibvirtHost, tmp_path: Path
+) -> None:
+    """The target's URI comes from its agent; the source daemon would open it as root."""
+    program, out = command_writing(tmp_path)
+    await host.define(build_domain_xml(vm_spec("vm1")))
+    await host.start("vm1")
+    for dest, data in (
+        (f"qemu+ext://h2/system?command={program}", "tcp://10.0.0.2"),
+        ("qemu+unix:///system?socket=/run/other.sock", "tcp://10.0.0.2"),
+        ("qemu+tcp://10.0.0.2/system", "unix:///run/x"),
+    ):
+        with pytest.raises(MigrationError, match=r"refused: (libvirt|migration) URI"):
+            await host.migrate("vm1", dest, migrate_uri=data, max_downtime_ms=300)
+    assert not out.exists()
+    assert await host.state("vm1") is DomainState.RUNNING
 
 
 async def test_each_host_file_is_a_separate_host(tmp_path: Path) -> None:

@@ -144,6 +144,73 @@ def test_fence_agent_name_cannot_be_a_path() -> None:
     assert "agent" in error_of(bad)
 
 
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        ({"ssh_path": "/bin/sh -c 'id > out'"}, "may use only letters"),
+        ({"ip": "10.0.0.9 -oProxyCommand=x"}, "may use only letters"),
+        ({"username": "-oProxyCommand=x"}, "may not start with '-'"),
+        ({"plug": "vm1\naction=on"}, "control character"),
+        ({"plug": "vm1\x0baction=on"}, "control character"),
+        ({"help": "1"}, "chosen by kvmctl"),
+        ({"Ip": "10.0.0.9"}, "parameters.Ip"),
+    ],
+)
+def test_fence_parameters_are_plain_words(parameters: dict[str, str], expected: str) -> None:
+    device = {"agent": "fence_virsh", "parameters": parameters}
+    assert expected in error_of(node(methods=[{"name": "m", "devices": [device]}]))
+
+
+def with_uri(uri: str, where: str = "spec") -> dict[str, Any]:
+    document = node(methods=[])
+    document[where] = {**document.get(where, {}), "libvirtUri": uri}
+    return document
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("qemu+ext://x/system?command=/sbin/poweroff", "transport 'ext' is not allowed"),
+        ("qemu+ssh://root@h1/system?command=/bin/sh", "parameter 'command' is not allowed"),
+        ("qemu+ssh://h1/system?netcat=/bin/sh", "parameter 'netcat' is not allowed"),
+        ("qemu+tcp://h1/system?socket=/tmp/s", "parameter 'socket' is not allowed"),
+        ("qemu+unix:///system?socket=/tmp/s", "parameter 'socket' is not allowed"),
+        ("qemu+ssh://h1/system?no_tty=1;command=/bin/sh", "no %, ;, # or spaces"),
+        ("qemu+ssh://h1/system?%63ommand=/bin/sh", "no %, ;, # or spaces"),
+        ("qemu+ssh://-oProxyCommand=x/system", "needs a valid host"),
+        ("qemu+ssh://-oProxyCommand=x@h1/system", "needs a valid host"),
+        ("qemu+ssh://h1/system?keyfile=../../etc/shadow", "absolute path"),
+        ("xen+ssh://h1/system", "expected qemu"),
+        ("test:///default", "expected qemu"),
+        ("qemu+tcp:///system", "needs a valid host"),
+        ("qemu+tcp://h1/session", "path must be /system"),
+        ("qemu+tcp://h1/system\n", "no %, ;, # or spaces"),
+    ],
+)
+@pytest.mark.parametrize("where", ["spec", "status"])
+def test_libvirt_uris_outside_the_allow_list_are_refused(
+    uri: str, expected: str, where: str
+) -> None:
+    message = error_of(with_uri(uri, where))
+    assert f"{where}.libvirtUri" in message and expected in message, message
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "qemu:///system",
+        "qemu+unix:///system",
+        "qemu+tcp://10.10.0.11/system",
+        "qemu+tcp://[fd00::11]:16509/system",
+        "qemu+tls://host1.example.com/system?pkipath=/etc/pki/libvirt&no_verify=0",
+        "qemu+ssh://root@host1/system?keyfile=/root/.ssh/id_ed25519&no_tty=1",
+        "qemu+libssh://root@host1:2222/system?known_hosts=/root/.ssh/known_hosts&sshauth=privkey",
+    ],
+)
+def test_supported_libvirt_uris_are_accepted(uri: str) -> None:
+    assert parse_object(with_uri(uri)).spec.libvirt_uri == uri
+
+
 def bond(**spec: Any) -> dict[str, Any]:
     base = {"node": "host1", "interface": "bond0", "slaves": ["eth0", "eth2"]}
     return {

@@ -29,7 +29,8 @@ from controller.manifests import load_text
 from controller.store import Store
 from crds import KINDS, Secret
 from e2e.tgtd import TgtDaemon
-from reconcilers.drivers.fence import FenceConfigError, FenceDevice, FenceRunner
+from reconcilers.drivers.fence import FenceRunner
+from reconcilers.drivers.fence_policy import FenceConfigError, FenceDevice, FencePolicy
 from reconcilers.drivers.tgt import TgtAdm, TgtError
 from reconcilers.iscsitarget import IscsiTargetReconciler
 
@@ -219,26 +220,31 @@ def test_cli_never_prints_secret_values(
 async def test_fence_runner_never_logs_the_password(
     everything_logged: pytest.LogCaptureFixture,
 ) -> None:
-    # fence_dummy does not know `password` and echoes the whole line in a warning on stderr:
-    # exactly what an agent with a verbose error would do.
+    # fence_dummy's traceback for a status file it cannot write quotes the path: here the path
+    # is the secret, exactly what an agent with a verbose error would do with a password.
     device = FenceDevice(
         "fence_dummy",
-        {"type": "fail", "status_file": "/nonexistent/kvmctl-test", "power_timeout": "2"},
-        {"password": FENCE_PASSWORD},
+        {"type": "file", "power_timeout": "2"},
+        {"status_file": f"/nonexistent/{FENCE_PASSWORD}"},
     )
-    runner = FenceRunner()
+    runner = FenceRunner(
+        policy=FencePolicy(
+            agents=frozenset({"fence_dummy"}),
+            allowed_parameters=frozenset({("fence_dummy", "status_file")}),
+        )
+    )
     outcomes = [
         await runner.power_off_and_confirm(device, timeout=60),
-        await runner.status(device, timeout=60),
+        await runner.on(device, timeout=60),
     ]
-    assert not outcomes[0].succeeded
-    # The agent's warning did carry the password; the runner shows it redacted.
-    assert any("password=[redacted]" in outcome.message for outcome in outcomes), outcomes
+    assert not outcomes[1].succeeded
+    # The agent's traceback did carry the secret; the runner shows it redacted.
+    assert any("[redacted]" in outcome.message for outcome in outcomes), outcomes
     for outcome in outcomes:
         assert_no_secret(repr(outcome), "a fence outcome")
     assert_no_secret(repr(device) + str(device), "the fence device's repr")
     with pytest.raises(FenceConfigError) as refused:
-        await runner.validate(device)
+        await runner.validate(FenceDevice("fence_dummy", {}, {"password": FENCE_PASSWORD}))
     assert "password" in str(refused.value)
     assert_no_secret(str(refused.value), "a fence validation error")
     with pytest.raises(FenceConfigError) as refused:

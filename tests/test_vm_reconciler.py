@@ -76,12 +76,17 @@ class Cluster:
     def term(self) -> Term:
         return Term.of(self.store, self.elector.key, self.token)
 
-    async def add_node(self, name: str, self_fence: bool = False) -> None:
+    async def add_node(self, name: str, self_fence: bool = False, peer_uri: bool = True) -> None:
+        """A ClusterNode; with `peer_uri`, a libvirtUri peers could migrate to (the agents'
+        own test:// URIs are local-only, so they are not reported)."""
         self.node_count += 1
         index = self.node_count
         node = ClusterNode(
             metadata=ObjectMeta(name=name),
-            spec=ClusterNodeSpec(addresses=NodeAddresses(cluster=ip_address(f"127.0.0.{index}"))),
+            spec=ClusterNodeSpec(
+                addresses=NodeAddresses(cluster=ip_address(f"127.0.0.{index}")),
+                libvirt_uri=f"qemu+tcp://127.0.0.{index}/system" if peer_uri else None,
+            ),
         )
         node.spec.fencing.self_fence = self_fence
         await self.store.create(node)
@@ -192,13 +197,14 @@ async def running_vm(cluster: Cluster, name: str, node: str, **spec: Any) -> Vir
 async def test_agent_registers_and_keeps_a_heartbeat(cluster: Cluster) -> None:
     agent_task = asyncio.create_task(cluster.start_agent("host1"))
     await asyncio.sleep(0)  # the agent waits for its ClusterNode
-    await cluster.add_node("host1")
+    await cluster.add_node("host1", peer_uri=False)
     agent = await agent_task
     node = await cluster.store.get("ClusterNode", "host1")
     assert isinstance(node, ClusterNode)
     assert node.status.capacity is not None and node.status.capacity.cpus == 4
     assert node.status.capacity.memory_mib == 8192
-    assert node.status.libvirt_uri == agent.settings.libvirt_uri
+    assert agent.settings.libvirt_uri.startswith("test:///")
+    assert node.status.libvirt_uri is None, "a local-only URI is no use to peers: not reported"
     assert node.status.migration_address == "127.0.0.1"
     assert node.status.agent_version and node.status.last_heartbeat_time
     ready = node.status.condition("AgentReady")

@@ -79,6 +79,24 @@ def register(commands: Any) -> None:
         "--max-parallel-migrations", type=int, default=defaults.max_parallel_migrations
     )
     controller.add_argument(
+        "--fence-agents",
+        default="default",
+        help=(
+            "comma-separated fence agents this controller may run; 'default' stands for the "
+            "built-in list of power-fencing agents (default: %(default)s)"
+        ),
+    )
+    controller.add_argument(
+        "--fence-allow-parameter",
+        action="append",
+        default=[],
+        metavar="AGENT:PARAMETER",
+        help=(
+            "let ClusterNodes set this exec-like parameter (a program, script, file or options "
+            "the agent uses, e.g. fence_virsh:identity_file); repeatable; refused otherwise"
+        ),
+    )
+    controller.add_argument(
         "--election-ttl",
         type=int,
         default=ElectionTiming().ttl,
@@ -133,6 +151,18 @@ async def run_controller(args: argparse.Namespace) -> int:
     # Imported here: the fence driver and migration controller are not needed by other commands.
     from controller.ha.controller import build_manager
     from controller.telemetry import setup_telemetry
+    from reconcilers.drivers.fence import FenceRunner
+    from reconcilers.drivers.fence_policy import FencePolicy
+
+    from . import UsageError
+
+    try:
+        policy = FencePolicy.from_settings(
+            [agent.strip() for agent in args.fence_agents.split(",") if agent.strip()],
+            args.fence_allow_parameter,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.INFO)
@@ -157,6 +187,7 @@ async def run_controller(args: argparse.Namespace) -> int:
         election_timing=election,
         http_host=args.metrics_host,
         http_port=args.metrics_port,
+        fence_runner=FenceRunner(policy=policy),
     )
     await manager.run()  # closes the store
     return 0

@@ -8,7 +8,8 @@ loop stops at once and waits for the elector, which notices within its renew per
 the term.
 
 `build_manager` puts it together with the VirtualMachineMigration controller
-(`controller/migrations.py`), both leader-only tasks of a `Manager` sharing its caches.
+(`controller/migrations.py`) and the fence-device checker (`controller/fencing.py`), leader-only
+tasks of a `Manager` sharing its caches.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import logging
 
 from controller.events import EventRecorder
+from controller.fencing import FenceChecker
 from controller.informer import SharedInformers
 from controller.leader import ElectionTiming
 from controller.manager import LeaderTask, Manager
@@ -87,10 +89,12 @@ def build_manager(
     http_port: int | None = None,
     fence_runner: FenceRunner | None = None,
 ) -> Manager:
-    """A Manager running the HA loop and the migration controller while it leads."""
+    """A Manager running the HA loop, the migration controller and the fence-device checker
+    while it leads; `fence_runner` (default: the default allow-list) runs every fence agent."""
     informers = SharedInformers(store)
     recorder = EventRecorder(store, COMPONENT)
     ha = HaController(store, informers, timings, recorder, fence_runner)
+    checker = FenceChecker(store, informers, ha.fence_runner, recorder)
 
     async def migrations(token: int, guard: list[Compare]) -> None:
         await lead_migrations(store, recorder, Term(token, guard))
@@ -104,5 +108,9 @@ def build_manager(
         http_port=http_port,
         component=COMPONENT,
         informers=informers,
-        leader_tasks=[ha.leader_task(), LeaderTask("migrations", migrations)],
+        leader_tasks=[
+            ha.leader_task(),
+            LeaderTask("migrations", migrations),
+            LeaderTask("fence-check", checker.run),
+        ],
     )

@@ -15,7 +15,8 @@ node health and fence confirmation (`ClusterNode.status.health`, `status.fence`)
 and `DiskConflict` conditions; `Migrate` creates a VirtualMachineMigration (the migration
 controller and the source agent carry it out); `ClearMigration` marks the VM's finished
 migrations `HaAcknowledged`; `StartFence` runs the method's devices with
-`FenceRunner.power_off_and_confirm` in a task (secrets resolved from Secret objects, never
+`FenceRunner.power_off_and_confirm` in a task (secrets resolved from the Secrets meant for that
+node by `controller/fencing.py`, never
 logged); `Emit` records an Event.
 
 A guarded write that fails because the term is over marks the environment deposed: nothing more
@@ -36,17 +37,18 @@ from typing import Any
 
 from controller import telemetry
 from controller.events import EventRecorder
+from controller.fencing import runner_device
 from controller.heartbeat import heartbeat_key
 from controller.informer import SharedInformers
 from controller.migrations import Term
 from controller.store import Compare, Conflict, NotFound, Store, StoreError
-from crds import AnyResource, ClusterNode, ObjectMeta, Secret, VirtualMachine
-from crds.clusternode import FenceDevice as FenceDeviceSpec
+from crds import AnyResource, ClusterNode, ObjectMeta, VirtualMachine
 from crds.clusternode import FenceRecord
 from crds.event import ObjectReference
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigration, VirtualMachineMigrationSpec
 from crds.virtualmachine import Placement
-from reconcilers.drivers.fence import FenceConfigError, FenceDevice, FenceRunner
+from reconcilers.drivers.fence import FenceRunner
+from reconcilers.drivers.fence_policy import FenceConfigError
 
 from . import requests
 from .environment import (
@@ -604,26 +606,12 @@ class EtcdEnvironment:
         method = next((m for m in node.spec.fencing.methods if m.name == method_name), None)
         if method is None:
             return False, f"no fence method {method_name!r} on {node_name}"
-        devices = [await self._device(node_name, spec) for spec in method.devices]
+        devices = [await runner_device(self.store, node_name, spec) for spec in method.devices]
         for index, (spec, device) in enumerate(zip(method.devices, devices, strict=True)):
             outcome = await self.fence_runner.power_off_and_confirm(device, spec.timeout_seconds)
             if not outcome.succeeded:
                 return False, f"device {index} ({device.agent}): {outcome.message}"
         return True, "every device confirmed power off"
-
-    async def _device(self, node: str, spec: FenceDeviceSpec) -> FenceDevice:
-        """The runner's device, with secret parameters read from their Secrets."""
-        secret_values: dict[str, str] = {}
-        for parameter, ref in spec.secret_parameters.items():
-            where = f"ClusterNode {node} fence device {spec.agent} parameter {parameter!r}"
-            try:
-                secret = await self.store.get("Secret", ref.name)
-            except NotFound:
-                raise FenceConfigError(f"{where}: Secret {ref.name!r} not found") from None
-            if not isinstance(secret, Secret) or ref.key not in secret.spec.data:
-                raise FenceConfigError(f"{where}: Secret {ref.name!r} has no key {ref.key!r}")
-            secret_values[parameter] = secret.spec.data[ref.key]
-        return FenceDevice(spec.agent, dict(spec.parameters), secret_values)
 
 
 def _heartbeat_prefix(prefix: str) -> str:

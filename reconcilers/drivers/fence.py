@@ -2,6 +2,8 @@
 
 The agent gets `key=value` lines on stdin (`action=...` plus the device's parameters) and answers
 with its exit code: 0 success (or "on" for `status`), 2 "off" for `status`, 1 failure.
+What may run, with which parameters, is the runner's `FencePolicy` (fence_policy.py): checked
+here, right before anything executes, against the agent's own `-o metadata`.
 Secrets (passwords) only ever travel on the agent's stdin; they are redacted from every message,
 log line, exception and repr this module produces, the agent's own stderr included.
 """
@@ -10,124 +12,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import logging
 import os
 import re
 import signal
 import time
-import xml.etree.ElementTree as ElementTree
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Literal, get_args
+
+from .fence_policy import (
+    AGENT_NAME,
+    AgentMetadata,
+    FenceAction,
+    FenceConfigError,
+    FenceDevice,
+    FencePolicy,
+    check_action,
+)
 
 log = logging.getLogger(__name__)
-
-FenceAction = Literal["off", "on", "reboot", "status", "monitor", "list", "metadata"]
-FENCE_ACTIONS: frozenset[str] = frozenset(get_args(FenceAction))
 
 EXIT_SUCCESS = 0
 EXIT_FAILURE = 1
 EXIT_STATUS_OFF = 2
 
 AGENT_DIR = Path("/usr/sbin")
-REDACTED = "[redacted]"
 MESSAGE_LIMIT = 300
 
-_AGENT_NAME = re.compile(r"fence_[a-z0-9_]+")
-_PARAMETER_NAME = re.compile(r"[a-z][a-z0-9_]*")
-_FORBIDDEN_CHARACTERS = ("\n", "\r", "\0")
-_BOOLEAN_VALUES = frozenset({"0", "1", "yes", "no", "on", "off", "true", "false"})
 # fencing.py log lines look like "2024-01-01 10:00:00,123 ERROR: Failed: ..." or "ERROR:root:...".
 _PROBLEM_LEVELS = ("ERROR", "CRITICAL", "WARNING")
 _LOG_PREFIX = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ )?(?P<level>[A-Z]+)(:root)?: ?")
-
-
-class FenceConfigError(ValueError):
-    """A fence device or action that can never work as written (a user error, not an outage)."""
-
-
-def _check_parameter(agent: str, name: str, value: str, *, secret: bool) -> None:
-    where = f"fence device {agent}, parameter {name!r}"
-    if not _PARAMETER_NAME.fullmatch(name):
-        raise FenceConfigError(f"{where}: names are lower-case letters, digits and '_'")
-    if name == "action":
-        raise FenceConfigError(f"{where}: the action is chosen per call, not set on the device")
-    shown = "the secret value" if secret else f"value {value!r}"
-    if any(character in value for character in _FORBIDDEN_CHARACTERS):
-        raise FenceConfigError(
-            f"{where}: {shown} contains a newline, carriage return or NUL, which would inject "
-            "extra lines into the agent's input"
-        )
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise FenceConfigError(
-            f"{where}: {shown} contains a lone surrogate, which cannot be sent as UTF-8"
-        ) from None
-    if value != value.strip():
-        raise FenceConfigError(
-            f"{where}: {shown} has leading or trailing whitespace, which the agent would strip"
-        )
-
-
-@dataclass(frozen=True)
-class FenceDevice:
-    """One fence device: an agent from fence-agents and the parameters it is run with.
-
-    `secret_parameters` (passwords) never appear in repr(), str(), logs or errors.
-    """
-
-    agent: str
-    parameters: Mapping[str, str] = field(default_factory=dict)
-    secret_parameters: Mapping[str, str] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        if not _AGENT_NAME.fullmatch(self.agent):
-            raise FenceConfigError(
-                f"fence agent name {self.agent!r} is invalid: expected fence_<name> "
-                "(lower-case letters, digits, '_'), not a path or a command"
-            )
-        for name, value in self.parameters.items():
-            _check_parameter(self.agent, name, value, secret=False)
-        for name, value in self.secret_parameters.items():
-            _check_parameter(self.agent, name, value, secret=True)
-        both = sorted(self.parameters.keys() & self.secret_parameters.keys())
-        if both:
-            raise FenceConfigError(
-                f"fence device {self.agent}: parameter {both[0]!r} is given both as a plain "
-                "and as a secret parameter"
-            )
-        # Read-only private copies: later changes cannot bypass the checks above.
-        object.__setattr__(self, "parameters", MappingProxyType(dict(self.parameters)))
-        object.__setattr__(
-            self, "secret_parameters", MappingProxyType(dict(self.secret_parameters))
-        )
-
-    def __repr__(self) -> str:
-        secrets = {name: REDACTED for name in self.secret_parameters}
-        return (
-            f"FenceDevice(agent={self.agent!r}, parameters={dict(self.parameters)!r}, "
-            f"secret_parameters={secrets!r})"
-        )
-
-    __str__ = __repr__
-
-    def redact(self, text: str) -> str:
-        """`text` with every secret value replaced by [redacted]."""
-        for value in sorted(self.secret_parameters.values(), key=len, reverse=True):
-            if value:
-                text = text.replace(value, REDACTED)
-        return text
-
-    def stdin_lines(self, action: FenceAction) -> bytes:
-        """The agent's standard input for `action`."""
-        lines = [f"action={action}"]
-        lines += [f"{name}={value}" for name, value in self.parameters.items()]
-        lines += [f"{name}={value}" for name, value in self.secret_parameters.items()]
-        return "".join(f"{line}\n" for line in lines).encode()
 
 
 @dataclass(frozen=True)
@@ -154,118 +68,28 @@ class FenceOutcome:
         return self.exit_code == EXIT_STATUS_OFF
 
 
-@dataclass(frozen=True)
-class AgentParameter:
-    """One parameter from an agent's `-o metadata`."""
-
-    name: str
-    required: bool
-    type: str
-    default: str | None = None
-    choices: tuple[str, ...] = ()
-    deprecated: bool = False
-    obsoletes: str | None = None
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class AgentMetadata:
-    """An agent's self-description: its parameters and the actions it supports."""
-
-    agent: str
-    description: str
-    parameters: Mapping[str, AgentParameter]
-    actions: frozenset[str]
-
-    @classmethod
-    def from_xml(cls, agent: str, xml_text: str) -> AgentMetadata:
-        try:
-            root = ElementTree.fromstring(xml_text)
-        except ElementTree.ParseError as error:
-            raise FenceConfigError(f"fence agent {agent}: unreadable metadata: {error}") from None
-        parameters: dict[str, AgentParameter] = {}
-        for element in root.iterfind("parameters/parameter"):
-            content = element.find("content")
-            name = element.get("name", "")
-            parameters[name] = AgentParameter(
-                name=name,
-                required=element.get("required") == "1",
-                type=content.get("type", "string") if content is not None else "string",
-                default=content.get("default") if content is not None else None,
-                choices=tuple(
-                    option.get("value", "")
-                    for option in (content.iterfind("option") if content is not None else ())
-                ),
-                deprecated=element.get("deprecated") == "1",
-                obsoletes=element.get("obsoletes"),
-                description=(element.findtext("shortdesc") or "").strip(),
-            )
-        actions = frozenset(action.get("name", "") for action in root.iterfind("actions/action"))
-        return cls(
-            agent=agent,
-            description=root.get("shortdesc", ""),
-            parameters=parameters,
-            actions=actions,
-        )
-
-    def validate(self, device: FenceDevice) -> None:
-        """Raise FenceConfigError naming the first parameter of `device` this agent rejects."""
-        given = {**device.parameters, **device.secret_parameters}
-        for name, value in given.items():
-            parameter = self.parameters.get(name)
-            where = f"fence device {self.agent}, parameter {name!r}"
-            if parameter is None:
-                close = difflib.get_close_matches(name, list(self.parameters), n=3)
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise FenceConfigError(f"{where}: unknown to {self.agent}{hint}")
-            shown = "the secret value" if name in device.secret_parameters else repr(value)
-            problem = _type_problem(parameter, value)
-            if problem:
-                raise FenceConfigError(f"{where}: {shown} {problem}")
-        for parameter in self.parameters.values():
-            if (
-                parameter.required
-                and parameter.name != "action"
-                and not self._given(parameter, given)
-            ):
-                raise FenceConfigError(
-                    f"fence device {self.agent}: required parameter {parameter.name!r} is missing"
-                )
-
-    def _given(self, parameter: AgentParameter, given: Mapping[str, str]) -> bool:
-        aliases = {parameter.name}
-        if parameter.obsoletes:
-            aliases.add(parameter.obsoletes)
-        aliases |= {p.name for p in self.parameters.values() if p.obsoletes == parameter.name}
-        return any(alias in given for alias in aliases)
-
-
-def _type_problem(parameter: AgentParameter, value: str) -> str | None:
-    """Why `value` does not fit `parameter`'s declared type, or None."""
-    if parameter.type == "boolean" and value.lower() not in _BOOLEAN_VALUES:
-        return "is not a boolean (use 1 or 0)"
-    if parameter.type == "integer" and not re.fullmatch(r"-?\d+", value):
-        return "is not an integer"
-    if parameter.type == "second":
-        try:
-            float(value)
-        except ValueError:
-            return "is not a number of seconds"
-    if parameter.type == "select" and parameter.choices and value not in parameter.choices:
-        return f"is not one of {', '.join(parameter.choices)}"
-    return None
-
-
 def _summarize(device: FenceDevice, exit_code: int, stdout: bytes, stderr: bytes) -> str:
     """A short, redacted message from the agent's output.
 
     A failure is explained by the agent's errors and warnings (fencing.py logs them on stderr),
-    anything else by its answer on stdout ("Status: OFF", "Success: Powered OFF").
+    anything else by its answer on stdout ("Status: OFF", "Success: Powered OFF"). Of a Python
+    traceback only its last line (the exception) counts, as a problem.
     """
     problems: list[str] = []
     others: list[str] = []
+    in_traceback = False
     for raw in stderr.decode(errors="replace").splitlines():
+        if raw.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+            continue
+        if in_traceback and raw[:1].isspace():
+            continue
         line = raw.strip()
+        if in_traceback:
+            in_traceback = False
+            if line and line not in problems:
+                problems.append(line)
+            continue
         match = _LOG_PREFIX.match(line)
         text = line[match.end() :] if match else line
         if not text or "DeprecationWarning" in text or text.startswith("from "):
@@ -284,16 +108,18 @@ def _summarize(device: FenceDevice, exit_code: int, stdout: bytes, stderr: bytes
 
 
 class FenceRunner:
-    """Runs fence agents from `agent_dir` as asyncio subprocesses, one call at a time per call."""
+    """Runs fence agents from `agent_dir` as asyncio subprocesses, as `policy` allows."""
 
-    def __init__(self, agent_dir: Path = AGENT_DIR) -> None:
+    def __init__(self, agent_dir: Path = AGENT_DIR, policy: FencePolicy | None = None) -> None:
         self._agent_dir = agent_dir
+        self.policy = policy or FencePolicy()
         self._metadata: dict[str, AgentMetadata] = {}
 
     def agent_path(self, agent: str) -> Path:
-        """The agent's executable; FenceConfigError if the name is invalid or it is missing."""
-        if not _AGENT_NAME.fullmatch(agent):
+        """The agent's executable; FenceConfigError if it is not allowed, invalid or missing."""
+        if not AGENT_NAME.fullmatch(agent):
             raise FenceConfigError(f"fence agent name {agent!r} is invalid: expected fence_<name>")
+        self.policy.check_agent(agent)
         path = self._agent_dir / agent
         if not os.access(path, os.X_OK):
             raise FenceConfigError(
@@ -302,14 +128,16 @@ class FenceRunner:
         return path
 
     async def run(self, device: FenceDevice, action: FenceAction, timeout: float) -> FenceOutcome:
-        """Run `action` on `device`; the agent is killed if it is not done after `timeout` s."""
-        if action not in FENCE_ACTIONS:
-            raise FenceConfigError(
-                f"fence action {action!r} is unknown: use one of {', '.join(sorted(FENCE_ACTIONS))}"
-            )
-        path = self.agent_path(device.agent)
+        """Run `action` on `device`; the agent is killed if it is not done after `timeout` s.
+
+        FenceConfigError, before anything runs, if the policy or the agent's metadata refuses
+        the device.
+        """
+        check_action(action)
+        known = await self.metadata(device.agent, timeout)
+        invocation = self.policy.invocation(known, device, action, self._agent_dir)
         process = await asyncio.create_subprocess_exec(
-            str(path),
+            *invocation.argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -318,7 +146,7 @@ class FenceRunner:
         )
         try:
             async with asyncio.timeout(timeout):
-                stdout, stderr = await process.communicate(device.stdin_lines(action))
+                stdout, stderr = await process.communicate(invocation.stdin)
         except TimeoutError:
             await _kill_process_group(process)
             outcome = FenceOutcome(
@@ -440,8 +268,8 @@ class FenceRunner:
         return self._metadata[agent]
 
     async def validate(self, device: FenceDevice) -> None:
-        """Raise FenceConfigError if the agent does not accept the device's parameters."""
-        (await self.metadata(device.agent)).validate(device)
+        """Raise FenceConfigError if the policy or the agent refuses the device's parameters."""
+        self.policy.check(await self.metadata(device.agent), device)
 
 
 async def _kill_process_group(process: asyncio.subprocess.Process) -> None:

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import libvirt
 
 from .domain_xml import parse_kvmctl_metadata
+from .libvirt_uri import LibvirtUriError, check_local_uri, check_migrate_uri, check_peer_uri
 
 T = TypeVar("T")
 
@@ -66,6 +67,10 @@ class DomainStateConflict(LibvirtError):
 
 class InvalidDefinition(LibvirtError):
     """libvirt refused a domain definition: retrying the same XML will not help."""
+
+
+class InvalidUri(LibvirtError):
+    """A libvirt URI outside the allow-list (libvirt_uri.py): nothing was opened."""
 
 
 class MigrationError(LibvirtError):
@@ -326,7 +331,14 @@ class LibvirtHost:
 
     @classmethod
     async def connect(cls, uri: str) -> LibvirtHost:
-        """Open a read-write connection to `uri` (`qemu:///system`, `test:///default`, ...)."""
+        """Open a read-write connection to `uri` (`qemu:///system`, `test:///default`, ...).
+
+        InvalidUri, before libvirt sees it, for a URI `check_local_uri` refuses.
+        """
+        try:
+            check_local_uri(uri)
+        except LibvirtUriError as error:
+            raise InvalidUri(f"cannot connect to libvirt: {error}") from None
         _start_event_thread()
         try:
             connection = await asyncio.to_thread(libvirt.open, uri)
@@ -559,11 +571,18 @@ class LibvirtHost:
         (`tcp://10.0.0.2`). The definition moves with the domain (persistent on the
         destination, undefined here). `progress` is called every `poll_interval` seconds while
         the job runs. Raises DomainNotFound, or MigrationError (the domain normally keeps
-        running here). Cancelling the calling task aborts the migration job, and so does a job
+        running here; also, before anything starts, for a URI outside the allow-list of
+        libvirt_uri.py). Cancelling the calling task aborts the migration job, and so does a job
         that moved no data for `stall_timeout` seconds: an unreachable target can otherwise hold
         it for minutes (a TCP connect to a silent peer).
         """
         context = f"migrate domain {name!r} to {dest_uri}"
+        # Both come from the target's agent (untrusted), and the source daemon opens them as root.
+        try:
+            check_peer_uri(dest_uri)
+            check_migrate_uri(migrate_uri)
+        except LibvirtUriError as error:
+            raise MigrationError(f"{context} refused: {error}") from None
         domain = await self._call(f"look up domain {name!r}", lambda: self._domain(name))
         params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_URI: migrate_uri}
         if bandwidth_mibps is not None:

@@ -1,0 +1,122 @@
+"""The controller's side of fence devices: Secrets scoped to nodes, and early warnings.
+
+A device's `secretParameters` name Secrets; the controller reads them (an agent cannot) and hands
+the values to the agent on stdin. A ClusterNode may use only a Secret meant for it: labelled
+`kvmctl.io/node: <that node>`, or `kvmctl.io/usage: fencing` (shared by every node's devices,
+like one BMC password). Anything else (a CHAP secret, another node's password) is refused at
+fence time with a message saying which label is missing.
+
+`FenceChecker` is a leader task: at the start of each term and whenever a ClusterNode's spec
+changes it checks every device the way the fence runner will (allow-list, the agent's metadata,
+secrets) and records an `InvalidFenceDevice` Warning per problem, so the admin learns of a device
+that cannot work before a node has to be fenced with it. (Status updates do not trigger a check;
+a Secret relabelled later is seen at the next spec change, term, or fence.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from crds import ClusterNode, Secret
+from crds.clusternode import ClusterNodeSpec
+from crds.clusternode import FenceDevice as FenceDeviceSpec
+from reconcilers.drivers.fence import FenceRunner
+from reconcilers.drivers.fence_policy import MANUAL_AGENTS, FenceConfigError, FenceDevice
+
+from .events import EventRecorder
+from .informer import SharedInformers
+from .store import Compare, NotFound, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+NODE_LABEL = "kvmctl.io/node"
+USAGE_LABEL = "kvmctl.io/usage"
+FENCING_USAGE = "fencing"
+INVALID_DEVICE = "InvalidFenceDevice"
+
+
+def secret_serves(secret: Secret, node: str) -> bool:
+    """Whether `node`'s fence devices may use `secret`."""
+    labels = secret.metadata.labels
+    return labels.get(NODE_LABEL) == node or labels.get(USAGE_LABEL) == FENCING_USAGE
+
+
+async def runner_device(store: Store, node: str, spec: FenceDeviceSpec) -> FenceDevice:
+    """The runner's device, with secret parameters read from the Secrets meant for `node`."""
+    secret_values: dict[str, str] = {}
+    for parameter, ref in spec.secret_parameters.items():
+        where = f"ClusterNode {node} fence device {spec.agent} parameter {parameter!r}"
+        try:
+            secret = await store.get("Secret", ref.name)
+        except NotFound:
+            raise FenceConfigError(f"{where}: Secret {ref.name!r} not found") from None
+        if not isinstance(secret, Secret) or not secret_serves(secret, node):
+            raise FenceConfigError(
+                f"{where}: Secret {ref.name!r} is not for fencing {node}: an admin labels it "
+                f"{NODE_LABEL}={node} or {USAGE_LABEL}={FENCING_USAGE}"
+            )
+        if ref.key not in secret.spec.data:
+            raise FenceConfigError(f"{where}: Secret {ref.name!r} has no key {ref.key!r}")
+        secret_values[parameter] = secret.spec.data[ref.key]
+    return FenceDevice(spec.agent, dict(spec.parameters), secret_values)
+
+
+async def fencing_problems(store: Store, runner: FenceRunner, node: ClusterNode) -> list[str]:
+    """What would make a fence device of `node` fail before its agent runs, one line each."""
+    problems: list[str] = []
+    for method in node.spec.fencing.methods:
+        for index, spec in enumerate(method.devices):
+            if spec.agent in MANUAL_AGENTS:
+                continue
+            try:
+                await runner.validate(await runner_device(store, node.metadata.name, spec))
+            except (FenceConfigError, OSError) as error:
+                problems.append(f"method {method.name} device {index}: {error}")
+    return problems
+
+
+class FenceChecker:
+    """Leader task: warn about ClusterNodes whose fence devices cannot work (module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        informers: SharedInformers,
+        runner: FenceRunner,
+        recorder: EventRecorder,
+    ) -> None:
+        self.store = store
+        self.informers = informers
+        self.runner = runner
+        self.recorder = recorder
+        self._changed = asyncio.Event()
+        self._checked: dict[str, ClusterNodeSpec] = {}
+        informers.informer("ClusterNode").add_handler(lambda _type, _obj: self._changed.set())
+
+    async def run(self, token: int, guard: list[Compare]) -> None:
+        """Until cancelled, check each ClusterNode whose spec is new to this term."""
+        await self.informers.wait_for_sync()
+        self._checked.clear()
+        while True:
+            self._changed.clear()
+            for node in self.informers.informer("ClusterNode").list():
+                if (
+                    isinstance(node, ClusterNode)
+                    and self._checked.get(node.metadata.name) != node.spec
+                ):
+                    await self._check(node)
+            await self._changed.wait()
+
+    async def _check(self, node: ClusterNode) -> None:
+        name = node.metadata.name
+        try:
+            problems = await fencing_problems(self.store, self.runner, node)
+        except StoreError as error:
+            log.warning("fence devices of %s not checked: %s", name, error)
+            return
+        self._checked[name] = node.spec
+        for problem in problems:
+            log.warning("ClusterNode %s: fence %s", name, problem)
+            # The whole text as the template: each distinct problem is its own Event.
+            await self.recorder.record(node, "Warning", INVALID_DEVICE, f"fence {problem}")
