@@ -42,9 +42,9 @@ from controller.store import NotFound, Store, StoreError
 from controller.workqueue import WorkQueue
 from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigration
 from crds.clusternode import Capacity
+from crds.libvirt_uri import peer_uri_or_none
 from crds.meta import now
 from reconcilers.drivers.libvirt import LibvirtError, LibvirtHost, LibvirtUnavailable
-from reconcilers.drivers.libvirt_uri import peer_uri_or_none
 from reconcilers.migration import MigrationRunner
 from reconcilers.storage import StorageSettings, run_storage_reconcilers
 from reconcilers.tgtd_supervisor import TgtdSupervisor

@@ -7,9 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
-from reconcilers.drivers import fence_policy
-from reconcilers.drivers.libvirt_uri import check_peer_uri
-
+from . import fence_syntax
+from .libvirt_uri import check_peer_uri
 from .meta import AbsolutePath, IPAddress, Line, Name, Resource, Status, Strict, Text, Time
 
 # Fence-agent parameters that carry credentials: they may only come from a Secret.
@@ -17,20 +16,20 @@ SECRET_PARAMETER = re.compile(r"(passw|secret|community|key$|token)", re.IGNOREC
 
 
 def _plain_value(value: str) -> str:
-    problem = fence_policy.value_problem(value) or fence_policy.plain_value_problem(value)
+    problem = fence_syntax.value_problem(value) or fence_syntax.plain_value_problem(value)
     if problem:
         raise ValueError(f"value {value!r} {problem}")
     return value
 
 
 # pydantic's (Rust) patterns: `$` is the end of the text, a trailing newline does not match.
-FenceAgentName = Annotated[str, StringConstraints(pattern=f"^{fence_policy.AGENT_NAME.pattern}$")]
+FenceAgentName = Annotated[str, StringConstraints(pattern=f"^{fence_syntax.AGENT_NAME.pattern}$")]
 ParameterName = Annotated[
-    str, StringConstraints(pattern=f"^{fence_policy.PARAMETER_NAME.pattern}$")
+    str, StringConstraints(pattern=f"^{fence_syntax.PARAMETER_NAME.pattern}$")
 ]
 ParameterValue = Annotated[str, AfterValidator(_plain_value)]
 LibvirtUri = Annotated[str, AfterValidator(check_peer_uri)]
-"""A URI peers may migrate to: transports and parameters of reconcilers/drivers/libvirt_uri.py."""
+"""A URI peers may migrate to: transports and parameters of crds/libvirt_uri.py."""
 
 
 class SecretKeyRef(Strict):
@@ -55,7 +54,7 @@ class FenceDevice(Strict):
                     "as a reference to a Secret, never inline"
                 )
         for name in [*self.parameters, *self.secret_parameters]:
-            if name in fence_policy.RESERVED_PARAMETERS:
+            if name in fence_syntax.RESERVED_PARAMETERS:
                 raise ValueError(f"parameter {name!r} is chosen by kvmctl, not by the manifest")
         overlap = set(self.parameters) & set(self.secret_parameters)
         if overlap:

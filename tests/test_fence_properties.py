@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from crds.clusternode import ClusterNodeSpec
+from crds.libvirt_uri import LibvirtUriError, check_local_uri
 from reconcilers.drivers.fence import AGENT_DIR, FenceRunner
 from reconcilers.drivers.fence_policy import (
     DEFAULT_AGENTS,
@@ -30,7 +31,6 @@ from reconcilers.drivers.fence_policy import (
     FenceDevice,
     FencePolicy,
 )
-from reconcilers.drivers.libvirt_uri import LibvirtUriError, check_local_uri
 
 AGENTS = ["fence_ipmilan", "fence_virsh", "fence_redfish", "fence_apc", "fence_dummy"]
 """Real agents with the parameters that matter (ssh, telnet, ipmitool, https); fence_dummy is

@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from crds.fence_syntax import AGENT_NAME
+
 from .fence_policy import (
-    AGENT_NAME,
     AgentMetadata,
     FenceAction,
     FenceConfigError,

@@ -25,13 +25,20 @@ from __future__ import annotations
 
 import difflib
 import re
-import unicodedata
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, get_args
+
+from crds.fence_syntax import (
+    AGENT_NAME,
+    PARAMETER_NAME,
+    RESERVED_PARAMETERS,
+    plain_value_problem,
+    value_problem,
+)
 
 FenceAction = Literal["off", "on", "reboot", "status", "monitor", "list", "metadata"]
 FENCE_ACTIONS: frozenset[str] = frozenset(get_args(FenceAction))
@@ -75,14 +82,6 @@ DEFAULT_AGENTS: frozenset[str] = frozenset(
 explicitly), nor agents that run local programs or cloud CLIs by design."""
 MANUAL_AGENTS: frozenset[str] = frozenset({"fence_manual", "fence_ack_manual"})
 """Stand for the operator's `kvmctl fence ack NODE`: accepted, never run."""
-RESERVED_PARAMETERS: frozenset[str] = frozenset(
-    {"action", "plug_action", "help", "usage", "version"}
-)
-
-AGENT_NAME = re.compile(r"fence_[a-z0-9_]{1,60}")
-PARAMETER_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
-PLAIN_VALUE = re.compile(r"(?!-)[A-Za-z0-9._:@/%+,=\[\]-]{0,1024}")
-"""A plain (non-secret) parameter value, for `fullmatch`."""
 EXEC_LIKE_NAME = re.compile(
     r".*_(path|cmd|command|script|file|options|prompt)"
     r"|exec|runonfail|runonwarn|openrc|kubeconfig|debug|logfile"
@@ -96,7 +95,6 @@ _EXEC_LIKE_DESCRIPTION = re.compile(
     re.IGNORECASE,
 )
 _BOOLEAN_VALUES = frozenset({"0", "1", "yes", "no", "on", "off", "true", "false"})
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 class FenceConfigError(ValueError):
@@ -108,28 +106,6 @@ def check_action(action: str) -> None:
         raise FenceConfigError(
             f"fence action {action!r} is unknown: use one of {', '.join(sorted(FENCE_ACTIONS))}"
         )
-
-
-def value_problem(value: str) -> str | None:
-    """Why `value` cannot be one `key=value` line of an agent's input, or None."""
-    if any(unicodedata.category(character) in _UNSAFE_CATEGORIES for character in value):
-        return (
-            "contains a control character, line break or lone surrogate, which could inject "
-            "extra lines into the agent's input"
-        )
-    if value != value.strip():
-        return "has leading or trailing whitespace, which the agent would strip"
-    return None
-
-
-def plain_value_problem(value: str) -> str | None:
-    """Why `value` may not be a plain parameter value, or None."""
-    if PLAIN_VALUE.fullmatch(value):
-        return None
-    return (
-        "may use only letters, digits and . _ : @ / % + , = [ ] - and may not start with '-' "
-        "(agents paste values into command lines); a credential belongs in secretParameters"
-    )
 
 
 def _check_parameter(agent: str, name: str, value: str, *, secret: bool) -> None:

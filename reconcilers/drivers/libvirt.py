@@ -36,8 +36,9 @@ from typing import Any, TypeVar
 
 import libvirt
 
+from crds.libvirt_uri import LibvirtUriError, check_local_uri, check_migrate_uri, check_peer_uri
+
 from .domain_xml import parse_kvmctl_metadata
-from .libvirt_uri import LibvirtUriError, check_local_uri, check_migrate_uri, check_peer_uri
 
 T = TypeVar("T")
 
