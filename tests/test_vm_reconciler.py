@@ -28,10 +28,14 @@ import pytest
 from controller.agent import Agent, AgentSettings
 from controller.cli import main as cli_main
 from controller.events import EventRecorder
+from controller.garbage import garbage_collectors
 from controller.heartbeat import HeartbeatTiming, heartbeat_key
+from controller.informer import SharedInformers
 from controller.leader import LeaderElector, guard_compare
 from controller.migrations import Term, lead_migrations
+from controller.reconcile import run_workers
 from controller.store import Store
+from controller.workqueue import WorkQueue
 from crds import ClusterNode, Event, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.meta import now
@@ -59,6 +63,7 @@ class Cluster:
         self.token = 0
         self.node_count = 0
         self._leading: asyncio.Task[None] | None = None
+        self._collecting: asyncio.Task[None] | None = None
 
     async def lead(self) -> None:
         led = asyncio.Event()
@@ -70,6 +75,7 @@ class Cluster:
 
         self._leading = asyncio.create_task(self.elector.run(leading))
         await asyncio.wait_for(led.wait(), DEADLINE)
+        self._collecting = asyncio.create_task(collect_garbage(self.store))
 
     @property
     def term(self) -> Term:
@@ -117,9 +123,10 @@ class Cluster:
         for name in list(self.agents):
             with contextlib.suppress(Exception):
                 await self.stop_agent(name)
-        if self._leading is not None:
-            self._leading.cancel()
-            await asyncio.wait({self._leading})
+        for task in (self._leading, self._collecting):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait({task})
 
     async def place(self, vm: str, node: str | None) -> None:
         """Write the placement as the elected controller does: guarded by its token."""
@@ -140,6 +147,22 @@ class Cluster:
 
     async def events(self, involved: str, reason: str) -> list[Event]:
         return await recorded_events(self.store, involved, reason)
+
+
+async def collect_garbage(store: Store) -> None:
+    """The controller's garbage collectors (deleting what agents finalized), until cancelled."""
+    informers = SharedInformers(store)
+    collectors = garbage_collectors(store, informers)
+    queues = [WorkQueue() for _ in collectors]
+    for collector, queue in zip(collectors, queues, strict=True):
+        informers.informer(collector.kind).enqueue(queue)
+    informers.start()
+    try:
+        await asyncio.gather(
+            *(run_workers(q, c.reconciler, 1) for c, q in zip(collectors, queues, strict=True))
+        )
+    finally:
+        await informers.stop()
 
 
 @pytest.fixture

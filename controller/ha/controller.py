@@ -17,6 +17,7 @@ import asyncio
 import logging
 
 from controller.events import EventRecorder
+from controller.garbage import garbage_collectors
 from controller.informer import SharedInformers
 from controller.leader import ElectionTiming
 from controller.manager import LeaderTask, Manager
@@ -97,7 +98,7 @@ def build_manager(
 
     return Manager(
         store,
-        [],
+        garbage_collectors(store, informers),
         identity=identity,
         election_timing=election_timing,
         http_host=http_host,
