@@ -128,6 +128,7 @@ async def test_agent_cannot_write_another_nodes_part(admin: Store, agent: Store)
 
     error = await refused(admin, as_host2.patch_status("VirtualMachine", "vm2", crashed))
     assert "kinds/VirtualMachine/status/node.host2/vm2" in str(error)
+
     def offline(obj: Any) -> None:
         obj.status.message = "gone"
 
