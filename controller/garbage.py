@@ -9,11 +9,12 @@ a conflict, and re-reading finds the object gone.
 from __future__ import annotations
 
 from controller.informer import Informer, SharedInformers
+from controller.layout import NODE_FINALIZERS
 from controller.manager import Controller
 from controller.reconcile import Result, RetryableError
 from controller.store import Conflict, Store, StoreError
 
-FINALIZED_KINDS = ("VirtualMachine", "IscsiTarget")
+FINALIZED_KINDS = tuple(NODE_FINALIZERS)
 """The kinds agents put finalizers on."""
 
 

@@ -42,6 +42,9 @@ CONTROLLER_FIELDS: dict[str, tuple[str, ...]] = {
 }
 """Status fields only the controller decides (JSON names): a node's value is ignored."""
 
+NODE_FINALIZERS = {"VirtualMachine": "kvmctl.io/domain", "IscsiTarget": "kvmctl.io/iscsi-target"}
+"""The finalizer an agent holds (in its node's part) on the objects of a kind it cleans up."""
+
 WRITER_OWNED_KINDS = ("Event",)
 """Kinds without status whose objects each writer keeps in its own subtree."""
 

@@ -274,11 +274,12 @@ class Store:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def connect(self) -> None:
+    async def connect(self, check_layout: bool = True) -> None:
         """Connect and check that etcd answers, within the timeout, and the key layout."""
         await self.call(self.client.connect())
         await self.revision()
-        await self.check_layout()
+        if check_layout:
+            await self.check_layout()
 
     async def close(self) -> None:
         await self.client.close()
@@ -387,7 +388,7 @@ class Store:
         document["metadata"]["finalizers"] = list(finalizers)
         if layout.has_parts(obj.kind):
             document.pop("status", None)
-        return _json(document)
+        return to_json(document)
 
     # Reads ---------------------------------------------------------------------------------
 
@@ -570,7 +571,7 @@ class Store:
         default = type(stored.status)().model_dump(mode="json", by_alias=True, exclude_none=True)
         if layout.has_parts(kind) and status != default:
             part = layout.part_document(stored.metadata.uid, status, [])
-            ops.append(txn.put(self.part_key(kind, name), _json(part)))
+            ops.append(txn.put(self.part_key(kind, name), to_json(part)))
         ops.append(txn.put(key, self._spec_document(stored, stored.metadata.finalizers), lease))
         try:
             revision = await self._commit([txn.create(key) == 0, *guard], ops, key)
@@ -661,7 +662,7 @@ class Store:
         key = self.part_key(kind, name)
         txn = self.client.transactions
         revision = await self._commit(
-            [*self._compares(snapshot), *guard], [txn.put(key, _json(document))], key
+            [*self._compares(snapshot), *guard], [txn.put(key, to_json(document))], key
         )
         snapshot.parts[self.writer] = Stored(document, revision)
         return self._object(snapshot)
@@ -908,5 +909,5 @@ class Store:
         await self.call(self.client.compact(revision, physical=True))
 
 
-def _json(document: Any) -> bytes:
+def to_json(document: Any) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()

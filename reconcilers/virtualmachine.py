@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 from controller.events import EventRecorder
 from controller.informer import Informer
+from controller.layout import NODE_FINALIZERS
 from controller.reconcile import Result, RetryableError, TerminalError
 from controller.store import NotFound, Store, StoreError
 from crds import ClusterNode, IscsiTarget, VirtualMachine, VirtualMachineMigration
@@ -88,7 +89,7 @@ from reconcilers.volumegroup import LvmSettings, activate_for_vm, active_on, dea
 
 log = logging.getLogger(__name__)
 
-FINALIZER = "kvmctl.io/domain"
+FINALIZER = NODE_FINALIZERS["VirtualMachine"]
 TCG_TB_CACHE_MIB = 16
 """TCG's translation cache for `qemu` domains: QEMU's default (1 GiB) would dominate RSS."""
 BLOCKED_RETRY = 1.0
