@@ -436,25 +436,33 @@ class Store:
         return ok, found
 
     async def _snapshot(self, kind: str, name: str) -> Snapshot | None:
-        """Every key of an object that counts, read consistently; None if it does not exist.
+        snapshot, _ = await self._snapshot_and(kind, name)
+        return snapshot
 
-        The spec, the controller's and this writer's parts come in one transaction; the parts
-        of the relevant nodes (known only from those) in a second one that holds only while
-        the first keys are unchanged, so all of them are one state of etcd.
+    async def _snapshot_and(
+        self, kind: str, name: str, also: Sequence[bytes] = ()
+    ) -> tuple[Snapshot | None, dict[bytes, Any]]:
+        """Every key of an object that counts, and the keys `also`, read consistently.
+
+        The spec, the controller's and this writer's parts and `also` come in one transaction;
+        the parts of the relevant nodes (known only from those) in a second one that holds
+        only while the first keys are unchanged, so all of them are one state of etcd.
+        The snapshot is None if the object does not exist.
         """
         spec_key = self.key(kind, name)
         writers = [layout.CONTROLLER]
         if self.writer != layout.CONTROLLER:
             writers.append(self.writer)
-        first: list[_Range] = [(spec_key, None)]
+        first: list[_Range] = [(spec_key, None), *((key, None) for key in also)]
         if layout.has_parts(kind):
             first += [(self.part_key(kind, name, writer), None) for writer in writers]
         txn = self.client.transactions
         for _ in range(10):
             _, found = await self._read(first)
+            extra_keys = {key: found[key] for key in also}
             spec = found[spec_key]
             if spec is None:
-                return None
+                return None, extra_keys
             snapshot = Snapshot(kind, name, self._stored(spec), self.relative(spec_key))
             for writer in writers if layout.has_parts(kind) else []:
                 kv = found[self.part_key(kind, name, writer)]
@@ -462,7 +470,7 @@ class Store:
                     snapshot.parts[writer] = self._stored(kv)
             more = self._more_parts(snapshot, writers)
             if not more:
-                return snapshot
+                return snapshot, extra_keys
             unchanged = [txn.mod(k) == (kv.mod_revision if kv else 0) for k, kv in found.items()]
             ok, extra = await self._read(more, unchanged)
             if ok:
@@ -470,7 +478,7 @@ class Store:
                     ref = kv and layout.parse_key(kind, self.relative(kv.key))
                     if ref and ref.writer and ref.name == name:
                         snapshot.parts[ref.writer] = self._stored(kv)
-                return snapshot
+                return snapshot, extra_keys
         raise Conflict(f"{kind} {name!r} kept changing while being read; try again")
 
     def _more_parts(self, snapshot: Snapshot, read: Sequence[str]) -> list[_Range]:
@@ -497,6 +505,16 @@ class Store:
         if snapshot is None:
             raise NotFound(f"{kind} {name!r} not found")
         return self._object(snapshot)
+
+    async def get_with_term(self, kind: str, name: str, leader_key: str) -> tuple[AnyResource, int]:
+        """The object and the current term: the leader key's create revision (0: no leader),
+        read in the same transaction, so a placement's token can be checked against it."""
+        key = leader_key.encode()
+        snapshot, found = await self._snapshot_and(kind, name, [key])
+        if snapshot is None:
+            raise NotFound(f"{kind} {name!r} not found")
+        leader = found[key]
+        return self._object(snapshot), int(leader.create_revision) if leader else 0
 
     async def try_get(self, kind: str, name: str) -> AnyResource | None:
         try:

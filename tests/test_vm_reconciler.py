@@ -128,12 +128,16 @@ class Cluster:
                 task.cancel()
                 await asyncio.wait({task})
 
-    async def place(self, vm: str, node: str | None) -> None:
-        """Write the placement as the elected controller does: guarded by its token."""
+    async def place(self, vm: str, node: str | None, token: int | None = None) -> None:
+        """Write the placement as the elected controller does: guarded by its token.
+
+        `token` stamps another term's token on it (as a deposed leader's write left it).
+        """
+        stamp = self.token if token is None else token
 
         def mutate(obj: Any) -> bool:
             obj.status.placement = (
-                None if node is None else Placement(node=node, token=self.token, since=now())
+                None if node is None else Placement(node=node, token=stamp, since=now())
             )
             return True
 
@@ -379,6 +383,27 @@ async def test_deleted_vm_is_undefined_and_its_finalizer_removed(cluster: Cluste
 
     await eventually(gone, "vm1 deleted")
     assert await domain_state(agent, "vm1") is None
+
+
+async def test_a_placement_of_an_older_term_starts_only_once_restamped(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    await cluster.store.create(vm_object("vm1"))
+    await cluster.place("vm1", "host1", token=cluster.token - 1)
+
+    async def waiting() -> bool:
+        ready = (await cluster.vm("vm1")).status.condition("Ready")
+        return ready is not None and ready.reason == "WaitingForTerm"
+
+    await eventually(waiting, "vm1 waiting for the current term")
+    assert await domain_state(agent, "vm1") is None, "not started under an older term"
+    await cluster.place("vm1", "host1")  # the current leader stamps its token
+
+    async def running() -> bool:
+        return (await cluster.vm("vm1")).status.state == "Running"
+
+    await eventually(running, "vm1 running once re-stamped")
+    assert await domain_state(agent, "vm1") is DomainState.RUNNING
 
 
 async def test_crashed_vm_is_restarted_up_to_the_limit(cluster: Cluster) -> None:
