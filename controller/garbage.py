@@ -8,11 +8,14 @@ a conflict, and re-reading finds the object gone.
 
 from __future__ import annotations
 
+import asyncio
+
 from controller.informer import Informer, SharedInformers
 from controller.layout import NODE_FINALIZERS
 from controller.manager import Controller
-from controller.reconcile import Result, RetryableError
+from controller.reconcile import Result, RetryableError, run_workers
 from controller.store import Conflict, Store, StoreError
+from controller.workqueue import WorkQueue
 
 FINALIZED_KINDS = tuple(NODE_FINALIZERS)
 """The kinds agents put finalizers on."""
@@ -50,3 +53,23 @@ def garbage_collectors(store: Store, informers: SharedInformers) -> list[Control
         )
         for kind in FINALIZED_KINDS
     ]
+
+
+async def collect_forever(store: Store) -> None:
+    """Run the garbage collectors on their own, without a Manager, until cancelled.
+
+    For a stand-in of the controller (the agent test harnesses) that must still delete what
+    agents finalized.
+    """
+    informers = SharedInformers(store)
+    collectors = garbage_collectors(store, informers)
+    queues = [WorkQueue() for _ in collectors]
+    for collector, queue in zip(collectors, queues, strict=True):
+        informers.informer(collector.kind).enqueue(queue)
+    informers.start()
+    try:
+        await asyncio.gather(
+            *(run_workers(q, c.reconciler, 1) for c, q in zip(collectors, queues, strict=True))
+        )
+    finally:
+        await informers.stop()

@@ -28,14 +28,11 @@ import pytest
 from controller.agent import Agent, AgentSettings
 from controller.cli import main as cli_main
 from controller.events import EventRecorder
-from controller.garbage import garbage_collectors
+from controller.garbage import collect_forever
 from controller.heartbeat import HeartbeatTiming, heartbeat_key
-from controller.informer import SharedInformers
 from controller.leader import LeaderElector, guard_compare
 from controller.migrations import Term, lead_migrations
-from controller.reconcile import run_workers
 from controller.store import Store
-from controller.workqueue import WorkQueue
 from crds import ClusterNode, Event, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.meta import now
@@ -75,7 +72,7 @@ class Cluster:
 
         self._leading = asyncio.create_task(self.elector.run(leading))
         await asyncio.wait_for(led.wait(), DEADLINE)
-        self._collecting = asyncio.create_task(collect_garbage(self.store))
+        self._collecting = asyncio.create_task(collect_forever(self.store))
 
     @property
     def term(self) -> Term:
@@ -151,22 +148,6 @@ class Cluster:
 
     async def events(self, involved: str, reason: str) -> list[Event]:
         return await recorded_events(self.store, involved, reason)
-
-
-async def collect_garbage(store: Store) -> None:
-    """The controller's garbage collectors (deleting what agents finalized), until cancelled."""
-    informers = SharedInformers(store)
-    collectors = garbage_collectors(store, informers)
-    queues = [WorkQueue() for _ in collectors]
-    for collector, queue in zip(collectors, queues, strict=True):
-        informers.informer(collector.kind).enqueue(queue)
-    informers.start()
-    try:
-        await asyncio.gather(
-            *(run_workers(q, c.reconciler, 1) for c, q in zip(collectors, queues, strict=True))
-        )
-    finally:
-        await informers.stop()
 
 
 @pytest.fixture
