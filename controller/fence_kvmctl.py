@@ -20,7 +20,7 @@ the VM runs.
 - status: "on" when the VM runs (Running, Paused, Migrating), "off" as above, else a failure.
 - list / list-status: every VirtualMachine; monitor: etcd answers; validate-all: options parse.
 
-etcd credentials: read and write on `{prefix}/kinds/VirtualMachine/`, read on
+etcd credentials: read on `{prefix}/kinds/VirtualMachine/`, write on its `spec/` keys, read on
 `{prefix}/kinds/ClusterNode/`, `{prefix}/reports/` and the `{prefix}/revision-probe` key
 (docs/operations.md).
 """
