@@ -37,6 +37,7 @@ from controller.ha.agent_side import HaReporter
 from controller.ha.environment import HaTimings
 from controller.heartbeat import Heartbeat, HeartbeatTiming, Watchdog
 from controller.informer import EventType, SharedInformers
+from controller.layout import node_writer
 from controller.reconcile import TerminalError, run_workers
 from controller.store import NotFound, Store, StoreError
 from controller.workqueue import WorkQueue
@@ -79,6 +80,7 @@ class Agent:
     """One host's agent; `run(stop)` until `stop` is set."""
 
     def __init__(self, store: Store, settings: AgentSettings) -> None:
+        store = store.as_writer(node_writer(settings.node))  # it writes only its node's parts
         self.store = store
         self.settings = settings
         self.node = settings.node

@@ -1,7 +1,8 @@
 """Recording Events: what happened to an object, aggregated when it repeats, expiring by lease.
 
 An Event is named `<involved-name>-<hash>`, the hash covering the involved kind and name, the
-reason, the type and the message *template* (before `%` arguments are filled in). Recording the
+reason, the type, the message *template* (before `%` arguments are filled in) and, for a
+node's events, the writer. Recording the
 same thing again therefore lands on the same key: count + 1, lastTimestamp and message updated
 with compare-and-swap. Object names are DNS-1123 labels (no dots), hence `-` as the separator,
 and the involved name is shortened so the whole name fits in 63 characters.
@@ -26,6 +27,7 @@ from crds import AnyResource, Event, ObjectMeta
 from crds.event import EventSource, EventSpec, ObjectReference
 from crds.meta import now
 
+from .layout import CONTROLLER
 from .store import AlreadyExists, Conflict, NotFound, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ class EventRecorder:
             raise ValueError(f"event type must be Normal or Warning, got {type!r}")
         reference = _reference(involved)
         text = (message % args if args else message)[:MAX_MESSAGE]
-        name = event_name(reference, type, reason, message)
+        name = event_name(reference, type, reason, message, self.store.writer)
         try:
             await self._write(name, reference, type, reason, text)
         except (StoreError, OSError) as error:
@@ -145,9 +147,20 @@ def _reference(involved: AnyResource | ObjectReference) -> ObjectReference:
     )
 
 
-def event_name(reference: ObjectReference, type: EventType, reason: str, template: str) -> str:
-    """The Event's name: the involved name (shortened) and a hash of what makes it the same."""
-    identity = "\x00".join((reference.kind, reference.name, reason, type, template))
+def event_name(
+    reference: ObjectReference,
+    type: EventType,
+    reason: str,
+    template: str,
+    writer: str = CONTROLLER,
+) -> str:
+    """The Event's name: the involved name (shortened) and a hash of what makes it the same.
+
+    A node's events hash its writer identity too: each writer keeps its Events in its own
+    subtree (controller/layout.py), and names must not collide across them.
+    """
+    fields = (reference.kind, reference.name, reason, type, template)
+    identity = "\x00".join(fields if writer == CONTROLLER else (writer, *fields))
     digest = hashlib.sha256(identity.encode()).hexdigest()[:HASH_LENGTH]
     prefix = reference.name[: MAX_NAME - HASH_LENGTH - 1].rstrip("-")
     return f"{prefix}-{digest}"

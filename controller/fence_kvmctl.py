@@ -20,8 +20,8 @@ the VM runs.
 - status: "on" when the VM runs (Running, Paused, Migrating), "off" as above, else a failure.
 - list / list-status: every VirtualMachine; monitor: etcd answers; validate-all: options parse.
 
-etcd credentials: read and write on `{prefix}/objects/VirtualMachine/`, read on
-`{prefix}/objects/ClusterNode/`, `{prefix}/reports/` and the `{prefix}/revision-probe` key
+etcd credentials: read on `{prefix}/kinds/VirtualMachine/`, write on its `spec/` keys, read on
+`{prefix}/kinds/ClusterNode/`, `{prefix}/reports/` and the `{prefix}/revision-probe` key
 (docs/operations.md).
 """
 

@@ -78,6 +78,10 @@ class LeaderRecordError(ValueError):
     """The leader key holds something that is not a leader record."""
 
 
+CONTROLLER_ELECTION = "controller"
+"""The election the controllers run; its leader key's create revision is the current term."""
+
+
 def leader_key(prefix: str, name: str) -> str:
     """The key of election `name` under the cluster's key prefix."""
     if not name or "/" in name:

@@ -5,13 +5,17 @@ etcd (run with `--client-cert-auth`) takes a client's user name from its certifi
 password: only the certificate authenticates them. Keys are relative to the cluster prefix.
 
 - admin (and etcd's `root`): role `root`, everything, including users and roles.
-- controller: reads everything (it resolves fence passwords); writes objects, the leader key,
-  operator requests and locks.
+- controller: reads everything (it resolves fence passwords); writes every key of the kinds
+  (specs of what it creates, its status parts, the deletion of finished objects), the leader
+  key, operator requests and locks.
 - agent-<node>: reads every kind except Secret, heartbeats, the leader key, locks and LVM
-  activation claims; writes only its own heartbeat, report and ClusterNode keys, the other
-  kinds it reports status on (the whole object key: status lives in it), Events, the
-  VolumeGroup metadata locks and LVM activation claims. Nodes named as secret readers
-  (storage nodes serving CHAP targets) also read Secrets.
+  activation claims; writes only its own node's keys (controller/layout.py): its status parts
+  (`kinds/{Kind}/status/node.<node>/`) of the kinds it reports on, its Events
+  (`kinds/Event/node.<node>/`), its heartbeat and report; plus the VolumeGroup metadata locks
+  and LVM activation claims, which every agent shares by nature (each takes them over from a
+  fenced node). No spec key, no controller part, no other node's key: it creates and deletes
+  no object. Nodes named as secret readers (storage nodes serving CHAP targets) also read
+  Secrets.
 - monitor: reads every kind except Secret, heartbeats, the leader key, operator requests and
   agent reports; writes nothing.
 
@@ -29,8 +33,8 @@ import aetcd.rpc
 import grpc
 
 from crds import KINDS
-from crds.meta import _check_name
 
+from . import layout
 from .store import Store, StoreError
 
 Access = Literal["read", "write", "readwrite"]
@@ -43,15 +47,14 @@ MONITOR = "monitor"
 AGENT_PREFIX = "agent-"
 
 REPORTED_KINDS = (
+    "ClusterNode",
     "Bond",
     "IscsiTarget",
     "VolumeGroup",
     "VirtualMachine",
     "VirtualMachineMigration",
-    "Event",
 )
-"""What an agent writes, whole ranges: status of the objects it reconciles (in the object key),
-Events. Of the ClusterNodes it writes only its own (one key)."""
+"""The kinds an agent writes its own node's status part of."""
 
 T = TypeVar("T")
 
@@ -76,17 +79,15 @@ class Role:
     grants: tuple[Grant, ...]
 
 
-def _objects(kind: str) -> str:
-    return f"objects/{kind}/"
-
-
 def _readable_objects(secrets: bool) -> list[Grant]:
     """Read grants per kind: one range per kind, so the Secret range can be left out."""
-    return [Grant("read", _objects(k)) for k in KINDS if secrets or k != "Secret"]
+    return [Grant("read", layout.kind_range(k)) for k in KINDS if secrets or k != "Secret"]
 
 
 _PROBE = Grant("read", "revision-probe")
 """Every client reads this empty range to learn the store's revision (Store.revision)."""
+_LAYOUT = Grant("read", layout.LAYOUT_KEY, prefix=False)
+"""Every client checks the store's key layout version when it connects."""
 
 
 def controller_role() -> Role:
@@ -94,7 +95,7 @@ def controller_role() -> Role:
         CONTROLLER,
         (
             Grant("read", ""),
-            Grant("readwrite", "objects/"),
+            Grant("readwrite", "kinds/"),
             Grant("readwrite", "leader/"),
             Grant("readwrite", "requests/"),
             Grant("readwrite", "locks/"),
@@ -104,17 +105,15 @@ def controller_role() -> Role:
 
 def agent_role(node: str, read_secrets: bool = False) -> Role:
     """The role of `node`'s agent; `read_secrets` for a storage node serving CHAP targets."""
-    _check_name(node)
-    reported = [Grant("readwrite", _objects(kind)) for kind in REPORTED_KINDS]
-    reported_keys = {grant.key for grant in reported}
-    reads = [g for g in _readable_objects(read_secrets) if g.key not in reported_keys]
+    writer = layout.node_writer(node)
     return Role(
         f"{AGENT_PREFIX}{node}",
         (
             _PROBE,
-            *reads,
-            *reported,
-            Grant("readwrite", f"{_objects('ClusterNode')}{node}", prefix=False),
+            _LAYOUT,
+            *_readable_objects(read_secrets),
+            *(Grant("readwrite", layout.parts_range(kind, writer)) for kind in REPORTED_KINDS),
+            Grant("readwrite", layout.spec_range("Event", writer)),
             Grant("read", "heartbeats/"),
             Grant("readwrite", f"heartbeats/{node}", prefix=False),
             Grant("readwrite", f"reports/{node}", prefix=False),
@@ -130,6 +129,7 @@ def monitor_role() -> Role:
         MONITOR,
         (
             _PROBE,
+            _LAYOUT,
             *_readable_objects(secrets=False),
             Grant("read", "heartbeats/"),
             Grant("read", "leader/"),

@@ -25,6 +25,7 @@ import libvirt
 import pytest
 
 from controller.events import EventRecorder
+from controller.garbage import collect_forever
 from controller.heartbeat import heartbeat_key
 from controller.leader import LeaderElector, guard_compare
 from controller.migrations import Term, lead_migrations
@@ -130,6 +131,7 @@ class Controller:
         self.elector = LeaderElector(store.client, store.prefix, "controller", "e2e-test")
         self.token = 0
         self._task: asyncio.Task[None] | None = None
+        self._collecting: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         led = asyncio.Event()
@@ -144,11 +146,13 @@ class Controller:
 
         self._task = asyncio.create_task(self.elector.run(leading))
         await asyncio.wait_for(led.wait(), timeout=30)
+        self._collecting = asyncio.create_task(collect_forever(self.store))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})
+        for task in (self._task, self._collecting):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait({task})
 
     async def place(self, vm: str, node: str) -> None:
         def mutate(obj: Any) -> bool:

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 
 from controller.events import EventRecorder
+from controller.layout import NODE_FINALIZERS
 from controller.reconcile import Result, RetryableError
 from controller.store import Store
 from crds import ClusterNode, IscsiTarget, Secret
@@ -34,7 +35,7 @@ from reconcilers.drivers.tgt import Target, TgtAdm, TgtError, TgtUnavailable
 
 log = logging.getLogger(__name__)
 
-FINALIZER = "kvmctl.io/iscsi-target"
+FINALIZER = NODE_FINALIZERS["IscsiTarget"]
 FORCE_DELETE = "kvmctl.io/force-delete"
 DEFAULT_RESYNC = 30.0
 """Seconds between passes (sessions come and go without any event kvmctl could watch)."""

@@ -47,6 +47,8 @@ from typing import Any, Literal
 
 from controller.events import EventRecorder
 from controller.informer import Informer
+from controller.layout import NODE_FINALIZERS
+from controller.leader import CONTROLLER_ELECTION, leader_key
 from controller.reconcile import Result, RetryableError, TerminalError
 from controller.store import NotFound, Store, StoreError
 from crds import ClusterNode, IscsiTarget, VirtualMachine, VirtualMachineMigration
@@ -88,7 +90,7 @@ from reconcilers.volumegroup import LvmSettings, activate_for_vm, active_on, dea
 
 log = logging.getLogger(__name__)
 
-FINALIZER = "kvmctl.io/domain"
+FINALIZER = NODE_FINALIZERS["VirtualMachine"]
 TCG_TB_CACHE_MIB = 16
 """TCG's translation cache for `qemu` domains: QEMU's default (1 GiB) would dominate RSS."""
 BLOCKED_RETRY = 1.0
@@ -377,13 +379,21 @@ class VirtualMachineReconciler:
         return not self._placed_here(fresh) and migrating is None
 
     async def _fresh_if_placed_here(self, vm: VirtualMachine) -> VirtualMachine | None:
-        """The VM as etcd has it now (a linearizable read) if it is still to run here, else None."""
+        """The VM as etcd has it now (a linearizable read) if it is still to run here, else None.
+
+        The placement must carry the current term's token (the controller leader key's create
+        revision, read in the same transaction): a placement of a deposed leader starts nothing
+        until the new leader stamps it with its own.
+        """
+        name = vm.metadata.name
         try:
-            fresh = await self.store.get("VirtualMachine", vm.metadata.name)
+            fresh, term = await self.store.get_with_term(
+                "VirtualMachine", name, leader_key(self.store.prefix, CONTROLLER_ELECTION)
+            )
         except NotFound:
             return None
         except StoreError as error:
-            raise RetryableError(f"re-reading {vm.metadata.name} before start: {error}") from None
+            raise RetryableError(f"re-reading {name} before start: {error}") from None
         still_here = (
             isinstance(fresh, VirtualMachine)
             and fresh.metadata.uid == vm.metadata.uid
@@ -391,7 +401,22 @@ class VirtualMachineReconciler:
             and fresh.spec.run_state == "started"
             and self._placed_here(fresh)
         )
-        return fresh if still_here and isinstance(fresh, VirtualMachine) else None
+        if not still_here or not isinstance(fresh, VirtualMachine):
+            return None
+        placement = fresh.status.placement
+        if placement is not None and placement.token != term:
+            message = (
+                f"not started on {self.node}: placed under term {placement.token}, "
+                f"the controller's current term is {term or 'none'}"
+            )
+            await self._patch_status(
+                fresh,
+                lambda vm_: vm_.status.set_condition(
+                    "Ready", "False", "WaitingForTerm", message, vm.metadata.generation
+                ),
+            )
+            return None
+        return fresh
 
     async def _observe_running(
         self, vm: VirtualMachine, domain: DomainInfo, desired: DomainSpec

@@ -417,6 +417,38 @@ async def test_failing_fence_device_blocks_recovery_until_fence_ack(
 # Leadership: a deposed leader's writes fail ---------------------------------------------------
 
 
+async def test_a_new_leader_restamps_placements_of_older_terms(
+    store: Store, leases: Leases
+) -> None:
+    await store.create(node_object("a"))
+    await store.create(node_object("b"))
+    await leases.hold("a")
+    await leases.hold("b")
+    await store.create(vm_object("vm1"))
+    manager, task = await start_controller(store.endpoints, store.prefix, "ctl-1")
+    try:
+        await eventually(lambda: placed_on(store, "vm1", "a"), "vm1 placed on a")
+        await report_running(store, "vm1", "a")
+        old_term = await leader_token(store)
+    finally:
+        await stop_controller(manager, task)
+    manager, task = await start_controller(store.endpoints, store.prefix, "ctl-2")
+    try:
+
+        async def restamped() -> bool:
+            leader = await current_leader(store.client, f"{store.prefix}/leader/controller")
+            placement = (await get_vm(store, "vm1")).status.placement
+            if leader is None or placement is None:
+                return False
+            return placement.token == leader.token
+
+        await eventually(restamped, "vm1's placement stamped with the new term")
+        assert await leader_token(store) != old_term
+        assert (await placed_on(store, "vm1", "a")) is not None, "kept where it runs"
+    finally:
+        await stop_controller(manager, task)
+
+
 async def test_deposed_leader_placement_write_fails(store: Store, leases: Leases) -> None:
     await store.create(node_object("a"))
     await leases.hold("a")

@@ -383,8 +383,10 @@ def test_no_name_reaches_a_key_outside_its_kind(kind: str, name: str) -> None:
         key = store.key(kind, name)
     except (ValueError, StoreError):
         return
-    prefix = store.kind_prefix(kind)
+    prefix = store.kind_prefix(kind) + b"spec/"
     assert key.startswith(prefix)
     rest = key[len(prefix) :]
     assert rest == name.encode()
     assert b"/" not in rest and rest not in (b".", b"..")
+    part = store.part_key(kind, name, "node.host1")
+    assert part == store.kind_prefix(kind) + b"status/node.host1/" + rest

@@ -20,7 +20,7 @@ from controller.heartbeat import Heartbeat, HeartbeatTiming, heartbeat_key
 from controller.leader import leader_key
 from controller.rbac import apply_rbac, cluster_roles, key_range
 from controller.store import PermissionDenied, Store, StoreError
-from crds import parse_object
+from crds import AnyResource, ClusterNode, parse_object
 from e2e.etcd import EtcdCluster
 from reconcilers.volumegroup import LvmSettings, metadata_lock
 
@@ -83,7 +83,7 @@ def etcd(pki: Path) -> Iterator[EtcdCluster]:
 @pytest.fixture
 async def agent(etcd: EtcdCluster, pki: Path) -> AsyncIterator[Store]:
     async with store_as(etcd, pki, "agent-host1") as store:
-        yield store
+        yield store.as_writer("node.host1")
 
 
 @pytest.fixture
@@ -106,10 +106,12 @@ def test_prefix_grants_cover_exactly_their_range() -> None:
     agent = cluster_roles(["host1"])[2]
     single = [g for g in agent.grants if not g.prefix]
     assert [key_range(PREFIX, g) for g in single] == [
-        (b"/kvmctl/objects/ClusterNode/host1", b""),
+        (b"/kvmctl/layout", b""),
         (b"/kvmctl/heartbeats/host1", b""),
         (b"/kvmctl/reports/host1", b""),
     ]
+    kind_writes = [g.key for g in agent.grants if g.access != "read" and g.key.startswith("kinds/")]
+    assert kind_writes and all("/node.host1/" in key for key in kind_writes)
 
 
 def test_secret_readers_must_be_nodes() -> None:
@@ -164,9 +166,10 @@ async def test_agent_reports_status_and_holds_the_vg_lock(agent: Store) -> None:
 
 
 async def test_agent_cannot_read_secrets(agent: Store) -> None:
-    with pytest.raises(PermissionDenied, match=r"^etcd refused the read of objects/Secret/bmc: "):
+    refused = r"^etcd refused the read of kinds/Secret/spec/bmc: "
+    with pytest.raises(PermissionDenied, match=refused):
         await agent.get("Secret", "bmc")
-    with pytest.raises(PermissionDenied, match="read of objects/Secret/: user agent-host1"):
+    with pytest.raises(PermissionDenied, match="read of kinds/Secret/: user agent-host1"):
         await agent.list_objects("Secret")
 
 
@@ -186,44 +189,57 @@ async def test_agent_cannot_write_leader_requests_or_other_reports(agent: Store)
             await agent.call(agent.client.put(key.encode(), b"x"), key.encode(), "write")
 
 
-async def test_agent_writes_its_own_cluster_node_only(agent: Store) -> None:
-    for name in ("host1", "host2"):
-        node = parse_object(
-            {
-                "apiVersion": "kvmctl.io/v1alpha1",
-                "kind": "ClusterNode",
-                "metadata": {"name": name},
-                "spec": {"addresses": {"cluster": "10.0.0.1"}},
-            }
-        )
-        if name == "host1":
-            created = await agent.create(node)
-            await agent.patch_status("ClusterNode", "host1", lambda status: None)
-            assert created.metadata.name == "host1"
-        else:
-            with pytest.raises(PermissionDenied, match="write of objects/ClusterNode/host2"):
-                await agent.create(node)
-    assert [n.metadata.name for n in (await agent.list_objects("ClusterNode"))[0]] == ["host1"]
+def _node(name: str) -> AnyResource:
+    return parse_object(
+        {
+            "apiVersion": "kvmctl.io/v1alpha1",
+            "kind": "ClusterNode",
+            "metadata": {"name": name},
+            "spec": {"addresses": {"cluster": "10.0.0.1"}},
+        }
+    )
+
+
+async def test_agent_reports_its_own_cluster_node_only(
+    etcd: EtcdCluster, pki: Path, agent: Store
+) -> None:
+    with pytest.raises(PermissionDenied, match="write of kinds/ClusterNode/spec/host1"):
+        await agent.create(_node("host1"))
+    async with store_as(etcd, pki, "admin") as admin:
+        for name in ("host1", "host2"):
+            await admin.create(_node(name))
+
+    def report(node: ClusterNode) -> None:
+        node.status.agent_version = "from host1"
+
+    assert (await agent.patch_status("ClusterNode", "host1", report)).status.agent_version
+    # host1's part of host2 is its own key, but only host2's part counts for host2.
+    assert not (await agent.patch_status("ClusterNode", "host2", report)).status.agent_version
+    assert [n.metadata.name for n in (await agent.list_objects("ClusterNode"))[0]] == [
+        "host1",
+        "host2",
+    ]
 
 
 async def test_agent_cannot_write_secrets(agent: Store) -> None:
     forged = parse_object({**SECRET, "metadata": {"name": "forged"}})
-    with pytest.raises(PermissionDenied, match="write of objects/Secret/forged"):
+    with pytest.raises(PermissionDenied, match="write of kinds/Secret/spec/forged"):
         await agent.create(forged)
 
 
 async def test_monitor_lists_but_cannot_write_or_read_secrets(monitor: Store) -> None:
     vms, _ = await monitor.list_objects("VirtualMachine")
     assert [vm.metadata.name for vm in vms] == ["vm1"]
-    with pytest.raises(PermissionDenied, match="write of objects/VirtualMachine/vm2: user monitor"):
+    refused = "write of kinds/VirtualMachine/spec/vm2: user monitor"
+    with pytest.raises(PermissionDenied, match=refused):
         await monitor.create(parse_object({**VM, "metadata": {"name": "vm2"}}))
-    with pytest.raises(PermissionDenied, match="read of objects/Secret/bmc: user monitor"):
+    with pytest.raises(PermissionDenied, match="read of kinds/Secret/spec/bmc: user monitor"):
         await monitor.get("Secret", "bmc")
 
 
 async def test_monitor_cannot_watch_secrets(monitor: Store) -> None:
     revision = await monitor.revision()
-    with pytest.raises(PermissionDenied, match="watch of objects/Secret/: user monitor"):
+    with pytest.raises(PermissionDenied, match="watch of kinds/Secret/: user monitor"):
         async with asyncio.timeout(20):
             async for _ in monitor.watch("Secret", revision):
                 pass

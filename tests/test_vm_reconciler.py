@@ -29,6 +29,7 @@ import pytest
 from controller.agent import Agent, AgentSettings
 from controller.cli import main as cli_main
 from controller.events import EventRecorder
+from controller.garbage import collect_forever
 from controller.heartbeat import HeartbeatTiming, heartbeat_key
 from controller.leader import LeaderElector, guard_compare
 from controller.migrations import Term, lead_migrations
@@ -60,6 +61,7 @@ class Cluster:
         self.token = 0
         self.node_count = 0
         self._leading: asyncio.Task[None] | None = None
+        self._collecting: asyncio.Task[None] | None = None
 
     async def lead(self) -> None:
         led = asyncio.Event()
@@ -71,6 +73,7 @@ class Cluster:
 
         self._leading = asyncio.create_task(self.elector.run(leading))
         await asyncio.wait_for(led.wait(), DEADLINE)
+        self._collecting = asyncio.create_task(collect_forever(self.store))
 
     @property
     def term(self) -> Term:
@@ -123,16 +126,21 @@ class Cluster:
         for name in list(self.agents):
             with contextlib.suppress(Exception):
                 await self.stop_agent(name)
-        if self._leading is not None:
-            self._leading.cancel()
-            await asyncio.wait({self._leading})
+        for task in (self._leading, self._collecting):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait({task})
 
-    async def place(self, vm: str, node: str | None) -> None:
-        """Write the placement as the elected controller does: guarded by its token."""
+    async def place(self, vm: str, node: str | None, token: int | None = None) -> None:
+        """Write the placement as the elected controller does: guarded by its token.
+
+        `token` stamps another term's token on it (as a deposed leader's write left it).
+        """
+        stamp = self.token if token is None else token
 
         def mutate(obj: Any) -> bool:
             obj.status.placement = (
-                None if node is None else Placement(node=node, token=self.token, since=now())
+                None if node is None else Placement(node=node, token=stamp, since=now())
             )
             return True
 
@@ -363,6 +371,27 @@ async def test_deleted_vm_is_undefined_and_its_finalizer_removed(cluster: Cluste
 
     await eventually(gone, "vm1 deleted")
     assert await domain_state(agent, "vm1") is None
+
+
+async def test_a_placement_of_an_older_term_starts_only_once_restamped(cluster: Cluster) -> None:
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    await cluster.store.create(vm_object("vm1"))
+    await cluster.place("vm1", "host1", token=cluster.token - 1)
+
+    async def waiting() -> bool:
+        ready = (await cluster.vm("vm1")).status.condition("Ready")
+        return ready is not None and ready.reason == "WaitingForTerm"
+
+    await eventually(waiting, "vm1 waiting for the current term")
+    assert await domain_state(agent, "vm1") is None, "not started under an older term"
+    await cluster.place("vm1", "host1")  # the current leader stamps its token
+
+    async def running() -> bool:
+        return (await cluster.vm("vm1")).status.state == "Running"
+
+    await eventually(running, "vm1 running once re-stamped")
+    assert await domain_state(agent, "vm1") is DomainState.RUNNING
 
 
 async def test_crashed_vm_is_restarted_up_to_the_limit(cluster: Cluster) -> None:

@@ -1,10 +1,12 @@
-"""admin: cluster administration (etcd users and roles)."""
+"""admin: cluster administration (etcd users and roles, store migration)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
+from controller.migrate_store import migrate_store
 from controller.rbac import apply_rbac, cluster_roles, describe_roles
 
 from .resources import store_from
@@ -46,6 +48,13 @@ def register(commands: Any) -> None:
                 "--no-enable", action="store_true", help="set roles but leave auth as it is"
             )
         action.set_defaults(func=run_rbac_apply if name == "apply" else run_rbac_show)
+    migrate = topics.add_parser(
+        "migrate-store",
+        help="move a store of an older kvmctl to the key layout by writer (idempotent)",
+        description="Moves each object of the objects/... layout into its spec key and status "
+        "parts, one transaction per object. Stop the controllers and agents first.",
+    )
+    migrate.set_defaults(func=run_migrate_store)
 
 
 async def run_rbac_apply(args: argparse.Namespace) -> int:
@@ -62,4 +71,23 @@ async def run_rbac_apply(args: argparse.Namespace) -> int:
 async def run_rbac_show(args: argparse.Namespace) -> int:
     for line in describe_roles(cluster_roles(args.nodes, args.secret_readers)):
         print(line)
+    return 0
+
+
+async def run_migrate_store(args: argparse.Namespace) -> int:
+    store = store_from(args)
+    try:
+        await store.connect(check_layout=False)
+        lines, left = await migrate_store(store)
+    finally:
+        await store.close()
+    for line in lines:
+        print(line)
+    if left:
+        print(
+            f"error: {left} object(s) not migrated; the store stays in the old layout",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"store at {store.prefix}: key layout version 2")
     return 0

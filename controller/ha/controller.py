@@ -19,6 +19,7 @@ import logging
 
 from controller.events import EventRecorder
 from controller.fencing import FenceChecker
+from controller.garbage import garbage_collectors
 from controller.informer import SharedInformers
 from controller.leader import ElectionTiming
 from controller.manager import LeaderTask, Manager
@@ -101,7 +102,7 @@ def build_manager(
 
     return Manager(
         store,
-        [],
+        garbage_collectors(store, informers),
         identity=identity,
         election_timing=election_timing,
         http_host=http_host,

@@ -9,7 +9,9 @@ of fence attempts finished since the last call. Times are the event loop's monot
 stored wall-clock times are converted at each observation. A heartbeat key missing since the
 start of the term counts as lost since that start (later than the truth, hence safer).
 
-apply() writes what the engine decided, every object write guarded by the term's token:
+After its first step a term stamps its token on the placements of older terms (agents start
+nothing for a placement of another term). apply() writes what the engine decided, every object
+write guarded by the term's token:
 node health and fence confirmation (`ClusterNode.status.health`, `status.fence`), placements
 (`VirtualMachine.status.placement`, with the token), restarts, relocations, the `Failed`
 and `DiskConflict` conditions; `Migrate` creates a VirtualMachineMigration (the migration
@@ -157,6 +159,7 @@ class EtcdEnvironment:
         self._world: World | None = None
         self._migration_names: dict[str, list[str]] = {}
         self._skip_writes = False
+        self._restamped = False
         self.deposed = False
 
     async def __aenter__(self) -> EtcdEnvironment:
@@ -204,6 +207,8 @@ class EtcdEnvironment:
         return self._loop.time()
 
     async def wait(self, until: float) -> bool:
+        if not self.deposed and not self._restamped:
+            self._restamped = await self._restamp()
         if self.deposed:
             return False
         try:
@@ -457,6 +462,39 @@ class EtcdEnvironment:
 
     def _guard(self) -> list[Compare]:
         return list(self.term.guard)
+
+    async def _restamp(self) -> bool:
+        """Stamp this term's token on placements of older terms; True once all are.
+
+        Agents start nothing for a placement whose token is not the current term's, so a new
+        leader re-stamps the placements it keeps. It does so after its first step, which
+        placed anew what had to be recovered.
+        """
+        token = self.term.token
+
+        def stamp(vm: Any) -> bool:
+            placement = vm.status.placement
+            if placement is None or placement.token == token:
+                return False
+            vm.status.placement = placement.model_copy(update={"token": token})
+            return True
+
+        done = True
+        for vm in self._objects("VirtualMachine"):
+            placement = vm.status.placement
+            if placement is None or placement.token == token:
+                continue
+            try:
+                await self._patch("VirtualMachine", vm.metadata.name, stamp)
+            except NotFound:
+                continue
+            except StoreError as error:
+                if isinstance(error, Conflict) and not await self._still_leading():
+                    self.deposed = True
+                    return False
+                log.warning("re-stamping %s failed (%s); trying again", vm.metadata.name, error)
+                done = False
+        return done
 
     async def _patch(self, kind: str, name: str, mutate: Any) -> None:
         written = await self.store.patch_status(kind, name, mutate, guard=self._guard())

@@ -1,0 +1,75 @@
+"""Garbage collection: delete objects whose deletion waited on finalizers, once none is left.
+
+An agent holds its finalizer in its own status part (controller/layout.py) and may not delete
+the object's keys; after it drops its last finalizer, the controller deletes every key of the
+object in one compare-and-swap transaction. Any running controller may do it: a racing one gets
+a conflict, and re-reading finds the object gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from controller.informer import Informer, SharedInformers
+from controller.layout import NODE_FINALIZERS
+from controller.manager import Controller
+from controller.reconcile import Result, RetryableError, run_workers
+from controller.store import Conflict, Store, StoreError
+from controller.workqueue import WorkQueue
+
+FINALIZED_KINDS = tuple(NODE_FINALIZERS)
+"""The kinds agents put finalizers on."""
+
+
+class GarbageCollector:
+    """Reconciles one kind: deletes its objects that are being deleted with no finalizer left."""
+
+    def __init__(self, store: Store, informer: Informer) -> None:
+        self.store = store
+        self.informer = informer
+
+    async def reconcile(self, key: str) -> Result:
+        cached = self.informer.get(key)
+        if cached is None or cached.metadata.deletion_timestamp is None:
+            return Result()
+        if cached.metadata.finalizers:
+            return Result()
+        try:
+            await self.store.collect_garbage(self.informer.kind, key)
+        except Conflict:
+            raise RetryableError(f"{self.informer.kind} {key!r} changed; looking again") from None
+        except StoreError as error:
+            raise RetryableError(f"garbage collection of {key!r}: {error}") from None
+        return Result()
+
+
+def garbage_collectors(store: Store, informers: SharedInformers) -> list[Controller]:
+    """One garbage-collecting controller per finalized kind (they run on every controller)."""
+    return [
+        Controller(
+            f"garbage-{kind.lower()}",
+            kind,
+            GarbageCollector(store, informers.informer(kind)),
+        )
+        for kind in FINALIZED_KINDS
+    ]
+
+
+async def collect_forever(store: Store) -> None:
+    """Run the garbage collectors on their own, without a Manager, until cancelled.
+
+    For a stand-in of the controller (the agent test harnesses) that must still delete what
+    agents finalized.
+    """
+    informers = SharedInformers(store)
+    collectors = garbage_collectors(store, informers)
+    queues = [WorkQueue() for _ in collectors]
+    for collector, queue in zip(collectors, queues, strict=True):
+        informers.informer(collector.kind).enqueue(queue)
+    informers.start()
+    try:
+        await asyncio.gather(
+            *(run_workers(q, c.reconciler, 1) for c, q in zip(collectors, queues, strict=True))
+        )
+    finally:
+        await informers.stop()
