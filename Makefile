@@ -25,6 +25,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The TCG test guest and the kernel lab's Debian kernel: downloaded and built once, here, so a
 # slow mirror fails as a set-up error and not as a test timeout.
