@@ -281,11 +281,12 @@ class Store:
             )
         return current, version
 
-    async def update(self, obj: T, lease: Any = None) -> T:
+    async def update(self, obj: T, lease: Any = None, guard: Sequence[Compare] = ()) -> T:
         """Write metadata and spec; status stays as stored. CAS on resourceVersion.
 
         A changed spec increments generation. An object being deleted whose last finalizer is
-        removed here is deleted.
+        removed here is deleted. `guard` adds compares to the same transaction (a leader's
+        fencing token).
         """
         kind, name = obj.kind, obj.metadata.name
         current, version = await self._current_at_version(obj)
@@ -300,9 +301,10 @@ class Store:
         key = self.key(kind, name)
         txn = self.client.transactions
         if stored.metadata.deletion_timestamp is not None and not stored.metadata.finalizers:
-            await self._delete_if(key, [txn.mod(key) == version])
+            await self._delete_if(key, [txn.mod(key) == version, *guard])
             return stored
-        revision = await self._swap(key, self._encode(stored), [txn.mod(key) == version], lease)
+        compares = [txn.mod(key) == version, *guard]
+        revision = await self._swap(key, self._encode(stored), compares, lease)
         stored.metadata.resource_version = str(revision)
         return stored
 

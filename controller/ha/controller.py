@@ -8,7 +8,8 @@ loop stops at once and waits for the elector, which notices within its renew per
 the term.
 
 `build_manager` puts it together with the VirtualMachineMigration controller
-(`controller/migrations.py`), both leader-only tasks of a `Manager` sharing its caches.
+(`controller/migrations.py`) and guest-cluster fencing (`controller/ha/guest_fence.py`), all
+leader-only tasks of a `Manager` sharing its caches.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from reconcilers.drivers.fence import FenceRunner
 
 from .engine import DEFAULT_PERIOD, Engine, run
 from .environment import HaTimings
+from .guest_fence import GuestFenceController
 from .production import KINDS, EtcdEnvironment
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ def build_manager(
     informers = SharedInformers(store)
     recorder = EventRecorder(store, COMPONENT)
     ha = HaController(store, informers, timings, recorder, fence_runner)
+    guest_fencing = GuestFenceController(store, informers)
 
     async def migrations(token: int, guard: list[Compare]) -> None:
         await lead_migrations(store, recorder, Term(token, guard))
@@ -104,5 +107,9 @@ def build_manager(
         http_port=http_port,
         component=COMPONENT,
         informers=informers,
-        leader_tasks=[ha.leader_task(), LeaderTask("migrations", migrations)],
+        leader_tasks=[
+            ha.leader_task(),
+            LeaderTask("migrations", migrations),
+            guest_fencing.leader_task(),
+        ],
     )
