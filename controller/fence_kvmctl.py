@@ -7,22 +7,24 @@ prints the agent's XML description. Exit codes: 0 success (and "on" for `status`
 `status`, 1 failure. The plug is the VirtualMachine's name; it is reached through etcd, wherever
 the VM runs.
 
-- off: `spec.runState: stopped` (a `disabled` VM stays disabled) with
-  `spec.shutdownTimeoutSeconds: 0`, so the host agent destroys the domain at once instead of
-  asking the guest to shut down; the timeout it replaced is kept in the annotation
-  `fence.kvmctl.io/shutdown-timeout-seconds`. Then it waits until the VM is confirmed off:
-  the agent of its host wrote it Stopped (or Crashed) in its status, or listed the domains
-  running there without it after the request (`{prefix}/reports/{node}`: the HA controller
-  unplaces a stopped VM, and the agent writes no status for a VM placed elsewhere), or it never
-  ran, or kvmctl fenced the host it last ran on and placed it nowhere else.
-- on: `runState: started` and the saved timeout restored, then wait until it runs.
-- reboot: off, then on; success once off is confirmed (as fence-agents do).
-- status: "on" when the VM runs (Running, Paused, Migrating), "off" as above, else a failure.
-- list / list-status: every VirtualMachine; monitor: etcd answers; validate-all: options parse.
+It acts for one guest cluster C (the `guest_cluster` option, or the `fence-C` user of its
+client certificate; both given, they must agree) and only through kvmctl's leading controller
+(controller/ha/guest_fence.py), which carries out requests for VMs labelled
+`fence.kvmctl.io/guest-cluster: C` only and refuses the rest:
 
-etcd credentials: read on `{prefix}/kinds/VirtualMachine/`, write on its `spec/` keys, read on
-`{prefix}/kinds/ClusterNode/`, `{prefix}/reports/` and the `{prefix}/revision-probe` key
-(docs/operations.md).
+- off / on: writes `{prefix}/requests/guest-fence/C/VM` and waits for the controller's answer
+  at `{prefix}/results/guest-fence/C/VM`. "off" is answered only once kvmctl confirms the domain
+  gone (the host agent destroys it at once, no guest shutdown); "on" once it runs. Without an
+  answer within power_timeout (plus a margin) the request is withdrawn and the action fails.
+- reboot: off, then on; success once off is confirmed (as fence-agents do).
+- status: the power state the controller publishes at
+  `{prefix}/results/guest-fence/C/status/VM`: "on", "off", or a failure when it cannot tell.
+- list / list-status: the VMs of C (those published states); monitor: they can be read;
+  validate-all: options parse.
+
+etcd credentials (`kvmctl admin rbac apply --guest-clusters C`, user `fence-C`): read
+`{prefix}/revision-probe`, readwrite `{prefix}/requests/guest-fence/C/`, read
+`{prefix}/results/guest-fence/C/`; nothing else (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -34,24 +36,36 @@ import re
 import sys
 import unicodedata
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TextIO
 
 from controller import quiet_grpc  # noqa: F401  (first: before gRPC loads)
 from controller.config import ConfigError, resolve
-from controller.ha.requests import RequestFormatError, parse_report, report_key
-from controller.store import Conflict, NotFound, Store, StoreError
-from crds import ClusterNode, VirtualMachine
+from controller.ha.guest_requests import (
+    USER_PREFIX,
+    GuestAction,
+    GuestResult,
+    encode_request,
+    new_request,
+    parse_result,
+    parse_status,
+    request_key,
+    result_key,
+    status_key,
+    status_prefix,
+)
+from controller.ha.requests import RequestFormatError
+from controller.store import Store, StoreError
 from crds.meta import ObjectMeta
 
 log = logging.getLogger("fence_kvmctl")
 
 AGENT_NAME = "fence_kvmctl"
 VERSION = "0.1.0"
-SAVED_TIMEOUT_ANNOTATION = "fence.kvmctl.io/shutdown-timeout-seconds"
-"""The VM's own shutdownTimeoutSeconds while a fence `off` holds it at 0."""
 POLL_INTERVAL = 0.25
+ANSWER_MARGIN = 15.0
+"""How much longer than power_timeout to wait for the controller's answer."""
 EXIT_SUCCESS, EXIT_FAILURE, EXIT_OFF = 0, 1, 2
 
 Action = Literal[
@@ -138,6 +152,13 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "prefix", "prefix", "kvmctl's key prefix in etcd", default="/kvmctl", metavar="[prefix]"
     ),
+    Parameter(
+        "guest_cluster",
+        "guest-cluster",
+        "Guest cluster of the VMs (their fence.kvmctl.io/guest-cluster label; default: from the "
+        "client certificate's user fence-NAME)",
+        metavar="[name]",
+    ),
     Parameter("cacert", "cacert", "CA certificate of etcd (TLS)", metavar="[file]"),
     Parameter("cert", "cert", "Client certificate for etcd (mutual TLS)", metavar="[file]"),
     Parameter("key", "key", "Client key for etcd (mutual TLS)", metavar="[file]"),
@@ -173,6 +194,7 @@ class Options:
     plug: str | None
     etcd: str | None
     prefix: str
+    guest_cluster: str | None
     cacert: str | None
     cert: str | None
     key: str | None
@@ -303,11 +325,20 @@ def options_from(values: dict[str, str]) -> Options:
             ObjectMeta(name=plug)
         except ValueError:
             raise FenceError(f"parameter plug: {plug!r} is not a VirtualMachine name") from None
+    guest_cluster = values.get("guest_cluster") or None
+    if guest_cluster is not None:
+        try:
+            ObjectMeta(name=guest_cluster)
+        except ValueError:
+            raise FenceError(
+                f"parameter guest_cluster: {guest_cluster!r} is not a guest cluster name"
+            ) from None
     return Options(
         action=action,
         plug=plug,
         etcd=values.get("etcd") or None,
         prefix=values.get("prefix") or "/kvmctl",
+        guest_cluster=guest_cluster,
         cacert=values.get("cacert") or None,
         cert=values.get("cert") or None,
         key=values.get("key") or None,
@@ -331,8 +362,9 @@ def metadata_xml() -> str:
     )
     ET.SubElement(root, "longdesc").text = (
         "fence_kvmctl powers off, starts and queries a kvmctl VirtualMachine wherever it runs, "
-        "through kvmctl's API in etcd. The plug is the VirtualMachine's name. Off destroys the "
-        "domain at once (no guest shutdown) and waits until its host's agent confirms it."
+        "through kvmctl's controller. The plug is the VirtualMachine's name; only the VMs of "
+        "the agent's guest cluster can be fenced. Off destroys the domain at once (no guest "
+        "shutdown) and waits until kvmctl confirms it."
     )
     ET.SubElement(root, "vendor-url").text = "https://github.com/kvmctl/kvmctl"
     parameters = ET.SubElement(root, "parameters")
@@ -373,193 +405,112 @@ def usage() -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- the VM's power state --------------------------------------------------------------------
+# -- asking kvmctl's controller --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Observation:
-    """The stored VM and what kvmctl knows about the host it last ran on (`status.node`)."""
+def cluster_of(option: str | None, user: str | None) -> str:
+    """The guest cluster: the `guest_cluster` option, else the certificate's `fence-C` user.
 
-    vm: VirtualMachine
-    host_health: str | None = None
-    """That node's ClusterNode health; None if unknown."""
-    report: tuple[int, frozenset[str]] | None = None
-    """That node's agent report (`{prefix}/reports/{node}`): its etcd revision and the domains
-    with a qemu process there; None if there is none."""
-
-
-def power_state(seen: Observation, after: int) -> PowerState | None:
-    """What kvmctl's records say about the VM's domain; None when they cannot tell.
-
-    A VM reported running is off all the same when its host was fenced while it is placed
-    elsewhere, or when its host's agent wrote a report after revision `after` without it
-    (the agent does not write the status of a VM that is no longer placed on its node).
+    When both name one, they must agree: a request under another cluster's keys would only be
+    refused by etcd, after a fence that looked configured.
     """
-    vm, status = seen.vm, seen.vm.status
-    placed_on = status.placement.node if status.placement is not None else None
-    if status.state in ("Running", "Paused", "Migrating"):
-        if seen.host_health == "Fenced" and placed_on != status.node:
-            return "off"
-        if seen.report is not None:
-            revision, domains = seen.report
-            if revision > after and vm.metadata.name not in domains:
-                return "off"
-        return "on"
-    if status.state in ("Stopped", "Crashed"):
-        return "off"
-    if placed_on is None and status.node is None:
-        return "off"  # never placed, never seen running
-    return None
-
-
-def off_confirmed(seen: Observation, request: int, generation: int) -> bool:
-    """Off, by a report that comes after our stop request (revision `request`, generation
-    `generation`).
-
-    The agent's Ready condition carries no observedGeneration yet; when it does, a report
-    older than the request is not taken as a confirmation.
-    """
-    if seen.vm.spec.run_state == "started" or power_state(seen, request) != "off":
-        return False
-    ready = seen.vm.status.condition("Ready")
-    observed = ready.observed_generation if ready is not None else None
-    return observed is None or observed >= generation
-
-
-def describe(vm: VirtualMachine) -> str:
-    status = vm.status
-    where = f" on {status.node}" if status.node else ""
-    placed = status.placement.node if status.placement is not None else "nowhere"
-    ready = status.condition("Ready")
-    detail = f": {ready.message}" if ready is not None and ready.message else ""
-    return f"state {status.state}{where}, placed {placed}{detail}"
-
-
-def _revision(vm: VirtualMachine) -> int:
-    return int(vm.metadata.resource_version or 0)
+    from_certificate = (
+        user.removeprefix(USER_PREFIX) if user and user.startswith(USER_PREFIX) else None
+    )
+    if option is not None and from_certificate is not None and option != from_certificate:
+        raise FenceError(
+            f"guest_cluster {option!r} does not match the client certificate "
+            f"(user {user}, guest cluster {from_certificate!r})"
+        )
+    cluster = option or from_certificate
+    if cluster is None:
+        raise FenceError(
+            "no guest cluster: give guest_cluster=NAME or a client certificate for user "
+            f"{USER_PREFIX}NAME"
+        )
+    return cluster
 
 
 class Fencer:
-    """The actions on one store."""
+    """One guest cluster's requests to kvmctl's controller, and the power states it publishes."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, cluster: str) -> None:
         self.store = store
+        self.cluster = cluster
 
-    async def vm(self, name: str) -> VirtualMachine:
-        try:
-            obj = await self.store.get("VirtualMachine", name)
-        except NotFound:
-            raise FenceError(f"VirtualMachine {name!r} not found") from None
-        assert isinstance(obj, VirtualMachine)
-        return obj
+    async def _get(self, key: str) -> bytes | None:
+        kv = await self.store.call(self.store.client.get(key.encode()), key.encode())
+        return None if kv is None else bytes(kv.value)
 
-    async def observe(self, vm: VirtualMachine) -> Observation:
-        """`vm` with its last host's health and report; unreadable ones count as unknown."""
-        node = vm.status.node
-        if node is None:
-            return Observation(vm)
-        health = None
-        try:
-            obj = await self.store.get("ClusterNode", node)
-            health = obj.status.health if isinstance(obj, ClusterNode) else None
-        except StoreError as error:
-            log.debug("cannot read ClusterNode %s: %s", node, error)
-        report = None
-        key = report_key(self.store.prefix, node)
-        try:
-            kv = await self.store.call(self.store.client.get(key.encode()))
-            if kv is not None:
-                report = (kv.mod_revision, parse_report(key, kv.value).domains)
-        except (StoreError, RequestFormatError) as error:
-            log.debug("cannot read the report of %s: %s", node, error)
-        return Observation(vm, health, report)
+    async def power(self, name: str, action: GuestAction, timeout: float) -> None:
+        """Ask for `action` and wait for the answer; FenceError unless it was carried out."""
+        request = new_request(action, timeout)
+        key = request_key(self.store.prefix, self.cluster, name)
+        raw = encode_request(request)
+        await self.store.call(self.store.client.put(key.encode(), raw), key.encode(), "write")
+        log.info("%s: asked kvmctl for %s (request %s)", name, action, request.id)
+        result = await self._answer(name, request.id, timeout + ANSWER_MARGIN)
+        if result is None:
+            txn = self.store.client.transactions
+            withdraw = self.store.client.transaction(
+                compare=[txn.value(key.encode()) == raw],
+                success=[txn.delete(key.encode())],
+                failure=[],
+            )
+            await self.store.call(withdraw, key.encode(), "delete")
+            raise FenceError(
+                f"{name}: no answer from kvmctl's controller within {timeout + ANSWER_MARGIN:g} s "
+                "(request withdrawn; is a controller leading?)"
+            )
+        if result.state != action:
+            raise FenceError(f"{name}: {action} {result.state}: {result.message}")
 
-    async def status(self, name: str) -> PowerState:
-        vm = await self.vm(name)
-        state = power_state(await self.observe(vm), _revision(vm))
-        if state is None:
-            raise FenceError(f"power state of {name} unknown: {describe(vm)}")
-        return state
-
-    async def power_off(self, name: str, timeout: float) -> None:
-        before, vm = await self._write(name, _stop_now)
-        # Nothing can start the VM after the revision from which it was unplaced (placement is
-        # in the same key, written with compare-and-swap) or after our stop request.
-        unplaced = before.status.placement is None
-        request = _revision(before if unplaced else vm)
-        generation = vm.metadata.generation or 0
-        log.info("%s: asked for an immediate stop (revision %d)", name, _revision(vm))
-
-        async def confirmed() -> bool:
-            seen = await self.observe(await self.vm(name))
-            return off_confirmed(seen, request, generation)
-
-        await self._wait(name, confirmed, timeout, "confirmed off")
-
-    async def power_on(self, name: str, timeout: float) -> None:
-        await self._write(name, _start)
-
-        async def running() -> bool:
-            current = await self.vm(name)
-            return current.spec.run_state == "started" and current.status.state == "Running"
-
-        await self._wait(name, running, timeout, "running")
-
-    async def list(self) -> list[VirtualMachine]:
-        objects, _ = await self.store.list_objects("VirtualMachine")
-        return [obj for obj in objects if isinstance(obj, VirtualMachine)]
-
-    async def _write(
-        self, name: str, change: Callable[[VirtualMachine], bool], attempts: int = 10
-    ) -> tuple[VirtualMachine, VirtualMachine]:
-        """Apply `change` to the VM's spec with compare-and-swap, re-reading on a conflict;
-        the VM as read just before, and as written (the same when nothing changed)."""
-        for _ in range(attempts):
-            before = await self.vm(name)
-            vm = before.model_copy(deep=True)
-            if not change(vm):
-                return before, before
-            try:
-                return before, await self.store.update(vm)
-            except Conflict:
-                log.debug("%s changed while writing it; reading it again", name)
-        raise FenceError(f"VirtualMachine {name!r} kept changing; {attempts} writes conflicted")
-
-    async def _wait(
-        self, name: str, condition: Callable[[], Awaitable[bool]], timeout: float, what: str
-    ) -> None:
+    async def _answer(self, name: str, request_id: str, timeout: float) -> GuestResult | None:
+        key = result_key(self.store.prefix, self.cluster, name)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not await condition():
-            if loop.time() >= deadline:
-                vm = await self.vm(name)
-                raise FenceError(f"{name} not {what} within {timeout:g} s: {describe(vm)}")
+        while loop.time() < deadline:
+            value = await self._get(key)
+            if value is not None:
+                try:
+                    result = parse_result(key, value)
+                except RequestFormatError as error:
+                    raise FenceError(str(error)) from None
+                if result.id == request_id:
+                    return result
             await asyncio.sleep(POLL_INTERVAL)
+        return None
 
+    async def status(self, name: str) -> PowerState:
+        key = status_key(self.store.prefix, self.cluster, name)
+        value = await self._get(key)
+        if value is None:
+            raise FenceError(
+                f"VirtualMachine {name} is not in guest cluster {self.cluster} "
+                "(or kvmctl's controller has not published its power state)"
+            )
+        try:
+            status = parse_status(key, value)
+        except RequestFormatError as error:
+            raise FenceError(str(error)) from None
+        if status.state == "unknown":
+            raise FenceError(f"power state of {name} unknown: {status.message}")
+        return status.state
 
-def _stop_now(vm: VirtualMachine) -> bool:
-    """runState stopped (disabled stays) and no graceful shutdown; True if anything changed."""
-    spec, annotations = vm.spec, vm.metadata.annotations
-    if spec.run_state == "started":
-        spec.run_state = "stopped"
-    elif spec.shutdown_timeout_seconds == 0:
-        return False
-    if spec.shutdown_timeout_seconds != 0 and SAVED_TIMEOUT_ANNOTATION not in annotations:
-        annotations[SAVED_TIMEOUT_ANNOTATION] = str(spec.shutdown_timeout_seconds)
-    spec.shutdown_timeout_seconds = 0
-    return True
-
-
-def _start(vm: VirtualMachine) -> bool:
-    """runState started and the saved shutdown timeout back; True if anything changed."""
-    spec, annotations = vm.spec, vm.metadata.annotations
-    saved = annotations.pop(SAVED_TIMEOUT_ANNOTATION, None)
-    if spec.run_state == "started" and saved is None:
-        return False
-    spec.run_state = "started"
-    if saved is not None and saved.isdigit():
-        spec.shutdown_timeout_seconds = int(saved)
-    return True
+    async def list(self) -> list[tuple[str, str]]:
+        """(VM, published state) of every VM of the guest cluster, by name."""
+        prefix = status_prefix(self.store.prefix, self.cluster)
+        reply = await self.store.call(
+            self.store.client.get_prefix(prefix.encode()), prefix.encode()
+        )
+        listed = []
+        for kv in reply:
+            key = kv.key.decode(errors="replace")
+            try:
+                listed.append((key[len(prefix) :], parse_status(key, kv.value).state))
+            except RequestFormatError as error:
+                raise FenceError(str(error)) from None
+        return sorted(listed)
 
 
 # -- running an action -----------------------------------------------------------------------
@@ -577,26 +528,23 @@ async def run(options: Options, out: TextIO) -> int:
         )
     except ConfigError as error:
         raise FenceError(str(error)) from None
-    if options.action in ("off", "reboot") and options.delay:
-        log.info("waiting %g s before fencing", options.delay)
-        await asyncio.sleep(options.delay)
     async with settings.store() as store:
-        fencer = Fencer(store)
+        fencer = Fencer(store, cluster_of(options.guest_cluster, store.user))
+        if options.action in ("off", "reboot") and options.delay:
+            log.info("waiting %g s before fencing", options.delay)
+            await asyncio.sleep(options.delay)
         return await _act(fencer, options, out)
 
 
 async def _act(fencer: Fencer, options: Options, out: TextIO) -> int:
     action, plug, timeout = options.action, options.plug, options.power_timeout
     if action in ("list", "list-status"):
-        for vm in await fencer.list():
-            line = f"{vm.metadata.name},"
-            if action == "list-status":
-                state = power_state(await fencer.observe(vm), _revision(vm))
-                line += f",{(state or 'unknown').upper()}"
-            print(line, file=out)
+        for name, state in await fencer.list():
+            suffix = f",{state.upper()}" if action == "list-status" else ""
+            print(f"{name},{suffix}", file=out)
         return EXIT_SUCCESS
     if action == "monitor":
-        await fencer.store.revision()
+        await fencer.list()  # etcd answers, and this credential reads its cluster's states
         return EXIT_SUCCESS
     assert plug is not None  # options_from requires it for the remaining actions
     if action == "status":
@@ -604,15 +552,15 @@ async def _act(fencer: Fencer, options: Options, out: TextIO) -> int:
         print(f"Status: {state.upper()}", file=out)
         return EXIT_SUCCESS if state == "on" else EXIT_OFF
     if action == "on":
-        await fencer.power_on(plug, timeout)
+        await fencer.power(plug, "on", timeout)
         print("Success: Powered ON", file=out)
         return EXIT_SUCCESS
-    await fencer.power_off(plug, timeout)  # also when it looks off: pin runState at stopped
+    await fencer.power(plug, "off", timeout)  # also when it looks off: pin runState at stopped
     if action == "off":
         print("Success: Powered OFF", file=out)
         return EXIT_SUCCESS
     try:
-        await fencer.power_on(plug, timeout)
+        await fencer.power(plug, "on", timeout)
     except FenceError as error:  # fenced all the same: off was confirmed
         log.error("reboot of %s: powered off, but not on again: %s", plug, error)
     print("Success: Rebooted", file=out)

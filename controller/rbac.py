@@ -1,13 +1,14 @@
 """etcd users and roles for kvmctl's components, as narrow as etcd's key-range permissions allow.
 
 etcd (run with `--client-cert-auth`) takes a client's user name from its certificate's CN
-(deploy/etcd/make-certs.sh): `admin`, `controller`, `monitor`, `agent-<node>`. The users have no
-password: only the certificate authenticates them. Keys are relative to the cluster prefix.
+(deploy/etcd/make-certs.sh): `admin`, `controller`, `monitor`, `agent-<node>`,
+`fence-<cluster>`. The users have no password: only the certificate authenticates them. Keys
+are relative to the cluster prefix.
 
 - admin (and etcd's `root`): role `root`, everything, including users and roles.
 - controller: reads everything (it resolves fence passwords); writes every key of the kinds
   (specs of what it creates, its status parts, the deletion of finished objects), the leader
-  key, operator requests and locks.
+  key, operator requests, results (answers to guest clusters) and locks.
 - agent-<node>: reads every kind except Secret, heartbeats, the leader key, locks and LVM
   activation claims; writes only its own node's keys (controller/layout.py): its status parts
   (`kinds/{Kind}/status/node.<node>/`) of the kinds it reports on, its Events
@@ -16,6 +17,8 @@ password: only the certificate authenticates them. Keys are relative to the clus
   fenced node). No spec key, no controller part, no other node's key: it creates and deletes
   no object. Nodes named as secret readers (storage nodes serving CHAP targets) also read
   Secrets.
+- fence-<cluster>: `fence_kvmctl` in guest cluster <cluster>: writes only its own fence
+  requests, reads only the controller's answers and power states for it (no object at all).
 - monitor: reads every kind except Secret, heartbeats, the leader key, operator requests and
   agent reports; writes nothing.
 
@@ -33,6 +36,7 @@ import aetcd.rpc
 import grpc
 
 from crds import KINDS
+from crds.meta import _check_name
 
 from . import layout
 from .store import Store, StoreError
@@ -45,6 +49,7 @@ ADMIN_USERS = ("root", "admin")
 CONTROLLER = "controller"
 MONITOR = "monitor"
 AGENT_PREFIX = "agent-"
+GUEST_FENCE_PREFIX = "fence-"
 
 REPORTED_KINDS = (
     "ClusterNode",
@@ -98,6 +103,7 @@ def controller_role() -> Role:
             Grant("readwrite", "kinds/"),
             Grant("readwrite", "leader/"),
             Grant("readwrite", "requests/"),
+            Grant("readwrite", "results/"),
             Grant("readwrite", "locks/"),
         ),
     )
@@ -140,13 +146,29 @@ def monitor_role() -> Role:
     )
 
 
-def cluster_roles(nodes: Sequence[str], secret_readers: Sequence[str] = ()) -> list[Role]:
-    """The controller, monitor and one agent role per node."""
+def guest_fence_role(cluster: str) -> Role:
+    """The role of `fence_kvmctl` in guest cluster `cluster` (controller/ha/guest_requests.py)."""
+    _check_name(cluster)
+    return Role(
+        f"{GUEST_FENCE_PREFIX}{cluster}",
+        (
+            _PROBE,
+            Grant("readwrite", f"requests/guest-fence/{cluster}/"),
+            Grant("read", f"results/guest-fence/{cluster}/"),
+        ),
+    )
+
+
+def cluster_roles(
+    nodes: Sequence[str], secret_readers: Sequence[str] = (), guest_clusters: Sequence[str] = ()
+) -> list[Role]:
+    """The controller, monitor, one agent role per node and one per guest cluster."""
     unknown = sorted(set(secret_readers) - set(nodes))
     if unknown:
         raise ValueError(f"secret reader {unknown[0]!r} is not one of the nodes given")
     agents = [agent_role(node, node in secret_readers) for node in sorted(set(nodes))]
-    return [controller_role(), monitor_role(), *agents]
+    guests = [guest_fence_role(cluster) for cluster in sorted(set(guest_clusters))]
+    return [controller_role(), monitor_role(), *agents, *guests]
 
 
 def key_range(prefix: str, grant: Grant) -> tuple[bytes, bytes]:

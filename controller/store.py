@@ -467,12 +467,13 @@ class Store:
             )
         return snapshot
 
-    async def update(self, obj: T, lease: Any = None) -> T:
+    async def update(self, obj: T, lease: Any = None, guard: Sequence[Compare] = ()) -> T:
         """Write metadata and spec; status stays as stored. CAS on every key of the object.
 
         A changed spec increments generation. Finalizers held by status parts stay theirs (only
         their writer removes them). An object being deleted whose last finalizer is removed
-        here is deleted.
+        here is deleted. `guard` adds compares to the same transaction (a leader's fencing
+        token).
         """
         snapshot = await self._snapshot_at_version(obj)
         current = self._object(snapshot)
@@ -487,12 +488,12 @@ class Store:
         own = [f for f in stored.metadata.finalizers if f not in held]
         stored.metadata.finalizers = [*own, *(f for f in current.metadata.finalizers if f in held)]
         if stored.metadata.deletion_timestamp is not None and not stored.metadata.finalizers:
-            await self._delete_all(snapshot)
+            await self._delete_all(snapshot, guard)
             return stored
         key = self.raw_key(snapshot.spec_key)
         txn = self.client.transactions
         put = txn.put(key, self._spec_document(stored, own), lease)
-        revision = await self._commit(self._compares(snapshot), [put], key)
+        revision = await self._commit([*self._compares(snapshot), *guard], [put], key)
         stored.metadata.resource_version = str(revision)
         return stored
 
@@ -593,7 +594,7 @@ class Store:
                 continue
         raise Conflict(f"{kind} {name!r}: deletion kept conflicting; try again")
 
-    async def _delete_all(self, snapshot: Snapshot) -> None:
+    async def _delete_all(self, snapshot: Snapshot, guard: Sequence[Compare] = ()) -> None:
         """Delete the spec and every status part of an object in one transaction (CAS)."""
         kind, name = snapshot.kind, snapshot.name
         spec = self.raw_key(snapshot.spec_key)
@@ -606,7 +607,7 @@ class Store:
                 ref = layout.parse_key(kind, self.relative(kv.key))
                 if ref is not None and ref.name == name:
                     ops.append(txn.delete(kv.key))
-        await self._commit(self._compares(snapshot), ops, spec, "delete")
+        await self._commit([*self._compares(snapshot), *guard], ops, spec, "delete")
 
     async def collect_garbage(self, kind: str, name: str) -> bool:
         """Delete an object being deleted that has no finalizer left; True if it was.

@@ -1,6 +1,7 @@
 """fence_kvmctl against a real TCG guest: a `kvmctl agent` with its own libvirtd in a simulated
-host (the lab of e2e/test_agent.py), a real etcd, the fence agent run as a separate process
-with its options on stdin, as Pacemaker's stonithd runs it.
+host (the lab of e2e/test_agent.py), a real etcd, the leader's guest fencing carrying out the
+requests, the fence agent run as a separate process with its options on stdin, as Pacemaker's
+stonithd runs it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import time
 
 import pytest
 
+from controller.ha.guest_requests import GUEST_CLUSTER_LABEL
+from controller.leader import guard_compare
+from e2e.guest_fencing import guest_fencing
 from e2e.hosts import REPO_ROOT
 from e2e.test_agent import (  # noqa: F401  (agent_lab, controller: fixtures used below)
     PREFIX,
@@ -28,6 +32,7 @@ from e2e.test_agent import (  # noqa: F401  (agent_lab, controller: fixtures use
 )
 
 FENCE_TIMEOUT = 90
+GUEST = "guests"
 
 
 async def fence(lab: AgentLab, action: str, plug: str) -> tuple[int, str, float]:
@@ -37,6 +42,7 @@ async def fence(lab: AgentLab, action: str, plug: str) -> tuple[int, str, float]
         "plug": plug,
         "etcd": ",".join(lab.etcd.endpoints),
         "prefix": PREFIX,
+        "guest_cluster": GUEST,
         "power_timeout": str(FENCE_TIMEOUT),
     }
     started = time.monotonic()
@@ -62,6 +68,13 @@ async def fence(lab: AgentLab, action: str, plug: str) -> tuple[int, str, float]
     return process.returncode, out.decode(), time.monotonic() - started
 
 
+async def join(lead: Controller, name: str) -> None:
+    """Label the VM a member of the guest cluster, as an admin's manifest does."""
+    vm = await lead.vm(name)
+    vm.metadata.labels[GUEST_CLUSTER_LABEL] = GUEST
+    await lead.store.update(vm)
+
+
 @pytest.mark.slow
 async def test_fence_off_status_on_reboot_of_a_tcg_guest(
     agent_lab: AgentLab,  # noqa: F811
@@ -71,33 +84,38 @@ async def test_fence_off_status_on_reboot_of_a_tcg_guest(
     host = agent_lab.host("host-a")
     # A long graceful timeout: fencing must not wait for it.
     await apply_running(agent_lab, controller, name, "host-a", shutdownTimeoutSeconds=3600)
+    await join(controller, name)
+    guard = [guard_compare(controller.store.client, controller.elector.key, controller.token)]
+    async with guest_fencing(controller.store, controller.token, guard):
 
-    code, out, _ = await fence(agent_lab, "status", name)
-    assert (code, out) == (0, "Status: ON\n")
+        async def published_on() -> bool:
+            return (await fence(agent_lab, "status", name))[:2] == (0, "Status: ON\n")
 
-    code, out, took = await fence(agent_lab, "off", name)
-    assert (code, out) == (0, "Success: Powered OFF\n")
-    print(f"fence off of a running TCG guest: {took:.2f} s (process start included)")
-    assert name not in host.qemu_guests()
-    stopped = await controller.events(name, "DomainStopped")
-    assert stopped and "destroyed after 0 s" in stopped[-1].spec.message
-    assert (await controller.vm(name)).status.state == "Stopped"
+        await eventually(published_on, f"{name} published on")
 
-    code, out, _ = await fence(agent_lab, "status", name)
-    assert (code, out) == (2, "Status: OFF\n")
+        code, out, took = await fence(agent_lab, "off", name)
+        assert (code, out) == (0, "Success: Powered OFF\n")
+        print(f"fence off of a running TCG guest: {took:.2f} s (process start included)")
+        assert name not in host.qemu_guests()
+        stopped = await controller.events(name, "DomainStopped")
+        assert stopped and "destroyed after 0 s" in stopped[-1].spec.message
+        assert (await controller.vm(name)).status.state == "Stopped"
 
-    code, out, _ = await fence(agent_lab, "on", name)
-    assert (code, out) == (0, "Success: Powered ON\n")
-    await running_on(controller, name, "host-a")
-    await eventually(lambda: boots(agent_lab, name) == 2, f"{name} booted again")
-    await booted(agent_lab, name)
-    assert (await controller.vm(name)).spec.shutdown_timeout_seconds == 3600
+        code, out, _ = await fence(agent_lab, "status", name)
+        assert (code, out) == (2, "Status: OFF\n")
 
-    pid = host.qemu_guests()[name]
-    code, out, _ = await fence(agent_lab, "reboot", name)
-    assert (code, out) == (0, "Success: Rebooted\n")
-    assert host.qemu_guests().get(name) not in (None, pid)
-    await eventually(lambda: boots(agent_lab, name) == 3, f"{name} booted after the reboot")
+        code, out, _ = await fence(agent_lab, "on", name)
+        assert (code, out) == (0, "Success: Powered ON\n")
+        await running_on(controller, name, "host-a")
+        await eventually(lambda: boots(agent_lab, name) == 2, f"{name} booted again")
+        await booted(agent_lab, name)
+        assert (await controller.vm(name)).spec.shutdown_timeout_seconds == 3600
+
+        pid = host.qemu_guests()[name]
+        code, out, _ = await fence(agent_lab, "reboot", name)
+        assert (code, out) == (0, "Success: Rebooted\n")
+        assert host.qemu_guests().get(name) not in (None, pid)
+        await eventually(lambda: boots(agent_lab, name) == 3, f"{name} booted after the reboot")
 
     await delete_vm(controller, name)  # destroys the domain at once
     assert name not in host.qemu_guests()

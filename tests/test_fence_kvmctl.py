@@ -1,5 +1,6 @@
 """fence_kvmctl: its protocol checked against its own metadata, and off/status/on of a VM whose
-host agent runs in-process on libvirt's test driver, with a real etcd.
+host agent runs in-process on libvirt's test driver, with a real etcd and the leader's guest
+fencing (controller/ha/guest_fence.py) carrying out the requests.
 
 The agent is run as Pacemaker runs it: a separate process, options on stdin.
 """
@@ -15,11 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from controller.fence_kvmctl import ACTIONS, SAVED_TIMEOUT_ANNOTATION, main, options_from
+from controller.fence_kvmctl import ACTIONS, cluster_of, main, options_from
 from controller.ha.agent_side import HaReporter
+from controller.ha.guest_power import SAVED_TIMEOUT_ANNOTATION
+from controller.ha.guest_requests import (
+    GUEST_CLUSTER_LABEL,
+    Published,
+    parse_result,
+    parse_status,
+    request_key,
+    result_key,
+    status_key,
+)
 from controller.ha.requests import read_report
 from controller.store import Store
 from crds import ClusterNode, VirtualMachine
+from e2e.guest_fencing import guest_fencing
 from e2e.polling import eventually
 from reconcilers.drivers.libvirt import DomainState
 from tests.test_vm_reconciler import Cluster, domain_state, running_vm, vm_object
@@ -28,6 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_VALUES = {"string": "x", "second": "5", "boolean": "1"}
 """A valid value of each metadata content type (string parameters get specific ones below)."""
 STRING_SAMPLES = {"action": "validate-all", "plug": "vm1", "port": "vm1", "prefix": "/kvmctl"}
+GUEST = "guests"
+"""The guest cluster of these tests' fence_kvmctl."""
 
 
 def metadata() -> ET.Element:
@@ -113,6 +127,7 @@ def test_every_action_in_the_metadata_is_accepted() -> None:
         ([], "action=off\nplug=vm1\npower_timeout=soon\n", "power_timeout: 'soon'"),
         ([], "action=off\nplug=vm1\nverbose=maybe\n", "verbose: 'maybe'"),
         ([], "action=off\njust words\n", "line 2: expected key=value"),
+        ([], "action=off\nplug=vm1\nguest_cluster=A_B\n", "guest_cluster: 'A_B' is not a"),
     ],
 )
 def test_bad_input_is_one_readable_failure(
@@ -186,11 +201,27 @@ def test_unreachable_etcd_is_a_failure(capsys: pytest.CaptureFixture[str]) -> No
 # -- against a real etcd and a real host agent ------------------------------------------------
 
 
+def test_the_guest_cluster_is_the_option_or_the_certificates_and_they_must_agree() -> None:
+    assert cluster_of("web", None) == "web"
+    assert cluster_of(None, "fence-web") == "web"
+    assert cluster_of("web", "fence-web") == "web"
+    assert cluster_of("web", "admin") == "web"
+    with pytest.raises(Exception, match="guest_cluster 'db' does not match the client cert"):
+        cluster_of("db", "fence-web")
+    with pytest.raises(Exception, match="no guest cluster: give guest_cluster=NAME"):
+        cluster_of(None, "admin")
+
+
 async def fence(
     store: Store, action: str, plug: str | None = None, **extra: str
 ) -> tuple[int, str]:
     """Run `python -m controller.fence_kvmctl` with options on stdin; (exit code, stdout)."""
-    values = {"action": action, "etcd": ",".join(store.endpoints), "prefix": store.prefix}
+    values = {
+        "action": action,
+        "etcd": ",".join(store.endpoints),
+        "prefix": store.prefix,
+        "guest_cluster": GUEST,
+    }
     if plug is not None:
         values["plug"] = plug
     values.update(extra)
@@ -227,15 +258,45 @@ async def cluster(store: Store, tmp_path: Path) -> AsyncIterator[Cluster]:
     lab = Cluster(store, tmp_path)
     await lab.lead()
     try:
-        yield lab
+        async with guest_fencing(store, lab.token, lab.term.guard):
+            yield lab
     finally:
         await lab.close()
+
+
+async def join(store: Store, vm: str, guest_cluster: str | None = GUEST) -> None:
+    """Label `vm` a member of `guest_cluster` (None: of none), as an admin's manifest does."""
+    obj = await store.get("VirtualMachine", vm)
+    if guest_cluster is None:
+        obj.metadata.labels.pop(GUEST_CLUSTER_LABEL, None)
+    else:
+        obj.metadata.labels[GUEST_CLUSTER_LABEL] = guest_cluster
+    await store.update(obj)
+
+
+async def _get(store: Store, key: str) -> bytes | None:
+    kv = await store.call(store.client.get(key.encode()))
+    return None if kv is None else bytes(kv.value)
+
+
+async def published(store: Store, vm: str, state: Published | None) -> None:
+    """Wait until the controller publishes `state` for `vm` (None: publishes nothing)."""
+    key = status_key(store.prefix, GUEST, vm)
+
+    async def done() -> bool:
+        value = await _get(store, key)
+        current = None if value is None else parse_status(key, value).state
+        return current == state
+
+    await eventually(done, f"power state {state} of {vm} published")
 
 
 async def test_off_status_on_of_a_vm_on_its_host_agent(cluster: Cluster) -> None:
     await cluster.add_node("host1")
     agent = await cluster.start_agent("host1")
     await running_vm(cluster, "vm1", "host1", shutdownTimeoutSeconds=600)
+    await join(cluster.store, "vm1")
+    await published(cluster.store, "vm1", "on")
 
     assert await fence(cluster.store, "status", "vm1") == (0, "Status: ON\n")
 
@@ -263,6 +324,14 @@ async def test_reboot_list_and_monitor(cluster: Cluster) -> None:
     await cluster.start_agent("host1")
     await running_vm(cluster, "vm1", "host1")
     await cluster.store.create(vm_object("vm2", runState="stopped"))
+    await cluster.store.create(vm_object("vm3", runState="stopped"))
+    await cluster.store.create(vm_object("vm4", runState="stopped"))
+    for member in ("vm1", "vm2", "vm3"):
+        await join(cluster.store, member)
+    await join(cluster.store, "vm4", "others")
+    await published(cluster.store, "vm3", "off")
+    await join(cluster.store, "vm3", None)  # no longer a member: no longer listed
+    await published(cluster.store, "vm3", None)
 
     first = (await cluster.vm("vm1")).status.domain_uuid
     assert await fence(cluster.store, "reboot", "vm1") == (0, "Success: Rebooted\n")
@@ -275,23 +344,90 @@ async def test_reboot_list_and_monitor(cluster: Cluster) -> None:
     assert await fence(cluster.store, "monitor") == (0, "")
 
 
-async def test_unknown_vm_and_unconfirmed_off_fail(cluster: Cluster) -> None:
+async def test_unknown_vm_and_unconfirmed_off_fail(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert (await fence(cluster.store, "status", "ghost"))[0] == 1
     assert (await fence(cluster.store, "off", "ghost"))[0] == 1
+    assert "off refused: VirtualMachine ghost is not in guest cluster" in capsys.readouterr().err
 
     # Placed on a node whose agent does not run: nothing can confirm the stop.
     await cluster.add_node("host1")
     await cluster.store.create(vm_object("vm1"))
+    await join(cluster.store, "vm1")
     await cluster.place("vm1", "host1")
+    await published(cluster.store, "vm1", "unknown")
     assert (await fence(cluster.store, "status", "vm1"))[0] == 1
+    assert "power state of vm1 unknown: state Unknown, placed host1" in capsys.readouterr().err
     assert await fence(cluster.store, "off", "vm1", power_timeout="1") == (1, "")
+    assert "vm1: off failed: vm1 not confirmed off within 1 s" in capsys.readouterr().err
     assert (await cluster.vm("vm1")).spec.run_state == "stopped"
+
+
+async def test_vms_of_other_guest_clusters_are_refused_and_left_alone(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await cluster.store.create(vm_object("theirs"))
+    await join(cluster.store, "theirs", "others")
+    await cluster.store.create(vm_object("nobodys"))
+    before = {name: await cluster.vm(name) for name in ("theirs", "nobodys")}
+    for name in before:
+        for action in ("off", "on", "reboot"):
+            assert await fence(cluster.store, action, name) == (1, "")
+            error = capsys.readouterr().err
+            assert f"refused: VirtualMachine {name} is not in guest cluster {GUEST}" in error
+        assert (await fence(cluster.store, "status", name))[0] == 1
+        assert await cluster.vm(name) == before[name]
+        assert await _get(cluster.store, request_key(cluster.store.prefix, GUEST, name)) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (b"off", "not JSON"),
+        (
+            b'{"action": "destroy", "id": "1", "at": "2024-01-01T00:00:00+00:00", "timeout": 5}',
+            "action must be off or on, got 'destroy'",
+        ),
+        (
+            b'{"action": "off", "id": "1", "at": "2024-01-01T00:00:00+00:00", "timeout": 1e9}',
+            "timeout must be in",
+        ),
+        (
+            b'{"action": "off", "id": "1\\n", "at": "2024-01-01T00:00:00+00:00", "timeout": 5}',
+            "id must be a printable ASCII string",
+        ),
+    ],
+)
+async def test_a_malformed_request_is_refused_and_changes_nothing(
+    cluster: Cluster, value: bytes, message: str
+) -> None:
+    await cluster.store.create(vm_object("vm1"))
+    await join(cluster.store, "vm1")
+    before = await cluster.vm("vm1")
+    store, key = cluster.store, request_key(cluster.store.prefix, GUEST, "vm1")
+    answer = result_key(store.prefix, GUEST, "vm1")
+    await store.call(store.client.put(key.encode(), value))
+    raw = await eventually(lambda: _get(store, answer), "an answer")
+    result = parse_result(answer, raw)
+    assert result.state == "refused" and message in result.message
+    assert await _get(store, key) is None
+    # A key the protocol has no place for is deleted unanswered.
+    odd = f"{key}/extra"
+    await store.call(store.client.put(odd.encode(), b"{}"))
+
+    async def deleted() -> bool:
+        return await _get(store, odd) is None
+
+    await eventually(deleted, "the odd key deleted")
+    assert await cluster.vm("vm1") == before
 
 
 async def test_off_is_confirmed_by_the_fencing_of_the_vms_host(cluster: Cluster) -> None:
     """A VM last seen on a host kvmctl has fenced, and placed nowhere, is off."""
     await cluster.add_node("host1")
     await cluster.store.create(vm_object("vm1"))
+    await join(cluster.store, "vm1")
     await cluster.place("vm1", "host1")
 
     def seen_running(obj: VirtualMachine) -> bool:
@@ -299,6 +435,7 @@ async def test_off_is_confirmed_by_the_fencing_of_the_vms_host(cluster: Cluster)
         return True
 
     await cluster.store.patch_status("VirtualMachine", "vm1", seen_running)
+    await published(cluster.store, "vm1", "on")
     assert await fence(cluster.store, "status", "vm1") == (0, "Status: ON\n")
 
     def fenced(obj: ClusterNode) -> bool:
@@ -320,6 +457,7 @@ async def test_off_is_confirmed_by_the_host_agents_report_once_unplaced(cluster:
     reporting = asyncio.create_task(reporter.run(agent.own_node, lambda: agent.host, lambda: False))
     try:
         await running_vm(cluster, "vm1", "host1")
+        await join(cluster.store, "vm1")
 
         async def reported(running: bool) -> bool:
             report = await read_report(cluster.store, "host1")
@@ -329,6 +467,7 @@ async def test_off_is_confirmed_by_the_host_agents_report_once_unplaced(cluster:
         await cluster.place("vm1", None)
         await eventually(lambda: reported(False), "vm1 gone from host1's report")
         assert (await cluster.vm("vm1")).status.state == "Running"  # as last written
+        await published(cluster.store, "vm1", "off")
         assert await fence(cluster.store, "status", "vm1") == (2, "Status: OFF\n")
         assert await fence(cluster.store, "off", "vm1") == (0, "Success: Powered OFF\n")
         assert await domain_state(agent, "vm1") is not DomainState.RUNNING

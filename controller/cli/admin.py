@@ -24,7 +24,7 @@ def register(commands: Any) -> None:
         "rbac",
         help="etcd users and roles for the controller, agents and monitoring",
         description="Users are the CNs of make-certs.sh's client certificates: admin, "
-        "controller, monitor, agent-<node>. See docs/security.md.",
+        "controller, monitor, agent-<node>, fence-<guest cluster>. See docs/security.md.",
     )
     actions = rbac.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
@@ -43,6 +43,13 @@ def register(commands: Any) -> None:
             metavar="NODE,...",
             help="storage nodes whose agents read Secrets (CHAP targets)",
         )
+        action.add_argument(
+            "--guest-clusters",
+            type=_names,
+            default=[],
+            metavar="CLUSTER,...",
+            help="guest clusters whose fence_kvmctl (user fence-CLUSTER) fences their VMs",
+        )
         if name == "apply":
             action.add_argument(
                 "--no-enable", action="store_true", help="set roles but leave auth as it is"
@@ -58,7 +65,7 @@ def register(commands: Any) -> None:
 
 
 async def run_rbac_apply(args: argparse.Namespace) -> int:
-    roles = cluster_roles(args.nodes, args.secret_readers)
+    roles = cluster_roles(args.nodes, args.secret_readers, args.guest_clusters)
     async with store_from(args) as store:
         changes = await apply_rbac(store, roles, enable=not args.no_enable)
     for line in changes or ["users and roles unchanged"]:
@@ -69,7 +76,8 @@ async def run_rbac_apply(args: argparse.Namespace) -> int:
 
 
 async def run_rbac_show(args: argparse.Namespace) -> int:
-    for line in describe_roles(cluster_roles(args.nodes, args.secret_readers)):
+    roles = cluster_roles(args.nodes, args.secret_readers, args.guest_clusters)
+    for line in describe_roles(roles):
         print(line)
     return 0
 

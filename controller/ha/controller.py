@@ -8,8 +8,9 @@ loop stops at once and waits for the elector, which notices within its renew per
 the term.
 
 `build_manager` puts it together with the VirtualMachineMigration controller
-(`controller/migrations.py`) and the fence-device checker (`controller/fencing.py`), leader-only
-tasks of a `Manager` sharing its caches.
+(`controller/migrations.py`), the fence-device checker (`controller/fencing.py`) and
+guest-cluster fencing (`controller/ha/guest_fence.py`), all leader-only tasks of a `Manager`
+sharing its caches.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from reconcilers.drivers.fence import FenceRunner
 
 from .engine import DEFAULT_PERIOD, Engine, run
 from .environment import HaTimings
+from .guest_fence import GuestFenceController
 from .production import KINDS, EtcdEnvironment
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ def build_manager(
     recorder = EventRecorder(store, COMPONENT)
     ha = HaController(store, informers, timings, recorder, fence_runner)
     checker = FenceChecker(store, informers, ha.fence_runner, recorder)
+    guest_fencing = GuestFenceController(store, informers)
 
     async def migrations(token: int, guard: list[Compare]) -> None:
         await lead_migrations(store, recorder, Term(token, guard))
@@ -113,5 +116,6 @@ def build_manager(
             ha.leader_task(),
             LeaderTask("migrations", migrations),
             LeaderTask("fence-check", checker.run),
+            guest_fencing.leader_task(),
         ],
     )

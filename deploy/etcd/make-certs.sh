@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Make a CA, one server+peer certificate per etcd member, and client certificates for kvmctl's
-# components (admin, controller, one per agent node), all with openssl.
+# components (admin, controller, one per agent node, one per guest cluster's fence_kvmctl), all
+# with openssl.
 #
-#   deploy/etcd/make-certs.sh OUTDIR "etcd1=10.10.0.11 etcd2=10.10.0.12 etcd3=10.10.0.13" "host1 host2"
+#   deploy/etcd/make-certs.sh OUTDIR "etcd1=10.10.0.11 etcd2=10.10.0.12 etcd3=10.10.0.13" "host1 host2" ["web db"]
 #
 # The client certificate's CN is the etcd user name when etcd runs with --client-cert-auth and
-# authentication enabled: admin, controller, agent-<node>.
+# authentication enabled: admin, controller, agent-<node>, fence-<guest cluster>.
 set -euo pipefail
 out=${1:?usage: make-certs.sh OUTDIR "NAME=IP ..." "NODE ..."}
 members=${2:?members like "etcd1=10.10.0.11"}
 nodes=${3:-}
+guest_clusters=${4:-}
 days=${KVMCTL_CERT_DAYS:-825}
 mkdir -p "$out"
 umask 077
@@ -41,4 +43,7 @@ for client in admin controller monitor; do
 done
 for node in $nodes; do
     sign "agent-$node" "/CN=agent-$node" "extendedKeyUsage=clientAuth"
+done
+for cluster in $guest_clusters; do
+    sign "fence-$cluster" "/CN=fence-$cluster" "extendedKeyUsage=clientAuth"
 done
