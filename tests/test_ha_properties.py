@@ -4,6 +4,10 @@ Invariants (the simulator checks the first two on every tick and every action):
 - a VM never runs on two hosts at once;
 - no VM is moved off a node, and no node is declared fenced, before fencing is confirmed
   (power off, self-fence deadline passed, or an honest operator ack);
+- detection on silence (power-fenced nodes whose direct heartbeats stop), etcd elections that
+  extend every lease, and, with the controllers on the hosts, a standby taking over from a
+  leader whose host was cut (random power and network cuts hit the leader's host too) keep the
+  first two;
 - once the sequence settles (every host powered, connected, fence devices working), every VM
   that should run runs exactly once, since capacity exists for all of them.
 """
@@ -30,7 +34,9 @@ SETTLE_SECONDS = 60
 POLICIES = ("ipmi", "self-fence", "manual", "ipmi+self-fence")
 
 
-def cluster_yaml(policies: tuple[str, ...], vm_options: list[dict[str, object]]) -> str:
+def cluster_yaml(
+    policies: tuple[str, ...], vm_options: list[dict[str, object]], on_hosts: bool
+) -> str:
     nodes = []
     for name, policy in zip(NODES, policies, strict=True):
         fencing: dict[str, object] = {"selfFence": "self-fence" in policy}
@@ -41,14 +47,15 @@ def cluster_yaml(policies: tuple[str, ...], vm_options: list[dict[str, object]])
     vms = []
     for name, options in zip(VMS, vm_options, strict=False):
         vms.append({"name": name, "memoryMiB": 1024, **options})
-    return yaml.safe_dump(
-        {
-            "duration": CHAOS_SECONDS + SETTLE_SECONDS,
-            "simulation": {"bootSeconds": 5},
-            "nodes": nodes,
-            "vms": vms,
-        }
-    )
+    document: dict[str, object] = {
+        "duration": CHAOS_SECONDS + SETTLE_SECONDS,
+        "simulation": {"bootSeconds": 5},
+        "nodes": nodes,
+        "vms": vms,
+    }
+    if on_hosts:
+        document["controllers"] = list(NODES)
+    return yaml.safe_dump(document)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ events = st.one_of(
     st.builds(Event, times, node_verbs, st.sampled_from(NODES)),
     st.builds(Event, times, vm_verbs, st.sampled_from(VMS), st.sampled_from(NODES)),
     st.builds(Event, times, st.just("controller-restart"), st.just("")),
+    st.builds(Event, times, st.just("etcd-election"), st.sampled_from(["0.5", "1", "2"])),
 )
 vm_option = st.fixed_dictionaries(
     {},
@@ -105,6 +113,9 @@ vm_option = st.fixed_dictionaries(
 def apply_event(sim: Simulator, loaded: Scenario, event: Event) -> Callable[[], None]:
     def run() -> None:
         host = sim.hosts.get(event.target)
+        if event.verb == "etcd-election":
+            sim.etcd_election(float(event.target))
+            return
         if host is None and event.target not in sim.vms and event.verb != "controller-restart":
             return
         if event.verb == "honest-ack":
@@ -152,11 +163,15 @@ def start_agents_after_boot(sim: Simulator) -> None:
     policies=st.tuples(*(st.sampled_from(POLICIES) for _ in NODES)),
     vm_options=st.lists(vm_option, min_size=1, max_size=len(VMS)),
     chaos=st.lists(events, max_size=25),
+    on_hosts=st.booleans(),
 )
 def test_random_failures_keep_the_invariants(
-    policies: tuple[str, ...], vm_options: list[dict[str, object]], chaos: list[Event]
+    policies: tuple[str, ...],
+    vm_options: list[dict[str, object]],
+    chaos: list[Event],
+    on_hosts: bool,
 ) -> None:
-    loaded = scenario.parse(cluster_yaml(policies, vm_options), "random.yaml")
+    loaded = scenario.parse(cluster_yaml(policies, vm_options, on_hosts), "random.yaml")
     sim = scenario.build(loaded)
     for event in chaos:
         sim.at(event.at, apply_event(sim, loaded, event))
