@@ -89,6 +89,12 @@ events = st.one_of(
     st.builds(Event, times, vm_verbs, st.sampled_from(VMS), st.sampled_from(NODES)),
     st.builds(Event, times, st.just("controller-restart"), st.just("")),
     st.builds(Event, times, st.just("etcd-election"), st.sampled_from(["0.5", "1", "2"])),
+    st.builds(
+        Event,
+        times,
+        st.sampled_from(["power-off", "network-off"]),
+        st.sampled_from([*NODES, "leader"]),
+    ),
 )
 vm_option = st.fixed_dictionaries(
     {},
@@ -112,6 +118,10 @@ vm_option = st.fixed_dictionaries(
 
 def apply_event(sim: Simulator, loaded: Scenario, event: Event) -> Callable[[], None]:
     def run() -> None:
+        if event.target == "leader":  # the host of the leading controller, whichever it is now
+            if sim.leader in sim.hosts:
+                scenario.command_action(sim, f"{event.verb} {sim.leader}")()
+            return
         host = sim.hosts.get(event.target)
         if event.verb == "etcd-election":
             sim.etcd_election(float(event.target))
@@ -185,3 +195,44 @@ def test_random_failures_keep_the_invariants(
         if vm.spec.run_state != "started" or vm.failed:
             continue
         assert len(sim.running_hosts(vm.name)) == 1, f"{vm.name} does not run once:\n{log}"
+
+
+cuts = st.one_of(
+    st.builds(
+        Event,
+        times,
+        st.sampled_from(["power-off", "power-on", "network-off", "network-on"]),
+        st.sampled_from([*NODES, "leader"]),
+    ),
+    st.builds(Event, times, st.just("etcd-election"), st.just("1")),
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("KVMCTL_HA_EXAMPLES", "150")) // 3,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    policies=st.tuples(*(st.sampled_from(POLICIES[:2]) for _ in NODES)),
+    vm_options=st.lists(vm_option, min_size=1, max_size=len(VMS)),
+    chaos=st.lists(cuts, min_size=1, max_size=12),
+)
+def test_power_and_network_cuts_of_any_host_with_controllers_on_the_hosts(
+    policies: tuple[str, ...], vm_options: list[dict[str, object]], chaos: list[Event]
+) -> None:
+    """Silence-based fencing and standby takeovers, hit often: every chaos event cuts or
+    restores a host (the leader's included), or makes etcd elect."""
+    loaded = scenario.parse(cluster_yaml(policies, vm_options, True), "cuts.yaml")
+    sim = scenario.build(loaded)
+    for event in chaos:
+        sim.at(event.at, apply_event(sim, loaded, event))
+    sim.at(CHAOS_SECONDS, lambda: settle(sim))
+    sim.at(CHAOS_SECONDS + 10, lambda: start_agents_after_boot(sim))
+    asyncio.run(scenario.simulate(sim))
+
+    log = "\n".join(sim.lines)
+    assert sim.violations == [], log
+    for vm in sim.vms.values():
+        if vm.spec.run_state == "started" and not vm.failed:
+            assert len(sim.running_hosts(vm.name)) == 1, f"{vm.name} does not run once:\n{log}"
