@@ -17,6 +17,9 @@ Starting a domain needs a valid heartbeat lease and a node that is not being fen
 reconciler re-reads the VM from etcd right before: a VM the controller moved away while this
 node was cut off is never started here from stale information.
 
+With `peers` set (the default), it also sends a direct heartbeat to every ClusterNode's
+cluster address every `peers.interval` (`controller/peers.py`): the controllers' fast detector.
+
 SIGTERM stops the agent cleanly; the guests keep running (like libvirtd).
 """
 
@@ -35,9 +38,10 @@ from controller.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.events import EventRecorder
 from controller.ha.agent_side import HaReporter
 from controller.ha.environment import HaTimings
-from controller.heartbeat import Heartbeat, HeartbeatTiming, Watchdog
+from controller.heartbeat import Heartbeat, HeartbeatTiming, Watchdog, boot_id
 from controller.informer import EventType, SharedInformers
 from controller.layout import node_writer
+from controller.peers import PeerSender, PeerSettings
 from controller.reconcile import TerminalError, run_workers
 from controller.store import NotFound, Store, StoreError
 from controller.workqueue import WorkQueue
@@ -74,6 +78,8 @@ class AgentSettings:
     """Bond, IscsiTarget and VolumeGroup reconcilers for this node (None: do not run them)."""
     tgtd_portal: str | None = None
     """Start a tgtd serving this portal when none answers (a storage node)."""
+    peers: PeerSettings | None = field(default_factory=PeerSettings)
+    """Where to send direct heartbeats (None: do not send them)."""
 
 
 class Agent:
@@ -150,6 +156,13 @@ class Agent:
             return f"node is {node.status.health}"
         return None
 
+    def _peer_addresses(self) -> list[str]:
+        return [
+            str(node.spec.addresses.cluster)
+            for node in self.nodes.list()
+            if isinstance(node, ClusterNode)
+        ]
+
     def _self_fence_enabled(self) -> bool:
         node = self.own_node()
         return node is not None and node.spec.fencing.self_fence
@@ -192,6 +205,17 @@ class Agent:
             self._start(self._libvirt_forever(vm_queue), "libvirt events")
             self._start(self._report_forever(), "node status")
             self._start(self._recover_from_self_fence(vm_queue), "self-fence recovery")
+            own = self.own_node()
+            if self.settings.peers is not None and own is not None:
+                sender = PeerSender(
+                    self.node,
+                    "agent",
+                    boot_id(),
+                    str(own.spec.addresses.cluster),
+                    self._peer_addresses,
+                    self.settings.peers,
+                )
+                self._start(sender.run(), "direct heartbeats")
             on_terminal = self._on_terminal
             vm_workers = run_workers(
                 vm_queue, self.vm_reconciler, self.settings.vm_workers, on_terminal

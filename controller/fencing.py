@@ -1,10 +1,13 @@
-"""The controller's side of fence devices: Secrets scoped to nodes, and early warnings.
+"""The controller's side of fence devices: Secrets scoped to nodes, running a method, warnings.
 
 A device's `secretParameters` name Secrets; the controller reads them (an agent cannot) and hands
 the values to the agent on stdin. A ClusterNode may use only a Secret meant for it: labelled
 `kvmctl.io/node: <that node>`, or `kvmctl.io/usage: fencing` (shared by every node's devices,
 like one BMC password). Anything else (a CHAP secret, another node's password) is refused at
 fence time with a message saying which label is missing.
+
+`run_method` runs one fence method of a node: what the leader's engine and a standby taking over
+both do (every device `off`, then `status` must say off, within its timeout).
 
 `FenceChecker` is a leader task: at the start of each term and whenever a ClusterNode's spec
 changes it checks every device the way the fence runner will (allow-list, the agent's metadata,
@@ -60,6 +63,25 @@ async def runner_device(store: Store, node: str, spec: FenceDeviceSpec) -> Fence
             raise FenceConfigError(f"{where}: Secret {ref.name!r} has no key {ref.key!r}")
         secret_values[parameter] = secret.spec.data[ref.key]
     return FenceDevice(spec.agent, dict(spec.parameters), secret_values)
+
+
+async def run_method(
+    store: Store, runner: FenceRunner, node: ClusterNode, method_name: str
+) -> tuple[bool, str]:
+    """(True, message) once every device of the method confirmed power off, else why not.
+
+    Raises FenceConfigError (a Secret missing or not meant for the node), StoreError or OSError.
+    """
+    name = node.metadata.name
+    method = next((m for m in node.spec.fencing.methods if m.name == method_name), None)
+    if method is None:
+        return False, f"no fence method {method_name!r} on {name}"
+    devices = [await runner_device(store, name, spec) for spec in method.devices]
+    for index, (spec, device) in enumerate(zip(method.devices, devices, strict=True)):
+        outcome = await runner.power_off_and_confirm(device, spec.timeout_seconds)
+        if not outcome.succeeded:
+            return False, f"device {index} ({device.agent}): {outcome.message}"
+    return True, "every device confirmed power off"
 
 
 async def fencing_problems(store: Store, runner: FenceRunner, node: ClusterNode) -> list[str]:

@@ -18,6 +18,16 @@ Timing (defaults, `ElectionTiming`):
   margin under the TTL leaves time for that cancellation to take effect.
 - `retry_period` 1 s: how often a follower re-campaigns when it sees no change; it also watches
   the key and campaigns at once when the leader resigns or its lease expires.
+
+Takeover (`LeaderElector.take_over(token)`): a candidate that knows term `token`'s leader is
+dead (the HA controller's standby, once the leader's host is confirmed powered off) replaces it
+without waiting for the TTL. etcd refuses a delete and a put of the same key in one
+transaction, and a put over the existing key would keep its create_revision (the token), so
+it takes two steps. The decisive one is a single transaction: "if create_revision(key) ==
+token: delete the key and put the claim key `<key>.takeover` with my lease". Exactly one
+candidate passes that compare for a given term. Every campaign requires the claim key to be
+absent, except the claimant's, which requires the claim to be its own; so the claimant wins
+the next campaign, with a new token. A claimant that dies lets its claim expire with its lease.
 """
 
 from __future__ import annotations
@@ -72,6 +82,8 @@ class LeaderInfo:
     identity: str
     since: datetime
     token: int
+    node: str | None = None
+    """The ClusterNode the leader runs on, when its elector was told."""
 
 
 class LeaderRecordError(ValueError):
@@ -103,13 +115,16 @@ async def current_leader(client: aetcd.Client, key: str) -> LeaderInfo | None:
         record = json.loads(kv.value)
         identity = record["identity"]
         since = datetime.fromisoformat(record["acquiredAt"])
+        node = record.get("node")
         if not isinstance(identity, str):
             raise TypeError("identity is not a string")
+        if node is not None and not isinstance(node, str):
+            raise TypeError("node is not a string")
     except (ValueError, KeyError, TypeError) as error:
         raise LeaderRecordError(
             f"leader key {key} holds no valid leader record ({error}): {kv.value[:200]!r}"
         ) from None
-    return LeaderInfo(identity=identity, since=since, token=kv.create_revision)
+    return LeaderInfo(identity=identity, since=since, token=kv.create_revision, node=node)
 
 
 @dataclass
@@ -120,6 +135,17 @@ class _Term:
     token: int
     deadline: float  # event-loop time after which the lease must be assumed lost
     seen_revision: int  # etcd revision at which the key was last seen to be ours
+    took_over: int | None = None  # the token of the term this one replaced by take_over()
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A won takeover: the claim key's lease and create_revision, and the term it ended."""
+
+    lease_id: int
+    granted_at: float
+    revision: int
+    replaced: int
 
 
 class LeaderElector:
@@ -137,12 +163,18 @@ class LeaderElector:
         name: str,
         identity: str,
         timing: ElectionTiming | None = None,
+        node: str | None = None,
     ) -> None:
+        """`node` (the ClusterNode this candidate runs on) goes into the leader record, so
+        standbys know which host to watch."""
         if not identity:
             raise ValueError("leader election identity must be non-empty")
         self._client = client
         self.key = leader_key(prefix, name)
         self._key_bytes = self.key.encode()
+        self._claim_bytes = f"{self.key}.takeover".encode()
+        self._claim: _Claim | None = None
+        self.node = node
         self.identity = identity
         self.timing = timing or ElectionTiming()
         self._term: _Term | None = None
@@ -151,6 +183,49 @@ class LeaderElector:
     @property
     def is_leader(self) -> bool:
         return self._term is not None
+
+    @property
+    def took_over(self) -> int | None:
+        """While leading: the token of the term this one replaced by `take_over`, else None."""
+        return None if self._term is None else self._term.took_over
+
+    async def take_over(self, token: int) -> bool:
+        """End term `token` now and make this candidate the next leader; False if that term
+        is already over (or another candidate took over first).
+
+        Only for a leader known to be dead (its host confirmed powered off): its lease may
+        still be valid, its guarded writes fail from this transaction on. `run()` then wins
+        the campaign at once (see the module docstring); raises TimeoutError or
+        aetcd.ClientError when etcd cannot be reached.
+        """
+        if self._term is not None:
+            return False
+        granted_at = asyncio.get_running_loop().time()
+        claim = json.dumps({"identity": self.identity, "replaces": token}).encode()
+        async with asyncio.timeout(self.timing.ttl):
+            lease = await self._client.lease(self.timing.ttl)
+        won = False
+        try:
+            async with asyncio.timeout(self.timing.ttl):
+                won, responses = await self._client.transaction(
+                    compare=[self._client.transactions.create(self._key_bytes) == token],
+                    success=[
+                        self._client.transactions.delete(self._key_bytes),
+                        self._client.transactions.put(self._claim_bytes, claim, lease=lease.id),
+                        self._client.transactions.get(self._claim_bytes),
+                    ],
+                    failure=[],
+                )
+        finally:
+            if not won:
+                await self._revoke_quietly(lease.id)
+        if not won:
+            log.info("%s: term %d of %s is already over", self.identity, token, self.key)
+            return False
+        kv = responses[-1][0][1]
+        self._claim = _Claim(lease.id, granted_at, kv.create_revision, token)
+        log.warning("%s ended term %d of %s: taking over", self.identity, token, self.key)
+        return True
 
     async def current_leader(self) -> LeaderInfo | None:
         return await current_leader(self._client, self.key)
@@ -228,40 +303,56 @@ class LeaderElector:
                 self._term = outcome
                 log.info("%s leads %s with token %d", self.identity, self.key, outcome.token)
                 return outcome
-            await self._wait_for_change(outcome, self.timing.retry_period)
+            if outcome >= 0:
+                await self._wait_for_change(outcome, self.timing.retry_period)
 
     async def _campaign(self) -> _Term | int:
         """Try once to create the key: our term if we won, else the revision we saw it at."""
-        granted_at = asyncio.get_running_loop().time()
-        record = {"identity": self.identity, "acquiredAt": datetime.now(UTC).isoformat()}
-        async with asyncio.timeout(self.timing.ttl):
-            lease = await self._client.lease(self.timing.ttl)
+        txn = self._client.transactions
+        record: dict[str, str] = {
+            "identity": self.identity,
+            "acquiredAt": datetime.now(UTC).isoformat(),
+        }
+        if self.node is not None:
+            record["node"] = self.node
+        claim, self._claim = self._claim, None
+        if claim is not None:  # ours: the claim's lease becomes the term's lease
+            granted_at, lease_id = claim.granted_at, claim.lease_id
+            claimed = [txn.create(self._claim_bytes) == claim.revision]
+        else:
+            granted_at = asyncio.get_running_loop().time()
+            async with asyncio.timeout(self.timing.ttl):
+                lease_id = (await self._client.lease(self.timing.ttl)).id
+            claimed = [txn.create(self._claim_bytes) == 0]
         won = False
         try:
             async with asyncio.timeout(self.timing.ttl):
                 won, responses = await self._client.transaction(
-                    compare=[self._client.transactions.create(self._key_bytes) == 0],
+                    compare=[txn.create(self._key_bytes) == 0, *claimed],
                     success=[
-                        self._client.transactions.put(
-                            self._key_bytes, json.dumps(record).encode(), lease=lease.id
-                        ),
-                        self._client.transactions.get(self._key_bytes),
+                        txn.put(self._key_bytes, json.dumps(record).encode(), lease=lease_id),
+                        txn.delete(self._claim_bytes),
+                        txn.get(self._key_bytes),
                     ],
-                    failure=[self._client.transactions.get(self._key_bytes)],
+                    failure=[txn.get(self._key_bytes), txn.get(self._claim_bytes)],
                 )
         finally:
             if not won:
-                await self._revoke_quietly(lease.id)
+                await self._revoke_quietly(lease_id)
         # The last operation of either branch is the get: a list of (value, rtypes.Get).
-        kv = responses[-1][0][1]
         if not won:
-            seen_revision: int = kv.header.revision
+            # The header comes with a value: the leader key's, else the claim's. With neither
+            # (our own claim expired), campaign again at once without it.
+            found = [kvs[0][1] for kvs in responses if kvs]
+            seen_revision: int = found[0].header.revision if found else -1
             return seen_revision
+        kv = responses[-1][0][1]
         return _Term(
-            lease_id=lease.id,
+            lease_id=lease_id,
             token=kv.create_revision,
             deadline=granted_at + self.timing.renew_deadline,
             seen_revision=kv.header.revision,
+            took_over=None if claim is None else claim.replaced,
         )
 
     async def _hold(self, term: _Term, work: asyncio.Task[None]) -> None:

@@ -81,6 +81,14 @@ class LeaderTask:
     run: Callable[[int, list[Compare]], Coroutine[Any, Any, None]]
 
 
+@dataclass(frozen=True)
+class Background:
+    """Work that runs for the life of the manager, leader or not (until cancelled)."""
+
+    name: str
+    run: Callable[[], Coroutine[Any, Any, None]]
+
+
 class _ControllerRunner:
     """One controller's queue and workers; a `KeySink` that drops keys while not running."""
 
@@ -135,8 +143,11 @@ class Manager:
         node: str | None = None,
         informers: SharedInformers | None = None,
         leader_tasks: Sequence[LeaderTask] = (),
+        background: Sequence[Background] = (),
     ) -> None:
-        """`informers` lets the caller build mappers on the caches the manager will use."""
+        """`informers` lets the caller build mappers on the caches the manager will use;
+        `background` tasks run (after the caches synced) whether this process leads or not;
+        `node` is also written in the leader record."""
         names = [controller.name for controller in controllers] + [t.name for t in leader_tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"controller names must be distinct: {names}")
@@ -146,10 +157,11 @@ class Manager:
         self.recorder = EventRecorder(store, component, node)
         self._runners = [_ControllerRunner(c, self.informers) for c in controllers]
         self._leader_tasks = list(leader_tasks)
+        self._background = list(background)
         self.elector: LeaderElector | None = None
         if leader_tasks or any(c.leader_only for c in controllers):
             self.elector = LeaderElector(
-                store.client, store.prefix, election, self.identity, election_timing
+                store.client, store.prefix, election, self.identity, election_timing, node
             )
         self._http_host = http_host
         self._http_port = http_port
@@ -204,6 +216,8 @@ class Manager:
                     work = runner.run(self._on_terminal(runner.controller))
                     name = f"controller {runner.controller.name}"
                     self._tasks.append(asyncio.create_task(work, name=name))
+            for task in self._background:
+                self._tasks.append(asyncio.create_task(task.run(), name=task.name))
             if self.elector is not None:
                 self._tasks.append(asyncio.create_task(self.elector.run(self._lead), name="elect"))
             self.started.set()

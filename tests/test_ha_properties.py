@@ -4,6 +4,10 @@ Invariants (the simulator checks the first two on every tick and every action):
 - a VM never runs on two hosts at once;
 - no VM is moved off a node, and no node is declared fenced, before fencing is confirmed
   (power off, self-fence deadline passed, or an honest operator ack);
+- detection on silence (power-fenced nodes whose direct heartbeats stop), etcd elections that
+  extend every lease, and, with the controllers on the hosts, a standby taking over from a
+  leader whose host was cut (random power and network cuts hit the leader's host too) keep the
+  first two;
 - once the sequence settles (every host powered, connected, fence devices working), every VM
   that should run runs exactly once, since capacity exists for all of them.
 """
@@ -30,7 +34,9 @@ SETTLE_SECONDS = 60
 POLICIES = ("ipmi", "self-fence", "manual", "ipmi+self-fence")
 
 
-def cluster_yaml(policies: tuple[str, ...], vm_options: list[dict[str, object]]) -> str:
+def cluster_yaml(
+    policies: tuple[str, ...], vm_options: list[dict[str, object]], on_hosts: bool
+) -> str:
     nodes = []
     for name, policy in zip(NODES, policies, strict=True):
         fencing: dict[str, object] = {"selfFence": "self-fence" in policy}
@@ -41,14 +47,15 @@ def cluster_yaml(policies: tuple[str, ...], vm_options: list[dict[str, object]])
     vms = []
     for name, options in zip(VMS, vm_options, strict=False):
         vms.append({"name": name, "memoryMiB": 1024, **options})
-    return yaml.safe_dump(
-        {
-            "duration": CHAOS_SECONDS + SETTLE_SECONDS,
-            "simulation": {"bootSeconds": 5},
-            "nodes": nodes,
-            "vms": vms,
-        }
-    )
+    document: dict[str, object] = {
+        "duration": CHAOS_SECONDS + SETTLE_SECONDS,
+        "simulation": {"bootSeconds": 5},
+        "nodes": nodes,
+        "vms": vms,
+    }
+    if on_hosts:
+        document["controllers"] = list(NODES)
+    return yaml.safe_dump(document)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,13 @@ events = st.one_of(
     st.builds(Event, times, node_verbs, st.sampled_from(NODES)),
     st.builds(Event, times, vm_verbs, st.sampled_from(VMS), st.sampled_from(NODES)),
     st.builds(Event, times, st.just("controller-restart"), st.just("")),
+    st.builds(Event, times, st.just("etcd-election"), st.sampled_from(["0.5", "1", "2"])),
+    st.builds(
+        Event,
+        times,
+        st.sampled_from(["power-off", "network-off"]),
+        st.sampled_from([*NODES, "leader"]),
+    ),
 )
 vm_option = st.fixed_dictionaries(
     {},
@@ -104,7 +118,14 @@ vm_option = st.fixed_dictionaries(
 
 def apply_event(sim: Simulator, loaded: Scenario, event: Event) -> Callable[[], None]:
     def run() -> None:
+        if event.target == "leader":  # the host of the leading controller, whichever it is now
+            if sim.leader in sim.hosts:
+                scenario.command_action(sim, f"{event.verb} {sim.leader}")()
+            return
         host = sim.hosts.get(event.target)
+        if event.verb == "etcd-election":
+            sim.etcd_election(float(event.target))
+            return
         if host is None and event.target not in sim.vms and event.verb != "controller-restart":
             return
         if event.verb == "honest-ack":
@@ -152,11 +173,15 @@ def start_agents_after_boot(sim: Simulator) -> None:
     policies=st.tuples(*(st.sampled_from(POLICIES) for _ in NODES)),
     vm_options=st.lists(vm_option, min_size=1, max_size=len(VMS)),
     chaos=st.lists(events, max_size=25),
+    on_hosts=st.booleans(),
 )
 def test_random_failures_keep_the_invariants(
-    policies: tuple[str, ...], vm_options: list[dict[str, object]], chaos: list[Event]
+    policies: tuple[str, ...],
+    vm_options: list[dict[str, object]],
+    chaos: list[Event],
+    on_hosts: bool,
 ) -> None:
-    loaded = scenario.parse(cluster_yaml(policies, vm_options), "random.yaml")
+    loaded = scenario.parse(cluster_yaml(policies, vm_options, on_hosts), "random.yaml")
     sim = scenario.build(loaded)
     for event in chaos:
         sim.at(event.at, apply_event(sim, loaded, event))
@@ -170,3 +195,44 @@ def test_random_failures_keep_the_invariants(
         if vm.spec.run_state != "started" or vm.failed:
             continue
         assert len(sim.running_hosts(vm.name)) == 1, f"{vm.name} does not run once:\n{log}"
+
+
+cuts = st.one_of(
+    st.builds(
+        Event,
+        times,
+        st.sampled_from(["power-off", "power-on", "network-off", "network-on"]),
+        st.sampled_from([*NODES, "leader"]),
+    ),
+    st.builds(Event, times, st.just("etcd-election"), st.just("1")),
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("KVMCTL_HA_EXAMPLES", "150")) // 3,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    policies=st.tuples(*(st.sampled_from(POLICIES[:2]) for _ in NODES)),
+    vm_options=st.lists(vm_option, min_size=1, max_size=len(VMS)),
+    chaos=st.lists(cuts, min_size=1, max_size=12),
+)
+def test_power_and_network_cuts_of_any_host_with_controllers_on_the_hosts(
+    policies: tuple[str, ...], vm_options: list[dict[str, object]], chaos: list[Event]
+) -> None:
+    """Silence-based fencing and standby takeovers, hit often: every chaos event cuts or
+    restores a host (the leader's included), or makes etcd elect."""
+    loaded = scenario.parse(cluster_yaml(policies, vm_options, True), "cuts.yaml")
+    sim = scenario.build(loaded)
+    for event in chaos:
+        sim.at(event.at, apply_event(sim, loaded, event))
+    sim.at(CHAOS_SECONDS, lambda: settle(sim))
+    sim.at(CHAOS_SECONDS + 10, lambda: start_agents_after_boot(sim))
+    asyncio.run(scenario.simulate(sim))
+
+    log = "\n".join(sim.lines)
+    assert sim.violations == [], log
+    for vm in sim.vms.values():
+        if vm.spec.run_state == "started" and not vm.failed:
+            assert len(sim.running_hosts(vm.name)) == 1, f"{vm.name} does not run once:\n{log}"

@@ -76,6 +76,12 @@ async def test_cli_prints_the_log_and_summary(capsys: pytest.CaptureFixture[str]
             "nodes[0].fencing: methods[0].devices[0].agent",
         ),
         ("nodes: [", "not valid YAML"),
+        ("nodes: [{name: h1}]\ncontrollers: [h2]", "controllers[0]: no node named 'h2'"),
+        (
+            "nodes: [{name: h1}]\ncommands: [{at: 1, do: etcd-election soon}]",
+            "commands[0]: etcd-election takes seconds in (0, 60], got 'soon'",
+        ),
+        ("nodes: [{name: h1}]\ntimings: {suspectAfter: 0}", "timings: suspect_after must be > 0"),
     ],
 )
 def test_bad_scenarios_get_one_readable_error(text: str, message: str) -> None:

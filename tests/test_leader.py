@@ -416,3 +416,52 @@ def test_timing_for_any_ttl_keeps_the_default_proportions() -> None:
     for ttl in (2, 3, 4, 5, 10):
         timing = ElectionTiming.for_ttl(ttl)
         assert 0 < timing.renew_period < timing.renew_deadline < timing.ttl == ttl
+
+
+async def test_take_over_ends_the_term_and_exactly_one_of_two_racing_standbys_wins(
+    candidates: Candidates, new_client: ClientFactory
+) -> None:
+    terms = candidates.terms
+    candidates.start("dead")
+    await terms.wait_until(lambda: terms.leader() is not None)
+    dead_token = terms.started[-1][1]
+    first = candidates.start("standby-1")
+    second = candidates.start("standby-2")
+    assert not await first.take_over(dead_token - 1)  # a stale term: refused, nothing changes
+    info = await first.current_leader()
+    assert info is not None and info.token == dead_token
+
+    won = await asyncio.gather(first.take_over(dead_token), second.take_over(dead_token))
+    assert sorted(won) == [False, True]
+    winner = first if won[0] else second
+    await terms.wait_until(lambda: any(token > dead_token for token in terms.active))
+    leader = terms.leader()
+    assert leader is not None and leader[0] == winner.identity
+    assert winner.took_over == dead_token
+    await terms.wait_until(lambda: dead_token in terms.stopped)  # the old term sees it is over
+
+    admin = new_client()
+    key = leader_key(candidates.prefix, NAME)
+    marker = f"{candidates.prefix}/placement".encode()
+    old_written, _ = await admin.transaction(
+        compare=[guard_compare(admin, key, dead_token)],
+        success=[admin.transactions.put(marker, b"from the dead leader")],
+        failure=[],
+    )
+    assert not old_written
+    assert not await (second if won[0] else first).take_over(dead_token)  # that term is over
+    assert await admin.get(f"{key}.takeover".encode()) is None  # the claim became the term
+
+
+async def test_the_leader_record_names_the_node(new_client: ClientFactory, key_prefix: str) -> None:
+    client = new_client()
+    elector = LeaderElector(client, key_prefix, NAME, "on-host1", FAST, node="host1")
+    seen: list[str | None] = []
+
+    async def leading(token: int) -> None:
+        info = await elector.current_leader()
+        seen.append(None if info is None else info.node)
+
+    async with asyncio.timeout(DEADLINE):
+        await elector.run(leading)
+    assert seen == ["host1"]

@@ -18,6 +18,7 @@ from controller.ha import requests
 from controller.ha.environment import HaTimings
 from controller.heartbeat import heartbeat_key
 from controller.leader import ElectionTiming, LeaderInfo, current_leader, leader_key
+from controller.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 from controller.store import Conflict, NotFound, Store
 from crds import ClusterNode, VirtualMachine
 from crds.meta import _check_name
@@ -102,6 +103,27 @@ def register(commands: Any) -> None:
         default=ElectionTiming().ttl,
         help="leader election lease TTL, whole seconds",
     )
+    controller.add_argument(
+        "--node",
+        type=_name,
+        help="the ClusterNode this controller runs on: listen to and send direct heartbeats, "
+        "and take over at once from a leader whose power-fenced host goes silent",
+    )
+    controller.add_argument(
+        "--peer-port", type=int, default=PEER_PORT, help=f"UDP port (default {PEER_PORT})"
+    )
+    controller.add_argument(
+        "--peer-interval",
+        type=float,
+        default=PEER_INTERVAL,
+        help=f"seconds between this controller's direct heartbeats (default {PEER_INTERVAL})",
+    )
+    controller.add_argument(
+        "--suspect-after",
+        type=float,
+        default=defaults.suspect_after,
+        help="a power-fenced node silent this long is fenced before its lease expires, s",
+    )
     controller.set_defaults(func=run_controller)
 
     fence = commands.add_parser("fence", help="fencing by hand")
@@ -175,7 +197,9 @@ async def run_controller(args: argparse.Namespace) -> int:
         fence_retry_initial=args.fence_retry_initial,
         fence_retry_max=args.fence_retry_max,
         max_parallel_migrations=args.max_parallel_migrations,
+        suspect_after=args.suspect_after,
     )
+    peers = PeerSettings(args.peer_port, args.peer_interval) if args.node else None
     election = ElectionTiming.for_ttl(args.election_ttl)
     setup_telemetry("kvmctl-controller", "prometheus")
     store = store_from(args)
@@ -188,6 +212,8 @@ async def run_controller(args: argparse.Namespace) -> int:
         http_host=args.metrics_host,
         http_port=args.metrics_port,
         fence_runner=FenceRunner(policy=policy),
+        node=args.node,
+        peers=peers,
     )
     await manager.run()  # closes the store
     return 0

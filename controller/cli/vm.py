@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from controller.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.ha.environment import HaTimings
+from controller.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 from controller.store import NotFound, Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.meta import _check_name
@@ -58,6 +59,18 @@ def register(commands: Any) -> None:
         help="do not activate the VMs' LVs (hosts without device-mapper)",
     )
     agent.add_argument("--resync-period", type=float, default=30.0, help="seconds")
+    agent.add_argument(
+        "--peer-port",
+        type=int,
+        default=PEER_PORT,
+        help=f"UDP port of the controllers' direct heartbeats (default {PEER_PORT}; 0: send none)",
+    )
+    agent.add_argument(
+        "--peer-interval",
+        type=float,
+        default=PEER_INTERVAL,
+        help=f"seconds between direct heartbeats (default {PEER_INTERVAL})",
+    )
     agent.add_argument(
         "--migration-concurrency", type=int, default=DEFAULT_MIGRATION_CONCURRENCY, help="per node"
     )
@@ -110,6 +123,7 @@ async def run_agent(args: argparse.Namespace) -> int:
         if args.no_storage
         else StorageSettings(tgtd_control_port=args.tgtd_control_port, lvm=lvm),
         tgtd_portal=args.tgtd_portal,
+        peers=None if args.peer_port == 0 else PeerSettings(args.peer_port, args.peer_interval),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -10,7 +10,10 @@ the term.
 `build_manager` puts it together with the VirtualMachineMigration controller
 (`controller/migrations.py`), the fence-device checker (`controller/fencing.py`) and
 guest-cluster fencing (`controller/ha/guest_fence.py`), all leader-only tasks of a `Manager`
-sharing its caches.
+sharing its caches. Given the ClusterNode it runs on (`node`) and `peers` settings, it also
+listens to the direct heartbeats and sends its own (`controller/peers.py`), and runs the standby
+watch (`controller/ha/takeover.py`) that takes over from a leader whose host went silent; a term
+won that way first records the standby's power fence, so the engine recovers at once.
 """
 
 from __future__ import annotations
@@ -21,17 +24,21 @@ import logging
 from controller.events import EventRecorder
 from controller.fencing import FenceChecker
 from controller.garbage import garbage_collectors
+from controller.heartbeat import boot_id
 from controller.informer import SharedInformers
 from controller.leader import ElectionTiming
-from controller.manager import LeaderTask, Manager
+from controller.manager import Background, LeaderTask, Manager
 from controller.migrations import Term, lead_migrations
+from controller.peers import PeerSender, PeerSettings, PeerTable, listen
 from controller.store import Compare, Store
+from crds import ClusterNode
 from reconcilers.drivers.fence import FenceRunner
 
 from .engine import DEFAULT_PERIOD, Engine, run
-from .environment import HaTimings
+from .environment import Emit, HaTimings
 from .guest_fence import GuestFenceController
 from .production import KINDS, EtcdEnvironment
+from .takeover import StandbyWatch
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ class HaController:
         recorder: EventRecorder | None = None,
         fence_runner: FenceRunner | None = None,
         period: float = DEFAULT_PERIOD,
+        peers: PeerTable | None = None,
     ) -> None:
         self.store = store
         self.informers = informers
@@ -56,9 +64,17 @@ class HaController:
         self.recorder = recorder or EventRecorder(store, COMPONENT)
         self.fence_runner = fence_runner or FenceRunner()
         self.period = period
+        self.peers = peers
+        self.standby: StandbyWatch | None = None
+        """Set by `build_manager` when this controller knows its node and hears peers."""
+        self.token: int | None = None
+        """The term this controller leads (None while standby)."""
         self._changed = asyncio.Event()
         for kind in KINDS:
             informers.informer(kind).add_handler(lambda _type, _obj: self._changed.set())
+
+    def token_now(self) -> int | None:
+        return self.token
 
     def leader_task(self) -> LeaderTask:
         return LeaderTask("ha", self.run)
@@ -74,12 +90,39 @@ class HaController:
             self._changed,
             self.timings,
             self.fence_runner,
+            self.peers,
         )
         log.info("HA loop starts with token %d", token)
-        async with environment:
-            await run(Engine(self.timings), environment, self.period)
+        self.token = token
+        try:
+            async with environment:
+                await self._record_takeover(environment)
+                await run(Engine(self.timings), environment, self.period)
+        finally:
+            self.token = None
         log.error("HA loop of token %d stopped: deposed; waiting for the term to end", token)
         await asyncio.Event().wait()  # the elector cancels this term within its renew period
+
+    async def _record_takeover(self, environment: EtcdEnvironment) -> None:
+        """A term won by the standby watch records its confirmed power fence first."""
+        standby = self.standby
+        if standby is None:
+            return
+        done = standby.take_pending(standby.elector.took_over)
+        if done is None:
+            return
+        if done.heartbeat_revision is None:
+            log.warning("the fence of %s is not recorded: the engine fences it again", done.node)
+            return
+        recorded = await environment.record_takeover_fence(
+            done.node, done.method, done.confirmed_at, done.heartbeat_revision
+        )
+        if recorded:
+            message = (
+                f"method {done.method} confirmed power off (by the standby that took over from "
+                f"term {done.replaced})"
+            )
+            await environment.apply(Emit("ClusterNode", done.node, "NodeFenced", message))
 
 
 def build_manager(
@@ -91,19 +134,48 @@ def build_manager(
     http_host: str = "127.0.0.1",
     http_port: int | None = None,
     fence_runner: FenceRunner | None = None,
+    node: str | None = None,
+    peers: PeerSettings | None = None,
+    peer_table: PeerTable | None = None,
 ) -> Manager:
-    """A Manager running the HA loop, the migration controller and the fence-device checker
-    while it leads; `fence_runner` (default: the default allow-list) runs every fence agent."""
+    """A Manager running the HA loop, the migration controller, the fence-device checker and
+    guest-cluster fencing while it leads; `fence_runner` (default: the default allow-list) runs
+    every fence agent. With `node` and `peers`, also the direct heartbeats (heard into
+    `peer_table`, if given) and the standby watch."""
     informers = SharedInformers(store)
     recorder = EventRecorder(store, COMPONENT)
-    ha = HaController(store, informers, timings, recorder, fence_runner)
+    nodes = informers.informer("ClusterNode")
+
+    def address_of(name: str) -> str | None:
+        obj = nodes.get(name)
+        return str(obj.spec.addresses.cluster) if isinstance(obj, ClusterNode) else None
+
+    table = peer_table or (PeerTable(address_of) if peers is not None else None)
+    ha = HaController(store, informers, timings, recorder, fence_runner, peers=table)
     checker = FenceChecker(store, informers, ha.fence_runner, recorder)
     guest_fencing = GuestFenceController(store, informers)
 
     async def migrations(token: int, guard: list[Compare]) -> None:
         await lead_migrations(store, recorder, Term(token, guard))
 
-    return Manager(
+    background: list[Background] = []
+    if peers is not None and table is not None and node is not None:
+
+        async def direct_heartbeats() -> None:
+            address = await _own_address(informers, node)
+            transport = await listen(table, address, peers)
+            targets = lambda: [address_of(n.metadata.name) or "" for n in nodes.list()]  # noqa: E731
+            sender = PeerSender(
+                node, "controller", boot_id(), address, targets, peers, ha.token_now
+            )
+            try:
+                await sender.run()
+            finally:
+                transport.close()
+
+        background.append(Background("direct heartbeats", direct_heartbeats))
+        background.append(Background("standby watch", lambda: _watch(ha)))
+    manager = Manager(
         store,
         garbage_collectors(store, informers),
         identity=identity,
@@ -118,4 +190,27 @@ def build_manager(
             LeaderTask("fence-check", checker.run),
             guest_fencing.leader_task(),
         ],
+        background=background,
+        node=node,
     )
+    if node is not None and table is not None and manager.elector is not None:
+        ha.standby = StandbyWatch(
+            store, informers, manager.elector, table, node, ha.timings, ha.fence_runner
+        )
+    return manager
+
+
+async def _watch(ha: HaController) -> None:
+    assert ha.standby is not None, "build_manager creates the standby watch with the manager"
+    await ha.standby.run()
+
+
+async def _own_address(informers: SharedInformers, node: str) -> str:
+    """This controller's node's cluster address, once its ClusterNode exists."""
+    nodes = informers.informer("ClusterNode")
+    while True:
+        obj = nodes.get(node)
+        if isinstance(obj, ClusterNode):
+            return str(obj.spec.addresses.cluster)
+        log.warning("waiting for ClusterNode %s to send and hear direct heartbeats", node)
+        await asyncio.sleep(1.0)

@@ -34,6 +34,8 @@ from .environment import (
     StartFence,
     VmView,
     World,
+    power_fenced,
+    silent_nodes,
 )
 from .placement import DiskHolders, Usage, choose_node, domain_rank, ineligibility
 
@@ -76,6 +78,8 @@ class Engine:
             1 for v in world.vms.values() if v.migration and v.migration.phase == "Running"
         )
         self.next_wakeup = None
+        heard = {n.name: n.heard_at for n in world.nodes.values()}
+        self._silent = silent_nodes(heard, world.now, self.timings.suspect_after)
         for node in sorted(world.nodes.values(), key=lambda n: n.name):
             self._node_step(node)
         self._nodes = {
@@ -115,6 +119,22 @@ class Engine:
         self._health[node.name] = health
         self._actions.append(SetNodeHealth(node.name, health, fence))
 
+    def _suspected(self, node: NodeView) -> bool:
+        """Power-fenced and silent on the cluster network: fenced without waiting for the lease.
+
+        Self-fencing nodes are never suspected on silence: their recovery needs the lease's
+        server-side expiry (docs/ha.md)."""
+        if not power_fenced(node.spec):
+            return False
+        if node.name in self._silent:
+            return True
+        if node.heard_at is not None and node.health == "Online":
+            self._wake_at(node.heard_at + self.timings.suspect_after)
+        return False
+
+    def _lost(self, node: NodeView) -> bool:
+        return not node.lease_alive or self._suspected(node)
+
     def _node_step(self, node: NodeView) -> None:
         health = self._health[node.name]
         if health in ("Online", "Offline", "Fenced") and node.fence_ack_at is not None:
@@ -127,13 +147,18 @@ class Engine:
                     "Warning",
                 )
         if health == "Online":
-            if node.lease_alive:
+            if not self._lost(node):
                 return
             self._set_health(node, "Unknown", None)
-            self._emit(node, "NodeLost", "heartbeat lease expired", "Warning")
+            if node.lease_alive and node.heard_at is not None:
+                silent = self._now - node.heard_at
+                why = f"no direct heartbeat for {silent:.1f}s (its lease is still held)"
+            else:
+                why = "heartbeat lease expired"
+            self._emit(node, "NodeLost", why, "Warning")
             health = "Unknown"
         if health in ("Unknown", "Offline"):
-            if node.lease_alive:
+            if not self._lost(node):
                 self._set_health(node, "Online", None)
                 self._emit(node, "NodeOnline", "agent holds its heartbeat lease")
                 return
@@ -196,7 +221,7 @@ class Engine:
             self._actions.append(ClearFenceAck(node.name))
             self._fenced(node, "ManualAck", None, "an operator acknowledged the node is off")
             return
-        if node.lease_alive and progress.attempt is None:
+        if not self._lost(node) and progress.attempt is None:
             self._fencing.pop(node.name)
             self._set_health(node, "Online", None)
             self._emit(node, "NodeOnline", "lease renewed before fencing completed")

@@ -10,6 +10,7 @@ Times are seconds on the controller's monotonic clock (virtual in the simulator)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -40,6 +41,8 @@ class HaTimings:
     fence_retry_initial: float = 1.0
     fence_retry_max: float = 30.0
     max_parallel_migrations: int = 2
+    suspect_after: float = 1.0
+    """A power-fenced node whose direct heartbeats stopped this long ago is fenced at once."""
 
     def __post_init__(self) -> None:
         deadline = self.lease_ttl - self.self_fence_margin
@@ -62,6 +65,29 @@ class HaTimings:
             )
         if self.fence_retry_initial <= 0:
             raise ValueError("fence_retry_initial must be > 0")
+        if self.suspect_after <= 0:
+            raise ValueError(f"suspect_after must be > 0, got {self.suspect_after}")
+
+
+def power_fenced(spec: ClusterNodeSpec) -> bool:
+    """The engine fences this node by power (methods) rather than relying on self-fencing."""
+    return bool(spec.fencing.methods) and not spec.fencing.self_fence
+
+
+def silent_nodes(
+    heard_at: Mapping[str, float | None], now: float, suspect_after: float
+) -> frozenset[str]:
+    """The nodes heard before but not for `suspect_after`, as one observer sees them.
+
+    Empty unless that observer hears a strict majority of the nodes (itself included): an
+    observer cut off from the cluster network hears nobody, and must not take everybody
+    for dead. A node never heard (None) is neither silent nor heard.
+    """
+    silent = {n for n, at in heard_at.items() if at is not None and now - at >= suspect_after}
+    heard = sum(1 for at in heard_at.values() if at is not None and now - at < suspect_after)
+    if 2 * heard <= len(heard_at):
+        return frozenset()
+    return frozenset(silent)
 
 
 @dataclass(frozen=True)
@@ -94,6 +120,9 @@ class NodeView:
     memory_mib: int | None
     """Capacity (spec override, else the agent's report); None means unknown (not limited)."""
     drain: DrainMode | None = None
+    heard_at: float | None = None
+    """When this controller last received a direct heartbeat (UDP, from the node's agent or
+    controller) in the agent's current lease; None if none came since (never suspected then)."""
 
 
 @dataclass(frozen=True)

@@ -33,16 +33,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from controller import telemetry
 from controller.events import EventRecorder
-from controller.fencing import runner_device
+from controller.fencing import run_method
 from controller.heartbeat import heartbeat_key
 from controller.informer import SharedInformers
 from controller.migrations import Term
+from controller.peers import PeerTable
 from controller.store import Compare, Conflict, NotFound, Store, StoreError
 from crds import AnyResource, ClusterNode, ObjectMeta, VirtualMachine
 from crds.clusternode import FenceRecord
@@ -124,8 +125,10 @@ class EtcdEnvironment:
         changed: asyncio.Event,
         timings: HaTimings | None = None,
         fence_runner: FenceRunner | None = None,
+        peers: PeerTable | None = None,
     ) -> None:
-        """`changed` is set by the caller's informer handlers on every object change."""
+        """`changed` is set by the caller's informer handlers on every object change;
+        `peers` is where the direct heartbeats are heard (None: lease-based detection only)."""
         self.store = store
         self.recorder = recorder
         self.term = term
@@ -136,6 +139,8 @@ class EtcdEnvironment:
         self._loop = asyncio.get_running_loop()
         self._started_at = self._loop.time()
         self._lost_at: dict[str, float] = {}
+        self._peers = peers
+        self._session_at: dict[str, float] = {}
         self._ack_seen: dict[str, float] = {}
         self._crashes: dict[str, tuple[datetime | None, float]] = {}
         self.heartbeats = requests.PrefixCache(
@@ -196,7 +201,16 @@ class EtcdEnvironment:
             self._lost_at[node] = self._loop.time()
         else:
             self._lost_at.pop(node, None)
+            if self.heartbeats.synced.is_set():  # a new lease: a new agent session
+                self._session_at[node] = self._loop.time()
         self._changed.set()
+
+    def _heard_at(self, node: str) -> float | None:
+        """The last direct heartbeat from `node`, if it came in the agent's current lease."""
+        heard = None if self._peers is None else self._peers.heard_at(node)
+        if heard is None or heard < self._session_at.get(node, heard):
+            return None
+        return heard
 
     def _key_changed(self, _name: str, _value: bytes | None) -> None:
         self._changed.set()
@@ -342,6 +356,7 @@ class EtcdEnvironment:
             cpus=capacity.cpus if capacity else None,
             memory_mib=capacity.memory_mib if capacity else None,
             drain=None if drain is None else drain.mode,
+            heard_at=self._heard_at(name),
         )
 
     def _report(self, node: str) -> requests.NodeReport | None:
@@ -496,8 +511,10 @@ class EtcdEnvironment:
                 done = False
         return done
 
-    async def _patch(self, kind: str, name: str, mutate: Any) -> None:
-        written = await self.store.patch_status(kind, name, mutate, guard=self._guard())
+    async def _patch(
+        self, kind: str, name: str, mutate: Any, extra: Sequence[Compare] = ()
+    ) -> None:
+        written = await self.store.patch_status(kind, name, mutate, guard=[*self._guard(), *extra])
         self._overlay[(kind, name)] = written
 
     async def _write(self, action: Action) -> None:
@@ -522,7 +539,23 @@ class EtcdEnvironment:
         elif isinstance(action, ClearMigration):
             await self._acknowledge(self._migration_names.pop(action.vm, []))
 
-    async def _set_health(self, action: SetNodeHealth) -> None:
+    async def record_takeover_fence(
+        self, node: str, method: str, confirmed_at: float, heartbeat_revision: int
+    ) -> bool:
+        """Record the power fence a standby confirmed before taking over (at `confirmed_at` on
+        the loop's clock), unless the node's agent holds a new heartbeat key since: the write
+        also compares the key's create_revision with `heartbeat_revision` (0: no key)."""
+        key = heartbeat_key(self.store.prefix, node).encode()
+        unchanged = self.store.client.transactions.create(key) == heartbeat_revision
+        confirmation = FenceConfirmation("PowerOff", confirmed_at, method)
+        try:
+            await self._set_health(SetNodeHealth(node, "Fenced", confirmation), [unchanged])
+        except (Conflict, NotFound, StoreError) as error:
+            log.warning("the takeover's fence of %s is not recorded (%s)", node, error)
+            return False
+        return True
+
+    async def _set_health(self, action: SetNodeHealth, extra: list[Compare] | None = None) -> None:
         record: FenceRecord | None = None
         if action.fence is not None:
             confirmed = _precise_now() - timedelta(seconds=self.now() - action.fence.at)
@@ -540,7 +573,7 @@ class EtcdEnvironment:
             node.status.fence = record
             return True
 
-        await self._patch("ClusterNode", action.node, mutate)
+        await self._patch("ClusterNode", action.node, mutate, extra or [])
 
     async def _clear_fence_ack(self, node: str) -> None:
         key = requests.fence_ack_key(self.store.prefix, node).encode()
@@ -641,15 +674,7 @@ class EtcdEnvironment:
         node = self._informers["ClusterNode"].get(node_name)
         if not isinstance(node, ClusterNode):
             return False, f"ClusterNode {node_name} not found"
-        method = next((m for m in node.spec.fencing.methods if m.name == method_name), None)
-        if method is None:
-            return False, f"no fence method {method_name!r} on {node_name}"
-        devices = [await runner_device(self.store, node_name, spec) for spec in method.devices]
-        for index, (spec, device) in enumerate(zip(method.devices, devices, strict=True)):
-            outcome = await self.fence_runner.power_off_and_confirm(device, spec.timeout_seconds)
-            if not outcome.succeeded:
-                return False, f"device {index} ({device.agent}): {outcome.message}"
-        return True, "every device confirmed power off"
+        return await run_method(self.store, self.fence_runner, node, method_name)
 
 
 def _heartbeat_prefix(prefix: str) -> str:

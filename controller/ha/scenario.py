@@ -18,16 +18,19 @@
       - name: vm1
         node: host1                 # running there at time 0 (omit: the engine places it)
         memoryMiB: 1024             # any VirtualMachine spec field
+    controllers: [host1, host2]     # optional: controllers on these hosts, the first leads
     commands:
       - {at: 5, do: power-off host1}
 
 Optional top-level `timings` (HaTimings fields in camelCase: leaseTtl, renewInterval,
 selfFenceMargin, recoveryGrace, watchdogTimeout, fenceRetryInitial, fenceRetryMax,
-maxParallelMigrations) and `simulation` (bootSeconds, startSeconds, migrateSeconds).
+maxParallelMigrations, suspectAfter) and `simulation` (bootSeconds, startSeconds,
+migrateSeconds, electionTtl). Without `controllers`, one controller runs outside the hosts.
 
 Commands: power-off|power-on|network-off|network-on|agent-kill|agent-start|ack|cordon|
 uncordon NODE; drain NODE [force]; fence-device NODE METHOD[/INDEX] ok|fail|timeout;
-migrate VM NODE; crash|start|stop|disable VM; controller-restart.
+migrate VM NODE; crash|start|stop|disable VM; controller-restart; etcd-election SECONDS
+(etcd has no leader that long, then extends every lease by its TTL).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Scenario:
     hosts: list[Host]
     vms: list[SimVm]
     commands: list[tuple[float, str]] = field(default_factory=list)
+    controllers: list[str] = field(default_factory=list)
 
 
 def _camel(name: str) -> str:
@@ -212,7 +216,7 @@ _NODE_VERBS = {
     "fence-device",
 }
 _VM_VERBS = {"migrate", "crash", "start", "stop", "disable"}
-VERBS = sorted(_NODE_VERBS | _VM_VERBS | {"controller-restart"})
+VERBS = sorted(_NODE_VERBS | _VM_VERBS | {"controller-restart", "etcd-election"})
 
 
 def _check_command(text: str, scenario: Scenario, where: str) -> None:
@@ -231,6 +235,13 @@ def _check_command(text: str, scenario: Scenario, where: str) -> None:
     }.get(verb, (1, 1))
     if not usage[0] <= len(args) <= usage[1]:
         raise ScenarioError(f"{where}: {verb!r} takes {usage[0]} to {usage[1]} arguments")
+    if verb == "etcd-election":
+        try:
+            seconds = float(args[0])
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds <= 60:
+            raise ScenarioError(f"{where}: etcd-election takes seconds in (0, 60], got {args[0]!r}")
     if verb in _NODE_VERBS and args[0] not in hosts:
         raise ScenarioError(f"{where}: no node named {args[0]!r}")
     if verb in _VM_VERBS and args[0] not in vms:
@@ -279,9 +290,18 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
     if len({v.name for v in vms}) != len(vms):
         raise ScenarioError(f"{path}: vms: names must be distinct")
     raw_commands = _list(document.pop("commands", None), f"{path}: commands")
+    controllers = _list(document.pop("controllers", None), f"{path}: controllers")
     if document:
         raise ScenarioError(f"{path}: unknown field {sorted(document)[0]!r}")
+    for index, name in enumerate(controllers):
+        if name not in by_name:
+            raise ScenarioError(f"{path}: controllers[{index}]: no node named {name!r}")
+        if not by_name[name].powered:
+            raise ScenarioError(f"{path}: controllers[{index}]: {name} is powered off at time 0")
+    if len(set(controllers)) != len(controllers):
+        raise ScenarioError(f"{path}: controllers: names must be distinct")
     scenario = Scenario(path, description, float(duration), timings, settings, hosts, vms)
+    scenario.controllers = list(controllers)
     for index, entry in enumerate(raw_commands):
         where = f"{path}: commands[{index}]"
         entry = _mapping(entry, where)
@@ -323,6 +343,7 @@ def command_action(sim: Simulator, command: str) -> Callable[[], None]:
         "stop": lambda: sim.set_run_state(args[0], "stopped"),
         "disable": lambda: sim.set_run_state(args[0], "disabled"),
         "controller-restart": sim.restart_controller,
+        "etcd-election": lambda: sim.etcd_election(float(args[0])),
     }
     if verb == "fence-device":
         method, _, index = args[1].partition("/")
@@ -342,6 +363,7 @@ async def simulate(sim: Simulator) -> None:
     controller restart (as a new leader would start)."""
     while True:
         await run(Engine(sim.timings), sim)
+        await sim.until_leading()
         if sim.finished:
             return
         sim.log("controller", "new leader: engine restarted with no memory")
@@ -349,7 +371,13 @@ async def simulate(sim: Simulator) -> None:
 
 def build(scenario: Scenario, echo: Callable[[str], None] | None = None) -> Simulator:
     sim = Simulator(
-        scenario.hosts, scenario.vms, scenario.timings, scenario.settings, scenario.duration, echo
+        scenario.hosts,
+        scenario.vms,
+        scenario.timings,
+        scenario.settings,
+        scenario.duration,
+        echo,
+        scenario.controllers,
     )
     for at, command in scenario.commands:
         sim.at(at, command_action(sim, command))

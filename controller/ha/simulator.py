@@ -7,6 +7,15 @@ start what is placed on an Online node, stop what is not theirs, self-fence at t
 when the node's policy relies on it, feed the watchdog only while that is safe, and destroy
 every stale domain when they find their node Fenced. Time advances in ticks of 0.1 s.
 
+Direct heartbeats: a powered, booted host whose agent (or controller) runs and whose network
+is up is heard by every controller on the network, each tick. Controllers either run outside
+the hosts (the default: one leader that never dies unless told to) or on the hosts named in
+`controllers` (the first leads at time 0): then a host's power cut kills its controller, a
+leader cut off from etcd stops acting, its key expires `election_ttl` after its last renewal,
+and a standby that finds a power-fenced leader's host silent fences it and takes over at once
+(docs/ha.md). `etcd_election(seconds)` models etcd losing its leader: nothing renews or
+expires meanwhile, then etcd extends every lease by its TTL.
+
 Invariants are checked as the simulation runs; violations are logged and kept in
 `Simulator.violations`.
 """
@@ -44,9 +53,13 @@ from .environment import (
     VmView,
     World,
     acked_but_running,
+    power_fenced,
+    silent_nodes,
 )
 
 TICKS_PER_SECOND = 10
+OFF_HOST = ""
+"""The observer name of a controller that runs outside the hosts."""
 DeviceBehaviour = Literal["ok", "fail", "timeout"]
 QemuPhase = Literal["starting", "running", "incoming"]
 
@@ -58,6 +71,8 @@ class SimSettings:
     boot_seconds: float = 10.0
     start_seconds: float = 0.5
     migrate_seconds: float = 2.0
+    election_ttl: float = 5.0
+    """TTL of the controllers' leader key (controllers on the hosts only)."""
 
 
 @dataclass
@@ -87,6 +102,8 @@ class Host:
     boot_done_at: float | None = None
     qemu: dict[str, Qemu] = field(default_factory=dict)
     last_renewal: float | None = 0.0
+    lease_until: float | None = None
+    """When etcd expires the agent's lease (set from last_renewal at the start)."""
     last_feed: float = 0.0
     self_fenced: bool = False
     reported: frozenset[str] = frozenset()
@@ -138,6 +155,11 @@ class _FenceRun:
     done_at: float
     ok: bool
     message: str
+    generation: int = 0
+    """The engine that started it; a later engine never sees its result."""
+    takeover_by: str | None = None
+    """A standby fencing the leader's host, and the term it saw."""
+    term: int = 0
 
 
 class Simulator:
@@ -151,6 +173,7 @@ class Simulator:
         settings: SimSettings,
         end: float,
         log: Callable[[str], None] | None = None,
+        controllers: list[str] | None = None,
     ) -> None:
         self.hosts = {h.name: h for h in hosts}
         self.vms = {v.name: v for v in vms}
@@ -169,6 +192,20 @@ class Simulator:
         self._restart_controller = False
         self._doubled: set[str] = set()
         self._sharing: set[tuple[str, str]] = set()
+        self.controllers = list(controllers or [])
+        """Hosts that run a controller; empty: one controller outside the hosts."""
+        self.leader = self.controllers[0] if self.controllers else OFF_HOST
+        self.term = 1
+        self._leader_alive = True
+        self._key_until = settings.election_ttl
+        self._new_term = False
+        self._generation = 0
+        self._heard: dict[str, dict[str, float]] = {}
+        self._etcd_down: tuple[float, float] | None = None
+        self._takeover_method: dict[tuple[str, int], int] = {}
+        for host in hosts:
+            if host.last_renewal is not None:
+                host.lease_until = host.last_renewal + timings.lease_ttl
         for vm in vms:
             if vm.placement is not None and vm.spec.run_state == "started":
                 self.hosts[vm.placement].qemu[vm.name] = Qemu("running")
@@ -200,6 +237,10 @@ class Simulator:
     def restart_controller(self) -> None:
         """The leader dies and another takes over: the engine's memory is lost."""
         self._restart_controller = True
+        self._new_engine()
+
+    def _new_engine(self) -> None:
+        self._generation += 1
         self._controller_since = self.now()
         self._lost_seen.clear()
 
@@ -212,14 +253,14 @@ class Simulator:
     async def observe(self) -> World:
         now = self.now()
         nodes: dict[str, NodeView] = {}
+        heard = self._heard.get(self.leader, {})
         for host in self.hosts.values():
             alive = self._lease_alive(host)
             if alive:
                 self._lost_seen.pop(host.name, None)
                 lost_at = None
             else:
-                expired = 0.0 if host.last_renewal is None else host.last_renewal
-                expired += self.timings.lease_ttl
+                expired = 0.0 if host.lease_until is None else host.lease_until
                 lost_at = self._lost_seen.setdefault(
                     host.name, max(expired, self._controller_since)
                 )
@@ -236,6 +277,7 @@ class Simulator:
                 cpus=host.cpus,
                 memory_mib=host.memory_mib,
                 drain=host.drain,
+                heard_at=heard.get(host.name),
             )
         vms = {
             vm.name: VmView(
@@ -291,21 +333,40 @@ class Simulator:
             self.vms[action.vm].migration = None
 
     async def wait(self, until: float) -> bool:
-        """Advance one tick (something may change on any tick); False at the end or on a
-        controller restart."""
+        """Advance one tick (something may change on any tick), more while etcd elects (the
+        leader cannot write); False at the end, on a controller restart, or when the leader
+        died, lost etcd or was replaced."""
         del until
-        if self.finished:
+        self._tick()
+        while self._etcd_down is not None and not self.finished:
+            self._tick()
+        if self._restart_controller or self._new_term or not self.leading():
+            self._restart_controller = False
             return False
+        return not self.finished
+
+    def _tick(self) -> None:
+        if self.finished:
+            return
         self.tick += 1
         for command in self._commands.pop(self.tick, []):
             command()
         self._advance()
         self._check_copies()
         self._check_disks()
-        if self._restart_controller:
-            self._restart_controller = False
-            return False
-        return True
+
+    def leading(self) -> bool:
+        """A leader runs, reaches etcd and holds the leader key."""
+        if not self.controllers:
+            return True
+        host = self.hosts[self.leader]
+        return self._leader_alive and host.powered and host.network and self._etcd_down is None
+
+    async def until_leading(self) -> None:
+        """Advance until a controller leads (at once outside the hosts)."""
+        while not self.finished and not self.leading():
+            self._tick()
+        self._new_term = False
 
     # Applying the engine's actions ------------------------------------------------------------
 
@@ -322,23 +383,31 @@ class Simulator:
                 )
 
     def _start_fence(self, action: StartFence) -> None:
-        host = self.hosts[action.node]
-        elapsed, ok, message = 0.0, True, "off"
-        for index, device in enumerate(host.devices.get(action.method, [])):
+        elapsed, ok, message = self._fence_outcome(self.hosts[action.node], action.method)
+        self._fence_runs.append(
+            _FenceRun(
+                action.attempt,
+                action.node,
+                action.method,
+                self.now() + elapsed,
+                ok,
+                message,
+                self._generation,
+            )
+        )
+
+    def _fence_outcome(self, host: Host, method: str) -> tuple[float, bool, str]:
+        """How long running `method`'s devices takes, whether it confirms off, and why not."""
+        elapsed = 0.0
+        for index, device in enumerate(host.devices.get(method, [])):
             if device.behaviour == "ok":
                 elapsed += device.seconds
                 continue
-            ok = False
             if device.behaviour == "fail":
-                elapsed += device.seconds
-                message = f"device {index} ({device.agent}) failed"
-            else:
-                elapsed += device.timeout
-                message = f"device {index} ({device.agent}) timed out after {device.timeout:g}s"
-            break
-        self._fence_runs.append(
-            _FenceRun(action.attempt, action.node, action.method, self.now() + elapsed, ok, message)
-        )
+                return elapsed + device.seconds, False, f"device {index} ({device.agent}) failed"
+            timed_out = f"device {index} ({device.agent}) timed out after {device.timeout:g}s"
+            return elapsed + device.timeout, False, timed_out
+        return elapsed, True, "off"
 
     def _place(self, action: Place) -> None:
         vm = self.vms[action.vm]
@@ -388,6 +457,14 @@ class Simulator:
         host.qemu.clear()
         self.log(f"host/{name}", why + (f" (killed {', '.join(lost)})" if lost else ""))
         self._lose(lost)
+        if name == self.leader and self._leader_alive:
+            # The leader's fence agents die with it, and so does its engine.
+            self._leader_alive = False
+            self._fence_runs = [
+                r for r in self._fence_runs if r.generation != self._generation or r.takeover_by
+            ]
+            self.log("controller", f"the leader dies with {name}")
+        self._fence_runs = [r for r in self._fence_runs if r.takeover_by != name]
 
     def power_on(self, name: str) -> None:
         host = self.hosts[name]
@@ -412,6 +489,7 @@ class Simulator:
         if host.powered and host.boot_done_at is None and not host.agent:
             host.agent = True
             host.last_feed = self.now()
+            self._forget_heard(name)
             self.log(f"host/{name}", "agent started")
 
     def set_device(self, name: str, method: str, index: int | None, behaviour: str) -> None:
@@ -456,10 +534,132 @@ class Simulator:
 
     # Time passing -----------------------------------------------------------------------------
 
-    def _lease_alive(self, host: Host) -> bool:
-        if host.last_renewal is None:
+    def etcd_election(self, seconds: float) -> None:
+        """etcd loses its leader for `seconds`: no renewal, no expiry, no write meanwhile."""
+        self._etcd_down = (self.now(), self.now() + seconds)
+        self.log("etcd", f"leader lost; electing for {seconds:g}s")
+
+    def _etcd_step(self) -> None:
+        """At the end of an election etcd extends every lease by its TTL (etcd's rule)."""
+        if self._etcd_down is None or self.now() < self._etcd_down[1]:
+            return
+        start, _ = self._etcd_down
+        self._etcd_down = None
+        for host in self.hosts.values():
+            if host.lease_until is not None and host.lease_until > start:
+                host.lease_until = max(host.lease_until, self.now() + self.timings.lease_ttl)
+        if self._key_until > start:
+            self._key_until = max(self._key_until, self.now() + self.settings.election_ttl)
+        self.log("etcd", "new leader: every lease extended by its TTL")
+
+    # Direct heartbeats and the controllers ---------------------------------------------------
+
+    def _controller_up(self, name: str) -> bool:
+        host = self.hosts[name]
+        return name in self.controllers and host.powered and host.boot_done_at is None
+
+    def _sends(self, host: Host) -> bool:
+        """The host's agent or controller sends direct heartbeats on the cluster network."""
+        if not host.powered or host.boot_done_at is not None:
             return False
-        return self.now() < host.last_renewal + self.timings.lease_ttl
+        return host.agent or host.name in self.controllers
+
+    def _forget_heard(self, node: str) -> None:
+        """A new agent session: it must be heard anew before its silence means anything."""
+        for heard in self._heard.values():
+            heard.pop(node, None)
+
+    def _listen(self) -> None:
+        observers = [c for c in self.controllers if self._controller_up(c)]
+        if not self.controllers:
+            observers = [OFF_HOST]
+        now = self.now()
+        for observer in observers:
+            connected = observer == OFF_HOST or self.hosts[observer].network
+            heard = self._heard.setdefault(observer, {})
+            for host in self.hosts.values():
+                local = host.name == observer
+                if self._sends(host) and (local or (connected and host.network)):
+                    heard[host.name] = now
+
+    def _silent(self, observer: str) -> frozenset[str]:
+        heard = self._heard.get(observer, {})
+        at = {name: heard.get(name) for name in self.hosts}
+        return silent_nodes(at, self.now(), self.timings.suspect_after)
+
+    def _leadership(self) -> None:
+        """Renew the leader key, elect when it expired, let standbys take over a silent host."""
+        if not self.controllers or self._etcd_down is not None:
+            return
+        now = self.now()
+        leader = self.hosts[self.leader]
+        if self._leader_alive and leader.powered and leader.network:
+            self._key_until = now + self.settings.election_ttl
+        if now >= self._key_until:
+            candidates = [c for c in self.controllers if self._controller_up(c)]
+            candidates = [c for c in candidates if self.hosts[c].network]
+            if candidates:
+                self._lead(candidates[0], "the leader key expired")
+            return
+        for standby in self.controllers:
+            if standby == self.leader or not self._controller_up(standby):
+                continue
+            if not self.hosts[standby].network or not power_fenced(leader.spec):
+                continue
+            if self.leader not in self._silent(standby):
+                continue
+            self._start_takeover_fence(standby, leader)
+
+    def _start_takeover_fence(self, standby: str, leader: Host) -> None:
+        key = (standby, self.term)
+        index = self._takeover_method.get(key, 0)
+        methods = leader.spec.fencing.methods
+        busy = any(r.takeover_by == standby and r.term == self.term for r in self._fence_runs)
+        if busy or index >= len(methods):
+            return
+        self._takeover_method[key] = index + 1
+        method = methods[index].name
+        elapsed, ok, message = self._fence_outcome(leader, method)
+        self.log(
+            f"controller/{standby}",
+            f"the leader's host {leader.name} is silent: fencing it (method {method})",
+        )
+        done_at = self.now() + elapsed
+        run = _FenceRun(0, leader.name, method, done_at, ok, message, -1, standby, self.term)
+        self._fence_runs.append(run)
+
+    def _takeover(self, run: _FenceRun) -> None:
+        """A standby's fence of the leader's host finished: take over if the term is unchanged."""
+        standby = run.takeover_by
+        assert standby is not None
+        if not run.ok:
+            self.log(f"controller/{standby}", f"fencing {run.node} failed: {run.message}")
+            return
+        if not self._controller_up(standby):
+            return
+        if self.term != run.term or self._etcd_down is not None:
+            self.log(f"controller/{standby}", f"takeover refused: term {run.term} is over")
+            return
+        self._lead(standby, f"{run.node} confirmed off (method {run.method})")
+        self._set_health(
+            SetNodeHealth(run.node, "Fenced", FenceConfirmation("PowerOff", self.now(), run.method))
+        )
+        message = f"method {run.method} confirmed power off (by the standby that took over)"
+        self._log_emit(Emit("ClusterNode", run.node, "NodeFenced", message))
+
+    def _lead(self, name: str, why: str) -> None:
+        self.term += 1
+        self.leader = name
+        self._leader_alive = True
+        self._key_until = self.now() + self.settings.election_ttl
+        self._new_term = True
+        self._new_engine()
+        self.log("controller", f"{why}: the controller on {name} leads (term {self.term})")
+
+    def _lease_alive(self, host: Host) -> bool:
+        if host.lease_until is None:
+            return False
+        return self._etcd_down is not None or self.now() < host.lease_until
 
     def _lose(self, vm_names: list[str]) -> None:
         for name in vm_names:
@@ -473,7 +673,11 @@ class Simulator:
                 host.boot_done_at = None
                 host.agent = True
                 host.last_feed = now
+                self._forget_heard(host.name)
                 self.log(f"host/{host.name}", "booted; agent started")
+        self._etcd_step()
+        self._listen()
+        self._leadership()
         self._advance_guests()
         self._advance_migrations()
         self._advance_fencing()
@@ -531,12 +735,17 @@ class Simulator:
     def _advance_fencing(self) -> None:
         now = self.now()
         for run in [r for r in self._fence_runs if now >= r.done_at]:
+            if run not in self._fence_runs:  # its fencer died with a host powered off just now
+                continue
             self._fence_runs.remove(run)
             if run.ok:
                 self.power_off(run.node, f"powered off by fence method {run.method}")
-            self._fence_results.append(
-                FenceResult(run.attempt, run.node, run.method, run.ok, run.message)
-            )
+            if run.takeover_by is not None:
+                self._takeover(run)
+            elif run.generation == self._generation:
+                self._fence_results.append(
+                    FenceResult(run.attempt, run.node, run.method, run.ok, run.message)
+                )
 
     def _watchdog_and_self_fence(self, host: Host) -> None:
         if not host.powered or host.boot_done_at is not None:
@@ -564,8 +773,10 @@ class Simulator:
 
     def _agent(self, host: Host) -> None:
         now = self.now()
-        if host.last_renewal is None or now - host.last_renewal >= self.timings.renew_interval:
+        due = host.last_renewal is None or now - host.last_renewal >= self.timings.renew_interval
+        if due and self._etcd_down is None:
             host.last_renewal = now
+            host.lease_until = now + self.timings.lease_ttl
             host.self_fenced = False
         if host.health == "Fenced":
             if host.fence is not None and (

@@ -1,0 +1,167 @@
+"""The standby's watch: take over from a leader whose host went silent, without its key's TTL.
+
+A controller that does not lead watches the leader record (`LeaderInfo.node`: the host the
+leader runs on) and the direct heartbeats (`controller/peers.py`). When that host has been
+silent for `suspect_after` (neither its agent nor the leading controller heard, while this
+controller hears a majority of the nodes) and its policy is power fencing, the standby:
+
+1. notes the create_revision of the host's heartbeat key (0: none);
+2. runs the host's fence methods in order, as the engine would (`fencing.run_method`);
+3. once one confirmed power off, ends the silent leader's term with
+   `LeaderElector.take_over(T)` (compare on T: among racing standbys exactly one wins; the
+   others' fencing was harmless, off is idempotent);
+4. keeps a `Takeover` that the new term records first (`HaController.run`), guarded by the new
+   token and by the heartbeat key's create_revision from step 1, so the engine recovers the
+   host's VMs at once instead of fencing again. If the host's agent came back meanwhile (a new
+   key), nothing is recorded and the engine decides as usual.
+
+A host without power fencing is left to the leader key's expiry. Each term is tried once: if
+every method fails, the standby waits for the key to expire like everybody else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aetcd
+
+from controller.fencing import run_method
+from controller.heartbeat import heartbeat_key
+from controller.informer import SharedInformers
+from controller.leader import LeaderElector, LeaderInfo, LeaderRecordError
+from controller.peers import PeerTable
+from controller.store import Store, StoreError
+from crds import ClusterNode
+from reconcilers.drivers.fence import FenceRunner
+from reconcilers.drivers.fence_policy import FenceConfigError
+
+from .environment import HaTimings, power_fenced, silent_nodes
+
+log = logging.getLogger(__name__)
+
+CHECK_PERIOD = 0.1
+LEADER_REFRESH = 0.5
+ETCD_READ_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """A won takeover, to be recorded by the next term."""
+
+    node: str
+    method: str
+    confirmed_at: float
+    """When power off was confirmed, on the event loop's clock."""
+    replaced: int
+    """The token of the term that ended."""
+    heartbeat_revision: int | None
+    """create_revision of the node's heartbeat key before fencing (None: could not read it)."""
+
+
+class StandbyWatch:
+    """Run `run()` for the life of the controller; `pending` holds a won takeover."""
+
+    def __init__(
+        self,
+        store: Store,
+        informers: SharedInformers,
+        elector: LeaderElector,
+        peers: PeerTable,
+        node: str,
+        timings: HaTimings,
+        fence_runner: FenceRunner,
+    ) -> None:
+        self.store = store
+        self.elector = elector
+        self.peers = peers
+        self.node = node
+        self.timings = timings
+        self.fence_runner = fence_runner
+        self._nodes = informers.informer("ClusterNode")
+        self._leader: LeaderInfo | None = None
+        self._tried: int | None = None
+        self.pending: Takeover | None = None
+
+    def take_pending(self, replaced: int | None) -> Takeover | None:
+        """The takeover that ended term `replaced` (this elector's `took_over`), once."""
+        pending, self.pending = self.pending, None
+        if pending is None or pending.replaced != replaced:
+            return None
+        return pending
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._follow_leader(), name="follow the leader record")
+            group.create_task(self._watch(), name="standby watch")
+
+    async def _follow_leader(self) -> None:
+        """Keep the leader record fresh; a dead etcd member must not stall the watch."""
+        while True:
+            try:
+                async with asyncio.timeout(ETCD_READ_TIMEOUT):
+                    self._leader = await self.elector.current_leader()
+            except (TimeoutError, aetcd.ClientError, LeaderRecordError) as error:
+                log.debug("leader record not read: %s", error)
+            await asyncio.sleep(LEADER_REFRESH)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CHECK_PERIOD)
+            info = self._leader
+            if self.elector.is_leader or info is None or info.node in (None, self.node):
+                continue
+            if info.token == self._tried:
+                continue
+            victim = self._nodes.get(info.node or "")
+            if not isinstance(victim, ClusterNode) or not power_fenced(victim.spec):
+                continue
+            heard = {
+                n.metadata.name: self.peers.heard_at(n.metadata.name) for n in self._nodes.list()
+            }
+            if info.node not in silent_nodes(heard, loop.time(), self.timings.suspect_after):
+                continue
+            self._tried = info.token
+            await self._fence_and_take_over(info, victim)
+
+    async def _fence_and_take_over(self, info: LeaderInfo, victim: ClusterNode) -> None:
+        name = victim.metadata.name
+        log.warning(
+            "the leader's host %s (term %d) is silent on the cluster network: fencing it",
+            name,
+            info.token,
+        )
+        revision = await self._heartbeat_revision(name)
+        for method in victim.spec.fencing.methods:
+            try:
+                ok, message = await run_method(self.store, self.fence_runner, victim, method.name)
+            except (FenceConfigError, StoreError, OSError) as error:
+                ok, message = False, str(error)
+            log.info("standby fence of %s, method %s: %s", name, method.name, message)
+            if ok:
+                confirmed_at = asyncio.get_running_loop().time()
+                break
+        else:
+            log.error("every fence method of %s failed: waiting for the leader key", name)
+            return
+        try:
+            won = await self.elector.take_over(info.token)
+        except (TimeoutError, aetcd.ClientError) as error:
+            log.error("taking over from term %d failed: %s", info.token, error)
+            return
+        if won:
+            self.pending = Takeover(name, method.name, confirmed_at, info.token, revision)
+
+    async def _heartbeat_revision(self, node: str) -> int | None:
+        key = heartbeat_key(self.store.prefix, node).encode()
+        try:
+            async with asyncio.timeout(ETCD_READ_TIMEOUT):
+                kv = await self.store.call(self.store.client.get(key))
+        except (TimeoutError, StoreError) as error:
+            log.warning(
+                "heartbeat key of %s not read (%s): the takeover will fence again", node, error
+            )
+            return None
+        return 0 if kv is None else int(kv.create_revision)

@@ -1,0 +1,255 @@
+"""Detection on silence and standby takeover, on real parts: a real etcd, real UDP datagrams on
+loopback (`controller/peers.py`), fence_dummy run by the real FenceRunner, the real controllers.
+
+Heartbeat leases are held (renewed) throughout, as if etcd had just extended them: whatever is
+fenced here was detected by its silence, not by a lease expiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.ha.controller import build_manager
+from controller.heartbeat import heartbeat_key
+from controller.leader import current_leader
+from controller.manager import Manager
+from controller.peers import PeerSender, PeerSettings, PeerTable
+from controller.store import Store
+from crds import ClusterNode, ObjectMeta, Secret
+from crds.clusternode import ClusterNodeSpec
+from crds.secret import SecretSpec
+from e2e.polling import eventually
+from reconcilers.drivers.fence import FenceRunner
+from tests.test_ha_production import (
+    ELECTION,
+    TEST_POLICY,
+    TIMINGS,
+    Leases,
+    dummy_fencing,
+    events_of,
+    get_node,
+    placed_on,
+    report_running,
+    stop_controller,
+    vm_object,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESSES = {"a": "127.0.0.2", "b": "127.0.0.1", "c": "127.0.0.3"}
+KEY = "leader/controller"
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
+    async with Store(etcd_endpoints, key_prefix) as connected:
+        yield connected
+
+
+@pytest.fixture
+async def leases(store: Store) -> AsyncIterator[Leases]:
+    held = Leases(store)
+    yield held
+    await held.close()
+
+
+class Agents:
+    """Direct heartbeats as each node's agent sends them; `stop` silences one."""
+
+    def __init__(self, settings: PeerSettings) -> None:
+        self.settings = settings
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.heard = PeerTable(ADDRESSES.get)
+        """What the controller under test hears."""
+
+    def start(self, node: str) -> None:
+        sender = PeerSender(
+            node, "agent", f"boot-{node}", ADDRESSES[node], ADDRESSES.values, self.settings
+        )
+        self.tasks[node] = asyncio.create_task(sender.run())
+
+    async def stop(self, node: str) -> None:
+        task = self.tasks.pop(node)
+        task.cancel()
+        await asyncio.wait({task})
+
+    async def close(self) -> None:
+        for node in list(self.tasks):
+            await self.stop(node)
+
+
+@pytest.fixture
+async def agents() -> AsyncIterator[Agents]:
+    running = Agents(PeerSettings(port=free_udp_port(), interval=0.1))
+    yield running
+    await running.close()
+
+
+async def create_cluster(store: Store, leases: Leases, agents: Agents, power: Path) -> None:
+    """Nodes a (fence_dummy on `power`, which says on), b and c; leases held and heartbeats
+    sent by all."""
+    labels = {"kvmctl.io/node": "a"}
+    secret = Secret(
+        metadata=ObjectMeta(name="fence-a", labels=labels),
+        spec=SecretSpec(data={"file": str(power)}),
+    )
+    await store.create(secret)
+    fencing = dummy_fencing(secretParameters={"status_file": {"name": "fence-a", "key": "file"}})
+    for name in ("a", "b", "c"):
+        spec: dict[str, Any] = {"addresses": {"cluster": ADDRESSES[name]}}
+        if name == "a":
+            spec["fencing"] = fencing
+        node = ClusterNode(
+            metadata=ObjectMeta(name=name), spec=ClusterNodeSpec.model_validate(spec)
+        )
+        await store.create(node)
+        await leases.hold(name)
+        agents.start(name)
+
+
+async def start_controller(
+    store_endpoints: list[str], key_prefix: str, node: str, agents: Agents
+) -> tuple[Manager, asyncio.Task[None]]:
+    store = Store(store_endpoints, key_prefix)
+    await store.connect()
+    agents.heard = PeerTable(ADDRESSES.get)
+    manager = build_manager(
+        store,
+        identity=f"ctl-{node}",
+        timings=TIMINGS,
+        election_timing=ELECTION,
+        http_port=None,
+        node=node,
+        peers=agents.settings,
+        peer_table=agents.heard,
+        fence_runner=FenceRunner(policy=TEST_POLICY),
+    )
+    return manager, asyncio.create_task(manager.run(handle_signals=False))
+
+
+async def fenced_by_power(store: Store, node: str) -> ClusterNode | None:
+    current = await get_node(store, node)
+    fence = current.status.fence
+    ok = current.status.health == "Fenced" and fence is not None and fence.how == "PowerOff"
+    return current if ok else None
+
+
+async def test_silence_starts_power_fencing_while_the_lease_is_still_held(
+    etcd_endpoints: list[str], key_prefix: str, store: Store, leases: Leases, agents: Agents,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    power = tmp_path / "a.power"
+    power.write_text("on")
+    await create_cluster(store, leases, agents, power)
+    manager, task = await start_controller(etcd_endpoints, key_prefix, "b", agents)
+    try:
+        await store.create(vm_object("vm1"))
+        await eventually(lambda: placed_on(store, "vm1", "a"), "vm1 placed on a")
+        await report_running(store, "vm1", "a")
+        await eventually(lambda: manager.is_leader, "the controller leads")
+        await eventually(lambda: agents.heard.heard_at("a"), "a's agent heard")
+
+        await agents.stop("a")  # a's agent falls silent; its lease keeps being renewed
+        await eventually(lambda: fenced_by_power(store, "a"), "a fenced on silence")
+        await eventually(lambda: placed_on(store, "vm1", "b"), "vm1 recovered on b")
+        assert power.read_text() == "off"
+        assert await store.client.get(heartbeat_key(key_prefix, "a").encode()) is not None
+        lost = [
+            e for e in await events_of(store, "ClusterNode", "a") if e.spec.reason == "NodeLost"
+        ]
+        assert lost and "no direct heartbeat" in lost[0].spec.message
+    finally:
+        await stop_controller(manager, task)
+
+
+async def start_leader_process(
+    etcd_endpoints: list[str], key_prefix: str, port: int
+) -> asyncio.subprocess.Process:
+    """`kvmctl controller --node a` in its own process, so that it can die like its host."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "KVMCTL_ETCD": ",".join(etcd_endpoints),
+        "KVMCTL_PREFIX": key_prefix,
+        "KVMCTL_CONFIG": "",
+    }
+    timings = [
+        f"--{flag}={value}"
+        for flag, value in (
+            ("lease-ttl", TIMINGS.lease_ttl),
+            ("renew-interval", TIMINGS.renew_interval),
+            ("self-fence-margin", TIMINGS.self_fence_margin),
+            ("recovery-grace", TIMINGS.recovery_grace),
+            ("watchdog-timeout", TIMINGS.watchdog_timeout),
+            ("fence-retry-initial", TIMINGS.fence_retry_initial),
+            ("fence-retry-max", TIMINGS.fence_retry_max),
+        )
+    ]
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller.cli", "controller", "--identity", "ctl-a",
+        "--node", "a", "--peer-port", str(port), "--peer-interval", "0.1",
+        "--election-ttl", "60", "--metrics-port", "0", *timings,
+        "--fence-agents", "default,fence_dummy",
+        "--fence-allow-parameter", "fence_dummy:status_file",
+        env=env, cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def test_a_standby_fences_the_silent_leaders_host_and_takes_over_before_the_ttl(
+    etcd_endpoints: list[str], key_prefix: str, store: Store, leases: Leases, agents: Agents,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    power = tmp_path / "a.power"
+    power.write_text("on")
+    await create_cluster(store, leases, agents, power)
+    leader = await start_leader_process(etcd_endpoints, key_prefix, agents.settings.port)
+    standby: tuple[Manager, asyncio.Task[None]] | None = None
+    try:
+
+        async def leading_on_a() -> int | None:
+            info = await current_leader(store.client, f"{key_prefix}/{KEY}")
+            return info.token if info is not None and info.node == "a" else None
+
+        old_token = await eventually(leading_on_a, "the controller on a leads")
+        await store.create(vm_object("vm1"))
+        await eventually(lambda: placed_on(store, "vm1", "a"), "vm1 placed on a")
+        await report_running(store, "vm1", "a")
+        standby = await start_controller(etcd_endpoints, key_prefix, "b", agents)
+        manager = standby[0]
+        await eventually(lambda: agents.heard.heard_at("a"), "the standby hears host a")
+
+        leader.kill()  # host a loses power: its controller and its agent fall silent at once
+        await leader.wait()
+        await agents.stop("a")
+        await eventually(lambda: manager.is_leader, "the standby leads")
+        assert manager.elector is not None and manager.elector.took_over == old_token
+        node = await eventually(lambda: fenced_by_power(store, "a"), "a recorded fenced")
+        info = await current_leader(store.client, f"{key_prefix}/{KEY}")
+        assert info is not None and info.node == "b" and info.token > old_token
+        assert node.status.fence is not None and node.status.fence.token == info.token
+        assert power.read_text() == "off"
+        await eventually(lambda: placed_on(store, "vm1", "b"), "vm1 recovered on b")
+        fenced = [
+            e for e in await events_of(store, "ClusterNode", "a") if e.spec.reason == "NodeFenced"
+        ]
+        assert any("by the standby that took over" in e.spec.message for e in fenced)
+    finally:
+        if leader.returncode is None:
+            leader.kill()
+            await leader.wait()
+        if standby is not None:
+            await stop_controller(*standby)
