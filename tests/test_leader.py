@@ -435,10 +435,12 @@ async def test_take_over_ends_the_term_and_exactly_one_of_two_racing_standbys_wi
     assert sorted(won) == [False, True]
     winner = first if won[0] else second
     await terms.wait_until(lambda: any(token > dead_token for token in terms.active))
+    # The old term's work (this "dead" leader still runs) stops once it sees the key gone; until
+    # then both are active, which only the guard on the token makes harmless.
+    await terms.wait_until(lambda: dead_token in terms.stopped)
     leader = terms.leader()
     assert leader is not None and leader[0] == winner.identity
     assert winner.took_over == dead_token
-    await terms.wait_until(lambda: dead_token in terms.stopped)  # the old term sees it is over
 
     admin = new_client()
     key = leader_key(candidates.prefix, NAME)
