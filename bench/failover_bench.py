@@ -10,10 +10,11 @@ Field topologies (`e2e.topology`, as users run them): etcd's members and a `kvmc
 (cordoned, tgtd), `three-hosts` is host1..host3. One TCG guest (96 MiB) restricted to the KVM
 hosts. Before each kill the victim (the host running the guest) is given the roles of the run's
 series: `leader` (it runs the leading controller and holds etcd's leader: the worst case),
-`etcd-leader` (etcd's leader only), `plain` (neither); leading controllers are restarted until
-the wanted one leads (SIGTERM: a leader resigns), etcd's leadership is moved with `etcdctl
-move-leader`, and the kill waits until the last controller (re)start is `SETTLE` s old. Series
-are interleaved run by run. `lab` is the older, friendlier setup: one etcd member outside the
+`etcd-leader` (etcd's leader only), `plain` (neither), and on request `controller-leader` (the
+leading controller only). Leading controllers are restarted until the wanted one leads
+(SIGTERM: a leader resigns), etcd's leadership is moved with `etcdctl move-leader`, and the
+kill waits until the last controller (re)start is `SETTLE` s old. Series are interleaved run
+by run. `lab` is the older, friendlier setup: one etcd member outside the
 hosts, host1..host4, one controller on host1, which is never killed; the guest on host2..host4.
 
 Every run kills the victim (SIGKILL of its namespace init: every process dies at once, its etcd
@@ -75,7 +76,15 @@ VM = "bench"
 VICTIMS = ("host2", "host3", "host4")
 CONTROLLER_HOST = "host1"
 """The lab topology: the controller's host (never killed) and the hosts the guest may run on."""
+ROLES = {
+    "leader": (True, True),
+    "etcd-leader": (False, True),
+    "plain": (False, False),
+    "controller-leader": (True, False),
+}
+"""Series -> whether the victim runs the leading controller, whether it holds etcd's leader."""
 SERIES = ("leader", "etcd-leader", "plain")
+"""The default series (the issue's); `controller-leader` tells the two roles of `leader` apart."""
 DEADLINE = 120.0
 SAMPLE_PERIOD = 0.02
 SETTLE = 5.0
@@ -174,16 +183,15 @@ class Bench:
     async def arrange(self, series: str, victim: str) -> None:
         """Give the victim exactly the roles of `series` (field topologies only)."""
         others = [name for name in self.cluster.lab.hosts if name != victim]
+        leads, holds_etcd = ROLES[series]
         before = await leader_host(self.store)
-        await lead_controllers_from(
-            self.cluster, self.store, [victim] if series == "leader" else others
-        )
+        await lead_controllers_from(self.cluster, self.store, [victim] if leads else others)
         if await leader_host(self.store) != before:
             self.changed_at = time.monotonic()
         etcd_leader = await eventually(
             partial(asyncio.to_thread, etcd_leader_host, self.cluster), "an etcd leader"
         )
-        if series in ("leader", "etcd-leader"):
+        if holds_etcd:
             await move_etcd_leader(self.cluster, victim)
         elif etcd_leader == victim:
             await move_etcd_leader(self.cluster, next(h for h in others if h in self.etcd_hosts))
@@ -196,9 +204,7 @@ class Bench:
         """Whether the victim holds the roles of `series` now, and no more."""
         leads = await leader_host(self.store) == victim
         etcd = await asyncio.to_thread(etcd_leader_host, self.cluster) == victim
-        return (leads, etcd) == {"leader": (True, True), "etcd-leader": (False, True)}.get(
-            series, (False, False)
-        )
+        return (leads, etcd) == ROLES[series]
 
     async def one_run(self, series: str) -> Run:
         (victim,) = self.checker.where(VM)
@@ -230,7 +236,7 @@ class Bench:
         assert first_seen is not None
         seen = {step: self.timeline.first(step, victim, killed_at) for step in VICTIM_STEPS}
         seen["leader moved"] = (
-            self.timeline.first_other("leader", victim, killed_at) if series == "leader" else None
+            self.timeline.first_other("leader", victim, killed_at) if ROLES[series][0] else None
         )
         seen["placed"] = self.timeline.first("placed", target, killed_at)
         steps = {step: None if at is None else at - killed_at for step, at in seen.items()}
@@ -375,9 +381,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _series(value: str) -> list[str]:
     names = value.split(",")
-    unknown = [name for name in names if name not in SERIES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"series must be among {', '.join(SERIES)}: {value!r}")
+    if any(name not in ROLES for name in names):
+        raise argparse.ArgumentTypeError(f"series must be among {', '.join(ROLES)}: {value!r}")
     return names
 
 
