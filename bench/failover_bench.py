@@ -170,13 +170,15 @@ class Bench:
         await self.set_up()
         runs = []
         header = "  ".join(f"{step:>14}" for step in STEPS)
-        print(f"run  {'series':<11}  victim->target  {header}", flush=True)
+        width = max(len(name) for name in series)
+        print(f"run  {'series':<{width}}  victim->target  {header}", flush=True)
         for index in range(count):
             for name in series:  # interleaved: a drift in the machine's load hits every series
                 run = await self.one_run(name)
                 runs.append(run)
                 cells = "  ".join(_cell(run.steps[step]) for step in STEPS)
-                print(f"{index + 1:3}  {name:<11}  {run.victim}->{run.target}  {cells}", flush=True)
+                row = f"{index + 1:3}  {name:<{width}}  {run.victim}->{run.target}  {cells}"
+                print(row, flush=True)
                 await self.restore(run.victim)
         return runs
 
