@@ -1,24 +1,33 @@
 """Failover time: from a host's power cut to the VM's qemu process running on another host.
 
-Run: `python -m bench.failover_bench [--runs 20] [--profile default|tuned] [--path ipmi|self-fence]
-[--power-wait S]` as root. Prints the method, every run's step times and the summary; nothing
-is asserted (figures live in docs/benchmarks.md, `## Failover`).
+Run: `python -m bench.failover_bench [--topology reference|three-hosts|lab] [--series
+leader,etcd-leader,plain] [--runs 20] [--profile default|tuned] [--path ipmi|self-fence]
+[--power-wait S]` as root. Prints the method, every run's step times and, per series, p50 /
+p99 / max; nothing is asserted (figures live in docs/benchmarks.md).
 
-Method. An `e2e.chaos.ChaosCluster`: one etcd member, host1..host4 (own namespaces and libvirtd
-each, `kvmctl agent --watchdog` fed to a watchdog stand-in), IPMI BMCs, and one `kvmctl
-controller`, on host1, which is never killed: the figures are for a host other than the leader's
-(a leader-host failure adds the leader election, `--election-ttl`). One TCG guest (96 MiB) in a
-failover domain restricted to host2..host4. Each run kills the host running the guest (SIGKILL
-of its namespace init: every process dies at once) and times, on the bench's monotonic clock,
-when the bench saw each step through etcd watches: the agent's heartbeat key deleted (lease
-expiry), the node Unknown/Fencing, FencingStarted, the node Fenced, the placement written, and
-the guest's qemu process on the other host (a scan of /proc every 20 ms). The killed host is
-then powered on again, and the next run starts once it is Online.
+Field topologies (`e2e.topology`, as users run them): etcd's members and a `kvmctl controller
+--node HOST` on the hosts themselves; `reference` is host1 and host2 (KVM) plus `storage`
+(cordoned, tgtd), `three-hosts` is host1..host3. One TCG guest (96 MiB) restricted to the KVM
+hosts. Before each kill the victim (the host running the guest) is given the roles of the run's
+series: `leader` (it runs the leading controller and holds etcd's leader: the worst case),
+`etcd-leader` (etcd's leader only), `plain` (neither), and on request `controller-leader` (the
+leading controller only). Leading controllers are restarted until the wanted one leads
+(SIGTERM: a leader resigns), etcd's leadership is moved with `etcdctl move-leader`, and the
+kill waits until the last controller (re)start is `SETTLE` s old. Series are interleaved run
+by run. `lab` is the older, friendlier setup: one etcd member outside the
+hosts, host1..host4, one controller on host1, which is never killed; the guest on host2..host4.
 
-Paths: `ipmi` fences through fence_ipmilan against the host's simulated BMC (`power_wait` as the
-agent's default, 2 s, unless `--power-wait`); `self-fence` relies on the node's `selfFence`
-(recovery after the lease expired plus `recovery_grace`). p99 is nearest-rank (with 20 runs,
-the slowest run).
+Every run kills the victim (SIGKILL of its namespace init: every process dies at once, its etcd
+member too) and times, on the bench's monotonic clock, when the bench saw each step through etcd
+watches (`bench.failover_timeline`): the agent's heartbeat key deleted (lease expiry), the
+leader key taken by another controller, the node Unknown, FencingStarted, the node Fenced, the
+placement written, and the guest's qemu process on the other host (a scan of /proc every 20 ms,
+which is also the two-copies checker, running throughout). The killed host is then powered on
+again (its etcd member rejoins), and the next run starts once every host is Online.
+
+Paths: `ipmi` fences through fence_ipmilan against the host's simulated BMC; `self-fence`
+relies on the node's `selfFence` (recovery after the lease expired plus `recovery_grace`). p99
+is nearest-rank (with 20 runs, the slowest run).
 """
 
 from __future__ import annotations
@@ -28,19 +37,20 @@ import asyncio
 import contextlib
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-import aetcd
-
+from bench.failover_timeline import Timeline
 from controller.heartbeat import heartbeat_key
-from controller.store import Store
-from crds import ClusterNode, Event, VirtualMachine
+from controller.store import Store, Unavailable
+from crds import ClusterNode
 from e2e import polling
 from e2e.chaos import (
     PROFILES,
@@ -49,85 +59,59 @@ from e2e.chaos import (
     guest_vm,
     ipmi_node,
     ipmi_secret,
+    leader_host,
 )
 from e2e.guest.build import ensure_guest_image
+from e2e.host_etcd import HostEtcdError
+from e2e.topology import (
+    TOPOLOGIES,
+    etcd_leader_host,
+    lead_controllers_from,
+    move_etcd_leader,
+    storage_node,
+    topology_chaos_cluster,
+)
 
 VM = "bench"
 VICTIMS = ("host2", "host3", "host4")
 CONTROLLER_HOST = "host1"
+"""The lab topology: the controller's host (never killed) and the hosts the guest may run on."""
+ROLES = {
+    "leader": (True, True),
+    "etcd-leader": (False, True),
+    "plain": (False, False),
+    "controller-leader": (True, False),
+}
+"""Series -> whether the victim runs the leading controller, whether it holds etcd's leader."""
+SERIES = ("leader", "etcd-leader", "plain")
+"""The default series (the issue's); `controller-leader` tells the two roles of `leader` apart."""
 DEADLINE = 120.0
 SAMPLE_PERIOD = 0.02
-STEPS = ("lease expired", "Unknown", "FencingStarted", "Fenced", "placed", "qemu running")
-"""Step names in the order they happen; each run reports the time of each from the kill."""
+SETTLE = 5.0
+"""Seconds between a controller's (re)start and the next kill: a cluster that has settled."""
+ARRANGE_ATTEMPTS = 5
+VICTIM_STEPS = ("lease expired", "Unknown", "FencingStarted", "Fenced")
+STEPS = (*VICTIM_STEPS[:1], "leader moved", *VICTIM_STEPS[1:], "placed", "qemu running")
+"""Step names in about the order they happen; each run reports the time of each from the kill
+("leader moved": the leader key taken by another controller, leader series only)."""
 
 
 class BenchError(RuntimeError):
     """A run did not reach a step within the deadline."""
 
 
-eventually = partial(polling.eventually, timeout=DEADLINE, error=BenchError)
-
-
-@dataclass
-class Timeline:
-    """What the bench saw through etcd watches, time-stamped on arrival (monotonic)."""
-
-    marks: list[tuple[float, str, str]] = field(default_factory=list)
-    """(time, step, node)"""
-
-    def first(self, step: str, node: str, since: float) -> float | None:
-        for at, name, where in self.marks:
-            if at >= since and name == step and where == node:
-                return at
-        return None
-
-    def mark(self, step: str, node: str) -> None:
-        self.marks.append((time.monotonic(), step, node))
-
-    async def follow(self, store: Store) -> None:
-        revision = await store.revision() + 1
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._heartbeats(store, revision))
-            group.create_task(self._nodes(store, revision))
-            group.create_task(self._vms(store, revision))
-            group.create_task(self._events(store, revision))
-
-    async def _heartbeats(self, store: Store, revision: int) -> None:
-        prefix = heartbeat_key(store.prefix, "x").encode()[:-1]  # {prefix}/heartbeats/
-        stream = await store.client.watch_prefix(prefix, start_revision=revision)
-        async for event in stream:
-            if event.kind == aetcd.rtypes.EventKind.DELETE:
-                self.mark("lease expired", event.kv.key.decode().rsplit("/", 1)[-1])
-
-    async def _nodes(self, store: Store, revision: int) -> None:
-        health: dict[str, str] = {}
-        async for change in store.watch("ClusterNode", revision):
-            node = change.object
-            if isinstance(node, ClusterNode) and health.get(node.metadata.name) != (
-                node.status.health
-            ):
-                health[node.metadata.name] = node.status.health
-                self.mark(node.status.health, node.metadata.name)
-
-    async def _vms(self, store: Store, revision: int) -> None:
-        placed: str | None = None
-        async for change in store.watch("VirtualMachine", revision):
-            vm = change.object
-            if not isinstance(vm, VirtualMachine) or vm.status.placement is None:
-                continue
-            if vm.status.placement.node != placed:
-                placed = vm.status.placement.node
-                self.mark("placed", placed)
-
-    async def _events(self, store: Store, revision: int) -> None:
-        async for change in store.watch("Event", revision):
-            event = change.object
-            if isinstance(event, Event) and change.type != "DELETED":
-                self.mark(event.spec.reason, event.spec.involved_object.name)
+eventually = partial(
+    polling.eventually,
+    timeout=DEADLINE,
+    error=BenchError,
+    retry_on=(Unavailable, HostEtcdError),
+)
+"""The bench's own reads ride out etcd's election when the victim held etcd's leader."""
 
 
 @dataclass
 class Run:
+    series: str
     victim: str
     target: str
     total: float
@@ -135,13 +119,17 @@ class Run:
 
 
 class Bench:
-    def __init__(self, cluster: ChaosCluster, store: Store, path: str, power_wait: int | None):
+    def __init__(self, cluster: ChaosCluster, store: Store, args: argparse.Namespace) -> None:
         self.cluster = cluster
         self.store = store
-        self.path = path
-        self.power_wait = power_wait
+        self.path: str = args.path
+        self.power_wait: int | None = args.power_wait
+        self.field = args.topology != "lab"
+        self.domain = list(cluster.kvm_hosts) if self.field else list(VICTIMS)
         self.timeline = Timeline()
         self.checker = TwoCopiesChecker(cluster, SAMPLE_PERIOD)
+        self.changed_at = time.monotonic()
+        """When a controller last (re)started: the next kill waits `SETTLE` s after it."""
 
     async def online(self, name: str) -> bool:
         if await self.store.client.get(heartbeat_key(self.store.prefix, name).encode()) is None:
@@ -150,11 +138,12 @@ class Bench:
         return isinstance(node, ClusterNode) and node.status.health == "Online"
 
     async def all_online(self) -> bool:
-        return all([await self.online(name) for name in self.cluster.kvm_hosts])
+        return all([await self.online(name) for name in self.cluster.lab.hosts])
 
     async def restore(self, name: str) -> None:
         await asyncio.to_thread(self.cluster.restore, name)
-        await eventually(partial(self.online, name), f"{name} Online again")
+        self.changed_at = time.monotonic()
+        await eventually(self.all_online, f"{name} Online again")
 
     async def set_up(self) -> None:
         await self.store.create(ipmi_secret(self.cluster.bmc_password))
@@ -166,31 +155,72 @@ class Bench:
                 power_wait=self.power_wait,
             )
             await self.store.create(node)
+        if self.cluster.storage_host is not None:
+            await self.store.create(storage_node(self.cluster))
         await eventually(self.all_online, "every host Online")
         image = await asyncio.to_thread(ensure_guest_image)
-        await self.store.create(guest_vm(VM, image, list(VICTIMS), restricted=True))
+        await self.store.create(guest_vm(VM, image, self.domain, restricted=True))
 
         async def running() -> bool:
             return len(self.checker.where(VM)) == 1
 
         await eventually(running, f"{VM} running")
 
-    async def measure(self, count: int) -> list[Run]:
+    async def measure(self, count: int, series: list[str]) -> list[Run]:
         await self.set_up()
         runs = []
         header = "  ".join(f"{step:>14}" for step in STEPS)
-        print(f"run  victim->target  {header}", flush=True)
+        width = max(len(name) for name in series)
+        print(f"run  {'series':<{width}}  victim->target  {header}", flush=True)
         for index in range(count):
-            run = await self.one_run()
-            runs.append(run)
-            cells = "  ".join(_cell(run.steps[step]) for step in STEPS)
-            print(f"{index + 1:3}  {run.victim}->{run.target}  {cells}", flush=True)
-            await self.restore(run.victim)
+            for name in series:  # interleaved: a drift in the machine's load hits every series
+                run = await self.one_run(name)
+                runs.append(run)
+                cells = "  ".join(_cell(run.steps[step]) for step in STEPS)
+                row = f"{index + 1:3}  {name:<{width}}  {run.victim}->{run.target}  {cells}"
+                print(row, flush=True)
+                await self.restore(run.victim)
         return runs
 
-    async def one_run(self) -> Run:
+    async def arrange(self, series: str, victim: str) -> None:
+        """Give the victim exactly the roles of `series` (field topologies only)."""
+        others = [name for name in self.cluster.lab.hosts if name != victim]
+        leads, holds_etcd = ROLES[series]
+        before = await leader_host(self.store)
+        await lead_controllers_from(self.cluster, self.store, [victim] if leads else others)
+        if await leader_host(self.store) != before:
+            self.changed_at = time.monotonic()
+        etcd_leader = await eventually(
+            partial(asyncio.to_thread, etcd_leader_host, self.cluster), "an etcd leader"
+        )
+        if holds_etcd:
+            await move_etcd_leader(self.cluster, victim)
+        elif etcd_leader == victim:
+            await move_etcd_leader(self.cluster, next(h for h in others if h in self.etcd_hosts))
+
+    @property
+    def etcd_hosts(self) -> list[str]:
+        return self.cluster.etcd_hosts
+
+    async def holds(self, series: str, victim: str) -> bool:
+        """Whether the victim holds the roles of `series` now, and no more."""
+        leads = await leader_host(self.store) == victim
+        etcd = await asyncio.to_thread(etcd_leader_host, self.cluster) == victim
+        return (leads, etcd) == ROLES[series]
+
+    async def one_run(self, series: str) -> Run:
         (victim,) = self.checker.where(VM)
-        await asyncio.sleep(1.0)  # a few lease renewals after the previous run's settling
+        if self.field:
+            for _ in range(ARRANGE_ATTEMPTS):
+                await self.arrange(series, victim)
+                settle = self.changed_at + SETTLE - time.monotonic()
+                await asyncio.sleep(max(settle, 1.0))  # a settled cluster (see the module doc)
+                if await self.holds(series, victim):
+                    break
+            else:
+                raise BenchError(f"could not give {victim} the roles of series {series}")
+        else:
+            await asyncio.sleep(1.0)  # a few lease renewals after the previous run's settling
         killed_at = time.monotonic()
         await asyncio.to_thread(self.cluster.kill_host, victim)
         target = ""
@@ -206,14 +236,14 @@ class Bench:
         await eventually(moved, f"{VM} running elsewhere than {victim}")
         first_seen = self.checker.first_seen(VM, target, killed_at)
         assert first_seen is not None
-        steps: dict[str, float | None] = {}
-        for step in STEPS[:-2]:
-            at = self.timeline.first(step, victim, killed_at)
-            steps[step] = None if at is None else at - killed_at
-        placed = self.timeline.first("placed", target, killed_at)
-        steps["placed"] = None if placed is None else placed - killed_at
+        seen = {step: self.timeline.first(step, victim, killed_at) for step in VICTIM_STEPS}
+        seen["leader moved"] = (
+            self.timeline.first_other("leader", victim, killed_at) if ROLES[series][0] else None
+        )
+        seen["placed"] = self.timeline.first("placed", target, killed_at)
+        steps = {step: None if at is None else at - killed_at for step, at in seen.items()}
         steps["qemu running"] = first_seen - killed_at
-        return Run(victim, target, first_seen - killed_at, steps)
+        return Run(series, victim, target, first_seen - killed_at, steps)
 
 
 def nearest_rank(values: list[float], fraction: float) -> float:
@@ -221,18 +251,14 @@ def nearest_rank(values: list[float], fraction: float) -> float:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-def report(runs: list[Run], args: argparse.Namespace, violations: int) -> dict[str, Any]:
+def summarise(runs: list[Run]) -> dict[str, Any]:
     totals = [run.total for run in runs]
     summary: dict[str, Any] = {
-        "profile": args.profile,
-        "path": args.path,
-        "power_wait": args.power_wait,
         "runs": len(runs),
         "p50": statistics.median(totals),
         "p99": nearest_rank(totals, 0.99),
         "min": min(totals),
         "max": max(totals),
-        "two_copies_samples": violations,
         "step_medians": {},
     }
     for step in STEPS:
@@ -241,24 +267,55 @@ def report(runs: list[Run], args: argparse.Namespace, violations: int) -> dict[s
     return summary
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+def report(runs: list[Run], args: argparse.Namespace, violations: int) -> dict[str, Any]:
+    return {
+        "topology": args.topology,
+        "profile": args.profile,
+        "path": args.path,
+        "power_wait": args.power_wait,
+        "two_copies_samples": violations,
+        "series": {
+            name: summarise([run for run in runs if run.series == name])
+            for name in dict.fromkeys(run.series for run in runs)
+        },
+    }
+
+
+def make_cluster(args: argparse.Namespace) -> ChaosCluster:
     profile = PROFILES[args.profile]
-    cluster = ChaosCluster(
-        (CONTROLLER_HOST, *VICTIMS),
-        profile=profile,
-        watchdog=True,
-        controller_hosts=(CONTROLLER_HOST,),
-    )
+    if args.topology == "lab":
+        return ChaosCluster(
+            (CONTROLLER_HOST, *VICTIMS),
+            profile=profile,
+            watchdog=True,
+            controller_hosts=(CONTROLLER_HOST,),
+        )
+    return topology_chaos_cluster(args.topology, profile=profile, watchdog=True)
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    cluster = make_cluster(args)
     await asyncio.to_thread(cluster.start)
     try:
         async with Store(cluster.etcd_endpoints, prefix=cluster.prefix) as store:
-            runner = Bench(cluster, store, args.path, args.power_wait)
+            runner = Bench(cluster, store, args)
             with runner.checker:
                 async with _background(runner.timeline.follow(store)):
-                    runs = await runner.measure(args.runs)
+                    series = args.series if runner.field else ["plain"]
+                    runs = await runner.measure(args.runs, series)
             return report(runs, args, len(runner.checker.violations))
     finally:
+        if args.logs:
+            save_logs(cluster, Path(args.logs))
         await asyncio.to_thread(cluster.stop)
+
+
+def save_logs(cluster: ChaosCluster, into: Path) -> None:
+    """Copy every host's logs (agent, controller, etcd...) before the cluster is removed."""
+    for name, host in cluster.lab.hosts.items():
+        (into / name).mkdir(parents=True, exist_ok=True)
+        for log in host.dir.glob("*.log"):
+            shutil.copy(log, into / name / log.name)
 
 
 def _cell(value: float | None) -> str:
@@ -278,39 +335,57 @@ async def _background(work: Awaitable[None]) -> AsyncIterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.failover_bench", description=__doc__)
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--topology", choices=("lab", *TOPOLOGIES), default="reference")
+    parser.add_argument(
+        "--series",
+        type=_series,
+        default=list(SERIES),
+        help=f"comma-separated victim roles, field topologies only (default {','.join(SERIES)})",
+    )
+    parser.add_argument("--runs", type=int, default=20, help="runs per series")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--path", choices=("ipmi", "self-fence"), default="ipmi")
     parser.add_argument(
-        "--power-wait", type=int, help="fence_ipmilan power_wait, s (default: the agent's, 2 s)"
+        "--power-wait", type=int, help="fence_ipmilan power_wait, s (default: kvmctl's, 0)"
     )
     parser.add_argument("--json", help="also write the summary to this file")
+    parser.add_argument("--logs", help="copy every host's logs into this directory at the end")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     profile = PROFILES[args.profile]
     print(
-        f"failover bench: profile {profile.name} (lease {profile.lease_ttl} s, renew "
-        f"{profile.renew_interval} s, grace {profile.recovery_grace} s, etcd "
+        f"failover bench: topology {args.topology}, profile {profile.name} (lease "
+        f"{profile.lease_ttl} s, renew {profile.renew_interval} s, grace "
+        f"{profile.recovery_grace} s, election TTL {profile.election_ttl} s, etcd "
         f"{' '.join(profile.etcd_args) or 'default timers'}), path {args.path}, "
         f"power_wait {args.power_wait if args.power_wait is not None else 'default'}, "
-        f"{args.runs} runs",
+        f"{args.runs} runs per series",
         flush=True,
     )
     summary = asyncio.run(bench(args))
-    medians = ", ".join(
-        f"{step} {value:.2f}s" for step, value in summary["step_medians"].items() if value
-    )
-    print(
-        f"\nfailover (kill -> qemu on another host): p50 {summary['p50']:.2f} s, "
-        f"p99 {summary['p99']:.2f} s, min {summary['min']:.2f} s, max {summary['max']:.2f} s "
-        f"over {summary['runs']} runs; two-copies samples: {summary['two_copies_samples']}"
-    )
-    print(f"step medians from the kill: {medians}")
+    print()
+    for name, result in summary["series"].items():
+        medians = ", ".join(
+            f"{step} {value:.2f}s" for step, value in result["step_medians"].items() if value
+        )
+        print(
+            f"{name}: kill -> qemu on another host p50 {result['p50']:.2f} s, "
+            f"p99 {result['p99']:.2f} s, min {result['min']:.2f} s, max {result['max']:.2f} s "
+            f"over {result['runs']} runs; step medians: {medians}"
+        )
+    print(f"two-copies samples (all series): {summary['two_copies_samples']}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(summary, file, indent=2)
     return 0
+
+
+def _series(value: str) -> list[str]:
+    names = value.split(",")
+    if any(name not in ROLES for name in names):
+        raise argparse.ArgumentTypeError(f"series must be among {', '.join(ROLES)}: {value!r}")
+    return names
 
 
 if __name__ == "__main__":

@@ -105,8 +105,8 @@ PROFILES = {profile.name: profile for profile in (DEFAULT_PROFILE, TUNED_PROFILE
 class ChaosCluster(Cluster):
     """A `Cluster` with a timing profile, optional 3-member etcd, watchdogs and more faults.
 
-    No storage host (the guests boot from kernel and initrd, without disks); agents run with
-    `--no-storage`.
+    The guests boot from kernel and initrd, without disks: agents run with `--no-storage`, except
+    on `storage_host` (none by default), whose agent serves tgtd as in `Cluster`.
     """
 
     def __init__(
@@ -119,12 +119,13 @@ class ChaosCluster(Cluster):
         controller_hosts: Sequence[str] | None = None,
         prefix: str = DEFAULT_PREFIX,
         etcd_hosts: Sequence[str] = (),
+        storage_host: str | None = None,
     ) -> None:
         super().__init__(
             kvm_hosts,
-            storage_host=None,
+            storage_host=storage_host,
             prefix=prefix,
-            agent_args=["--no-storage", *profile.agent_args()],
+            agent_args=profile.agent_args(),
             etcd_members=etcd_members,
             etcd_args=profile.etcd_args,
             etcd_hosts=etcd_hosts,
@@ -219,6 +220,10 @@ class ChaosCluster(Cluster):
         self._spawn_agent(host)
         if name in self.controller_hosts:
             self._spawn_controller(host)
+
+    def _agent_argv(self, name: str) -> list[str]:
+        argv = super()._agent_argv(name)
+        return argv if name == self.storage_host else [*argv, "--no-storage"]
 
     def _spawn_agent(self, host: SimulatedHost) -> None:
         argv = self._agent_argv(host.name)

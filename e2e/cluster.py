@@ -369,7 +369,9 @@ class Cluster:
         return argv + self._agent_args
 
     def _controller_argv(self, name: str) -> list[str]:
-        return [*self._global_args(), "controller", "--identity", name]
+        """Every controller runs on a host: `--node` makes it hear (and send) the direct
+        heartbeats on the host's cluster address, UDP 7480 across the lab bridge."""
+        return [*self._global_args(), "controller", "--identity", name, "--node", name]
 
     def _start_bmc(self, name: str, port: int = 0) -> None:
         host = self.lab[name]

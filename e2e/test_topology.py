@@ -27,7 +27,12 @@ from e2e import polling
 from e2e.chaos import TwoCopiesChecker, guest_vm, ipmi_node, ipmi_secret, leader_host
 from e2e.cluster import Cluster
 from e2e.guest.build import GuestImage, ensure_guest_image
-from e2e.topology import etcd_leader_host, storage_node, topology_cluster
+from e2e.topology import (
+    lead_controllers_from,
+    move_etcd_leader,
+    storage_node,
+    topology_cluster,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -74,38 +79,13 @@ class Case:
         leader: str = await eventually(partial(leader_host, self.store), "a leading controller")
         return leader
 
-    async def etcd_leader(self) -> str:
-        leader: str = await eventually(
-            partial(asyncio.to_thread, etcd_leader_host, self.cluster), "an etcd leader"
-        )
-        return leader
-
     async def lead_controllers_from_a_kvm_host(self) -> str:
         """The KVM host whose controller leads (the storage host's is restarted until it does
         not lead: it resigns on SIGTERM)."""
-        leader = await self.controller_leader()
-        while leader not in self.cluster.kvm_hosts:
-            await asyncio.to_thread(self.cluster.restart_controller, leader)
-            leader = await eventually(
-                partial(self._leader_other_than, leader),
-                f"the controllers' leadership off {leader}",
-            )
-        return leader
-
-    async def _leader_other_than(self, old: str) -> str | None:
-        now = await leader_host(self.store)
-        return now if now not in (None, old) else None
+        return await lead_controllers_from(self.cluster, self.store, self.cluster.kvm_hosts)
 
     async def move_etcd_leader(self, name: str) -> None:
-        host_etcd = self.cluster.host_etcd
-        assert host_etcd is not None
-        if await self.etcd_leader() != name:
-            await asyncio.to_thread(host_etcd.move_leader, name)
-
-        async def there() -> bool:
-            return await asyncio.to_thread(etcd_leader_host, self.cluster) == name
-
-        await eventually(there, f"etcd's leader on {name}")
+        await move_etcd_leader(self.cluster, name)
 
     async def start_vm(self, name: str, preferred: list[str]) -> None:
         await self.store.create(guest_vm(name, self.image, preferred))

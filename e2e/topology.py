@@ -7,22 +7,29 @@
   host may be added (it then runs tgtd, an agent and a controller, but no etcd member: etcd
   keeps an odd member count).
 
-`topology_cluster(name)` builds the `Cluster`; `etcd_leader_host`, `roles` tell a test or the
-demo which host holds etcd's leader and which runs the leading controller, so it can pick a
-victim by role. `e2e.chaos.leader_host(store)` is the leading controller alone.
+`topology_cluster(name)` builds the `Cluster` (`topology_chaos_cluster(name)` the
+`e2e.chaos.ChaosCluster`, with a timing profile, for the failover bench); `etcd_leader_host`,
+`roles` tell a test or the demo which host holds etcd's leader and which runs the leading
+controller, so it can pick a victim by role. `e2e.chaos.leader_host(store)` is the leading
+controller alone. `lead_controllers_from` and `move_etcd_leader` arrange the roles before a
+fault.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from controller.store import Store
+from controller.store import Store, Unavailable
 from crds import ClusterNode, ObjectMeta
 from crds.clusternode import ClusterNodeSpec
-from e2e.chaos import leader_host
+from e2e import polling
+from e2e.chaos import ChaosCluster, leader_host
 from e2e.cluster import Cluster, ClusterError
+from e2e.host_etcd import HostEtcdError
 
 STORAGE_HOST = "storage"
 
@@ -63,6 +70,20 @@ def topology_cluster(name: str, *, storage: bool = False, **options: Any) -> Clu
     return Cluster(shape.kvm_hosts, shape.storage_host, etcd_hosts=shape.etcd_hosts, **options)
 
 
+def topology_chaos_cluster(name: str, **options: Any) -> ChaosCluster:
+    """A `ChaosCluster` (not started) in topology `name`, a controller on every host; `options`
+    go to `ChaosCluster` (profile, watchdog...)."""
+    shape = topology(name)
+    hosts = (*shape.kvm_hosts, *([shape.storage_host] if shape.storage_host else []))
+    return ChaosCluster(
+        shape.kvm_hosts,
+        storage_host=shape.storage_host,
+        etcd_hosts=shape.etcd_hosts,
+        controller_hosts=hosts,
+        **options,
+    )
+
+
 def storage_node(cluster: Cluster) -> ClusterNode:
     """The storage host's ClusterNode: cordoned, so no VM is placed there; no fencing (it runs
     no VM, so its death never needs one)."""
@@ -92,3 +113,40 @@ async def roles(cluster: Cluster, store: Store) -> dict[str, list[str]]:
     for name in cluster.controllers:
         held[name].append("leading controller" if name == controller_leader else "controller")
     return held
+
+
+ROLE_TIMEOUT = 150.0
+"""Generous: two loaded cores, and an etcd election may be under way."""
+_eventually = partial(polling.eventually, timeout=ROLE_TIMEOUT, retry_on=(Unavailable,))
+
+
+async def lead_controllers_from(cluster: Cluster, store: Store, hosts: Collection[str]) -> str:
+    """Restart the leading controller (SIGTERM: it resigns, another takes over at once) until
+    one on `hosts` leads; its host."""
+    leader: str = await _eventually(partial(leader_host, store), "a leading controller")
+    while leader not in hosts:
+        await asyncio.to_thread(cluster.restart_controller, leader)
+
+        async def moved(old: str = leader) -> str | None:
+            now = await leader_host(store)
+            return now if now not in (None, old) else None
+
+        leader = await _eventually(moved, f"the controllers' leadership off {leader}")
+    return leader
+
+
+async def move_etcd_leader(cluster: Cluster, name: str) -> None:
+    """Hand etcd's leadership to the member on host `name` and wait until it holds it."""
+    host_etcd = cluster.host_etcd
+    if host_etcd is None:
+        raise ClusterError("etcd does not run inside the hosts of this cluster")
+
+    async def there() -> bool:
+        leader = await asyncio.to_thread(etcd_leader_host, cluster)
+        if leader is not None and leader != name:
+            await asyncio.to_thread(host_etcd.move_leader, name)
+            leader = await asyncio.to_thread(etcd_leader_host, cluster)
+        return leader == name
+
+    retrying = partial(polling.eventually, timeout=ROLE_TIMEOUT, retry_on=(HostEtcdError,))
+    await retrying(there, f"etcd's leader on {name}")
