@@ -369,9 +369,12 @@ class Cluster:
         return argv + self._agent_args
 
     def _controller_argv(self, name: str) -> list[str]:
-        """Every controller runs on a host: `--node` makes it hear (and send) the direct
-        heartbeats on the host's cluster address, UDP 7480 across the lab bridge."""
-        return [*self._global_args(), "controller", "--identity", name, "--node", name]
+        """In the field topology (etcd inside the hosts) `--node` makes each controller hear
+        (and send) the direct heartbeats on the host's cluster address, UDP 7480 across the lab
+        bridge, and run the standby watch. Lab clusters (etcd outside the hosts) keep the
+        lease-only detection their chaos tests were written for."""
+        argv = [*self._global_args(), "controller", "--identity", name]
+        return argv + (["--node", name] if self.host_etcd is not None else [])
 
     def _start_bmc(self, name: str, port: int = 0) -> None:
         host = self.lab[name]
