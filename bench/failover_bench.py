@@ -48,9 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.failover_timeline import Timeline
-from controller.heartbeat import heartbeat_key
 from controller.store import Store, Unavailable
-from crds import ClusterNode
 from e2e import polling
 from e2e.chaos import (
     PROFILES,
@@ -66,6 +64,7 @@ from e2e.host_etcd import HostEtcdError
 from e2e.topology import (
     TOPOLOGIES,
     etcd_leader_host,
+    every_host_online,
     lead_controllers_from,
     move_etcd_leader,
     storage_node,
@@ -131,14 +130,8 @@ class Bench:
         self.changed_at = time.monotonic()
         """When a controller last (re)started: the next kill waits `SETTLE` s after it."""
 
-    async def online(self, name: str) -> bool:
-        if await self.store.client.get(heartbeat_key(self.store.prefix, name).encode()) is None:
-            return False
-        node = await self.store.get("ClusterNode", name)
-        return isinstance(node, ClusterNode) and node.status.health == "Online"
-
     async def all_online(self) -> bool:
-        return all([await self.online(name) for name in self.cluster.lab.hosts])
+        return await every_host_online(self.cluster, self.store)
 
     async def restore(self, name: str) -> None:
         await asyncio.to_thread(self.cluster.restore, name)

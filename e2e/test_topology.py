@@ -20,7 +20,6 @@ from functools import partial
 
 import pytest
 
-from controller.heartbeat import heartbeat_key
 from controller.store import NotFound, Store, Unavailable
 from crds import ClusterNode
 from e2e import polling
@@ -28,8 +27,10 @@ from e2e.chaos import TwoCopiesChecker, guest_vm, ipmi_node, ipmi_secret, leader
 from e2e.cluster import Cluster
 from e2e.guest.build import GuestImage, ensure_guest_image
 from e2e.topology import (
+    every_host_online,
     lead_controllers_from,
     move_etcd_leader,
+    node_online,
     storage_node,
     topology_cluster,
 )
@@ -66,14 +67,8 @@ class Case:
         self.image = image
         self.checker = TwoCopiesChecker(cluster)
 
-    async def online(self, name: str) -> bool:
-        if await self.store.client.get(heartbeat_key(self.store.prefix, name).encode()) is None:
-            return False
-        node = await self.store.get("ClusterNode", name)
-        return isinstance(node, ClusterNode) and node.status.health == "Online"
-
     async def all_online(self) -> bool:
-        return all([await self.online(name) for name in self.cluster.lab.hosts])
+        return await every_host_online(self.cluster, self.store)
 
     async def controller_leader(self) -> str:
         leader: str = await eventually(partial(leader_host, self.store), "a leading controller")
@@ -188,5 +183,5 @@ async def test_a_host_powered_on_again_rejoins_etcd_as_the_same_member(case: Cas
     assert await asyncio.to_thread(host_etcd.members) == members
     for name in case.cluster.etcd_hosts:
         assert await asyncio.to_thread(host_etcd.healthy, name), f"etcd member {name} unhealthy"
-    await eventually(partial(case.online, victim), f"{victim}'s agent Online again")
+    await eventually(partial(node_online, case.store, victim), f"{victim}'s agent Online again")
     assert victim in case.cluster.controllers

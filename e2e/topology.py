@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from controller.heartbeat import heartbeat_key
 from controller.store import Store, Unavailable
 from crds import ClusterNode, ObjectMeta
 from crds.clusternode import ClusterNodeSpec
@@ -93,6 +94,18 @@ def storage_node(cluster: Cluster) -> ClusterNode:
     return ClusterNode(
         metadata=ObjectMeta(name=cluster.storage_host), spec=ClusterNodeSpec.model_validate(spec)
     )
+
+
+async def node_online(store: Store, name: str) -> bool:
+    """The host holds its heartbeat and its ClusterNode says Online."""
+    if await store.client.get(heartbeat_key(store.prefix, name).encode()) is None:
+        return False
+    node = await store.get("ClusterNode", name)
+    return isinstance(node, ClusterNode) and node.status.health == "Online"
+
+
+async def every_host_online(cluster: Cluster, store: Store) -> bool:
+    return all([await node_online(store, name) for name in cluster.lab.hosts])
 
 
 def etcd_leader_host(cluster: Cluster) -> str | None:
