@@ -46,10 +46,10 @@ crds: venv
 	$(PY) -m crds.generate
 
 demo: install
-	$(PY) -m e2e.demo up
+	$(PY) -m e2e.harness.demo up
 
 demo-down: venv
-	$(PY) -m e2e.demo down
+	$(PY) -m e2e.harness.demo down
 
 # Coverage-guided fuzzing of manifest parsing and the domain XML builder (atheris, libFuzzer).
 fuzz: install

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.etcd import EtcdCluster
+from e2e.harness.etcd import EtcdCluster
 
 
 @pytest.fixture(scope="session")

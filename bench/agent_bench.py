@@ -1,10 +1,10 @@
 """Host agent benchmarks (issue 4): apply -> qemu running, live migration, 100 VMs converging.
 
 Run: `python -m bench.agent_bench [--runs N]` as root. It builds a lab of two simulated hosts
-(e2e/hosts.py: own namespaces and libvirtd each, a `kvmctl agent` process inside each), starts
-an etcd on the lab gateway, and plays the elected controller in-process (a real LeaderElector
-writing placements with its token and running the migration controller). Prints figures and
-method; nothing is asserted (numbers live in docs/benchmarks.md).
+(e2e/harness/hosts.py: own namespaces and libvirtd each, a `kvmctl agent` process inside each),
+starts an etcd on the lab gateway, and plays the elected controller in-process (a real LeaderElector
+writing placements with its token and running the migration controller). Prints figures and method;
+nothing is asserted (numbers live in docs/benchmarks.md).
 
 1. apply -> qemu: from the VM's create (placement written right after, as the controller would)
    to its qemu process existing on the host (polled every 10 ms); guest boot is not included.
@@ -33,13 +33,13 @@ import libvirt
 
 from controller.agent import Agent, AgentSettings
 from controller.cli.vm import migration_name
-from controller.store import Store
+from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 from e2e.guest.build import ensure_guest_image
 from e2e.guest.console import read_ticks
-from e2e.hosts import Lab, SimulatedHost
+from e2e.harness.hosts import Lab, SimulatedHost
 from e2e.test_agent import (
     KVMCTL,
     PREFIX,

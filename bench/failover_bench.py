@@ -5,17 +5,17 @@ leader,etcd-leader,plain] [--runs 20] [--profile default|tuned] [--path ipmi|sel
 [--power-wait S]` as root. Prints the method, every run's step times and, per series, p50 /
 p99 / max; nothing is asserted (figures live in docs/benchmarks.md).
 
-Field topologies (`e2e.topology`, as users run them): etcd's members and a `kvmctl controller
---node HOST` on the hosts themselves; `reference` is host1 and host2 (KVM) plus `storage`
-(cordoned, tgtd), `three-hosts` is host1..host3. One TCG guest (96 MiB) restricted to the KVM
-hosts. Before each kill the victim (the host running the guest) is given the roles of the run's
-series: `leader` (it runs the leading controller and holds etcd's leader: the worst case),
-`etcd-leader` (etcd's leader only), `plain` (neither), and on request `controller-leader` (the
-leading controller only). Leading controllers are restarted until the wanted one leads
-(SIGTERM: a leader resigns), etcd's leadership is moved with `etcdctl move-leader`, and the
-kill waits until the last controller (re)start is `SETTLE` s old. Series are interleaved run
-by run. `lab` is the older, friendlier setup: one etcd member outside the
-hosts, host1..host4, one controller on host1, which is never killed; the guest on host2..host4.
+Field topologies (`e2e.harness.topology`, as users run them): etcd's members and a `kvmctl
+controller --node HOST` on the hosts themselves; `reference` is host1 and host2 (KVM) plus `storage`
+(cordoned, tgtd), `three-hosts` is host1..host3. One TCG guest (96 MiB) restricted to the KVM hosts.
+Before each kill the victim (the host running the guest) is given the roles of the run's series:
+`leader` (it runs the leading controller and holds etcd's leader: the worst case), `etcd-leader`
+(etcd's leader only), `plain` (neither), and on request `controller-leader` (the leading controller
+only). Leading controllers are restarted until the wanted one leads (SIGTERM: a leader resigns),
+etcd's leadership is moved with `etcdctl move-leader`, and the kill waits until the last controller
+(re)start is `SETTLE` s old. Series are interleaved run by run. `lab` is the older, friendlier
+setup: one etcd member outside the hosts, host1..host4, one controller on host1, which is never
+killed; the guest on host2..host4.
 
 Every run kills the victim (SIGKILL of its namespace init: every process dies at once, its etcd
 member too) and times, on the bench's monotonic clock, when the bench saw each step through etcd
@@ -48,9 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.failover_timeline import Timeline
-from controller.store import Store, Unavailable
-from e2e import polling
-from e2e.chaos import (
+from controller.runtime.store import Store, Unavailable
+from e2e.guest.build import ensure_guest_image
+from e2e.harness import polling
+from e2e.harness.chaos import (
     PROFILES,
     ChaosCluster,
     TwoCopiesChecker,
@@ -59,9 +60,8 @@ from e2e.chaos import (
     ipmi_secret,
     leader_host,
 )
-from e2e.guest.build import ensure_guest_image
-from e2e.host_etcd import HostEtcdError
-from e2e.topology import (
+from e2e.harness.host_etcd import HostEtcdError
+from e2e.harness.topology import (
     TOPOLOGIES,
     etcd_leader_host,
     every_host_online,

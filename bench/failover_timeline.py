@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import aetcd
 
-from controller.heartbeat import heartbeat_key
-from controller.leader import leader_key
-from controller.store import Store
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.leader import leader_key
+from controller.runtime.store import Store
 from crds import ClusterNode, Event, VirtualMachine
-from e2e.chaos import ELECTION_NAME
+from e2e.harness.chaos import ELECTION_NAME
 
 log = logging.getLogger(__name__)
 RESUME_DELAY = 0.05

@@ -27,13 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-from controller.manager import Controller, Manager
-from controller.reconcile import Result
-from controller.store import Store
-from controller.telemetry import Exporter, setup_telemetry
+from controller.runtime.manager import Controller, Manager
+from controller.runtime.reconcile import Result
+from controller.runtime.store import Store
+from controller.runtime.telemetry import Exporter, setup_telemetry
 from crds import ObjectMeta, VirtualMachine
 from crds.virtualmachine import VirtualMachineSpec
-from e2e.etcd import EtcdCluster
+from e2e.harness.etcd import EtcdCluster
 
 PREFIX = "/bench-runtime"
 IN_FLIGHT = 64

@@ -5,7 +5,7 @@ root (`make soak`). Prints each fault as it goes and a summary; writes the repor
 (default `.run/soak/report.json`). Exits 1 if a VM ever ran on two hosts, an object was lost, or
 a VM did not run again within the hard deadline.
 
-The cluster (`e2e.chaos.ChaosCluster`): a 3-member etcd, host1..host3 each with libvirtd,
+The cluster (`e2e.harness.chaos.ChaosCluster`): a 3-member etcd, host1..host3 each with libvirtd,
 `kvmctl agent --watchdog` (a watchdog stand-in per host), `kvmctl controller` (one leads) and a
 simulated IPMI BMC; host1 and host2 are power-fenced (fence_ipmilan), host3 relies on
 self-fencing. Three TCG guests, one preferring each host (unrestricted failover domains).
@@ -49,11 +49,12 @@ from typing import Any
 
 import aetcd
 
-from controller.heartbeat import heartbeat_key
-from controller.store import Store, StoreError
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.store import Store, StoreError
 from crds import ClusterNode
-from e2e import polling
-from e2e.chaos import (
+from e2e.guest.build import ensure_guest_image
+from e2e.harness import polling
+from e2e.harness.chaos import (
     PROFILES,
     ChaosCluster,
     TimingProfile,
@@ -63,8 +64,7 @@ from e2e.chaos import (
     ipmi_secret,
     leader_host,
 )
-from e2e.guest.build import ensure_guest_image
-from e2e.hosts import REPO_ROOT
+from e2e.harness.hosts import REPO_ROOT
 
 HOSTS = ("host1", "host2", "host3")
 SELF_FENCING = ("host3",)

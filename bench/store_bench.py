@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from controller.store import Store
+from controller.runtime.store import Store
 from crds import VirtualMachine, parse_object
-from e2e.etcd import EtcdCluster
+from e2e.harness.etcd import EtcdCluster
 
 
 def vm_documents(count: int, prefix: str = "bench") -> list[dict[str, object]]:

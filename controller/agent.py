@@ -3,10 +3,10 @@
 It waits for its ClusterNode object, reports the host in the node's status (capacity from
 libvirt unless `spec.capacity` overrides it, agent version, the libvirt URI peers use, the
 migration address, `Ready`/`AgentReady` conditions, `lastHeartbeatTime` every
-`status_interval`), keeps its heartbeat lease (`controller/heartbeat.py`) and runs the host's
-reconcilers: VirtualMachines (`reconcilers/virtualmachine.py`) and the source side of live
-migrations (`reconcilers/migration.py`). With `domain.lvm` set both manage the activation of the
-VMs' LVs (claimed and activated before a start, released after a stop, handed over during a
+`status_interval`), keeps its heartbeat lease (`controller/runtime/heartbeat.py`) and runs the
+host's reconcilers: VirtualMachines (`reconcilers/virtualmachine.py`) and the source side of
+live migrations (`reconcilers/migration.py`). With `domain.lvm` set both manage the activation
+of the VMs' LVs (claimed and activated before a start, released after a stop, handed over during a
 migration; docs/storage.md).
 
 Libvirt lifecycle events enqueue the VM of the same name, so a crashed guest is seen at once; the
@@ -18,7 +18,8 @@ reconciler re-reads the VM from etcd right before: a VM the controller moved awa
 node was cut off is never started here from stale information.
 
 With `peers` set (the default), it also sends a direct heartbeat to every ClusterNode's
-cluster address every `peers.interval` (`controller/peers.py`): the controllers' fast detector.
+cluster address every `peers.interval` (`controller/runtime/peers.py`): the controllers' fast
+detector.
 
 SIGTERM stops the agent cleanly; the guests keep running (like libvirtd).
 """
@@ -34,17 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.defaults import DEFAULT_MIGRATION_CONCURRENCY
-from controller.events import EventRecorder
 from controller.ha.agent_side import HaReporter
 from controller.ha.environment import HaTimings
-from controller.heartbeat import Heartbeat, HeartbeatTiming, Watchdog, boot_id
-from controller.informer import EventType, SharedInformers
-from controller.layout import node_writer
-from controller.peers import PeerSender, PeerSettings
-from controller.reconcile import TerminalError, run_workers
-from controller.store import NotFound, Store, StoreError
-from controller.workqueue import WorkQueue
+from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY
+from controller.runtime.events import EventRecorder
+from controller.runtime.heartbeat import Heartbeat, HeartbeatTiming, Watchdog, boot_id
+from controller.runtime.informer import EventType, SharedInformers
+from controller.runtime.layout import node_writer
+from controller.runtime.peers import PeerSender, PeerSettings
+from controller.runtime.reconcile import TerminalError, run_workers
+from controller.runtime.store import NotFound, Store, StoreError
+from controller.runtime.workqueue import WorkQueue
 from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigration
 from crds.clusternode import Capacity
 from crds.libvirt_uri import peer_uri_or_none

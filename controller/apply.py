@@ -17,10 +17,9 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from controller.exclusive import Claims
+from controller.runtime.store import Conflict, Store, StoreError
 from crds import APPLY_ORDER, AnyResource, VirtualMachine
-
-from .exclusive import Claims
-from .store import Conflict, Store, StoreError
 
 Outcome = Literal["created", "configured", "unchanged"]
 CONCURRENCY = 32

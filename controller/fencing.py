@@ -21,15 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from controller.runtime.events import EventRecorder
+from controller.runtime.informer import SharedInformers
+from controller.runtime.store import Compare, NotFound, Store, StoreError
 from crds import ClusterNode, Secret
 from crds.clusternode import ClusterNodeSpec
 from crds.clusternode import FenceDevice as FenceDeviceSpec
 from reconcilers.drivers.fence import FenceRunner
 from reconcilers.drivers.fence_policy import MANUAL_AGENTS, FenceConfigError, FenceDevice
-
-from .events import EventRecorder
-from .informer import SharedInformers
-from .store import Compare, NotFound, Store, StoreError
 
 log = logging.getLogger(__name__)
 

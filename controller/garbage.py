@@ -1,21 +1,21 @@
 """Garbage collection: delete objects whose deletion waited on finalizers, once none is left.
 
-An agent holds its finalizer in its own status part (controller/layout.py) and may not delete
-the object's keys; after it drops its last finalizer, the controller deletes every key of the
-object in one compare-and-swap transaction. Any running controller may do it: a racing one gets
-a conflict, and re-reading finds the object gone.
+An agent holds its finalizer in its own status part (controller/runtime/layout.py) and may not
+delete the object's keys; after it drops its last finalizer, the controller deletes every key of the
+object in one compare-and-swap transaction. Any running controller may do it: a racing one gets a
+conflict, and re-reading finds the object gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from controller.informer import Informer, SharedInformers
-from controller.layout import NODE_FINALIZERS
-from controller.manager import Controller
-from controller.reconcile import Result, RetryableError, run_workers
-from controller.store import Conflict, Store, StoreError
-from controller.workqueue import WorkQueue
+from controller.runtime.informer import Informer, SharedInformers
+from controller.runtime.layout import NODE_FINALIZERS
+from controller.runtime.manager import Controller
+from controller.runtime.reconcile import Result, RetryableError, run_workers
+from controller.runtime.store import Conflict, Store, StoreError
+from controller.runtime.workqueue import WorkQueue
 
 FINALIZED_KINDS = tuple(NODE_FINALIZERS)
 """The kinds agents put finalizers on."""

@@ -29,15 +29,14 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from controller.apply import CONCURRENCY, Applied, apply_one, find_clash, in_apply_order
+from controller.manifests import MAX_FILE_BYTES, Manifest, ManifestError, load_text
+from controller.runtime.events import EventRecorder
+from controller.runtime.store import AlreadyExists, Conflict, NotFound, Store, StoreError
 from crds import APPLY_ORDER, AnyResource, GitSync, ObjectMeta, describe_validation_error
 from crds.event import ObjectReference
 from crds.gitsync import GitSyncSpec, GitSyncStatus, InventoryEntry
 from crds.meta import _check_name, now
-
-from .apply import CONCURRENCY, Applied, apply_one, find_clash, in_apply_order
-from .events import EventRecorder
-from .manifests import MAX_FILE_BYTES, Manifest, ManifestError, load_text
-from .store import AlreadyExists, Conflict, NotFound, Store, StoreError
 
 log = logging.getLogger(__name__)
 

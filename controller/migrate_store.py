@@ -14,11 +14,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from controller.runtime import layout
+from controller.runtime.store import Store, StoreError, to_json
 from crds import KINDS
 from crds.meta import _check_name
-
-from . import layout
-from .store import Store, StoreError, to_json
 
 
 def _finalizer_node(kind: str, document: dict[str, Any]) -> str | None:

@@ -22,13 +22,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from controller.events import EventRecorder
-from controller.heartbeat import heartbeat_key
-from controller.informer import Informer, SharedInformers
-from controller.leader import LeaderElector, guard_compare
-from controller.reconcile import Result, RetryableError, TerminalError, run_workers
-from controller.store import Compare, Conflict, NotFound, Store
-from controller.workqueue import WorkQueue
+from controller.runtime.events import EventRecorder
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.informer import Informer, SharedInformers
+from controller.runtime.leader import LeaderElector, guard_compare
+from controller.runtime.reconcile import Result, RetryableError, TerminalError, run_workers
+from controller.runtime.store import Compare, Conflict, NotFound, Store
+from controller.runtime.workqueue import WorkQueue
 from crds import ClusterNode, VirtualMachine, VirtualMachineMigration
 from crds.meta import now
 from crds.migration import PLACEMENT_SWITCHED

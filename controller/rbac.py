@@ -10,13 +10,12 @@ are relative to the cluster prefix.
   (specs of what it creates, its status parts, the deletion of finished objects), the leader
   key, operator requests, results (answers to guest clusters) and locks.
 - agent-<node>: reads every kind except Secret, heartbeats, the leader key, locks and LVM
-  activation claims; writes only its own node's keys (controller/layout.py): its status parts
-  (`kinds/{Kind}/status/node.<node>/`) of the kinds it reports on, its Events
-  (`kinds/Event/node.<node>/`), its heartbeat and report; plus the VolumeGroup metadata locks
-  and LVM activation claims, which every agent shares by nature (each takes them over from a
-  fenced node). No spec key, no controller part, no other node's key: it creates and deletes
-  no object. Nodes named as secret readers (storage nodes serving CHAP targets) also read
-  Secrets.
+  activation claims; writes only its own node's keys (controller/runtime/layout.py): its status
+  parts (`kinds/{Kind}/status/node.<node>/`) of the kinds it reports on, its Events
+  (`kinds/Event/node.<node>/`), its heartbeat and report; plus the VolumeGroup metadata locks and
+  LVM activation claims, which every agent shares by nature (each takes them over from a fenced
+  node). No spec key, no controller part, no other node's key: it creates and deletes no object.
+  Nodes named as secret readers (storage nodes serving CHAP targets) also read Secrets.
 - fence-<cluster>: `fence_kvmctl` in guest cluster <cluster>: writes only its own fence
   requests, reads only the controller's answers and power states for it (no object at all).
 - monitor: reads every kind except Secret, heartbeats, the leader key, operator requests and
@@ -35,11 +34,10 @@ from typing import Any, Literal, TypeVar
 import aetcd.rpc
 import grpc
 
+from controller.runtime import layout
+from controller.runtime.store import Store, StoreError
 from crds import KINDS
 from crds.meta import _check_name
-
-from . import layout
-from .store import Store, StoreError
 
 Access = Literal["read", "write", "readwrite"]
 _PERMISSION_TYPES: dict[Access, int] = {"read": 0, "write": 1, "readwrite": 2}

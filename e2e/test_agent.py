@@ -24,22 +24,22 @@ from typing import Any
 import libvirt
 import pytest
 
-from controller.events import EventRecorder
 from controller.garbage import collect_forever
-from controller.heartbeat import heartbeat_key
-from controller.leader import LeaderElector, guard_compare
 from controller.migrations import Term, lead_migrations
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.leader import LeaderElector, guard_compare
+from controller.runtime.store import Store
 from crds import ClusterNode, Event, ObjectMeta, VirtualMachine
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.meta import now
 from crds.virtualmachine import Placement, VirtualMachineSpec
-from e2e import polling
-from e2e.etcd import EtcdCluster
 from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
 from e2e.guest.console import BOOTED_LINE, read_ticks, tick_gaps
-from e2e.hosts import REPO_ROOT, Lab, SimulatedHost
-from e2e.polling import recorded_events
+from e2e.harness import polling
+from e2e.harness.etcd import EtcdCluster
+from e2e.harness.hosts import REPO_ROOT, Lab, SimulatedHost
+from e2e.harness.polling import recorded_events
 
 KVMCTL = str(Path(sys.executable).parent / "kvmctl")
 PREFIX = "/kvmctl"

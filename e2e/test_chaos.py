@@ -1,7 +1,7 @@
 """Chaos on real parts: the HA controller against power cuts, network cuts, a dying leader, a
 broken fence device and hung agents (issue 5, item 7).
 
-One cluster for the module (`e2e.chaos.ChaosCluster`: etcd, host1..host3 each with libvirtd,
+One cluster for the module (`e2e.harness.chaos.ChaosCluster`: etcd, host1..host3 each with libvirtd,
 `kvmctl agent --watchdog` fed to a watchdog stand-in, `kvmctl controller`, and a simulated IPMI
 BMC). Every case runs with the two-copies checker sampling every host's qemu processes every
 100 ms, and fails if a VM ever had a qemu process on two hosts at once. After each case every
@@ -23,11 +23,12 @@ from functools import partial
 
 import pytest
 
-from controller.heartbeat import heartbeat_key
-from controller.store import NotFound, Store
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.store import NotFound, Store
 from crds import ClusterNode, Event
-from e2e import polling
-from e2e.chaos import (
+from e2e.guest.build import GuestImage, ensure_guest_image
+from e2e.harness import polling
+from e2e.harness.chaos import (
     IPMI_SECRET,
     ChaosCluster,
     TwoCopiesChecker,
@@ -36,8 +37,7 @@ from e2e.chaos import (
     ipmi_secret,
     leader_host,
 )
-from e2e.cluster import KVMCTL
-from e2e.guest.build import GuestImage, ensure_guest_image
+from e2e.harness.cluster import KVMCTL
 
 pytestmark = pytest.mark.slow
 

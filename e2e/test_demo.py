@@ -1,4 +1,4 @@
-"""`make demo` end to end: `python -m e2e.demo up` twice (the second run removes the first
+"""`make demo` end to end: `python -m e2e.harness.demo up` twice (the second run removes the first
 cluster), then `down`, which must leave no process, namespace, link, loop device or directory.
 Each run uses its own `--run-dir`, so a demo a developer left running is not touched.
 
@@ -20,18 +20,18 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from controller.fencing import FENCING_USAGE, USAGE_LABEL
-from controller.heartbeat import heartbeat_key
-from controller.store import Store
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
 from crds.secret import SecretSpec
 from crds.virtualmachine import VirtualMachineSpec
-from e2e import polling
-from e2e.cluster import Cluster
-from e2e.demo import STATE_FILE_NAME
-from e2e.detached import DetachedState, RecordedProcess
 from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
-from e2e.hosts import REPO_ROOT
+from e2e.harness import polling
+from e2e.harness.cluster import Cluster
+from e2e.harness.demo import STATE_FILE_NAME
+from e2e.harness.detached import DetachedState, RecordedProcess
+from e2e.harness.hosts import REPO_ROOT
 
 DEADLINE = 120.0
 eventually = partial(polling.eventually, timeout=DEADLINE)
@@ -40,9 +40,9 @@ DEMO_TIMEOUT = 400.0
 
 
 async def demo(run_dir: Path, action: str) -> tuple[int, str]:
-    """Run `python -m e2e.demo ACTION`; its exit status and output."""
+    """Run `python -m e2e.harness.demo ACTION`; its exit status and output."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "e2e.demo", action, "--run-dir", str(run_dir),
+        sys.executable, "-m", "e2e.harness.demo", action, "--run-dir", str(run_dir),
         cwd=REPO_ROOT,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from controller.ha.guest_requests import GUEST_CLUSTER_LABEL
-from controller.leader import guard_compare
-from e2e.guest_fencing import guest_fencing
-from e2e.hosts import REPO_ROOT
+from controller.runtime.leader import guard_compare
+from e2e.harness.guest_fencing import guest_fencing
+from e2e.harness.hosts import REPO_ROOT
 from e2e.test_agent import (  # noqa: F401  (agent_lab, controller: fixtures used below)
     PREFIX,
     AgentLab,
@@ -49,7 +49,7 @@ async def fence(lab: AgentLab, action: str, plug: str) -> tuple[int, str, float]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.fence_kvmctl",
+        "controller.cli.fence_kvmctl",
         cwd=REPO_ROOT,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from controller.events import EventRecorder
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.store import Store
 from crds import IscsiTarget, ObjectMeta
 from crds.iscsitarget import IscsiTargetSpec
 from e2e.guest.build import ensure_guest_image
-from e2e.tgtd import start_supervised_tgtd, storage_node
+from e2e.harness.tgtd import start_supervised_tgtd, storage_node
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.storage import StorageSettings, run_storage_reconcilers
 from reconcilers.tgtd_supervisor import TgtdSupervisor

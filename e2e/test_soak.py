@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from bench.soak import soak
-from e2e.chaos import DEFAULT_PROFILE
+from e2e.harness.chaos import DEFAULT_PROFILE
 
 SOAK_MINUTES = 3.0
 

@@ -2,7 +2,7 @@
 hosts themselves, so a dead host takes an etcd member, and maybe etcd's leader or the leading
 controller, with it.
 
-One cluster for the module (`e2e.topology`, `reference`: host1 and host2 run VMs; `storage`
+One cluster for the module (`e2e.harness.topology`, `reference`: host1 and host2 run VMs; `storage`
 runs tgtd, the third etcd member and a controller, and is cordoned). Every case runs with the
 two-copies checker sampling every host's qemu processes, and fails if a VM ever had a qemu
 process on two hosts at once. Roles are arranged before the power cut (etcd's leadership moved
@@ -20,13 +20,13 @@ from functools import partial
 
 import pytest
 
-from controller.store import NotFound, Store, Unavailable
+from controller.runtime.store import NotFound, Store, Unavailable
 from crds import ClusterNode
-from e2e import polling
-from e2e.chaos import TwoCopiesChecker, guest_vm, ipmi_node, ipmi_secret, leader_host
-from e2e.cluster import Cluster
 from e2e.guest.build import GuestImage, ensure_guest_image
-from e2e.topology import (
+from e2e.harness import polling
+from e2e.harness.chaos import TwoCopiesChecker, guest_vm, ipmi_node, ipmi_secret, leader_host
+from e2e.harness.cluster import Cluster
+from e2e.harness.topology import (
     every_host_online,
     lead_controllers_from,
     move_etcd_leader,

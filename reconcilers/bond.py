@@ -22,10 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple, NoReturn
 
-from controller.events import EventRecorder
-from controller.informer import Informer, KeySink
-from controller.reconcile import Result, RetryableError
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.informer import Informer, KeySink
+from controller.runtime.reconcile import Result, RetryableError
+from controller.runtime.store import Store
 from crds import Bond, ClusterNode
 from crds.bond import BondSpec, SlaveStatus
 from crds.meta import ConditionStatus

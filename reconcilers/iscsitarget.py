@@ -23,10 +23,10 @@ import logging
 import os
 from collections.abc import Callable
 
-from controller.events import EventRecorder
-from controller.layout import NODE_FINALIZERS
-from controller.reconcile import Result, RetryableError
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.layout import NODE_FINALIZERS
+from controller.runtime.reconcile import Result, RetryableError
+from controller.runtime.store import Store
 from crds import ClusterNode, IscsiTarget, Secret
 from crds.clusternode import StorageExports, exportable_root
 from crds.iscsitarget import IscsiTargetSpec, LunStatus

@@ -27,11 +27,11 @@ from collections.abc import Iterable
 from ipaddress import IPv6Address, ip_address
 from typing import Any
 
-from controller.defaults import DEFAULT_MIGRATION_CONCURRENCY
-from controller.events import EventRecorder
-from controller.informer import Informer
-from controller.reconcile import Result, RetryableError
-from controller.store import NotFound, Store, StoreError
+from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY
+from controller.runtime.events import EventRecorder
+from controller.runtime.informer import Informer
+from controller.runtime.reconcile import Result, RetryableError
+from controller.runtime.store import NotFound, Store, StoreError
 from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigration
 from crds.meta import now
 from crds.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED

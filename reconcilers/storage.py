@@ -19,11 +19,11 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from controller.events import EventRecorder
-from controller.informer import DEFAULT_RESYNC_PERIOD, Informer, SharedInformers
-from controller.reconcile import OnTerminal, Reconciler, TerminalError, run_workers
-from controller.store import NotFound, PermissionDenied, Store
-from controller.workqueue import WorkQueue
+from controller.runtime.events import EventRecorder
+from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, Informer, SharedInformers
+from controller.runtime.reconcile import OnTerminal, Reconciler, TerminalError, run_workers
+from controller.runtime.store import NotFound, PermissionDenied, Store
+from controller.runtime.workqueue import WorkQueue
 from crds import AnyResource, Bond, IscsiTarget, Secret, VirtualMachine, VolumeGroup
 from reconcilers.bond import BondReconciler, watch_bond_links
 from reconcilers.drivers.tgt import TgtAdm

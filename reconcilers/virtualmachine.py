@@ -45,12 +45,12 @@ from ipaddress import ip_address
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from controller.events import EventRecorder
-from controller.informer import Informer
-from controller.layout import NODE_FINALIZERS
-from controller.leader import CONTROLLER_ELECTION, leader_key
-from controller.reconcile import Result, RetryableError, TerminalError
-from controller.store import NotFound, Store, StoreError
+from controller.runtime.events import EventRecorder
+from controller.runtime.informer import Informer
+from controller.runtime.layout import NODE_FINALIZERS
+from controller.runtime.leader import CONTROLLER_ELECTION, leader_key
+from controller.runtime.reconcile import Result, RetryableError, TerminalError
+from controller.runtime.store import NotFound, Store, StoreError
 from crds import ClusterNode, IscsiTarget, VirtualMachine, VirtualMachineMigration
 from crds.event import ObjectReference
 from crds.meta import ConditionStatus, now

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import aetcd
 
-from controller.events import EventRecorder
-from controller.reconcile import Result, RetryableError
-from controller.store import Store, StoreError
+from controller.runtime.events import EventRecorder
+from controller.runtime.reconcile import Result, RetryableError
+from controller.runtime.store import Store, StoreError
 from crds import IscsiTarget, VirtualMachine, VolumeGroup
 from crds.meta import ConditionStatus, parse_size
 from crds.volumegroup import LogicalVolumeStatus, PhysicalVolume

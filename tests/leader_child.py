@@ -16,7 +16,7 @@ import sys
 
 import aetcd
 
-from controller.leader import ElectionTiming, LeaderElector, guard_compare
+from controller.runtime.leader import ElectionTiming, LeaderElector, guard_compare
 
 TIMINGS = {
     "fast": ElectionTiming(ttl=2, renew_period=0.5, renew_deadline=1.5, retry_period=0.5),

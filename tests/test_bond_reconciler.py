@@ -17,13 +17,13 @@ from typing import NoReturn
 
 import pytest
 
-from controller.events import EventRecorder
-from controller.informer import Informer
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.informer import Informer
+from controller.runtime.store import Store
 from crds import Bond, ClusterNode, Event, ObjectMeta
 from crds.bond import BondSpec
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
-from e2e.polling import eventually
+from e2e.harness.polling import eventually
 from reconcilers.bond import (
     BondConverger,
     BondProblem,

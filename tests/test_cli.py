@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from controller.cli import main
-from controller.store import Store
-from e2e.etcd import EtcdCluster
-from e2e.polling import eventually
+from controller.runtime.store import Store
+from e2e.harness.etcd import EtcdCluster
+from e2e.harness.polling import eventually
 
 Run = Callable[..., tuple[int, str, str]]
 EXAMPLES = Path(__file__).parent.parent / "deploy" / "examples" / "article"

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from controller.ha import requests
-from controller.manager import Manager
-from controller.store import Store
+from controller.runtime.manager import Manager
+from controller.runtime.store import Store
 from crds import VirtualMachineMigration
-from e2e.polling import eventually
+from e2e.harness.polling import eventually
 from tests.test_ha_production import (
     Kvmctl,
     Leases,

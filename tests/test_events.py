@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from controller.events import EventRecorder, event_name
-from controller.store import Store
+from controller.runtime.events import EventRecorder, event_name
+from controller.runtime.store import Store
 from crds import Event, ObjectMeta, VirtualMachine
 from crds.event import ObjectReference
 from crds.virtualmachine import VirtualMachineSpec
-from e2e.etcd import free_port
+from e2e.harness.etcd import free_port
 
 DEADLINE = 30.0
 

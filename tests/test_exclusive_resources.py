@@ -12,9 +12,9 @@ import pytest
 from controller.ha import scenario
 from controller.ha.engine import Engine
 from controller.ha.environment import Action, Emit, Place, SetDiskConflict, VmView
-from controller.manager import Manager
-from controller.store import Store
-from e2e.polling import eventually
+from controller.runtime.manager import Manager
+from controller.runtime.store import Store
+from e2e.harness.polling import eventually
 from tests.test_cli import Run, kvmctl, write
 from tests.test_gitsync import MakeSyncer, Repository, make_syncer, repo, vm_memory
 from tests.test_ha_production import (

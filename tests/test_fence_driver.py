@@ -1,5 +1,6 @@
 """The fence-agent driver against real fence-agents: fence_dummy, and fence_ipmilan (ipmitool)
-talking IPMI lanplus over loopback to a simulated BMC (pyghmi, e2e/bmc.py) in a child process."""
+talking IPMI lanplus over loopback to a simulated BMC (pyghmi, e2e/harness/bmc.py) in a child
+process."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.bmc import REPO_ROOT, BmcProcess
+from e2e.harness.bmc import REPO_ROOT, BmcProcess
 from reconcilers.drivers.fence import EXIT_FAILURE, EXIT_STATUS_OFF, EXIT_SUCCESS, FenceRunner
 from reconcilers.drivers.fence_policy import (
     DEFAULT_AGENTS,
@@ -313,7 +314,15 @@ async def test_dummy_metadata_validates_a_device(runner: FenceRunner, tmp_path: 
 
 def test_bmc_cli_reports_a_missing_password_file(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "e2e.bmc", "--user", "u", "--password-file", str(tmp_path / "no")],
+        [
+            sys.executable,
+            "-m",
+            "e2e.harness.bmc",
+            "--user",
+            "u",
+            "--password-file",
+            str(tmp_path / "no"),
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.fence_kvmctl import ACTIONS, cluster_of, main, options_from
+from controller.cli.fence_kvmctl import ACTIONS, cluster_of, main, options_from
 from controller.ha.agent_side import HaReporter
 from controller.ha.guest_power import SAVED_TIMEOUT_ANNOTATION
 from controller.ha.guest_requests import (
@@ -29,10 +29,10 @@ from controller.ha.guest_requests import (
     status_key,
 )
 from controller.ha.requests import read_report
-from controller.store import Store
+from controller.runtime.store import Store
 from crds import ClusterNode, VirtualMachine
-from e2e.guest_fencing import guest_fencing
-from e2e.polling import eventually
+from e2e.harness.guest_fencing import guest_fencing
+from e2e.harness.polling import eventually
 from reconcilers.drivers.libvirt import DomainState
 from tests.test_vm_reconciler import Cluster, domain_state, running_vm, vm_object
 
@@ -215,7 +215,7 @@ def test_the_guest_cluster_is_the_option_or_the_certificates_and_they_must_agree
 async def fence(
     store: Store, action: str, plug: str | None = None, **extra: str
 ) -> tuple[int, str]:
-    """Run `python -m controller.fence_kvmctl` with options on stdin; (exit code, stdout)."""
+    """Run `python -m controller.cli.fence_kvmctl` with options on stdin; (exit code, stdout)."""
     values = {
         "action": action,
         "etcd": ",".join(store.endpoints),
@@ -228,7 +228,7 @@ async def fence(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.fence_kvmctl",
+        "controller.cli.fence_kvmctl",
         cwd=REPO_ROOT,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from controller.fencing import fencing_problems, runner_device
-from controller.store import Store
+from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, Secret
 from crds.clusternode import ClusterNodeSpec
 from crds.clusternode import FenceDevice as FenceDeviceSpec

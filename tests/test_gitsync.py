@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from controller.cli import main
-from controller.events import EventRecorder
 from controller.gitsync import (
     COMPONENT,
     GitSyncer,
@@ -23,10 +22,11 @@ from controller.gitsync import (
     normalize_path,
     parse_interval,
 )
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.store import Store
 from crds import Event, GitSync, ObjectMeta, VirtualMachine
 from crds.virtualmachine import VirtualMachineSpec
-from e2e.polling import eventually
+from e2e.harness.polling import eventually
 
 DEADLINE = 60.0
 ROOT = Path(__file__).parent.parent

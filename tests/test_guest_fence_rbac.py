@@ -17,9 +17,9 @@ import pytest
 
 from controller.ha.guest_requests import request_key, result_key, status_key
 from controller.rbac import apply_rbac, cluster_roles
-from controller.store import PermissionDenied, Store
-from e2e.etcd import EtcdCluster
-from e2e.guest_fencing import guest_fencing
+from controller.runtime.store import PermissionDenied, Store
+from e2e.harness.etcd import EtcdCluster
+from e2e.harness.guest_fencing import guest_fencing
 from tests.test_fence_kvmctl import fence, join
 from tests.test_rbac import MAKE_CERTS, PREFIX, store_as, tls
 from tests.test_vm_reconciler import Cluster, vm_object

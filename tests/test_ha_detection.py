@@ -1,5 +1,6 @@
 """Detection on silence and standby takeover, on real parts: a real etcd, real UDP datagrams on
-loopback (`controller/peers.py`), fence_dummy run by the real FenceRunner, the real controllers.
+loopback (`controller/runtime/peers.py`), fence_dummy run by the real FenceRunner, the real
+controllers.
 
 Heartbeat leases are held (renewed) throughout, as if etcd had just extended them: whatever is
 fenced here was detected by its silence, not by a lease expiring.
@@ -18,15 +19,15 @@ from typing import Any
 import pytest
 
 from controller.ha.controller import build_manager
-from controller.heartbeat import heartbeat_key
-from controller.leader import current_leader
-from controller.manager import Manager
-from controller.peers import PeerSender, PeerSettings, PeerTable
-from controller.store import Store
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.leader import current_leader
+from controller.runtime.manager import Manager
+from controller.runtime.peers import PeerSender, PeerSettings, PeerTable
+from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, Secret
 from crds.clusternode import ClusterNodeSpec
 from crds.secret import SecretSpec
-from e2e.polling import eventually
+from e2e.harness.polling import eventually
 from reconcilers.drivers.fence import FenceRunner
 from tests.test_ha_production import (
     ELECTION,

@@ -18,22 +18,22 @@ from typing import Any, TypeVar
 import pytest
 
 from controller.cli import main
-from controller.events import EventRecorder
 from controller.ha.agent_side import HaReporter, heartbeat_timing
 from controller.ha.controller import build_manager
 from controller.ha.environment import HaTimings, Place
 from controller.ha.production import KINDS, EtcdEnvironment
-from controller.heartbeat import heartbeat_key
-from controller.informer import SharedInformers
-from controller.leader import ElectionTiming, LeaderElector, current_leader, guard_compare
-from controller.manager import Manager
 from controller.migrations import Term
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.informer import SharedInformers
+from controller.runtime.leader import ElectionTiming, LeaderElector, current_leader, guard_compare
+from controller.runtime.manager import Manager
+from controller.runtime.store import Store
 from crds import ClusterNode, Event, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
 from crds.secret import SecretSpec
 from crds.virtualmachine import VirtualMachineSpec
-from e2e.polling import eventually
+from e2e.harness.polling import eventually
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
 from reconcilers.drivers.fence import FenceRunner
 from reconcilers.drivers.fence_policy import DEFAULT_AGENTS, FencePolicy

@@ -22,11 +22,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from controller.events import EventRecorder
-from controller.informer import Informer
 from controller.manifests import ManifestError, load, load_text
-from controller.reconcile import TerminalError
-from controller.store import Store, StoreError
+from controller.runtime.events import EventRecorder
+from controller.runtime.informer import Informer
+from controller.runtime.reconcile import TerminalError
+from controller.runtime.store import Store, StoreError
 from crds import KINDS, VirtualMachine, parse_object
 from reconcilers.drivers.domain_xml import DomainSpecError, build_domain_xml
 from reconcilers.drivers.fence_policy import FenceConfigError, FenceDevice

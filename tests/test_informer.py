@@ -13,15 +13,15 @@ from ipaddress import ip_address
 
 import pytest
 
-from controller.informer import EventType, Informer, SharedInformers
-from controller.store import Store
-from controller.workqueue import WorkQueue
+from controller.runtime.informer import EventType, Informer, SharedInformers
+from controller.runtime.store import Store
+from controller.runtime.workqueue import WorkQueue
 from crds import AnyResource, ClusterNode, ObjectMeta, VirtualMachine
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.meta import now
 from crds.virtualmachine import Placement, VirtualMachineSpec
-from e2e.etcd import EtcdCluster
-from e2e.polling import eventually
+from e2e.harness.etcd import EtcdCluster
+from e2e.harness.polling import eventually
 
 DEADLINE = 30.0
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from controller.events import EventRecorder
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.store import Store
 from crds import Event, IscsiTarget, ObjectMeta, Secret
 from crds.iscsitarget import IscsiTargetSpec
 from crds.secret import SecretSpec
-from e2e.tgtd import TgtDaemon, start_supervised_tgtd, storage_node
+from e2e.harness.tgtd import TgtDaemon, start_supervised_tgtd, storage_node
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import FINALIZER, FORCE_DELETE, IscsiTargetReconciler
 from reconcilers.tgtd_supervisor import CONTROL_SOCKET_DIR

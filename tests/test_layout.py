@@ -1,7 +1,7 @@
 """The key layout by writer against a real etcd: merge rules, CAS across parts, finalizers, events.
 
-Every object is a spec key plus status parts (controller/layout.py); these tests write through
-stores with different writer identities and read the raw keys to check where things went.
+Every object is a spec key plus status parts (controller/runtime/layout.py); these tests write
+through stores with different writer identities and read the raw keys to check where things went.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from controller.events import EventRecorder
-from controller.store import Conflict, Store, StoreError, WatchEvent
+from controller.runtime.events import EventRecorder
+from controller.runtime.store import Conflict, Store, StoreError, WatchEvent
 from crds import ClusterNode, Event, VirtualMachine, parse_object
 from crds.meta import now
 from crds.virtualmachine import Placement
-from e2e.polling import eventually
+from e2e.harness.polling import eventually
 
 
 def vm(name: str = "vm1") -> VirtualMachine:

@@ -18,7 +18,7 @@ from pathlib import Path
 import aetcd
 import pytest
 
-from controller.leader import (
+from controller.runtime.leader import (
     ElectionTiming,
     LeaderElector,
     LeaderRecordError,
@@ -27,7 +27,7 @@ from controller.leader import (
     guard_compare,
     leader_key,
 )
-from e2e.etcd import EtcdCluster
+from e2e.harness.etcd import EtcdCluster
 
 FAST = ElectionTiming(ttl=2, renew_period=0.5, renew_deadline=1.5, retry_period=0.5)
 DEADLINE = 30.0
@@ -239,7 +239,7 @@ async def test_resign_while_running_steps_down_cleanly(
     await terms.wait_until(lambda: terms.leader() is not None)
     old_token = terms.started[-1][1]
     candidates.start("second", slow)
-    with caplog.at_level(logging.WARNING, logger="controller.leader"):
+    with caplog.at_level(logging.WARNING, logger="controller.runtime.leader"):
         await first.resign()
         assert not first.is_leader
         await terms.wait_until(lambda: old_token in terms.stopped, deadline=20.0)

@@ -25,18 +25,18 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from controller import telemetry
-from controller.informer import SharedInformers
-from controller.leader import ElectionTiming, current_leader
-from controller.manager import Controller, Manager, Watch
-from controller.reconcile import Result, RetryableError, TerminalError
-from controller.store import Store, StoreError
+from controller.runtime import telemetry
+from controller.runtime.informer import SharedInformers
+from controller.runtime.leader import ElectionTiming, current_leader
+from controller.runtime.manager import Controller, Manager, Watch
+from controller.runtime.reconcile import Result, RetryableError, TerminalError
+from controller.runtime.store import Store, StoreError
 from crds import AnyResource, ClusterNode, Event, ObjectMeta, VirtualMachine
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.meta import now
 from crds.virtualmachine import Placement, VirtualMachineSpec
-from e2e.etcd import EtcdCluster
-from e2e.polling import eventually
+from e2e.harness.etcd import EtcdCluster
+from e2e.harness.polling import eventually
 
 DEADLINE = 30.0
 STEADY = ElectionTiming.for_ttl(10)

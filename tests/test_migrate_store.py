@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from controller.cli import main
-from controller.store import Store, StoreError
+from controller.runtime.store import Store, StoreError
 from crds import AnyResource, parse_object
 
 NOW = "2026-01-01T00:00:00Z"

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from controller.peers import MAX_DATAGRAM, Beat, PeerSender, PeerSettings, PeerTable, listen
+from controller.runtime.peers import MAX_DATAGRAM, Beat, PeerSender, PeerSettings, PeerTable, listen
 
 DEADLINE = 20.0
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from controller.cli import main
-from controller.etcd_transport import TlsFiles, certificate_user
-from controller.heartbeat import Heartbeat, HeartbeatTiming, heartbeat_key
-from controller.leader import leader_key
 from controller.rbac import apply_rbac, cluster_roles, key_range
-from controller.store import PermissionDenied, Store, StoreError
+from controller.runtime.etcd_transport import TlsFiles, certificate_user
+from controller.runtime.heartbeat import Heartbeat, HeartbeatTiming, heartbeat_key
+from controller.runtime.leader import leader_key
+from controller.runtime.store import PermissionDenied, Store, StoreError
 from crds import AnyResource, ClusterNode, parse_object
-from e2e.etcd import EtcdCluster
+from e2e.harness.etcd import EtcdCluster
 from reconcilers.volumegroup import LvmSettings, metadata_lock
 
 MAKE_CERTS = Path(__file__).parent.parent / "deploy" / "etcd" / "make-certs.sh"

@@ -22,13 +22,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from controller import telemetry
 from controller.cli import main
-from controller.events import EventRecorder
 from controller.manifests import load_text
-from controller.store import Store
+from controller.runtime import telemetry
+from controller.runtime.events import EventRecorder
+from controller.runtime.store import Store
 from crds import KINDS, Secret
-from e2e.tgtd import TgtDaemon
+from e2e.harness.tgtd import TgtDaemon
 from reconcilers.drivers.fence import FenceRunner
 from reconcilers.drivers.fence_policy import FenceConfigError, FenceDevice, FencePolicy
 from reconcilers.drivers.tgt import TgtAdm, TgtError

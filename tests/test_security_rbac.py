@@ -1,7 +1,7 @@
 """Attacks with one host's agent certificate, against a real etcd with TLS and `apply_rbac`.
 
-An agent owns only its node's keys (controller/layout.py): every attempt below to change what
-the admin or the controller decides, or another node's report, is refused by etcd itself
+An agent owns only its node's keys (controller/runtime/layout.py): every attempt below to change
+what the admin or the controller decides, or another node's report, is refused by etcd itself
 (PermissionDenied) and leaves every key as it was. Its own status part still works.
 """
 
@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from controller.events import EventRecorder
 from controller.rbac import apply_rbac, cluster_roles
-from controller.store import PermissionDenied, Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.store import PermissionDenied, Store
 from crds import AnyResource, VirtualMachine, parse_object
 from crds.meta import now
 from crds.virtualmachine import Disk, Placement
-from e2e.etcd import EtcdCluster
+from e2e.harness.etcd import EtcdCluster
 from tests.test_rbac import make_pki, store_as
 
 NODES = ["host1", "host2"]

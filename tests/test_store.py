@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from controller.store import (
+from controller.runtime.store import (
     AlreadyExists,
     Compacted,
     Conflict,
@@ -19,8 +19,8 @@ from controller.store import (
     WatchEvent,
 )
 from crds import VirtualMachine, parse_object
-from e2e.etcd import EtcdCluster
-from e2e.polling import eventually
+from e2e.harness.etcd import EtcdCluster
+from e2e.harness.polling import eventually
 
 
 def make_vm(name: str = "vm1", memory: int = 128) -> VirtualMachine:

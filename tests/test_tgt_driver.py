@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e.polling import eventually
-from e2e.tgtd import TgtDaemon
+from e2e.harness.polling import eventually
+from e2e.harness.tgtd import TgtDaemon
 from reconcilers.drivers.tgt import Target, TgtAdm, TgtError, TgtUnavailable, parse_targets
 from reconcilers.tgtd_supervisor import CONTROL_SOCKET_DIR as SOCKET_DIR
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.etcd_transport import TlsFiles
-from controller.store import Store, StoreError
+from controller.runtime.etcd_transport import TlsFiles
+from controller.runtime.store import Store, StoreError
 from crds import parse_object
-from e2e.etcd import EtcdCluster
-from e2e.polling import eventually
+from e2e.harness.etcd import EtcdCluster
+from e2e.harness.polling import eventually
 
 MAKE_CERTS = Path(__file__).parent.parent / "deploy" / "etcd" / "make-certs.sh"
 

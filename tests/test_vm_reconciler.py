@@ -28,19 +28,19 @@ import pytest
 
 from controller.agent import Agent, AgentSettings
 from controller.cli import main as cli_main
-from controller.events import EventRecorder
 from controller.garbage import collect_forever
-from controller.heartbeat import HeartbeatTiming, heartbeat_key
-from controller.leader import LeaderElector, guard_compare
 from controller.migrations import Term, lead_migrations
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.heartbeat import HeartbeatTiming, heartbeat_key
+from controller.runtime.leader import LeaderElector, guard_compare
+from controller.runtime.store import Store
 from crds import ClusterNode, Event, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.meta import now
 from crds.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED, VirtualMachineMigrationSpec
 from crds.virtualmachine import Placement, RestartPolicy, VirtualMachineSpec
-from e2e.etcd import EtcdCluster
-from e2e.polling import eventually, recorded_events
+from e2e.harness.etcd import EtcdCluster
+from e2e.harness.polling import eventually, recorded_events
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
 from reconcilers.drivers.libvirt import DomainState, LibvirtHost
 from reconcilers.virtualmachine import FINALIZER, DomainSettings

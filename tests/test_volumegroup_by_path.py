@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.events import EventRecorder
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.store import Store
 from crds import IscsiTarget, ObjectMeta, VolumeGroup
 from crds.iscsitarget import IscsiTargetSpec
 from crds.volumegroup import VolumeGroupSpec

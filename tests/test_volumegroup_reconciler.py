@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.events import EventRecorder
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.store import Store
 from crds import Event, IscsiTarget, ObjectMeta, VirtualMachine, VolumeGroup
 from crds.iscsitarget import IscsiTargetSpec
 from crds.virtualmachine import VirtualMachineSpec

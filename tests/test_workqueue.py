@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from controller.reconcile import Result, RetryableError, TerminalError, run_workers
-from controller.workqueue import QueueShutDown, WorkQueue
+from controller.runtime.reconcile import Result, RetryableError, TerminalError, run_workers
+from controller.runtime.workqueue import QueueShutDown, WorkQueue
 
 DEADLINE = 10.0
 # asyncio may run a timer up to its clock resolution early; allow for float rounding too.
@@ -359,7 +359,7 @@ async def test_unexpected_errors_are_logged(caplog: pytest.LogCaptureFixture) ->
     recorder.outcomes["a"] = [RuntimeError("a bug")]
     workers = asyncio.create_task(run_workers(queue, recorder, workers=1))
     try:
-        with caplog.at_level(logging.ERROR, logger="controller.reconcile"):
+        with caplog.at_level(logging.ERROR, logger="controller.runtime.reconcile"):
             queue.add("a")
             await recorder.wait_for("a", 2)
     finally:

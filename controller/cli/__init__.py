@@ -12,10 +12,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from controller import quiet_grpc  # noqa: F401  (first: before gRPC loads)
-from controller.config import ConfigError
 from controller.manifests import ManifestError
-from controller.store import StoreError
+from controller.runtime import quiet_grpc  # noqa: F401  (first: before gRPC loads)
+from controller.runtime.config import ConfigError
+from controller.runtime.store import StoreError
 
 from . import admin, cluster, resources, simulate, sync, vm
 

@@ -13,13 +13,13 @@ from typing import Any
 import yaml
 
 from controller import printers
-from controller.defaults import DEFAULT_HTTP_PORT
 from controller.ha import requests
 from controller.ha.environment import HaTimings
-from controller.heartbeat import heartbeat_key
-from controller.leader import ElectionTiming, LeaderInfo, current_leader, leader_key
-from controller.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
-from controller.store import Conflict, NotFound, Store
+from controller.runtime.defaults import DEFAULT_HTTP_PORT
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.leader import ElectionTiming, LeaderInfo, current_leader, leader_key
+from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
+from controller.runtime.store import Conflict, NotFound, Store
 from crds import ClusterNode, VirtualMachine
 from crds.meta import _check_name
 
@@ -172,7 +172,7 @@ def _name(value: str) -> str:
 async def run_controller(args: argparse.Namespace) -> int:
     # Imported here: the fence driver and migration controller are not needed by other commands.
     from controller.ha.controller import build_manager
-    from controller.telemetry import setup_telemetry
+    from controller.runtime.telemetry import setup_telemetry
     from reconcilers.drivers.fence import FenceRunner
     from reconcilers.drivers.fence_policy import FencePolicy
 

@@ -11,10 +11,11 @@ from typing import Any
 import yaml
 
 import crds
-from controller import config, manifests, printers
+from controller import manifests, printers
 from controller.apply import PartialApply, apply_all, fresh, label, merged
-from controller.labels import parse_selector
-from controller.store import Compacted, NotFound, Store
+from controller.runtime import config
+from controller.runtime.labels import parse_selector
+from controller.runtime.store import Compacted, NotFound, Store
 
 VERSION = "0.1.0"
 

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from controller.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.ha.environment import HaTimings
-from controller.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
-from controller.store import NotFound, Store
+from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY
+from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
+from controller.runtime.store import NotFound, Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.meta import _check_name
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
@@ -97,7 +97,7 @@ def _name(value: str) -> str:
 async def run_agent(args: argparse.Namespace) -> int:
     # Imported here: libvirt and the reconcilers would slow every other command's start-up.
     from controller.agent import Agent, AgentSettings
-    from controller.heartbeat import HeartbeatTiming
+    from controller.runtime.heartbeat import HeartbeatTiming
     from reconcilers.drivers.libvirt import LibvirtError
     from reconcilers.storage import StorageSettings
     from reconcilers.virtualmachine import DomainSettings

@@ -22,9 +22,9 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from controller.events import EventRecorder
-from controller.heartbeat import HeartbeatTiming
-from controller.store import Store, StoreError
+from controller.runtime.events import EventRecorder
+from controller.runtime.heartbeat import HeartbeatTiming
+from controller.runtime.store import Store, StoreError
 from crds import ClusterNode
 from crds.event import ObjectReference
 from reconcilers.drivers.libvirt import (

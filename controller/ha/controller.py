@@ -11,9 +11,9 @@ the term.
 (`controller/migrations.py`), the fence-device checker (`controller/fencing.py`) and
 guest-cluster fencing (`controller/ha/guest_fence.py`), all leader-only tasks of a `Manager`
 sharing its caches. Given the ClusterNode it runs on (`node`) and `peers` settings, it also
-listens to the direct heartbeats and sends its own (`controller/peers.py`), and runs the standby
-watch (`controller/ha/takeover.py`) that takes over from a leader whose host went silent; a term
-won that way first records the standby's power fence, so the engine recovers at once.
+listens to the direct heartbeats and sends its own (`controller/runtime/peers.py`), and runs the
+standby watch (`controller/ha/takeover.py`) that takes over from a leader whose host went silent; a
+term won that way first records the standby's power fence, so the engine recovers at once.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from controller.events import EventRecorder
 from controller.fencing import FenceChecker
 from controller.garbage import garbage_collectors
-from controller.heartbeat import boot_id
-from controller.informer import SharedInformers
-from controller.leader import ElectionTiming
-from controller.manager import Background, LeaderTask, Manager
 from controller.migrations import Term, lead_migrations
-from controller.peers import PeerSender, PeerSettings, PeerTable, listen
-from controller.store import Compare, Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.heartbeat import boot_id
+from controller.runtime.informer import SharedInformers
+from controller.runtime.leader import ElectionTiming
+from controller.runtime.manager import Background, LeaderTask, Manager
+from controller.runtime.peers import PeerSender, PeerSettings, PeerTable, listen
+from controller.runtime.store import Compare, Store
 from crds import ClusterNode
 from reconcilers.drivers.fence import FenceRunner
 

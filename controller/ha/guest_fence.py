@@ -32,10 +32,10 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from controller.informer import SharedInformers
-from controller.manager import LeaderTask
 from controller.migrations import Term
-from controller.store import Conflict, NotFound, Store, StoreError
+from controller.runtime.informer import SharedInformers
+from controller.runtime.manager import LeaderTask
+from controller.runtime.store import Conflict, NotFound, Store, StoreError
 from crds import VirtualMachine
 
 from . import guest_requests as keys

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from controller.store import Store, StoreError
+from controller.runtime.store import Store, StoreError
 from crds import ClusterNode, VirtualMachine
 
 from .guest_requests import GUEST_CLUSTER_LABEL

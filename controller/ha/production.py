@@ -37,14 +37,14 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from controller import telemetry
-from controller.events import EventRecorder
 from controller.fencing import run_method
-from controller.heartbeat import heartbeat_key
-from controller.informer import SharedInformers
 from controller.migrations import Term
-from controller.peers import PeerTable
-from controller.store import Compare, Conflict, NotFound, Store, StoreError
+from controller.runtime import telemetry
+from controller.runtime.events import EventRecorder
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.informer import SharedInformers
+from controller.runtime.peers import PeerTable
+from controller.runtime.store import Compare, Conflict, NotFound, Store, StoreError
 from crds import AnyResource, ClusterNode, ObjectMeta, VirtualMachine
 from crds.clusternode import FenceRecord
 from crds.event import ObjectReference

@@ -30,7 +30,7 @@ from typing import Any
 import aetcd
 import aetcd.rtypes
 
-from controller.store import Store, StoreError
+from controller.runtime.store import Store, StoreError
 from crds.meta import _check_name
 
 from .environment import DrainMode

@@ -1,7 +1,7 @@
 """The standby's watch: take over from a leader whose host went silent, without its key's TTL.
 
 A controller that does not lead watches the leader record (`LeaderInfo.node`: the host the
-leader runs on) and the direct heartbeats (`controller/peers.py`). When that host has been
+leader runs on) and the direct heartbeats (`controller/runtime/peers.py`). When that host has been
 silent for `suspect_after` (neither its agent nor the leading controller heard, while this
 controller hears a majority of the nodes) and its policy is power fencing, the standby:
 
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import aetcd
 
 from controller.fencing import run_method
-from controller.heartbeat import heartbeat_key
-from controller.informer import SharedInformers
-from controller.leader import LeaderElector, LeaderInfo, LeaderRecordError
-from controller.peers import PeerTable
-from controller.store import Store, StoreError
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.informer import SharedInformers
+from controller.runtime.leader import LeaderElector, LeaderInfo, LeaderRecordError
+from controller.runtime.peers import PeerTable
+from controller.runtime.store import Store, StoreError
 from crds import ClusterNode
 from reconcilers.drivers.fence import FenceRunner
 from reconcilers.drivers.fence_policy import FenceConfigError

@@ -23,14 +23,14 @@ from typing import BinaryIO
 
 import pytest
 
-from controller.events import EventRecorder
-from controller.store import Store
+from controller.runtime.events import EventRecorder
+from controller.runtime.store import Store
 from crds import IscsiTarget, ObjectMeta, VolumeGroup
 from crds.iscsitarget import IscsiTargetSpec
 from crds.volumegroup import VolumeGroupSpec
-from e2e.etcd import free_port
-from e2e.polling import eventually
-from e2e.tgtd import storage_node
+from e2e.harness.etcd import free_port
+from e2e.harness.polling import eventually
+from e2e.harness.tgtd import storage_node
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import IscsiTargetReconciler
 from reconcilers.tgtd_supervisor import TgtdSupervisor

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from controller.store import Store
+from controller.runtime.store import Store
 from crds import Event
 
 T = TypeVar("T")

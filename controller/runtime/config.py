@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from .etcd_transport import TlsFiles
-from .store import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Store
+from controller.runtime.etcd_transport import TlsFiles
+from controller.runtime.store import DEFAULT_PREFIX, DEFAULT_TIMEOUT, Store
 
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
 

@@ -2,7 +2,7 @@
 
 Run it as a child process, one per simulated host:
 
-    python -m e2e.bmc --port 0 --user admin --password-file F [--on-off-command ARGV...]
+    python -m e2e.harness.bmc --port 0 --user admin --password-file F [--on-off-command ARGV...]
 
 It prints one line `listening ADDRESS PORT` on stdout once the UDP socket is bound, then serves
 until SIGTERM/SIGKILL. `--on-off-command` runs (argument list, no shell) when the chassis goes
@@ -33,7 +33,7 @@ from types import TracebackType
 import pyghmi.ipmi.bmc
 
 ON_OFF_COMMAND_TIMEOUT = 20.0
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class SimulatedBmc(pyghmi.ipmi.bmc.Bmc):  # type: ignore[misc]
@@ -114,7 +114,9 @@ def run_command_callback(argv: Sequence[str]) -> Callable[[], None]:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m e2e.bmc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m e2e.harness.bmc", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--address", default="127.0.0.1", help="address to bind (UDP)")
     parser.add_argument("--port", type=int, default=0, help="UDP port, 0 for a free one")
     parser.add_argument("--user", required=True, help="IPMI user name")
@@ -152,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class BmcProcess:
-    """A `python -m e2e.bmc` child process, for asyncio tests and harnesses.
+    """A `python -m e2e.harness.bmc` child process, for asyncio tests and harnesses.
 
     `command_prefix` wraps the child, e.g. `["ip", "netns", "exec", NS]` to serve inside a
     namespace. Use as `async with BmcProcess(...) as bmc:`; `bmc.port` is the bound UDP port.
@@ -209,7 +211,7 @@ class BmcProcess:
             *self._command_prefix,
             sys.executable,
             "-m",
-            "e2e.bmc",
+            "e2e.harness.bmc",
             "--address",
             self.address,
             "--port",

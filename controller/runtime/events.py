@@ -23,12 +23,11 @@ import logging
 import re
 from typing import Literal
 
+from controller.runtime.layout import CONTROLLER
+from controller.runtime.store import AlreadyExists, Conflict, NotFound, Store, StoreError
 from crds import AnyResource, Event, ObjectMeta
 from crds.event import EventSource, EventSpec, ObjectReference
 from crds.meta import now
-
-from .layout import CONTROLLER
-from .store import AlreadyExists, Conflict, NotFound, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ def event_name(
     """The Event's name: the involved name (shortened) and a hash of what makes it the same.
 
     A node's events hash its writer identity too: each writer keeps its Events in its own
-    subtree (controller/layout.py), and names must not collide across them.
+    subtree (controller/runtime/layout.py), and names must not collide across them.
     """
     fields = (reference.kind, reference.name, reason, type, template)
     identity = "\x00".join(fields if writer == CONTROLLER else (writer, *fields))

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e2e.etcd import data_root
-from e2e.hosts import SimulatedHost, wait_until
+from e2e.harness.etcd import data_root
+from e2e.harness.hosts import SimulatedHost, wait_until
 
 CLIENT_PORT = 2379
 PEER_PORT = 2380

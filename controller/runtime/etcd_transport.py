@@ -1,6 +1,6 @@
 """How kvmctl reaches etcd: endpoints, TLS files and the gRPC channel aetcd dials.
 
-The store (controller/store.py) builds its client here and asks here what a failed request
+The store (controller/runtime/store.py) builds its client here and asks here what a failed request
 means; nothing else in kvmctl dials etcd.
 """
 

@@ -5,11 +5,11 @@ Each host is:
 
 - a network namespace holding `eth0` (a veth whose other end is on the lab bridge, address
   `<lab>.<10+i>`), `lo`, and an isolated bridge `br0` for guest NICs;
-- a PID + mount + UTS namespace whose init (`python -m e2e.hosts init`, PID 1 in there) mounts a
-  private tmpfs on /run, bind-mounts per-host directories over the libvirt state directories,
-  starts `libvirtd --listen` and then only reaps orphans. SIGKILL of that init kills every
-  process of the host together (libvirtd, qemu guests, agents started with `spawn`), like pulling
-  the power; `start()` afterwards powers it on again with the same disks (/etc/libvirt,
+- a PID + mount + UTS namespace whose init (`python -m e2e.harness.hosts init`, PID 1 in there)
+  mounts a private tmpfs on /run, bind-mounts per-host directories over the libvirt state
+  directories, starts `libvirtd --listen` and then only reaps orphans. SIGKILL of that init kills
+  every process of the host together (libvirtd, qemu guests, agents started with `spawn`), like
+  pulling the power; `start()` afterwards powers it on again with the same disks (/etc/libvirt,
   /var/lib/libvirt) and an empty /run.
 
 The hosts reach the root namespace at `lab.gateway_address` (the bridge's address), so etcd must
@@ -17,8 +17,8 @@ listen there too: `lab.start_etcd()` starts one that does, and `lab.host_etcd_en
 is what agents inside the hosts are given. Nothing routes beyond the lab's /24, so all traffic
 stays on the bridge.
 
-Every process is stopped by the PID (pidfd) we started; names are unique per lab, so parallel
-labs do not collide. The harness is synchronous, like `e2e/etcd.py`: it is driven from pytest
+Every process is stopped by the PID (pidfd) we started; names are unique per lab, so parallel labs
+do not collide. The harness is synchronous, like `e2e/harness/etcd.py`: it is driven from pytest
 fixtures and blocking libvirt-python calls, and every call returns quickly.
 """
 
@@ -46,10 +46,10 @@ from typing import IO, NoReturn
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink import NETLINK_ROUTE
 
-from e2e.etcd import EtcdCluster
+from e2e.harness.etcd import EtcdCluster
 from reconcilers.drivers.netns import socket_in_netns
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NETWORK_LOCK = Path(tempfile.gettempdir()) / "kvmctl-lab-network.lock"
 LIBVIRT_TCP_PORT = 16509
 GUEST_BRIDGE = "br0"
@@ -144,7 +144,7 @@ class SimulatedHost:
                     "ip", "netns", "exec", self.netns,
                     "unshare", "--pid", "--fork", "--kill-child", "--mount", "--uts",
                     "--mount-proc", "--propagation", "private",
-                    sys.executable, "-m", "e2e.hosts", "init",
+                    sys.executable, "-m", "e2e.harness.hosts", "init",
                     "--host-dir", str(self.dir), "--hostname", self.name,
                 ],
                 cwd=REPO_ROOT,
@@ -299,7 +299,7 @@ class SimulatedHost:
         with open(self.dir / "watchdog.log", "ab") as log:
             self._watchdog = subprocess.Popen(
                 [
-                    sys.executable, "-m", "e2e.watchdog", "--fifo", str(fifo),
+                    sys.executable, "-m", "e2e.harness.watchdog", "--fifo", str(fifo),
                     "--pid", str(self.init_pid), "--timeout", str(timeout),
                 ],
                 cwd=REPO_ROOT,
@@ -656,7 +656,7 @@ def host_init(host_dir: Path, hostname: str) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m e2e.hosts")
+    parser = argparse.ArgumentParser(prog="python -m e2e.harness.hosts")
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="run as a simulated host's namespace init")
     init.add_argument("--host-dir", type=Path, required=True)

@@ -10,7 +10,7 @@ as it would to /dev/watchdog, and behaves like a Linux watchdog driver without `
   closed without it: stays armed, so a crashed agent still gets its host killed;
 - the target already gone: exit 1 without doing anything.
 
-    python -m e2e.watchdog --fifo PATH --pid PID --timeout SECONDS
+    python -m e2e.harness.watchdog --fifo PATH --pid PID --timeout SECONDS
 
 The target is held by pidfd, so a recycled PID can never be killed by mistake.
 """
@@ -81,7 +81,7 @@ def run(fifo: Path, target_pid: int, timeout: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m e2e.watchdog", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m e2e.harness.watchdog", description=__doc__)
     parser.add_argument("--fifo", type=Path, required=True, help="FIFO the agent writes to")
     parser.add_argument("--pid", type=int, required=True, help="namespace init to kill")
     parser.add_argument("--timeout", type=float, required=True, help="seconds without a byte")

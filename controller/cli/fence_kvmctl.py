@@ -40,8 +40,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TextIO
 
-from controller import quiet_grpc  # noqa: F401  (first: before gRPC loads)
-from controller.config import ConfigError, resolve
 from controller.ha.guest_requests import (
     USER_PREFIX,
     GuestAction,
@@ -56,7 +54,9 @@ from controller.ha.guest_requests import (
     status_prefix,
 )
 from controller.ha.requests import RequestFormatError
-from controller.store import Store, StoreError
+from controller.runtime import quiet_grpc  # noqa: F401  (first: before gRPC loads)
+from controller.runtime.config import ConfigError, resolve
+from controller.runtime.store import Store, StoreError
 from crds.meta import ObjectMeta
 
 log = logging.getLogger("fence_kvmctl")

@@ -1,13 +1,13 @@
 """Fault injection on a whole kvmctl cluster, and the two-copies checker.
 
-Built on `e2e.cluster.Cluster` (used by the chaos tests, the failover benchmark and the soak):
+Built on `e2e.harness.cluster.Cluster` (used by the chaos tests, the failover benchmark and the
+soak):
 
-- `ChaosCluster` adds what the plain cluster lacks: a timing profile given to etcd, every agent
-  and every controller (`DEFAULT_PROFILE`, `TUNED_PROFILE`); a 3-member etcd; a watchdog
-  stand-in per host (`e2e/watchdog.py`) fed by the host's agent (`--watchdog`); controllers on
-  chosen hosts only; and the faults `kill_agent`, `stop_agent`, `kill_controller`,
-  `kill_etcd_member`. Its `restore` also restarts an agent or controller that was killed on a
-  host that stayed up.
+- `ChaosCluster` adds what the plain cluster lacks: a timing profile given to etcd, every agent and
+  every controller (`DEFAULT_PROFILE`, `TUNED_PROFILE`); a 3-member etcd; a watchdog stand-in per
+  host (`e2e/harness/watchdog.py`) fed by the host's agent (`--watchdog`); controllers on chosen
+  hosts only; and the faults `kill_agent`, `stop_agent`, `kill_controller`, `kill_etcd_member`. Its
+  `restore` also restarts an agent or controller that was killed on a host that stayed up.
 - `TwoCopiesChecker` is a thread sampling every host's qemu processes (one scan of /proc per
   sample, every 100 ms by default). It records every sample in which one VM has a qemu process
   on two hosts at once (an `Overlap`), and when each VM's qemu first appeared on a host
@@ -30,16 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.fencing import FENCING_USAGE, USAGE_LABEL
-from controller.leader import current_leader, leader_key
-from controller.store import Store
+from controller.runtime.leader import current_leader, leader_key
+from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
 from crds.secret import SecretSpec
 from crds.virtualmachine import VirtualMachineSpec
-from e2e.cluster import DEFAULT_PREFIX, Cluster, ClusterError
-from e2e.etcd import EtcdMember
 from e2e.guest.build import KERNEL_CMDLINE, GuestImage
-from e2e.hosts import LabError, SimulatedHost, wait_until
+from e2e.harness.cluster import DEFAULT_PREFIX, Cluster, ClusterError
+from e2e.harness.etcd import EtcdMember
+from e2e.harness.hosts import LabError, SimulatedHost, wait_until
 
 ELECTION_NAME = "controller"
 """The election every `kvmctl controller` campaigns in."""

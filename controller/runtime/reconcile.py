@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from controller.workqueue import QueueShutDown, WorkQueue
+from controller.runtime.workqueue import QueueShutDown, WorkQueue
 
 log = logging.getLogger(__name__)
 

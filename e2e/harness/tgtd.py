@@ -25,7 +25,7 @@ from pathlib import Path
 
 from crds import ClusterNode, ObjectMeta
 from crds.clusternode import ClusterNodeSpec
-from e2e.etcd import free_port
+from e2e.harness.etcd import free_port
 from reconcilers.drivers.tgt import TgtAdm, TgtError, parse_targets
 from reconcilers.tgtd_supervisor import TgtdStartError as SupervisorStartError
 from reconcilers.tgtd_supervisor import TgtdSupervisor, remove_stale_control_socket

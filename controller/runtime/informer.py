@@ -21,9 +21,8 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, Protocol
 
+from controller.runtime.store import Compacted, Store, StoreError
 from crds import AnyResource
-
-from .store import Compacted, Store, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The manager: runs a process's controllers on shared watch caches, with leader election.
 
 A `Controller` names one primary kind (its work-queue keys are that kind's object names), a
-reconciler following `controller/reconcile.py`'s contract, a worker count, and optionally other
-kinds whose changes map to primary keys (`Watch`). The manager:
+reconciler following `controller/runtime/reconcile.py`'s contract, a worker count, and optionally
+other kinds whose changes map to primary keys (`Watch`). The manager:
 
 1. starts one informer per kind (shared between controllers) and waits until all have listed;
 2. runs every controller's workers; a `leader_only` controller runs only while this process
@@ -33,14 +33,21 @@ from typing import Any
 
 import prometheus_client
 
+from controller.runtime.defaults import DEFAULT_HTTP_PORT
+from controller.runtime.events import EventRecorder
+from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, KeyMapper, SharedInformers
+from controller.runtime.leader import ElectionTiming, LeaderElector, guard_compare
+from controller.runtime.reconcile import (
+    OnTerminal,
+    Reconciler,
+    RetryableError,
+    TerminalError,
+    run_workers,
+)
+from controller.runtime.store import Compare, NotFound, Store
+from controller.runtime.workqueue import WorkQueue
+
 from . import telemetry
-from .defaults import DEFAULT_HTTP_PORT
-from .events import EventRecorder
-from .informer import DEFAULT_RESYNC_PERIOD, KeyMapper, SharedInformers
-from .leader import ElectionTiming, LeaderElector, guard_compare
-from .reconcile import OnTerminal, Reconciler, RetryableError, TerminalError, run_workers
-from .store import Compare, NotFound, Store
-from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 

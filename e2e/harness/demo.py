@@ -1,16 +1,16 @@
 """`make demo`: the reference cluster in one command, as a guided tour.
 
-    python -m e2e.demo up      # start the cluster, apply the reference setup, migrate, fail over
-    python -m e2e.demo down    # remove everything `up` started
+    python -m e2e.harness.demo up    # start, apply the reference setup, migrate, fail over
+    python -m e2e.harness.demo down  # remove everything `up` started
 
-`up` starts an `e2e.cluster.Cluster` in the reference topology (`e2e.topology`: host1 and host2
-run the VMs, a storage host serves iSCSI; each of the three runs an etcd member, an agent and a
-controller; one IPMI BMC per KVM host), applies deploy/examples/demo/ (templates filled in with
-the lab's addresses), waits for the four VMs, live-migrates vm1, pulls the power of the host
+`up` starts an `e2e.harness.cluster.Cluster` in the reference topology (`e2e.harness.topology`:
+host1 and host2 run the VMs, a storage host serves iSCSI; each of the three runs an etcd member, an
+agent and a controller; one IPMI BMC per KVM host), applies deploy/examples/demo/ (templates filled
+in with the lab's addresses), waits for the four VMs, live-migrates vm1, pulls the power of the host
 running vm1 (whatever etcd or controller role it holds: the tour says which) and streams the
-failover's events until every VM runs again. The cluster keeps running afterwards,
-detached from this process; its PIDs, namespaces, links and directories are recorded in
-.run/demo/cluster.json (or `--run-dir DIR`) for `down`. `up` removes a previous demo first.
+failover's events until every VM runs again. The cluster keeps running afterwards, detached from
+this process; its PIDs, namespaces, links and directories are recorded in .run/demo/cluster.json (or
+`--run-dir DIR`) for `down`. `up` removes a previous demo first.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from controller.store import Store, StoreError, Unavailable
+from controller.runtime.store import Store, StoreError, Unavailable
 from crds import Event, IscsiTarget, VirtualMachine, VolumeGroup
-from e2e import polling
-from e2e.cluster import KVMCTL, Cluster, controller_available
-from e2e.detached import teardown_detached
 from e2e.guest.build import KERNEL_CMDLINE, ensure_guest_image
 from e2e.guest.console import read_ticks, tick_gaps
-from e2e.hosts import REPO_ROOT
-from e2e.topology import REFERENCE, roles, topology_cluster
+from e2e.harness import polling
+from e2e.harness.cluster import KVMCTL, Cluster, controller_available
+from e2e.harness.detached import teardown_detached
+from e2e.harness.hosts import REPO_ROOT
+from e2e.harness.topology import REFERENCE, roles, topology_cluster
 
 DEFAULT_RUN_DIR = REPO_ROOT / ".run" / "demo"
 STATE_FILE_NAME = "cluster.json"
@@ -381,7 +381,9 @@ def down(run_dir: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m e2e.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m e2e.harness.demo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument(
         "--run-dir",

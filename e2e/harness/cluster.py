@@ -1,19 +1,19 @@
 """A whole kvmctl cluster on one machine: etcd, simulated KVM hosts, a storage host, BMCs.
 
-`Cluster` builds on `e2e.hosts.Lab`:
+`Cluster` builds on `e2e.harness.hosts.Lab`:
 
-- etcd, in one of two places: by default a local etcd outside the hosts, which they reach on
-  the lab gateway (`lab.start_etcd()`); with `etcd_hosts`, one member inside each of those hosts
-  (`e2e.host_etcd`), as users run it: a host's power cut kills its member, a power-on rejoins it
-  as the same member. `e2e.topology` names the two shapes users run (`reference`,
+- etcd, in one of two places: by default a local etcd outside the hosts, which they reach on the lab
+  gateway (`lab.start_etcd()`); with `etcd_hosts`, one member inside each of those hosts
+  (`e2e.harness.host_etcd`), as users run it: a host's power cut kills its member, a power-on
+  rejoins it as the same member. `e2e.harness.topology` names the two shapes users run (`reference`,
   `three-hosts`);
 - KVM hosts (default host1..host3), each running `kvmctl agent --domain-type qemu` and, once
   the CLI has it, `kvmctl controller` (the controllers elect one leader among themselves); with
   etcd inside the hosts, every host runs a controller, the storage host included;
 - a storage host whose agent starts tgtd (`--tgtd-portal`), so IscsiTarget objects bound to it
   are served from inside its namespace;
-- one simulated IPMI BMC (`e2e.bmc`) per KVM host, listening on the lab gateway: powering the
-  chassis off SIGKILLs that host's namespace init, so `fence_ipmilan` run by a controller on
+- one simulated IPMI BMC (`e2e.harness.bmc`) per KVM host, listening on the lab gateway: powering
+  the chassis off SIGKILLs that host's namespace init, so `fence_ipmilan` run by a controller on
   another host really pulls the power;
 - optionally a shared disk: a loop device every agent may use for LVM metadata (this kernel has
   no device-mapper: LVM runs with activation off in a private lvm.conf that sees only it);
@@ -26,7 +26,7 @@ Failure injection for chaos tests: `kill_host` (pull the power), `cut_network`, 
 In-process use: `with Cluster() as cluster: ...` removes everything on exit. The demo outlives
 its Python process instead: `detach(state_file)` records every PID (with its start time, so a
 reused PID is never signalled), namespace, link, loop device and directory, and
-`e2e.detached.teardown_detached(state_file)` removes them later from another process.
+`e2e.harness.detached.teardown_detached(state_file)` removes them later from another process.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from e2e.detached import DetachedState, detach_loop, record_process
-from e2e.etcd import EtcdCluster
-from e2e.host_etcd import HostEtcd
-from e2e.hosts import REPO_ROOT, Lab, LabError, SimulatedHost, route_inside, wait_until
+from e2e.harness.detached import DetachedState, detach_loop, record_process
+from e2e.harness.etcd import EtcdCluster
+from e2e.harness.host_etcd import HostEtcd
+from e2e.harness.hosts import REPO_ROOT, Lab, LabError, SimulatedHost, route_inside, wait_until
 
 DEFAULT_PREFIX = "/kvmctl"
 KVMCTL = str(Path(sys.executable).parent / "kvmctl")
@@ -384,7 +384,7 @@ class Cluster:
             password_file.write_text(self.bmc_password)
         log_path = self.lab.root / f"bmc-{name}.log"
         argv = [
-            sys.executable, "-m", "e2e.bmc", "--address", self.lab.gateway_address,
+            sys.executable, "-m", "e2e.harness.bmc", "--address", self.lab.gateway_address,
             "--port", str(port), "--user", BMC_USER, "--password-file", str(password_file),
             # Powering the chassis off pulls the host's power: SIGKILL of its namespace init.
             "--on-off-command", "kill", "-KILL", str(host.init_pid),

@@ -1,13 +1,12 @@
 """The object store on etcd: keys by writer, compare-and-swap on every write.
 
-Each object is a spec key plus one status part per writer (controller/layout.py has the keys and
-the merge rule); reads merge them, in one consistent read, into the one object callers see.
-`resourceVersion` is the highest mod_revision of the keys merged; every write compares each of
-them, so a stale writer gets `Conflict`. `update` owns metadata and spec (and bumps
-`generation` when the spec changes); `update_status` writes the store's writer's part only.
-Deleting an object with finalizers only sets `deletionTimestamp`; its keys go (all in one
-transaction) when the last finalizer is removed, by the controller's garbage collection when
-that last finalizer was a node's.
+Each object is a spec key plus one status part per writer (controller/runtime/layout.py has the keys
+and the merge rule); reads merge them, in one consistent read, into the one object callers see.
+`resourceVersion` is the highest mod_revision of the keys merged; every write compares each of them,
+so a stale writer gets `Conflict`. `update` owns metadata and spec (and bumps `generation` when the
+spec changes); `update_status` writes the store's writer's part only. Deleting an object with
+finalizers only sets `deletionTimestamp`; its keys go (all in one transaction) when the last
+finalizer is removed, by the controller's garbage collection when that last finalizer was a node's.
 """
 
 from __future__ import annotations
@@ -30,16 +29,16 @@ import aetcd.watcher
 import grpc
 import pydantic
 
-from controller.etcd_transport import StoreError as StoreError
-from controller.etcd_transport import TlsFiles as TlsFiles
-from controller.etcd_transport import Unavailable as Unavailable
-from controller.etcd_transport import certificate_user as certificate_user
-from controller.etcd_transport import is_permission_denied, make_client, unavailable
+from controller.runtime.etcd_transport import StoreError as StoreError
+from controller.runtime.etcd_transport import TlsFiles as TlsFiles
+from controller.runtime.etcd_transport import Unavailable as Unavailable
+from controller.runtime.etcd_transport import certificate_user as certificate_user
+from controller.runtime.etcd_transport import is_permission_denied, make_client, unavailable
+from controller.runtime.layout import KindView, Snapshot, Stored
 from crds import KINDS, AnyResource, describe_validation_error
 from crds.meta import now
 
 from . import layout
-from .layout import KindView, Snapshot, Stored
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class WatchEvent:
 
 
 class Store:
-    """Typed CRUD and watch of kvmctl objects in etcd, as `writer` (controller/layout.py).
+    """Typed CRUD and watch of kvmctl objects in etcd, as `writer` (controller/runtime/layout.py).
 
     `writer` is whose status part `update_status`/`patch_status` write and whose part holds
     the finalizers `add_finalizer` adds: "controller" (also what the admin and the CLI use), or

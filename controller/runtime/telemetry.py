@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace import Status, StatusCode
 
-from .reconcile import Reconciler, Result, TerminalError
+from controller.runtime.reconcile import Reconciler, Result, TerminalError
 
 Exporter = Literal["none", "console", "prometheus", "otlp"]
 EXPORTERS: tuple[Exporter, ...] = ("none", "console", "prometheus", "otlp")

@@ -8,11 +8,11 @@
   keeps an odd member count).
 
 `topology_cluster(name)` builds the `Cluster` (`topology_chaos_cluster(name)` the
-`e2e.chaos.ChaosCluster`, with a timing profile, for the failover bench); `etcd_leader_host`,
-`roles` tell a test or the demo which host holds etcd's leader and which runs the leading
-controller, so it can pick a victim by role. `e2e.chaos.leader_host(store)` is the leading
-controller alone. `lead_controllers_from` and `move_etcd_leader` arrange the roles before a
-fault.
+`e2e.harness.chaos.ChaosCluster`, with a timing profile, for the failover bench);
+`etcd_leader_host`, `roles` tell a test or the demo which host holds etcd's leader and which runs
+the leading controller, so it can pick a victim by role. `e2e.harness.chaos.leader_host(store)` is
+the leading controller alone. `lead_controllers_from` and `move_etcd_leader` arrange the roles
+before a fault.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from controller.heartbeat import heartbeat_key
-from controller.store import Store, Unavailable
+from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.store import Store, Unavailable
 from crds import ClusterNode, ObjectMeta
 from crds.clusternode import ClusterNodeSpec
-from e2e import polling
-from e2e.chaos import ChaosCluster, leader_host
-from e2e.cluster import Cluster, ClusterError
-from e2e.host_etcd import HostEtcdError
+from e2e.harness import polling
+from e2e.harness.chaos import ChaosCluster, leader_host
+from e2e.harness.cluster import Cluster, ClusterError
+from e2e.harness.host_etcd import HostEtcdError
 
 STORAGE_HOST = "storage"
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from controller.ha.guest_fence import GuestFenceController
-from controller.informer import SharedInformers
-from controller.store import Store
+from controller.runtime.informer import SharedInformers
+from controller.runtime.store import Store
 
 CANCEL_RETRY = 1.0
 
