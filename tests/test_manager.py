@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from controller.runtime import telemetry
+from controller.runtime import logs, telemetry
 from controller.runtime.informer import SharedInformers
 from controller.runtime.leader import ElectionTiming, current_leader
 from controller.runtime.manager import Controller, Manager, Watch
@@ -371,8 +371,8 @@ async def test_reconciles_are_traced_counted_and_logged_with_context(store: Stor
     setup.tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     lines = io.StringIO()
     handler = logging.StreamHandler(lines)
-    handler.addFilter(telemetry.ReconcileContextFilter())
-    handler.setFormatter(telemetry.JsonFormatter())
+    handler.addFilter(logs.ReconcileContextFilter())
+    handler.setFormatter(logs.JsonFormatter())
     test_log = logging.getLogger("kvmctl.test")
     test_log.addHandler(handler)
     test_log.setLevel(logging.INFO)

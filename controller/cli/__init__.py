@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from controller.manifests import ManifestError
 from controller.runtime import quiet_grpc  # noqa: F401  (first: before gRPC loads)
 from controller.runtime.config import ConfigError
+from controller.runtime.logs import LOG_FORMATS, configure_logging
 from controller.runtime.store import StoreError
 
 from . import admin, cluster, resources, simulate, sync, vm
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cert", help="client certificate for mutual TLS (env KVMCTL_CERT)")
     parser.add_argument("--key", help="client key for mutual TLS (env KVMCTL_KEY)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug information")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="auto",
+        help="stderr log lines: text, json, journal (<N> priorities); auto: journal under "
+        "systemd, else text",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     for module in COMMAND_MODULES:
@@ -53,10 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_format, logging.DEBUG if args.verbose else logging.WARNING)
     try:
         code: int = asyncio.run(args.func(args))
     except UsageError as error:

@@ -15,7 +15,7 @@ import yaml
 from controller import printers
 from controller.ha import requests
 from controller.ha.environment import HaTimings
-from controller.runtime.defaults import DEFAULT_HTTP_PORT
+from controller.runtime.defaults import DEFAULT_HTTP_PORT, short_hostname
 from controller.runtime.heartbeat import heartbeat_key
 from controller.runtime.leader import ElectionTiming, LeaderInfo, current_leader, leader_key
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
@@ -106,8 +106,11 @@ def register(commands: Any) -> None:
     controller.add_argument(
         "--node",
         type=_name,
+        nargs="?",
+        const=short_hostname(),
         help="the ClusterNode this controller runs on: listen to and send direct heartbeats, "
-        "and take over at once from a leader whose power-fenced host goes silent",
+        "and take over at once from a leader whose power-fenced host goes silent; without a "
+        "value: the hostname up to its first dot (%(const)s)",
     )
     controller.add_argument(
         "--peer-port", type=int, default=PEER_PORT, help=f"UDP port (default {PEER_PORT})"
@@ -172,6 +175,7 @@ def _name(value: str) -> str:
 async def run_controller(args: argparse.Namespace) -> int:
     # Imported here: the fence driver and migration controller are not needed by other commands.
     from controller.ha.controller import build_manager
+    from controller.runtime.systemd import Service
     from controller.runtime.telemetry import setup_telemetry
     from reconcilers.drivers.fence import FenceRunner
     from reconcilers.drivers.fence_policy import FencePolicy
@@ -215,7 +219,9 @@ async def run_controller(args: argparse.Namespace) -> int:
         node=args.node,
         peers=peers,
     )
-    await manager.run()  # closes the store
+    async with Service() as service:
+        service.ready_when(manager.started.wait(), "caches synced")
+        await manager.run()  # closes the store
     return 0
 
 

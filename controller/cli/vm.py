@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from controller.ha.environment import HaTimings
-from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY
+from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY, short_hostname
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 from controller.runtime.store import NotFound, Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
@@ -27,7 +27,12 @@ SUFFIX_LENGTH = 5
 
 def register(commands: Any) -> None:
     agent = commands.add_parser("agent", help="run the host agent (foreground daemon)")
-    agent.add_argument("--node", required=True, type=_name, help="this host's ClusterNode")
+    agent.add_argument(
+        "--node",
+        type=_name,
+        default=short_hostname(),
+        help="this host's ClusterNode (default: the hostname up to its first dot, %(default)s)",
+    )
     agent.add_argument("--libvirt-uri", default="qemu:///system", help="local libvirt URI")
     agent.add_argument("--domain-type", choices=["kvm", "qemu"], default="kvm")
     agent.add_argument("--serial-log-dir", type=Path, help="append guest consoles to DIR/VM.log")
@@ -98,6 +103,7 @@ async def run_agent(args: argparse.Namespace) -> int:
     # Imported here: libvirt and the reconcilers would slow every other command's start-up.
     from controller.agent import Agent, AgentSettings
     from controller.runtime.heartbeat import HeartbeatTiming
+    from controller.runtime.systemd import Service
     from reconcilers.drivers.libvirt import LibvirtError
     from reconcilers.storage import StorageSettings
     from reconcilers.virtualmachine import DomainSettings
@@ -132,7 +138,11 @@ async def run_agent(args: argparse.Namespace) -> int:
     store = store_from(args)
     try:
         await store.connect()
-        await Agent(store, settings).run(stop)
+        agent = Agent(store, settings)
+        async with Service() as service:
+            held = agent.heartbeat.established.wait()
+            service.ready_when(held, f"heartbeat lease of {args.node} held")
+            await agent.run(stop)
     except LibvirtError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Traces, metrics and structured logs for every kvmctl loop, with the OpenTelemetry SDK.
+"""Traces and metrics for every kvmctl loop, with the OpenTelemetry SDK (logs: `logs.py`).
 
 `setup_telemetry(service, exporter)` chooses where they go:
 - `none`: no-op providers (the default until setup is called): nothing is recorded;
@@ -18,16 +18,12 @@ leading, per election), `kvmctl_failovers_total`, `kvmctl_driver_call_duration_s
 
 from __future__ import annotations
 
-import contextvars
-import json
-import logging
-import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -42,6 +38,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace import Status, StatusCode
 
+from controller.runtime.logs import LogContext, log_context
 from controller.runtime.reconcile import Reconciler, Result, TerminalError
 
 Exporter = Literal["none", "console", "prometheus", "otlp"]
@@ -190,7 +187,7 @@ def reconcile_span(kind: str, name: str, controller: str = "") -> Iterator[Recon
     """
     telemetry = _current
     outcome = ReconcileOutcome()
-    token = _log_context.set(LogContext(kind, name, uuid.uuid4().hex[:12]))
+    token = log_context.set(LogContext(kind, name, uuid.uuid4().hex[:12]))
     started = time.perf_counter()
     with telemetry.tracer.start_as_current_span(
         f"reconcile {kind}",
@@ -211,7 +208,7 @@ def reconcile_span(kind: str, name: str, controller: str = "") -> Iterator[Recon
                 time.perf_counter() - started,
                 {"controller": controller, "kind": kind, "result": outcome.result},
             )
-            _log_context.reset(token)
+            log_context.reset(token)
 
 
 @contextmanager
@@ -274,87 +271,3 @@ def set_leader(election: str, leading: bool) -> None:
 def count_failover(node: str) -> None:
     """Count one VM recovered away from the failed `node`."""
     _current.failovers.add(1, {"node": node})
-
-
-# Structured logs ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LogContext:
-    kind: str
-    name: str
-    reconcile_id: str
-
-
-_log_context: contextvars.ContextVar[LogContext | None] = contextvars.ContextVar(
-    "kvmctl_log_context", default=None
-)
-
-
-class ReconcileContextFilter(logging.Filter):
-    """Adds `kind`, `name` and `reconcile_id` to every record ("" outside a reconcile)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        context = _log_context.get()
-        record.kind = context.kind if context else ""
-        record.object_name = context.name if context else ""
-        record.reconcile_id = context.reconcile_id if context else ""
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the reconcile context."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        document: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for attribute, key in (
-            ("kind", "kind"),
-            ("object_name", "name"),
-            ("reconcile_id", "reconcileID"),
-        ):
-            value = getattr(record, attribute, "")
-            if value:
-                document[key] = value
-        if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
-        return json.dumps(document)
-
-
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(context)s"
-
-
-class TextFormatter(logging.Formatter):
-    """Plain lines, with ` [kind/name rid]` appended inside a reconcile."""
-
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
-
-    def format(self, record: logging.LogRecord) -> str:
-        kind = getattr(record, "kind", "")
-        record.context = (
-            f" [{kind}/{getattr(record, 'object_name', '')} {getattr(record, 'reconcile_id', '')}]"
-            if kind
-            else ""
-        )
-        return super().format(record)
-
-
-class _StderrHandler(logging.StreamHandler[TextIO]):
-    """The handler `configure_logging` installs (and replaces when called again)."""
-
-
-def configure_logging(json: bool = False, level: int = logging.INFO) -> None:
-    """Log to stderr, as JSON lines or text, with the reconcile context on every record."""
-    handler = _StderrHandler(sys.stderr)
-    handler.addFilter(ReconcileContextFilter())
-    handler.setFormatter(JsonFormatter() if json else TextFormatter())
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
