@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := etcd-server etcd-client libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
 	libvirt-dev qemu-system-x86 qemu-utils qemu-block-extra busybox-static pkg-config tgt \
-	libiscsi-bin open-iscsi lvm2 fence-agents iproute2 git gcc python3-dev kmod dpkg ipmitool
+	libiscsi-bin open-iscsi lvm2 fence-agents iproute2 git gcc python3-dev kmod dpkg ipmitool \
+	systemd
 
 .PHONY: install deb venv images lint test test-fast test-e2e demo demo-down crds bench fuzz soak clean
 
