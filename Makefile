@@ -5,14 +5,19 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := etcd-server etcd-client libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
 	libvirt-dev qemu-system-x86 qemu-utils qemu-block-extra busybox-static pkg-config tgt \
 	libiscsi-bin open-iscsi lvm2 fence-agents iproute2 git gcc python3-dev kmod dpkg ipmitool \
-	systemd
+	systemd python3-venv debootstrap
 
-.PHONY: install deb venv images lint test test-fast test-e2e demo demo-down crds bench fuzz soak clean
+.PHONY: install debs deb venv images lint test test-fast test-e2e demo demo-down crds bench fuzz soak clean
 
-install: deb venv
+install: debs venv
 
-deb:
+debs:
 	@bash scripts/install-debs.sh $(DEB_PACKAGES)
+
+# dist/kvmctl_VERSION_ARCH.deb (docs/operations.md, "Debian package"); its install test is
+# tests/test_deb_package.py (slow: a fresh Debian root made with debootstrap).
+deb: debs
+	bash scripts/build-deb.sh
 
 venv: $(VENV)/.installed
 
