@@ -67,3 +67,27 @@ def test_notify_watchdog_and_portable_node_name(name: str) -> None:
     if name == "kvmctl-agent.service":
         for unit in ("libvirtd.service", "virtqemud.service"):
             assert unit in settings["Wants"][0].split() and unit in settings["After"][0].split()
+
+
+FQDN_CHILD = """
+import socket
+socket.sethostname("Host1.example.org")
+from controller.cli import build_parser
+parser = build_parser()
+print(parser.parse_args(["agent"]).node)
+print(parser.parse_args(["controller", "--node", "--metrics-port", "9464"]).node)
+print(parser.parse_args(["controller"]).node)
+"""
+
+
+def test_node_name_default_on_a_host_with_an_fqdn() -> None:
+    """What the units rely on instead of %H: in a UTS namespace of its own, hostname an FQDN."""
+    result = subprocess.run(
+        ["unshare", "--uts", sys.executable, "-c", FQDN_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["host1", "host1", "None"]
