@@ -10,11 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=/usr/bin/python3
+# Debian's default python3, by its versioned name: the venv links to /usr/bin/python3.X, which
+# the package python3.X provides (/usr/bin/python3 belongs to the package python3).
+PYVER=$(/usr/bin/python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+PYTHON=/usr/bin/python$PYVER
 PREFIX=/opt/kvmctl
 VERSION=$($PYTHON -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 ARCH=$(dpkg --print-architecture)
-PYVER=$($PYTHON -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 BUILD=build/deb
 STAGE=$BUILD/root
 OUT=dist/kvmctl_${VERSION}_${ARCH}.deb
@@ -26,11 +28,15 @@ STAGE=$(realpath "$STAGE")
 # The venv, with the wheel built from this checkout without build isolation (setuptools of
 # Debian's ensurepip; `wheel` only because setuptools < 70.1 needs it to write wheels).
 $PYTHON -m venv "$STAGE$PREFIX"
-VPIP=("$STAGE$PREFIX/bin/python3" -m pip --disable-pip-version-check -q)
+# -I: isolated from PYTHONPATH and the user's site (a checkout on PYTHONPATH, with its
+# kvmctl.egg-info, would make pip skip kvmctl as "already installed").
+VPIP=("$STAGE$PREFIX/bin/python3" -I -m pip --disable-pip-version-check -q)
 "${VPIP[@]}" install wheel
 "${VPIP[@]}" wheel --no-build-isolation --no-deps -w "$BUILD/wheels" .
 "${VPIP[@]}" install --no-compile "$BUILD/wheels/kvmctl-$VERSION-"*.whl
 "${VPIP[@]}" uninstall -y wheel
+"$STAGE$PREFIX/bin/python3" -I -c 'import controller.cli, controller.cli.fence_kvmctl, libvirt'
+test -x "$STAGE$PREFIX/bin/kvmctl" && test -x "$STAGE$PREFIX/bin/fence_kvmctl"
 find "$STAGE$PREFIX" -name __pycache__ -type d -prune -exec rm -rf {} +
 rm -f "$STAGE$PREFIX"/bin/activate* "$STAGE$PREFIX"/bin/Activate.ps1
 
@@ -94,7 +100,7 @@ cat >"$STAGE/DEBIAN/postinst" <<EOF
 #!/bin/sh
 set -e
 if [ "\$1" = configure ]; then
-    $PREFIX/bin/python3 -m compileall -q $PREFIX/lib >/dev/null || true
+    $PREFIX/bin/python3 -m compileall -q $PREFIX/lib >/dev/null
     if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
 fi
 EOF
