@@ -1,0 +1,153 @@
+"""Admission control (controller/ha/admission.py) against the engine's own recovery.
+
+The property: when admission says a world tolerates N host failures, fencing any N of its
+hosts and letting the real `Engine` recover leaves every started VM placed again.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controller.ha import admission
+from controller.ha.engine import Engine
+from controller.ha.environment import FenceConfirmation, NodeView, Place, VmView, World
+from crds.clusternode import ClusterNodeSpec
+from crds.clusterpolicy import AdmissionPolicy
+from crds.virtualmachine import VirtualMachineSpec
+
+
+def node(name: str, cpus: int | None = 8, memory: int | None = 8192, **spec: Any) -> NodeView:
+    return NodeView(
+        name=name,
+        spec=ClusterNodeSpec.model_validate({"addresses": {"cluster": "10.0.0.1"}, **spec}),
+        health="Online",
+        fence=None,
+        lease_alive=True,
+        lease_lost_at=None,
+        clean_since=None,
+        fence_ack_at=None,
+        domains=frozenset(),
+        cpus=cpus,
+        memory_mib=memory,
+    )
+
+
+def vm(name: str, placement: str | None = None, **spec: Any) -> VmView:
+    spec.setdefault("memoryMiB", 1024)
+    return VmView(name, VirtualMachineSpec.model_validate(spec), placement, "Running")
+
+
+def tolerate(count: int, mode: str = "enforce") -> AdmissionPolicy:
+    return AdmissionPolicy.model_validate({"hostFailuresTolerated": count, "mode": mode})
+
+
+def placed_by_engine(nodes: dict[str, NodeView], vms: dict[str, VmView]) -> dict[str, VmView]:
+    """The VMs as the engine places them on a healthy cluster (unplaceable ones dropped)."""
+    actions = Engine().step(World(now=10.0, nodes=nodes, vms=vms))
+    where = {a.vm: a.node for a in actions if isinstance(a, Place)}
+    return {
+        name: VmView(name, v.spec, where[name], "Running")
+        for name, v in vms.items()
+        if where.get(name) is not None
+    }
+
+
+def unrecovered(
+    nodes: dict[str, NodeView], vms: dict[str, VmView], failed: tuple[str, ...]
+) -> set[str]:
+    """Fence `failed` and step the engine once: the VMs it leaves without a host."""
+    fenced = FenceConfirmation("PowerOff", 5.0, "ipmi")
+    world_nodes = {}
+    for name, view in nodes.items():
+        if name in failed:
+            view = NodeView(
+                name,
+                view.spec,
+                "Fenced",
+                fenced,
+                False,
+                1.0,
+                None,
+                None,
+                frozenset(),
+                view.cpus,
+                view.memory_mib,
+            )
+        else:
+            here = frozenset(v.name for v in vms.values() if v.placement == name)
+            view = NodeView(
+                name,
+                view.spec,
+                "Online",
+                None,
+                True,
+                None,
+                None,
+                None,
+                here,
+                view.cpus,
+                view.memory_mib,
+            )
+        world_nodes[name] = view
+    actions = Engine().step(World(now=10.0, nodes=world_nodes, vms=vms))
+    where = {v.name: v.placement for v in vms.values()}
+    where.update({a.vm: a.node for a in actions if isinstance(a, Place)})
+    return {name for name, host in where.items() if host is None or host in failed}
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> tuple[dict[str, NodeView], dict[str, VmView]]:
+    names = [f"h{i}" for i in range(draw(st.integers(2, 6)))]
+    nodes = {
+        name: node(
+            name,
+            cpus=draw(st.sampled_from([None, 2, 4, 8])),
+            memory=draw(st.sampled_from([None, 2048, 4096, 8192])),
+            cordoned=draw(st.booleans()) and draw(st.booleans()),
+        )
+        for name in names
+    }
+    vms: dict[str, VmView] = {}
+    count = draw(st.integers(0, 10))
+    for index in range(count):
+        spec: dict[str, Any] = {
+            "vcpus": draw(st.integers(1, 3)),
+            "memoryMiB": draw(st.sampled_from([512, 1024, 2048])),
+            "priority": draw(st.integers(0, 2)),
+        }
+        if draw(st.booleans()) and draw(st.booleans()):
+            members = draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True))
+            spec["failoverDomain"] = {"nodes": [{"name": m} for m in members], "restricted": True}
+        if index and draw(st.booleans()):
+            spec["antiAffinity"] = [f"v{draw(st.integers(0, index - 1))}"]
+        vms[f"v{index}"] = vm(f"v{index}", **spec)
+    return nodes, placed_by_engine(nodes, vms)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), st.integers(1, 2), st.sampled_from([0, admission.EXACT_SUBSETS]))
+def test_admitted_worlds_recover_from_any_n_failures(
+    cluster: tuple[dict[str, NodeView], dict[str, VmView]], failures: int, exact_subsets: int
+) -> None:
+    """exact_subsets=0 checks the bound alone; the default lets the exact method decide."""
+    nodes, vms = cluster
+    verdict = admission.check(tolerate(failures), nodes, vms, exact_subsets)
+    if not verdict.ok:
+        return
+    for size in range(1, failures + 1):
+        for failed in combinations(sorted(nodes), size):
+            assert not unrecovered(nodes, vms, failed), (verdict, failed)
+
+
+@settings(max_examples=100, deadline=None)
+@given(clusters(), st.integers(1, 2))
+def test_the_bound_never_admits_what_the_exact_check_refuses(
+    cluster: tuple[dict[str, NodeView], dict[str, VmView]], failures: int
+) -> None:
+    nodes, vms = cluster
+    if admission.check(tolerate(failures), nodes, vms, exact_subsets=0).ok:
+        assert admission.check(tolerate(failures), nodes, vms, exact_subsets=10**6).ok
