@@ -121,7 +121,10 @@ def _recovers(world: _World, failed: tuple[str, ...]) -> str | None:
     for vm in _order(displaced):
         target, why = choose_node(vm, world.nodes, world.vms, usage, gone)
         if target is None:
-            return f"if {', '.join(failed)} fail, VirtualMachine {vm.name!r} has no host: {why}"
+            hosts = (
+                f"host {failed[0]} fails" if len(failed) == 1 else f"hosts {', '.join(failed)} fail"
+            )
+            return f"if {hosts}, VirtualMachine {vm.name!r} has no host: {why}"
         usage.add(vm.name, vm.spec, target)
     return None
 
