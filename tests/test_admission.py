@@ -6,6 +6,7 @@ hosts and letting the real `Engine` recover leaves every started VM placed again
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import combinations
 from typing import Any
 
@@ -14,7 +15,15 @@ from hypothesis import strategies as st
 
 from controller.ha import admission
 from controller.ha.engine import Engine
-from controller.ha.environment import FenceConfirmation, NodeView, Place, VmView, World
+from controller.ha.environment import (
+    Emit,
+    FenceConfirmation,
+    NodeView,
+    Place,
+    SetAdmissionHold,
+    VmView,
+    World,
+)
 from crds.clusternode import ClusterNodeSpec
 from crds.clusterpolicy import AdmissionPolicy
 from crds.virtualmachine import VirtualMachineSpec
@@ -151,3 +160,73 @@ def test_the_bound_never_admits_what_the_exact_check_refuses(
     nodes, vms = cluster
     if admission.check(tolerate(failures), nodes, vms, exact_subsets=0).ok:
         assert admission.check(tolerate(failures), nodes, vms, exact_subsets=10**6).ok
+
+
+# The engine: held at start, never at recovery --------------------------------------------------
+
+SMALL = {"vcpus": 1, "memoryMiB": 512}
+
+
+def two_hosts() -> dict[str, NodeView]:
+    return {name: node(name, cpus=1, memory=None) for name in ("a", "b")}
+
+
+def step(
+    nodes: dict[str, NodeView],
+    vms: list[VmView],
+    policy: AdmissionPolicy | None,
+    engine: Engine | None = None,
+) -> list[Any]:
+    world = World(now=10.0, nodes=nodes, vms={v.name: v for v in vms}, admission=policy)
+    return (engine or Engine()).step(world)
+
+
+def test_a_start_that_breaks_the_policy_stays_pending_with_a_condition_and_one_warning() -> None:
+    nodes = two_hosts()
+    nodes["a"] = replace(nodes["a"], domains=frozenset({"v1"}))
+    running = vm("v1", "a", **SMALL)
+    engine = Engine()
+    actions = step(nodes, [running, vm("v2", **SMALL)], tolerate(1), engine)
+    (hold,) = [a for a in actions if isinstance(a, SetAdmissionHold)]
+    assert hold.vm == "v2" and hold.message is not None
+    assert hold.message.startswith(
+        "starting it on b would break admission control (tolerate 1 host failure (enforce)): "
+        "if host a fails, VirtualMachine 'v1' has no host: b has 0 free vcpus of 1 needed"
+    )
+    assert not [a for a in actions if isinstance(a, Place)]
+    warnings = [a for a in actions if isinstance(a, Emit) and a.type == "Warning"]
+    assert [(w.name, w.reason, w.message) for w in warnings] == [
+        ("v2", "AdmissionHeld", hold.message)
+    ]
+    held = VmView("v2", running.spec, None, "Stopped", admission_hold=hold.message)
+    again = step(nodes, [running, held], tolerate(1), engine)
+    assert again == []  # the condition is recorded and the Warning was given: nothing new
+    relaxed = step(nodes, [running, held], None, engine)
+    assert Place("v2", "b") in relaxed and SetAdmissionHold("v2", None) in relaxed
+
+
+def test_in_warn_mode_the_start_goes_ahead_with_a_warning() -> None:
+    nodes = two_hosts()
+    actions = step(nodes, [vm("v1", "a", **SMALL), vm("v2", **SMALL)], tolerate(1, "warn"))
+    assert Place("v2", "b") in actions
+    (warning,) = [a for a in actions if isinstance(a, Emit) and a.reason == "AdmissionWarning"]
+    assert warning.type == "Warning" and "tolerate 1 host failure (warn)" in warning.message
+
+
+def test_recovery_is_never_held_and_a_degraded_cluster_still_starts_vms() -> None:
+    """With a host down the policy is not met before any start: the engine does not hold."""
+    nodes = {name: node(name, cpus=2, memory=None) for name in ("a", "b", "c")}
+    fenced = FenceConfirmation("PowerOff", 5.0, "ipmi")
+    nodes["c"] = NodeView(
+        "c", nodes["c"].spec, "Fenced", fenced, False, 1.0, None, None, frozenset(), 2, None
+    )
+    vms = [
+        vm("v1", "a", **SMALL),
+        vm("v2", "b", **SMALL),
+        vm("v3", "c", **SMALL),
+        vm("v4", **SMALL),
+    ]
+    actions = step(nodes, vms, tolerate(1))
+    placed = {a.vm: a.node for a in actions if isinstance(a, Place)}
+    assert placed.keys() == {"v3", "v4"} and None not in placed.values()
+    assert not [a for a in actions if isinstance(a, SetAdmissionHold)]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from controller.exclusive import Clash
 from crds.clusternode import NodeHealth
 
+from .admission import check
 from .environment import (
     Action,
     ClearFenceAck,
@@ -28,6 +29,7 @@ from .environment import (
     NodeView,
     Place,
     Restart,
+    SetAdmissionHold,
     SetDiskConflict,
     SetFailed,
     SetNodeHealth,
@@ -87,10 +89,13 @@ class Engine:
         }
         self._disks = DiskHolders(v for v in world.vms.values() if self._holds_disks(v))
         self._disk_blocked: set[str] = set()
+        self._held: set[str] = set()
         for vm in sorted(world.vms.values(), key=lambda v: (-v.spec.priority, v.name)):
             self._vm_step(vm)
             if vm.disk_conflict is not None and vm.name not in self._disk_blocked:
                 self._actions.append(SetDiskConflict(vm.name, None))
+            if vm.admission_hold is not None and vm.name not in self._held:
+                self._actions.append(SetAdmissionHold(vm.name, None))
         self._report_drains()
         return self._actions
 
@@ -397,8 +402,38 @@ class Engine:
         if target is None:
             self._report(vm, "VMPending", f"no node can run it: {why}")
             return
+        if self._held_by_admission(vm, target):
+            return
         self._place(vm, target)
         self._emit(vm, "VMPlaced", f"placed on {target}")
+
+    def _held_by_admission(self, vm: VmView, target: str) -> bool:
+        """Hold (enforce) or warn about (warn) a start that breaks the admission policy.
+
+        Only a start that breaks it: when the policy is already not met (a host is down, an
+        earlier start was only warned about) the engine starts VMs, recoveries first of all;
+        `kvmctl apply` refuses new starts then (docs/ha.md, "Admission control")."""
+        policy = self._world.admission
+        if policy is None or vm.name in self._recovering:
+            return False
+        placed = {
+            name: replace(view, placement=self._placement[name])
+            for name, view in self._world.vms.items()
+            if self._placement[name] is not None
+        }
+        after = check(policy, self._nodes, {**placed, vm.name: replace(vm, placement=target)})
+        if after.ok or not check(policy, self._nodes, placed).ok:
+            return False
+        message = f"starting it on {target} would break admission control ({policy.describe()})"
+        message = f"{message}: {after.reason}"
+        if policy.mode == "warn":
+            self._emit(vm, "AdmissionWarning", message, "Warning")
+            return False
+        self._held.add(vm.name)
+        if vm.admission_hold != message:
+            self._actions.append(SetAdmissionHold(vm.name, message))
+        self._report(vm, "AdmissionHeld", message)
+        return True
 
     def _recover(self, vm: VmView, lost: str) -> None:
         hosts = self._may_run_on(vm)

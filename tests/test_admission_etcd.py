@@ -1,5 +1,6 @@
-"""Admission control at `kvmctl apply` (real etcd): refused whole in mode enforce, applied with
-one warning line in mode warn, for starts, growth and cordons; `kvmctl status` shows headroom."""
+"""Admission control on a real etcd: `kvmctl apply` refuses a breaking batch whole (enforce) or
+applies it with one warning line (warn); the HA controller holds a breaking start Pending with a
+condition and one Warning; `kvmctl status` shows the headroom."""
 
 from __future__ import annotations
 
@@ -9,11 +10,27 @@ from typing import Any
 
 import pytest
 
+from controller.runtime.manager import Manager
 from controller.runtime.store import Store
+from crds import ClusterPolicy, ObjectMeta
 from crds.clusternode import Capacity
+from crds.clusterpolicy import ClusterPolicySpec
+from e2e.harness.polling import eventually
 from tests.test_cli import Run, kvmctl, write
+from tests.test_ha_production import (
+    Leases,
+    controller,
+    events_of,
+    get_vm,
+    leases,
+    node_object,
+    placed_on,
+    report_running,
+    store,
+    vm_object,
+)
 
-__all__ = ["kvmctl"]  # fixture
+__all__ = ["controller", "kvmctl", "leases", "store"]  # fixtures
 
 HEADER = "apiVersion: kvmctl.io/v1alpha1\n"
 
@@ -121,3 +138,43 @@ def test_a_second_cluster_policy_name_is_refused(kvmctl: Run, tmp_path: Path) ->
     other = policy("reservePercent: 10").replace("name: default", "name: other")
     code, _, err = kvmctl("apply", "-f", write(tmp_path, other))
     assert code == 1 and "a ClusterPolicy is named 'default', not 'other'" in err
+
+
+# The HA controller ----------------------------------------------------------------------------
+
+
+async def test_controller_holds_a_breaking_start_pending_with_a_condition_and_one_warning(
+    store: Store, leases: Leases, controller: Manager
+) -> None:
+    """Hosts of one vcpu: vm1 alone survives either host failing, vm1 and vm2 do not."""
+    for name in ("a", "b"):
+        node = node_object(name)
+        node.spec.capacity = Capacity(cpus=1, memory_mib=1024)
+        await store.create(node)
+        await leases.hold(name)
+    spec = ClusterPolicySpec.model_validate({"admission": {"hostFailuresTolerated": 1}})
+    await store.create(ClusterPolicy(metadata=ObjectMeta(name="default"), spec=spec))
+    await store.create(vm_object("vm1"))
+    await eventually(lambda: placed_on(store, "vm1", "a"), "vm1 placed on a")
+    await report_running(store, "vm1", "a")
+    await store.create(vm_object("vm2"))
+
+    async def warned() -> list[str]:
+        events = await events_of(store, "VirtualMachine", "vm2")
+        return [e.spec.message for e in events if e.spec.reason == "AdmissionHeld"]
+
+    (message,) = await eventually(warned, "an AdmissionHeld warning about vm2")
+    assert message.startswith("starting it on b would break admission control (tolerate 1 host")
+    held = await get_vm(store, "vm2")
+    assert held.status.placement is None
+    condition = held.status.condition("AdmissionHeld")
+    assert condition is not None and (condition.status, condition.message) == ("True", message)
+
+    assert await store.delete("ClusterPolicy", "default") is None
+    await eventually(lambda: placed_on(store, "vm2", "b"), "vm2 placed once the policy is gone")
+
+    async def cleared() -> bool:
+        return (await get_vm(store, "vm2")).status.condition("AdmissionHeld") is None
+
+    await eventually(cleared, "vm2's AdmissionHeld condition cleared")
+    assert len(await warned()) == 1
