@@ -164,7 +164,7 @@ def test_the_bound_never_admits_what_the_exact_check_refuses(
 
 # The engine: held at start, never at recovery --------------------------------------------------
 
-SMALL = {"vcpus": 1, "memoryMiB": 512}
+SMALL: dict[str, Any] = {"vcpus": 1, "memoryMiB": 512}
 
 
 def two_hosts() -> dict[str, NodeView]:
