@@ -178,3 +178,23 @@ async def test_controller_holds_a_breaking_start_pending_with_a_condition_and_on
 
     await eventually(cleared, "vm2's AdmissionHeld condition cleared")
     assert len(await warned()) == 1
+
+
+def test_status_shows_the_policy_whether_it_is_met_and_the_free_capacity(
+    cluster: Run, tmp_path: Path
+) -> None:
+    code, out, err = cluster("status")
+    assert code == 0, err
+    assert out.splitlines()[-1] == (
+        "admission: tolerate 1 host failure (enforce): met; free 12 vcpus, 12288 MiB on "
+        "3 schedulable hosts (exact)"
+    )
+    assert (
+        cluster("apply", "-f", write(tmp_path, policy("hostFailuresTolerated: 2", "warn")))[0] == 0
+    )
+    last = cluster("status")[1].splitlines()[-1]
+    assert last.startswith(
+        "admission: tolerate 2 host failures (warn): NOT MET: if hosts a, b fail"
+    )
+    assert cluster("delete", "clusterpolicy", "default")[0] == 0
+    assert cluster("status")[1].splitlines()[-1].startswith("admission: off")

@@ -34,7 +34,7 @@ from itertools import combinations
 from math import comb
 from typing import Literal
 
-from crds import ClusterNode, VirtualMachine
+from crds import AnyResource, ClusterNode, ClusterPolicy, VirtualMachine
 from crds.clusterpolicy import AdmissionPolicy
 
 from .environment import NodeView, VmView
@@ -269,7 +269,7 @@ def headroom(
     spare_cpus = "vcpus unknown" if cpus is None else f"{cpus - used_cpus} vcpus"
     spare_memory = "memory unknown" if memory is None else f"{memory - used_memory} MiB"
     return (
-        f"admission: {policy.describe()}: {state}; spare {spare_cpus}, {spare_memory} on "
+        f"admission: {policy.describe()}: {state}; free {spare_cpus}, {spare_memory} on "
         f"{_plural(len(targets), 'schedulable host')} ({verdict.method})"
     )
 
@@ -317,3 +317,12 @@ def views(
             failed=failed is not None and failed.status == "True",
         )
     return node_views, vm_views
+
+
+def status_line(policy: AnyResource | None, objects: Iterable[AnyResource]) -> str:
+    """`headroom` of stored objects: the ClusterPolicy (or None) and the nodes and VMs."""
+    listed = list(objects)
+    nodes = [o for o in listed if isinstance(o, ClusterNode)]
+    vms = [o for o in listed if isinstance(o, VirtualMachine)]
+    admission = policy.spec.admission if isinstance(policy, ClusterPolicy) else None
+    return headroom(admission, *views(nodes, vms))
