@@ -249,6 +249,25 @@ def check(
     return Verdict(why is None, why or "", "exact")
 
 
+def plan(
+    policy: AdmissionPolicy, nodes: Mapping[str, NodeView], vms: Mapping[str, VmView]
+) -> dict[str, str] | None:
+    """Where every started VM would be placed, if that world meets `policy` by the bound (or
+    the reserve rule); None otherwise.
+
+    Both rules are monotone: a world that has only some of these VMs, each where the plan puts
+    it, meets the policy too. So the engine admits a start that follows the plan without
+    checking again (one check per step instead of one per start)."""
+    world = _baseline(nodes, vms)
+    if isinstance(world, Verdict):
+        return None
+    if policy.reserve_percent is not None:
+        why = _reserve(world, policy.reserve_percent)
+    else:
+        why = _bound(world, policy.host_failures_tolerated or 0)
+    return dict(world.placement) if why is None else None
+
+
 def headroom(
     policy: AdmissionPolicy | None, nodes: Mapping[str, NodeView], vms: Mapping[str, VmView]
 ) -> str:
