@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.ha import admission
+from controller.ha import admission, scenario
 from controller.ha.engine import Engine
 from controller.ha.environment import (
     Emit,
@@ -213,13 +213,11 @@ def test_in_warn_mode_the_start_goes_ahead_with_a_warning() -> None:
     assert warning.type == "Warning" and "tolerate 1 host failure (warn)" in warning.message
 
 
-def test_recovery_is_never_held_and_a_degraded_cluster_still_starts_vms() -> None:
-    """With a host down the policy is not met before any start: the engine does not hold."""
+def test_recovery_is_never_held_but_a_start_in_a_degraded_cluster_is() -> None:
+    """c is fenced: v3 is recovered on a; v4 would leave no room should a or b fail too."""
     nodes = {name: node(name, cpus=2, memory=None) for name in ("a", "b", "c")}
     fenced = FenceConfirmation("PowerOff", 5.0, "ipmi")
-    nodes["c"] = NodeView(
-        "c", nodes["c"].spec, "Fenced", fenced, False, 1.0, None, None, frozenset(), 2, None
-    )
+    nodes["c"] = replace(nodes["c"], health="Fenced", fence=fenced, lease_alive=False)
     vms = [
         vm("v1", "a", **SMALL),
         vm("v2", "b", **SMALL),
@@ -227,6 +225,60 @@ def test_recovery_is_never_held_and_a_degraded_cluster_still_starts_vms() -> Non
         vm("v4", **SMALL),
     ]
     actions = step(nodes, vms, tolerate(1))
-    placed = {a.vm: a.node for a in actions if isinstance(a, Place)}
-    assert placed.keys() == {"v3", "v4"} and None not in placed.values()
-    assert not [a for a in actions if isinstance(a, SetAdmissionHold)]
+    assert {a.vm: a.node for a in actions if isinstance(a, Place)} == {"v3": "a"}
+    (hold,) = [a for a in actions if isinstance(a, SetAdmissionHold)]
+    assert hold.vm == "v4" and hold.message is not None and "if host a fails" in hold.message
+
+
+def test_a_start_never_takes_the_room_a_recovery_needs() -> None:
+    """c is lost but not fenced yet: its VM v3 will need b's room, so v4 waits."""
+    nodes = {name: node(name, cpus=1, memory=None) for name in ("a", "b", "c")}
+    nodes["c"] = replace(nodes["c"], health="Fencing", lease_alive=False, lease_lost_at=1.0)
+    vms = [vm("v1", "a", **SMALL), vm("v3", "c", **SMALL), vm("v4", **SMALL)]
+    reason = "VirtualMachine 'v3' cannot be placed now: a has 0 free vcpus of 1 needed"
+    actions = step(nodes, vms, tolerate(1))
+    (hold,) = [a for a in actions if isinstance(a, SetAdmissionHold)]
+    assert hold.vm == "v4" and hold.message is not None and reason in hold.message
+    assert not [a for a in actions if isinstance(a, Place)]
+    actions = step(nodes, vms, tolerate(1, "warn"))
+    (warning,) = [a for a in actions if isinstance(a, Emit) and a.reason == "AdmissionWarning"]
+    assert Place("v4", "b") in actions and reason in warning.message
+
+
+# The simulator: held at start, every admitted VM recovered after a power loss ------------------
+
+
+def fenced_host(index: int) -> str:
+    return f"""
+  - name: host{index}
+    cpus: 4
+    memoryMiB: 4096
+    fencing:
+      methods:
+        - name: ipmi
+          devices:
+            - agent: fence_ipmilan
+              parameters: {{ip: 192.168.100.{index}}}
+              simulate: {{result: ok, seconds: 0.5}}"""
+
+
+async def test_in_the_simulator_the_start_that_breaks_it_waits_and_a_host_loss_is_survived() -> (
+    None
+):
+    vms = "".join(f"\n  - {{name: vm{i}, memoryMiB: 2048}}" for i in range(1, 6))
+    text = (
+        "duration: 30\nnodes:"
+        + "".join(fenced_host(i) for i in (1, 2, 3))
+        + f"\nvms:{vms}\ncommands:\n  - {{at: 5, do: power-off host1}}\n"
+    )
+    sim = scenario.build(scenario.parse(text))
+    sim.admission = tolerate(1)
+    sim.at(4.9, lambda: snapshot.update({v.name: v.placement for v in sim.vms.values()}))
+    snapshot: dict[str, str | None] = {}
+    await scenario.simulate(sim)
+    assert snapshot["vm5"] is None and None not in [snapshot[f"vm{i}"] for i in range(1, 5)]
+    assert any("AdmissionHeld" in line and "vm5" in line for line in sim.lines)
+    assert sim.vms["vm5"].admission_hold is None  # now Pending for room: no host can take it
+    for name in ("vm1", "vm2", "vm3", "vm4"):
+        assert sim.running_hosts(name) in (["host2"], ["host3"]), name
+    assert sim.running_hosts("vm5") == [] and sim.violations == []

@@ -420,11 +420,10 @@ class Engine:
         }
 
     def _held_by_admission(self, vm: VmView, target: str) -> bool:
-        """Hold (enforce) or warn about (warn) a start that breaks the admission policy.
+        """Hold (enforce) or warn about (warn) a start after which the policy is not met.
 
-        Only a start that breaks it: when the policy is already not met (a host is down, an
-        earlier start was only warned about) the engine starts VMs, recoveries first of all;
-        `kvmctl apply` refuses new starts then (docs/ha.md, "Admission control")."""
+        VMs placed on lost hosts count as placed wherever they could be recovered, so a start
+        never takes the room a recovery needs; a VM this engine is recovering is not checked."""
         policy = self._world.admission
         if policy is None or vm.name in self._recovering:
             return False
@@ -435,7 +434,7 @@ class Engine:
             return False
         placed = self._current_views(placed_only=True)
         after = check(policy, self._nodes, {**placed, vm.name: replace(vm, placement=target)})
-        if after.ok or not check(policy, self._nodes, placed).ok:
+        if after.ok:
             return False
         message = f"starting it on {target} would break admission control ({policy.describe()})"
         message = f"{message}: {after.reason}"
