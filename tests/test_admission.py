@@ -282,3 +282,68 @@ async def test_in_the_simulator_the_start_that_breaks_it_waits_and_a_host_loss_i
     for name in ("vm1", "vm2", "vm3", "vm4"):
         assert sim.running_hosts(name) in (["host2"], ["host3"]), name
     assert sim.running_hosts("vm5") == [] and sim.violations == []
+
+
+# The check on hand-built worlds ----------------------------------------------------------------
+
+
+def check(
+    policy: AdmissionPolicy | None, nodes: list[NodeView], vms: list[VmView]
+) -> admission.Verdict:
+    return admission.check(policy, {n.name: n for n in nodes}, {v.name: v for v in vms})
+
+
+def test_without_a_policy_everything_is_admitted() -> None:
+    assert check(None, [], [vm("v1")]) == admission.Verdict(True, "", "off")
+
+
+def test_a_restricted_domain_counts_only_its_members() -> None:
+    hosts = [node("a", cpus=1), node("b", cpus=1), node("c", cpus=4)]
+    domain = {"nodes": [{"name": "a"}, {"name": "b"}], "restricted": True}
+    vms = [vm("v1", "a", failoverDomain=domain), vm("v2", "b", failoverDomain=domain)]
+    verdict = check(tolerate(1), hosts, vms)
+    assert not verdict.ok and verdict.method == "exact"
+    assert "c is outside the restricted failover domain" in verdict.reason
+    assert check(tolerate(1), hosts, [vm("v1", "a"), vm("v2", "b")]).ok
+
+
+def test_anti_affine_vms_need_one_host_each_after_the_failure() -> None:
+    hosts = [node("a"), node("b")]
+    vms = [vm("v1", "a", antiAffinity=["v2"]), vm("v2", "b")]
+    verdict = check(tolerate(1), hosts, vms)
+    assert not verdict.ok and "(anti-affinity)" in verdict.reason
+    assert check(tolerate(1), [*hosts, node("c")], vms).ok
+
+
+def test_cordoned_hosts_take_no_vm_but_may_fail() -> None:
+    hosts = [node("a", cpus=1), node("b", cpus=1), node("c", cpus=1, cordoned=True)]
+    verdict = check(tolerate(1), hosts, [vm("v1", "c")])
+    assert verdict.ok
+    verdict = check(tolerate(1), hosts, [vm("v1", "c"), vm("v2", "a"), vm("v3", "b")])
+    assert not verdict.ok and "c is cordoned" in verdict.reason
+
+
+def test_a_big_cluster_is_judged_by_the_bound() -> None:
+    hosts = [node(f"h{i:02}", cpus=16, memory=None) for i in range(40)]
+    light = [vm(f"v{i:03}", f"h{i % 40:02}", vcpus=2) for i in range(200)]
+    assert check(tolerate(3), hosts, light) == admission.Verdict(True, "", "bound")
+    full = [vm(f"v{i:03}", f"h{i % 40:02}", vcpus=4) for i in range(160)]
+    verdict = check(tolerate(3), hosts, full)
+    assert not verdict.ok and verdict.method == "bound"
+    assert verdict.reason.startswith("VirtualMachine 'v000' may find no host after 3 host failures")
+
+
+def test_reserve_percent_counts_vcpus_and_memory_of_schedulable_hosts() -> None:
+    reserve = AdmissionPolicy.model_validate({"reservePercent": 25})
+    hosts = [node("a", cpus=4, memory=4096), node("b", cpus=4, memory=4096)]
+    assert check(reserve, hosts, [vm("v1", vcpus=3, memoryMiB=3072), vm("v2", vcpus=3)]).ok
+    verdict = check(reserve, hosts, [vm("v1", "a", vcpus=3), vm("v2", vcpus=4)])
+    assert not verdict.ok and verdict.method == "reserve"
+    assert verdict.reason == (
+        "started VMs would use 7 of 8 vcpus on the schedulable hosts: more than the 75% that "
+        "reservePercent 25 leaves"
+    )
+    verdict = check(reserve, hosts, [vm("v1", memoryMiB=4096), vm("v2", memoryMiB=3072)])
+    assert "would use 7168 of 8192 MiB of memory" in verdict.reason
+    unknown = [node("a", cpus=None, memory=None), node("b", cpus=None, memory=None)]
+    assert check(reserve, unknown, [vm("v1", vcpus=64)]).ok

@@ -43,7 +43,7 @@ from .placement import OUTSIDE_DOMAIN, Usage, choose_node, domain_rank
 EXACT_SUBSETS = 64
 """At most this many failure sets are simulated one by one; beyond, the bound decides."""
 
-Method = Literal["exact", "bound", "reserve", "off"]
+Method = Literal["exact", "bound", "reserve", "placement", "off"]
 UNLIMITED = 1 << 62
 FAILED_CONDITION = "Failed"
 """The VM condition the HA controller sets when the restart policy gave up (production.py)."""
@@ -107,7 +107,8 @@ def _baseline(nodes: Mapping[str, NodeView], vms: Mapping[str, VmView]) -> _Worl
     for vm in _order(pending):
         target, why = choose_node(vm, live, started, usage)
         if target is None:
-            return Verdict(False, f"VirtualMachine {vm.name!r} cannot be placed now: {why}", "off")
+            why = f"VirtualMachine {vm.name!r} cannot be placed now: {why}"
+            return Verdict(False, why, "placement")
         usage.add(vm.name, vm.spec, target)
         world.placement[vm.name] = target
     return world
@@ -207,17 +208,17 @@ def _bound(world: _World, failures: int) -> str | None:
 def _reserve(world: _World, percent: int) -> str | None:
     targets = [n for n in world.nodes.values() if not n.spec.cordoned]
     specs = [world.vms[name].spec for name in world.placement]
-    for what, unit, used, sizes in (
-        ("vcpus", "vcpus", sum(s.vcpus for s in specs), [n.cpus for n in targets]),
-        ("memory", "MiB", sum(s.memory_mib for s in specs), [n.memory_mib for n in targets]),
+    for unit, used, sizes in (
+        ("vcpus", sum(s.vcpus for s in specs), [n.cpus for n in targets]),
+        ("MiB of memory", sum(s.memory_mib for s in specs), [n.memory_mib for n in targets]),
     ):
         if any(size is None for size in sizes):
             continue
         total = sum(size or 0 for size in sizes)
         if used * 100 > total * (100 - percent):
             return (
-                f"started VMs would use {used} of {total} {unit} of {what} on the schedulable "
-                f"hosts: more than the {100 - percent}% that reservePercent {percent} leaves"
+                f"started VMs would use {used} of {total} {unit} on the schedulable hosts: "
+                f"more than the {100 - percent}% that reservePercent {percent} leaves"
             )
     return None
 
