@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -248,33 +250,18 @@ def test_a_start_never_takes_the_room_a_recovery_needs() -> None:
 # The simulator: held at start, every admitted VM recovered after a power loss ------------------
 
 
-def fenced_host(index: int) -> str:
-    return f"""
-  - name: host{index}
-    cpus: 4
-    memoryMiB: 4096
-    fencing:
-      methods:
-        - name: ipmi
-          devices:
-            - agent: fence_ipmilan
-              parameters: {{ip: 192.168.100.{index}}}
-              simulate: {{result: ok, seconds: 0.5}}"""
+SCENARIO = Path(__file__).parent / "scenarios" / "35-admission-hold-then-host-loss.yaml"
 
 
 async def test_in_the_simulator_the_start_that_breaks_it_waits_and_a_host_loss_is_survived() -> (
     None
 ):
-    vms = "".join(f"\n  - {{name: vm{i}, memoryMiB: 2048}}" for i in range(1, 6))
-    text = (
-        "duration: 30\nnodes:"
-        + "".join(fenced_host(i) for i in (1, 2, 3))
-        + f"\nvms:{vms}\ncommands:\n  - {{at: 5, do: power-off host1}}\n"
-    )
-    sim = scenario.build(scenario.parse(text))
-    sim.admission = tolerate(1)
-    sim.at(4.9, lambda: snapshot.update({v.name: v.placement for v in sim.vms.values()}))
+    """Also a golden scenario; here what matters in it, and that it depends on the policy."""
+    loaded = scenario.load(SCENARIO)
+    assert loaded.admission == tolerate(1)
+    sim = scenario.build(loaded)
     snapshot: dict[str, str | None] = {}
+    sim.at(4.9, lambda: snapshot.update({v.name: v.placement for v in sim.vms.values()}))
     await scenario.simulate(sim)
     assert snapshot["vm5"] is None and None not in [snapshot[f"vm{i}"] for i in range(1, 5)]
     assert any("AdmissionHeld" in line and "vm5" in line for line in sim.lines)
@@ -282,6 +269,13 @@ async def test_in_the_simulator_the_start_that_breaks_it_waits_and_a_host_loss_i
     for name in ("vm1", "vm2", "vm3", "vm4"):
         assert sim.running_hosts(name) in (["host2"], ["host3"]), name
     assert sim.running_hosts("vm5") == [] and sim.violations == []
+
+    without = scenario.load(SCENARIO)  # without the policy vm5 runs, and a VM of host1 cannot
+    without.admission = None
+    sim = scenario.build(without)
+    await scenario.simulate(sim)
+    assert sim.running_hosts("vm5") and sim.violations == []
+    assert sum(1 for vm in sim.vms.values() if not sim.running_hosts(vm.name)) == 1
 
 
 # The check on hand-built worlds ----------------------------------------------------------------
@@ -347,3 +341,13 @@ def test_reserve_percent_counts_vcpus_and_memory_of_schedulable_hosts() -> None:
     assert "would use 7168 of 8192 MiB of memory" in verdict.reason
     unknown = [node("a", cpus=None, memory=None), node("b", cpus=None, memory=None)]
     assert check(reserve, unknown, [vm("v1", vcpus=64)]).ok
+
+
+def test_a_scenario_with_a_bad_admission_policy_is_refused_with_the_place() -> None:
+    text = "nodes: [{name: h1}]\nadmission: {hostFailuresTolerated: 1, reservePercent: 10}"
+    with pytest.raises(scenario.ScenarioError) as refused:
+        scenario.parse(text, "s.yaml")
+    assert str(refused.value) == (
+        "s.yaml: admission: (document): admission needs exactly one of hostFailuresTolerated, "
+        "reservePercent"
+    )
