@@ -87,8 +87,9 @@ FAILED = "Failed"
 """Condition on a VirtualMachine the restart policy gave up on."""
 RESTART_LIMIT = "RestartLimitReached"
 DISK_CONFLICT = "DiskConflict"
-ADMISSION_HELD = "AdmissionHeld"
 """Condition on a VirtualMachine left Pending because another VM holds one of its disks."""
+ADMISSION_HELD = "AdmissionHeld"
+"""Condition on a VirtualMachine left Pending because starting it breaks admission control."""
 REQUESTED_BY = "kvmctl.io/requested-by"
 CANCEL_RETRY = 1.0
 ACTIVE_STATES = ("Running", "Paused", "Migrating")
