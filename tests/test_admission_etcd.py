@@ -17,6 +17,7 @@ from crds.clusternode import Capacity
 from crds.clusterpolicy import ClusterPolicySpec
 from e2e.harness.polling import eventually
 from tests.test_cli import Run, kvmctl, write
+from tests.test_gitsync import MakeSyncer, Repository, make_syncer, repo, vm_memory
 from tests.test_ha_production import (
     Leases,
     controller,
@@ -30,7 +31,7 @@ from tests.test_ha_production import (
     vm_object,
 )
 
-__all__ = ["controller", "kvmctl", "leases", "store"]  # fixtures
+__all__ = ["controller", "kvmctl", "leases", "make_syncer", "repo", "store"]  # fixtures
 
 HEADER = "apiVersion: kvmctl.io/v1alpha1\n"
 
@@ -198,3 +199,32 @@ def test_status_shows_the_policy_whether_it_is_met_and_the_free_capacity(
     )
     assert cluster("delete", "clusterpolicy", "default")[0] == 0
     assert cluster("status")[1].splitlines()[-1].startswith("admission: off")
+
+
+# GitOps -----------------------------------------------------------------------------------------
+
+
+async def test_gitsync_refuses_a_commit_that_breaks_the_policy(
+    store: Store, repo: Repository, make_syncer: MakeSyncer
+) -> None:
+    """One 4 GiB host beside two: v1 survives either failing, v1 and v2 do not."""
+
+    def online(current: Any) -> bool:
+        current.status.health = "Online"
+        current.status.capacity = Capacity(cpus=4, memory_mib=4096)
+        return True
+
+    for name in ("a", "b"):
+        await store.create(node_object(name))
+        await store.patch_status("ClusterNode", name, online)
+    repo.write("clusters/lab/all.yaml", policy("hostFailuresTolerated: 1") + vms("v1", memory=4096))
+    await repo.commit("v1")
+    syncer = make_syncer()
+    result = await syncer.sync()
+    assert result.ok, result.message
+    repo.write("clusters/lab/more.yaml", vms("v2", memory=4096))
+    await repo.commit("v2")
+    result = await syncer.sync()
+    assert (result.ok, result.reason) == (False, "AdmissionRefused")
+    assert "starting virtualmachine/v2 would break admission control" in result.message
+    assert await vm_memory(store, "v2") is None
