@@ -197,6 +197,8 @@ def test_status_shows_the_policy_whether_it_is_met_and_the_free_capacity(
     assert last.startswith(
         "admission: tolerate 2 host failures (warn): NOT MET: if hosts a, b fail"
     )
+    code, out, _ = cluster("get", "policy")
+    assert code == 0 and out.split()[:6] == ["NAME", "ADMISSION", "AGE", "default", "tolerate", "2"]
     assert cluster("delete", "clusterpolicy", "default")[0] == 0
     assert cluster("status")[1].splitlines()[-1].startswith("admission: off")
 
