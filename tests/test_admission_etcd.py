@@ -187,7 +187,8 @@ def test_status_shows_the_policy_whether_it_is_met_and_the_free_capacity(
     code, out, err = cluster("status")
     assert code == 0, err
     assert out.splitlines()[-1] == (
-        "admission: tolerate 1 host failure (enforce): met; free 12 vcpus, 12288 MiB on "
+        "admission: tolerate 1 host failure (enforce): met (tolerates 1 host failure); free "
+        "12 vcpus, 12288 MiB on "
         "3 schedulable hosts (exact)"
     )
     assert (

@@ -43,6 +43,8 @@ from .placement import OUTSIDE_DOMAIN, Usage, choose_node, domain_rank
 EXACT_SUBSETS = 64
 """At most this many failure sets are simulated one by one; beyond, the bound decides."""
 
+TOLERATED_MAX = 8
+"""`kvmctl status` counts the tolerated host failures up to this many."""
 Method = Literal["exact", "bound", "reserve", "placement", "off"]
 UNLIMITED = 1 << 62
 FAILED_CONDITION = "Failed"
@@ -277,6 +279,8 @@ def headroom(
         return "admission: off (no ClusterPolicy 'default' with an admission section)"
     verdict = check(policy, nodes, vms)
     state = "met" if verdict.ok else f"NOT MET: {verdict.reason}"
+    if policy.host_failures_tolerated is not None:
+        state += f" (tolerates {_plural(tolerated(nodes, vms), 'host failure')})"
     world = _baseline(nodes, {n: v for n, v in vms.items() if v.placement is not None})
     if isinstance(world, Verdict):
         return f"admission: {policy.describe()}: {state}"
@@ -292,6 +296,19 @@ def headroom(
         f"admission: {policy.describe()}: {state}; free {spare_cpus}, {spare_memory} on "
         f"{_plural(len(targets), 'schedulable host')} ({verdict.method})"
     )
+
+
+def tolerated(
+    nodes: Mapping[str, NodeView], vms: Mapping[str, VmView], most: int = TOLERATED_MAX
+) -> int:
+    """How many host failures the cluster tolerates now (at most `most`)."""
+    count = 0
+    while count < most:
+        rule = AdmissionPolicy.model_validate({"hostFailuresTolerated": count + 1})
+        if not check(rule, nodes, vms).ok:
+            break
+        count += 1
+    return count
 
 
 def _total(sizes: Iterable[int | None]) -> int | None:
