@@ -8,18 +8,26 @@ Before anything is written, a batch in which two VMs would share a disk or a MAC
 each other or with a stored VM) is refused whole (`controller/exclusive.py` states the rule).
 Two applies racing each other can still both pass: the HA controller checks disks again before
 it places a VM.
+
+A batch that starts a VM, grows one or changes where it may run, cordons a node or shrinks its
+capacity is also checked against the ClusterPolicy's admission control
+(`controller/ha/admission.py`): in mode enforce it is refused whole when the cluster after it
+would not meet the policy; in mode warn it is applied with a warning. The HA controller checks
+again when it starts a VM.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from controller.exclusive import Claims
+from controller.ha import admission
 from controller.runtime.store import Conflict, Store, StoreError
-from crds import APPLY_ORDER, AnyResource, VirtualMachine
+from crds import APPLY_ORDER, AnyResource, ClusterNode, ClusterPolicy, VirtualMachine
+from crds.clusterpolicy import POLICY_NAME
 
 Outcome = Literal["created", "configured", "unchanged"]
 CONCURRENCY = 32
@@ -95,6 +103,81 @@ async def find_clash(
             )
         claims.add(name, vm.spec)
     return None
+
+
+class AdmissionRefused(ValueError):
+    """The batch would break the cluster's admission policy (mode enforce); nothing was written."""
+
+
+def _admission_change(old: AnyResource | None, new: AnyResource) -> str | None:
+    """What `new` does that can cost failover capacity (None: nothing)."""
+    if isinstance(new, VirtualMachine) and new.spec.run_state == "started":
+        if not isinstance(old, VirtualMachine) or old.spec.run_state != "started":
+            return f"starting {label(new)}"
+        spec, before = new.spec, old.spec
+        if spec.vcpus > before.vcpus or spec.memory_mib > before.memory_mib:
+            return f"growing {label(new)}"
+        if (spec.failover_domain, spec.anti_affinity) != (
+            before.failover_domain,
+            before.anti_affinity,
+        ):
+            return f"changing where {label(new)} may run"
+    if isinstance(new, ClusterNode) and isinstance(old, ClusterNode):
+        if new.spec.cordoned and not old.spec.cordoned:
+            return f"cordoning {label(new)}"
+        capacity, before_capacity = new.spec.capacity, old.spec.capacity
+        if capacity is not None and (
+            before_capacity is None
+            or capacity.cpus < before_capacity.cpus
+            or capacity.memory_mib < before_capacity.memory_mib
+        ):
+            return f"setting a smaller capacity on {label(new)}"
+    return None
+
+
+async def check_admission(
+    store: Store, objects: Sequence[AnyResource], warn: Callable[[str], None]
+) -> None:
+    """Refuse (AdmissionRefused) or `warn` about a batch that breaks the admission policy.
+
+    The policy is the batch's ClusterPolicy if it has one, else the stored one. Applying a
+    policy the cluster does not meet is allowed, with a warning.
+    """
+    if not any(isinstance(o, VirtualMachine | ClusterNode | ClusterPolicy) for o in objects):
+        return
+    in_batch = next((o for o in objects if isinstance(o, ClusterPolicy)), None)
+    policy_object = in_batch or await store.try_get("ClusterPolicy", POLICY_NAME)
+    policy = policy_object.spec.admission if isinstance(policy_object, ClusterPolicy) else None
+    if policy is None:
+        return
+    after: dict[tuple[str, str], AnyResource] = {}
+    for kind in ("ClusterNode", "VirtualMachine"):
+        listed, _ = await store.list_objects(kind)
+        after.update(((kind, obj.metadata.name), obj) for obj in listed)
+    changes: list[str] = []
+    for obj in objects:
+        key = (obj.kind, obj.metadata.name)
+        old = after.get(key)
+        new = fresh(obj) if old is None else merged(old, obj)
+        change = _admission_change(old, new)
+        if change is not None:
+            changes.append(change)
+        if isinstance(new, ClusterNode | VirtualMachine):
+            after[key] = new
+    nodes = [o for o in after.values() if isinstance(o, ClusterNode)]
+    vms = [o for o in after.values() if isinstance(o, VirtualMachine)]
+    verdict = admission.check(policy, *admission.views(nodes, vms))
+    if verdict.ok:
+        return
+    rule = f"admission control ({policy.describe()})"
+    if not changes:
+        if in_batch is not None:
+            warn(f"{rule} is not met by the cluster now: {verdict.reason}")
+        return
+    what = ", ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
+    if policy.mode == "enforce":
+        raise AdmissionRefused(f"{what} would break {rule}: {verdict.reason}; nothing was applied")
+    warn(f"{what} breaks {rule}: {verdict.reason}")
 
 
 def _same(a: AnyResource, b: AnyResource) -> bool:
@@ -190,18 +273,24 @@ def _sample(objects: Sequence[AnyResource], shown: int = 3) -> str:
 
 
 async def apply_all(
-    store: Store, objects: Sequence[AnyResource], dry_run: bool = False
+    store: Store,
+    objects: Sequence[AnyResource],
+    dry_run: bool = False,
+    warn: Callable[[str], None] = lambda _line: None,
 ) -> list[Applied]:
     """Apply every object, kind by kind; objects of one kind are written concurrently.
 
     For many objects of a kind, one list replaces a read per object. Raises
-    ExclusiveResourceError, before writing anything, when two VMs would share a disk or MAC.
+    ExclusiveResourceError, before writing anything, when two VMs would share a disk or MAC,
+    and AdmissionRefused when the batch breaks an enforced admission policy (`warn` gets the
+    line when the policy only warns).
     On a store failure no further object is started, the writes in flight finish, and
     `PartialApply` says which objects were applied and which were not (the failed one first).
     """
     clash = await find_clash(store, objects)
     if clash is not None:
         raise ExclusiveResourceError(f"{clash}; nothing was applied")
+    await check_admission(store, objects, warn)
     limit = asyncio.Semaphore(CONCURRENCY)
     failures: list[tuple[AnyResource, StoreError]] = []
 

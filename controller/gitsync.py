@@ -29,7 +29,15 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from controller.apply import CONCURRENCY, Applied, apply_one, find_clash, in_apply_order
+from controller.apply import (
+    CONCURRENCY,
+    AdmissionRefused,
+    Applied,
+    apply_one,
+    check_admission,
+    find_clash,
+    in_apply_order,
+)
 from controller.manifests import MAX_FILE_BYTES, Manifest, ManifestError, load_text
 from controller.runtime.events import EventRecorder
 from controller.runtime.store import AlreadyExists, Conflict, NotFound, Store, StoreError
@@ -50,7 +58,12 @@ _INTERVAL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
 _SCP_LIKE = re.compile(r"^[^/:]+:")  # `host:path`, which git reads as SSH
 
 FailureReason = Literal[
-    "FetchFailed", "InvalidManifest", "EmptySource", "ApplyFailed", "PruneFailed"
+    "FetchFailed",
+    "InvalidManifest",
+    "EmptySource",
+    "AdmissionRefused",
+    "ApplyFailed",
+    "PruneFailed",
 ]
 
 
@@ -430,6 +443,11 @@ class GitSyncer:
         clash = await find_clash(self.store, desired, leaving=vms_to_prune)
         if clash is not None:
             return await self._invalid(state, commit, [clash])
+        try:
+            await check_admission(self.store, desired, lambda line: log.warning("%s", line))
+        except AdmissionRefused as refused:
+            message = f"commit {_short(commit)} refused: {refused}"
+            return await self._failed(state, "AdmissionRefused", message, commit, 1)
         applied, failures = await apply_objects(self.store, desired)
         created = [
             InventoryEntry(kind=a.object.kind, name=a.object.metadata.name)

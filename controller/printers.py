@@ -123,6 +123,10 @@ COLUMNS: dict[str, list[Column]] = {
         _AGE,
         Column("PATH", lambda o: o.spec.path, True),
     ],
+    "ClusterPolicy": [
+        Column("ADMISSION", lambda o: o.spec.admission.describe() if o.spec.admission else "-"),
+        _AGE,
+    ],
     "Secret": [
         Column("KEYS", lambda o: len(o.spec.data)),
         _AGE,

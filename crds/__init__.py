@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from .bond import Bond
 from .clusternode import ClusterNode
+from .clusterpolicy import ClusterPolicy
 from .event import Event
 from .gitsync import GitSync
 from .iscsitarget import IscsiTarget
@@ -33,6 +34,7 @@ KINDS: dict[str, KindInfo] = {
     info.kind: info
     for info in (
         KindInfo("ClusterNode", ClusterNode, "clusternodes", ("node", "nodes", "cn")),
+        KindInfo("ClusterPolicy", ClusterPolicy, "clusterpolicies", ("policy", "cp")),
         KindInfo("Bond", Bond, "bonds", ("bond",)),
         KindInfo("IscsiTarget", IscsiTarget, "iscsitargets", ("it", "target")),
         KindInfo("VolumeGroup", VolumeGroup, "volumegroups", ("vg",)),
@@ -52,6 +54,7 @@ KINDS: dict[str, KindInfo] = {
 # The order `apply` and `sync` write kinds in: what others refer to comes first.
 APPLY_ORDER = [
     "Secret",
+    "ClusterPolicy",
     "Bond",
     "IscsiTarget",
     "VolumeGroup",
@@ -118,6 +121,7 @@ __all__ = [
     "AnyResource",
     "Bond",
     "ClusterNode",
+    "ClusterPolicy",
     "Condition",
     "Event",
     "GitSync",

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from controller import printers
-from controller.ha import requests
+from controller.ha import admission, requests
 from controller.ha.environment import HaTimings
 from controller.runtime.defaults import DEFAULT_HTTP_PORT, short_hostname
 from controller.runtime.heartbeat import heartbeat_key
@@ -21,6 +21,7 @@ from controller.runtime.leader import ElectionTiming, LeaderInfo, current_leader
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 from controller.runtime.store import Conflict, NotFound, Store
 from crds import ClusterNode, VirtualMachine
+from crds.clusterpolicy import POLICY_NAME
 from crds.meta import _check_name
 
 from .resources import store_from
@@ -364,6 +365,7 @@ async def run_status(args: argparse.Namespace) -> int:
         leader = await _leader(store)
         nodes, _ = await store.list_objects("ClusterNode")
         vms, _ = await store.list_objects("VirtualMachine")
+        policy = await store.try_get("ClusterPolicy", POLICY_NAME)
         alive = set()
         draining = set()
         for node in nodes:
@@ -415,6 +417,8 @@ async def run_status(args: argparse.Namespace) -> int:
         assert isinstance(vm, VirtualMachine)
         vm_rows.append([vm.metadata.name, vm.spec.run_state, *_vm_columns(vm)])
     print(printers.table(vm_rows) if vms else "No VirtualMachines.")
+    print()
+    print(admission.status_line(policy, [*nodes, *vms]))
     return 0
 
 

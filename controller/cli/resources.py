@@ -86,7 +86,10 @@ async def run_apply(args: argparse.Namespace) -> int:
     async with store_from(args) as store:
         try:
             results = await apply_all(
-                store, [m.object for m in loaded], dry_run=args.dry_run == "server"
+                store,
+                [m.object for m in loaded],
+                dry_run=args.dry_run == "server",
+                warn=lambda line: print(f"warning: {line}", file=sys.stderr),
             )
         except PartialApply as partial:  # every object's line, then the error
             for result in partial.applied:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from controller.exclusive import Clash
 from crds.clusternode import NodeHealth
 
+from .admission import check, plan
 from .environment import (
     Action,
     ClearFenceAck,
@@ -28,6 +29,7 @@ from .environment import (
     NodeView,
     Place,
     Restart,
+    SetAdmissionHold,
     SetDiskConflict,
     SetFailed,
     SetNodeHealth,
@@ -87,10 +89,15 @@ class Engine:
         }
         self._disks = DiskHolders(v for v in world.vms.values() if self._holds_disks(v))
         self._disk_blocked: set[str] = set()
+        self._held: set[str] = set()
+        self._plan: dict[str, str] | None = None
+        self._planned = False
         for vm in sorted(world.vms.values(), key=lambda v: (-v.spec.priority, v.name)):
             self._vm_step(vm)
             if vm.disk_conflict is not None and vm.name not in self._disk_blocked:
                 self._actions.append(SetDiskConflict(vm.name, None))
+            if vm.admission_hold is not None and vm.name not in self._held:
+                self._actions.append(SetAdmissionHold(vm.name, None))
         self._report_drains()
         return self._actions
 
@@ -287,6 +294,8 @@ class Engine:
         if node is not None:
             self._usage.add(vm.name, vm.spec, node)
             self._disks.add(vm)
+            if self._plan is not None and self._plan.get(vm.name) != node:
+                self._plan = None  # admission's plan no longer describes the world
         self._placement[vm.name] = node
         self._reported.pop(vm.name, None)
         self._actions.append(Place(vm.name, node, relocation))
@@ -397,8 +406,46 @@ class Engine:
         if target is None:
             self._report(vm, "VMPending", f"no node can run it: {why}")
             return
+        if self._held_by_admission(vm, target):
+            return
         self._place(vm, target)
         self._emit(vm, "VMPlaced", f"placed on {target}")
+
+    def _current_views(self, placed_only: bool) -> dict[str, VmView]:
+        """The VMs where this step has them (only the placed ones, or all)."""
+        return {
+            name: replace(view, placement=self._placement[name])
+            for name, view in self._world.vms.items()
+            if not placed_only or self._placement[name] is not None
+        }
+
+    def _held_by_admission(self, vm: VmView, target: str) -> bool:
+        """Hold (enforce) or warn about (warn) a start after which the policy is not met.
+
+        VMs placed on lost hosts count as placed wherever they could be recovered, so a start
+        never takes the room a recovery needs; a VM this engine is recovering is not checked."""
+        policy = self._world.admission
+        if policy is None or vm.name in self._recovering:
+            return False
+        if not self._planned:
+            self._planned = True
+            self._plan = plan(policy, self._nodes, self._current_views(placed_only=False))
+        if self._plan is not None and self._plan.get(vm.name) == target:
+            return False
+        placed = self._current_views(placed_only=True)
+        after = check(policy, self._nodes, {**placed, vm.name: replace(vm, placement=target)})
+        if after.ok:
+            return False
+        message = f"starting it on {target} would break admission control ({policy.describe()})"
+        message = f"{message}: {after.reason}"
+        if policy.mode == "warn":
+            self._emit(vm, "AdmissionWarning", message, "Warning")
+            return False
+        self._held.add(vm.name)
+        if vm.admission_hold != message:
+            self._actions.append(SetAdmissionHold(vm.name, message))
+        self._report(vm, "AdmissionHeld", message)
+        return True
 
     def _recover(self, vm: VmView, lost: str) -> None:
         hosts = self._may_run_on(vm)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from crds.clusternode import ClusterNodeSpec, NodeHealth
+from crds.clusterpolicy import AdmissionPolicy
 from crds.virtualmachine import VirtualMachineSpec
 
 FenceHow = Literal["PowerOff", "SelfFence", "ManualAck"]
@@ -149,6 +150,8 @@ class VmView:
     migration: MigrationView | None = None
     disk_conflict: str | None = None
     """The message of the VM's recorded DiskConflict (None: none recorded)."""
+    admission_hold: str | None = None
+    """The message of the VM's recorded AdmissionHeld condition (None: none recorded)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,8 @@ class World:
     vms: dict[str, VmView]
     fence_results: tuple[FenceResult, ...] = ()
     """Results of fence attempts finished since the previous snapshot."""
+    admission: AdmissionPolicy | None = None
+    """The ClusterPolicy's admission control (None: off)."""
 
 
 # Actions --------------------------------------------------------------------------------------
@@ -228,6 +233,14 @@ class SetDiskConflict:
 
 
 @dataclass(frozen=True)
+class SetAdmissionHold:
+    """Record why the VM is not started: admission control holds it (None: clear it)."""
+
+    vm: str
+    message: str | None
+
+
+@dataclass(frozen=True)
 class Migrate:
     vm: str
     source: str
@@ -283,6 +296,7 @@ Action = (
     | Restart
     | SetFailed
     | SetDiskConflict
+    | SetAdmissionHold
     | Migrate
     | ClearMigration
     | Emit

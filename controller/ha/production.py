@@ -45,8 +45,9 @@ from controller.runtime.heartbeat import heartbeat_key
 from controller.runtime.informer import SharedInformers
 from controller.runtime.peers import PeerTable
 from controller.runtime.store import Compare, Conflict, NotFound, Store, StoreError
-from crds import AnyResource, ClusterNode, ObjectMeta, VirtualMachine
+from crds import AnyResource, ClusterNode, ClusterPolicy, ObjectMeta, VirtualMachine
 from crds.clusternode import FenceRecord
+from crds.clusterpolicy import POLICY_NAME
 from crds.event import ObjectReference
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigration, VirtualMachineMigrationSpec
 from crds.virtualmachine import Placement
@@ -67,6 +68,7 @@ from .environment import (
     NodeView,
     Place,
     Restart,
+    SetAdmissionHold,
     SetDiskConflict,
     SetFailed,
     SetNodeHealth,
@@ -78,7 +80,7 @@ from .environment import (
 
 log = logging.getLogger(__name__)
 
-KINDS = ("ClusterNode", "VirtualMachine", "VirtualMachineMigration")
+KINDS = ("ClusterNode", "VirtualMachine", "VirtualMachineMigration", "ClusterPolicy")
 ACKNOWLEDGED = "HaAcknowledged"
 """Condition on a finished VirtualMachineMigration the HA engine has taken into account."""
 FAILED = "Failed"
@@ -86,6 +88,8 @@ FAILED = "Failed"
 RESTART_LIMIT = "RestartLimitReached"
 DISK_CONFLICT = "DiskConflict"
 """Condition on a VirtualMachine left Pending because another VM holds one of its disks."""
+ADMISSION_HELD = "AdmissionHeld"
+"""Condition on a VirtualMachine left Pending because starting it breaks admission control."""
 REQUESTED_BY = "kvmctl.io/requested-by"
 CANCEL_RETRY = 1.0
 ACTIVE_STATES = ("Running", "Paused", "Migrating")
@@ -256,7 +260,14 @@ class EtcdEnvironment:
             mine = [m for m in migrations if m.spec.vm == vm.metadata.name]
             vm_views[vm.metadata.name] = self._vm_view(vm, mine, now, mono)
         results, self._fence_results = tuple(self._fence_results), []
-        self._world = World(now=now, nodes=node_views, vms=vm_views, fence_results=results)
+        policy = self._informers["ClusterPolicy"].get(POLICY_NAME)
+        self._world = World(
+            now=now,
+            nodes=node_views,
+            vms=vm_views,
+            fence_results=results,
+            admission=policy.spec.admission if isinstance(policy, ClusterPolicy) else None,
+        )
         return self._world
 
     async def apply(self, action: Action) -> None:
@@ -412,6 +423,7 @@ class EtcdEnvironment:
             self._crashes.pop(name, None)
         failed = status.condition(FAILED)
         conflict = status.condition(DISK_CONFLICT)
+        held = status.condition(ADMISSION_HELD)
         return VmView(
             name=name,
             spec=vm.spec,
@@ -423,6 +435,7 @@ class EtcdEnvironment:
             failed=failed is not None and failed.status == "True",
             migration=self._migration_view(vm, migrations),
             disk_conflict=None if conflict is None else conflict.message,
+            admission_hold=None if held is None else held.message,
         )
 
     def _migration_view(
@@ -532,7 +545,17 @@ class EtcdEnvironment:
             )
         elif isinstance(action, SetDiskConflict):
             await self._patch(
-                "VirtualMachine", action.vm, lambda vm: _set_disk_conflict(vm, action.message)
+                "VirtualMachine",
+                action.vm,
+                lambda vm: _set_hold(vm, DISK_CONFLICT, "DiskInUse", action.message),
+            )
+        elif isinstance(action, SetAdmissionHold):
+            await self._patch(
+                "VirtualMachine",
+                action.vm,
+                lambda vm: _set_hold(
+                    vm, ADMISSION_HELD, "InsufficientFailoverCapacity", action.message
+                ),
             )
         elif isinstance(action, Migrate):
             await self._migrate(action)
@@ -712,11 +735,12 @@ def _set_failed(vm: Any, failed: bool) -> bool:
     return True
 
 
-def _set_disk_conflict(vm: Any, message: str | None) -> bool:
+def _set_hold(vm: Any, condition: str, reason: str, message: str | None) -> bool:
+    """Set (message) or drop (None) a condition saying why the VM is left Pending."""
     status = vm.status
     if message is not None:
-        return bool(status.set_condition(DISK_CONFLICT, "True", "DiskInUse", message))
-    if status.condition(DISK_CONFLICT) is None:
+        return bool(status.set_condition(condition, "True", reason, message))
+    if status.condition(condition) is None:
         return False
-    _drop_condition(status, DISK_CONFLICT)
+    _drop_condition(status, condition)
     return True

@@ -19,6 +19,7 @@
         node: host1                 # running there at time 0 (omit: the engine places it)
         memoryMiB: 1024             # any VirtualMachine spec field
     controllers: [host1, host2]     # optional: controllers on these hosts, the first leads
+    admission: {hostFailuresTolerated: 1}   # optional: ClusterPolicy spec.admission
     commands:
       - {at: 5, do: power-off host1}
 
@@ -46,6 +47,7 @@ from pydantic import ValidationError
 
 from crds import describe_validation_error
 from crds.clusternode import ClusterNodeSpec, Fencing
+from crds.clusterpolicy import AdmissionPolicy
 from crds.virtualmachine import VirtualMachineSpec
 
 from .engine import Engine, run
@@ -70,6 +72,7 @@ class Scenario:
     vms: list[SimVm]
     commands: list[tuple[float, str]] = field(default_factory=list)
     controllers: list[str] = field(default_factory=list)
+    admission: AdmissionPolicy | None = None
 
 
 def _camel(name: str) -> str:
@@ -291,6 +294,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         raise ScenarioError(f"{path}: vms: names must be distinct")
     raw_commands = _list(document.pop("commands", None), f"{path}: commands")
     controllers = _list(document.pop("controllers", None), f"{path}: controllers")
+    admission = document.pop("admission", None)
     if document:
         raise ScenarioError(f"{path}: unknown field {sorted(document)[0]!r}")
     for index, name in enumerate(controllers):
@@ -302,6 +306,11 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         raise ScenarioError(f"{path}: controllers: names must be distinct")
     scenario = Scenario(path, description, float(duration), timings, settings, hosts, vms)
     scenario.controllers = list(controllers)
+    if admission is not None:
+        try:
+            scenario.admission = AdmissionPolicy.model_validate(admission)
+        except ValidationError as error:
+            raise ScenarioError(f"{path}: admission: {describe_validation_error(error)}") from None
     for index, entry in enumerate(raw_commands):
         where = f"{path}: commands[{index}]"
         entry = _mapping(entry, where)
@@ -379,6 +388,7 @@ def build(scenario: Scenario, echo: Callable[[str], None] | None = None) -> Simu
         echo,
         scenario.controllers,
     )
+    sim.admission = scenario.admission
     for at, command in scenario.commands:
         sim.at(at, command_action(sim, command))
     return sim

@@ -28,6 +28,7 @@ from typing import Literal
 
 from controller.exclusive import Claims
 from crds.clusternode import ClusterNodeSpec, NodeHealth
+from crds.clusterpolicy import AdmissionPolicy
 from crds.virtualmachine import VirtualMachineSpec
 
 from .environment import (
@@ -45,6 +46,7 @@ from .environment import (
     NodeView,
     Place,
     Restart,
+    SetAdmissionHold,
     SetDiskConflict,
     SetFailed,
     SetNodeHealth,
@@ -145,6 +147,7 @@ class SimVm:
     migration: SimMigration | None = None
     down_since: float | None = None
     disk_conflict: str | None = None
+    admission_hold: str | None = None
 
 
 @dataclass
@@ -192,6 +195,8 @@ class Simulator:
         self._restart_controller = False
         self._doubled: set[str] = set()
         self._sharing: set[tuple[str, str]] = set()
+        self.admission: AdmissionPolicy | None = None
+        """The ClusterPolicy's admission control the engine sees (None: off)."""
         self.controllers = list(controllers or [])
         """Hosts that run a controller; empty: one controller outside the hosts."""
         self.leader = self.controllers[0] if self.controllers else OFF_HOST
@@ -298,12 +303,13 @@ class Simulator:
                     vm.migration.message,
                 ),
                 disk_conflict=vm.disk_conflict,
+                admission_hold=vm.admission_hold,
             )
             for vm in self.vms.values()
         }
         results = tuple(self._fence_results)
         self._fence_results.clear()
-        return World(now=now, nodes=nodes, vms=vms, fence_results=results)
+        return World(now=now, nodes=nodes, vms=vms, fence_results=results, admission=self.admission)
 
     async def apply(self, action: Action) -> None:
         if isinstance(action, Emit):
@@ -327,6 +333,8 @@ class Simulator:
                 vm.crashed_at = None
         elif isinstance(action, SetDiskConflict):
             self.vms[action.vm].disk_conflict = action.message
+        elif isinstance(action, SetAdmissionHold):
+            self.vms[action.vm].admission_hold = action.message
         elif isinstance(action, Migrate):
             self._migrate(action)
         elif isinstance(action, ClearMigration):
