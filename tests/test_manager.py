@@ -26,9 +26,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from controller.runtime import telemetry
+from controller.runtime.controller import Controller, Watch
 from controller.runtime.informer import SharedInformers
 from controller.runtime.leader import ElectionTiming, current_leader
-from controller.runtime.manager import Controller, Manager, Watch
+from controller.runtime.manager import Manager
 from controller.runtime.reconcile import Result, RetryableError, TerminalError
 from controller.runtime.store import Store, StoreError
 from crds import AnyResource, ClusterNode, Event, ObjectMeta, VirtualMachine

@@ -23,7 +23,7 @@ import logging
 
 from controller.fencing import FenceChecker
 from controller.garbage import garbage_collectors
-from controller.migrations import Term, lead_migrations
+from controller.migrations import Term, migration_controller
 from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import boot_id
 from controller.runtime.informer import SharedInformers
@@ -155,9 +155,6 @@ def build_manager(
     checker = FenceChecker(store, informers, ha.fence_runner, recorder)
     guest_fencing = GuestFenceController(store, informers)
 
-    async def migrations(token: int, guard: list[Compare]) -> None:
-        await lead_migrations(store, recorder, Term(token, guard))
-
     background: list[Background] = []
     if peers is not None and table is not None and node is not None:
 
@@ -186,13 +183,13 @@ def build_manager(
         informers=informers,
         leader_tasks=[
             ha.leader_task(),
-            LeaderTask("migrations", migrations),
             LeaderTask("fence-check", checker.run),
             guest_fencing.leader_task(),
         ],
         background=background,
         node=node,
     )
+    manager.add(migration_controller(store, informers, recorder, manager.term))
     if node is not None and table is not None and manager.elector is not None:
         ha.standby = StandbyWatch(
             store, informers, manager.elector, table, node, ha.timings, ha.fence_runner
