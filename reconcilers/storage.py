@@ -48,6 +48,7 @@ class StorageSettings:
     lvm: LvmSettings = field(default_factory=LvmSettings)
     workers: int = 1
     resync_period: float | None = DEFAULT_RESYNC_PERIOD
+    """For `run_storage_reconcilers`; in the agent the kinds share its cache and resync period."""
 
 
 def on_this_node(obj: AnyResource, node: str) -> bool:
