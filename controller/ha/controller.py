@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AbstractContextManager
 
 from controller.fencing import FenceChecker
 from controller.garbage import garbage_collectors
 from controller.migrations import Term, migration_controller
+from controller.runtime import telemetry
 from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import boot_id
 from controller.runtime.informer import SharedInformers
@@ -100,7 +102,7 @@ class HaController:
         try:
             async with environment:
                 await self._record_takeover(environment)
-                await run(Engine(self.timings), environment, self.period)
+                await run(Engine(self.timings), environment, self.period, _traced_step)
         finally:
             self.token = None
         log.error("HA loop of token %d stopped: deposed; waiting for the term to end", token)
@@ -199,6 +201,11 @@ def build_manager(
             store, informers, manager.elector, table, node, ha.timings, ha.fence_runner
         )
     return manager
+
+
+def _traced_step() -> AbstractContextManager[object]:
+    """Each engine step is one reconcile of the cluster in the manager's spans and durations."""
+    return telemetry.reconcile_span("Cluster", "cluster", "ha")
 
 
 async def _watch(ha: HaController) -> None:
