@@ -1,5 +1,6 @@
 """The manager against a real etcd: every object reconciled, mapped watches, terminal errors,
-convergence across an etcd restart, leader-only controllers, /healthz and /metrics, SIGTERM.
+convergence across an etcd restart, leader-only controllers, /healthz and /metrics, SIGTERM;
+registrations: predicates, external sources, the setup/on_ready/teardown hooks, `Manager.term`.
 """
 
 from __future__ import annotations
