@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from controller.runtime.manager import Controller, Manager
+from controller.runtime.controller import Controller
+from controller.runtime.manager import Manager
 from controller.runtime.reconcile import Result
 from controller.runtime.store import Store
 from controller.runtime.telemetry import Exporter, setup_telemetry

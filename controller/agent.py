@@ -4,14 +4,17 @@ It waits for its ClusterNode object, reports the host in the node's status (capa
 libvirt unless `spec.capacity` overrides it, agent version, the libvirt URI peers use, the
 migration address, `Ready`/`AgentReady` conditions, `lastHeartbeatTime` every
 `status_interval`), keeps its heartbeat lease (`controller/runtime/heartbeat.py`) and runs the
-host's reconcilers: VirtualMachines (`reconcilers/virtualmachine.py`) and the source side of
-live migrations (`reconcilers/migration.py`). With `domain.lvm` set both manage the activation
-of the VMs' LVs (claimed and activated before a start, released after a stop, handed over during a
+host's reconcilers, all Controllers of one `Manager` over one shared cache: VirtualMachines
+(`reconcilers/virtualmachine.py`), the source side of live migrations (`reconcilers/migration.py`)
+and the Bond, IscsiTarget and VolumeGroup loops (`reconcilers/storage.py`); the heartbeat, the
+node status, the direct heartbeats and the HA report run beside them as the manager's background
+tasks. With `domain.lvm` set the VM and migration reconcilers manage the activation of the VMs'
+LVs (claimed and activated before a start, released after a stop, handed over during a
 migration; docs/storage.md).
 
-Libvirt lifecycle events enqueue the VM of the same name, so a crashed guest is seen at once; the
-informers resync every `resync_period`. A lost libvirt connection is reopened, and every VM and
-domain is looked at again.
+Libvirt lifecycle events enqueue the VM of the same name through the VM controller's queue (a
+`Source`), so a crashed guest is seen at once; the informers resync every `resync_period`. A
+lost libvirt connection is reopened, and every VM and domain is looked at again.
 
 Starting a domain needs a valid heartbeat lease and a node that is not being fenced, and the
 reconciler re-reads the VM from etcd right before: a VM the controller moved away while this
@@ -30,29 +33,30 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
-from collections.abc import Coroutine
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from controller.ha.agent_side import HaReporter
 from controller.ha.environment import HaTimings
+from controller.runtime.controller import Controller, Source, Watch
 from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import Heartbeat, HeartbeatTiming, Watchdog, boot_id
-from controller.runtime.informer import EventType, SharedInformers
+from controller.runtime.informer import KeySink, SharedInformers
 from controller.runtime.layout import node_writer
+from controller.runtime.manager import Background, Manager
 from controller.runtime.peers import PeerSender, PeerSettings
-from controller.runtime.reconcile import TerminalError, run_workers
+from controller.runtime.reconcile import TerminalError
 from controller.runtime.store import NotFound, Store, StoreError
-from controller.runtime.workqueue import WorkQueue
 from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigration
 from crds.clusternode import Capacity
 from crds.libvirt_uri import peer_uri_or_none
 from crds.meta import now
 from reconcilers.drivers.libvirt import LibvirtError, LibvirtHost, LibvirtUnavailable
 from reconcilers.migration import MigrationRunner
-from reconcilers.storage import StorageSettings, run_storage_reconcilers
+from reconcilers.storage import StorageSettings, may_read_secrets, storage_controllers
 from reconcilers.tgtd_supervisor import TgtdSupervisor
 from reconcilers.virtualmachine import ACTIVE_STATES, DomainSettings, VirtualMachineReconciler
 
@@ -61,6 +65,7 @@ log = logging.getLogger(__name__)
 AGENT_VERSION = importlib.metadata.version("kvmctl")
 RECONNECT_DELAY = 1.0
 FENCING_HEALTH = ("Fencing", "Fenced")
+VM_CONTROLLER = "virtualmachine"
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,8 @@ class Agent:
         self.nodes = self.informers.informer("ClusterNode")
         self.iscsi_targets = self.informers.informer("IscsiTarget")
         self.recorder = EventRecorder(store, "kvmctl-agent", settings.node)
-        self.vm_queue: WorkQueue | None = None
-        self.migration_queue: WorkQueue | None = None
+        self.manager: Manager | None = None
+        """The manager running the agent's loops (created by `run`)."""
         self.vm_reconciler = VirtualMachineReconciler(
             self.node,
             store,
@@ -134,10 +139,12 @@ class Agent:
         )
         self.ha = HaReporter(store, self.node, HaTimings(), self.recorder)
         """Tells the HA controller which domains run here, and clears the node after a fence."""
+        self.nodes.add_handler(
+            lambda _type, obj: self.ha.wake() if obj.metadata.name == self.node else None
+        )
         self.host: LibvirtHost | None = None
         self.ready = asyncio.Event()
         """Set once registered, connected to libvirt and reconciling."""
-        self._tasks: list[asyncio.Task[None]] = []
         self._fenced_domains: list[str] = []
 
     # -- state the reconcilers and the heartbeat read ----------------------------------------
@@ -174,7 +181,12 @@ class Agent:
 
     def _healthy(self) -> bool:
         """The agent's loops are alive (the caller runs on the event loop, so it turns)."""
-        return bool(self._tasks) and all(not task.done() for task in self._tasks)
+        return self.manager is not None and self.manager.healthy()
+
+    @property
+    def vm_queue(self) -> KeySink | None:
+        """Where to enqueue VirtualMachine names for this node's VM controller."""
+        return None if self.manager is None else self.manager.queue(VM_CONTROLLER)
 
     async def _self_fence(self) -> None:
         """Destroy every kvmctl domain of this host now; libvirt only, no etcd."""
@@ -195,121 +207,110 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Register, then reconcile until `stop` is set; raise if a part fails for good."""
+        storage = self.settings.storage
+        read_secrets = storage is not None and await may_read_secrets(self.store, self.node)
+        manager = Manager(
+            self.store,
+            self._controllers(read_secrets),
+            informers=self.informers,
+            http_port=None,
+            component="kvmctl-agent",
+            node=self.node,
+            background=self._background(),
+            setup=self._register,
+            on_ready=self._running,
+            teardown=self._teardown,
+            close_store=False,
+        )
+        self.manager = manager
+        stopping = asyncio.create_task(_stop_when_set(stop, manager))
         try:
-            self.informers.start()
-            if not await _unless(stop, self._register()):
-                return
-            vm_queue, migration_queue = WorkQueue(), WorkQueue()
-            self.vm_queue, self.migration_queue = vm_queue, migration_queue
-            self._wire(vm_queue, migration_queue)
-            self._start(self.heartbeat.run(), "heartbeat")
-            self._start(self._libvirt_forever(vm_queue), "libvirt events")
-            self._start(self._report_forever(), "node status")
-            self._start(self._recover_from_self_fence(vm_queue), "self-fence recovery")
-            own = self.own_node()
-            if self.settings.peers is not None and own is not None:
-                sender = PeerSender(
-                    self.node,
-                    "agent",
-                    boot_id(),
-                    str(own.spec.addresses.cluster),
-                    self._peer_addresses,
-                    self.settings.peers,
-                )
-                self._start(sender.run(), "direct heartbeats")
-            on_terminal = self._on_terminal
-            vm_workers = run_workers(
-                vm_queue, self.vm_reconciler, self.settings.vm_workers, on_terminal
-            )
-            self._start(vm_workers, "vm workers")
-            self._start(run_workers(migration_queue, self.migration_runner, 2), "migrations")
-            self._start(
-                self.ha.run(self.own_node, lambda: self.host, self._past_self_fence_deadline),
-                "ha report",
-            )
-            if self.settings.storage is not None:
-                self._start(self._storage(self.settings.storage), "storage")
-            for obj in self.vms.list():
-                vm_queue.add(obj.metadata.name)
-            for obj in self.migrations.list():
-                migration_queue.add(obj.metadata.name)
-            self.ready.set()
-            log.info("agent of %s running", self.node)
-            await self._until_stopped_or_failed(stop)
-        finally:
-            await self._shutdown()
-
-    async def _storage(self, storage: StorageSettings) -> None:
-        tgtd = None
-        if self.settings.tgtd_portal is not None:
-            tgtd = TgtdSupervisor(self.settings.tgtd_portal, storage.tgtd_control_port)
-        await run_storage_reconcilers(self.store, self.node, self.recorder, storage, tgtd)
-
-    def _start(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        self._tasks.append(asyncio.create_task(work, name=name))
-
-    async def _until_stopped_or_failed(self, stop: asyncio.Event) -> None:
-        stopping = asyncio.create_task(stop.wait())
-        try:
-            waiting: set[asyncio.Future[Any]] = {stopping, *self._tasks, *self.informers.tasks()}
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            await manager.run(handle_signals=False)
         finally:
             stopping.cancel()
-        for task in done:
-            if task is not stopping:
-                error = None if task.cancelled() else task.exception()
-                name = task.get_name() if isinstance(task, asyncio.Task) else "a task"
-                raise RuntimeError(f"agent part {name!r} stopped: {error!r}") from error
 
-    async def _shutdown(self) -> None:
-        for queue in (self.vm_queue, self.migration_queue):
-            if queue is not None:
-                queue.shutdown()
+    def _controllers(self, read_secrets: bool) -> list[Controller]:
+        """The VM and migration-source controllers, and the storage ones if configured."""
+        vms = Controller(
+            VM_CONTROLLER,
+            "VirtualMachine",
+            self.vm_reconciler,
+            self.settings.vm_workers,
+            watches=[
+                Watch("VirtualMachineMigration", _migrated_vm),
+                Watch("ClusterNode", self._every_vm_if_mine),
+                Watch("IscsiTarget", self._vms_using_target),
+            ],
+            sources=[
+                Source("libvirt events", self._libvirt_forever),
+                Source("self-fence recovery", self._recover_from_self_fence),
+            ],
+            on_terminal=self._on_terminal,
+        )
+        migrations = Controller(
+            "migration-source", "VirtualMachineMigration", self.migration_runner, 2
+        )
+        controllers = [vms, migrations]
+        storage = self.settings.storage
+        if storage is not None:
+            controllers += storage_controllers(
+                self.store, self.node, self.recorder, storage, self.informers, read_secrets
+            )
+        return controllers
+
+    def _background(self) -> list[Background]:
+        ha = lambda: self.ha.run(  # noqa: E731
+            self.own_node, lambda: self.host, self._past_self_fence_deadline
+        )
+        background = [
+            Background("heartbeat", self.heartbeat.run),
+            Background("node status", self._report_forever),
+            Background("ha report", ha),
+        ]
+        if self.settings.peers is not None:
+            background.append(Background("direct heartbeats", self._direct_heartbeats))
+        return background
+
+    def _running(self) -> None:
+        self.ready.set()
+        log.info("agent of %s running", self.node)
+
+    async def _direct_heartbeats(self) -> None:
+        own = self.own_node()
+        assert own is not None and self.settings.peers is not None, "registered, with peers"
+        sender = PeerSender(
+            self.node,
+            "agent",
+            boot_id(),
+            str(own.spec.addresses.cluster),
+            self._peer_addresses,
+            self.settings.peers,
+        )
+        await sender.run()
+
+    async def _teardown(self) -> None:
         await self.migration_runner.stop()
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
         with contextlib.suppress(StoreError, TimeoutError):
             async with asyncio.timeout(2):
                 await self._write_node_status(stopping=True)
-        await self.informers.stop()
         if self.host is not None:
             await self.host.close()
         log.info("agent of %s stopped; guests keep running", self.node)
 
-    def _wire(self, vm_queue: WorkQueue, migration_queue: WorkQueue) -> None:
-        self.vms.enqueue(vm_queue)
+    def _every_vm_if_mine(self, node: AnyResource) -> list[str]:
+        if node.metadata.name != self.node:
+            return []
+        return [vm.metadata.name for vm in self.vms.list()]
 
-        def migration_changed(_type: EventType, obj: AnyResource) -> None:
-            if isinstance(obj, VirtualMachineMigration):
-                vm_queue.add(obj.spec.vm)
-                migration_queue.add(obj.metadata.name)
-
-        self.migrations.add_handler(migration_changed)
-
-        def node_changed(_type: EventType, obj: AnyResource) -> None:
-            if obj.metadata.name == self.node:
-                self.ha.wake()
-                for vm in self.vms.list():
-                    vm_queue.add(vm.metadata.name)
-
-        self.nodes.add_handler(node_changed)
-
-        def target_changed(_type: EventType, obj: AnyResource) -> None:
-            for vm in self.vms.list():
-                if any(
-                    disk.iscsi is not None and disk.iscsi.target == obj.metadata.name
-                    for disk in vm.spec.disks
-                ):
-                    vm_queue.add(vm.metadata.name)
-
-        self.iscsi_targets.add_handler(target_changed)
+    def _vms_using_target(self, target: AnyResource) -> Iterable[str]:
+        for vm in self.vms.list():
+            disks = vm.spec.disks
+            if any(d.iscsi is not None and d.iscsi.target == target.metadata.name for d in disks):
+                yield vm.metadata.name
 
     async def _register(self) -> None:
-        """Wait for the ClusterNode object and libvirt, then write the node's status."""
-        await self.informers.wait_for_sync()
+        """Wait for the ClusterNode object and libvirt, then write the node's status (and
+        start tgtd on a storage node when none answers)."""
         if self.own_node() is None:
             log.warning("waiting for ClusterNode %s to be created", self.node)
             created = asyncio.Event()
@@ -321,6 +322,11 @@ class Agent:
         self.host = await self._connect()
         self.vm_reconciler.host = self.migration_runner.host = self.host
         await self._write_node_status()
+        storage = self.settings.storage
+        if storage is not None and self.settings.tgtd_portal is not None:
+            await TgtdSupervisor(
+                self.settings.tgtd_portal, storage.tgtd_control_port
+            ).ensure_running()
 
     async def _connect(self) -> LibvirtHost:
         while True:
@@ -332,7 +338,7 @@ class Agent:
 
     # -- libvirt -----------------------------------------------------------------------------
 
-    async def _libvirt_forever(self, vm_queue: WorkQueue) -> None:
+    async def _libvirt_forever(self, vm_queue: KeySink) -> None:
         """Enqueue the VM of every lifecycle event; reconnect when the connection is lost."""
         while True:
             host = self.host
@@ -399,7 +405,7 @@ class Agent:
 
     # -- self-fence recovery, terminal errors ------------------------------------------------
 
-    async def _recover_from_self_fence(self, vm_queue: WorkQueue) -> None:
+    async def _recover_from_self_fence(self, vm_queue: KeySink) -> None:
         """After a self-fence: once the lease is back, record it and look at every VM again.
 
         Starting needs no more than that: the reconciler re-reads each VM from etcd before
@@ -445,18 +451,10 @@ class Agent:
             await self.recorder.record(vm, "Warning", error.reason, "%s", error.message)
 
 
-async def _unless(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> bool:
-    """Run `work` unless `stop` is set first; True if it completed (re-raising its error)."""
-    task = asyncio.create_task(work)
-    stopping = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-    if task.cancelled():
-        return False
-    task.result()
-    return True
+def _migrated_vm(migration: AnyResource) -> list[str]:
+    return [migration.spec.vm] if isinstance(migration, VirtualMachineMigration) else []
+
+
+async def _stop_when_set(stop: asyncio.Event, manager: Manager) -> None:
+    await stop.wait()
+    manager.stop()

@@ -9,21 +9,25 @@ fence time with a message saying which label is missing.
 `run_method` runs one fence method of a node: what the leader's engine and a standby taking over
 both do (every device `off`, then `status` must say off, within its timeout).
 
-`FenceChecker` is a leader task: at the start of each term and whenever a ClusterNode's spec
-changes it checks every device the way the fence runner will (allow-list, the agent's metadata,
-secrets) and records an `InvalidFenceDevice` Warning per problem, so the admin learns of a device
-that cannot work before a node has to be fenced with it. (Status updates do not trigger a check;
-a Secret relabelled later is seen at the next spec change, term, or fence.)
+`FenceChecker` is a leader-only reconciler of ClusterNodes: at the start of each term and
+whenever a ClusterNode's spec changes it checks every device the way the fence runner will
+(allow-list, the agent's metadata, secrets) and records an `InvalidFenceDevice` Warning per
+problem, so the admin learns of a device that cannot work before a node has to be fenced with
+it. (Status updates do not trigger a check; a Secret relabelled later is seen at the next spec
+change, term, or fence.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Callable
 
+from controller.runtime.controller import Controller
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import SharedInformers
-from controller.runtime.store import Compare, NotFound, Store, StoreError
+from controller.runtime.manager import Term
+from controller.runtime.reconcile import Result
+from controller.runtime.store import NotFound, Store, StoreError
 from crds import ClusterNode, Secret
 from crds.clusternode import ClusterNodeSpec
 from crds.clusternode import FenceDevice as FenceDeviceSpec
@@ -98,7 +102,7 @@ async def fencing_problems(store: Store, runner: FenceRunner, node: ClusterNode)
 
 
 class FenceChecker:
-    """Leader task: warn about ClusterNodes whose fence devices cannot work (module docstring)."""
+    """Leader-only: warn about ClusterNodes whose fence devices cannot work (module docstring)."""
 
     def __init__(
         self,
@@ -106,37 +110,38 @@ class FenceChecker:
         informers: SharedInformers,
         runner: FenceRunner,
         recorder: EventRecorder,
+        term: Callable[[], Term],
     ) -> None:
+        """`term()` is the term leading now: each term checks every node once more."""
         self.store = store
-        self.informers = informers
+        self.nodes = informers.informer("ClusterNode")
         self.runner = runner
         self.recorder = recorder
-        self._changed = asyncio.Event()
-        self._checked: dict[str, ClusterNodeSpec] = {}
-        informers.informer("ClusterNode").add_handler(lambda _type, _obj: self._changed.set())
+        self.term = term
+        self._checked: dict[str, tuple[int, ClusterNodeSpec]] = {}
+        """Per node, the term and the spec last checked."""
 
-    async def run(self, token: int, guard: list[Compare]) -> None:
-        """Until cancelled, check each ClusterNode whose spec is new to this term."""
-        await self.informers.wait_for_sync()
-        self._checked.clear()
-        while True:
-            self._changed.clear()
-            for node in self.informers.informer("ClusterNode").list():
-                if (
-                    isinstance(node, ClusterNode)
-                    and self._checked.get(node.metadata.name) != node.spec
-                ):
-                    await self._check(node)
-            await self._changed.wait()
+    def controller(self) -> Controller:
+        return Controller("fence-check", "ClusterNode", self, leader_only=True)
 
-    async def _check(self, node: ClusterNode) -> None:
+    async def reconcile(self, key: str) -> Result:
+        node = self.nodes.get(key)
+        if not isinstance(node, ClusterNode):
+            self._checked.pop(key, None)
+            return Result()
+        token = self.term().token
+        if self._checked.get(key) != (token, node.spec):
+            await self._check(node, token)
+        return Result()
+
+    async def _check(self, node: ClusterNode, token: int) -> None:
         name = node.metadata.name
         try:
             problems = await fencing_problems(self.store, self.runner, node)
         except StoreError as error:
             log.warning("fence devices of %s not checked: %s", name, error)
             return
-        self._checked[name] = node.spec
+        self._checked[name] = (token, node.spec)
         for problem in problems:
             log.warning("ClusterNode %s: fence %s", name, problem)
             # The whole text as the template: each distinct problem is its own Event.

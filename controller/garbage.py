@@ -8,14 +8,12 @@ conflict, and re-reading finds the object gone.
 
 from __future__ import annotations
 
-import asyncio
-
+from controller.runtime.controller import Controller
 from controller.runtime.informer import Informer, SharedInformers
 from controller.runtime.layout import NODE_FINALIZERS
-from controller.runtime.manager import Controller
-from controller.runtime.reconcile import Result, RetryableError, run_workers
+from controller.runtime.manager import Manager
+from controller.runtime.reconcile import Result, RetryableError
 from controller.runtime.store import Conflict, Store, StoreError
-from controller.runtime.workqueue import WorkQueue
 
 FINALIZED_KINDS = tuple(NODE_FINALIZERS)
 """The kinds agents put finalizers on."""
@@ -56,20 +54,12 @@ def garbage_collectors(store: Store, informers: SharedInformers) -> list[Control
 
 
 async def collect_forever(store: Store) -> None:
-    """Run the garbage collectors on their own, without a Manager, until cancelled.
+    """Run the garbage collectors on their own until cancelled (`store` stays open).
 
     For a stand-in of the controller (the agent test harnesses) that must still delete what
     agents finalized.
     """
     informers = SharedInformers(store)
     collectors = garbage_collectors(store, informers)
-    queues = [WorkQueue() for _ in collectors]
-    for collector, queue in zip(collectors, queues, strict=True):
-        informers.informer(collector.kind).enqueue(queue)
-    informers.start()
-    try:
-        await asyncio.gather(
-            *(run_workers(q, c.reconciler, 1) for c, q in zip(collectors, queues, strict=True))
-        )
-    finally:
-        await informers.stop()
+    manager = Manager(store, collectors, informers=informers, http_port=None, close_store=False)
+    await manager.run(handle_signals=False)

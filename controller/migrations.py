@@ -16,19 +16,19 @@ exists.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
+from controller.runtime.controller import Controller
 from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import heartbeat_key
 from controller.runtime.informer import Informer, SharedInformers
-from controller.runtime.leader import LeaderElector, guard_compare
-from controller.runtime.reconcile import Result, RetryableError, TerminalError, run_workers
-from controller.runtime.store import Compare, Conflict, NotFound, Store
-from controller.runtime.workqueue import WorkQueue
+from controller.runtime.manager import Manager
+from controller.runtime.manager import Term as Term  # re-exported: the HA modules use it
+from controller.runtime.reconcile import Result, RetryableError
+from controller.runtime.store import Conflict, NotFound, Store
 from crds import ClusterNode, VirtualMachine, VirtualMachineMigration
 from crds.meta import now
 from crds.migration import PLACEMENT_SWITCHED
@@ -39,18 +39,6 @@ log = logging.getLogger(__name__)
 
 UNHEALTHY = ("Fencing", "Fenced", "Offline")
 RESYNC_PERIOD = 30.0
-
-
-@dataclass(frozen=True)
-class Term:
-    """One term of leadership: the fencing token and the compare that guards writes with it."""
-
-    token: int
-    guard: list[Compare]
-
-    @classmethod
-    def of(cls, store: Store, election_key: str, token: int) -> Term:
-        return cls(token, [guard_compare(store.client, election_key, token)])
 
 
 class Invalid(Exception):
@@ -67,8 +55,9 @@ class MigrationController:
         vms: Informer,
         nodes: Informer,
         recorder: EventRecorder,
-        term: Term,
+        term: Callable[[], Term],
     ) -> None:
+        """`term()` is the term leading now (RetryableError when none)."""
         self.store = store
         self.migrations = migrations
         self.vms = vms
@@ -80,14 +69,15 @@ class MigrationController:
         migration = self.migrations.get(key)
         if not isinstance(migration, VirtualMachineMigration):
             return Result()
+        term = self.term()
         try:
             if migration.status.phase == "Pending":
-                await self._schedule(migration)
+                await self._schedule(migration, term)
             elif (
                 migration.status.phase == "Succeeded"
                 and migration.status.condition(PLACEMENT_SWITCHED) is None
             ):
-                await self._switch_placement(migration)
+                await self._switch_placement(migration, term)
         except NotFound:
             return Result()
         except Conflict as error:
@@ -96,11 +86,11 @@ class MigrationController:
 
     # -- Pending -> Scheduled ----------------------------------------------------------------
 
-    async def _schedule(self, migration: VirtualMachineMigration) -> None:
+    async def _schedule(self, migration: VirtualMachineMigration, term: Term) -> None:
         try:
             source = await self._validate(migration)
         except Invalid as error:
-            await self._reject(migration, str(error))
+            await self._reject(migration, str(error), term)
             return
 
         def mutate(current: Any) -> bool:
@@ -112,7 +102,7 @@ class MigrationController:
             return True
 
         await self.store.patch_status(
-            "VirtualMachineMigration", migration.metadata.name, mutate, guard=self.term.guard
+            "VirtualMachineMigration", migration.metadata.name, mutate, guard=term.guard
         )
         log.info("migration %s scheduled from %s", migration.metadata.name, source)
 
@@ -182,7 +172,7 @@ class MigrationController:
                 f"{capacity.memory_mib} MiB available"
             )
 
-    async def _reject(self, migration: VirtualMachineMigration, reason: str) -> None:
+    async def _reject(self, migration: VirtualMachineMigration, reason: str, term: Term) -> None:
         def mutate(current: Any) -> bool:
             if current.status.phase != "Pending":
                 return False
@@ -192,13 +182,13 @@ class MigrationController:
             return True
 
         await self.store.patch_status(
-            "VirtualMachineMigration", migration.metadata.name, mutate, guard=self.term.guard
+            "VirtualMachineMigration", migration.metadata.name, mutate, guard=term.guard
         )
         await self.recorder.record(migration, "Warning", "MigrationRejected", "%s", reason)
 
     # -- Succeeded -> placement switched -----------------------------------------------------
 
-    async def _switch_placement(self, migration: VirtualMachineMigration) -> None:
+    async def _switch_placement(self, migration: VirtualMachineMigration, term: Term) -> None:
         source, target = migration.status.source_node, migration.spec.target_node
         switched = False
 
@@ -207,13 +197,13 @@ class MigrationController:
             placement = vm.status.placement
             if placement is None or placement.node != source:
                 return False
-            vm.status.placement = Placement(node=target, token=self.term.token, since=now())
+            vm.status.placement = Placement(node=target, token=term.token, since=now())
             switched = True
             return True
 
         with contextlib.suppress(NotFound):
             await self.store.patch_status(
-                "VirtualMachine", migration.spec.vm, move, guard=self.term.guard
+                "VirtualMachine", migration.spec.vm, move, guard=term.guard
             )
         if switched:
             reason, message = "Switched", f"placement moved from {source} to {target}"
@@ -228,48 +218,35 @@ class MigrationController:
             )
 
         await self.store.patch_status(
-            "VirtualMachineMigration", migration.metadata.name, mark, guard=self.term.guard
+            "VirtualMachineMigration", migration.metadata.name, mark, guard=term.guard
         )
         log.info("migration %s: %s", migration.metadata.name, message)
 
 
-async def lead_migrations(
-    store: Store, recorder: EventRecorder, term: Term, workers: int = 2
-) -> None:
-    """Run the migration controller for one term, until cancelled (the work of `leading`)."""
-    informers = SharedInformers(store, resync_period=RESYNC_PERIOD)
-    migrations = informers.informer("VirtualMachineMigration")
-    controller = MigrationController(
+def migration_controller(
+    store: Store,
+    informers: SharedInformers,
+    recorder: EventRecorder,
+    term: Callable[[], Term],
+    leader_only: bool = True,
+) -> Controller:
+    """The migration controller's registration with a manager (`term`: its `Manager.term`)."""
+    reconciler = MigrationController(
         store,
-        migrations,
+        informers.informer("VirtualMachineMigration"),
         informers.informer("VirtualMachine"),
         informers.informer("ClusterNode"),
         recorder,
         term,
     )
-    queue = WorkQueue()
-    migrations.enqueue(queue)
-    try:
-        informers.start()
-        await informers.wait_for_sync()
-        for obj in migrations.list():
-            queue.add(obj.metadata.name)
-
-        async def on_terminal(key: str, error: TerminalError) -> None:
-            log.error("migration %s: %s", key, error)
-
-        await run_workers(queue, controller, workers, on_terminal)
-    finally:
-        queue.shutdown()
-        await asyncio.shield(informers.stop())
+    kind = "VirtualMachineMigration"
+    return Controller("migrations", kind, reconciler, workers=2, leader_only=leader_only)
 
 
-async def serve_migrations(store: Store, identity: str, election: str = "controller") -> None:
-    """Campaign as `identity`; run the migration controller while leading, until cancelled."""
-    recorder = EventRecorder(store, "kvmctl-controller")
-    elector = LeaderElector(store.client, store.prefix, election, identity)
-
-    async def leading(token: int) -> None:
-        await lead_migrations(store, recorder, Term.of(store, elector.key, token))
-
-    await elector.run(leading)
+async def lead_migrations(store: Store, recorder: EventRecorder, term: Term) -> None:
+    """Run the migration controller for the given term on its own, until cancelled (for a
+    stand-in of the controller daemon; `store` stays open)."""
+    informers = SharedInformers(store, resync_period=RESYNC_PERIOD)
+    controller = migration_controller(store, informers, recorder, lambda: term, leader_only=False)
+    manager = Manager(store, [controller], informers=informers, http_port=None, close_store=False)
+    await manager.run(handle_signals=False)

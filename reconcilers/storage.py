@@ -1,12 +1,16 @@
-"""The agent's storage and network plumbing: Bond, IscsiTarget and VolumeGroup reconcilers.
+"""The agent's storage and network plumbing: Bond, IscsiTarget and VolumeGroup controllers.
 
-`run_storage_reconcilers` is the one entry point the host agent calls. It watches the three
-kinds (and what they refer to: Secrets, VirtualMachines, this node's ClusterNode), enqueues
-only the objects that concern this node (`spec.node`, or for a VolumeGroup `spec.nodes`
-containing it or empty), feeds netlink link events to the Bond queue, starts tgtd when the
-caller passes a `TgtdSupervisor` and none answers, and runs the workers until cancelled.
-A tgtd started this way keeps running when the loop stops (its sessions belong to the
-initiators); the caller owns the supervisor and may `stop()` it.
+`storage_controllers` registers the three with the agent's manager, on its shared cache. Each
+handles only the objects that concern this node (`spec.node`, or for a VolumeGroup `spec.nodes`
+containing it or empty), and is also enqueued by what it refers to: a Secret (CHAP) enqueues the
+IscsiTargets using it (only when this node may read Secrets: `may_read_secrets`), a
+VirtualMachine the VolumeGroups holding its disks, this node's ClusterNode every Bond; netlink
+link events feed the Bond controller (a `Source`).
+
+`run_storage_reconcilers` runs them on a manager of their own (first starting tgtd through the
+`TgtdSupervisor` it is given when none answers), until cancelled. A tgtd started this way keeps
+running when the loop stops (its sessions belong to the initiators); the caller owns the
+supervisor and may `stop()` it.
 
     tgtd = TgtdSupervisor("10.0.1.1:3260")
     await run_storage_reconcilers(store, "host1", recorder, StorageSettings(), tgtd)
@@ -14,17 +18,16 @@ initiators); the caller owns the supervisor and may `stop()` it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from controller.runtime.controller import Controller, Source, Watch
 from controller.runtime.events import EventRecorder
-from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, Informer, SharedInformers
-from controller.runtime.reconcile import OnTerminal, Reconciler, TerminalError, run_workers
-from controller.runtime.store import NotFound, PermissionDenied, Store
-from controller.runtime.workqueue import WorkQueue
-from crds import AnyResource, Bond, IscsiTarget, Secret, VirtualMachine, VolumeGroup
+from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, KeySink, SharedInformers
+from controller.runtime.manager import Manager
+from controller.runtime.store import PermissionDenied, Store
+from crds import AnyResource, Bond, IscsiTarget, VirtualMachine, VolumeGroup
 from reconcilers.bond import BondReconciler, watch_bond_links
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import IscsiTargetReconciler
@@ -45,6 +48,7 @@ class StorageSettings:
     lvm: LvmSettings = field(default_factory=LvmSettings)
     workers: int = 1
     resync_period: float | None = DEFAULT_RESYNC_PERIOD
+    """For `run_storage_reconcilers`; in the agent the kinds share its cache and resync period."""
 
 
 def on_this_node(obj: AnyResource, node: str) -> bool:
@@ -57,6 +61,7 @@ def on_this_node(obj: AnyResource, node: str) -> bool:
 
 
 def targets_using_secret(targets: Iterable[AnyResource], secret: str) -> list[str]:
+    """Names of the IscsiTargets whose CHAP credentials are in Secret `secret`."""
     return [
         t.metadata.name
         for t in targets
@@ -73,51 +78,7 @@ def volume_groups_used_by(vgs: Iterable[AnyResource], vm: VirtualMachine) -> lis
     ]
 
 
-class _Kind:
-    """One kind's queue, fed by its informer for this node's objects only."""
-
-    def __init__(self, informer: Informer, node: str, reconciler: Reconciler) -> None:
-        self.informer = informer
-        self.node = node
-        self.reconciler = reconciler
-        self.queue = WorkQueue()
-        informer.add_handler(self._changed)
-
-    def _changed(self, _type: str, obj: AnyResource) -> None:
-        if on_this_node(obj, self.node):
-            self.queue.add(obj.metadata.name)
-
-    def add(self, key: str) -> None:
-        obj = self.informer.get(key)
-        if obj is not None and on_this_node(obj, self.node):
-            self.queue.add(key)
-
-    def mapped(self, keys: Callable[[AnyResource], Iterable[str]]) -> Callable[..., None]:
-        def handler(_type: str, obj: AnyResource) -> None:
-            for key in keys(obj):
-                self.add(key)
-
-        return handler
-
-
-def _recording(store: Store, kind: str, recorder: EventRecorder) -> OnTerminal:
-    async def record(key: str, error: TerminalError) -> None:
-        def mark(obj: AnyResource) -> bool:
-            changed: bool = obj.status.set_condition(
-                "Ready", "False", error.reason, error.message, obj.metadata.generation
-            )
-            return changed
-
-        try:
-            obj = await store.patch_status(kind, key, mark)
-        except NotFound:
-            return
-        await recorder.record(obj, "Warning", error.reason, error.message)
-
-    return record
-
-
-async def _may_read_secrets(store: Store, node: str) -> bool:
+async def may_read_secrets(store: Store, node: str) -> bool:
     """Whether this node's etcd user may read Secrets (with RBAC, only storage nodes may)."""
     try:
         await store.list_objects("Secret")
@@ -127,6 +88,64 @@ async def _may_read_secrets(store: Store, node: str) -> bool:
     return True
 
 
+def storage_controllers(
+    store: Store,
+    node: str,
+    recorder: EventRecorder,
+    settings: StorageSettings,
+    informers: SharedInformers,
+    read_secrets: bool,
+) -> list[Controller]:
+    """The Bond, IscsiTarget and VolumeGroup controllers of `node` (see the module docstring)."""
+    bonds = informers.informer("Bond")
+    targets = informers.informer("IscsiTarget")
+    vgs = informers.informer("VolumeGroup")
+
+    def mine(obj: AnyResource) -> bool:
+        return on_this_node(obj, node)
+
+    def secret_users(secret: AnyResource) -> list[str]:
+        return targets_using_secret(targets.list(), secret.metadata.name)
+
+    def vgs_of(vm: AnyResource) -> list[str]:
+        return volume_groups_used_by(vgs.list(), vm) if isinstance(vm, VirtualMachine) else []
+
+    def every_bond(changed: AnyResource) -> list[str]:
+        return [b.metadata.name for b in bonds.list()] if changed.metadata.name == node else []
+
+    async def link_events(sink: KeySink) -> None:
+        await watch_bond_links(settings.netns, node, bonds, sink)
+
+    workers = settings.workers
+    return [
+        Controller(
+            "bond",
+            "Bond",
+            BondReconciler(store, node, recorder, netns=settings.netns),
+            workers,
+            watches=[Watch("ClusterNode", every_bond)],
+            predicate=mine,
+            sources=[Source("link watch", link_events)],
+        ),
+        Controller(
+            "iscsitarget",
+            "IscsiTarget",
+            IscsiTargetReconciler(store, node, recorder, TgtAdm(settings.tgtd_control_port)),
+            workers,
+            watches=[Watch("Secret", secret_users)] if read_secrets else [],
+            predicate=mine,
+        ),
+        Controller(
+            "volumegroup",
+            "VolumeGroup",
+            VolumeGroupReconciler(store, node, recorder, settings.lvm),
+            workers,
+            watches=[Watch("VirtualMachine", vgs_of)],
+            predicate=mine,
+        ),
+    ]
+
+
 async def run_storage_reconcilers(
     store: Store,
     node: str,
@@ -134,71 +153,21 @@ async def run_storage_reconcilers(
     settings: StorageSettings,
     tgtd: TgtdSupervisor | None = None,
 ) -> None:
-    """Run the Bond, IscsiTarget and VolumeGroup reconcilers of `node` until cancelled;
-    first start tgtd through `tgtd` if it is given and no tgtd answers."""
+    """Run the Bond, IscsiTarget and VolumeGroup controllers of `node` until cancelled, on a
+    manager of their own (`store` stays open); first start tgtd through `tgtd` if it is given
+    and no tgtd answers."""
     if tgtd is not None:
         await tgtd.ensure_running()
     informers = SharedInformers(store, settings.resync_period)
-    bonds = _Kind(
-        informers.informer("Bond"),
-        node,
-        BondReconciler(store, node, recorder, netns=settings.netns),
+    read_secrets = await may_read_secrets(store, node)
+    controllers = storage_controllers(store, node, recorder, settings, informers, read_secrets)
+    manager = Manager(
+        store,
+        controllers,
+        informers=informers,
+        http_port=None,
+        component=recorder.source.component,
+        node=node,
+        close_store=False,
     )
-    targets = _Kind(
-        informers.informer("IscsiTarget"),
-        node,
-        IscsiTargetReconciler(store, node, recorder, TgtAdm(settings.tgtd_control_port)),
-    )
-    vgs = _Kind(
-        informers.informer("VolumeGroup"),
-        node,
-        VolumeGroupReconciler(store, node, recorder, settings.lvm),
-    )
-    if await _may_read_secrets(store, node):
-        informers.informer("Secret").add_handler(
-            targets.mapped(
-                lambda s: (
-                    targets_using_secret(targets.informer.list(), s.metadata.name)
-                    if isinstance(s, Secret)
-                    else []
-                )
-            )
-        )
-    informers.informer("VirtualMachine").add_handler(
-        vgs.mapped(
-            lambda vm: (
-                volume_groups_used_by(vgs.informer.list(), vm)
-                if isinstance(vm, VirtualMachine)
-                else []
-            )
-        )
-    )
-    informers.informer("ClusterNode").add_handler(
-        bonds.mapped(
-            lambda n: (
-                [b.metadata.name for b in bonds.informer.list()] if n.metadata.name == node else []
-            )
-        )
-    )
-    kinds = {"Bond": bonds, "IscsiTarget": targets, "VolumeGroup": vgs}
-    try:
-        informers.start()
-        await informers.wait_for_sync()
-        async with asyncio.TaskGroup() as group:
-            for kind, work in kinds.items():
-                group.create_task(
-                    run_workers(
-                        work.queue,
-                        work.reconciler,
-                        settings.workers,
-                        _recording(store, kind, recorder),
-                    ),
-                    name=f"{kind} workers",
-                )
-            group.create_task(
-                watch_bond_links(settings.netns, node, bonds.informer, bonds), name="link watch"
-            )
-    finally:
-        for work in kinds.values():
-            work.queue.shutdown()
-        await informers.stop()
+    await manager.run(handle_signals=False)

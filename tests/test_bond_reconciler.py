@@ -32,6 +32,7 @@ from reconcilers.bond import (
     watch_bond_links,
 )
 from reconcilers.drivers.netlink import Netlink
+from reconcilers.storage import StorageSettings, run_storage_reconcilers
 
 NODE = "host1"
 CLUSTER_ADDRESS = "10.77.0.1"
@@ -225,7 +226,7 @@ class KeyList:
         self.keys.append(key)
 
 
-def raise_if_ended(watch: asyncio.Task[NoReturn]) -> None:
+def raise_if_ended(watch: asyncio.Task[object]) -> None:
     """Fail at once, with the watcher's own error, when the link watch has died."""
     if watch.done():
         watch.result()  # re-raises what killed it
@@ -302,3 +303,30 @@ async def test_a_link_watch_that_falls_behind_resyncs_every_bond(
     finally:
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
+
+
+async def test_the_storage_loop_reconciles_this_nodes_bonds_only(
+    store: Store, netns: str, nl: Netlink
+) -> None:
+    other = bond_object(node="host2", slaves=["eth0", "eth9"])
+    other.metadata.name = "bond-of-host2"
+    await store.create(other)
+    settings = StorageSettings(netns=netns, resync_period=None)
+    recorder = EventRecorder(store, "agent", NODE)
+    loop = asyncio.create_task(run_storage_reconcilers(store, NODE, recorder, settings))
+    try:
+        await store.create(bond_object(slaves=["eth0", "eth9"]))
+
+        async def reported() -> Bond | None:
+            raise_if_ended(loop)
+            bond = await store.get("Bond", "bond0")
+            assert isinstance(bond, Bond)
+            return bond if bond.status.condition("Ready") is not None else None
+
+        bond = await eventually(reported, "bond0 reconciled by the storage loop")
+        assert ready(bond)[:2] == ("False", "SlaveMissing")
+        # Listed first, so handled first by the one worker, if at all: host2's is left alone.
+        assert (await store.get("Bond", "bond-of-host2")).status.condition("Ready") is None
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import prometheus_client
 import pytest
 
 from controller.cli import main
@@ -23,6 +24,7 @@ from controller.ha.controller import build_manager
 from controller.ha.environment import HaTimings, Place
 from controller.ha.production import KINDS, EtcdEnvironment
 from controller.migrations import Term
+from controller.runtime import telemetry
 from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import heartbeat_key
 from controller.runtime.informer import SharedInformers
@@ -31,6 +33,7 @@ from controller.runtime.manager import Manager
 from controller.runtime.store import Store
 from crds import ClusterNode, Event, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
+from crds.migration import VirtualMachineMigration, VirtualMachineMigrationSpec
 from crds.secret import SecretSpec
 from crds.virtualmachine import VirtualMachineSpec
 from e2e.harness.polling import eventually
@@ -539,3 +542,41 @@ def test_heartbeat_timing_matches_the_engine() -> None:
     assert (timing.ttl, timing.renew_interval, timing.self_fence_margin) == (2, 0.5, 0.5)
     with pytest.raises(ValueError, match="whole number"):
         heartbeat_timing(HaTimings(lease_ttl=2.5))
+
+
+async def test_every_loop_of_the_controller_shows_in_the_managers_telemetry(
+    etcd_endpoints: list[str], key_prefix: str, store: Store, leases: Leases
+) -> None:
+    telemetry.setup_telemetry("kvmctl-test", "prometheus")
+    try:
+        await store.create(node_object("a"))
+        await leases.hold("a")
+        manager, task = await start_controller(etcd_endpoints, key_prefix, "ctl-telemetry")
+        try:
+            await store.create(
+                VirtualMachineMigration(
+                    metadata=ObjectMeta(name="to-nowhere"),
+                    spec=VirtualMachineMigrationSpec(vm="vm9", target_node="z"),
+                )
+            )
+
+            def counted() -> bool:
+                metrics = prometheus_client.generate_latest().decode()
+                return all(
+                    f'kvmctl_reconcile_duration_seconds_count{{controller="{name}",kind="{kind}"'
+                    in metrics
+                    for name, kind in (
+                        ("ha", "Cluster"),
+                        ("migrations", "VirtualMachineMigration"),
+                        ("fence-check", "ClusterNode"),
+                    )
+                )
+
+            await eventually(counted, "the HA steps, migrations and fence checks measured")
+            metrics = prometheus_client.generate_latest().decode()
+            for name in ("migrations", "fence-check", "garbage-virtualmachine"):
+                assert f'kvmctl_workqueue_depth{{controller="{name}"' in metrics
+        finally:
+            await stop_controller(manager, task)
+    finally:
+        telemetry.setup_telemetry("kvmctl-test", "none")

@@ -1,5 +1,6 @@
 """The manager against a real etcd: every object reconciled, mapped watches, terminal errors,
-convergence across an etcd restart, leader-only controllers, /healthz and /metrics, SIGTERM.
+convergence across an etcd restart, leader-only controllers, /healthz and /metrics, SIGTERM;
+registrations: predicates, external sources, the setup/on_ready/teardown hooks, `Manager.term`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from controller.runtime import logs, telemetry
-from controller.runtime.informer import SharedInformers
+from controller.runtime.controller import Controller, Source, Watch
+from controller.runtime.informer import KeySink, SharedInformers
 from controller.runtime.leader import ElectionTiming, current_leader
-from controller.runtime.manager import Controller, Manager, Watch
+from controller.runtime.manager import Manager
 from controller.runtime.reconcile import Result, RetryableError, TerminalError
 from controller.runtime.store import Store, StoreError
 from crds import AnyResource, ClusterNode, Event, ObjectMeta, VirtualMachine
@@ -428,3 +430,178 @@ def test_telemetry_refuses_unknown_or_missing_exporters() -> None:
     if importlib.util.find_spec("opentelemetry.exporter.otlp") is None:
         with pytest.raises(telemetry.TelemetryError, match="pip install"):
             telemetry.setup_telemetry("kvmctl-test", "otlp")
+
+
+# Registrations: predicates, external sources, hooks, leader-only controllers added later --------
+
+
+def labelled(name: str, node: str) -> VirtualMachine:
+    obj = vm(name)
+    obj.metadata.labels["node"] = node
+    return obj
+
+
+def on_host1(obj: AnyResource) -> bool:
+    return obj.metadata.labels.get("node") == "host1"
+
+
+class Fed:
+    """An external source of keys the test feeds (like libvirt events)."""
+
+    def __init__(self) -> None:
+        self.keys: asyncio.Queue[str] = asyncio.Queue()
+
+    async def run(self, sink: KeySink) -> None:
+        while True:
+            sink.add(await self.keys.get())
+
+
+async def test_a_predicate_filters_changes_watches_and_sources(store: Store) -> None:
+    for name, node in (("mine", "host1"), ("other", "host2")):
+        await store.create(labelled(name, node))
+    seen, fed = Seen(), Fed()
+    every_vm = lambda _node: ["mine", "other", "ghost"]  # noqa: E731
+    manager = Manager(
+        await manager_store(store.endpoints, store.prefix),
+        [
+            Controller(
+                "host1-vms",
+                "VirtualMachine",
+                seen,
+                watches=[Watch("ClusterNode", every_vm)],
+                predicate=on_host1,
+                sources=[Source("fed", fed.run)],
+            )
+        ],
+        http_port=None,
+    )
+    async with running(manager):
+        await eventually(lambda: seen.calls["mine"] == 1, "the initial pass")
+        address = NodeAddresses(cluster=ip_address("10.0.0.1"))
+        await store.create(
+            ClusterNode(metadata=ObjectMeta(name="host1"), spec=ClusterNodeSpec(addresses=address))
+        )
+        await eventually(lambda: seen.calls["mine"] == 2, "mine enqueued by the watch")
+        for key in ("other", "ghost", "mine"):
+            fed.keys.put_nowait(key)
+        await eventually(lambda: seen.calls["mine"] == 3, "mine enqueued by the source")
+        await store.create(labelled("other2", "host2"))
+        await store.create(labelled("mine2", "host1"))
+        await eventually(lambda: seen.calls["mine2"] == 1, "a new object of host1")
+    # One worker takes keys in order: anything let through before the last key was seen first.
+    assert set(seen.calls) == {"mine", "mine2"}
+
+
+async def test_a_failing_source_stops_the_manager_with_its_error(store: Store) -> None:
+    async def broken(_sink: KeySink) -> None:
+        raise OSError("the link watch ended")
+
+    manager = Manager(
+        await manager_store(store.endpoints, store.prefix),
+        [Controller("links", "VirtualMachine", Seen(), sources=[Source("links", broken)])],
+        http_port=None,
+    )
+    with pytest.raises(RuntimeError, match=r"controller links stopped unexpectedly.*link watch"):
+        await asyncio.wait_for(manager.run(handle_signals=False), DEADLINE)
+
+
+async def test_setup_on_ready_and_teardown_run_in_order_and_the_store_may_stay_open(
+    store: Store,
+) -> None:
+    await store.create(vm("early"))
+    seen = Seen()
+    steps: list[str] = []
+    mine = await manager_store(store.endpoints, store.prefix)
+
+    async def setup() -> None:
+        assert manager.informers.synced() and not seen.calls, "caches synced, nothing reconciled"
+        steps.append("setup")
+
+    async def teardown() -> None:
+        await mine.create(vm("written-at-teardown"))
+        steps.append("teardown")
+
+    manager = Manager(
+        mine,
+        [Controller("noop", "VirtualMachine", seen)],
+        http_port=None,
+        setup=setup,
+        on_ready=lambda: steps.append("ready"),
+        teardown=teardown,
+        close_store=False,
+    )
+    try:
+        async with running(manager):
+            await eventually(lambda: "early" in seen.calls, "early reconciled")
+            assert manager.healthy()
+        assert steps == ["setup", "ready", "teardown"]
+        assert (await mine.get("VirtualMachine", "written-at-teardown")).metadata.name
+    finally:
+        await mine.close()
+
+
+class GuardedMark:
+    """Marks each VM Ready with a write guarded by the term the manager leads."""
+
+    def __init__(self, store: Store, manager: Manager) -> None:
+        self.store = store
+        self.manager = manager
+        self.tokens: set[int] = set()
+
+    async def reconcile(self, key: str) -> Result:
+        term = self.manager.term()
+        self.tokens.add(term.token)
+
+        def mark(obj: AnyResource) -> bool:
+            return bool(obj.status.set_condition("Ready", "True", "Led", f"term {term.token}"))
+
+        await self.store.patch_status("VirtualMachine", key, mark, guard=term.guard)
+        return Result()
+
+
+async def test_a_leader_only_controller_added_later_writes_with_the_term(store: Store) -> None:
+    await store.create(vm("led"))
+    mine = await manager_store(store.endpoints, store.prefix)
+    manager = Manager(mine, [], campaign=True, election_timing=STEADY, http_port=None)
+    with pytest.raises(RetryableError, match="does not lead"):
+        manager.term()
+    marker = GuardedMark(mine, manager)
+    manager.add(Controller("guarded", "VirtualMachine", marker, leader_only=True))
+    with pytest.raises(ValueError, match="names must be distinct"):
+        manager.add(Controller("guarded", "VirtualMachine", Seen()))
+    async with running(manager):
+        with pytest.raises(RuntimeError, match="added after the manager started"):
+            manager.add(Controller("late", "VirtualMachine", Seen()))
+        await eventually(lambda: marker.tokens, "a reconcile while leading")
+        [token] = marker.tokens
+        assert manager.term().token == token
+
+        async def marked() -> bool:
+            ready = (await store.get("VirtualMachine", "led")).status.condition("Ready")
+            return ready is not None and ready.message == f"term {token}"
+
+        await eventually(marked, "the guarded write")
+    lonely = Manager(await manager_store(store.endpoints, store.prefix), [], http_port=None)
+    try:
+        with pytest.raises(ValueError, match="nobody campaigns"):
+            lonely.add(Controller("guarded", "VirtualMachine", Seen(), leader_only=True))
+    finally:
+        await lonely.store.close()
+
+
+async def test_a_controller_may_record_its_terminal_errors_itself(store: Store) -> None:
+    await store.create(vm("broken"))
+    recorded: list[tuple[str, str]] = []
+
+    async def record(key: str, error: TerminalError) -> None:
+        recorded.append((key, error.reason))
+
+    manager = Manager(
+        await manager_store(store.endpoints, store.prefix),
+        [Controller("strict", "VirtualMachine", FailsForGood(), on_terminal=record)],
+        http_port=None,
+    )
+    async with running(manager):
+        await eventually(lambda: recorded, "the terminal error handed to the controller")
+    assert recorded == [("broken", "InvalidSpec")]
+    assert (await store.get("VirtualMachine", "broken")).status.condition("Ready") is None

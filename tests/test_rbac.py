@@ -174,9 +174,9 @@ async def test_agent_cannot_read_secrets(agent: Store) -> None:
 
 
 async def test_an_agent_without_secret_read_still_runs_storage(agent: Store) -> None:
-    from reconcilers.storage import _may_read_secrets
+    from reconcilers.storage import may_read_secrets
 
-    assert await _may_read_secrets(agent, "host1") is False
+    assert await may_read_secrets(agent, "host1") is False
 
 
 async def test_agent_cannot_write_leader_requests_or_other_reports(agent: Store) -> None:

@@ -1,4 +1,4 @@
-"""`kvmctl controller`: the HA loop and the migration controller, leader-only, in one Manager.
+"""`kvmctl controller`: the HA loop, the migration controller and the rest in one Manager.
 
 `HaController.run(token, guard)` is one term of the HA loop: the pure engine
 (`controller/ha/engine.py`) over an `EtcdEnvironment`. The engine starts each term with no
@@ -7,10 +7,13 @@ then), which docs/ha.md shows is safe. If a guarded write reveals that the term 
 loop stops at once and waits for the elector, which notices within its renew period, to cancel
 the term.
 
-`build_manager` puts it together with the VirtualMachineMigration controller
-(`controller/migrations.py`), the fence-device checker (`controller/fencing.py`) and
-guest-cluster fencing (`controller/ha/guest_fence.py`), all leader-only tasks of a `Manager`
-sharing its caches. Given the ClusterNode it runs on (`node`) and `peers` settings, it also
+`build_manager` puts it together on one `Manager` sharing its caches: the HA loop and
+guest-cluster fencing (`controller/ha/guest_fence.py`) as leader tasks (each a whole-cluster loop
+over a term, not a per-object reconcile), the VirtualMachineMigration controller
+(`controller/migrations.py`) and the fence-device checker (`controller/fencing.py`) as
+leader-only Controllers, and the garbage collectors (`controller/garbage.py`) as Controllers
+running on every controller process.
+Given the ClusterNode it runs on (`node`) and `peers` settings, it also
 listens to the direct heartbeats and sends its own (`controller/runtime/peers.py`), and runs the
 standby watch (`controller/ha/takeover.py`) that takes over from a leader whose host went silent; a
 term won that way first records the standby's power fence, so the engine recovers at once.
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AbstractContextManager
 
 from controller.fencing import FenceChecker
 from controller.garbage import garbage_collectors
-from controller.migrations import Term, lead_migrations
+from controller.migrations import Term, migration_controller
+from controller.runtime import telemetry
 from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import boot_id
 from controller.runtime.informer import SharedInformers
@@ -97,7 +102,7 @@ class HaController:
         try:
             async with environment:
                 await self._record_takeover(environment)
-                await run(Engine(self.timings), environment, self.period)
+                await run(Engine(self.timings), environment, self.period, _traced_step)
         finally:
             self.token = None
         log.error("HA loop of token %d stopped: deposed; waiting for the term to end", token)
@@ -152,11 +157,7 @@ def build_manager(
 
     table = peer_table or (PeerTable(address_of) if peers is not None else None)
     ha = HaController(store, informers, timings, recorder, fence_runner, peers=table)
-    checker = FenceChecker(store, informers, ha.fence_runner, recorder)
     guest_fencing = GuestFenceController(store, informers)
-
-    async def migrations(token: int, guard: list[Compare]) -> None:
-        await lead_migrations(store, recorder, Term(token, guard))
 
     background: list[Background] = []
     if peers is not None and table is not None and node is not None:
@@ -186,18 +187,25 @@ def build_manager(
         informers=informers,
         leader_tasks=[
             ha.leader_task(),
-            LeaderTask("migrations", migrations),
-            LeaderTask("fence-check", checker.run),
             guest_fencing.leader_task(),
         ],
         background=background,
         node=node,
+    )
+    manager.add(migration_controller(store, informers, recorder, manager.term))
+    manager.add(
+        FenceChecker(store, informers, ha.fence_runner, recorder, manager.term).controller()
     )
     if node is not None and table is not None and manager.elector is not None:
         ha.standby = StandbyWatch(
             store, informers, manager.elector, table, node, ha.timings, ha.fence_runner
         )
     return manager
+
+
+def _traced_step() -> AbstractContextManager[object]:
+    """Each engine step is one reconcile of the cluster in the manager's spans and durations."""
+    return telemetry.reconcile_span("Cluster", "cluster", "ha")
 
 
 async def _watch(ha: HaController) -> None:

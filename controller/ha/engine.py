@@ -9,6 +9,8 @@ stored objects. docs/ha.md states the rules and why they are safe.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
 from controller.exclusive import Clash
@@ -579,12 +581,21 @@ class Engine:
                 self._emit(node, "NodeDrained", "no VM is placed on the node")
 
 
-async def run(engine: Engine, env: Environment, period: float = DEFAULT_PERIOD) -> None:
-    """Observe, decide, act, wait; until the environment says stop."""
+async def run(
+    engine: Engine,
+    env: Environment,
+    period: float = DEFAULT_PERIOD,
+    around_step: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> None:
+    """Observe, decide, act, wait; until the environment says stop.
+
+    Each observe-and-act runs inside `around_step()` (production: a reconcile span).
+    """
     while True:
-        world = await env.observe()
-        for action in engine.step(world):
-            await env.apply(action)
+        with around_step():
+            world = await env.observe()
+            for action in engine.step(world):
+                await env.apply(action)
         until = world.now + period
         if engine.next_wakeup is not None:
             until = min(until, engine.next_wakeup)

@@ -1,11 +1,15 @@
 """The manager: runs a process's controllers on shared watch caches, with leader election.
 
-A `Controller` names one primary kind (its work-queue keys are that kind's object names), a
-reconciler following `controller/runtime/reconcile.py`'s contract, a worker count, and optionally
-other kinds whose changes map to primary keys (`Watch`). The manager:
+Every loop of a daemon is a `Controller` (`controller/runtime/controller.py`: a primary kind, a
+reconciler following `controller/runtime/reconcile.py`'s contract, watches of other kinds,
+external sources, a predicate), so the reconcile spans, queue depths and durations of
+`telemetry` cover all of them. The manager:
 
-1. starts one informer per kind (shared between controllers) and waits until all have listed;
-2. runs every controller's workers; a `leader_only` controller runs only while this process
+1. starts one informer per kind (shared between controllers) and waits until all have listed,
+   then awaits `setup` (work that must be done before any controller starts: the agent's
+   registration);
+2. runs every controller's workers and sources, and the `background` tasks, then calls
+   `on_ready` (once); a `leader_only` controller runs only while this process
    leads the election and is cancelled the moment leadership is lost; each start (every term)
    enqueues every cached object, so nothing changed meanwhile is missed; `leader_tasks` are
    other long-running leader-only work (the HA loop), started each term with the term's
@@ -15,8 +19,8 @@ other kinds whose changes map to primary keys (`Watch`). The manager:
 4. serves `GET /healthz` (200 once synced and every part alive, else 503) and `GET /metrics`
    (prometheus_client's default registry, where `setup_telemetry(..., "prometheus")` puts
    kvmctl's metrics) on a loopback port by default;
-5. on SIGTERM or SIGINT (or `stop()`): cancels workers, resigns leadership, stops the informers
-   and the HTTP server and closes the store.
+5. on SIGTERM or SIGINT (or `stop()`): cancels workers, resigns leadership, awaits `teardown`,
+   stops the informers and the HTTP server and closes the store (unless `close_store=False`).
 """
 
 from __future__ import annotations
@@ -27,25 +31,19 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import prometheus_client
 
+from controller.runtime.controller import Controller, ControllerRunner
 from controller.runtime.defaults import DEFAULT_HTTP_PORT
 from controller.runtime.events import EventRecorder
-from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, KeyMapper, SharedInformers
+from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, KeySink, SharedInformers
 from controller.runtime.leader import ElectionTiming, LeaderElector, guard_compare
-from controller.runtime.reconcile import (
-    OnTerminal,
-    Reconciler,
-    RetryableError,
-    TerminalError,
-    run_workers,
-)
+from controller.runtime.reconcile import OnTerminal, RetryableError, TerminalError
 from controller.runtime.store import Compare, NotFound, Store
-from controller.runtime.workqueue import WorkQueue
 
 from . import telemetry
 
@@ -56,25 +54,15 @@ MAX_CONDITION_MESSAGE = 4096
 
 
 @dataclass(frozen=True)
-class Watch:
-    """Another kind a controller depends on: each change enqueues `mapper(obj)`'s keys."""
+class Term:
+    """One term of leadership: the fencing token and the compare that guards writes with it."""
 
-    kind: str
-    mapper: KeyMapper
+    token: int
+    guard: list[Compare]
 
-
-@dataclass(frozen=True)
-class Controller:
-    name: str
-    kind: str
-    reconciler: Reconciler
-    workers: int = 1
-    leader_only: bool = False
-    watches: Sequence[Watch] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"controller {self.name!r} needs at least one worker")
+    @classmethod
+    def of(cls, store: Store, election_key: str, token: int) -> Term:
+        return cls(token, [guard_compare(store.client, election_key, token)])
 
 
 @dataclass(frozen=True)
@@ -96,42 +84,6 @@ class Background:
     run: Callable[[], Coroutine[Any, Any, None]]
 
 
-class _ControllerRunner:
-    """One controller's queue and workers; a `KeySink` that drops keys while not running."""
-
-    def __init__(self, controller: Controller, informers: SharedInformers) -> None:
-        self.controller = controller
-        self.informer = informers.informer(controller.kind)
-        self.queue: WorkQueue | None = None
-        self.informer.enqueue(self)
-        for watch in controller.watches:
-            informers.informer(watch.kind).enqueue_mapped(self, watch.mapper)
-
-    def add(self, key: str) -> None:
-        if self.queue is not None:
-            self.queue.add(key)
-
-    async def run(self, on_terminal: OnTerminal) -> None:
-        """Enqueue every cached object, then reconcile until cancelled."""
-        controller = self.controller
-        queue = WorkQueue()
-        self.queue = queue
-        telemetry.watch_queue(controller.name, queue)
-        for obj in self.informer.list():
-            queue.add(obj.metadata.name)
-        reconciler = telemetry.TracedReconciler(
-            controller.reconciler, controller.kind, controller.name
-        )
-        log.info("controller %s started with %d workers", controller.name, controller.workers)
-        try:
-            await run_workers(queue, reconciler, controller.workers, on_terminal)
-        finally:
-            self.queue = None
-            queue.shutdown()
-            telemetry.forget_queue(controller.name)
-            log.info("controller %s stopped", controller.name)
-
-
 class Manager:
     """Runs `controllers` against `store` until stopped; see the module docstring."""
 
@@ -151,22 +103,32 @@ class Manager:
         informers: SharedInformers | None = None,
         leader_tasks: Sequence[LeaderTask] = (),
         background: Sequence[Background] = (),
+        setup: Callable[[], Awaitable[None]] | None = None,
+        on_ready: Callable[[], None] | None = None,
+        teardown: Callable[[], Awaitable[None]] | None = None,
+        close_store: bool = True,
+        campaign: bool | None = None,
     ) -> None:
         """`informers` lets the caller build mappers on the caches the manager will use;
         `background` tasks run (after the caches synced) whether this process leads or not;
-        `node` is also written in the leader record."""
-        names = [controller.name for controller in controllers] + [t.name for t in leader_tasks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"controller names must be distinct: {names}")
+        `node` is also written in the leader record. `campaign` (default: whether a leader task
+        or a leader-only controller is given) creates the elector, so that leader-only
+        controllers may also be `add`ed later."""
         self.store = store
         self.identity = identity or f"{socket.gethostname()}-{os.getpid()}"
         self.informers = informers or SharedInformers(store, resync_period)
         self.recorder = EventRecorder(store, component, node)
-        self._runners = [_ControllerRunner(c, self.informers) for c in controllers]
+        self._runners: list[ControllerRunner] = []
         self._leader_tasks = list(leader_tasks)
         self._background = list(background)
+        self._setup = setup
+        self._on_ready = on_ready
+        self._teardown = teardown
+        self._close_store = close_store
         self.elector: LeaderElector | None = None
-        if leader_tasks or any(c.leader_only for c in controllers):
+        if campaign is None:
+            campaign = bool(leader_tasks) or any(c.leader_only for c in controllers)
+        if campaign:
             self.elector = LeaderElector(
                 store.client, store.prefix, election, self.identity, election_timing, node
             )
@@ -178,6 +140,9 @@ class Manager:
         self._stopping = asyncio.Event()
         self.started = asyncio.Event()
         """Set once the caches are synced and the controllers run (or campaign)."""
+        self._check_names([])  # the leader tasks' names
+        for controller in controllers:
+            self.add(controller)
 
     @property
     def http_port(self) -> int | None:
@@ -190,6 +155,38 @@ class Manager:
     @property
     def is_leader(self) -> bool:
         return self._token is not None
+
+    def add(self, controller: Controller) -> None:
+        """Register `controller` (before `run`); its informers join the shared cache."""
+        if self.started.is_set():
+            raise RuntimeError(f"controller {controller.name!r} added after the manager started")
+        if controller.leader_only and self.elector is None:
+            raise ValueError(f"leader-only controller {controller.name!r}: nobody campaigns")
+        self._check_names([controller.name])
+        self._runners.append(ControllerRunner(controller, self.informers))
+
+    def queue(self, name: str) -> KeySink:
+        """Where to enqueue keys for controller `name` (dropped while it does not run)."""
+        for runner in self._runners:
+            if runner.controller.name == name:
+                return runner
+        raise KeyError(f"no controller named {name!r}")
+
+    def term(self) -> Term:
+        """The term this manager leads; RetryableError when it does not lead."""
+        guard = self.leader_guard()
+        assert self._token is not None
+        return Term(self._token, guard)
+
+    def healthy(self) -> bool:
+        """Whether the caches are synced and every part runs (what /healthz answers)."""
+        return self._health()[0]
+
+    def _check_names(self, new: list[str]) -> None:
+        names = [r.controller.name for r in self._runners] + [t.name for t in self._leader_tasks]
+        names += new
+        if len(set(names)) != len(names):
+            raise ValueError(f"controller names must be distinct: {names}")
 
     def leader_guard(self) -> list[Compare]:
         """Compares to add to a safety-critical write so it fails once this term is over."""
@@ -218,6 +215,8 @@ class Manager:
             self.informers.start()
             if not await self._unless_stopped(self.informers.wait_for_sync()):
                 return
+            if self._setup is not None and not await self._unless_stopped(self._setup()):
+                return
             for runner in self._runners:
                 if not runner.controller.leader_only:
                     work = runner.run(self._on_terminal(runner.controller))
@@ -228,15 +227,17 @@ class Manager:
             if self.elector is not None:
                 self._tasks.append(asyncio.create_task(self.elector.run(self._lead), name="elect"))
             self.started.set()
+            if self._on_ready is not None:
+                self._on_ready()
             await self._until_stopped_or_failed()
         finally:
             await self._shutdown()
             for signum in signals:
                 loop.remove_signal_handler(signum)
 
-    async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+    async def _unless_stopped(self, work: Awaitable[None]) -> bool:
         """Await `work` unless a stop comes first; True if it completed."""
-        task = asyncio.create_task(work)
+        task = asyncio.ensure_future(work)
         stop = asyncio.create_task(self._stopping.wait())
         try:
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -282,6 +283,9 @@ class Manager:
                 telemetry.set_leader(self.elector.key, False)
 
     def _on_terminal(self, controller: Controller) -> OnTerminal:
+        if controller.on_terminal is not None:
+            return controller.on_terminal
+
         async def record(key: str, error: TerminalError) -> None:
             guard = self.leader_guard() if controller.leader_only else []
             message = error.message[:MAX_CONDITION_MESSAGE]
@@ -310,11 +314,16 @@ class Manager:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
-        await self.informers.stop()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        await self.store.close()
+        try:
+            if self._teardown is not None:
+                await self._teardown()
+        finally:
+            await self.informers.stop()
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+            if self._close_store:
+                await self.store.close()
         log.info("manager %s shut down", self.identity)
 
     # HTTP -----------------------------------------------------------------------------------
