@@ -11,8 +11,6 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from ipaddress import ip_address
 
-import pytest
-
 from controller.runtime.informer import EventType, Informer, SharedInformers
 from controller.runtime.store import Store
 from controller.runtime.workqueue import WorkQueue
@@ -68,12 +66,6 @@ async def running(informer: Informer) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         task.cancel()
         await asyncio.wait({task})
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as store:
-        yield store
 
 
 async def stored_versions(store: Store, kind: str) -> dict[str, str | None]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -34,12 +33,6 @@ def make_vm(name: str = "vm1", memory: int = 128) -> VirtualMachine:
     )
     assert isinstance(obj, VirtualMachine)
     return obj
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as opened:
-        yield opened
 
 
 async def test_create_get_update_delete(store: Store) -> None:
