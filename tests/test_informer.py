@@ -100,6 +100,22 @@ async def test_informer_sees_create_update_delete(store: Store) -> None:
         assert [obj.metadata.name for obj in informer.list()] == ["before"]
 
 
+async def test_an_informer_of_a_model_is_typed_by_it(store: Store) -> None:
+    await store.create(vm("web", memory=96))
+    informers = SharedInformers(store, resync_period=None)
+    typed: Informer[VirtualMachine] = informers.informer(VirtualMachine)
+    assert informers.informer("VirtualMachine") is typed  # one cache per kind, however named
+    memories: list[int] = []
+    typed.add_handler(lambda _type, obj: memories.append(obj.spec.memory_mib))
+    informers.start()
+    try:
+        await informers.wait_for_sync()
+        cached: VirtualMachine | None = typed.get("web")
+        assert cached is not None and cached.spec.memory_mib == 96 and memories == [96]
+    finally:
+        await informers.stop()
+
+
 async def test_late_handler_gets_the_cache_and_resync_redelivers(store: Store) -> None:
     for name in ("a", "b"):
         await store.create(vm(name))

@@ -35,6 +35,17 @@ DEFAULT_PREFIX = "/kvmctl"
 DEFAULT_TIMEOUT = 5.0
 Compare = Any  # an aetcd transaction compare (aetcd has no type hints)
 Range = tuple[bytes, bytes | None]  # a key, or [key, range_end)
+_KIND_OF_MODEL = {info.model: kind for kind, info in KINDS.items()}
+
+
+def kind_of(kind: str | type[AnyResource]) -> str:
+    """The kind's name, given it or its model (`VirtualMachine` -> "VirtualMachine")."""
+    if isinstance(kind, str):
+        return kind
+    try:
+        return _KIND_OF_MODEL[kind]
+    except KeyError:
+        raise StoreError(f"{kind.__name__} is not a kind's model") from None
 
 
 class StoreClient:

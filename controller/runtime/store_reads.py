@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import aetcd.utils
 
 from controller.runtime.layout import Snapshot
-from controller.runtime.store_client import Compare, Range, StoreClient
+from controller.runtime.store_client import Compare, Range, StoreClient, kind_of
 from controller.runtime.store_errors import Conflict, NotFound, UndecodableObject
 from crds import AnyResource
 
 from . import layout
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=AnyResource)
 
 
 class StoreReads(StoreClient):
@@ -104,7 +106,13 @@ class StoreReads(StoreClient):
                 ranges.append((self.part_key(kind, name, writer), None))
         return ranges
 
-    async def get(self, kind: str, name: str) -> AnyResource:
+    @overload
+    async def get(self, kind: type[R], name: str) -> R: ...
+    @overload
+    async def get(self, kind: str, name: str) -> AnyResource: ...
+    async def get(self, kind: str | type[AnyResource], name: str) -> AnyResource:
+        """The object (`get(VirtualMachine, name)` is typed a VirtualMachine), or NotFound."""
+        kind = kind_of(kind)
         snapshot = await self._snapshot(kind, name)
         if snapshot is None:
             raise NotFound(f"{kind} {name!r} not found")
@@ -120,14 +128,23 @@ class StoreReads(StoreClient):
         leader = found[key]
         return self._object(snapshot), int(leader.create_revision) if leader else 0
 
-    async def try_get(self, kind: str, name: str) -> AnyResource | None:
+    @overload
+    async def try_get(self, kind: type[R], name: str) -> R | None: ...
+    @overload
+    async def try_get(self, kind: str, name: str) -> AnyResource | None: ...
+    async def try_get(self, kind: str | type[AnyResource], name: str) -> AnyResource | None:
         try:
-            return await self.get(kind, name)
+            return await self.get(kind_of(kind), name)
         except NotFound:
             return None
 
-    async def list_objects(self, kind: str) -> tuple[list[AnyResource], int]:
+    @overload
+    async def list_objects(self, kind: type[R]) -> tuple[list[R], int]: ...
+    @overload
+    async def list_objects(self, kind: str) -> tuple[list[AnyResource], int]: ...
+    async def list_objects(self, kind: str | type[AnyResource]) -> tuple[list[Any], int]:
         """Every object of a kind, sorted by name, and the revision the list was read at."""
+        kind = kind_of(kind)
         prefix = self.kind_prefix(kind)
         reply = await self.call(self.client.get_prefix(prefix), prefix, "read")
         objects = []

@@ -75,9 +75,7 @@ class StandInController:
         await self.store.patch_status("VirtualMachine", vm, mutate, guard=guard)
 
     async def vm(self, name: str) -> VirtualMachine:
-        obj = await self.store.get("VirtualMachine", name)
-        assert isinstance(obj, VirtualMachine)
-        return obj
+        return await self.store.get(VirtualMachine, name)
 
     async def events(self, involved: str, reason: str) -> list[Event]:
         return await recorded_events(self.store, involved, reason)

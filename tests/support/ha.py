@@ -141,15 +141,11 @@ def dummy_fencing(**parameters: Any) -> dict[str, Any]:
 
 
 async def get_vm(store: Store, name: str) -> VirtualMachine:
-    vm = await store.get("VirtualMachine", name)
-    assert isinstance(vm, VirtualMachine)
-    return vm
+    return await store.get(VirtualMachine, name)
 
 
 async def get_node(store: Store, name: str) -> ClusterNode:
-    node = await store.get("ClusterNode", name)
-    assert isinstance(node, ClusterNode)
-    return node
+    return await store.get(ClusterNode, name)
 
 
 async def placed_on(store: Store, vm: str, node: str) -> VirtualMachine | None:
