@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -195,6 +196,31 @@ async def test_watch_resumes_across_an_etcd_restart(etcd_private: EtcdCluster) -
         await create_once_reconnected(store, make_vm("after2"))
         events = await asyncio.wait_for(watcher, 60)
         assert [e.object.metadata.name for e in events] == ["before", "after", "after2"]
+
+
+async def test_watch_backs_off_while_etcd_is_down_and_resumes_after(
+    etcd_private: EtcdCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="controller.runtime.store_watch")
+    member = etcd_private.members[0]
+    async with Store(etcd_private.endpoints, prefix="/w") as store:
+        _, revision = await store.list_objects("VirtualMachine")
+        watcher = asyncio.create_task(_collect(store, revision + 1, 2))
+        await store.create(make_vm("before"))
+        await asyncio.to_thread(member.stop)
+        try:
+
+            def retries() -> int:
+                return sum("resuming failed" in r.getMessage() for r in caplog.records)
+
+            await eventually(lambda: retries() >= 3, "several failed attempts to resume")
+            assert not watcher.done()
+        finally:
+            await asyncio.to_thread(member.start, "existing")
+            await asyncio.to_thread(member.wait_healthy)
+        await create_once_reconnected(store, make_vm("after"))
+        events = await asyncio.wait_for(watcher, 60)
+        assert [e.object.metadata.name for e in events] == ["before", "after"]
 
 
 async def test_watch_from_a_compacted_revision_asks_for_a_relist(etcd_private: EtcdCluster) -> None:

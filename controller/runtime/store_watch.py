@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import aetcd.rtypes
 import aetcd.utils
 import grpc
 import pydantic
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from controller.runtime.etcd_transport import StoreError
 from controller.runtime.layout import KindView
@@ -22,6 +22,20 @@ from controller.runtime.store_errors import Compacted, PermissionDenied, Undecod
 from crds import KINDS, AnyResource, describe_validation_error
 
 log = logging.getLogger(__name__)
+
+RECONNECT_MAX_DELAY = 5.0
+"""The longest wait between two attempts to reach etcd again."""
+
+
+class _StreamEnded(Exception):
+    """A watch stream that ended without delivering anything: back off before the next."""
+
+
+def _transient(error: BaseException) -> bool:
+    """A lost or refused connection: worth another attempt (a refusal or a compaction is not)."""
+    if isinstance(error, PermissionDenied | Compacted | aetcd.exceptions.RevisionCompactedError):
+        return False
+    return isinstance(error, StoreError | aetcd.exceptions.ClientError | _StreamEnded)
 
 
 @dataclass(frozen=True)
@@ -52,18 +66,31 @@ class StoreWatch(StoreClient):
         reply = await self.call(ask(), prefix, "watch")
         return [aetcd.rtypes.KeyValue(kv) for kv in reply.kvs]
 
+    def _reconnecting(self, kind: str, what: str, initial_delay: float) -> AsyncRetrying:
+        """Retries of one watch request while etcd is unreachable: exponential backoff from
+        `initial_delay` with full jitter (watchers of a restarted etcd do not return in step),
+        never giving up; refusals and compactions are not retried."""
+
+        def log_retry(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.info("watch of %s: %s failed (%s); retrying", kind, what, error)
+
+        return AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            wait=wait_random_exponential(multiplier=initial_delay, max=RECONNECT_MAX_DELAY),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+
     async def _view_at(self, kind: str, revision: int, reconnect_delay: float) -> KindView:
         """The kind as it was at `revision` (empty before the first); retries connection loss."""
         if revision < 1:
             return KindView(kind)
-        while True:
-            try:
+        what = f"reading revision {revision}"
+        async for attempt in self._reconnecting(kind, what, reconnect_delay):
+            with attempt:
                 return self._view(kind, await self._range_at(self.kind_prefix(kind), revision))
-            except (PermissionDenied, Compacted):
-                raise
-            except StoreError as error:
-                log.info("watch of %s: reading revision %d failed: %s", kind, revision, error)
-            await asyncio.sleep(reconnect_delay)
+        raise AssertionError("unreachable: the retries never stop")
 
     async def watch(
         self,
@@ -82,17 +109,27 @@ class StoreWatch(StoreClient):
         view = await self._view_at(kind, start_revision - 1, reconnect_delay)
         next_revision = start_revision
         while True:
-            try:
-                stream = await self.client.watch_prefix(prefix, start_revision=next_revision)
-                async for event in stream:
-                    next_revision = event.kv.mod_revision + 1
-                    for change in self._changes(kind, view, event):
-                        yield change
-            except aetcd.exceptions.RevisionCompactedError as error:
-                raise Compacted(error.compacted_revision) from None
-            except aetcd.exceptions.ClientError as error:
-                log.info("watch of %s lost (%s); resuming at %d", kind, error, next_revision)
-            await asyncio.sleep(reconnect_delay)
+            # One series of reconnection attempts: it ends (and the next starts afresh) when a
+            # stream that delivered events is lost; a stream lost before any event backs off.
+            async for attempt in self._reconnecting(kind, "resuming", reconnect_delay):
+                with attempt:
+                    resumed_at = next_revision
+                    try:
+                        stream = await self.client.watch_prefix(prefix, start_revision=resumed_at)
+                        async for event in stream:
+                            next_revision = event.kv.mod_revision + 1
+                            for change in self._changes(kind, view, event):
+                                yield change
+                    except aetcd.exceptions.RevisionCompactedError as error:
+                        raise Compacted(error.compacted_revision) from None
+                    except aetcd.exceptions.ClientError as error:
+                        if next_revision == resumed_at:
+                            raise
+                        log.info(
+                            "watch of %s lost (%s); resuming at %d", kind, error, next_revision
+                        )
+                    if next_revision == resumed_at:
+                        raise _StreamEnded(f"the watch from revision {resumed_at} ended")
 
     def _changes(self, kind: str, view: KindView, event: aetcd.rtypes.Event) -> list[WatchEvent]:
         revision = event.kv.mod_revision
