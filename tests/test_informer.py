@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from ipaddress import ip_address
+
+import pytest
 
 from controller.runtime.informer import EventType, Informer, SharedInformers
 from controller.runtime.store import Store
@@ -270,6 +273,39 @@ async def test_nothing_is_missed_across_a_lost_connection_and_a_compaction(
                 await writer.create(vm("vm-later"))
                 await eventually(lambda: informer.get("vm-later") is not None, "vm-later")
         finally:
+            await proxy.cut()
+
+
+async def test_a_list_that_fails_is_retried_until_etcd_answers(
+    etcd_private: EtcdCluster, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="controller.runtime.informer")
+    proxy = TcpProxy(etcd_private.endpoints[0])
+    await proxy.start()
+    async with (
+        Store(etcd_private.endpoints, prefix=key_prefix) as writer,
+        Store([proxy.endpoint], prefix=key_prefix, timeout=1.0) as cut_off,
+    ):
+        await writer.create(vm("web"))
+        await proxy.cut()
+        informer = Informer(cut_off, "VirtualMachine", resync_period=None)
+        task = asyncio.create_task(informer.run())
+        try:
+
+            def failures() -> int:
+                return sum(
+                    "listing VirtualMachine failed" in r.getMessage() for r in caplog.records
+                )
+
+            await eventually(lambda: failures() >= 2, "two failed lists")
+            assert not informer.has_synced.is_set()
+            await proxy.start()
+            async with asyncio.timeout(DEADLINE):
+                await informer.has_synced.wait()
+            assert [obj.metadata.name for obj in informer.list()] == ["web"]
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
             await proxy.cut()
 
 

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, Literal, Protocol, cast, overload
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 from typing_extensions import TypeVar
 
 from controller.runtime.store import Compacted, Store, StoreError
@@ -36,7 +37,9 @@ Handler = Callable[[EventType, AnyResource], None]
 KeyMapper = Callable[[AnyResource], Iterable[str]]
 
 DEFAULT_RESYNC_PERIOD = 600.0
-LIST_RETRY_DELAY = 1.0
+LIST_RETRY_DELAY = 0.5
+LIST_RETRY_MAX_DELAY = 5.0
+"""A failed list is retried with exponential backoff from 0.5 s to 5 s, with full jitter."""
 
 
 class KeySink(Protocol):
@@ -140,13 +143,15 @@ class Informer(Generic[R]):
 
     async def _relist(self) -> None:
         """Read every object and deliver the difference from the cache; retry until it works."""
-        while True:
-            try:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(StoreError),
+            wait=wait_random_exponential(multiplier=LIST_RETRY_DELAY, max=LIST_RETRY_MAX_DELAY),
+            before_sleep=self._log_list_failure,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
                 objects, revision = await self.store.list_objects(self.kind)
-                break
-            except StoreError as error:
-                log.warning("listing %s failed, retrying: %s", self.kind, error)
-                await asyncio.sleep(LIST_RETRY_DELAY)
         # The store validated each object with the kind's model: an R.
         fresh = {obj.metadata.name: cast(R, obj) for obj in objects}
         for name, gone in list(self._cache.items()):
@@ -166,6 +171,10 @@ class Informer(Generic[R]):
                 "%s informer synced: %d objects at revision %d", self.kind, len(fresh), revision
             )
             self.has_synced.set()
+
+    def _log_list_failure(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("listing %s failed, retrying: %s", self.kind, error)
 
     async def _watch(self) -> None:
         assert self._revision is not None
