@@ -40,7 +40,6 @@ from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 from e2e.guest.build import ensure_guest_image
 from e2e.guest.console import read_ticks
 from e2e.harness.agent_lab import (
-    KVMCTL,
     PREFIX,
     AgentLab,
     Controller,
@@ -96,24 +95,10 @@ async def bench_apply_to_qemu(
 
 async def kvmctl_migrate(agent_lab: AgentLab, vm: str, target: str) -> float:
     started = time.perf_counter()
-    process = await asyncio.create_subprocess_exec(
-        KVMCTL,
-        "--etcd",
-        ",".join(agent_lab.etcd.endpoints),
-        "--prefix",
-        PREFIX,
-        "migrate",
-        vm,
-        "--to",
-        target,
-        "--wait",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await process.communicate()
+    code, _, stderr = await agent_lab.kvmctl("migrate", vm, "--to", target, "--wait")
     elapsed = time.perf_counter() - started
-    if process.returncode != 0:
-        raise RuntimeError(f"kvmctl migrate failed: {stderr.decode()[-500:]}")
+    if code != 0:
+        raise RuntimeError(f"kvmctl migrate failed: {stderr[-500:]}")
     return elapsed
 
 

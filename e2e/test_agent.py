@@ -22,8 +22,6 @@ from controller.runtime.heartbeat import heartbeat_key
 from crds import VirtualMachine
 from e2e.guest.console import read_ticks, tick_gaps
 from e2e.harness.agent_lab import (
-    DEADLINE,
-    KVMCTL,
     PREFIX,
     AgentLab,
     Controller,
@@ -35,7 +33,7 @@ from e2e.harness.agent_lab import (
     running_on,
     unique,
 )
-from e2e.harness.hosts import REPO_ROOT, SimulatedHost
+from e2e.harness.hosts import SimulatedHost
 
 
 def defined_on(host: SimulatedHost, name: str) -> bool:
@@ -44,28 +42,6 @@ def defined_on(host: SimulatedHost, name: str) -> bool:
         return name in [domain.name() for domain in connection.listAllDomains(0)]
     finally:
         connection.close()
-
-
-async def kvmctl(agent_lab: AgentLab, *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        KVMCTL,
-        "--etcd",
-        ",".join(agent_lab.etcd.endpoints),
-        "--prefix",
-        PREFIX,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO_ROOT,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), DEADLINE)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 @pytest.mark.slow
@@ -156,7 +132,7 @@ async def test_live_migration_keeps_the_guest_counting(
     await apply_running(agent_lab, controller, name, "host-a")
     await booted(agent_lab, name, above=10)
 
-    code, out, err = await kvmctl(agent_lab, "migrate", name, "--to", "host-b", "--wait")
+    code, out, err = await agent_lab.kvmctl("migrate", name, "--to", "host-b", "--wait")
 
     assert code == 0, f"stdout: {out}\nstderr: {err}"
     assert "100%" in err and f"{name} migrated to host-b" in out
@@ -200,7 +176,7 @@ async def test_migration_to_a_cut_off_node_fails_and_the_guest_stays_up(
     # pyroute2's synchronous IPRoute runs its own event loop: keep it off this one.
     await asyncio.to_thread(target.cut_network)
     try:
-        code, out, err = await kvmctl(agent_lab, "migrate", name, "--to", "host-b", "--wait")
+        code, out, err = await agent_lab.kvmctl("migrate", name, "--to", "host-b", "--wait")
         assert code == 1, f"stdout: {out}\nstderr: {err}"
         assert "failed" in err
         assert await controller.events(name, "MigrationFailed")  # the source agent tried

@@ -28,7 +28,7 @@ from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
 from e2e.guest.console import BOOTED_LINE, read_ticks
 from e2e.harness import polling
 from e2e.harness.etcd import EtcdCluster
-from e2e.harness.hosts import Lab, SimulatedHost
+from e2e.harness.hosts import REPO_ROOT, Lab, SimulatedHost
 from e2e.harness.standin import StandInController
 
 KVMCTL = str(Path(sys.executable).parent / "kvmctl")
@@ -81,6 +81,28 @@ class AgentLab:
 
     def host(self, name: str) -> SimulatedHost:
         return self.lab[name]
+
+    async def kvmctl(self, *args: str) -> tuple[int, str, str]:
+        """Run the `kvmctl` command against the lab's etcd: (exit code, stdout, stderr)."""
+        process = await asyncio.create_subprocess_exec(
+            KVMCTL,
+            "--etcd",
+            ",".join(self.etcd.endpoints),
+            "--prefix",
+            PREFIX,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=REPO_ROOT,
+        )
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(), DEADLINE)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
+        assert process.returncode is not None
+        return process.returncode, stdout.decode(), stderr.decode()
 
 
 @pytest.fixture(scope="module")
