@@ -39,17 +39,16 @@ from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 from e2e.guest.build import ensure_guest_image
 from e2e.guest.console import read_ticks
-from e2e.harness.hosts import Lab, SimulatedHost
-from e2e.test_agent import (
-    KVMCTL,
+from e2e.harness.agent_lab import (
     PREFIX,
     AgentLab,
     Controller,
     eventually,
     guest_vm,
 )
+from e2e.harness.hosts import Lab, SimulatedHost
+from e2e.harness.private_host import host_uri
 from reconcilers.virtualmachine import DomainSettings
-from tests.test_libvirt_driver import host_uri
 
 MIGRATE_FLAGS = (
     libvirt.VIR_MIGRATE_LIVE
@@ -96,24 +95,10 @@ async def bench_apply_to_qemu(
 
 async def kvmctl_migrate(agent_lab: AgentLab, vm: str, target: str) -> float:
     started = time.perf_counter()
-    process = await asyncio.create_subprocess_exec(
-        KVMCTL,
-        "--etcd",
-        ",".join(agent_lab.etcd.endpoints),
-        "--prefix",
-        PREFIX,
-        "migrate",
-        vm,
-        "--to",
-        target,
-        "--wait",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await process.communicate()
+    code, _, stderr = await agent_lab.kvmctl("migrate", vm, "--to", target, "--wait")
     elapsed = time.perf_counter() - started
-    if process.returncode != 0:
-        raise RuntimeError(f"kvmctl migrate failed: {stderr.decode()[-500:]}")
+    if code != 0:
+        raise RuntimeError(f"kvmctl migrate failed: {stderr[-500:]}")
     return elapsed
 
 
@@ -206,7 +191,7 @@ async def bench_converge(endpoints: list[str], count: int) -> tuple[float, float
     with tempfile.TemporaryDirectory() as folder:
         async with Store(endpoints, prefix=f"/bench-{secrets.token_hex(3)}") as store:
             controller = Controller(store)
-            await controller.start()
+            await controller.lead()
             await store.create(
                 ClusterNode(
                     metadata=ObjectMeta(name="host1"),
@@ -237,7 +222,7 @@ async def bench_converge(endpoints: list[str], count: int) -> tuple[float, float
             elapsed = time.perf_counter() - started
             stop.set()
             await task
-            await controller.stop()
+            await controller.stop_leading()
             return elapsed, elapsed / count
 
 
@@ -256,12 +241,12 @@ async def run(runs: int) -> None:
             for name in lab.hosts:
                 agent_lab.start_agent(name)
             controller = Controller(store)
-            await controller.start()
+            await controller.lead()
             try:
                 apply_times = await bench_apply_to_qemu(agent_lab, controller, runs)
                 kvmctl_times, raw_times, phases = await bench_migration(agent_lab, controller, runs)
             finally:
-                await controller.stop()
+                await controller.stop_leading()
         converge, per_vm = await bench_converge(etcd.endpoints, 100)
     finally:
         await asyncio.to_thread(lab.cleanup)

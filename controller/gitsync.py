@@ -17,14 +17,11 @@ delete everything.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
-import re
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -38,7 +35,16 @@ from controller.apply import (
     find_clash,
     in_apply_order,
 )
-from controller.manifests import MAX_FILE_BYTES, Manifest, ManifestError, load_text
+from controller.gitsource import GIT_TIMEOUT as GIT_TIMEOUT
+from controller.gitsource import GitError as GitError
+from controller.gitsource import GitMirror, parse_files, short
+from controller.gitsource import TreeFile as TreeFile
+from controller.gitsource import default_cache_dir as default_cache_dir
+from controller.gitsource import default_name as default_name
+from controller.gitsource import normalize_path as normalize_path
+from controller.gitsource import normalize_repo as normalize_repo
+from controller.gitsource import parse_interval as parse_interval
+from controller.manifests import MAX_FILE_BYTES
 from controller.runtime.events import EventRecorder
 from controller.runtime.store import AlreadyExists, Conflict, NotFound, Store, StoreError
 from crds import APPLY_ORDER, AnyResource, GitSync, ObjectMeta, describe_validation_error
@@ -49,13 +55,7 @@ from crds.meta import _check_name, now
 log = logging.getLogger(__name__)
 
 COMPONENT = "kvmctl-sync"
-GIT_TIMEOUT = 300.0
-MANIFEST_SUFFIXES = (".yaml", ".yml")
-UNSYNCABLE_KINDS = ("Event", "GitSync")
 MAX_TEXT = 4096  # the API's limit for condition and status messages
-_INTERVAL = re.compile(r"^(\d+)([smh]?)$")
-_INTERVAL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
-_SCP_LIKE = re.compile(r"^[^/:]+:")  # `host:path`, which git reads as SSH
 
 FailureReason = Literal[
     "FetchFailed",
@@ -67,205 +67,8 @@ FailureReason = Literal[
 ]
 
 
-class GitError(Exception):
-    """A git command failed; the message says which and why."""
-
-
-def parse_interval(text: str) -> int:
-    """Seconds in `30s`, `5m`, `1h` or plain `45`; at least 1."""
-    match = _INTERVAL.match(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(
-            f"interval {text!r} must be a positive number of seconds, or like 30s, 5m, 1h"
-        )
-    return int(match.group(1)) * _INTERVAL_UNITS[match.group(2)]
-
-
-def normalize_repo(repo: str) -> str:
-    """The repository as git is given it: an existing local folder becomes an absolute path."""
-    if "://" in repo or _SCP_LIKE.match(repo) or not Path(repo).exists():
-        return repo
-    return str(Path(repo).resolve())
-
-
-def normalize_path(path: str) -> str:
-    """A folder inside the repository, relative to its root without `./` (`.` is the root)."""
-    parts = [part for part in PurePosixPath(path.strip()).parts if part not in ("/", ".")]
-    if ".." in parts:
-        raise ValueError(f"path {path!r} must stay inside the repository (no '..')")
-    return "/".join(parts) or "."
-
-
-def default_name(repo: str, path: str) -> str:
-    """A DNS-1123 name for the sync of `path` in `repo`: readable words and a short hash."""
-    digest = hashlib.sha256(f"{repo}\x00{path}".encode()).hexdigest()[:8]
-    words = [PurePosixPath(repo.rstrip("/")).name.removesuffix(".git")]
-    if path != ".":
-        words.append(path)
-    slug = re.sub(r"[^a-z0-9]+", "-", "-".join(words).lower()).strip("-")
-    slug = slug[: 63 - len(digest) - 1].rstrip("-")
-    return f"{slug}-{digest}" if slug else f"gitsync-{digest}"
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "kvmctl" / "git"
-
-
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
-
-
-def _short(commit: str | None) -> str:
-    return (commit or "-")[:12]
-
-
-# Git -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TreeFile:
-    path: str
-    """The file's path from the repository's root."""
-    object_id: str
-    size: int
-
-
-class GitMirror:
-    """A bare mirror of one repository in `cache_root/<hash of the URL>`, filled by `git fetch`."""
-
-    def __init__(self, repo: str, cache_root: Path, timeout: float = GIT_TIMEOUT) -> None:
-        self.repo = repo
-        self.directory = cache_root / hashlib.sha256(repo.encode()).hexdigest()[:16]
-        self.timeout = timeout
-
-    async def _run(self, *args: str, stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
-        """Run git on the mirror; (exit code, stdout, stderr). Killed after the timeout."""
-        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
-        command = ["git", "-c", "protocol.ext.allow=never", f"--git-dir={self.directory}", *args]
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-            )
-        except FileNotFoundError:
-            raise GitError("git is not installed (no 'git' on PATH)") from None
-        try:
-            out, err = await asyncio.wait_for(process.communicate(stdin), self.timeout)
-        except (TimeoutError, asyncio.CancelledError) as error:
-            process.kill()
-            await process.wait()
-            if isinstance(error, TimeoutError):
-                raise GitError(f"git {args[0]} timed out after {self.timeout:.0f}s") from None
-            raise
-        return process.returncode or 0, out, err
-
-    async def _git(self, *args: str, stdin: bytes | None = None) -> bytes:
-        code, out, err = await self._run(*args, stdin=stdin)
-        if code != 0:
-            detail = err.decode(errors="replace").strip().splitlines()
-            raise GitError(f"git {args[0]} failed: {detail[-1] if detail else f'exit {code}'}")
-        return out
-
-    async def fetch(self, ref: str) -> str:
-        """Fetch `ref` (a branch or tag) from the repository; its commit id."""
-        if not (self.directory / "HEAD").exists():
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            await self._git("init", "--quiet", "--bare")
-        local = f"refs/kvmctl/{hashlib.sha256(ref.encode()).hexdigest()[:16]}"
-        try:
-            await self._git(
-                "fetch",
-                "--quiet",
-                "--no-tags",
-                "--force",
-                "--no-write-fetch-head",
-                "--",
-                self.repo,
-                f"+{ref}:{local}",
-            )
-        except GitError as error:
-            raise GitError(f"fetching {ref!r} from {self.repo}: {error}") from None
-        return (await self._git("rev-parse", "--verify", f"{local}^{{commit}}")).decode().strip()
-
-    async def manifest_files(self, commit: str, path: str) -> list[TreeFile] | None:
-        """The *.yaml / *.yml files under `path` at `commit`, sorted; None if `path` is missing."""
-        spec = f"{commit}^{{tree}}" if path == "." else f"{commit}:{path}"
-        code, out, _ = await self._run("cat-file", "-t", spec)
-        kind = out.decode().strip()
-        if code != 0:
-            return None
-        if kind != "tree":
-            raise GitError(f"path {path!r} at commit {_short(commit)} is a {kind}, not a folder")
-        listing = await self._git("ls-tree", "-r", "-z", "-l", spec)
-        prefix = "" if path == "." else f"{path}/"
-        files = []
-        for entry in listing.split(b"\0"):
-            if not entry:
-                continue
-            meta, _, name_bytes = entry.partition(b"\t")
-            mode, kind, object_id, size = meta.decode().split()
-            name = name_bytes.decode(errors="replace")
-            # Regular files only: symbolic links could point outside the path.
-            if kind == "blob" and mode in ("100644", "100755") and name.endswith(MANIFEST_SUFFIXES):
-                files.append(TreeFile(prefix + name, object_id, int(size)))
-        return sorted(files, key=lambda f: f.path)
-
-    async def read_blobs(self, object_ids: Sequence[str]) -> list[bytes]:
-        """The contents of blobs, in order, read by one `git cat-file --batch`."""
-        if not object_ids:
-            return []
-        out = await self._git(
-            "cat-file", "--batch", stdin="".join(f"{i}\n" for i in object_ids).encode()
-        )
-        contents = []
-        position = 0
-        for object_id in object_ids:
-            header_end = out.index(b"\n", position)
-            header = out[position:header_end].decode().split()
-            if len(header) != 3 or header[1] != "blob":
-                raise GitError(f"git cat-file could not read object {object_id}")
-            start = header_end + 1
-            end = start + int(header[2])
-            contents.append(out[start:end])
-            position = end + 1  # a newline follows every object
-        return contents
-
-
-# Reading a commit ----------------------------------------------------------------------------
-
-
-def parse_files(
-    files: Sequence[TreeFile], contents: Sequence[bytes]
-) -> tuple[list[Manifest], list[str]]:
-    """Every object of every file, and one problem line per file that is not valid."""
-    loaded: list[Manifest] = []
-    problems: list[str] = []
-    for file, data in zip(files, contents, strict=True):
-        try:
-            loaded.extend(load_text(_decode(data, file.path), file.path))
-        except ManifestError as error:
-            problems.append(str(error))
-    seen: dict[tuple[str, str], str] = {}
-    for item in loaded:
-        kind, name = item.object.kind, item.object.metadata.name
-        if kind in UNSYNCABLE_KINDS:
-            problems.append(f"{item.where}: kind: {kind} objects cannot be synced from Git")
-        elif (kind, name) in seen:
-            problems.append(f"{item.where}: {kind} {name!r} is also defined in {seen[kind, name]}")
-        else:
-            seen[kind, name] = item.where
-    return loaded, problems
-
-
-def _decode(data: bytes, source: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ManifestError(f"{source}: not UTF-8 (byte {error.start})") from None
 
 
 # Applying ------------------------------------------------------------------------------------
@@ -423,14 +226,14 @@ class GitSyncer:
         if not loaded and not self.options.allow_empty:
             where = "does not exist" if files is None else "holds no manifests"
             message = (
-                f"path {self.path!r} {where} at commit {_short(commit)}: refusing to sync an "
+                f"path {self.path!r} {where} at commit {short(commit)}: refusing to sync an "
                 "empty source (it would release or prune every object); use --allow-empty"
             )
             return await self._failed(state, "EmptySource", message, commit, 1)
         return await self._apply(state, commit, [item.object for item in loaded])
 
     async def _invalid(self, state: GitSync, commit: str, problems: list[str]) -> SyncResult:
-        message = f"commit {_short(commit)} refused, nothing applied: " + "; ".join(problems)
+        message = f"commit {short(commit)} refused, nothing applied: " + "; ".join(problems)
         return await self._failed(state, "InvalidManifest", message, commit, len(problems))
 
     async def _apply(self, state: GitSync, commit: str, desired: list[AnyResource]) -> SyncResult:
@@ -446,7 +249,7 @@ class GitSyncer:
         try:
             await check_admission(self.store, desired, lambda line: log.warning("%s", line))
         except AdmissionRefused as refused:
-            message = f"commit {_short(commit)} refused: {refused}"
+            message = f"commit {short(commit)} refused: {refused}"
             return await self._failed(state, "AdmissionRefused", message, commit, 1)
         applied, failures = await apply_objects(self.store, desired)
         created = [
@@ -468,7 +271,7 @@ class GitSyncer:
         if failures:
             left = gone  # prune nothing while the desired state is not fully written
             result.ok, result.reason, result.failed = False, "ApplyFailed", len(failures)
-            result.message = f"commit {_short(commit)}: could not apply " + "; ".join(failures)
+            result.message = f"commit {short(commit)}: could not apply " + "; ".join(failures)
         elif self.options.prune:
             left = await self._prune(gone, commit, result)
         else:
@@ -476,7 +279,7 @@ class GitSyncer:
         inventory = _unique([*kept, *created, *left])
         if result.ok:
             result.message = (
-                f"commit {_short(commit)}: {result.count('created')} created, "
+                f"commit {short(commit)}: {result.count('created')} created, "
                 f"{result.count('configured')} configured, {result.count('unchanged')} unchanged, "
                 f"{len(result.pruned)} pruned"
             )
@@ -507,11 +310,11 @@ class GitSyncer:
                 "Pruned",
                 "deleted by gitsync %s: no longer in Git at commit %s",
                 self.options.name,
-                _short(commit),
+                short(commit),
             )
         if failures:
             result.ok, result.reason, result.failed = False, "PruneFailed", len(failures)
-            result.message = f"commit {_short(commit)}: could not prune " + "; ".join(failures)
+            result.message = f"commit {short(commit)}: could not prune " + "; ".join(failures)
         return left
 
     async def _failed(
@@ -556,7 +359,7 @@ class GitSyncer:
                 "DriftCorrected",
                 "restored %s to commit %s",
                 ", ".join(result.drifted),
-                _short(result.commit),
+                short(result.commit),
             )
         if result.pruned:
             names = ", ".join(_label(e.kind, e.name) for e in result.pruned)

@@ -6,30 +6,26 @@ stonithd runs it.
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import time
 
 import pytest
 
 from controller.ha.guest_requests import GUEST_CLUSTER_LABEL
 from controller.runtime.leader import guard_compare
-from e2e.harness.guest_fencing import guest_fencing
-from e2e.harness.hosts import REPO_ROOT
-from e2e.test_agent import (  # noqa: F401  (agent_lab, controller: fixtures used below)
+from e2e.harness.agent_lab import (
     PREFIX,
     AgentLab,
     Controller,
-    agent_lab,
     apply_running,
     booted,
     boots,
-    controller,
     delete_vm,
     eventually,
     running_on,
     unique,
 )
+from e2e.harness.fence_agent import run_fence_kvmctl
+from e2e.harness.guest_fencing import guest_fencing
 
 FENCE_TIMEOUT = 90
 GUEST = "guests"
@@ -46,26 +42,8 @@ async def fence(lab: AgentLab, action: str, plug: str) -> tuple[int, str, float]
         "power_timeout": str(FENCE_TIMEOUT),
     }
     started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "controller.cli.fence_kvmctl",
-        cwd=REPO_ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdin = "".join(f"{key}={value}\n" for key, value in values.items()).encode()
-    try:
-        out, err = await asyncio.wait_for(process.communicate(stdin), FENCE_TIMEOUT + 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    if process.returncode == 1:
-        print(err.decode(), file=sys.stderr)
-    return process.returncode, out.decode(), time.monotonic() - started
+    code, out = await run_fence_kvmctl(values, FENCE_TIMEOUT + 30)
+    return code, out, time.monotonic() - started
 
 
 async def join(lead: Controller, name: str) -> None:
@@ -77,8 +55,8 @@ async def join(lead: Controller, name: str) -> None:
 
 @pytest.mark.slow
 async def test_fence_off_status_on_reboot_of_a_tcg_guest(
-    agent_lab: AgentLab,  # noqa: F811
-    controller: Controller,  # noqa: F811
+    agent_lab: AgentLab,
+    controller: Controller,
 ) -> None:
     name = unique("fenced")
     host = agent_lab.host("host-a")

@@ -16,22 +16,17 @@ from crds import ClusterPolicy, ObjectMeta
 from crds.clusternode import Capacity
 from crds.clusterpolicy import ClusterPolicySpec
 from e2e.harness.polling import eventually
-from tests.test_cli import Run, kvmctl, write
-from tests.test_gitsync import MakeSyncer, Repository, make_syncer, repo, vm_memory
-from tests.test_ha_production import (
+from tests.support.cli import Run, write
+from tests.support.gitrepo import MakeSyncer, Repository, vm_memory
+from tests.support.ha import (
     Leases,
-    controller,
     events_of,
     get_vm,
-    leases,
     node_object,
     placed_on,
     report_running,
-    store,
     vm_object,
 )
-
-__all__ = ["controller", "kvmctl", "leases", "make_syncer", "repo", "store"]  # fixtures
 
 HEADER = "apiVersion: kvmctl.io/v1alpha1\n"
 

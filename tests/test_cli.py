@@ -9,50 +9,18 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from controller.cli import main
 from controller.runtime.store import Store
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
+from tests.support.cli import Run, write
 
-Run = Callable[..., tuple[int, str, str]]
 EXAMPLES = Path(__file__).parent.parent / "deploy" / "examples" / "article"
-
-
-@pytest.fixture
-def kvmctl(
-    etcd_endpoints: list[str],
-    key_prefix: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> Run:
-    """Run kvmctl in-process against the test's etcd prefix; returns (code, stdout, stderr)."""
-    monkeypatch.setenv("KVMCTL_ETCD", ",".join(etcd_endpoints))
-    monkeypatch.setenv("KVMCTL_PREFIX", key_prefix)
-    monkeypatch.setenv("KVMCTL_CONFIG", "")
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            code = main(list(argv))
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
-def write(tmp_path: Path, text: str, name: str = "m.yaml") -> str:
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
 
 
 VM = """

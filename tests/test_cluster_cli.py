@@ -12,22 +12,16 @@ from controller.runtime.manager import Manager
 from controller.runtime.store import Store
 from crds import VirtualMachineMigration
 from e2e.harness.polling import eventually
-from tests.test_ha_production import (
-    Kvmctl,
+from tests.support.cli import Kvmctl
+from tests.support.ha import (
     Leases,
-    controller,
     get_node,
-    kvmctl_thread,
-    leases,
     node_object,
     placed_on,
     reasons,
     report_running,
-    store,
     vm_object,
 )
-
-__all__ = ["controller", "kvmctl_thread", "leases", "store"]  # fixtures used here
 
 
 async def two_nodes_with_vms(store: Store, leases: Leases) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -15,12 +14,6 @@ from crds.virtualmachine import VirtualMachineSpec
 from e2e.harness.etcd import free_port
 
 DEADLINE = 30.0
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as store:
-        yield store
 
 
 def vm(name: str) -> VirtualMachine:

@@ -15,23 +15,18 @@ from controller.ha.environment import Action, Emit, Place, SetDiskConflict, VmVi
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
 from e2e.harness.polling import eventually
-from tests.test_cli import Run, kvmctl, write
-from tests.test_gitsync import MakeSyncer, Repository, make_syncer, repo, vm_memory
-from tests.test_ha_production import (
+from tests.support.cli import Run, write
+from tests.support.gitrepo import MakeSyncer, Repository, vm_memory
+from tests.support.ha import (
     Leases,
-    controller,
     events_of,
     get_vm,
-    leases,
     node_object,
     placed_on,
     report_running,
-    store,
     vm_object,
 )
-from tests.test_placement import node, vm, world
-
-__all__ = ["controller", "kvmctl", "leases", "make_syncer", "repo", "store"]  # fixtures
+from tests.support.views import node, vm, world
 
 LV1 = {"volume": "vg_cluster/lv_vm1"}
 ISO = {"file": "/srv/iso/install.iso", "readonly": True}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,6 @@ from controller.cli.fence_kvmctl import ACTIONS, cluster_of, main, options_from
 from controller.ha.agent_side import HaReporter
 from controller.ha.guest_power import SAVED_TIMEOUT_ANNOTATION
 from controller.ha.guest_requests import (
-    GUEST_CLUSTER_LABEL,
     Published,
     parse_result,
     parse_status,
@@ -31,17 +29,15 @@ from controller.ha.guest_requests import (
 from controller.ha.requests import read_report
 from controller.runtime.store import Store
 from crds import ClusterNode, VirtualMachine
-from e2e.harness.guest_fencing import guest_fencing
 from e2e.harness.polling import eventually
 from reconcilers.drivers.libvirt import DomainState
-from tests.test_vm_reconciler import Cluster, domain_state, running_vm, vm_object
+from tests.support.agents import Cluster, domain_state, running_vm, vm_object
+from tests.support.fence import GUEST, fence, fencing_cluster, join
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_VALUES = {"string": "x", "second": "5", "boolean": "1"}
 """A valid value of each metadata content type (string parameters get specific ones below)."""
 STRING_SAMPLES = {"action": "validate-all", "plug": "vm1", "port": "vm1", "prefix": "/kvmctl"}
-GUEST = "guests"
-"""The guest cluster of these tests' fence_kvmctl."""
 
 
 def metadata() -> ET.Element:
@@ -212,66 +208,10 @@ def test_the_guest_cluster_is_the_option_or_the_certificates_and_they_must_agree
         cluster_of(None, "admin")
 
 
-async def fence(
-    store: Store, action: str, plug: str | None = None, **extra: str
-) -> tuple[int, str]:
-    """Run `python -m controller.cli.fence_kvmctl` with options on stdin; (exit code, stdout)."""
-    values = {
-        "action": action,
-        "etcd": ",".join(store.endpoints),
-        "prefix": store.prefix,
-        "guest_cluster": GUEST,
-    }
-    if plug is not None:
-        values["plug"] = plug
-    values.update(extra)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "controller.cli.fence_kvmctl",
-        cwd=REPO_ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdin = "".join(f"{key}={value}\n" for key, value in values.items()).encode()
-    try:
-        out, err = await asyncio.wait_for(process.communicate(stdin), 120)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    if process.returncode == 1:
-        print(err.decode(), file=sys.stderr)
-    return process.returncode, out.decode()
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as connected:
-        yield connected
-
-
 @pytest.fixture
 async def cluster(store: Store, tmp_path: Path) -> AsyncIterator[Cluster]:
-    lab = Cluster(store, tmp_path)
-    await lab.lead()
-    try:
-        async with guest_fencing(store, lab.token, lab.term.guard):
-            yield lab
-    finally:
-        await lab.close()
-
-
-async def join(store: Store, vm: str, guest_cluster: str | None = GUEST) -> None:
-    """Label `vm` a member of `guest_cluster` (None: of none), as an admin's manifest does."""
-    obj = await store.get("VirtualMachine", vm)
-    if guest_cluster is None:
-        obj.metadata.labels.pop(GUEST_CLUSTER_LABEL, None)
-    else:
-        obj.metadata.labels[GUEST_CLUSTER_LABEL] = guest_cluster
-    await store.update(obj)
+    async with fencing_cluster(store, tmp_path) as lab:
+        yield lab
 
 
 async def _get(store: Store, key: str) -> bytes | None:

@@ -6,27 +6,21 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from controller.cli import main
 from controller.gitsync import (
-    COMPONENT,
-    GitSyncer,
-    SyncOptions,
     default_name,
     normalize_path,
     parse_interval,
 )
-from controller.runtime.events import EventRecorder
 from controller.runtime.store import Store
 from crds import Event, GitSync, ObjectMeta, VirtualMachine
 from crds.virtualmachine import VirtualMachineSpec
 from e2e.harness.polling import eventually
+from tests.support.cli import Kvmctl
+from tests.support.gitrepo import MakeSyncer, Repository, vm_memory
 
 DEADLINE = 60.0
 ROOT = Path(__file__).parent.parent
@@ -45,84 +39,6 @@ kind: Bond
 metadata: {name: host1-bond0}
 spec: {node: host1, interface: bond0, mode: active-backup, miimon: 100, slaves: [eth0, eth2]}
 """
-
-
-class Repository:
-    """A Git repository in a temporary folder that the test writes and commits to."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    async def git(self, *args: str) -> str:
-        process = await asyncio.create_subprocess_exec(
-            "git",
-            "-c",
-            "user.name=kvmctl test",
-            "-c",
-            "user.email=test@kvmctl.invalid",
-            *args,
-            cwd=self.directory,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await process.communicate()
-        assert process.returncode == 0, f"git {args}: {err.decode()}"
-        return out.decode().strip()
-
-    def write(self, path: str, text: str) -> None:
-        target = self.directory / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-
-    def remove(self, path: str) -> None:
-        (self.directory / path).unlink()
-
-    async def commit(self, message: str) -> str:
-        await self.git("add", "-A")
-        await self.git("commit", "--quiet", "--allow-empty", "-m", message)
-        return await self.git("rev-parse", "HEAD")
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as store:
-        yield store
-
-
-@pytest.fixture
-async def repo(tmp_path: Path) -> Repository:
-    directory = tmp_path / "config"
-    directory.mkdir()
-    repository = Repository(directory)
-    await repository.git("init", "--quiet", "--initial-branch=main")
-    repository.write("README.md", "cluster configuration\n")
-    return repository
-
-
-MakeSyncer = Callable[..., GitSyncer]
-
-
-@pytest.fixture
-def make_syncer(store: Store, repo: Repository, tmp_path: Path) -> MakeSyncer:
-    """A syncer of clusters/lab in `repo` named lab, with prune on, unless overridden."""
-    base = SyncOptions(
-        repo=str(repo.directory),
-        name="lab",
-        path="clusters/lab",
-        prune=True,
-        cache_dir=tmp_path / "cache",
-    )
-
-    def make(**overrides: Any) -> GitSyncer:
-        options = replace(base, **overrides)
-        return GitSyncer(store, options, EventRecorder(store, COMPONENT, ttl=60))
-
-    return make
-
-
-async def vm_memory(store: Store, name: str) -> int | None:
-    obj = await store.try_get("VirtualMachine", name)
-    return obj.spec.memory_mib if isinstance(obj, VirtualMachine) else None
 
 
 async def gitsync(store: Store, name: str = "lab") -> GitSync:
@@ -355,61 +271,30 @@ async def test_a_missing_branch_or_repository_fails_the_sync(
     assert result.reason == "FetchFailed" and "nowhere" in result.message
 
 
-Kvmctl = Callable[..., Awaitable[tuple[int, str, str]]]
-
-
-def exit_code(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-
-
-@pytest.fixture
-def kvmctl(
-    etcd_endpoints: list[str],
-    key_prefix: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> Kvmctl:
-    """Run kvmctl in-process (in a worker thread: it runs its own event loop)."""
-    monkeypatch.setenv("KVMCTL_ETCD", ",".join(etcd_endpoints))
-    monkeypatch.setenv("KVMCTL_PREFIX", key_prefix)
-    monkeypatch.setenv("KVMCTL_CONFIG", "")
-
-    async def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = await asyncio.to_thread(exit_code, list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 async def test_cli_sync_once_from_a_file_url(
-    kvmctl: Kvmctl, repo: Repository, tmp_path: Path
+    kvmctl_thread: Kvmctl, repo: Repository, tmp_path: Path
 ) -> None:
     repo.write("deploy/vms.yaml", vm_manifest("web"))
     commit = await repo.commit("web")
     url = f"file://{repo.directory}"
     sync = ["sync", "--repo", url, "--path", "./deploy/", "--once", "--prune"]
     sync += ["--cache-dir", str(tmp_path / "cache")]
-    code, out, err = await kvmctl(*sync)
+    code, out, err = await kvmctl_thread(*sync)
     name = default_name(url, "deploy")
     assert code == 0, err
     assert out.strip() == f"gitsync/{name} commit {commit[:12]}: 1 created, 0 configured, " + (
         "0 unchanged, 0 pruned"
     )
-    code, out, _ = await kvmctl("get", "gitsync")
+    code, out, _ = await kvmctl_thread("get", "gitsync")
     assert code == 0 and name in out and commit[:12] in out
 
     repo.write("deploy/vms.yaml", vm_manifest("web").replace("vcpus: 1", "vcpus: many"))
     await repo.commit("bad vcpus")
-    code, out, err = await kvmctl(*sync)
+    code, out, err = await kvmctl_thread(*sync)
     assert code == 1 and out == ""
     assert "InvalidManifest" in err and "deploy/vms.yaml, document 0: spec.vcpus" in err
 
-    code, _, err = await kvmctl(*sync[:-2], "--interval", "0s")
+    code, _, err = await kvmctl_thread(*sync[:-2], "--interval", "0s")
     assert code == 2 and "interval '0s'" in err
 
 

@@ -8,8 +8,6 @@ certificates by deploy/etcd/make-certs.sh; fence_kvmctl runs as a separate proce
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,21 +17,14 @@ from controller.ha.guest_requests import request_key, result_key, status_key
 from controller.rbac import apply_rbac, cluster_roles
 from controller.runtime.store import PermissionDenied, Store
 from e2e.harness.etcd import EtcdCluster
-from e2e.harness.guest_fencing import guest_fencing
-from tests.test_fence_kvmctl import fence, join
-from tests.test_rbac import MAKE_CERTS, PREFIX, store_as, tls
-from tests.test_vm_reconciler import Cluster, vm_object
+from tests.support.agents import Cluster, vm_object
+from tests.support.fence import fence, fencing_cluster, join
+from tests.support.rbac import PREFIX, etcd_with_rbac, make_pki, store_as, tls
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("pki")
-    subprocess.run(
-        ["bash", str(MAKE_CERTS), str(folder), "etcd1=127.0.0.1", "host1", "web db"],
-        check=True,
-        capture_output=True,
-    )
-    return folder
+    return make_pki(tmp_path_factory.mktemp("pki"), "host1", guest_clusters="web db")
 
 
 async def _setup(etcd: EtcdCluster, pki: Path) -> None:
@@ -46,8 +37,7 @@ async def _setup(etcd: EtcdCluster, pki: Path) -> None:
 
 @pytest.fixture(scope="module")
 def etcd(pki: Path) -> Iterator[EtcdCluster]:
-    with EtcdCluster(pki=pki) as cluster:
-        asyncio.run(_setup(cluster, pki))
+    with etcd_with_rbac(pki, _setup) as cluster:
         yield cluster
 
 
@@ -66,14 +56,8 @@ async def guest(etcd: EtcdCluster, pki: Path) -> AsyncIterator[Store]:
 @pytest.fixture
 async def controller(etcd: EtcdCluster, pki: Path, tmp_path: Path) -> AsyncIterator[Cluster]:
     """The leading controller (its own certificate) serving guest fencing."""
-    async with store_as(etcd, pki, "controller") as store:
-        lab = Cluster(store, tmp_path)
-        await lab.lead()
-        try:
-            async with guest_fencing(store, lab.token, lab.term.guard):
-                yield lab
-        finally:
-            await lab.close()
+    async with store_as(etcd, pki, "controller") as store, fencing_cluster(store, tmp_path) as lab:
+        yield lab
 
 
 def credentials(pki: Path, user: str) -> dict[str, str]:

@@ -29,7 +29,7 @@ from crds.clusternode import ClusterNodeSpec
 from crds.secret import SecretSpec
 from e2e.harness.polling import eventually
 from reconcilers.drivers.fence import FenceRunner
-from tests.test_ha_production import (
+from tests.support.ha import (
     ELECTION,
     TEST_POLICY,
     TIMINGS,
@@ -53,19 +53,6 @@ def free_udp_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, key_prefix) as connected:
-        yield connected
-
-
-@pytest.fixture
-async def leases(store: Store) -> AsyncIterator[Leases]:
-    held = Leases(store)
-    yield held
-    await held.close()
 
 
 class Agents:

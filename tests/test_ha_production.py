@@ -9,248 +9,48 @@ play the agents' VM status reports. Engine timings are shortened; leader terms a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import prometheus_client
 import pytest
 
-from controller.cli import main
 from controller.ha.agent_side import HaReporter, heartbeat_timing
-from controller.ha.controller import build_manager
 from controller.ha.environment import HaTimings, Place
 from controller.ha.production import KINDS, EtcdEnvironment
 from controller.migrations import Term
 from controller.runtime import telemetry
 from controller.runtime.events import EventRecorder
-from controller.runtime.heartbeat import heartbeat_key
 from controller.runtime.informer import SharedInformers
-from controller.runtime.leader import ElectionTiming, LeaderElector, current_leader, guard_compare
+from controller.runtime.leader import LeaderElector, current_leader, guard_compare
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
-from crds import ClusterNode, Event, ObjectMeta, Secret, VirtualMachine
-from crds.clusternode import ClusterNodeSpec
+from crds import ObjectMeta, Secret
 from crds.migration import VirtualMachineMigration, VirtualMachineMigrationSpec
 from crds.secret import SecretSpec
-from crds.virtualmachine import VirtualMachineSpec
 from e2e.harness.polling import eventually
+from e2e.harness.private_host import HOST_XML
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
-from reconcilers.drivers.fence import FenceRunner
-from reconcilers.drivers.fence_policy import DEFAULT_AGENTS, FencePolicy
 from reconcilers.drivers.libvirt import LibvirtHost
-
-T = TypeVar("T")
-
-TIMINGS = HaTimings(
-    lease_ttl=2.0,
-    renew_interval=0.5,
-    self_fence_margin=0.5,
-    recovery_grace=1.0,
-    watchdog_timeout=1.0,
-    fence_retry_initial=0.5,
-    fence_retry_max=2.0,
+from tests.support.cli import Kvmctl
+from tests.support.ha import (
+    ELECTION,
+    TIMINGS,
+    Leases,
+    dummy_fencing,
+    events_of,
+    get_node,
+    get_vm,
+    leader_token,
+    node_object,
+    placed_on,
+    reasons,
+    recorded,
+    report_running,
+    start_controller,
+    stop_controller,
+    vm_object,
 )
-ELECTION = ElectionTiming.for_ttl(10)
-"""No test here needs a leader's lease to expire (handovers are resigns, which take effect at
-once), so the term is long: a stall of the loaded test machine must not move leadership."""
-DEADLINE = 40.0
-TEST_POLICY = FencePolicy(
-    agents=DEFAULT_AGENTS | {"fence_dummy"},
-    allowed_parameters=frozenset({("fence_dummy", "status_file")}),
-)
-"""The test controllers may run fence_dummy, and give it its status file."""
-HOST_XML = """<node><cpu><mhz>2000</mhz><model>x86_64</model><active>4</active><nodes>1</nodes>
-<sockets>1</sockets><cores>4</cores><threads>1</threads></cpu><memory>8388608</memory></node>"""
-
-
-Kvmctl = Callable[..., Awaitable[tuple[int, str, str]]]
-
-
-@pytest.fixture
-def kvmctl_thread(
-    etcd_endpoints: list[str],
-    key_prefix: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> Kvmctl:
-    """Run kvmctl against the test's etcd prefix in a thread (it runs its own event loop)."""
-    monkeypatch.setenv("KVMCTL_ETCD", ",".join(etcd_endpoints))
-    monkeypatch.setenv("KVMCTL_PREFIX", key_prefix)
-    monkeypatch.setenv("KVMCTL_CONFIG", "")
-
-    def run_main(argv: list[str]) -> int:
-        try:
-            return main(argv)
-        except SystemExit as exit_:
-            return int(exit_.code or 0)
-
-    async def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = await asyncio.to_thread(run_main, list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
-class Leases:
-    """Heartbeat keys on real etcd leases, renewed as an agent does; `drop` revokes one."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._leases: dict[str, int] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-
-    async def hold(self, node: str) -> None:
-        client = self.store.client
-        lease = await client.lease(int(TIMINGS.lease_ttl))
-        await client.put(heartbeat_key(self.store.prefix, node).encode(), b"{}", lease=lease.id)
-        self._leases[node] = lease.id
-        self._tasks[node] = asyncio.create_task(self._renew(lease.id))
-
-    async def _renew(self, lease_id: int) -> None:
-        while True:
-            await asyncio.sleep(TIMINGS.renew_interval)
-            await self.store.client.refresh_lease(lease_id)
-
-    async def drop(self, node: str) -> None:
-        task = self._tasks.pop(node)
-        task.cancel()
-        await asyncio.wait({task})
-        await self.store.client.revoke_lease(self._leases.pop(node))
-
-    async def close(self) -> None:
-        for node in list(self._tasks):
-            with contextlib.suppress(Exception):
-                await self.drop(node)
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, key_prefix) as connected:
-        yield connected
-
-
-@pytest.fixture
-async def leases(store: Store) -> AsyncIterator[Leases]:
-    held = Leases(store)
-    yield held
-    await held.close()
-
-
-async def start_controller(
-    etcd_endpoints: list[str], key_prefix: str, identity: str
-) -> tuple[Manager, asyncio.Task[None]]:
-    store = Store(etcd_endpoints, key_prefix)
-    await store.connect()
-    manager = build_manager(
-        store,
-        identity=identity,
-        timings=TIMINGS,
-        election_timing=ELECTION,
-        http_port=None,
-        fence_runner=FenceRunner(policy=TEST_POLICY),
-    )
-    task = asyncio.create_task(manager.run(handle_signals=False))
-    return manager, task
-
-
-async def stop_controller(manager: Manager, task: asyncio.Task[None]) -> None:
-    manager.stop()
-    async with asyncio.timeout(30):
-        await task  # re-raises a failure of the manager
-
-
-@pytest.fixture
-async def controller(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Manager]:
-    manager, task = await start_controller(etcd_endpoints, key_prefix, "ctl-1")
-    try:
-        yield manager
-    finally:
-        await stop_controller(manager, task)
-
-
-def node_object(name: str, fencing: dict[str, Any] | None = None) -> ClusterNode:
-    spec: dict[str, Any] = {"addresses": {"cluster": "127.0.0.1"}}
-    if fencing is not None:
-        spec["fencing"] = fencing
-    return ClusterNode(metadata=ObjectMeta(name=name), spec=ClusterNodeSpec.model_validate(spec))
-
-
-def vm_object(name: str, **spec: Any) -> VirtualMachine:
-    document = {
-        "memoryMiB": 64,
-        "failoverDomain": {"ordered": True, "nodes": [{"name": "a"}, {"name": "b", "priority": 2}]},
-        **spec,
-    }
-    return VirtualMachine(
-        metadata=ObjectMeta(name=name), spec=VirtualMachineSpec.model_validate(document)
-    )
-
-
-def dummy_fencing(**parameters: Any) -> dict[str, Any]:
-    device: dict[str, Any] = {"agent": "fence_dummy", "timeoutSeconds": 20}
-    device.update(parameters)
-    return {"methods": [{"name": "dummy", "devices": [device]}]}
-
-
-async def get_vm(store: Store, name: str) -> VirtualMachine:
-    vm = await store.get("VirtualMachine", name)
-    assert isinstance(vm, VirtualMachine)
-    return vm
-
-
-async def get_node(store: Store, name: str) -> ClusterNode:
-    node = await store.get("ClusterNode", name)
-    assert isinstance(node, ClusterNode)
-    return node
-
-
-async def placed_on(store: Store, vm: str, node: str) -> VirtualMachine | None:
-    current = await get_vm(store, vm)
-    placement = current.status.placement
-    return current if placement is not None and placement.node == node else None
-
-
-async def report_running(store: Store, vm: str, node: str) -> None:
-    """What the agent of `node` writes once the VM's domain runs there."""
-
-    def running(current: Any) -> bool:
-        current.status.node = node
-        current.status.state = "Running"
-        return True
-
-    await store.patch_status("VirtualMachine", vm, running)
-
-
-async def events_of(store: Store, kind: str, name: str) -> list[Event]:
-    events, _ = await store.list_objects("Event")
-    return [
-        e
-        for e in events
-        if isinstance(e, Event)
-        and e.spec.involved_object.kind == kind
-        and e.spec.involved_object.name == name
-    ]
-
-
-async def reasons(store: Store, kind: str, name: str) -> set[str]:
-    return {e.spec.reason for e in await events_of(store, kind, name)}
-
-
-async def recorded(store: Store, kind: str, name: str, expected: set[str]) -> bool:
-    """Whether events with every reason in `expected` were recorded about `kind` `name`."""
-    return expected <= await reasons(store, kind, name)
-
-
-async def leader_token(store: Store) -> int:
-    leader = await current_leader(store.client, f"{store.prefix}/leader/controller")
-    assert leader is not None
-    return leader.token
-
 
 # The whole path: lease lost -> Unknown -> Fencing -> fence_dummy -> Fenced -> recovered -------
 

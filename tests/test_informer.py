@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from ipaddress import ip_address
 
@@ -70,12 +71,6 @@ async def running(informer: Informer) -> AsyncIterator[asyncio.Task[None]]:
         await asyncio.wait({task})
 
 
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as store:
-        yield store
-
-
 async def stored_versions(store: Store, kind: str) -> dict[str, str | None]:
     objects, _ = await store.list_objects(kind)
     return {obj.metadata.name: obj.metadata.resource_version for obj in objects}
@@ -106,6 +101,22 @@ async def test_informer_sees_create_update_delete(store: Store) -> None:
             ("DELETED", "web"),
         ]
         assert [obj.metadata.name for obj in informer.list()] == ["before"]
+
+
+async def test_an_informer_of_a_model_is_typed_by_it(store: Store) -> None:
+    await store.create(vm("web", memory=96))
+    informers = SharedInformers(store, resync_period=None)
+    typed: Informer[VirtualMachine] = informers.informer(VirtualMachine)
+    assert informers.informer("VirtualMachine") is typed  # one cache per kind, however named
+    memories: list[int] = []
+    typed.add_handler(lambda _type, obj: memories.append(obj.spec.memory_mib))
+    informers.start()
+    try:
+        await informers.wait_for_sync()
+        cached: VirtualMachine | None = typed.get("web")
+        assert cached is not None and cached.spec.memory_mib == 96 and memories == [96]
+    finally:
+        await informers.stop()
 
 
 async def test_late_handler_gets_the_cache_and_resync_redelivers(store: Store) -> None:
@@ -262,6 +273,39 @@ async def test_nothing_is_missed_across_a_lost_connection_and_a_compaction(
                 await writer.create(vm("vm-later"))
                 await eventually(lambda: informer.get("vm-later") is not None, "vm-later")
         finally:
+            await proxy.cut()
+
+
+async def test_a_list_that_fails_is_retried_until_etcd_answers(
+    etcd_private: EtcdCluster, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="controller.runtime.informer")
+    proxy = TcpProxy(etcd_private.endpoints[0])
+    await proxy.start()
+    async with (
+        Store(etcd_private.endpoints, prefix=key_prefix) as writer,
+        Store([proxy.endpoint], prefix=key_prefix, timeout=1.0) as cut_off,
+    ):
+        await writer.create(vm("web"))
+        await proxy.cut()
+        informer = Informer(cut_off, "VirtualMachine", resync_period=None)
+        task = asyncio.create_task(informer.run())
+        try:
+
+            def failures() -> int:
+                return sum(
+                    "listing VirtualMachine failed" in r.getMessage() for r in caplog.records
+                )
+
+            await eventually(lambda: failures() >= 2, "two failed lists")
+            assert not informer.has_synced.is_set()
+            await proxy.start()
+            async with asyncio.timeout(DEADLINE):
+                await informer.has_synced.wait()
+            assert [obj.metadata.name for obj in informer.list()] == ["web"]
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
             await proxy.cut()
 
 

@@ -35,12 +35,6 @@ def tgtd() -> Iterator[TgtDaemon]:
 
 
 @pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as store:
-        yield store
-
-
-@pytest.fixture
 def disks(tmp_path: Path) -> list[Path]:
     paths = [tmp_path / f"lun{n}.img" for n in (1, 2, 3)]
     for path in paths:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -45,12 +44,6 @@ def node(name: str) -> ClusterNode:
     )
     assert isinstance(obj, ClusterNode)
     return obj
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as opened:
-        yield opened
 
 
 async def raw(store: Store, relative: str) -> Any:

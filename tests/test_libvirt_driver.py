@@ -16,6 +16,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from e2e.harness.private_host import host_uri
 from reconcilers.drivers.domain_xml import (
     BlockSource,
     DiskSpec,
@@ -39,26 +40,6 @@ from reconcilers.drivers.libvirt import (
 )
 
 EVENT_DEADLINE_S = 20.0
-
-HOST_XML = """<node>
-  <cpu>
-    <mhz>2000</mhz>
-    <model>x86_64</model>
-    <active>4</active>
-    <nodes>1</nodes>
-    <sockets>1</sockets>
-    <cores>4</cores>
-    <threads>1</threads>
-  </cpu>
-  <memory>8388608</memory>
-</node>
-"""
-
-
-def host_uri(tmp_path: Path, name: str) -> str:
-    path = tmp_path / f"{name}.xml"
-    path.write_text(HOST_XML)
-    return f"test://{path}"
 
 
 @pytest.fixture

@@ -104,12 +104,6 @@ async def running(manager: Manager) -> AsyncIterator[asyncio.Task[None]]:
             await task
 
 
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as store:
-        yield store
-
-
 async def manager_store(endpoints: list[str], prefix: str) -> Store:
     """A store of the manager's own: the manager closes it when it stops."""
     store = Store(endpoints, prefix=prefix, timeout=2.0)

@@ -8,7 +8,6 @@ certificate from deploy/etcd/make-certs.sh; etcd takes the user name from its CN
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,33 +22,14 @@ from controller.runtime.store import PermissionDenied, Store, StoreError
 from crds import AnyResource, ClusterNode, parse_object
 from e2e.harness.etcd import EtcdCluster
 from reconcilers.volumegroup import LvmSettings, metadata_lock
+from tests.support.rbac import PREFIX, etcd_with_rbac, make_pki, store_as
 
-MAKE_CERTS = Path(__file__).parent.parent / "deploy" / "etcd" / "make-certs.sh"
-PREFIX = "/kvmctl"
 NODES = ["host1", "host2"]
-
-
-def make_pki(folder: Path) -> Path:
-    subprocess.run(
-        # host9 gets a valid certificate but no etcd user: it must be refused.
-        ["bash", str(MAKE_CERTS), str(folder), "etcd1=127.0.0.1", "host1 host2 host9"],
-        check=True,
-        capture_output=True,
-    )
-    return folder
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-def tls(pki: Path, user: str) -> TlsFiles:
-    return TlsFiles(ca=pki / "ca.crt", cert=pki / f"{user}.crt", key=pki / f"{user}.key")
-
-
-def store_as(etcd: EtcdCluster, pki: Path, user: str) -> Store:
-    return Store(etcd.endpoints, prefix=PREFIX, tls=tls(pki, user), timeout=5)
 
 
 SECRET = {
@@ -75,8 +55,7 @@ async def _setup(etcd: EtcdCluster, pki: Path) -> None:
 
 @pytest.fixture(scope="module")
 def etcd(pki: Path) -> Iterator[EtcdCluster]:
-    with EtcdCluster(pki=pki) as cluster:
-        asyncio.run(_setup(cluster, pki))
+    with etcd_with_rbac(pki, _setup) as cluster:
         yield cluster
 
 

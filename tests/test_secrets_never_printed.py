@@ -22,7 +22,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from controller.cli import main
 from controller.manifests import load_text
 from controller.runtime import telemetry
 from controller.runtime.events import EventRecorder
@@ -33,6 +32,7 @@ from reconcilers.drivers.fence import FenceRunner
 from reconcilers.drivers.fence_policy import FenceConfigError, FenceDevice, FencePolicy
 from reconcilers.drivers.tgt import TgtAdm, TgtError
 from reconcilers.iscsitarget import IscsiTargetReconciler
+from tests.support.cli import Run
 
 FENCE_PASSWORD = "Fence-Pw-9f3c1a7e"
 CHAP_PASSWORD = "Chap-Secret-5b2d8e41"
@@ -121,28 +121,15 @@ def span_text(exporter: InMemorySpanExporter) -> str:
     return "\n".join(span.to_json() for span in exporter.get_finished_spans())
 
 
-Run = Callable[..., tuple[int, str]]
+Checked = Callable[..., tuple[int, str]]
 
 
 @pytest.fixture
-def kvmctl(
-    etcd_endpoints: list[str],
-    key_prefix: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> Run:
+def verbose_kvmctl(kvmctl: Run) -> Checked:
     """Run `kvmctl -v ...` in-process; returns (exit code, stdout + stderr), checked for secrets."""
-    monkeypatch.setenv("KVMCTL_ETCD", ",".join(etcd_endpoints))
-    monkeypatch.setenv("KVMCTL_PREFIX", key_prefix)
-    monkeypatch.setenv("KVMCTL_CONFIG", "")
 
     def run(*argv: str) -> tuple[int, str]:
-        capsys.readouterr()
-        try:
-            code = main(["-v", *argv])
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-        out, err = capsys.readouterr()
+        code, out, err = kvmctl("-v", *argv)
         assert_no_secret(out + err, f"kvmctl {' '.join(argv)}")
         return code, out + err
 
@@ -150,7 +137,7 @@ def kvmctl(
 
 
 def test_cli_never_prints_secret_values(
-    kvmctl: Run,
+    verbose_kvmctl: Checked,
     tmp_path: Path,
     everything_logged: pytest.LogCaptureFixture,
     etcd_endpoints: list[str],
@@ -158,25 +145,25 @@ def test_cli_never_prints_secret_values(
 ) -> None:
     manifest = tmp_path / "all.yaml"
     manifest.write_text(manifests())
-    assert kvmctl("apply", "-f", str(manifest))[0] == 0
+    assert verbose_kvmctl("apply", "-f", str(manifest))[0] == 0
     for kind in KINDS:
         for output in ("table", "wide", "yaml", "json", "name"):
-            assert kvmctl("get", kind, "-o", output)[0] == 0
+            assert verbose_kvmctl("get", kind, "-o", output)[0] == 0
     for output in ("yaml", "json"):
-        code, text = kvmctl("get", "secret", "chap", "-o", output)
+        code, text = verbose_kvmctl("get", "secret", "chap", "-o", output)
         assert code == 0 and "chap" in text
     for kind, name in (("secret", "chap"), ("secret", "bmc-host1"), ("clusternode", "host1")):
-        assert kvmctl("describe", kind, name)[0] == 0
+        assert verbose_kvmctl("describe", kind, name)[0] == 0
     for output in ("table", "json", "yaml"):
-        assert kvmctl("events", "-o", output)[0] == 0
+        assert verbose_kvmctl("events", "-o", output)[0] == 0
 
     # A changed value: diff says so without showing either value; apply says "configured".
     manifest.write_text(manifests().replace(CHAP_PASSWORD, ROTATED_CHAP))
-    code, text = kvmctl("diff", "-f", str(manifest))
+    code, text = verbose_kvmctl("diff", "-f", str(manifest))
     assert code == 1 and "secret values differ" in text
-    code, text = kvmctl("apply", "-f", str(manifest), "--dry-run", "server")
+    code, text = verbose_kvmctl("apply", "-f", str(manifest), "--dry-run", "server")
     assert code == 0
-    assert kvmctl("apply", "-f", str(manifest))[0] == 0
+    assert verbose_kvmctl("apply", "-f", str(manifest))[0] == 0
 
     # Refused manifests name the field, not the value.
     bad = tmp_path / "bad.yaml"
@@ -185,7 +172,7 @@ def test_cli_never_prints_secret_values(
             "apiVersion: kvmctl.io/v1alpha1\nkind: Secret\nmetadata: {name: bad}\n"
             f"spec: {{data: {{password: {value}}}}}\n"
         )
-        code, text = kvmctl("apply", "-f", str(bad))
+        code, text = verbose_kvmctl("apply", "-f", str(bad))
         assert code == 1 and "spec.data.password" in text
     inline = tmp_path / "inline.yaml"
     inline.write_text(
@@ -196,7 +183,7 @@ def test_cli_never_prints_secret_values(
             f"password: {FENCE_PASSWORD}",
         )
     )
-    code, text = kvmctl("apply", "-f", str(inline))
+    code, text = verbose_kvmctl("apply", "-f", str(inline))
     assert code == 1, text
 
     # A stored Secret that no longer validates: listing skips it with a logged reason.
@@ -211,8 +198,8 @@ def test_cli_never_prints_secret_values(
             await store.client.put(store.key("Secret", "broken"), json.dumps(document).encode())
 
     asyncio.run(store_broken_secret())
-    assert kvmctl("get", "secrets", "-o", "yaml")[0] == 0
-    code, text = kvmctl("get", "secret", "broken")
+    assert verbose_kvmctl("get", "secrets", "-o", "yaml")[0] == 0
+    code, text = verbose_kvmctl("get", "secret", "broken")
     assert code == 1 and "broken" in text
     assert any("broken" in record.getMessage() for record in everything_logged.records)
 

@@ -21,7 +21,7 @@ from crds import AnyResource, VirtualMachine, parse_object
 from crds.meta import now
 from crds.virtualmachine import Disk, Placement
 from e2e.harness.etcd import EtcdCluster
-from tests.test_rbac import make_pki, store_as
+from tests.support.rbac import make_pki, store_as
 
 NODES = ["host1", "host2"]
 

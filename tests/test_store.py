@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -18,7 +18,8 @@ from controller.runtime.store import (
     Unavailable,
     WatchEvent,
 )
-from crds import VirtualMachine, parse_object
+from crds import ClusterNode, VirtualMachine, parse_object
+from crds.meta import Resource
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
 
@@ -36,12 +37,6 @@ def make_vm(name: str = "vm1", memory: int = 128) -> VirtualMachine:
     return obj
 
 
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as opened:
-        yield opened
-
-
 async def test_create_get_update_delete(store: Store) -> None:
     created = await store.create(make_vm())
     assert created.metadata.generation == 1 and created.metadata.uid
@@ -56,6 +51,21 @@ async def test_create_get_update_delete(store: Store) -> None:
     assert await store.delete("VirtualMachine", "vm1") is None
     with pytest.raises(NotFound):
         await store.get("VirtualMachine", "vm1")
+
+
+async def test_reads_by_model_are_typed_by_it(store: Store) -> None:
+    await store.create(make_vm("web"))
+    # Annotated: mypy refuses these lines if the reads by model were not typed by it.
+    vm: VirtualMachine = await store.get(VirtualMachine, "web")
+    missing: ClusterNode | None = await store.try_get(ClusterNode, "web")
+    listed: list[VirtualMachine] = (await store.list_objects(VirtualMachine))[0]
+    assert vm.spec.memory_mib == 128 and missing is None
+    assert [obj.metadata.name for obj in listed] == ["web"]
+    assert await store.get("VirtualMachine", "web") == vm  # by name, as before
+    with pytest.raises(NotFound, match="VirtualMachine 'db' not found"):
+        await store.get(VirtualMachine, "db")
+    with pytest.raises(StoreError, match="Resource is not a kind's model"):
+        await store.get(Resource, "web")
 
 
 async def test_two_writers_one_conflicts(store: Store) -> None:
@@ -186,6 +196,31 @@ async def test_watch_resumes_across_an_etcd_restart(etcd_private: EtcdCluster) -
         await create_once_reconnected(store, make_vm("after2"))
         events = await asyncio.wait_for(watcher, 60)
         assert [e.object.metadata.name for e in events] == ["before", "after", "after2"]
+
+
+async def test_watch_backs_off_while_etcd_is_down_and_resumes_after(
+    etcd_private: EtcdCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="controller.runtime.store_watch")
+    member = etcd_private.members[0]
+    async with Store(etcd_private.endpoints, prefix="/w") as store:
+        _, revision = await store.list_objects("VirtualMachine")
+        watcher = asyncio.create_task(_collect(store, revision + 1, 2))
+        await store.create(make_vm("before"))
+        await asyncio.to_thread(member.stop)
+        try:
+
+            def retries() -> int:
+                return sum("resuming failed" in r.getMessage() for r in caplog.records)
+
+            await eventually(lambda: retries() >= 3, "several failed attempts to resume")
+            assert not watcher.done()
+        finally:
+            await asyncio.to_thread(member.start, "existing")
+            await asyncio.to_thread(member.wait_healthy)
+        await create_once_reconnected(store, make_vm("after"))
+        events = await asyncio.wait_for(watcher, 60)
+        assert [e.object.metadata.name for e in events] == ["before", "after"]
 
 
 async def test_watch_from_a_compacted_revision_asks_for_a_relist(etcd_private: EtcdCluster) -> None:

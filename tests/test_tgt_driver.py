@@ -321,6 +321,31 @@ async def test_a_missing_daemon_is_unavailable(tgtd: TgtDaemon) -> None:
     assert not await adm.is_running()
 
 
+async def test_a_request_waits_for_a_tgtd_that_is_starting(
+    iqn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No tgtd answers at first (the supervisor is starting it): the request is retried and
+    goes through once it does. (Retried long enough here for the test's tgtd to start.)"""
+    caplog.set_level(logging.INFO, logger="reconcilers.drivers.tgt")
+    daemon = TgtDaemon()
+    adm = TgtAdm(daemon.control_port, not_connected_retry=DEADLINE)
+    request = asyncio.create_task(adm.new_target(1, iqn))
+    try:
+
+        def retried() -> bool:
+            return any("no tgtd on control port" in r.getMessage() for r in caplog.records)
+
+        await eventually(retried, "a retry of the request while no tgtd answers")
+        assert not request.done()
+        await asyncio.to_thread(daemon.start)
+        await asyncio.wait_for(request, DEADLINE)
+        assert [target.iqn for target in await adm.show()] == [iqn]
+    finally:
+        request.cancel()
+        await asyncio.wait({request})
+        daemon.close()
+
+
 async def test_stop_daemon_once_its_targets_are_gone(
     adm: TgtAdm, tgtd: TgtDaemon, exported: Path
 ) -> None:

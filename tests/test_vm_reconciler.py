@@ -15,191 +15,32 @@ and the reporting are tested here (real activation: e2e/lab_tests/test_vm_activa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable
-from ipaddress import ip_address
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controller.agent import Agent, AgentSettings
 from controller.cli import main as cli_main
-from controller.garbage import collect_forever
-from controller.migrations import Term, lead_migrations
+from controller.migrations import lead_migrations
 from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import HeartbeatTiming, heartbeat_key
-from controller.runtime.leader import LeaderElector, guard_compare
 from controller.runtime.store import Store
-from crds import ClusterNode, Event, ObjectMeta, VirtualMachine, VirtualMachineMigration
-from crds.clusternode import ClusterNodeSpec, NodeAddresses
-from crds.meta import now
+from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED, VirtualMachineMigrationSpec
-from crds.virtualmachine import Placement, RestartPolicy, VirtualMachineSpec
+from crds.virtualmachine import RestartPolicy
 from e2e.harness.etcd import EtcdCluster
-from e2e.harness.polling import eventually, recorded_events
+from e2e.harness.polling import eventually
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
 from reconcilers.drivers.libvirt import DomainState, LibvirtHost
-from reconcilers.virtualmachine import FINALIZER, DomainSettings
+from reconcilers.virtualmachine import FINALIZER
 from reconcilers.volumegroup import LvmSettings, active_on
-from tests.test_libvirt_driver import host_uri
+from tests.support.agents import Cluster, domain_state, running_vm, vm_object
 
 DEADLINE = 30.0
-
-
-class Cluster:
-    """Agents on test-driver hosts, and a controller stand-in that writes placements."""
-
-    def __init__(self, store: Store, tmp_path: Path) -> None:
-        self.store = store
-        self.tmp_path = tmp_path
-        self.agents: dict[str, tuple[Agent, asyncio.Event, asyncio.Task[None]]] = {}
-        self.elector = LeaderElector(store.client, store.prefix, "controller", "test")
-        self.token = 0
-        self.node_count = 0
-        self._leading: asyncio.Task[None] | None = None
-        self._collecting: asyncio.Task[None] | None = None
-
-    async def lead(self) -> None:
-        led = asyncio.Event()
-
-        async def leading(token: int) -> None:
-            self.token = token
-            led.set()
-            await asyncio.Event().wait()
-
-        self._leading = asyncio.create_task(self.elector.run(leading))
-        await asyncio.wait_for(led.wait(), DEADLINE)
-        self._collecting = asyncio.create_task(collect_forever(self.store))
-
-    @property
-    def term(self) -> Term:
-        return Term.of(self.store, self.elector.key, self.token)
-
-    async def add_node(self, name: str, self_fence: bool = False, peer_uri: bool = True) -> None:
-        """A ClusterNode; with `peer_uri`, a libvirtUri peers could migrate to (the agents'
-        own test:// URIs are local-only, so they are not reported)."""
-        self.node_count += 1
-        index = self.node_count
-        node = ClusterNode(
-            metadata=ObjectMeta(name=name),
-            spec=ClusterNodeSpec(
-                addresses=NodeAddresses(cluster=ip_address(f"127.0.0.{index}")),
-                libvirt_uri=f"qemu+tcp://127.0.0.{index}/system" if peer_uri else None,
-            ),
-        )
-        node.spec.fencing.self_fence = self_fence
-        await self.store.create(node)
-
-    async def start_agent(
-        self,
-        name: str,
-        uri: str | None = None,
-        timing: HeartbeatTiming | None = None,
-        lvm: LvmSettings | None = None,
-    ) -> Agent:
-        settings = AgentSettings(
-            node=name,
-            libvirt_uri=uri or host_uri(self.tmp_path, name),
-            domain=DomainSettings("qemu", self.tmp_path / "serial", lvm),
-            heartbeat=timing or HeartbeatTiming(),
-            resync_period=30.0,
-        )
-        agent = Agent(self.store, settings)
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        self.agents[name] = (agent, stop, task)
-        await eventually(lambda: agent.ready.is_set() or task.done(), f"agent {name} ready")
-        if task.done():
-            task.result()
-        return agent
-
-    async def stop_agent(self, name: str) -> None:
-        _, stop, task = self.agents.pop(name)
-        stop.set()
-        await asyncio.wait_for(task, DEADLINE)
-
-    async def close(self) -> None:
-        for name in list(self.agents):
-            with contextlib.suppress(Exception):
-                await self.stop_agent(name)
-        for task in (self._leading, self._collecting):
-            if task is not None:
-                task.cancel()
-                await asyncio.wait({task})
-
-    async def place(self, vm: str, node: str | None, token: int | None = None) -> None:
-        """Write the placement as the elected controller does: guarded by its token.
-
-        `token` stamps another term's token on it (as a deposed leader's write left it).
-        """
-        stamp = self.token if token is None else token
-
-        def mutate(obj: Any) -> bool:
-            obj.status.placement = (
-                None if node is None else Placement(node=node, token=stamp, since=now())
-            )
-            return True
-
-        guard = [guard_compare(self.store.client, self.elector.key, self.token)]
-        await self.store.patch_status("VirtualMachine", vm, mutate, guard=guard)
-
-    async def vm(self, name: str) -> VirtualMachine:
-        obj = await self.store.get("VirtualMachine", name)
-        assert isinstance(obj, VirtualMachine)
-        return obj
-
-    async def events(self, involved: str, reason: str) -> list[Event]:
-        return await recorded_events(self.store, involved, reason)
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as connected:
-        yield connected
-
-
-@pytest.fixture
-async def cluster(store: Store, tmp_path: Path) -> AsyncIterator[Cluster]:
-    lab = Cluster(store, tmp_path)
-    await lab.lead()
-    try:
-        yield lab
-    finally:
-        await lab.close()
-
-
-def vm_object(name: str, **spec: Any) -> VirtualMachine:
-    fields: dict[str, Any] = {
-        "memoryMiB": 128,
-        "boot": {"kernel": "/boot/vmlinuz", "cmdline": "console=ttyS0"},
-        "disks": [{"file": f"/var/lib/kvmctl/{name}.img"}],
-        **spec,
-    }
-    return VirtualMachine(
-        metadata=ObjectMeta(name=name), spec=VirtualMachineSpec.model_validate(fields)
-    )
-
-
-async def domain_state(agent: Agent, name: str) -> DomainState | None:
-    assert agent.host is not None
-    info = await agent.host.lookup(name)
-    return None if info is None else info.state
-
-
-async def running_vm(cluster: Cluster, name: str, node: str, **spec: Any) -> VirtualMachine:
-    await cluster.store.create(vm_object(name, **spec))
-    await cluster.place(name, node)
-
-    async def running() -> VirtualMachine | None:
-        vm = await cluster.vm(name)
-        return vm if vm.status.state == "Running" and vm.status.node == node else None
-
-    vm: VirtualMachine = await eventually(running, f"{name} running on {node}")
-    return vm
 
 
 async def test_agent_registers_and_keeps_a_heartbeat(cluster: Cluster) -> None:

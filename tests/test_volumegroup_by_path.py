@@ -11,7 +11,7 @@ scans; the real /dev/disk/by-path is under /dev, which it scans by default).
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,12 +61,6 @@ def settings(tmp_path: Path, by_path_link: str) -> LvmSettings:
         lock_timeout=10,
         by_path_dir=by_path_dir,
     )
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as store:
-        yield store
 
 
 async def converge(store: Store, reconciler: VolumeGroupReconciler) -> VolumeGroup:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,12 +58,6 @@ def settings(tmp_path: Path, loop_devices: list[str]) -> LvmSettings:
         lock_timeout=2,
         by_path_dir=str(tmp_path / "by-path"),
     )
-
-
-@pytest.fixture
-async def store(etcd_endpoints: list[str], key_prefix: str) -> AsyncIterator[Store]:
-    async with Store(etcd_endpoints, prefix=key_prefix) as store:
-        yield store
 
 
 @pytest.fixture

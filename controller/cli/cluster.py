@@ -24,6 +24,7 @@ from crds import ClusterNode, VirtualMachine
 from crds.clusterpolicy import POLICY_NAME
 from crds.meta import _check_name
 
+from .flags import add_heartbeat_flags
 from .resources import store_from
 
 ELECTION = "controller"
@@ -50,18 +51,7 @@ def register(commands: Any) -> None:
         help=f"port of /healthz and /metrics on loopback (default {DEFAULT_HTTP_PORT}; 0 any)",
     )
     controller.add_argument("--metrics-host", default="127.0.0.1", help="address to serve on")
-    controller.add_argument(
-        "--lease-ttl",
-        type=float,
-        default=defaults.lease_ttl,
-        help="agents' heartbeat lease TTL, s (as given to the agents)",
-    )
-    controller.add_argument(
-        "--renew-interval", type=float, default=defaults.renew_interval, help="agents' renewal, s"
-    )
-    controller.add_argument(
-        "--self-fence-margin", type=float, default=defaults.self_fence_margin, help="seconds"
-    )
+    add_heartbeat_flags(controller, "the agents'", float)
     controller.add_argument(
         "--recovery-grace",
         type=float,

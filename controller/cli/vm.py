@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from controller.ha.environment import HaTimings
 from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY, short_hostname
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 from controller.runtime.store import NotFound, Store
@@ -19,6 +18,7 @@ from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigratio
 from crds.meta import _check_name
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 
+from .flags import add_heartbeat_flags
 from .resources import store_from
 
 BAR_WIDTH = 30
@@ -36,16 +36,7 @@ def register(commands: Any) -> None:
     agent.add_argument("--libvirt-uri", default="qemu:///system", help="local libvirt URI")
     agent.add_argument("--domain-type", choices=["kvm", "qemu"], default="kvm")
     agent.add_argument("--serial-log-dir", type=Path, help="append guest consoles to DIR/VM.log")
-    defaults = HaTimings()
-    agent.add_argument(
-        "--lease-ttl", type=int, default=int(defaults.lease_ttl), help="heartbeat lease TTL, s"
-    )
-    agent.add_argument(
-        "--renew-interval", type=float, default=defaults.renew_interval, help="seconds"
-    )
-    agent.add_argument(
-        "--self-fence-margin", type=float, default=defaults.self_fence_margin, help="seconds"
-    )
+    add_heartbeat_flags(agent, "this agent's", int)
     agent.add_argument("--watchdog", type=Path, help="watchdog device to feed (/dev/watchdog)")
     agent.add_argument(
         "--no-storage", action="store_true", help="do not run the Bond/IscsiTarget/VG reconcilers"

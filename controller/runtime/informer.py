@@ -19,19 +19,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, cast, overload
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
+from typing_extensions import TypeVar
 
 from controller.runtime.store import Compacted, Store, StoreError
+from controller.runtime.store_client import kind_of
 from crds import AnyResource
 
 log = logging.getLogger(__name__)
 
+R = TypeVar("R", bound=AnyResource, default=AnyResource)
+"""The model an informer holds (bare `Informer` means `Informer[AnyResource]`)."""
 EventType = Literal["ADDED", "MODIFIED", "DELETED", "RESYNC"]
 Handler = Callable[[EventType, AnyResource], None]
 KeyMapper = Callable[[AnyResource], Iterable[str]]
 
 DEFAULT_RESYNC_PERIOD = 600.0
-LIST_RETRY_DELAY = 1.0
+LIST_RETRY_DELAY = 0.5
+LIST_RETRY_MAX_DELAY = 5.0
+"""A failed list is retried with exponential backoff from 0.5 s to 5 s, with full jitter."""
 
 
 class KeySink(Protocol):
@@ -40,19 +48,33 @@ class KeySink(Protocol):
     def add(self, key: str) -> None: ...
 
 
-class Informer:
+class Informer(Generic[R]):
     """List + watch of one kind into a dict name -> object; see the module docstring.
 
+    `Informer(store, VirtualMachine)` is an `Informer[VirtualMachine]`: its cache and handlers
+    are typed by the model; `Informer(store, "VirtualMachine")` holds `AnyResource`s.
     Run it with `await informer.run()` (cancel the task to stop). Cancelling and running it
     again resumes from the last revision seen, keeping the cache.
     """
 
+    @overload
     def __init__(
-        self,
+        self: Informer[AnyResource],
         store: Store,
         kind: str,
         resync_period: float | None = DEFAULT_RESYNC_PERIOD,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self, store: Store, kind: type[R], resync_period: float | None = DEFAULT_RESYNC_PERIOD
+    ) -> None: ...
+    def __init__(
+        self,
+        store: Store,
+        kind: str | type[R],
+        resync_period: float | None = DEFAULT_RESYNC_PERIOD,
     ) -> None:
+        kind = kind_of(kind)
         store.kind_prefix(kind)  # raises StoreError for an unknown kind
         if resync_period is not None and resync_period <= 0:
             raise ValueError(f"resync_period must be > 0 or None, got {resync_period}")
@@ -60,8 +82,8 @@ class Informer:
         self.kind = kind
         self.resync_period = resync_period
         self.has_synced = asyncio.Event()
-        self._cache: dict[str, AnyResource] = {}
-        self._handlers: list[Handler] = []
+        self._cache: dict[str, R] = {}
+        self._handlers: list[Callable[[EventType, R], None]] = []
         self._revision: int | None = None
 
     @property
@@ -69,16 +91,16 @@ class Informer:
         """The etcd revision the cache reflects (None before the first list)."""
         return self._revision
 
-    def get(self, name: str) -> AnyResource | None:
+    def get(self, name: str) -> R | None:
         return self._cache.get(name)
 
-    def list(self) -> list[AnyResource]:
+    def list(self) -> list[R]:
         return list(self._cache.values())
 
     def __len__(self) -> int:
         return len(self._cache)
 
-    def add_handler(self, handler: Handler) -> None:
+    def add_handler(self, handler: Callable[[EventType, R], None]) -> None:
         """Call `handler` for every change; a late handler first gets the cache as ADDED."""
         self._handlers.append(handler)
         if self.has_synced.is_set():
@@ -89,13 +111,13 @@ class Informer:
         """Add the name of every changed object to `queue`."""
         self.add_handler(lambda _type, obj: queue.add(obj.metadata.name))
 
-    def enqueue_mapped(self, queue: KeySink, mapper: KeyMapper) -> None:
+    def enqueue_mapped(self, queue: KeySink, mapper: Callable[[R], Iterable[str]]) -> None:
         """Add the keys `mapper(obj)` returns for every changed object to `queue`.
 
         For example a ClusterNode change enqueues the VirtualMachines placed on that node.
         """
 
-        def handler(_type: EventType, obj: AnyResource) -> None:
+        def handler(_type: EventType, obj: R) -> None:
             for key in mapper(obj):
                 queue.add(key)
 
@@ -121,14 +143,17 @@ class Informer:
 
     async def _relist(self) -> None:
         """Read every object and deliver the difference from the cache; retry until it works."""
-        while True:
-            try:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(StoreError),
+            wait=wait_random_exponential(multiplier=LIST_RETRY_DELAY, max=LIST_RETRY_MAX_DELAY),
+            before_sleep=self._log_list_failure,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
                 objects, revision = await self.store.list_objects(self.kind)
-                break
-            except StoreError as error:
-                log.warning("listing %s failed, retrying: %s", self.kind, error)
-                await asyncio.sleep(LIST_RETRY_DELAY)
-        fresh = {obj.metadata.name: obj for obj in objects}
+        # The store validated each object with the kind's model: an R.
+        fresh = {obj.metadata.name: cast(R, obj) for obj in objects}
         for name, gone in list(self._cache.items()):
             if name not in fresh:
                 del self._cache[name]
@@ -147,18 +172,22 @@ class Informer:
             )
             self.has_synced.set()
 
+    def _log_list_failure(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("listing %s failed, retrying: %s", self.kind, error)
+
     async def _watch(self) -> None:
         assert self._revision is not None
         async for event in self.store.watch(self.kind, self._revision + 1):
             if event.revision <= self._revision:
                 continue  # already reflected by a relist
             self._revision = event.revision
-            name = event.object.metadata.name
+            obj = cast(R, event.object)
             if event.type == "DELETED":
-                self._cache.pop(name, None)
+                self._cache.pop(obj.metadata.name, None)
             else:
-                self._cache[name] = event.object
-            self._deliver(event.type, event.object)
+                self._cache[obj.metadata.name] = obj
+            self._deliver(event.type, obj)
 
     async def _resync_forever(self, period: float) -> None:
         while True:
@@ -167,11 +196,11 @@ class Informer:
                 for obj in list(self._cache.values()):
                     self._deliver("RESYNC", obj)
 
-    def _deliver(self, event_type: EventType, obj: AnyResource) -> None:
+    def _deliver(self, event_type: EventType, obj: R) -> None:
         for handler in self._handlers:
             self._call(handler, event_type, obj)
 
-    def _call(self, handler: Handler, event_type: EventType, obj: AnyResource) -> None:
+    def _call(self, handler: Callable[[EventType, R], None], event_type: EventType, obj: R) -> None:
         try:
             handler(event_type, obj)
         except Exception:
@@ -184,11 +213,17 @@ class SharedInformers:
     def __init__(self, store: Store, resync_period: float | None = DEFAULT_RESYNC_PERIOD) -> None:
         self.store = store
         self.resync_period = resync_period
-        self._informers: dict[str, Informer] = {}
+        self._informers: dict[str, Informer[Any]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def informer(self, kind: str) -> Informer:
-        """The informer of `kind`, created on first use (and started if the others run)."""
+    @overload
+    def informer(self, kind: type[R]) -> Informer[R]: ...
+    @overload
+    def informer(self, kind: str) -> Informer[AnyResource]: ...
+    def informer(self, kind: str | type[AnyResource]) -> Informer[Any]:
+        """The informer of `kind` (a name, or a model for a typed one), created on first use
+        (and started if the others run)."""
+        kind = kind_of(kind)
         informer = self._informers.get(kind)
         if informer is None:
             informer = Informer(self.store, kind, self.resync_period)
@@ -235,7 +270,7 @@ class SharedInformers:
         if tasks:
             await asyncio.wait(tasks)
 
-    def _start(self, informer: Informer) -> None:
+    def _start(self, informer: Informer[Any]) -> None:
         self._tasks[informer.kind] = asyncio.create_task(
             informer.run(), name=f"informer {informer.kind}"
         )

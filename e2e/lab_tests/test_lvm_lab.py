@@ -16,20 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from e2e.harness.lvm_lab import is_active, lvm_conf
 from reconcilers.drivers.lvm import Lvm
 from reconcilers.volumegroup import active_tag
 
 MIB = 1 << 20
-
-
-def lvm_conf(node: str) -> str:
-    return (
-        "global { activation = 1 }\n"
-        "devices { obtain_device_list_from_udev = 0 use_devicesfile = 0 }\n"
-        "backup { backup = 0 archive = 0 }\n"
-        "activation { udev_sync = 0 udev_rules = 0 "
-        f'volume_list = [ "@{active_tag(node)}" ] }}\n'
-    )
 
 
 @pytest.fixture
@@ -42,10 +33,6 @@ def node_lvm(tmp_path: Path, node: str, device: str) -> Lvm:
     system_dir.mkdir()
     (system_dir / "lvm.conf").write_text(lvm_conf(node))
     return Lvm(system_dir, [device])
-
-
-async def is_active(lvm: Lvm, vg: str, lv: str) -> bool:
-    return any(found.name == lv and found.active is True for found in await lvm.lvs(vg))
 
 
 async def test_an_lv_activates_only_on_the_node_it_is_tagged_for(

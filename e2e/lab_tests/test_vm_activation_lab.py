@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from controller.runtime.store import Store
-from e2e.lab_tests.test_lvm_lab import is_active, lvm_conf
+from e2e.harness.lvm_lab import is_active, lvm_conf
 from reconcilers.drivers.lvm import LvmError
 from reconcilers.volumegroup import (
     ActivationConflict,

@@ -21,6 +21,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
 log = logging.getLogger(__name__)
 
 _EXIT_REFUSED = 22
@@ -38,6 +46,15 @@ class TgtError(Exception):
 
 class TgtUnavailable(TgtError):
     """No tgtd answers on the control port (not running, or tgtadm is not installed)."""
+
+
+class _NotConnected(TgtUnavailable):
+    """tgtadm found no tgtd on the control port: the request reached nothing (safe to retry)."""
+
+
+NOT_CONNECTED_RETRY = 2.0
+"""Seconds a request keeps trying while no tgtd answers on the control port: a tgtd that the
+agent's supervisor is (re)starting answers within that, and the request then goes through."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +110,15 @@ class TgtAdm:
     is abandoned and raises `TgtUnavailable`.
     """
 
-    def __init__(self, control_port: int | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        control_port: int | None = None,
+        timeout: float = 30.0,
+        not_connected_retry: float = NOT_CONNECTED_RETRY,
+    ) -> None:
         self.control_port = control_port
         self.timeout = timeout
+        self.not_connected_retry = not_connected_retry
 
     def __repr__(self) -> str:
         return f"TgtAdm(control_port={self.control_port}, timeout={self.timeout})"
@@ -103,7 +126,7 @@ class TgtAdm:
     async def is_running(self) -> bool:
         """Whether a tgtd answers on the control port."""
         try:
-            await self._run("show system", ["--op", "show", "--mode", "system"])
+            await self._run_once("show system", ["--op", "show", "--mode", "system"])
         except TgtUnavailable:
             return False
         return True
@@ -216,7 +239,29 @@ class TgtAdm:
         )
 
     async def _run(self, operation: str, args: list[str], secret: str | None = None) -> str:
-        """Run one tgtadm request and return its output; `operation` names it in errors."""
+        """Run one tgtadm request and return its output; `operation` names it in errors.
+
+        While no tgtd answers on the control port, the request is tried again (backoff with
+        jitter) for `not_connected_retry` seconds; any other failure is final.
+        """
+
+        def log_retry(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.info("%s; retrying", error)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_NotConnected),
+            wait=wait_random_exponential(multiplier=0.1, max=0.5),
+            stop=stop_after_delay(self.not_connected_retry),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._run_once(operation, args, secret)
+        raise AssertionError("unreachable: the last attempt's error is raised")
+
+    async def _run_once(self, operation: str, args: list[str], secret: str | None = None) -> str:
         control = [] if self.control_port is None else ["--control-port", str(self.control_port)]
         log.debug("tgtadm: %s", operation)
         try:
@@ -247,7 +292,7 @@ class TgtAdm:
             reason = reason.replace(secret, _REDACTED)
         if process.returncode == _EXIT_NOT_CONNECTED:
             port = "the default control port" if self.control_port is None else self.control_port
-            raise TgtUnavailable(f"{operation} failed: no tgtd on control port {port} ({reason})")
+            raise _NotConnected(f"{operation} failed: no tgtd on control port {port} ({reason})")
         if process.returncode != _EXIT_REFUSED:
             reason = f"{reason} (tgtadm exit status {process.returncode})"
         raise TgtError(f"{operation} failed: {reason}")

@@ -1,0 +1,36 @@
+"""Flags more than one command declares."""
+
+from __future__ import annotations
+
+import argparse
+
+from controller.ha.environment import HaTimings
+
+
+def add_heartbeat_flags(
+    parser: argparse.ArgumentParser, whose: str, ttl_type: type[int] | type[float]
+) -> None:
+    """--lease-ttl, --renew-interval, --self-fence-margin: the agents' heartbeat lease timing.
+
+    The agent declares its own (`whose` "this agent's", an integer TTL: etcd's leases are whole
+    seconds); the controller the agents' it must assume (the same values as given to them).
+    """
+    defaults = HaTimings()
+    parser.add_argument(
+        "--lease-ttl",
+        type=ttl_type,
+        default=ttl_type(defaults.lease_ttl),
+        help=f"{whose} heartbeat lease TTL, s",
+    )
+    parser.add_argument(
+        "--renew-interval",
+        type=float,
+        default=defaults.renew_interval,
+        help=f"{whose} lease renewal interval, s",
+    )
+    parser.add_argument(
+        "--self-fence-margin",
+        type=float,
+        default=defaults.self_fence_margin,
+        help=f"how long before {whose} lease lapses a cut-off agent destroys its guests, s",
+    )
