@@ -32,6 +32,14 @@ def age(moment: datetime | None) -> str:
     return f"{max(seconds, 0)}s"
 
 
+def size(value: float) -> str:
+    """Bytes in binary units: 512B, 3.2Ki, 45.0Mi, 1.5Gi."""
+    for unit, scale in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}B"
+
+
 def ready(status: Status) -> str:
     condition = status.condition("Ready")
     return condition.status if condition else "Unknown"

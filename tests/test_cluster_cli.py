@@ -3,14 +3,20 @@ uncordon, fence ack, status, get leader, and bad input to `kvmctl controller`.""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
+from controller.cli.status import NO_LEADER, NO_QUORUM
 from controller.ha import requests
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
-from crds import VirtualMachineMigration
+from crds import Event, VirtualMachineMigration
+from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
 from tests.test_ha_production import (
     Kvmctl,
@@ -143,14 +149,24 @@ async def test_status_and_get_leader(
     code, out, err = await kvmctl_thread("status")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith("Leader: ctl-1 since ")
-    member = {line.split()[0]: line.split()[1:5] for line in lines if line.startswith(("a ", "b "))}
-    assert member == {
-        "a": ["Online", "alive", "enabled", "2"],
-        "b": ["Offline", "lost", "enabled", "0"],
-    }
-    vm_lines = [line.split()[:4] for line in lines if line.startswith("vm")]
+    assert lines[0] == "etcd: quorum, 1/1 members healthy"
+    assert lines[2].split()[2:4] == ["healthy", "leader"]
+    leader = next(line for line in lines if line.startswith("Leader: "))
+    assert leader.startswith("Leader: ctl-1 since ") and ", term " in leader
+    nodes = {line.split()[0]: line.split()[1:5] for line in lines if line.startswith(("a ", "b "))}
+    assert nodes["b"] == ["Offline", "lost", "enabled", "0"]
+    health, heartbeat, scheduling, placed = nodes["a"]
+    assert (health, scheduling, placed) == ("Online", "enabled", "2")
+    assert heartbeat.endswith("s") and int(heartbeat[:-1]) <= 3  # seconds since the renewal
+    vm_lines = [line.split()[:4] for line in lines if line.startswith("vm") and "%" not in line]
     assert vm_lines == [["vm1", "started", "a", "Running"], ["vm2", "started", "a", "Running"]]
+
+    code, out, err = await kvmctl_thread("status", "-o", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["etcd"]["quorum"] and report["leader"]["identity"] == "ctl-1"
+    assert [n["heartbeatAgeSeconds"] is None for n in report["nodes"]] == [False, True]
+    assert report["problems"] == []
 
     code, out, err = await kvmctl_thread("get", "leader")
     assert code == 0, err
@@ -161,11 +177,74 @@ async def test_status_and_get_leader(
     assert out.strip() == "ctl-1"
 
 
+async def record_warning(store: Store, vm: str, reason: str, message: str) -> None:
+    await store.create(
+        Event.model_validate(
+            {
+                "metadata": {"name": f"{vm}-{reason.lower()}"},
+                "spec": {
+                    "involvedObject": {"kind": "VirtualMachine", "name": vm},
+                    "reason": reason,
+                    "type": "Warning",
+                    "message": message,
+                    "source": {"component": "test"},
+                },
+            }
+        )
+    )
+
+
 async def test_get_leader_without_controller(kvmctl_thread: Kvmctl) -> None:
     code, out, err = await kvmctl_thread("get", "leader")
     assert code == 1 and out == "" and "No leader." in err
+
+
+async def test_status_exit_codes_without_leader_and_with_every_node_lost(
+    store: Store, leases: Leases, kvmctl_thread: Kvmctl
+) -> None:
+    """Also migrations in flight and warnings (no controller here to act on them)."""
+    await store.create(
+        VirtualMachineMigration.model_validate(
+            {"metadata": {"name": "vm1-x"}, "spec": {"vm": "vm1", "targetNode": "b"}}
+        )
+    )
+    await record_warning(store, "vm2", "VMNotMigratable", "b has 0 free vcpus")
     code, out, err = await kvmctl_thread("status")
-    assert code == 0 and out.startswith("Leader: none")
+    assert code == NO_LEADER, err
+    assert "Leader: none" in out and "PROBLEM: no controller leads" in out
+    lines = out.splitlines()
+    assert any(line.split()[:6] == ["vm1-x", "vm1", "-", "b", "Pending", "0%"] for line in lines)
+    assert any("VMNotMigratable" in line and "b has 0 free vcpus" in line for line in lines)
+    await store.create(node_object("a"))
+    code, out, _ = await kvmctl_thread("status", "-o", "json")
+    assert code == NO_LEADER
+    assert json.loads(out)["problems"] == [
+        "no controller leads",
+        "all 1 nodes are lost (no heartbeat)",
+    ]
+    await leases.hold("a")
+    code, out, _ = await kvmctl_thread("status", "-o", "json")
+    assert code == NO_LEADER and json.loads(out)["problems"] == ["no controller leads"]
+
+
+def test_status_without_quorum_names_each_member() -> None:
+    """A 3-member etcd with 2 members killed: exit NO_QUORUM, each member's health shown."""
+    cluster = EtcdCluster(size=3).start()
+    try:
+        env = {**os.environ, "KVMCTL_ETCD": ",".join(cluster.endpoints), "KVMCTL_CONFIG": ""}
+        command = [sys.executable, "-m", "controller.cli", "status"]
+        healthy = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert healthy.returncode == NO_LEADER, healthy.stderr
+        assert healthy.stdout.startswith("etcd: quorum, 3/3 members healthy")
+        for member in cluster.members[1:]:
+            member.kill()  # by the PID of the etcd this test started
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == NO_QUORUM, result.stderr
+        assert result.stdout.startswith("etcd: NO QUORUM, 0/3 members healthy")
+        assert "PROBLEM: etcd has no quorum" in result.stdout
+        assert "Traceback" not in result.stderr
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.parametrize(

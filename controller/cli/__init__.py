@@ -17,9 +17,9 @@ from controller.runtime import quiet_grpc  # noqa: F401  (first: before gRPC loa
 from controller.runtime.config import ConfigError
 from controller.runtime.store import StoreError
 
-from . import admin, cluster, resources, simulate, sync, vm
+from . import admin, cluster, resources, simulate, status, sync, vm
 
-COMMAND_MODULES = [resources, sync, vm, admin, cluster, simulate]
+COMMAND_MODULES = [resources, sync, vm, admin, cluster, status, simulate]
 
 
 class UsageError(Exception):
@@ -38,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--etcd", help="etcd endpoints, comma separated (env KVMCTL_ETCD)")
     parser.add_argument("--prefix", help="key prefix in etcd (env KVMCTL_PREFIX, default /kvmctl)")
     parser.add_argument("--context", help="context of the config file to use")
-    parser.add_argument("--timeout", type=float, help="seconds to wait for etcd (default 5)")
+    parser.add_argument(
+        "--etcd-timeout",
+        "--timeout",
+        dest="etcd_timeout",
+        type=float,
+        help="seconds to wait for etcd (default 5)",
+    )
     parser.add_argument("--cacert", help="CA of etcd's TLS certificate (env KVMCTL_CACERT)")
     parser.add_argument("--cert", help="client certificate for mutual TLS (env KVMCTL_CERT)")
     parser.add_argument("--key", help="client key for mutual TLS (env KVMCTL_KEY)")

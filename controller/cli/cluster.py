@@ -1,5 +1,5 @@
 """Running and operating the cluster: `kvmctl controller`, `fence ack`, `node drain|uncordon`,
-`status` (a clustat-like view) and `get leader`."""
+and `get leader`."""
 
 from __future__ import annotations
 
@@ -16,17 +16,15 @@ from controller import printers
 from controller.ha import requests
 from controller.ha.environment import HaTimings
 from controller.runtime.defaults import DEFAULT_HTTP_PORT
-from controller.runtime.heartbeat import heartbeat_key
-from controller.runtime.leader import ElectionTiming, LeaderInfo, current_leader, leader_key
+from controller.runtime.leader import ElectionTiming
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 from controller.runtime.store import Conflict, NotFound, Store
 from crds import ClusterNode, VirtualMachine
 from crds.meta import _check_name
 
 from .resources import store_from
+from .status import read_leader
 
-ELECTION = "controller"
-"""The election every `kvmctl controller` campaigns in (the Manager's default)."""
 DRAIN_POLL = 0.5
 
 
@@ -154,9 +152,6 @@ def register(commands: Any) -> None:
     uncordon = node_commands.add_parser("uncordon", help="let a node take VMs again")
     uncordon.add_argument("node", type=_name)
     uncordon.set_defaults(func=run_uncordon)
-
-    status = commands.add_parser("status", help="members, leader and VMs (like clustat)")
-    status.set_defaults(func=run_status)
 
 
 def _name(value: str) -> str:
@@ -334,101 +329,13 @@ async def run_uncordon(args: argparse.Namespace) -> int:
     return 0
 
 
-# status / get leader -------------------------------------------------------------------------
-
-
-async def _leader(store: Store) -> LeaderInfo | None:
-    result: LeaderInfo | None = await store.call(
-        current_leader(store.client, leader_key(store.prefix, ELECTION))
-    )
-    return result
-
-
-def _leader_line(leader: LeaderInfo | None) -> str:
-    if leader is None:
-        return "Leader: none (no controller is running, or an election is under way)"
-    return (
-        f"Leader: {leader.identity} since {leader.since.isoformat(timespec='seconds')} "
-        f"({printers.age(leader.since)}), token {leader.token}"
-    )
-
-
-async def run_status(args: argparse.Namespace) -> int:
-    async with store_from(args) as store:
-        leader = await _leader(store)
-        nodes, _ = await store.list_objects("ClusterNode")
-        vms, _ = await store.list_objects("VirtualMachine")
-        alive = set()
-        draining = set()
-        for node in nodes:
-            name = node.metadata.name
-            key = heartbeat_key(store.prefix, name).encode()
-            if await store.call(store.client.get(key)) is not None:
-                alive.add(name)
-            if await requests.read_drain(store, name) is not None:
-                draining.add(name)
-    print(_leader_line(leader))
-    print()
-    member_rows: list[list[object]] = [
-        ["MEMBER", "HEALTH", "HEARTBEAT", "SCHEDULING", "VMS", "FENCE"]
-    ]
-    for node in nodes:
-        assert isinstance(node, ClusterNode)
-        name = node.metadata.name
-        placed = sum(
-            1
-            for vm in vms
-            if isinstance(vm, VirtualMachine)
-            and vm.status.placement is not None
-            and vm.status.placement.node == name
-        )
-        scheduling = "enabled"
-        if name in draining:
-            scheduling = "draining"
-        elif node.spec.cordoned:
-            scheduling = "cordoned"
-        fence = node.status.fence
-        fenced = "-"
-        if fence is not None and fence.how is not None:
-            method = f" ({fence.method})" if fence.method else ""
-            fenced = f"{fence.how}{method} {printers.age(fence.confirmed_at)} ago"
-        member_rows.append(
-            [
-                name,
-                node.status.health,
-                "alive" if name in alive else "lost",
-                scheduling,
-                placed,
-                fenced,
-            ]
-        )
-    print(printers.table(member_rows) if nodes else "No ClusterNodes.")
-    print()
-    vm_rows: list[list[object]] = [["VM", "RUNSTATE", "NODE", "STATE", "SINCE"]]
-    for vm in vms:
-        assert isinstance(vm, VirtualMachine)
-        vm_rows.append([vm.metadata.name, vm.spec.run_state, *_vm_columns(vm)])
-    print(printers.table(vm_rows) if vms else "No VirtualMachines.")
-    return 0
-
-
-def _vm_columns(vm: VirtualMachine) -> list[object]:
-    """Node, state and since when, as clustat shows a service's owner and state."""
-    status = vm.status
-    failed = status.condition("Failed")
-    if failed is not None and failed.status == "True":
-        return ["-", "Failed", printers.age(failed.last_transition_time)]
-    placement = status.placement
-    if placement is None:
-        return ["-", "Stopped" if vm.spec.run_state != "started" else "Pending", "-"]
-    state = status.state if status.node == placement.node else "Starting"
-    return [placement.node, state, printers.age(placement.since)]
+# get leader --------------------------------------------------------------------------------
 
 
 async def print_leader(args: argparse.Namespace) -> int:
     """`kvmctl get leader`: who leads the controllers, since when, with which token."""
     async with store_from(args) as store:
-        leader = await _leader(store)
+        leader = await read_leader(store)
     if leader is None:
         print("No leader.", file=sys.stderr)
         return 1

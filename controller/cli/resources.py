@@ -20,11 +20,15 @@ from controller.runtime.store import Compacted, NotFound, Store
 VERSION = "0.1.0"
 
 
-def store_from(args: argparse.Namespace) -> Store:
-    settings = config.resolve(
-        args.etcd, args.prefix, args.context, args.timeout, args.cacert, args.cert, args.key
+def settings_from(args: argparse.Namespace) -> config.Settings:
+    """etcd endpoints, prefix, timeout and TLS files from the global flags, env and config."""
+    return config.resolve(
+        args.etcd, args.prefix, args.context, args.etcd_timeout, args.cacert, args.cert, args.key
     )
-    return settings.store()
+
+
+def store_from(args: argparse.Namespace) -> Store:
+    return settings_from(args).store()
 
 
 def register(commands: Any) -> None:
