@@ -3,6 +3,7 @@ uncordon, fence ack, status, get leader, and bad input to `kvmctl controller`.""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,10 +13,12 @@ from typing import Any
 import pytest
 
 from controller.cli.status import NO_LEADER, NO_QUORUM
+from controller.cli.vm import ProgressBar
 from controller.ha import requests
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
 from crds import Event, VirtualMachineMigration
+from crds.clusternode import Capacity
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
 from tests.test_ha_production import (
@@ -93,9 +96,9 @@ async def test_drain_migrates_what_it_can_and_reports_the_rest(
         return True
 
     await store.patch_status("VirtualMachine", "vm1", moved_to_b)
-    code, out, err = await kvmctl_thread("node", "drain", "a", "--wait", "--wait-timeout", "30")
+    code, out, err = await kvmctl_thread("node", "drain", "a", "--wait", "--timeout", "30")
     assert code == 1
-    assert "a not drained: vm2 may not live-migrate" in err
+    assert "a not drained: vm2: live migration is not allowed (--force stops it" in err
 
     code, out, err = await kvmctl_thread("node", "uncordon", "a")
     assert code == 0, err
@@ -260,3 +263,98 @@ async def test_controller_refuses_bad_timings(
     code, _, err = await kvmctl_thread("controller", "--metrics-port", "0", *argv)
     assert code == 1
     assert message in err and "Traceback" not in err
+
+
+async def test_drain_wait_streams_why_a_vm_cannot_leave_and_times_out_naming_it(
+    store: Store, leases: Leases, controller: Manager, kvmctl_thread: Kvmctl
+) -> None:
+    await store.create(node_object("a"))
+    await store.create(node_object("b"))
+    for name in ("a", "b"):
+        await leases.hold(name)
+
+    def small(node: Any) -> bool:  # what b's agent reports: 1 cpu
+        node.status.capacity = Capacity(cpus=1, memory_mib=4096)
+        return True
+
+    await store.as_writer("node.b").patch_status("ClusterNode", "b", small)
+
+    async def both_online() -> bool:
+        nodes = [await get_node(store, name) for name in ("a", "b")]
+        return all(node.status.health == "Online" for node in nodes)
+
+    await eventually(both_online, "a and b Online")
+    await store.create(vm_object("vm1", vcpus=2))
+
+    async def on_a() -> object:
+        return await placed_on(store, "vm1", "a")
+
+    await eventually(on_a, "vm1 placed on a")
+    await report_running(store, "vm1", "a")
+
+    code, out, err = await kvmctl_thread("node", "drain", "a", "--wait", "--timeout", "120")
+    assert code == 1, out + err
+    why = "VMNotMigratable: cannot leave a: b has 1 free vcpus of 2 needed"
+    assert f"virtualmachine/vm1: {why}" in out  # streamed as the controller wrote it
+    assert err.strip() == f"error: a not drained: vm1: {why}"
+
+    # b grows: the drain starts a migration no agent carries out; --timeout ends the wait.
+    def big(node: Any) -> bool:
+        node.status.capacity = Capacity(cpus=8, memory_mib=4096)
+        return True
+
+    await store.as_writer("node.b").patch_status("ClusterNode", "b", big)
+
+    async def migrating() -> bool:
+        return "VMMigrating" in await reasons(store, "VirtualMachine", "vm1")
+
+    await eventually(migrating, "the controller migrating vm1 to b")
+    code, out, err = await kvmctl_thread("drain", "a", "--wait", "--timeout", "2")
+    assert code == 1, out + err
+    assert err.strip() == "error: a not drained after 2 s; still there: vm1 (not moved yet)"
+
+
+async def test_cordon_shortcuts_and_global_flags_after_the_command(
+    store: Store, kvmctl_thread: Kvmctl, etcd_endpoints: list[str]
+) -> None:
+    await store.create(node_object("a"))
+    code, out, err = await kvmctl_thread(
+        "cordon", "a", "--etcd", etcd_endpoints[0], "--prefix", store.prefix, "--etcd-timeout", "5"
+    )
+    assert (code, out.strip()) == (0, "clusternode/a cordoned"), err
+    assert (await get_node(store, "a")).spec.cordoned
+    assert await requests.read_drain(store, "a") is None  # cordon does not drain
+    code, out, _ = await kvmctl_thread("uncordon", "a")
+    assert (code, out.strip()) == (0, "clusternode/a uncordoned")
+    assert not (await get_node(store, "a")).spec.cordoned
+    code, _, err = await kvmctl_thread("cordon", "nowhere")
+    assert code == 1 and err.strip() == "error: ClusterNode 'nowhere' not found"
+
+
+async def test_migrate_wait_timeout_goes_to_stderr(store: Store, kvmctl_thread: Kvmctl) -> None:
+    """No controller runs: the migration stays Pending until --timeout."""
+    await store.create(node_object("a"))
+    await store.create(node_object("b"))
+    await store.create(vm_object("vm1"))
+    code, out, err = await kvmctl_thread("migrate", "vm1", "--to", "b", "--wait", "--timeout", "1")
+    assert code == 1
+    name = out.split()[0].removeprefix("virtualmachinemigration/")
+    assert err.splitlines()[-1] == (
+        f"error: migration {name} did not end within 1 s (still Pending, 0%)"
+    )
+
+
+def test_migration_progress_shows_bytes_left_and_rate() -> None:
+    moments = iter([10.0, 12.0])
+    bar = ProgressBar(io.StringIO(), clock=lambda: next(moments))
+    migration = VirtualMachineMigration.model_validate(
+        {"metadata": {"name": "m"}, "spec": {"vm": "vm1", "targetNode": "b"}}
+    )
+    migration.status.phase = "Running"
+    migration.status.progress_percent = 40
+    migration.status.data_remaining_bytes = 3 << 30
+    migration.status.data_processed_bytes = 1 << 30
+    assert bar.line(migration).endswith(" 40%  Running  3.0Gi left")  # no rate from one sample
+    migration.status.data_processed_bytes = (1 << 30) + (200 << 20)
+    migration.status.data_remaining_bytes = (3 << 30) - (200 << 20)
+    assert bar.line(migration).endswith(" 40%  Running  2.8Gi left  100.0Mi/s")

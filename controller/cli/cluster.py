@@ -1,10 +1,8 @@
-"""Running and operating the cluster: `kvmctl controller`, `fence ack`, `node drain|uncordon`,
-and `get leader`."""
+"""Running and operating the cluster: `kvmctl controller`, `fence ack` and `get leader`."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -18,14 +16,10 @@ from controller.ha.environment import HaTimings
 from controller.runtime.defaults import DEFAULT_HTTP_PORT
 from controller.runtime.leader import ElectionTiming
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
-from controller.runtime.store import Conflict, NotFound, Store
-from crds import ClusterNode, VirtualMachine
-from crds.meta import _check_name
 
-from .resources import store_from
+from .drain import get_node
+from .resources import name_arg, store_from
 from .status import read_leader
-
-DRAIN_POLL = 0.5
 
 
 def register(commands: Any) -> None:
@@ -103,7 +97,7 @@ def register(commands: Any) -> None:
     )
     controller.add_argument(
         "--node",
-        type=_name,
+        type=name_arg,
         help="the ClusterNode this controller runs on: listen to and send direct heartbeats, "
         "and take over at once from a leader whose power-fenced host goes silent",
     )
@@ -134,31 +128,8 @@ def register(commands: Any) -> None:
             "VMs may be recovered elsewhere. Only as safe as your word: check first."
         ),
     )
-    ack.add_argument("node", type=_name)
+    ack.add_argument("node", type=name_arg)
     ack.set_defaults(func=run_fence_ack)
-
-    node = commands.add_parser("node", help="node maintenance")
-    node_commands = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
-    drain = node_commands.add_parser("drain", help="cordon a node and live-migrate every VM off it")
-    drain.add_argument("node", type=_name)
-    drain.add_argument(
-        "--force",
-        action="store_true",
-        help="stop VMs that may not live-migrate and restart them elsewhere",
-    )
-    drain.add_argument("--wait", action="store_true", help="wait until the node is empty")
-    drain.add_argument("--wait-timeout", type=float, default=600.0, help="seconds")
-    drain.set_defaults(func=run_drain)
-    uncordon = node_commands.add_parser("uncordon", help="let a node take VMs again")
-    uncordon.add_argument("node", type=_name)
-    uncordon.set_defaults(func=run_uncordon)
-
-
-def _name(value: str) -> str:
-    try:
-        return _check_name(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # controller ----------------------------------------------------------------------------------
@@ -217,16 +188,9 @@ async def run_controller(args: argparse.Namespace) -> int:
 # fence ack -----------------------------------------------------------------------------------
 
 
-async def _node(store: Store, name: str) -> ClusterNode:
-    node = await store.try_get("ClusterNode", name)
-    if not isinstance(node, ClusterNode):
-        raise NotFound(f"ClusterNode {name!r} not found")
-    return node
-
-
 async def run_fence_ack(args: argparse.Namespace) -> int:
     async with store_from(args) as store:
-        node = await _node(store, args.node)
+        node = await get_node(store, args.node)
         health = node.status.health
         if health not in ("Unknown", "Fencing"):
             print(
@@ -237,95 +201,6 @@ async def run_fence_ack(args: argparse.Namespace) -> int:
             return 1
         await requests.request_fence_ack(store, args.node)
     print(f"clusternode/{args.node} fence acknowledged: its VMs will be recovered on other nodes")
-    return 0
-
-
-# drain / uncordon ----------------------------------------------------------------------------
-
-
-async def _set_cordoned(store: Store, name: str, cordoned: bool) -> None:
-    for _ in range(10):
-        node = await _node(store, name)
-        if node.spec.cordoned == cordoned:
-            return
-        node.spec.cordoned = cordoned
-        try:
-            await store.update(node)
-            return
-        except Conflict:
-            continue
-    raise Conflict(f"ClusterNode {name!r} kept changing; try again")
-
-
-async def _placed_on(store: Store, node: str) -> list[VirtualMachine]:
-    vms, _ = await store.list_objects("VirtualMachine")
-    return [
-        vm
-        for vm in vms
-        if isinstance(vm, VirtualMachine)
-        and vm.status.placement is not None
-        and vm.status.placement.node == node
-    ]
-
-
-def _stuck(vms: list[VirtualMachine], force: bool) -> list[str]:
-    """VMs a drain leaves in place: they may not live-migrate and --force was not given."""
-    if force:
-        return []
-    return [vm.metadata.name for vm in vms if not vm.spec.migration.allowed]
-
-
-async def run_drain(args: argparse.Namespace) -> int:
-    name = args.node
-    async with store_from(args) as store:
-        await _node(store, name)
-        await _set_cordoned(store, name, True)
-        await requests.request_drain(store, name, args.force)
-        vms = await _placed_on(store, name)
-        print(f"clusternode/{name} cordoned; draining {len(vms)} VMs")
-        stuck = _stuck(vms, args.force)
-        for vm in stuck:
-            print(
-                f"virtualmachine/{vm} stays on {name}: live migration is not allowed "
-                "(--force stops it and restarts it elsewhere)"
-            )
-        if not args.wait:
-            return 0
-        try:
-            async with asyncio.timeout(args.wait_timeout):
-                return await _wait_drained(store, name, args.force)
-        except TimeoutError:
-            left = [vm.metadata.name for vm in await _placed_on(store, name)]
-            print(
-                f"error: {name} not drained after {args.wait_timeout:.0f} s; still there: "
-                f"{', '.join(left)} (kvmctl events shows why)",
-                file=sys.stderr,
-            )
-            return 1
-
-
-async def _wait_drained(store: Store, name: str, force: bool) -> int:
-    while True:
-        vms = await _placed_on(store, name)
-        if not vms:
-            print(f"clusternode/{name} drained")
-            return 0
-        stuck = _stuck(vms, force)
-        if len(stuck) == len(vms):
-            print(
-                f"error: {name} not drained: {', '.join(stuck)} may not live-migrate",
-                file=sys.stderr,
-            )
-            return 1
-        await asyncio.sleep(DRAIN_POLL)
-
-
-async def run_uncordon(args: argparse.Namespace) -> int:
-    async with store_from(args) as store:
-        await _node(store, args.node)
-        await requests.cancel_drain(store, args.node)
-        await _set_cordoned(store, args.node, False)
-    print(f"clusternode/{args.node} uncordoned")
     return 0
 
 

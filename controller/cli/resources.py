@@ -16,8 +16,17 @@ from controller.apply import PartialApply, apply_all, fresh, label, merged
 from controller.runtime import config
 from controller.runtime.labels import parse_selector
 from controller.runtime.store import Compacted, NotFound, Store
+from crds.meta import _check_name
 
 VERSION = "0.1.0"
+
+
+def name_arg(value: str) -> str:
+    """argparse type of an object name (DNS-1123 label): a bad one is a usage error."""
+    try:
+        return _check_name(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def settings_from(args: argparse.Namespace) -> config.Settings:
