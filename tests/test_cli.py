@@ -304,7 +304,9 @@ def test_events_listing_filters(kvmctl: Run, tmp_path: Path) -> None:
     assert code == 0 and "VMRecovered" in out and "virtualmachine/web" in out
     code, out, _err = kvmctl("events", "--for", "vm/other")
     assert code == 0 and "VMRecovered" not in out
-    assert json.loads(kvmctl("events", "-o", "json")[1])["spec"]["reason"] == "VMRecovered"
+    assert (
+        json.loads(kvmctl("events", "-o", "json")[1])["items"][0]["spec"]["reason"] == "VMRecovered"
+    )
 
 
 def test_apply_keeps_a_fence_agents_power_off() -> None:
@@ -370,3 +372,83 @@ def test_events_watch_streams_new_events(
     finally:
         watcher.kill()
         watcher.wait()
+
+
+NODE = """
+apiVersion: kvmctl.io/v1alpha1
+kind: ClusterNode
+metadata: {name: host1}
+spec: {addresses: {cluster: 10.0.0.1}}
+"""
+
+
+def test_get_kind_slash_name_several_kinds_and_global_flags_after(
+    kvmctl: Run, tmp_path: Path, etcd_endpoints: list[str], key_prefix: str
+) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM + "---" + NODE))
+    code, out, err = kvmctl("get", "vm/web", "--etcd", etcd_endpoints[0], "--prefix", key_prefix)
+    assert code == 0, err
+    assert out.splitlines()[1].split()[0] == "web"
+    code, out, _ = kvmctl("get", "vm/web", "node/host1", "-o", "name")
+    assert out.split() == ["virtualmachine/web", "clusternode/host1"]
+    code, out, _ = kvmctl("get", "node,vm")
+    blocks = out.split("\n\n")
+    assert code == 0 and [b.split()[0:1] + b.splitlines()[1].split()[:1] for b in blocks] == [
+        ["NAME", "host1"],
+        ["NAME", "web"],
+    ]
+    code, out, err = kvmctl("get", "vm/web", "vm/nope")
+    assert code == 1 and "web" in out and err.strip() == "error: VirtualMachine 'nope' not found"
+    code, _, err = kvmctl("get", "vm", "--etcd", "127.0.0.1:9", "--etcd-timeout", "1")
+    assert code == 1 and "127.0.0.1:9 is unreachable" in err  # the flag after the command won
+    for argv in (("get", "vm/web", "web"), ("get", "node,vm", "web"), ("get", "vm/")):
+        code, out, err = kvmctl(*argv)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, argv
+
+
+def test_get_jsonpath_custom_columns_sort_by_and_labels(kvmctl: Run, tmp_path: Path) -> None:
+    small = VM.replace("name: web", "name: small").replace("vcpus: 2", "vcpus: 1")
+    kvmctl("apply", "-f", write(tmp_path, VM + "---" + small))
+    code, out, _ = kvmctl("get", "vm", "-o", "jsonpath={.items[*].metadata.name}")
+    assert (code, out.strip()) == (0, "small web")
+    code, out, _ = kvmctl("get", "vm", "web", "-o", "jsonpath={.spec.vcpus}")
+    assert (code, out.strip()) == (0, "2")  # one object asked for by name: no List around it
+    template = "jsonpath={range .items[*]}{.metadata.name}={.spec.vcpus}{'\\n'}{end}"
+    code, out, _ = kvmctl("get", "vm", "--sort-by", ".spec.vcpus", "-o", template)
+    assert out.splitlines() == ["small=1", "web=2"]
+    code, out, _ = kvmctl(
+        "get",
+        "vm",
+        "-o",
+        "custom-columns=VM:.metadata.name,CPUS:.spec.vcpus,TIER:.metadata.labels.tier",
+        "--sort-by={.spec.vcpus}",
+    )
+    assert [line.split() for line in out.splitlines()] == [
+        ["VM", "CPUS", "TIER"],
+        ["small", "1", "front"],
+        ["web", "2", "front"],
+    ]
+    code, out, _ = kvmctl("get", "vm", "web", "--show-labels")
+    assert out.splitlines()[0].split()[-1] == "LABELS" and out.split()[-1] == "tier=front"
+    for bad in ("jsonpath={.items[", "custom-columns=NAME", "table2", "jsonpath={.a b}"):
+        code, out, err = kvmctl("get", "vm", "-o", bad)
+        assert code == 2 and out == "" and "Traceback" not in err, bad
+    code, _, err = kvmctl("get", "vm", "--sort-by", ".spec[")
+    assert code == 2 and "--sort-by" in err
+
+
+def test_exit_codes_of_diff_and_delete(kvmctl: Run, tmp_path: Path) -> None:
+    manifest = write(tmp_path, VM)
+    assert kvmctl("diff", "-f", manifest)[0] == 1  # differences: the VM is not there
+    code, _, err = kvmctl("diff", "-f", write(tmp_path, "kind: [unclosed", "bad.yaml"))
+    assert code == 2 and "invalid YAML" in err  # an error is not a difference
+    code, _, err = kvmctl("diff", "-f", manifest, "--etcd", "127.0.0.1:9", "--etcd-timeout", "1")
+    assert code == 2 and "unreachable" in err
+    kvmctl("apply", "-f", manifest)
+    assert kvmctl("diff", "-f", manifest)[0] == 0
+    for argv in (("delete",), ("delete", "vm"), ("delete", "vm", "web", "-f", manifest)):
+        code, out, err = kvmctl(*argv)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, argv
+    assert kvmctl("get", "vm", "web")[0] == 0  # nothing was deleted
+    code, out, _ = kvmctl("delete", "vm/web", "--wait", "--timeout", "60")
+    assert (code, out.strip()) == (0, "virtualmachine/web deleted")

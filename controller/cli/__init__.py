@@ -1,6 +1,7 @@
 """`kvmctl`: the command line. Each module here registers its subcommands.
 
-Exit codes: 0 success, 1 error (one readable line on stderr), 2 usage.
+Exit codes: 0 success, 1 error (one readable line on stderr), 2 usage; `diff` exits 1 for
+differences and 2 for errors (like kubectl); `status` has its own (controller/cli/status.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ from controller.runtime.config import ConfigError
 from controller.runtime.store import StoreError
 
 from . import admin, cluster, drain, resources, simulate, status, sync, vm
+from .errors import UsageError
 
 COMMAND_MODULES = [resources, sync, vm, admin, cluster, drain, status, simulate]
-
-
-class UsageError(Exception):
-    """Wrong words on the command line: exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except (StoreError, ManifestError, ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return int(getattr(args, "error_code", 1))
     except KeyboardInterrupt:
         return 130
     return code

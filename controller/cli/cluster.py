@@ -18,6 +18,7 @@ from controller.runtime.leader import ElectionTiming
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 
 from .drain import get_node
+from .errors import UsageError
 from .resources import name_arg, store_from
 from .status import read_leader
 
@@ -142,8 +143,6 @@ async def run_controller(args: argparse.Namespace) -> int:
     from reconcilers.drivers.fence import FenceRunner
     from reconcilers.drivers.fence_policy import FencePolicy
 
-    from . import UsageError
-
     try:
         policy = FencePolicy.from_settings(
             [agent.strip() for agent in args.fence_agents.split(",") if agent.strip()],
@@ -219,11 +218,12 @@ async def print_leader(args: argparse.Namespace) -> int:
         "since": leader.since.isoformat(),
         "token": leader.token,
     }
-    if args.output == "json":
+    output = args.output.format
+    if output == "json":
         print(json.dumps(document, indent=2))
-    elif args.output == "yaml":
+    elif output == "yaml":
         print(yaml.safe_dump(document, sort_keys=False), end="")
-    elif args.output == "name":
+    elif output == "name":
         print(leader.identity)
     else:
         rows = [["IDENTITY", "SINCE", "AGE", "TOKEN"]]
