@@ -3,6 +3,7 @@ uncordon, fence ack, status, get leader, and bad input to `kvmctl controller`.""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -358,3 +359,48 @@ def test_migration_progress_shows_bytes_left_and_rate() -> None:
     migration.status.data_processed_bytes = (1 << 30) + (200 << 20)
     migration.status.data_remaining_bytes = (3 << 30) - (200 << 20)
     assert bar.line(migration).endswith(" 40%  Running  2.8Gi left  100.0Mi/s")
+
+
+async def test_wait_for_a_condition_a_field_and_deletion(
+    store: Store, kvmctl_thread: Kvmctl
+) -> None:
+    await store.create(vm_object("vm1"))
+    code, _, err = await kvmctl_thread("wait", "--for=condition=Ready", "vm/vm1", "--timeout", "1")
+    assert code == 1
+    assert err.strip() == (
+        "error: timed out after 1 s waiting for condition=Ready: virtualmachine/vm1 "
+        "(no Ready condition)"
+    )
+    waiting = asyncio.create_task(
+        kvmctl_thread("wait", "vm", "vm1", "--for", "condition=Ready", "--timeout", "120")
+    )
+
+    def ready(vm: Any) -> bool:
+        return bool(vm.status.set_condition("Ready", "True", "Running", "up"))
+
+    async def seen_not_ready() -> bool:  # the waiter has read vm1 (a condition-less Event)
+        await asyncio.sleep(0)
+        return not waiting.done()
+
+    await eventually(seen_not_ready, "the waiter running")
+    await store.patch_status("VirtualMachine", "vm1", ready)
+    code, out, err = await asyncio.wait_for(waiting, 120)
+    assert (code, out.strip()) == (0, "virtualmachine/vm1 condition met"), err
+
+    code, out, _ = await kvmctl_thread(
+        "wait", "--for=jsonpath={.status.conditions[0].reason}=Running", "vm/vm1"
+    )
+    assert code == 0
+    code, _, err = await kvmctl_thread(
+        "wait", "--for=jsonpath={.spec.vcpus}=4", "vm/vm1", "--timeout", "1"
+    )
+    assert code == 1 and err.strip().endswith("virtualmachine/vm1 (1)")
+    deleting = asyncio.create_task(
+        kvmctl_thread("wait", "--for=delete", "vm/vm1", "--timeout", "120")
+    )
+    await store.delete("VirtualMachine", "vm1")
+    code, out, err = await asyncio.wait_for(deleting, 120)
+    assert (code, out.strip()) == (0, "virtualmachine/vm1 deleted"), err
+    for bad in (["--for=ready", "vm/vm1"], ["--for=condition=Ready", "vm"], ["vm/vm1"]):
+        code, out, err = await kvmctl_thread("wait", *bad)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) <= 2, bad

@@ -19,16 +19,16 @@ from controller.runtime import quiet_grpc  # noqa: F401  (first: before gRPC loa
 from controller.runtime.config import ConfigError
 from controller.runtime.store import StoreError
 
-from . import admin, cluster, drain, resources, simulate, status, sync, vm
+from . import admin, cluster, drain, resources, simulate, status, sync, vm, wait
 from .errors import UsageError
 
-COMMAND_MODULES = [resources, sync, vm, admin, cluster, drain, status, simulate]
+COMMAND_MODULES = [resources, wait, sync, vm, admin, cluster, drain, status, simulate]
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        """One line, as every kvmctl error: what is wrong and where to read more."""
+        print(f"{self.prog}: error: {message} (see '{self.prog} -h')", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -61,8 +61,9 @@ def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
             continue
         if top:
             parser.add_argument(*flags, **settings)
-        else:
-            parser.add_argument(*flags, **settings, default=argparse.SUPPRESS)
+        else:  # listed by `kvmctl -h` only
+            hidden = {**settings, "help": argparse.SUPPRESS}
+            parser.add_argument(*flags, **hidden, default=argparse.SUPPRESS)
 
 
 def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -76,7 +77,11 @@ def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.Argume
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kvmctl", description="High availability for KVM virtual machines.")
+    parser = _Parser(
+        prog="kvmctl",
+        description="High availability for KVM virtual machines. The options below may also "
+        "follow the command (kvmctl get vm --etcd HOST:PORT).",
+    )
     add_global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
