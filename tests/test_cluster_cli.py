@@ -371,7 +371,7 @@ async def test_wait_for_a_condition_a_field_and_deletion(
         "error: timed out after 1 s waiting for condition=Ready: virtualmachine/vm1 "
         "(no Ready condition)"
     )
-    waiting = asyncio.create_task(
+    waiting = asyncio.ensure_future(
         kvmctl_thread("wait", "vm", "vm1", "--for", "condition=Ready", "--timeout", "120")
     )
 
@@ -395,7 +395,7 @@ async def test_wait_for_a_condition_a_field_and_deletion(
         "wait", "--for=jsonpath={.spec.vcpus}=4", "vm/vm1", "--timeout", "1"
     )
     assert code == 1 and err.strip().endswith("virtualmachine/vm1 (1)")
-    deleting = asyncio.create_task(
+    deleting = asyncio.ensure_future(
         kvmctl_thread("wait", "--for=delete", "vm/vm1", "--timeout", "120")
     )
     await store.delete("VirtualMachine", "vm1")

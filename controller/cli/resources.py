@@ -65,7 +65,7 @@ def register(commands: Any) -> None:
         "get vm -o custom-columns=NAME:.metadata.name,NODE:.status.node --sort-by=.spec.vcpus",
     )
     get.add_argument("kind", metavar="KIND[,KIND]|KIND/NAME")
-    get.add_argument("names", nargs="*", metavar="NAME")
+    get.add_argument("names", nargs="*", default=[], metavar="NAME")
     get.add_argument(
         "-o",
         "--output",

@@ -81,7 +81,7 @@ def register(commands: Any) -> None:
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
     )
     wait.add_argument("kind", metavar="KIND/NAME|KIND")
-    wait.add_argument("names", nargs="*", metavar="NAME")
+    wait.add_argument("names", nargs="*", default=[], metavar="NAME")
     wait.add_argument("--for", dest="goal", required=True, metavar="CONDITION")
     wait.add_argument("--timeout", dest="wait_timeout", type=float, default=30.0, help="s (30)")
     wait.set_defaults(func=run_wait)
