@@ -452,3 +452,64 @@ def test_exit_codes_of_diff_and_delete(kvmctl: Run, tmp_path: Path) -> None:
     assert kvmctl("get", "vm", "web")[0] == 0  # nothing was deleted
     code, out, _ = kvmctl("delete", "vm/web", "--wait", "--timeout", "60")
     assert (code, out.strip()) == (0, "virtualmachine/web deleted")
+
+
+def test_explain_a_kind_and_a_field_path(kvmctl: Run) -> None:
+    code, out, _ = kvmctl("explain", "vm")
+    assert code == 0 and out.startswith("KIND:     VirtualMachine\n")
+    assert "  spec\t<VirtualMachineSpec> -required-" in out
+    code, out, _ = kvmctl("explain", "vm.spec.vcpus")
+    assert code == 0 and "FIELD:    vcpus <integer>" in out
+    assert "Virtual CPUs" in out and "Default: 1." in out and "Constraints: ≥ 1; ≤ 512." in out
+    code, out, _ = kvmctl("explain", "virtualmachines.spec.failoverDomain")
+    assert code == 0 and "  nodes\t<list of DomainNode>" in out
+    for path, message in (
+        ("vm.spec.turbo", "VirtualMachineSpec has no field 'turbo'"),
+        ("vm.spec.vcpus.x", "vcpus is of type integer: no fields"),
+        ("pod", "unknown kind 'pod'"),
+    ):
+        code, out, err = kvmctl("explain", path)
+        assert code == 1 and out == "" and message in err and len(err.splitlines()) == 1
+
+
+def test_bash_completion_completes_commands_kinds_and_live_names(
+    kvmctl: Run, tmp_path: Path, etcd_endpoints: list[str], key_prefix: str
+) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM + "---" + NODE))
+    code, script, _ = kvmctl("completion", "bash")
+    assert code == 0
+    (tmp_path / "kvmctl.bash").write_text(script)
+    wrapper = tmp_path / "bin" / "kvmctl"  # `kvmctl` on PATH: this worktree's code
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m controller.cli "$@"\n')
+    wrapper.chmod(0o755)
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "PATH": f"{wrapper.parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(root),
+        "KVMCTL_ETCD": etcd_endpoints[0],
+        "KVMCTL_PREFIX": key_prefix,
+        "KVMCTL_CONFIG": "",
+    }
+
+    def complete(*words: str) -> list[str]:
+        quoted = " ".join(f"'{word}'" for word in ("kvmctl", *words))
+        probe = (
+            f"source {tmp_path / 'kvmctl.bash'}; COMP_WORDS=({quoted}); "
+            f'COMP_CWORD={len(words)}; _kvmctl; echo "${{COMPREPLY[*]}}"'
+        )
+        result = subprocess.run(
+            ["bash", "-c", probe], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        return result.stdout.split()
+
+    assert complete("dr") == ["drain"]
+    assert complete("node", "") == ["drain", "cordon", "uncordon"]
+    assert "virtualmachines" in complete("get", "")
+    assert complete("--prefix", key_prefix, "get", "vm", "") == ["web"]
+    assert complete("cordon", "") == ["host1"]
+    assert complete("get", "vm", "-o", "") == ["table", "wide", "yaml", "json", "name"]
+    assert complete("get", "vm", "--sort") == ["--sort-by"]
+    assert "--etcd" in complete("status", "--et")

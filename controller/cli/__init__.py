@@ -19,10 +19,34 @@ from controller.runtime import quiet_grpc  # noqa: F401  (first: before gRPC loa
 from controller.runtime.config import ConfigError
 from controller.runtime.store import StoreError
 
-from . import admin, cluster, drain, resources, simulate, status, sync, vm, wait
+from . import (
+    admin,
+    cluster,
+    completion,
+    drain,
+    explain,
+    resources,
+    simulate,
+    status,
+    sync,
+    vm,
+    wait,
+)
 from .errors import UsageError
 
-COMMAND_MODULES = [resources, wait, sync, vm, admin, cluster, drain, status, simulate]
+COMMAND_MODULES = [
+    resources,
+    explain,
+    wait,
+    completion,
+    sync,
+    vm,
+    admin,
+    cluster,
+    drain,
+    status,
+    simulate,
+]
 
 
 class _Parser(argparse.ArgumentParser):
