@@ -513,3 +513,73 @@ def test_bash_completion_completes_commands_kinds_and_live_names(
     assert complete("get", "vm", "-o", "") == ["table", "wide", "yaml", "json", "name"]
     assert complete("get", "vm", "--sort") == ["--sort-by"]
     assert "--etcd" in complete("status", "--et")
+
+
+def editor(tmp_path: Path, name: str, body: str) -> str:
+    """An $EDITOR: a shell script run with the file to edit as $1."""
+    script = tmp_path / name
+    script.write_text(f"#!/bin/sh\nset -e\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+PATCH_STATUS = """
+import asyncio, os
+from controller.runtime.store import Store
+async def main():
+    async with Store([os.environ["KVMCTL_ETCD"]], os.environ["KVMCTL_PREFIX"]) as store:
+        def note(vm):
+            vm.status.set_condition("Ready", "False", "Starting", "meanwhile")
+            return True
+        await store.patch_status("VirtualMachine", "web", note)
+asyncio.run(main())
+"""
+
+
+def test_edit_validates_merges_status_and_refuses_conflicts(
+    kvmctl: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM))
+
+    def edit_with(body: str, *argv: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("EDITOR", editor(tmp_path, f"editor-{len(body)}", body))
+        return kvmctl("edit", *(argv or ("vm", "web")))
+
+    def vcpus() -> int:
+        return int(json.loads(kvmctl("get", "vm", "web", "-o", "json")[1])["spec"]["vcpus"])
+
+    code, out, err = edit_with("true")
+    assert (code, out.strip()) == (0, "virtualmachine/web unchanged: nothing written"), err
+    code, out, err = edit_with("""sed -i 's/vcpus: 2/vcpus: 3/' "$1" """)
+    assert (code, out.strip(), vcpus()) == (0, "virtualmachine/web edited", 3), err
+
+    for body, message in (
+        ("""sed -i 's/vcpus: 3/vcpus: many/' "$1" """, "spec.vcpus"),
+        ("""sed -i 's/name: web/name: other/' "$1" """, "kind and name must stay"),
+        ("exit 3", "exited with 3; nothing written"),
+    ):
+        code, out, err = edit_with(body)
+        assert code == 1 and out == "" and message in err and len(err.splitlines()) == 1, err
+        kept = err.strip().rsplit(" ", 1)[-1]
+        assert kept.endswith(".yaml") and Path(kept).exists()
+        Path(kept).unlink()
+        assert vcpus() == 3
+
+    # The agents write status all the time: an edit merges it.
+    patch = f"{sys.executable} -c '{PATCH_STATUS}'"
+    code, out, err = edit_with(f"""{patch}\nsed -i 's/vcpus: 3/vcpus: 4/' "$1" """, "vm/web")
+    assert (code, vcpus()) == (0, 4), err
+    document = json.loads(kvmctl("get", "vm", "web", "-o", "json")[1])
+    assert document["status"]["conditions"][0]["message"] == "meanwhile"
+
+    # Someone else changed the spec meanwhile: refused, theirs stays.
+    theirs = write(tmp_path, VM.replace("vcpus: 2", "vcpus: 6"), "theirs.yaml")
+    apply = f"{sys.executable} -m controller.cli apply -f {theirs} >/dev/null"
+    code, out, err = edit_with(f"""{apply}\nsed -i 's/vcpus: 4/vcpus: 5/' "$1" """)
+    assert code == 1 and "was changed by someone else while you edited it" in err
+    assert vcpus() == 6
+
+    code, _, err = kvmctl("edit", "secret", "x")
+    assert code == 2 and "Secrets are not edited" in err
+    code, _, err = kvmctl("edit", "vm")
+    assert code == 2

@@ -24,6 +24,7 @@ from . import (
     cluster,
     completion,
     drain,
+    edit,
     explain,
     resources,
     simulate,
@@ -36,6 +37,7 @@ from .errors import UsageError
 
 COMMAND_MODULES = [
     resources,
+    edit,
     explain,
     wait,
     completion,
