@@ -583,3 +583,62 @@ def test_edit_validates_merges_status_and_refuses_conflicts(
     assert code == 2 and "Secrets are not edited" in err
     code, _, err = kvmctl("edit", "vm")
     assert code == 2
+
+
+BAD_COMMAND_LINES = {
+    "jsonpath": (["get", "vm", "-o", "jsonpath={.a["], 2),
+    "custom columns": (["get", "vm", "-o", "custom-columns=A:.a[", ""], 2),
+    "sort by": (["get", "vm", "--sort-by", ".spec["], 2),
+    "status interval": (["status", "--interval", "0"], 2),
+    "wait for": (["wait", "--for=ready", "vm/web"], 2),
+    "wait jsonpath": (["wait", "--for=jsonpath={.a[=1", "vm/web"], 2),
+    "wait no names": (["wait", "--for=delete", "vm"], 2),
+    "drain name": (["drain", "Bad_Name"], 2),
+    "cordon no name": (["cordon"], 2),
+    "completion shell": (["completion", "tcsh"], 2),
+    "migrate timeout": (["migrate", "web", "--to", "b", "--timeout", "soon"], 2),
+    "describe two": (["describe", "vm/web", "x"], 2),
+    "describe none": (["describe", "vm"], 2),
+    "explain field": (["explain", "vm.spec.nope"], 1),
+    "get missing": (["get", "vm", "nope"], 1),
+    "edit missing": (["edit", "vm", "nope"], 1),
+    "cordon missing": (["cordon", "nope"], 1),
+    "unknown kind": (["get", "pods"], 1),
+    "etcd timeout": (["get", "vm", "--etcd-timeout", "x"], 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMMAND_LINES))
+def test_bad_command_lines_give_one_line_and_write_nothing(
+    kvmctl: Run, tmp_path: Path, case: str
+) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM))
+    _, before, _ = kvmctl("get", "vm", "web", "-o", "json")
+    argv, expected = BAD_COMMAND_LINES[case]
+    code, out, err = kvmctl(*argv)
+    assert code == expected, err
+    assert out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert kvmctl("get", "vm", "web", "-o", "json")[1] == before
+
+
+def test_status_watch_streams_one_json_report_per_refresh(
+    etcd_endpoints: list[str], key_prefix: str
+) -> None:
+    env = {
+        **os.environ,
+        "KVMCTL_ETCD": etcd_endpoints[0],
+        "KVMCTL_PREFIX": key_prefix,
+        "KVMCTL_CONFIG": "",
+    }
+    command = [sys.executable, "-m", "controller.cli", "status", "-w", "-o", "json"]
+    watcher = subprocess.Popen(
+        [*command, "--interval", "0.2"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert watcher.stdout is not None
+        reports = [json.loads(watcher.stdout.readline()) for _ in range(2)]
+        assert all(r["etcd"]["quorum"] and r["leader"] is None for r in reports)
+        assert reports[0]["problems"] == ["no controller leads"]
+    finally:
+        watcher.kill()
+        watcher.wait()

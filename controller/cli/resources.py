@@ -81,8 +81,8 @@ def register(commands: Any) -> None:
     get.set_defaults(func=run_get)
 
     describe = commands.add_parser("describe", help="show an object, its conditions and events")
-    describe.add_argument("kind")
-    describe.add_argument("name")
+    describe.add_argument("kind", metavar="KIND|KIND/NAME")
+    describe.add_argument("name", nargs="?", default=None)
     describe.set_defaults(func=run_describe)
 
     delete = commands.add_parser("delete", help="delete objects by name or manifest")
@@ -256,7 +256,7 @@ async def run_get(args: argparse.Namespace) -> int:
             if selector is not None:
                 objects = [o for o in objects if selector(o.metadata.labels)]
             listed.append((info, sorted(objects, key=sort) if sort else objects))
-        _print_listed(listed, output, single)
+        _print_listed(listed, output, single, named=any(names for _, names in targets))
         for error in missing:
             print(f"error: {error}", file=sys.stderr)
         if not args.watch:
@@ -266,11 +266,9 @@ async def run_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_listed(
-    listed: list[tuple[crds.KindInfo, list[crds.AnyResource]]],
-    output: printers.Output,
-    single: bool,
-) -> None:
+def _print_listed(listed: Listed, output: printers.Output, single: bool, named: bool) -> None:
+    """Print what `get` found; `named`: objects were asked for by name (errors say which are
+    missing, so no "No ... found")."""
     if output.tabular or output.format == "name":  # one table per kind, as kubectl
         blocks = [
             printers.render(objects, output, info.kind) for info, objects in listed if objects
@@ -278,7 +276,7 @@ def _print_listed(
         if blocks:
             print("\n\n".join(blocks), flush=True)
         for info, objects in listed:
-            if not objects:
+            if not objects and not named:
                 print(f"No {info.plural} found.", file=sys.stderr)
         return
     everything = [obj for _, objects in listed for obj in objects]
@@ -330,10 +328,13 @@ async def related_events(store: Store, kind: str, name: str) -> list[crds.Event]
 
 
 async def run_describe(args: argparse.Namespace) -> int:
-    info = crds.resolve_kind(args.kind)
+    targets = get_targets(args.kind, [args.name] if args.name else [])
+    if len(targets) != 1 or len(targets[0][1]) != 1:
+        raise UsageError("describe takes one object: KIND NAME or KIND/NAME")
+    info, (name,) = targets[0]
     async with store_from(args) as store:
-        obj = await store.get(info.kind, args.name)
-        events = await related_events(store, info.kind, args.name)
+        obj = await store.get(info.kind, name)
+        events = await related_events(store, info.kind, name)
     document = printers.as_document(obj)
     meta = obj.metadata
     print(f"Name:          {meta.name}")
