@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from controller.cli.drain import Blockers
 from controller.cli.status import NO_LEADER, NO_QUORUM
 from controller.cli.vm import ProgressBar
 from controller.ha import requests
@@ -298,6 +299,9 @@ async def test_drain_wait_streams_why_a_vm_cannot_leave_and_times_out_naming_it(
     why = "VMNotMigratable: cannot leave a: b has 1 free vcpus of 2 needed"
     assert f"virtualmachine/vm1: {why}" in out  # streamed as the controller wrote it
     assert err.strip() == f"error: a not drained: vm1: {why}"
+    # Run again with nothing changed: the blocker (reported once) still ends the wait.
+    code, out, err = await kvmctl_thread("drain", "a", "--wait", "--timeout", "10")
+    assert code == 1 and err.strip() == f"error: a not drained: vm1: {why}", out + err
 
     # b grows: the drain starts a migration no agent carries out; --timeout ends the wait.
     def big(node: Any) -> bool:
@@ -404,3 +408,38 @@ async def test_wait_for_a_condition_a_field_and_deletion(
     for bad in (["--for=ready", "vm/vm1"], ["--for=condition=Ready", "vm"], ["vm/vm1"]):
         code, out, err = await kvmctl_thread("wait", *bad)
         assert code == 2 and out == "" and len(err.strip().splitlines()) <= 2, bad
+
+
+def test_a_blocker_reported_before_the_drain_counts_only_once_settled() -> None:
+    now = [100.0]
+    blockers = Blockers(force=False, settle=5.0, clock=lambda: now[0])
+    vm = vm_object("vm1")
+
+    def event(reason: str, minute: int) -> Event:
+        return Event.model_validate(
+            {
+                "metadata": {"name": f"vm1-{reason.lower()}"},
+                "spec": {
+                    "involvedObject": {"kind": "VirtualMachine", "name": "vm1"},
+                    "reason": reason,
+                    "message": "cannot leave a: b has 0 free vcpus of 2 needed",
+                    "source": {"component": "test"},
+                    "lastTimestamp": f"2026-01-01T00:{minute:02d}:00Z",
+                },
+            }
+        )
+
+    blockers.saw(event("VMNotMigratable", 1), fresh=False)
+    assert blockers.why(vm) is None  # the controller may act on this drain first
+    assert blockers.why(vm, stale_too=True) == (
+        "VMNotMigratable: cannot leave a: b has 0 free vcpus of 2 needed"
+    )
+    now[0] += 5.0
+    assert blockers.why(vm) is not None  # nothing newer: it still holds
+    blockers.saw(event("VMMigrating", 2), fresh=True)
+    assert blockers.why(vm) is None
+    blockers.saw(event("VMNotMigratable", 3), fresh=True)
+    assert blockers.why(vm) is not None
+    stays = vm_object("vm2", migration={"allowed": False})
+    assert "live migration is not allowed" in (blockers.why(stays) or "")
+    assert Blockers(force=True).why(stays) is None

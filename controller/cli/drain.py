@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from controller.ha import requests
@@ -23,6 +26,8 @@ from .resources import name_arg, store_from
 DRAIN_POLL = 0.5
 BLOCKERS = frozenset({"VMNotMigratable"})
 """Event reasons saying a VM cannot leave its node for now."""
+STALE_SETTLE = 5.0
+"""Seconds before a blocker reported before this drain counts (the controller acts first)."""
 
 
 def register(commands: Any) -> None:
@@ -94,29 +99,49 @@ async def placed_on(store: Store, node: str) -> list[VirtualMachine]:
     ]
 
 
-class Blockers:
-    """What keeps each VM on the node: the latest event about it, when that is a blocker."""
+def _written(event: Event) -> tuple[int, datetime]:
+    """When the event was last written: etcd's revision orders events of the same second."""
+    return int(event.metadata.resource_version or 0), event.spec.last_timestamp
 
-    def __init__(self, force: bool) -> None:
+
+class Blockers:
+    """What keeps each VM on the node: the latest event about it, when that is a blocker.
+
+    An event written before this drain may be stale (the controller reports a blocker once, and
+    again only when it changes): it counts only after `settle` seconds without a newer one.
+    """
+
+    def __init__(
+        self, force: bool, settle: float = STALE_SETTLE, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.force = force
         self.latest: dict[str, Event] = {}
+        self.fresh: set[str] = set()
+        self.clock = clock
+        self.trusted_from = clock() + settle
 
-    def saw(self, event: Event) -> None:
+    def saw(self, event: Event, fresh: bool) -> None:
         involved = event.spec.involved_object
         if involved.kind != "VirtualMachine":
             return
         known = self.latest.get(involved.name)
-        if known is None or known.spec.last_timestamp <= event.spec.last_timestamp:
+        if fresh or known is None or _written(known) <= _written(event):
             self.latest[involved.name] = event
+            if fresh:
+                self.fresh.add(involved.name)
 
-    def why(self, vm: VirtualMachine) -> str | None:
-        """Why `vm` cannot leave, or None when it may (or nobody said otherwise yet)."""
+    def why(self, vm: VirtualMachine, stale_too: bool = False) -> str | None:
+        """Why `vm` cannot leave, or None when it may (or nobody said otherwise yet);
+        `stale_too`: also a blocker reported before this drain, not yet settled."""
+        name = vm.metadata.name
         if not self.force and not vm.spec.migration.allowed:
             return "live migration is not allowed (--force stops it and restarts it elsewhere)"
-        event = self.latest.get(vm.metadata.name)
-        if event is not None and event.spec.reason in BLOCKERS:
-            return f"{event.spec.reason}: {event.spec.message}"
-        return None
+        event = self.latest.get(name)
+        if event is None or event.spec.reason not in BLOCKERS:
+            return None
+        if not stale_too and name not in self.fresh and self.clock() < self.trusted_from:
+            return None
+        return f"{event.spec.reason}: {event.spec.message}"
 
 
 def _event_line(event: Event) -> str:
@@ -141,7 +166,7 @@ async def run_drain(args: argparse.Namespace) -> int:
             return 0
         for event in events:
             if isinstance(event, Event):
-                blockers.saw(event)
+                blockers.saw(event, fresh=False)
         watched = {name} | {vm.metadata.name for vm in vms}
         stream = asyncio.create_task(_stream(store, revision, watched, blockers))
         try:
@@ -150,7 +175,8 @@ async def run_drain(args: argparse.Namespace) -> int:
         except TimeoutError:
             left = await placed_on(store, name)
             reasons = "; ".join(
-                f"{vm.metadata.name} ({blockers.why(vm) or 'not moved yet'})" for vm in left
+                f"{vm.metadata.name} ({blockers.why(vm, stale_too=True) or 'not moved yet'})"
+                for vm in left
             )
             print(
                 f"error: {name} not drained after {args.wait_timeout:g} s; still there: {reasons}",
@@ -173,7 +199,7 @@ async def _stream(store: Store, revision: int, watched: set[str], blockers: Bloc
                     continue
                 if event.spec.involved_object.name not in watched:
                     continue
-                blockers.saw(event)
+                blockers.saw(event, fresh=True)
                 print(_event_line(event), flush=True)
         except Compacted:
             _, revision = await store.list_objects("Event")
