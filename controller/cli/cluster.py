@@ -17,9 +17,9 @@ from controller.runtime.defaults import DEFAULT_HTTP_PORT
 from controller.runtime.leader import ElectionTiming
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 
+from .connect import name_arg, store_from
 from .drain import get_node
 from .errors import UsageError
-from .resources import name_arg, store_from
 from .status import read_leader
 
 

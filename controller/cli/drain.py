@@ -21,7 +21,7 @@ from controller.ha import requests
 from controller.runtime.store import Compacted, Conflict, NotFound, Store
 from crds import ClusterNode, Event, VirtualMachine
 
-from .resources import name_arg, store_from
+from .connect import name_arg, store_from
 
 DRAIN_POLL = 0.5
 BLOCKERS = frozenset({"VMNotMigratable"})

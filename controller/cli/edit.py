@@ -25,8 +25,9 @@ from controller import manifests, printers
 from controller.apply import find_clash, merged
 from controller.runtime.store import Conflict, Store
 
+from .connect import store_from
 from .errors import UsageError
-from .resources import get_targets, store_from
+from .get import get_targets
 
 ATTEMPTS = 10
 HEADER = """\

@@ -27,6 +27,8 @@ from controller.runtime.leader import LeaderInfo, current_leader, leader_key
 from controller.runtime.store import Store, StoreError
 from crds import ClusterNode, Event, VirtualMachine, VirtualMachineMigration
 
+from .connect import settings_from
+
 ELECTION = "controller"
 """The election every `kvmctl controller` campaigns in (the Manager's default)."""
 NO_QUORUM = 3
@@ -382,8 +384,6 @@ def exit_code(report: dict[str, Any]) -> int:
 
 
 async def run_status(args: argparse.Namespace) -> int:
-    from .resources import settings_from
-
     settings = settings_from(args)
     store = settings.store()
     try:

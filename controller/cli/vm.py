@@ -21,7 +21,7 @@ from controller.runtime.store import NotFound, Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 
-from .resources import name_arg, store_from
+from .connect import name_arg, store_from
 
 BAR_WIDTH = 30
 SUFFIX_LENGTH = 5

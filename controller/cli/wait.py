@@ -18,8 +18,9 @@ from controller import jsonpath, printers
 from controller.runtime.store import Compacted, Store
 from crds import AnyResource
 
+from .connect import store_from
 from .errors import UsageError
-from .resources import get_targets, store_from
+from .get import get_targets
 
 
 @dataclass(frozen=True)
