@@ -114,8 +114,9 @@ class GitMirror:
     async def _git(self, *args: str, stdin: bytes | None = None) -> bytes:
         code, out, err = await self._run(*args, stdin=stdin)
         if code != 0:
-            detail = err.decode(errors="replace").strip().splitlines()
-            raise GitError(f"git {args[0]} failed: {detail[-1] if detail else f'exit {code}'}")
+            lines = [line.strip() for line in err.decode(errors="replace").splitlines()]
+            detail = "; ".join(line for line in lines if line)[:2000]  # all of it, on one line
+            raise GitError(f"git {args[0]} failed: {detail or f'exit {code}'}")
         return out
 
     async def fetch(self, ref: str) -> str:

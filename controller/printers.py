@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from controller import jsonpath
 from crds import KINDS, AnyResource
 from crds.meta import Status
 
@@ -30,6 +31,14 @@ def age(moment: datetime | None) -> str:
         if seconds >= size * (2 if unit != "m" else 1):
             return f"{seconds // size}{unit}"
     return f"{max(seconds, 0)}s"
+
+
+def size(value: float) -> str:
+    """Bytes in binary units: 512B, 3.2Ki, 45.0Mi, 1.5Gi."""
+    for unit, scale in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}B"
 
 
 def ready(status: Status) -> str:
@@ -147,9 +156,14 @@ COLUMNS: dict[str, list[Column]] = {
 assert set(COLUMNS) == set(KINDS), "every kind needs columns"
 
 
-def columns(kind: str, wide: bool) -> list[Column]:
+def columns(kind: str, wide: bool, show_labels: bool = False) -> list[Column]:
     name = [] if kind == "Event" else [Column("NAME", lambda o: o.metadata.name)]
-    return name + [c for c in COLUMNS[kind] if wide or not c.wide_only]
+    labels = [Column("LABELS", _labels)] if show_labels else []
+    return name + [c for c in COLUMNS[kind] if wide or not c.wide_only] + labels
+
+
+def _labels(obj: AnyResource) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(obj.metadata.labels.items())) or "<none>"
 
 
 def table(rows: Sequence[Sequence[object]]) -> str:
@@ -165,12 +179,12 @@ def table(rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def row(obj: AnyResource, wide: bool) -> list[object]:
-    return [column.value(obj) for column in columns(obj.kind, wide)]
+def row(obj: AnyResource, wide: bool, show_labels: bool = False) -> list[object]:
+    return [column.value(obj) for column in columns(obj.kind, wide, show_labels)]
 
 
-def headers(kind: str, wide: bool) -> list[object]:
-    return [column.header for column in columns(kind, wide)]
+def headers(kind: str, wide: bool, show_labels: bool = False) -> list[object]:
+    return [column.header for column in columns(kind, wide, show_labels)]
 
 
 def as_document(obj: AnyResource) -> dict[str, Any]:
@@ -181,17 +195,95 @@ def as_document(obj: AnyResource) -> dict[str, Any]:
     return document
 
 
-def render(objects: Sequence[AnyResource], output: str, kind: str) -> str:
-    """The text `get` prints for `objects` in format `output` (table, wide, yaml, json, name)."""
-    if output == "yaml":
+@dataclass(frozen=True)
+class Output:
+    """An `-o` format: table, wide, yaml, json, name, jsonpath=TEMPLATE or
+    custom-columns=HEADER:PATH,..."""
+
+    format: str
+    template: str = ""
+    custom: tuple[tuple[str, str], ...] = ()
+    show_labels: bool = False
+
+    @property
+    def tabular(self) -> bool:
+        return self.format in ("table", "wide", "custom-columns")
+
+
+FORMATS = ("table", "wide", "yaml", "json", "name")
+
+
+def parse_output(text: str) -> Output:
+    """The `-o` value; ValueError (one line) when it is none of the formats."""
+    name, equals, value = text.partition("=")
+    if not equals and name in FORMATS:
+        return Output(name)
+    if name == "jsonpath" and equals:
+        jsonpath.check(value)
+        return Output("jsonpath", template=value)
+    if name == "custom-columns" and equals:
+        custom = []
+        for spec in value.split(","):
+            header, colon, path = spec.partition(":")
+            if not colon or not header.strip() or not path.strip():
+                raise ValueError(f"custom-columns: {spec!r} is not HEADER:JSONPATH")
+            jsonpath.values({}, path)  # raises on a bad path
+            custom.append((header.strip(), path.strip()))
+        return Output("custom-columns", custom=tuple(custom))
+    raise ValueError(
+        f"output format {text!r}: use one of {', '.join(FORMATS)}, jsonpath=TEMPLATE or "
+        "custom-columns=HEADER:PATH,..."
+    )
+
+
+def sort_key(path: str) -> Callable[[AnyResource], tuple[int, float, str]]:
+    """A key ordering objects by the first value `path` finds: missing first, numbers
+    numerically, everything else as text."""
+
+    def key(obj: AnyResource) -> tuple[int, float, str]:
+        found = jsonpath.values(as_document(obj), path)
+        if not found or found[0] is None:
+            return (0, 0.0, "")
+        value = found[0]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return (1, float(value), "")
+        return (2, 0.0, jsonpath.text_of(value))
+
+    return key
+
+
+def _cell(document: dict[str, Any], path: str) -> str:
+    found = jsonpath.values(document, path)
+    return ",".join(jsonpath.text_of(v) for v in found) if found else "<none>"
+
+
+def render(
+    objects: Sequence[AnyResource], output: str | Output, kind: str, single: bool = False
+) -> str:
+    """The text `get` prints for `objects` in format `output`; `single`: one object was asked
+    for by name, so JSON and JSONPath see it rather than a List."""
+    out = output if isinstance(output, Output) else Output(output)
+    if out.format == "yaml":
         documents = [as_document(o) for o in objects]
         return yaml.safe_dump_all(documents, sort_keys=False).rstrip() if documents else ""
-    if output == "json":
+    if out.format in ("json", "jsonpath"):
         documents = [as_document(o) for o in objects]
-        if len(documents) == 1:
-            return json.dumps(documents[0], indent=2)
-        return json.dumps({"kind": "List", "items": documents}, indent=2)
-    if output == "name":
+        document = documents[0] if single and documents else {"kind": "List", "items": documents}
+        if out.format == "jsonpath":
+            return jsonpath.render(document, out.template)
+        return json.dumps(document, indent=2)
+    if out.format == "name":
         return "\n".join(f"{o.kind.lower()}/{o.metadata.name}" for o in objects)
-    wide = output == "wide"
-    return table([headers(kind, wide), *(row(o, wide) for o in objects)])
+    if out.format == "custom-columns":
+        rows: list[list[object]] = [[header for header, _ in out.custom]]
+        for obj in objects:
+            document = as_document(obj)
+            rows.append([_cell(document, path) for _, path in out.custom])
+        return table(rows)
+    wide = out.format == "wide"
+    return table(
+        [
+            headers(kind, wide, out.show_labels),
+            *(row(o, wide, out.show_labels) for o in objects),
+        ]
+    )

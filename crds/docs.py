@@ -13,6 +13,7 @@ import inspect
 import sys
 import textwrap
 import types
+from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
@@ -93,6 +94,18 @@ def field_docstrings(model: type[BaseModel]) -> dict[str, str]:
 
 def _anchor(name: str) -> str:
     return name.lower()
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One field: as written in manifests, its type (Markdown), default, rules, docstring."""
+
+    name: str
+    type: str
+    default: str
+    rules: list[str]
+    description: str
+    info: FieldInfo
 
 
 class Renderer:
@@ -201,23 +214,37 @@ class Renderer:
             return '`""`'
         return f"`{value}`"
 
-    def table(self, model: type[BaseModel]) -> list[str]:
+    def fields(self, model: type[BaseModel]) -> list[FieldDoc]:
+        """Each field of `model` as the reference describes it."""
         docs = field_docstrings(model)
-        lines = ["| field | type | default | constraints | description |", "|---|---|---|---|---|"]
+        found = []
         for name, field in model.model_fields.items():
             shown, rules = self.type_of(field.annotation)
             extra, more = self._metadata(shown, field.metadata)
-            rules += more
-            description = docs.get(name, "").replace("|", "\\|")
-            written = field.alias or name
+            found.append(
+                FieldDoc(
+                    field.alias or name,
+                    extra,
+                    self.default_of(field),
+                    rules + more,
+                    docs.get(name, ""),
+                    field,
+                )
+            )
+        return found
+
+    def table(self, model: type[BaseModel]) -> list[str]:
+        lines = ["| field | type | default | constraints | description |", "|---|---|---|---|---|"]
+        for doc in self.fields(model):
+            description = doc.description.replace("|", "\\|")
             lines.append(
-                f"| `{written}` | {extra} | {self.default_of(field)} | "
-                f"{'; '.join(rules).replace('|', chr(92) + '|')} | {description} |"
+                f"| `{doc.name}` | {doc.type} | {doc.default} | "
+                f"{'; '.join(doc.rules).replace('|', chr(92) + '|')} | {description} |"
             )
         return lines
 
 
-def _summary(model: type[BaseModel], module_doc: bool = False) -> str:
+def summary(model: type[BaseModel], module_doc: bool = False) -> str:
     """The first paragraph of the class's own docstring (or of its module's, for a kind)."""
     doc = model.__dict__.get("__doc__") or ""
     if module_doc:
@@ -231,9 +258,9 @@ def _kind_section(renderer: Renderer, info: KindInfo) -> list[str]:
     status = model.model_fields["status"].annotation
     names = ", ".join(f"`{name}`" for name in (info.plural, *info.short_names))
     lines = [f"## {info.kind}", ""]
-    summary = _summary(model, module_doc=True)
-    if summary:
-        lines += [summary, ""]
+    text = summary(model, module_doc=True)
+    if text:
+        lines += [text, ""]
     lines += [f"Names on the command line: {names}.", ""]
     for part, annotation in (("spec", spec), ("status", status)):
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -261,9 +288,9 @@ def render() -> str:
                 continue
             done.add(model)
             lines += [f"### {model.__name__}", ""]
-            summary = _summary(model)
-            if summary:
-                lines += [summary, ""]
+            text = summary(model)
+            if text:
+                lines += [text, ""]
             lines += [*renderer.table(model), ""]
     return "\n".join(lines).rstrip() + "\n"
 

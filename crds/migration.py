@@ -29,6 +29,8 @@ class VirtualMachineMigrationStatus(Status):
     source_node: Line | None = Field(default=None, alias="sourceNode")
     progress_percent: int = Field(default=0, alias="progressPercent")
     data_remaining_bytes: int | None = Field(default=None, alias="dataRemainingBytes")
+    data_processed_bytes: int | None = Field(default=None, alias="dataProcessedBytes")
+    """Bytes sent so far (libvirt's job statistics): `migrate --wait` shows the rate from it."""
     started_at: Time | None = Field(default=None, alias="startedAt")
     finished_at: Time | None = Field(default=None, alias="finishedAt")
     message: Text = ""

@@ -388,6 +388,7 @@ class _ProgressWriter:
                 return False
             status.progress_percent = min(99, int(progress.percent))
             status.data_remaining_bytes = progress.data_remaining_bytes
+            status.data_processed_bytes = progress.data_processed_bytes
             return True
 
         try:

@@ -272,7 +272,9 @@ def test_events_listing_filters(kvmctl: Run, tmp_path: Path) -> None:
     assert code == 0 and "VMRecovered" in out and "virtualmachine/web" in out
     code, out, _err = kvmctl("events", "--for", "vm/other")
     assert code == 0 and "VMRecovered" not in out
-    assert json.loads(kvmctl("events", "-o", "json")[1])["spec"]["reason"] == "VMRecovered"
+    assert (
+        json.loads(kvmctl("events", "-o", "json")[1])["items"][0]["spec"]["reason"] == "VMRecovered"
+    )
 
 
 def test_apply_keeps_a_fence_agents_power_off() -> None:
@@ -335,6 +337,276 @@ def test_events_watch_streams_new_events(
             assert watcher.stdout is not None
             seen = watcher.stdout.readline()
         assert "host1 powered off" in seen
+    finally:
+        watcher.kill()
+        watcher.wait()
+
+
+NODE = """
+apiVersion: kvmctl.io/v1alpha1
+kind: ClusterNode
+metadata: {name: host1}
+spec: {addresses: {cluster: 10.0.0.1}}
+"""
+
+
+def test_get_kind_slash_name_several_kinds_and_global_flags_after(
+    kvmctl: Run, tmp_path: Path, etcd_endpoints: list[str], key_prefix: str
+) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM + "---" + NODE))
+    code, out, err = kvmctl("get", "vm/web", "--etcd", etcd_endpoints[0], "--prefix", key_prefix)
+    assert code == 0, err
+    assert out.splitlines()[1].split()[0] == "web"
+    code, out, _ = kvmctl("get", "vm/web", "node/host1", "-o", "name")
+    assert out.split() == ["virtualmachine/web", "clusternode/host1"]
+    code, out, _ = kvmctl("get", "node,vm")
+    blocks = out.split("\n\n")
+    assert code == 0 and [b.split()[0:1] + b.splitlines()[1].split()[:1] for b in blocks] == [
+        ["NAME", "host1"],
+        ["NAME", "web"],
+    ]
+    code, out, err = kvmctl("get", "vm/web", "vm/nope")
+    assert code == 1 and "web" in out and err.strip() == "error: VirtualMachine 'nope' not found"
+    code, _, err = kvmctl("get", "vm", "--etcd", "127.0.0.1:9", "--etcd-timeout", "1")
+    assert code == 1 and "127.0.0.1:9 is unreachable" in err  # the flag after the command won
+    for argv in (("get", "vm/web", "web"), ("get", "node,vm", "web"), ("get", "vm/")):
+        code, out, err = kvmctl(*argv)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, argv
+
+
+def test_get_jsonpath_custom_columns_sort_by_and_labels(kvmctl: Run, tmp_path: Path) -> None:
+    small = VM.replace("name: web", "name: small").replace("vcpus: 2", "vcpus: 1")
+    kvmctl("apply", "-f", write(tmp_path, VM + "---" + small))
+    code, out, _ = kvmctl("get", "vm", "-o", "jsonpath={.items[*].metadata.name}")
+    assert (code, out.strip()) == (0, "small web")
+    code, out, _ = kvmctl("get", "vm", "web", "-o", "jsonpath={.spec.vcpus}")
+    assert (code, out.strip()) == (0, "2")  # one object asked for by name: no List around it
+    template = "jsonpath={range .items[*]}{.metadata.name}={.spec.vcpus}{'\\n'}{end}"
+    code, out, _ = kvmctl("get", "vm", "--sort-by", ".spec.vcpus", "-o", template)
+    assert out.splitlines() == ["small=1", "web=2"]
+    code, out, _ = kvmctl(
+        "get",
+        "vm",
+        "-o",
+        "custom-columns=VM:.metadata.name,CPUS:.spec.vcpus,TIER:.metadata.labels.tier",
+        "--sort-by={.spec.vcpus}",
+    )
+    assert [line.split() for line in out.splitlines()] == [
+        ["VM", "CPUS", "TIER"],
+        ["small", "1", "front"],
+        ["web", "2", "front"],
+    ]
+    code, out, _ = kvmctl("get", "vm", "web", "--show-labels")
+    assert out.splitlines()[0].split()[-1] == "LABELS" and out.split()[-1] == "tier=front"
+    for bad in ("jsonpath={.items[", "custom-columns=NAME", "table2", "jsonpath={.a b}"):
+        code, out, err = kvmctl("get", "vm", "-o", bad)
+        assert code == 2 and out == "" and "Traceback" not in err, bad
+    code, _, err = kvmctl("get", "vm", "--sort-by", ".spec[")
+    assert code == 2 and "--sort-by" in err
+
+
+def test_exit_codes_of_diff_and_delete(kvmctl: Run, tmp_path: Path) -> None:
+    manifest = write(tmp_path, VM)
+    assert kvmctl("diff", "-f", manifest)[0] == 1  # differences: the VM is not there
+    code, _, err = kvmctl("diff", "-f", write(tmp_path, "kind: [unclosed", "bad.yaml"))
+    assert code == 2 and "invalid YAML" in err  # an error is not a difference
+    code, _, err = kvmctl("diff", "-f", manifest, "--etcd", "127.0.0.1:9", "--etcd-timeout", "1")
+    assert code == 2 and "unreachable" in err
+    kvmctl("apply", "-f", manifest)
+    assert kvmctl("diff", "-f", manifest)[0] == 0
+    for argv in (("delete",), ("delete", "vm"), ("delete", "vm", "web", "-f", manifest)):
+        code, out, err = kvmctl(*argv)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, argv
+    assert kvmctl("get", "vm", "web")[0] == 0  # nothing was deleted
+    code, out, _ = kvmctl("delete", "vm/web", "--wait", "--timeout", "60")
+    assert (code, out.strip()) == (0, "virtualmachine/web deleted")
+
+
+def test_explain_a_kind_and_a_field_path(kvmctl: Run) -> None:
+    code, out, _ = kvmctl("explain", "vm")
+    assert code == 0 and out.startswith("KIND:     VirtualMachine\n")
+    assert "  spec\t<VirtualMachineSpec> -required-" in out
+    code, out, _ = kvmctl("explain", "vm.spec.vcpus")
+    assert code == 0 and "FIELD:    vcpus <integer>" in out
+    assert "Virtual CPUs" in out and "Default: 1." in out and "Constraints: ≥ 1; ≤ 512." in out
+    code, out, _ = kvmctl("explain", "virtualmachines.spec.failoverDomain")
+    assert code == 0 and "  nodes\t<list of DomainNode>" in out
+    for path, message in (
+        ("vm.spec.turbo", "VirtualMachineSpec has no field 'turbo'"),
+        ("vm.spec.vcpus.x", "vcpus is of type integer: no fields"),
+        ("pod", "unknown kind 'pod'"),
+    ):
+        code, out, err = kvmctl("explain", path)
+        assert code == 1 and out == "" and message in err and len(err.splitlines()) == 1
+
+
+def test_bash_completion_completes_commands_kinds_and_live_names(
+    kvmctl: Run, tmp_path: Path, etcd_endpoints: list[str], key_prefix: str
+) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM + "---" + NODE))
+    code, script, _ = kvmctl("completion", "bash")
+    assert code == 0
+    (tmp_path / "kvmctl.bash").write_text(script)
+    wrapper = tmp_path / "bin" / "kvmctl"  # `kvmctl` on PATH: this worktree's code
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m controller.cli "$@"\n')
+    wrapper.chmod(0o755)
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "PATH": f"{wrapper.parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(root),
+        "KVMCTL_ETCD": etcd_endpoints[0],
+        "KVMCTL_PREFIX": key_prefix,
+        "KVMCTL_CONFIG": "",
+    }
+
+    def complete(*words: str) -> list[str]:
+        quoted = " ".join(f"'{word}'" for word in ("kvmctl", *words))
+        probe = (
+            f"source {tmp_path / 'kvmctl.bash'}; COMP_WORDS=({quoted}); "
+            f'COMP_CWORD={len(words)}; _kvmctl; echo "${{COMPREPLY[*]}}"'
+        )
+        result = subprocess.run(
+            ["bash", "-c", probe], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        return result.stdout.split()
+
+    assert complete("dr") == ["drain"]
+    assert complete("node", "") == ["drain", "cordon", "uncordon"]
+    assert "virtualmachines" in complete("get", "")
+    assert complete("--prefix", key_prefix, "get", "vm", "") == ["web"]
+    assert complete("cordon", "") == ["host1"]
+    assert complete("get", "vm", "-o", "") == ["table", "wide", "yaml", "json", "name"]
+    assert complete("get", "vm", "--sort") == ["--sort-by"]
+    assert "--etcd" in complete("status", "--et")
+
+
+def editor(tmp_path: Path, name: str, body: str) -> str:
+    """An $EDITOR: a shell script run with the file to edit as $1."""
+    script = tmp_path / name
+    script.write_text(f"#!/bin/sh\nset -e\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+PATCH_STATUS = """
+import asyncio, os
+from controller.runtime.store import Store
+async def main():
+    async with Store([os.environ["KVMCTL_ETCD"]], os.environ["KVMCTL_PREFIX"]) as store:
+        def note(vm):
+            vm.status.set_condition("Ready", "False", "Starting", "meanwhile")
+            return True
+        await store.patch_status("VirtualMachine", "web", note)
+asyncio.run(main())
+"""
+
+
+def test_edit_validates_merges_status_and_refuses_conflicts(
+    kvmctl: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM))
+
+    def edit_with(body: str, *argv: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("EDITOR", editor(tmp_path, f"editor-{len(body)}", body))
+        return kvmctl("edit", *(argv or ("vm", "web")))
+
+    def vcpus() -> int:
+        return int(json.loads(kvmctl("get", "vm", "web", "-o", "json")[1])["spec"]["vcpus"])
+
+    code, out, err = edit_with("true")
+    assert (code, out.strip()) == (0, "virtualmachine/web unchanged: nothing written"), err
+    code, out, err = edit_with("""sed -i 's/vcpus: 2/vcpus: 3/' "$1" """)
+    assert (code, out.strip(), vcpus()) == (0, "virtualmachine/web edited", 3), err
+
+    for body, message in (
+        ("""sed -i 's/vcpus: 3/vcpus: many/' "$1" """, "spec.vcpus"),
+        ("""sed -i 's/name: web/name: other/' "$1" """, "kind and name must stay"),
+        ("exit 3", "exited with 3; nothing written"),
+    ):
+        code, out, err = edit_with(body)
+        assert code == 1 and out == "" and message in err and len(err.splitlines()) == 1, err
+        kept = err.strip().rsplit(" ", 1)[-1]
+        assert kept.endswith(".yaml") and Path(kept).exists()
+        Path(kept).unlink()
+        assert vcpus() == 3
+
+    # The agents write status all the time: an edit merges it.
+    patch = f"{sys.executable} -c '{PATCH_STATUS}'"
+    code, out, err = edit_with(f"""{patch}\nsed -i 's/vcpus: 3/vcpus: 4/' "$1" """, "vm/web")
+    assert (code, vcpus()) == (0, 4), err
+    document = json.loads(kvmctl("get", "vm", "web", "-o", "json")[1])
+    assert document["status"]["conditions"][0]["message"] == "meanwhile"
+
+    # Someone else changed the spec meanwhile: refused, theirs stays.
+    theirs = write(tmp_path, VM.replace("vcpus: 2", "vcpus: 6"), "theirs.yaml")
+    apply = f"{sys.executable} -m controller.cli apply -f {theirs} >/dev/null"
+    code, out, err = edit_with(f"""{apply}\nsed -i 's/vcpus: 4/vcpus: 5/' "$1" """)
+    assert code == 1 and "was changed by someone else while you edited it" in err
+    assert vcpus() == 6
+
+    code, _, err = kvmctl("edit", "secret", "x")
+    assert code == 2 and "Secrets are not edited" in err
+    code, _, err = kvmctl("edit", "vm")
+    assert code == 2
+
+
+BAD_COMMAND_LINES = {
+    "jsonpath": (["get", "vm", "-o", "jsonpath={.a["], 2),
+    "custom columns": (["get", "vm", "-o", "custom-columns=A:.a[", ""], 2),
+    "sort by": (["get", "vm", "--sort-by", ".spec["], 2),
+    "status interval": (["status", "--interval", "0"], 2),
+    "wait for": (["wait", "--for=ready", "vm/web"], 2),
+    "wait jsonpath": (["wait", "--for=jsonpath={.a[=1", "vm/web"], 2),
+    "wait no names": (["wait", "--for=delete", "vm"], 2),
+    "drain name": (["drain", "Bad_Name"], 2),
+    "cordon no name": (["cordon"], 2),
+    "completion shell": (["completion", "tcsh"], 2),
+    "migrate timeout": (["migrate", "web", "--to", "b", "--timeout", "soon"], 2),
+    "describe two": (["describe", "vm/web", "x"], 2),
+    "describe none": (["describe", "vm"], 2),
+    "explain field": (["explain", "vm.spec.nope"], 1),
+    "get missing": (["get", "vm", "nope"], 1),
+    "edit missing": (["edit", "vm", "nope"], 1),
+    "cordon missing": (["cordon", "nope"], 1),
+    "unknown kind": (["get", "pods"], 1),
+    "etcd timeout": (["get", "vm", "--etcd-timeout", "x"], 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMMAND_LINES))
+def test_bad_command_lines_give_one_line_and_write_nothing(
+    kvmctl: Run, tmp_path: Path, case: str
+) -> None:
+    kvmctl("apply", "-f", write(tmp_path, VM))
+    _, before, _ = kvmctl("get", "vm", "web", "-o", "json")
+    argv, expected = BAD_COMMAND_LINES[case]
+    code, out, err = kvmctl(*argv)
+    assert code == expected, err
+    assert out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert kvmctl("get", "vm", "web", "-o", "json")[1] == before
+
+
+def test_status_watch_streams_one_json_report_per_refresh(
+    etcd_endpoints: list[str], key_prefix: str
+) -> None:
+    env = {
+        **os.environ,
+        "KVMCTL_ETCD": etcd_endpoints[0],
+        "KVMCTL_PREFIX": key_prefix,
+        "KVMCTL_CONFIG": "",
+    }
+    command = [sys.executable, "-m", "controller.cli", "status", "-w", "-o", "json"]
+    watcher = subprocess.Popen(
+        [*command, "--interval", "0.2"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert watcher.stdout is not None
+        reports = [json.loads(watcher.stdout.readline()) for _ in range(2)]
+        assert all(r["etcd"]["quorum"] and r["leader"] is None for r in reports)
+        assert reports[0]["problems"] == ["no controller leads"]
     finally:
         watcher.kill()
         watcher.wait()

@@ -3,14 +3,25 @@ uncordon, fence ack, status, get leader, and bad input to `kvmctl controller`.""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
+from controller.cli.drain import Blockers
+from controller.cli.status import NO_LEADER, NO_QUORUM
+from controller.cli.vm import ProgressBar
 from controller.ha import requests
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
-from crds import VirtualMachineMigration
+from crds import Event, VirtualMachineMigration
+from crds.clusternode import Capacity
+from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
 from tests.support.cli import Kvmctl
 from tests.support.ha import (
@@ -81,9 +92,9 @@ async def test_drain_migrates_what_it_can_and_reports_the_rest(
         return True
 
     await store.patch_status("VirtualMachine", "vm1", moved_to_b)
-    code, out, err = await kvmctl_thread("node", "drain", "a", "--wait", "--wait-timeout", "30")
+    code, out, err = await kvmctl_thread("node", "drain", "a", "--wait", "--timeout", "30")
     assert code == 1
-    assert "a not drained: vm2 may not live-migrate" in err
+    assert "a not drained: vm2: live migration is not allowed (--force stops it" in err
 
     code, out, err = await kvmctl_thread("node", "uncordon", "a")
     assert code == 0, err
@@ -137,14 +148,24 @@ async def test_status_and_get_leader(
     code, out, err = await kvmctl_thread("status")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].startswith("Leader: ctl-1 since ")
-    member = {line.split()[0]: line.split()[1:5] for line in lines if line.startswith(("a ", "b "))}
-    assert member == {
-        "a": ["Online", "alive", "enabled", "2"],
-        "b": ["Offline", "lost", "enabled", "0"],
-    }
-    vm_lines = [line.split()[:4] for line in lines if line.startswith("vm")]
+    assert lines[0] == "etcd: quorum, 1/1 members healthy"
+    assert lines[2].split()[2:4] == ["healthy", "leader"]
+    leader = next(line for line in lines if line.startswith("Leader: "))
+    assert leader.startswith("Leader: ctl-1 since ") and ", term " in leader
+    nodes = {line.split()[0]: line.split()[1:5] for line in lines if line.startswith(("a ", "b "))}
+    assert nodes["b"] == ["Offline", "lost", "enabled", "0"]
+    health, heartbeat, scheduling, placed = nodes["a"]
+    assert (health, scheduling, placed) == ("Online", "enabled", "2")
+    assert heartbeat.endswith("s") and int(heartbeat[:-1]) <= 3  # seconds since the renewal
+    vm_lines = [line.split()[:4] for line in lines if line.startswith("vm") and "%" not in line]
     assert vm_lines == [["vm1", "started", "a", "Running"], ["vm2", "started", "a", "Running"]]
+
+    code, out, err = await kvmctl_thread("status", "-o", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["etcd"]["quorum"] and report["leader"]["identity"] == "ctl-1"
+    assert [n["heartbeatAgeSeconds"] is None for n in report["nodes"]] == [False, True]
+    assert report["problems"] == []
 
     code, out, err = await kvmctl_thread("get", "leader")
     assert code == 0, err
@@ -155,11 +176,74 @@ async def test_status_and_get_leader(
     assert out.strip() == "ctl-1"
 
 
+async def record_warning(store: Store, vm: str, reason: str, message: str) -> None:
+    await store.create(
+        Event.model_validate(
+            {
+                "metadata": {"name": f"{vm}-{reason.lower()}"},
+                "spec": {
+                    "involvedObject": {"kind": "VirtualMachine", "name": vm},
+                    "reason": reason,
+                    "type": "Warning",
+                    "message": message,
+                    "source": {"component": "test"},
+                },
+            }
+        )
+    )
+
+
 async def test_get_leader_without_controller(kvmctl_thread: Kvmctl) -> None:
     code, out, err = await kvmctl_thread("get", "leader")
     assert code == 1 and out == "" and "No leader." in err
+
+
+async def test_status_exit_codes_without_leader_and_with_every_node_lost(
+    store: Store, leases: Leases, kvmctl_thread: Kvmctl
+) -> None:
+    """Also migrations in flight and warnings (no controller here to act on them)."""
+    await store.create(
+        VirtualMachineMigration.model_validate(
+            {"metadata": {"name": "vm1-x"}, "spec": {"vm": "vm1", "targetNode": "b"}}
+        )
+    )
+    await record_warning(store, "vm2", "VMNotMigratable", "b has 0 free vcpus")
     code, out, err = await kvmctl_thread("status")
-    assert code == 0 and out.startswith("Leader: none")
+    assert code == NO_LEADER, err
+    assert "Leader: none" in out and "PROBLEM: no controller leads" in out
+    lines = out.splitlines()
+    assert any(line.split()[:6] == ["vm1-x", "vm1", "-", "b", "Pending", "0%"] for line in lines)
+    assert any("VMNotMigratable" in line and "b has 0 free vcpus" in line for line in lines)
+    await store.create(node_object("a"))
+    code, out, _ = await kvmctl_thread("status", "-o", "json")
+    assert code == NO_LEADER
+    assert json.loads(out)["problems"] == [
+        "no controller leads",
+        "all 1 nodes are lost (no heartbeat)",
+    ]
+    await leases.hold("a")
+    code, out, _ = await kvmctl_thread("status", "-o", "json")
+    assert code == NO_LEADER and json.loads(out)["problems"] == ["no controller leads"]
+
+
+def test_status_without_quorum_names_each_member() -> None:
+    """A 3-member etcd with 2 members killed: exit NO_QUORUM, each member's health shown."""
+    cluster = EtcdCluster(size=3).start()
+    try:
+        env = {**os.environ, "KVMCTL_ETCD": ",".join(cluster.endpoints), "KVMCTL_CONFIG": ""}
+        command = [sys.executable, "-m", "controller.cli", "status"]
+        healthy = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert healthy.returncode == NO_LEADER, healthy.stderr
+        assert healthy.stdout.startswith("etcd: quorum, 3/3 members healthy")
+        for member in cluster.members[1:]:
+            member.kill()  # by the PID of the etcd this test started
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == NO_QUORUM, result.stderr
+        assert result.stdout.startswith("etcd: NO QUORUM, 0/3 members healthy")
+        assert "PROBLEM: etcd has no quorum" in result.stdout
+        assert "Traceback" not in result.stderr
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.parametrize(
@@ -175,3 +259,181 @@ async def test_controller_refuses_bad_timings(
     code, _, err = await kvmctl_thread("controller", "--metrics-port", "0", *argv)
     assert code == 1
     assert message in err and "Traceback" not in err
+
+
+async def test_drain_wait_streams_why_a_vm_cannot_leave_and_times_out_naming_it(
+    store: Store, leases: Leases, controller: Manager, kvmctl_thread: Kvmctl
+) -> None:
+    await store.create(node_object("a"))
+    await store.create(node_object("b"))
+    for name in ("a", "b"):
+        await leases.hold(name)
+
+    def small(node: Any) -> bool:  # what b's agent reports: 1 cpu
+        node.status.capacity = Capacity(cpus=1, memory_mib=4096)
+        return True
+
+    await store.as_writer("node.b").patch_status("ClusterNode", "b", small)
+
+    async def both_online() -> bool:
+        nodes = [await get_node(store, name) for name in ("a", "b")]
+        return all(node.status.health == "Online" for node in nodes)
+
+    await eventually(both_online, "a and b Online")
+    await store.create(vm_object("vm1", vcpus=2))
+
+    async def on_a() -> object:
+        return await placed_on(store, "vm1", "a")
+
+    await eventually(on_a, "vm1 placed on a")
+    await report_running(store, "vm1", "a")
+
+    code, out, err = await kvmctl_thread("node", "drain", "a", "--wait", "--timeout", "120")
+    assert code == 1, out + err
+    why = "VMNotMigratable: cannot leave a: b has 1 free vcpus of 2 needed"
+    assert f"virtualmachine/vm1: {why}" in out  # streamed as the controller wrote it
+    assert err.strip() == f"error: a not drained: vm1: {why}"
+    # Run again with nothing changed: the blocker (reported once) still ends the wait.
+    code, out, err = await kvmctl_thread("drain", "a", "--wait", "--timeout", "10")
+    assert code == 1 and err.strip() == f"error: a not drained: vm1: {why}", out + err
+
+    # b grows: the drain starts a migration no agent carries out; --timeout ends the wait.
+    def big(node: Any) -> bool:
+        node.status.capacity = Capacity(cpus=8, memory_mib=4096)
+        return True
+
+    await store.as_writer("node.b").patch_status("ClusterNode", "b", big)
+
+    async def migrating() -> bool:
+        return "VMMigrating" in await reasons(store, "VirtualMachine", "vm1")
+
+    await eventually(migrating, "the controller migrating vm1 to b")
+    code, out, err = await kvmctl_thread("drain", "a", "--wait", "--timeout", "2")
+    assert code == 1, out + err
+    assert err.strip() == "error: a not drained after 2 s; still there: vm1 (not moved yet)"
+
+
+async def test_cordon_shortcuts_and_global_flags_after_the_command(
+    store: Store, kvmctl_thread: Kvmctl, etcd_endpoints: list[str]
+) -> None:
+    await store.create(node_object("a"))
+    code, out, err = await kvmctl_thread(
+        "cordon", "a", "--etcd", etcd_endpoints[0], "--prefix", store.prefix, "--etcd-timeout", "5"
+    )
+    assert (code, out.strip()) == (0, "clusternode/a cordoned"), err
+    assert (await get_node(store, "a")).spec.cordoned
+    assert await requests.read_drain(store, "a") is None  # cordon does not drain
+    code, out, _ = await kvmctl_thread("uncordon", "a")
+    assert (code, out.strip()) == (0, "clusternode/a uncordoned")
+    assert not (await get_node(store, "a")).spec.cordoned
+    code, _, err = await kvmctl_thread("cordon", "nowhere")
+    assert code == 1 and err.strip() == "error: ClusterNode 'nowhere' not found"
+
+
+async def test_migrate_wait_timeout_goes_to_stderr(store: Store, kvmctl_thread: Kvmctl) -> None:
+    """No controller runs: the migration stays Pending until --timeout."""
+    await store.create(node_object("a"))
+    await store.create(node_object("b"))
+    await store.create(vm_object("vm1"))
+    code, out, err = await kvmctl_thread("migrate", "vm1", "--to", "b", "--wait", "--timeout", "1")
+    assert code == 1
+    name = out.split()[0].removeprefix("virtualmachinemigration/")
+    assert err.splitlines()[-1] == (
+        f"error: migration {name} did not end within 1 s (still Pending, 0%)"
+    )
+
+
+def test_migration_progress_shows_bytes_left_and_rate() -> None:
+    moments = iter([10.0, 12.0])
+    bar = ProgressBar(io.StringIO(), clock=lambda: next(moments))
+    migration = VirtualMachineMigration.model_validate(
+        {"metadata": {"name": "m"}, "spec": {"vm": "vm1", "targetNode": "b"}}
+    )
+    migration.status.phase = "Running"
+    migration.status.progress_percent = 40
+    migration.status.data_remaining_bytes = 3 << 30
+    migration.status.data_processed_bytes = 1 << 30
+    assert bar.line(migration).endswith(" 40%  Running  3.0Gi left")  # no rate from one sample
+    migration.status.data_processed_bytes = (1 << 30) + (200 << 20)
+    migration.status.data_remaining_bytes = (3 << 30) - (200 << 20)
+    assert bar.line(migration).endswith(" 40%  Running  2.8Gi left  100.0Mi/s")
+
+
+async def test_wait_for_a_condition_a_field_and_deletion(
+    store: Store, kvmctl_thread: Kvmctl
+) -> None:
+    await store.create(vm_object("vm1"))
+    code, _, err = await kvmctl_thread("wait", "--for=condition=Ready", "vm/vm1", "--timeout", "1")
+    assert code == 1
+    assert err.strip() == (
+        "error: timed out after 1 s waiting for condition=Ready: virtualmachine/vm1 "
+        "(no Ready condition)"
+    )
+    waiting = asyncio.ensure_future(
+        kvmctl_thread("wait", "vm", "vm1", "--for", "condition=Ready", "--timeout", "120")
+    )
+
+    def ready(vm: Any) -> bool:
+        return bool(vm.status.set_condition("Ready", "True", "Running", "up"))
+
+    async def seen_not_ready() -> bool:  # the waiter has read vm1 (a condition-less Event)
+        await asyncio.sleep(0)
+        return not waiting.done()
+
+    await eventually(seen_not_ready, "the waiter running")
+    await store.patch_status("VirtualMachine", "vm1", ready)
+    code, out, err = await asyncio.wait_for(waiting, 120)
+    assert (code, out.strip()) == (0, "virtualmachine/vm1 condition met"), err
+
+    code, out, _ = await kvmctl_thread(
+        "wait", "--for=jsonpath={.status.conditions[0].reason}=Running", "vm/vm1"
+    )
+    assert code == 0
+    code, _, err = await kvmctl_thread(
+        "wait", "--for=jsonpath={.spec.vcpus}=4", "vm/vm1", "--timeout", "1"
+    )
+    assert code == 1 and err.strip().endswith("virtualmachine/vm1 (1)")
+    deleting = asyncio.ensure_future(
+        kvmctl_thread("wait", "--for=delete", "vm/vm1", "--timeout", "120")
+    )
+    await store.delete("VirtualMachine", "vm1")
+    code, out, err = await asyncio.wait_for(deleting, 120)
+    assert (code, out.strip()) == (0, "virtualmachine/vm1 deleted"), err
+    for bad in (["--for=ready", "vm/vm1"], ["--for=condition=Ready", "vm"], ["vm/vm1"]):
+        code, out, err = await kvmctl_thread("wait", *bad)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) <= 2, bad
+
+
+def test_a_blocker_reported_before_the_drain_counts_only_once_settled() -> None:
+    now = [100.0]
+    blockers = Blockers(force=False, settle=5.0, clock=lambda: now[0])
+    vm = vm_object("vm1")
+
+    def event(reason: str, minute: int) -> Event:
+        return Event.model_validate(
+            {
+                "metadata": {"name": f"vm1-{reason.lower()}"},
+                "spec": {
+                    "involvedObject": {"kind": "VirtualMachine", "name": "vm1"},
+                    "reason": reason,
+                    "message": "cannot leave a: b has 0 free vcpus of 2 needed",
+                    "source": {"component": "test"},
+                    "lastTimestamp": f"2026-01-01T00:{minute:02d}:00Z",
+                },
+            }
+        )
+
+    blockers.saw(event("VMNotMigratable", 1), fresh=False)
+    assert blockers.why(vm) is None  # the controller may act on this drain first
+    assert blockers.why(vm, stale_too=True) == (
+        "VMNotMigratable: cannot leave a: b has 0 free vcpus of 2 needed"
+    )
+    now[0] += 5.0
+    assert blockers.why(vm) is not None  # nothing newer: it still holds
+    blockers.saw(event("VMMigrating", 2), fresh=True)
+    assert blockers.why(vm) is None
+    blockers.saw(event("VMNotMigratable", 3), fresh=True)
+    assert blockers.why(vm) is not None
+    stays = vm_object("vm2", migration={"allowed": False})
+    assert "live migration is not allowed" in (blockers.why(stays) or "")
+    assert Blockers(force=True).why(stays) is None

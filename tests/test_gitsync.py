@@ -269,6 +269,9 @@ async def test_a_missing_branch_or_repository_fails_the_sync(
 
     result = await make_syncer(repo=str(tmp_path / "nowhere")).sync()
     assert result.reason == "FetchFailed" and "nowhere" in result.message
+    # all of git's message, on one line: its first line names the cause, its last the advice
+    assert "does not appear to be a git repository" in result.message
+    assert result.message.endswith("and the repository exists.") and "\n" not in result.message
 
 
 async def test_cli_sync_once_from_a_file_url(

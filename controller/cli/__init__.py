@@ -1,6 +1,7 @@
 """`kvmctl`: the command line. Each module here registers its subcommands.
 
-Exit codes: 0 success, 1 error (one readable line on stderr), 2 usage.
+Exit codes: 0 success, 1 error (one readable line on stderr), 2 usage; `diff` exits 1 for
+differences and 2 for errors (like kubectl); `status` has its own (controller/cli/status.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from controller.manifests import ManifestError
 from controller.runtime import quiet_grpc  # noqa: F401  (first: before gRPC loads)
@@ -18,43 +20,111 @@ from controller.runtime.config import ConfigError
 from controller.runtime.logs import LOG_FORMATS, configure_logging
 from controller.runtime.store import StoreError
 
-from . import admin, cluster, resources, simulate, sync, vm
+from . import (
+    admin,
+    cluster,
+    completion,
+    drain,
+    edit,
+    explain,
+    resources,
+    simulate,
+    status,
+    sync,
+    vm,
+    wait,
+)
+from .errors import UsageError
 
-COMMAND_MODULES = [resources, sync, vm, admin, cluster, simulate]
-
-
-class UsageError(Exception):
-    """Wrong words on the command line: exit 2."""
+COMMAND_MODULES = [
+    resources,
+    edit,
+    explain,
+    wait,
+    completion,
+    sync,
+    vm,
+    admin,
+    cluster,
+    drain,
+    status,
+    simulate,
+]
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        """One line, as every kvmctl error: what is wrong and where to read more."""
+        print(f"{self.prog}: error: {message} (see '{self.prog} -h')", file=sys.stderr)
         raise SystemExit(2)
 
 
+def add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The flags every command takes, before the command (`top`) or after it.
+
+    After it they default to SUPPRESS, so a flag given before the command is kept unless it is
+    given again after. A command's own option of the same name wins (`drain --timeout`); the
+    old global `--timeout` stays accepted before the command.
+    """
+    options: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+        (("--etcd",), {"help": "etcd endpoints, comma separated (env KVMCTL_ETCD)"}),
+        (("--prefix",), {"help": "key prefix in etcd (env KVMCTL_PREFIX, default /kvmctl)"}),
+        (("--context",), {"help": "context of the config file to use"}),
+        (
+            ("--etcd-timeout", "--timeout") if top else ("--etcd-timeout",),
+            {"dest": "etcd_timeout", "type": float, "help": "seconds to wait for etcd (5)"},
+        ),
+        (("--cacert",), {"help": "CA of etcd's TLS certificate (env KVMCTL_CACERT)"}),
+        (("--cert",), {"help": "client certificate for mutual TLS (env KVMCTL_CERT)"}),
+        (("--key",), {"help": "client key for mutual TLS (env KVMCTL_KEY)"}),
+        (
+            ("-v", "--verbose"),
+            {"action": "store_true", "help": "log debug information"},
+        ),
+        (
+            ("--log-format",),
+            {
+                "choices": LOG_FORMATS,
+                "default": "auto",
+                "help": "stderr log lines: text, json, journal (<N> priorities); auto: journal "
+                "under systemd, else text",
+            },
+        ),
+    ]
+    taken = parser._option_string_actions
+    for flags, settings in options:
+        if any(flag in taken for flag in flags):
+            continue
+        if top:
+            parser.add_argument(*flags, **settings)
+        else:  # listed by `kvmctl -h` only
+            hidden = {**settings, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS}
+            parser.add_argument(*flags, **hidden)
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below `parser`, at any depth."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subcommand_parsers(child)]
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kvmctl", description="High availability for KVM virtual machines.")
-    parser.add_argument("--etcd", help="etcd endpoints, comma separated (env KVMCTL_ETCD)")
-    parser.add_argument("--prefix", help="key prefix in etcd (env KVMCTL_PREFIX, default /kvmctl)")
-    parser.add_argument("--context", help="context of the config file to use")
-    parser.add_argument("--timeout", type=float, help="seconds to wait for etcd (default 5)")
-    parser.add_argument("--cacert", help="CA of etcd's TLS certificate (env KVMCTL_CACERT)")
-    parser.add_argument("--cert", help="client certificate for mutual TLS (env KVMCTL_CERT)")
-    parser.add_argument("--key", help="client key for mutual TLS (env KVMCTL_KEY)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug information")
-    parser.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default="auto",
-        help="stderr log lines: text, json, journal (<N> priorities); auto: journal under "
-        "systemd, else text",
+    parser = _Parser(
+        prog="kvmctl",
+        description="High availability for KVM virtual machines. The options below may also "
+        "follow the command (kvmctl get vm --etcd HOST:PORT).",
     )
+    add_global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     for module in COMMAND_MODULES:
         module.register(commands)
+    for child in _subcommand_parsers(parser):
+        add_global_options(child, top=False)
     return parser
 
 
@@ -72,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except (StoreError, ManifestError, ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return int(getattr(args, "error_code", 1))
     except KeyboardInterrupt:
         return 130
     return code

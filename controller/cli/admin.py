@@ -9,7 +9,7 @@ from typing import Any
 from controller.migrate_store import migrate_store
 from controller.rbac import apply_rbac, cluster_roles, describe_roles
 
-from .resources import store_from
+from .connect import store_from
 
 
 def _names(text: str) -> list[str]:

@@ -1,10 +1,8 @@
-"""Running and operating the cluster: `kvmctl controller`, `fence ack`, `node drain|uncordon`,
-`status` (a clustat-like view) and `get leader`."""
+"""Running and operating the cluster: `kvmctl controller`, `fence ack` and `get leader`."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -13,23 +11,17 @@ from typing import Any
 import yaml
 
 from controller import printers
-from controller.ha import admission, requests
+from controller.ha import requests
 from controller.ha.environment import HaTimings
 from controller.runtime.defaults import DEFAULT_HTTP_PORT, short_hostname
-from controller.runtime.heartbeat import heartbeat_key
-from controller.runtime.leader import ElectionTiming, LeaderInfo, current_leader, leader_key
+from controller.runtime.leader import ElectionTiming
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
-from controller.runtime.store import Conflict, NotFound, Store
-from crds import ClusterNode, VirtualMachine
-from crds.clusterpolicy import POLICY_NAME
-from crds.meta import _check_name
 
+from .connect import name_arg, store_from
+from .drain import get_node
+from .errors import UsageError
 from .flags import add_heartbeat_flags
-from .resources import store_from
-
-ELECTION = "controller"
-"""The election every `kvmctl controller` campaigns in (the Manager's default)."""
-DRAIN_POLL = 0.5
+from .status import read_leader
 
 
 def register(commands: Any) -> None:
@@ -96,7 +88,7 @@ def register(commands: Any) -> None:
     )
     controller.add_argument(
         "--node",
-        type=_name,
+        type=name_arg,
         nargs="?",
         const=short_hostname(),
         help="the ClusterNode this controller runs on: listen to and send direct heartbeats, "
@@ -130,34 +122,8 @@ def register(commands: Any) -> None:
             "VMs may be recovered elsewhere. Only as safe as your word: check first."
         ),
     )
-    ack.add_argument("node", type=_name)
+    ack.add_argument("node", type=name_arg)
     ack.set_defaults(func=run_fence_ack)
-
-    node = commands.add_parser("node", help="node maintenance")
-    node_commands = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
-    drain = node_commands.add_parser("drain", help="cordon a node and live-migrate every VM off it")
-    drain.add_argument("node", type=_name)
-    drain.add_argument(
-        "--force",
-        action="store_true",
-        help="stop VMs that may not live-migrate and restart them elsewhere",
-    )
-    drain.add_argument("--wait", action="store_true", help="wait until the node is empty")
-    drain.add_argument("--wait-timeout", type=float, default=600.0, help="seconds")
-    drain.set_defaults(func=run_drain)
-    uncordon = node_commands.add_parser("uncordon", help="let a node take VMs again")
-    uncordon.add_argument("node", type=_name)
-    uncordon.set_defaults(func=run_uncordon)
-
-    status = commands.add_parser("status", help="members, leader and VMs (like clustat)")
-    status.set_defaults(func=run_status)
-
-
-def _name(value: str) -> str:
-    try:
-        return _check_name(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # controller ----------------------------------------------------------------------------------
@@ -170,8 +136,6 @@ async def run_controller(args: argparse.Namespace) -> int:
     from controller.runtime.telemetry import setup_telemetry
     from reconcilers.drivers.fence import FenceRunner
     from reconcilers.drivers.fence_policy import FencePolicy
-
-    from . import UsageError
 
     try:
         policy = FencePolicy.from_settings(
@@ -219,16 +183,9 @@ async def run_controller(args: argparse.Namespace) -> int:
 # fence ack -----------------------------------------------------------------------------------
 
 
-async def _node(store: Store, name: str) -> ClusterNode:
-    node = await store.try_get("ClusterNode", name)
-    if not isinstance(node, ClusterNode):
-        raise NotFound(f"ClusterNode {name!r} not found")
-    return node
-
-
 async def run_fence_ack(args: argparse.Namespace) -> int:
     async with store_from(args) as store:
-        node = await _node(store, args.node)
+        node = await get_node(store, args.node)
         health = node.status.health
         if health not in ("Unknown", "Fencing"):
             print(
@@ -242,193 +199,13 @@ async def run_fence_ack(args: argparse.Namespace) -> int:
     return 0
 
 
-# drain / uncordon ----------------------------------------------------------------------------
-
-
-async def _set_cordoned(store: Store, name: str, cordoned: bool) -> None:
-    for _ in range(10):
-        node = await _node(store, name)
-        if node.spec.cordoned == cordoned:
-            return
-        node.spec.cordoned = cordoned
-        try:
-            await store.update(node)
-            return
-        except Conflict:
-            continue
-    raise Conflict(f"ClusterNode {name!r} kept changing; try again")
-
-
-async def _placed_on(store: Store, node: str) -> list[VirtualMachine]:
-    vms, _ = await store.list_objects("VirtualMachine")
-    return [
-        vm
-        for vm in vms
-        if isinstance(vm, VirtualMachine)
-        and vm.status.placement is not None
-        and vm.status.placement.node == node
-    ]
-
-
-def _stuck(vms: list[VirtualMachine], force: bool) -> list[str]:
-    """VMs a drain leaves in place: they may not live-migrate and --force was not given."""
-    if force:
-        return []
-    return [vm.metadata.name for vm in vms if not vm.spec.migration.allowed]
-
-
-async def run_drain(args: argparse.Namespace) -> int:
-    name = args.node
-    async with store_from(args) as store:
-        await _node(store, name)
-        await _set_cordoned(store, name, True)
-        await requests.request_drain(store, name, args.force)
-        vms = await _placed_on(store, name)
-        print(f"clusternode/{name} cordoned; draining {len(vms)} VMs")
-        stuck = _stuck(vms, args.force)
-        for vm in stuck:
-            print(
-                f"virtualmachine/{vm} stays on {name}: live migration is not allowed "
-                "(--force stops it and restarts it elsewhere)"
-            )
-        if not args.wait:
-            return 0
-        try:
-            async with asyncio.timeout(args.wait_timeout):
-                return await _wait_drained(store, name, args.force)
-        except TimeoutError:
-            left = [vm.metadata.name for vm in await _placed_on(store, name)]
-            print(
-                f"error: {name} not drained after {args.wait_timeout:.0f} s; still there: "
-                f"{', '.join(left)} (kvmctl events shows why)",
-                file=sys.stderr,
-            )
-            return 1
-
-
-async def _wait_drained(store: Store, name: str, force: bool) -> int:
-    while True:
-        vms = await _placed_on(store, name)
-        if not vms:
-            print(f"clusternode/{name} drained")
-            return 0
-        stuck = _stuck(vms, force)
-        if len(stuck) == len(vms):
-            print(
-                f"error: {name} not drained: {', '.join(stuck)} may not live-migrate",
-                file=sys.stderr,
-            )
-            return 1
-        await asyncio.sleep(DRAIN_POLL)
-
-
-async def run_uncordon(args: argparse.Namespace) -> int:
-    async with store_from(args) as store:
-        await _node(store, args.node)
-        await requests.cancel_drain(store, args.node)
-        await _set_cordoned(store, args.node, False)
-    print(f"clusternode/{args.node} uncordoned")
-    return 0
-
-
-# status / get leader -------------------------------------------------------------------------
-
-
-async def _leader(store: Store) -> LeaderInfo | None:
-    result: LeaderInfo | None = await store.call(
-        current_leader(store.client, leader_key(store.prefix, ELECTION))
-    )
-    return result
-
-
-def _leader_line(leader: LeaderInfo | None) -> str:
-    if leader is None:
-        return "Leader: none (no controller is running, or an election is under way)"
-    return (
-        f"Leader: {leader.identity} since {leader.since.isoformat(timespec='seconds')} "
-        f"({printers.age(leader.since)}), token {leader.token}"
-    )
-
-
-async def run_status(args: argparse.Namespace) -> int:
-    async with store_from(args) as store:
-        leader = await _leader(store)
-        nodes, _ = await store.list_objects("ClusterNode")
-        vms, _ = await store.list_objects("VirtualMachine")
-        policy = await store.try_get("ClusterPolicy", POLICY_NAME)
-        alive = set()
-        draining = set()
-        for node in nodes:
-            name = node.metadata.name
-            key = heartbeat_key(store.prefix, name).encode()
-            if await store.call(store.client.get(key)) is not None:
-                alive.add(name)
-            if await requests.read_drain(store, name) is not None:
-                draining.add(name)
-    print(_leader_line(leader))
-    print()
-    member_rows: list[list[object]] = [
-        ["MEMBER", "HEALTH", "HEARTBEAT", "SCHEDULING", "VMS", "FENCE"]
-    ]
-    for node in nodes:
-        assert isinstance(node, ClusterNode)
-        name = node.metadata.name
-        placed = sum(
-            1
-            for vm in vms
-            if isinstance(vm, VirtualMachine)
-            and vm.status.placement is not None
-            and vm.status.placement.node == name
-        )
-        scheduling = "enabled"
-        if name in draining:
-            scheduling = "draining"
-        elif node.spec.cordoned:
-            scheduling = "cordoned"
-        fence = node.status.fence
-        fenced = "-"
-        if fence is not None and fence.how is not None:
-            method = f" ({fence.method})" if fence.method else ""
-            fenced = f"{fence.how}{method} {printers.age(fence.confirmed_at)} ago"
-        member_rows.append(
-            [
-                name,
-                node.status.health,
-                "alive" if name in alive else "lost",
-                scheduling,
-                placed,
-                fenced,
-            ]
-        )
-    print(printers.table(member_rows) if nodes else "No ClusterNodes.")
-    print()
-    vm_rows: list[list[object]] = [["VM", "RUNSTATE", "NODE", "STATE", "SINCE"]]
-    for vm in vms:
-        assert isinstance(vm, VirtualMachine)
-        vm_rows.append([vm.metadata.name, vm.spec.run_state, *_vm_columns(vm)])
-    print(printers.table(vm_rows) if vms else "No VirtualMachines.")
-    print()
-    print(admission.status_line(policy, [*nodes, *vms]))
-    return 0
-
-
-def _vm_columns(vm: VirtualMachine) -> list[object]:
-    """Node, state and since when, as clustat shows a service's owner and state."""
-    status = vm.status
-    failed = status.condition("Failed")
-    if failed is not None and failed.status == "True":
-        return ["-", "Failed", printers.age(failed.last_transition_time)]
-    placement = status.placement
-    if placement is None:
-        return ["-", "Stopped" if vm.spec.run_state != "started" else "Pending", "-"]
-    state = status.state if status.node == placement.node else "Starting"
-    return [placement.node, state, printers.age(placement.since)]
+# get leader --------------------------------------------------------------------------------
 
 
 async def print_leader(args: argparse.Namespace) -> int:
     """`kvmctl get leader`: who leads the controllers, since when, with which token."""
     async with store_from(args) as store:
-        leader = await _leader(store)
+        leader = await read_leader(store)
     if leader is None:
         print("No leader.", file=sys.stderr)
         return 1
@@ -437,11 +214,12 @@ async def print_leader(args: argparse.Namespace) -> int:
         "since": leader.since.isoformat(),
         "token": leader.token,
     }
-    if args.output == "json":
+    output = args.output.format
+    if output == "json":
         print(json.dumps(document, indent=2))
-    elif args.output == "yaml":
+    elif output == "yaml":
         print(yaml.safe_dump(document, sort_keys=False), end="")
-    elif args.output == "name":
+    elif output == "name":
         print(leader.identity)
     else:
         rows = [["IDENTITY", "SINCE", "AGE", "TOKEN"]]

@@ -1,4 +1,5 @@
-"""apply, diff, get, describe, delete, events, version: reading and writing objects."""
+"""apply, diff, get (controller/cli/get.py), describe, delete, events, version: reading and
+writing objects."""
 
 from __future__ import annotations
 
@@ -13,18 +14,14 @@ import yaml
 import crds
 from controller import manifests, printers
 from controller.apply import PartialApply, apply_all, fresh, label, merged
-from controller.runtime import config
-from controller.runtime.labels import parse_selector
 from controller.runtime.store import Compacted, NotFound, Store
 
+from . import get
+from .connect import store_from
+from .errors import UsageError
+from .get import get_targets
+
 VERSION = "0.1.0"
-
-
-def store_from(args: argparse.Namespace) -> Store:
-    settings = config.resolve(
-        args.etcd, args.prefix, args.context, args.timeout, args.cacert, args.cert, args.key
-    )
-    return settings.store()
 
 
 def register(commands: Any) -> None:
@@ -34,24 +31,18 @@ def register(commands: Any) -> None:
     apply.add_argument("--dry-run", choices=["none", "client", "server"], default="none")
     apply.set_defaults(func=run_apply)
 
-    diff = commands.add_parser("diff", help="show what apply would change (exit 1 if anything)")
+    diff = commands.add_parser(
+        "diff", help="show what apply would change (exit 0: none, 1: differences, 2: error)"
+    )
     diff.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR|-")
     diff.add_argument("-R", "--recursive", action="store_true")
-    diff.set_defaults(func=run_diff)
+    diff.set_defaults(func=run_diff, error_code=2)  # kubectl's: 1 means differences
 
-    get = commands.add_parser("get", help="list objects of a kind")
-    get.add_argument("kind")
-    get.add_argument("name", nargs="?")
-    get.add_argument(
-        "-o", "--output", choices=["table", "wide", "yaml", "json", "name"], default="table"
-    )
-    get.add_argument("-l", "--selector", help="label selector, e.g. app=web,tier!=db")
-    get.add_argument("-w", "--watch", action="store_true", help="after listing, stream changes")
-    get.set_defaults(func=run_get)
+    get.register(commands)
 
     describe = commands.add_parser("describe", help="show an object, its conditions and events")
-    describe.add_argument("kind")
-    describe.add_argument("name")
+    describe.add_argument("kind", metavar="KIND|KIND/NAME")
+    describe.add_argument("name", nargs="?", default=None)
     describe.set_defaults(func=run_describe)
 
     delete = commands.add_parser("delete", help="delete objects by name or manifest")
@@ -59,7 +50,14 @@ def register(commands: Any) -> None:
     delete.add_argument("name", nargs="?")
     delete.add_argument("-f", "--filename", action="append", metavar="FILE|DIR|-")
     delete.add_argument("--wait", action="store_true", help="wait until the objects are gone")
-    delete.add_argument("--wait-timeout", type=float, default=120.0)
+    delete.add_argument(
+        "--timeout",
+        "--wait-timeout",
+        dest="wait_timeout",
+        type=float,
+        default=120.0,
+        help="seconds --wait waits (120)",
+    )
     delete.set_defaults(func=run_delete)
 
     events = commands.add_parser("events", help="list or stream events")
@@ -138,49 +136,7 @@ async def run_diff(args: argparse.Namespace) -> int:
     return 1 if changed else 0
 
 
-# get / describe ------------------------------------------------------------------------------
-
-
-async def run_get(args: argparse.Namespace) -> int:
-    if args.kind == "leader":  # not a kind: the controllers' elected leader
-        from .cluster import print_leader
-
-        return await print_leader(args)
-    info = crds.resolve_kind(args.kind)
-    selector = parse_selector(args.selector) if args.selector else None
-    output = args.output
-    async with store_from(args) as store:
-        if args.name:
-            objects = [await store.get(info.kind, args.name)]
-            _, revision = await store.list_objects(info.kind) if args.watch else ([], 0)
-        else:
-            objects, revision = await store.list_objects(info.kind)
-        if selector is not None:
-            objects = [o for o in objects if selector(o.metadata.labels)]
-        if objects or output != "table":
-            print(printers.render(objects, output, info.kind), flush=True)
-        elif not args.watch:
-            print(f"No {info.plural} found.", file=sys.stderr)
-        if not args.watch:
-            return 0
-        wide = output == "wide"
-        if not objects and output in ("table", "wide"):
-            print(printers.table([printers.headers(info.kind, wide)]), flush=True)
-        async for event in store.watch(info.kind, revision + 1):
-            obj = event.object
-            if args.name and obj.metadata.name != args.name:
-                continue
-            if selector is not None and not selector(obj.metadata.labels):
-                continue
-            if output in ("table", "wide"):
-                text = printers.table([printers.headers(info.kind, wide), printers.row(obj, wide)])
-                line = text.splitlines()[1]
-                print(line + ("   (deleted)" if event.type == "DELETED" else ""), flush=True)
-            else:
-                print(printers.render([obj], output, info.kind), flush=True)
-                if output == "yaml":
-                    print("---", flush=True)
-    return 0
+# describe ------------------------------------------------------------------------------------
 
 
 def _indent(text: str, spaces: int = 2) -> str:
@@ -200,10 +156,13 @@ async def related_events(store: Store, kind: str, name: str) -> list[crds.Event]
 
 
 async def run_describe(args: argparse.Namespace) -> int:
-    info = crds.resolve_kind(args.kind)
+    targets = get_targets(args.kind, [args.name] if args.name else [])
+    if len(targets) != 1 or len(targets[0][1]) != 1:
+        raise UsageError("describe takes one object: KIND NAME or KIND/NAME")
+    info, (name,) = targets[0]
     async with store_from(args) as store:
-        obj = await store.get(info.kind, args.name)
-        events = await related_events(store, info.kind, args.name)
+        obj = await store.get(info.kind, name)
+        events = await related_events(store, info.kind, name)
     document = printers.as_document(obj)
     meta = obj.metadata
     print(f"Name:          {meta.name}")
@@ -273,12 +232,13 @@ async def run_delete(args: argparse.Namespace) -> int:
     targets: list[tuple[str, str]] = []
     if args.filename:
         if args.kind or args.name:
-            raise ValueError("give either KIND NAME or -f FILE, not both")
+            raise UsageError("give either KIND NAME or -f FILE, not both")
         targets = [(m.object.kind, m.object.metadata.name) for m in manifests.load(args.filename)]
-    elif args.kind and args.name:
-        targets = [(crds.resolve_kind(args.kind).kind, args.name)]
+    elif args.kind and (args.name or "/" in args.kind):
+        named = get_targets(args.kind, [args.name] if args.name else [])
+        targets = [(info.kind, name) for info, names in named for name in names]
     else:
-        raise ValueError("delete needs KIND NAME or -f FILE")
+        raise UsageError("delete needs KIND NAME, KIND/NAME or -f FILE")
     missing = 0
     async with store_from(args) as store:
         for kind, name in targets:

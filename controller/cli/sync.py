@@ -20,7 +20,7 @@ from controller.gitsync import (
     parse_interval,
 )
 
-from .resources import store_from
+from .connect import store_from
 
 
 def _interval(text: str) -> int:

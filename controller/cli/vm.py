@@ -8,18 +8,20 @@ import logging
 import secrets
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from controller import printers
 from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY, short_hostname
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 from controller.runtime.store import NotFound, Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
-from crds.meta import _check_name
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 
+from .connect import name_arg, store_from
 from .flags import add_heartbeat_flags
-from .resources import store_from
 
 BAR_WIDTH = 30
 SUFFIX_LENGTH = 5
@@ -29,7 +31,7 @@ def register(commands: Any) -> None:
     agent = commands.add_parser("agent", help="run the host agent (foreground daemon)")
     agent.add_argument(
         "--node",
-        type=_name,
+        type=name_arg,
         default=short_hostname(),
         help="this host's ClusterNode (default: the hostname up to its first dot, %(default)s)",
     )
@@ -73,18 +75,18 @@ def register(commands: Any) -> None:
     agent.set_defaults(func=run_agent)
 
     migrate = commands.add_parser("migrate", help="live-migrate a VM to another node")
-    migrate.add_argument("vm", type=_name)
-    migrate.add_argument("--to", required=True, type=_name, dest="target", metavar="NODE")
+    migrate.add_argument("vm", type=name_arg)
+    migrate.add_argument("--to", required=True, type=name_arg, dest="target", metavar="NODE")
     migrate.add_argument("--wait", action="store_true", help="follow it until it ends")
-    migrate.add_argument("--wait-timeout", type=float, default=600.0, help="seconds")
+    migrate.add_argument(
+        "--timeout",
+        "--wait-timeout",
+        dest="wait_timeout",
+        type=float,
+        default=600.0,
+        help="seconds --wait waits (600)",
+    )
     migrate.set_defaults(func=run_migrate)
-
-
-def _name(value: str) -> str:
-    try:
-        return _check_name(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # agent ---------------------------------------------------------------------------------------
@@ -173,7 +175,14 @@ async def run_migrate(args: argparse.Namespace) -> int:
             async with asyncio.timeout(args.wait_timeout):
                 final = await follow(store, name, ProgressBar(sys.stderr))
         except TimeoutError:
-            print(f"error: migration {name} did not end within {args.wait_timeout:.0f} s")
+            current = await store.try_get("VirtualMachineMigration", name)
+            where = ""
+            if isinstance(current, VirtualMachineMigration):
+                where = f" (still {current.status.phase}, {current.status.progress_percent}%)"
+            print(
+                f"error: migration {name} did not end within {args.wait_timeout:g} s{where}",
+                file=sys.stderr,
+            )
             return 1
         if final.status.phase == "Succeeded":
             print(f"{args.vm} migrated to {args.target}")
@@ -215,22 +224,43 @@ async def follow(store: Store, name: str, bar: ProgressBar) -> VirtualMachineMig
 
 
 class ProgressBar:
-    """`[#######.......]  42%  Running`: redrawn in place on a terminal, one line per change
-    otherwise."""
+    """`[#######.......]  42%  Running  1.2Gi left  85.3Mi/s`: redrawn in place on a terminal,
+    one line per change otherwise. The rate is from the bytes sent between two updates."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream
         self.tty = stream.isatty()
+        self.clock = clock
         self._last = ""
+        self._sample: tuple[float, int] | None = None
+        self._rate: float | None = None
 
-    def show(self, migration: VirtualMachineMigration) -> None:
+    def _measure(self, processed: int | None) -> None:
+        if processed is None:
+            return
+        now = self.clock()
+        if self._sample is not None and processed > self._sample[1] and now > self._sample[0]:
+            self._rate = (processed - self._sample[1]) / (now - self._sample[0])
+        if self._sample is None or processed != self._sample[1]:
+            self._sample = (now, processed)
+
+    def line(self, migration: VirtualMachineMigration) -> str:
         status = migration.status
+        self._measure(status.data_processed_bytes)
         percent = max(0, min(100, status.progress_percent))
         filled = BAR_WIDTH * percent // 100
         phase: str = status.phase
         if phase == "Succeeded" and status.condition(PLACEMENT_SWITCHED) is None:
             phase = "Succeeded, switching placement"
         line = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {percent:3d}%  {phase}"
+        if status.phase == "Running" and status.data_remaining_bytes is not None:
+            line += f"  {printers.size(status.data_remaining_bytes)} left"
+            if self._rate is not None:
+                line += f"  {printers.size(self._rate)}/s"
+        return line
+
+    def show(self, migration: VirtualMachineMigration) -> None:
+        line = self.line(migration)
         if line == self._last:
             return
         self._last = line
