@@ -43,10 +43,10 @@ from controller.runtime.heartbeat import Heartbeat, HeartbeatTiming, Watchdog, b
 from controller.runtime.informer import EventType, SharedInformers
 from controller.runtime.layout import node_writer
 from controller.runtime.peers import PeerSender, PeerSettings
-from controller.runtime.reconcile import TerminalError, run_workers
-from controller.runtime.store import NotFound, Store, StoreError
+from controller.runtime.reconcile import run_workers
+from controller.runtime.store import Store, StoreError
 from controller.runtime.workqueue import WorkQueue
-from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigration
+from crds import AnyResource, ClusterNode, VirtualMachineMigration
 from crds.clusternode import Capacity
 from crds.libvirt_uri import peer_uri_or_none
 from crds.meta import now
@@ -54,7 +54,11 @@ from reconcilers.drivers.libvirt import LibvirtError, LibvirtHost, LibvirtUnavai
 from reconcilers.migration import MigrationRunner
 from reconcilers.storage import StorageSettings, run_storage_reconcilers
 from reconcilers.tgtd_supervisor import TgtdSupervisor
-from reconcilers.virtualmachine import ACTIVE_STATES, DomainSettings, VirtualMachineReconciler
+from reconcilers.virtualmachine import (
+    DomainSettings,
+    VirtualMachineReconciler,
+    destroy_every_domain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +185,7 @@ class Agent:
         host = self.host
         if host is None:
             raise LibvirtUnavailable(f"self-fence of {self.node}: no libvirt connection")
-        destroyed = []
-        for domain in await host.list_domains():
-            if domain.metadata.get("uid") and domain.state in ACTIVE_STATES:
-                with contextlib.suppress(LibvirtError):
-                    await host.destroy(domain.name)
-                destroyed.append(domain.name)
+        destroyed = await destroy_every_domain(host)
         log.error("self-fenced %s: destroyed %s", self.node, ", ".join(destroyed) or "nothing")
         self._fenced_domains = destroyed
         await self.migration_runner.stop()
@@ -217,9 +216,9 @@ class Agent:
                     self.settings.peers,
                 )
                 self._start(sender.run(), "direct heartbeats")
-            on_terminal = self._on_terminal
+            record = self.vm_reconciler.record
             vm_workers = run_workers(
-                vm_queue, self.vm_reconciler, self.settings.vm_workers, on_terminal
+                vm_queue, self.vm_reconciler, self.settings.vm_workers, record, record
             )
             self._start(vm_workers, "vm workers")
             self._start(run_workers(migration_queue, self.migration_runner, 2), "migrations")
@@ -429,20 +428,6 @@ class Agent:
                 )
             for vm in self.vms.list():
                 vm_queue.add(vm.metadata.name)
-
-    async def _on_terminal(self, key: str, error: TerminalError) -> None:
-        def mutate(vm: Any) -> bool:
-            placement = vm.status.placement
-            if placement is None or placement.node != self.node:
-                return False
-            return bool(vm.status.set_condition("Ready", "False", error.reason, error.message))
-
-        try:
-            vm = await self.store.patch_status("VirtualMachine", key, mutate)
-        except NotFound:
-            return
-        if isinstance(vm, VirtualMachine):
-            await self.recorder.record(vm, "Warning", error.reason, "%s", error.message)
 
 
 async def _unless(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> bool:

@@ -16,20 +16,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, Informer, SharedInformers
-from controller.runtime.reconcile import OnTerminal, Reconciler, TerminalError, run_workers
-from controller.runtime.store import NotFound, PermissionDenied, Store
+from controller.runtime.reconcile import (
+    Blocked,
+    Reconciler,
+    TerminalError,
+    record_not_ready,
+    run_workers,
+)
+from controller.runtime.store import PermissionDenied, Store
 from controller.runtime.workqueue import WorkQueue
 from crds import AnyResource, Bond, IscsiTarget, Secret, VirtualMachine, VolumeGroup
 from reconcilers.bond import BondReconciler, watch_bond_links
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import IscsiTargetReconciler
+from reconcilers.lvm_lock import LvmSettings
 from reconcilers.tgtd_supervisor import TgtdSupervisor
-from reconcilers.volumegroup import LvmSettings, VolumeGroupReconciler
+from reconcilers.volumegroup import VolumeGroupReconciler
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +107,11 @@ class _Kind:
         return handler
 
 
-def _recording(store: Store, kind: str, recorder: EventRecorder) -> OnTerminal:
-    async def record(key: str, error: TerminalError) -> None:
-        def mark(obj: AnyResource) -> bool:
-            changed: bool = obj.status.set_condition(
-                "Ready", "False", error.reason, error.message, obj.metadata.generation
-            )
-            return changed
-
-        try:
-            obj = await store.patch_status(kind, key, mark)
-        except NotFound:
-            return
-        await recorder.record(obj, "Warning", error.reason, error.message)
+def _recording(
+    store: Store, kind: str, recorder: EventRecorder
+) -> Callable[[str, TerminalError | Blocked], Awaitable[None]]:
+    async def record(key: str, error: TerminalError | Blocked) -> None:
+        await record_not_ready(store, recorder, kind, key, error)
 
     return record
 
@@ -186,13 +185,9 @@ async def run_storage_reconcilers(
         await informers.wait_for_sync()
         async with asyncio.TaskGroup() as group:
             for kind, work in kinds.items():
+                record = _recording(store, kind, recorder)
                 group.create_task(
-                    run_workers(
-                        work.queue,
-                        work.reconciler,
-                        settings.workers,
-                        _recording(store, kind, recorder),
-                    ),
+                    run_workers(work.queue, work.reconciler, settings.workers, record, record),
                     name=f"{kind} workers",
                 )
             group.create_task(

@@ -22,7 +22,7 @@ from controller.runtime.leader import leader_key
 from controller.runtime.store import PermissionDenied, Store, StoreError
 from crds import AnyResource, ClusterNode, parse_object
 from e2e.harness.etcd import EtcdCluster
-from reconcilers.volumegroup import LvmSettings, metadata_lock
+from reconcilers.lvm_lock import LvmSettings, metadata_lock
 
 MAKE_CERTS = Path(__file__).parent.parent / "deploy" / "etcd" / "make-certs.sh"
 PREFIX = "/kvmctl"

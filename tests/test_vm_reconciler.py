@@ -43,8 +43,9 @@ from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually, recorded_events
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
 from reconcilers.drivers.libvirt import DomainState, LibvirtHost
+from reconcilers.lvm_lock import LvmSettings
 from reconcilers.virtualmachine import FINALIZER, DomainSettings
-from reconcilers.volumegroup import LvmSettings, active_on
+from reconcilers.volume_claims import active_on
 from tests.test_libvirt_driver import host_uri
 
 DEADLINE = 30.0

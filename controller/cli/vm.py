@@ -99,9 +99,9 @@ async def run_agent(args: argparse.Namespace) -> int:
     from controller.agent import Agent, AgentSettings
     from controller.runtime.heartbeat import HeartbeatTiming
     from reconcilers.drivers.libvirt import LibvirtError
+    from reconcilers.lvm_lock import LvmSettings
     from reconcilers.storage import StorageSettings
     from reconcilers.virtualmachine import DomainSettings
-    from reconcilers.volumegroup import LvmSettings
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.INFO)

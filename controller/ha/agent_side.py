@@ -28,12 +28,10 @@ from controller.runtime.store import Store, StoreError
 from crds import ClusterNode
 from crds.event import ObjectReference
 from reconcilers.drivers.libvirt import (
-    DomainNotFound,
-    DomainStateConflict,
     LibvirtError,
     LibvirtHost,
 )
-from reconcilers.virtualmachine import ACTIVE_STATES
+from reconcilers.virtualmachine import ACTIVE_STATES, destroy_every_domain
 
 from .environment import HaTimings, acked_but_running
 from .requests import NodeReport, read_report, write_report
@@ -60,17 +58,6 @@ async def running_domains(host: LibvirtHost) -> frozenset[str]:
         for domain in await host.list_domains()
         if domain.metadata.get("uid") and domain.state in ACTIVE_STATES
     )
-
-
-async def destroy_every_domain(host: LibvirtHost) -> list[str]:
-    """Destroy every running kvmctl domain of `host` (libvirt only); the VMs destroyed."""
-    destroyed = []
-    for domain in await host.list_domains():
-        if domain.metadata.get("uid") and domain.state in ACTIVE_STATES:
-            with contextlib.suppress(DomainNotFound, DomainStateConflict):
-                await host.destroy(domain.name)
-            destroyed.append(domain.metadata.get("vm", domain.name))
-    return destroyed
 
 
 class HaReporter:

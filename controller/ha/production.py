@@ -608,7 +608,7 @@ class EtcdEnvironment:
             if action.relocation:
                 status.relocations += 1
                 status.restarts = []
-                _drop_condition(status, RESTART_LIMIT)
+                status.drop_condition(RESTART_LIMIT)
             return True
 
         await self._patch("VirtualMachine", action.vm, mutate)
@@ -682,14 +682,10 @@ def _heartbeat_prefix(prefix: str) -> str:
     return heartbeat_key(prefix, "node").rpartition("/")[0] + "/"
 
 
-def _drop_condition(status: Any, type_: str) -> None:
-    status.conditions = [c for c in status.conditions if c.type != type_]
-
-
 def _restart(vm: Any) -> bool:
     """Record an in-place restart; dropping RestartLimitReached lets the agent start it."""
     vm.status.restarts = [*vm.status.restarts, _precise_now()]
-    _drop_condition(vm.status, RESTART_LIMIT)
+    vm.status.drop_condition(RESTART_LIMIT)
     return True
 
 
@@ -705,8 +701,8 @@ def _set_failed(vm: Any, failed: bool) -> bool:
                 "started, to try again",
             )
         )
-    _drop_condition(status, FAILED)
-    _drop_condition(status, RESTART_LIMIT)
+    status.drop_condition(FAILED)
+    status.drop_condition(RESTART_LIMIT)
     status.restarts = []
     status.relocations = 0
     return True
@@ -716,7 +712,4 @@ def _set_disk_conflict(vm: Any, message: str | None) -> bool:
     status = vm.status
     if message is not None:
         return bool(status.set_condition(DISK_CONFLICT, "True", "DiskInUse", message))
-    if status.condition(DISK_CONFLICT) is None:
-        return False
-    _drop_condition(status, DISK_CONFLICT)
-    return True
+    return bool(status.drop_condition(DISK_CONFLICT))

@@ -10,8 +10,9 @@ other kinds whose changes map to primary keys (`Watch`). The manager:
    enqueues every cached object, so nothing changed meanwhile is missed; `leader_tasks` are
    other long-running leader-only work (the HA loop), started each term with the term's
    fencing token and guard and cancelled with it;
-3. records a terminal reconcile error as `Ready=False reason=<reason>` on the object's status
-   (guarded by the fencing token for leader-only controllers) and as a Warning event;
+3. records a terminal reconcile error, and a blocked reconcile (`Blocked`: warned once, looked
+   at again later), as `Ready=False reason=<reason>` on the object's status (guarded by the
+   fencing token for leader-only controllers) and a Warning event (`record_not_ready`);
 4. serves `GET /healthz` (200 once synced and every part alive, else 503) and `GET /metrics`
    (prometheus_client's default registry, where `setup_telemetry(..., "prometheus")` puts
    kvmctl's metrics) on a loopback port by default;
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -38,13 +40,14 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, KeyMapper, SharedInformers
 from controller.runtime.leader import ElectionTiming, LeaderElector, guard_compare
 from controller.runtime.reconcile import (
-    OnTerminal,
+    Blocked,
     Reconciler,
     RetryableError,
     TerminalError,
+    record_not_ready,
     run_workers,
 )
-from controller.runtime.store import Compare, NotFound, Store
+from controller.runtime.store import Compare, Store
 from controller.runtime.workqueue import WorkQueue
 
 from . import telemetry
@@ -52,7 +55,8 @@ from . import telemetry
 log = logging.getLogger(__name__)
 
 HTTP_READ_TIMEOUT = 5.0
-MAX_CONDITION_MESSAGE = 4096
+Recording = Callable[[str, TerminalError | Blocked], Coroutine[Any, Any, None]]
+"""Records a terminal error or a blocked reconcile on the object (`record_not_ready`)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class _ControllerRunner:
         if self.queue is not None:
             self.queue.add(key)
 
-    async def run(self, on_terminal: OnTerminal) -> None:
+    async def run(self, record: Recording) -> None:
         """Enqueue every cached object, then reconcile until cancelled."""
         controller = self.controller
         queue = WorkQueue()
@@ -124,7 +128,7 @@ class _ControllerRunner:
         )
         log.info("controller %s started with %d workers", controller.name, controller.workers)
         try:
-            await run_workers(queue, reconciler, controller.workers, on_terminal)
+            await run_workers(queue, reconciler, controller.workers, record, record)
         finally:
             self.queue = None
             queue.shutdown()
@@ -220,7 +224,7 @@ class Manager:
                 return
             for runner in self._runners:
                 if not runner.controller.leader_only:
-                    work = runner.run(self._on_terminal(runner.controller))
+                    work = runner.run(self._recording(runner.controller))
                     name = f"controller {runner.controller.name}"
                     self._tasks.append(asyncio.create_task(work, name=name))
             for task in self._background:
@@ -273,7 +277,7 @@ class Manager:
             async with asyncio.TaskGroup() as group:
                 for runner in self._runners:
                     if runner.controller.leader_only:
-                        group.create_task(runner.run(self._on_terminal(runner.controller)))
+                        group.create_task(runner.run(self._recording(runner.controller)))
                 for task in self._leader_tasks:
                     group.create_task(task.run(token, list(guard)), name=task.name)
         finally:
@@ -281,27 +285,15 @@ class Manager:
             if self.elector is not None:
                 telemetry.set_leader(self.elector.key, False)
 
-    def _on_terminal(self, controller: Controller) -> OnTerminal:
-        async def record(key: str, error: TerminalError) -> None:
-            guard = self.leader_guard() if controller.leader_only else []
-            message = error.message[:MAX_CONDITION_MESSAGE]
+    def _recording(self, controller: Controller) -> Recording:
+        return functools.partial(self._record, controller)
 
-            def mark_not_ready(obj: Any) -> bool:
-                changed: bool = obj.status.set_condition(
-                    "Ready", "False", error.reason, message, obj.metadata.generation
-                )
-                return changed
-
-            try:
-                obj = await self.store.patch_status(
-                    controller.kind, key, mark_not_ready, guard=guard
-                )
-            except NotFound:
-                log.info("%s %s is gone; terminal error not recorded", controller.kind, key)
-                return
-            await self.recorder.record(obj, "Warning", error.reason, message)
-
-        return record
+    async def _record(
+        self, controller: Controller, key: str, error: TerminalError | Blocked
+    ) -> None:
+        """`Ready=False` and a Warning event (guarded by the term for leader-only controllers)."""
+        guard = self.leader_guard() if controller.leader_only else []
+        await record_not_ready(self.store, self.recorder, controller.kind, key, error, guard)
 
     async def _shutdown(self) -> None:
         """Stop in order: workers and leadership (resigning), informers, HTTP, the store."""

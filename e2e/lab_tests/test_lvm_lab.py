@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from reconcilers.drivers.lvm import Lvm
-from reconcilers.volumegroup import active_tag
+from reconcilers.volume_claims import active_tag
 
 MIB = 1 << 20
 
