@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.ha.agent_rules import start_blocker
 from controller.ha.agent_side import HaReporter
 from controller.ha.environment import HaTimings
 from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 
 AGENT_VERSION = importlib.metadata.version("kvmctl")
 RECONNECT_DELAY = 1.0
-FENCING_HEALTH = ("Fencing", "Fenced")
 
 
 @dataclass(frozen=True)
@@ -151,15 +151,10 @@ class Agent:
         return node if isinstance(node, ClusterNode) else None
 
     def start_blocker(self) -> str | None:
-        """Why domains may not be started now, or None."""
-        if not self.heartbeat.lease_valid():
-            return "no valid heartbeat lease"
-        if self.heartbeat.self_fenced:
-            return "self-fenced: waiting for the heartbeat lease to come back"
+        """Why domains may not be started now, or None (`controller/ha/agent_rules.py`)."""
         node = self.own_node()
-        if node is not None and node.status.health in FENCING_HEALTH:
-            return f"node is {node.status.health}"
-        return None
+        health = None if node is None else node.status.health
+        return start_blocker(self.heartbeat.lease_valid(), self.heartbeat.self_fenced, health)
 
     def _peer_addresses(self) -> list[str]:
         return [

@@ -406,16 +406,8 @@ class VolumeClaims:
             try:
                 await deactivate(self.store, self.lvm, vg, lv, self.node)
             except (*ACTIVATION_ERRORS, StoreError) as error:
-                await self.recorder.record(
-                    vm,
-                    "Warning",
-                    "VolumeDeactivationFailed",
-                    "%s/%s stays active on %s after the migration: %s",
-                    vg,
-                    lv,
-                    self.node,
-                    str(error),
-                )
+                message = f"{vg}/{lv} stays active on {self.node} after the migration: {error}"
+                await self.recorder.record(vm, "Warning", "VolumeDeactivationFailed", message)
 
     async def take_back(self, migration: VirtualMachineMigration) -> None:
         """After a failure: the VM still runs here; take its LVs' claims back from the target."""
@@ -429,15 +421,9 @@ class VolumeClaims:
                     self.store, self.lvm, vg, lv, self.node, take_over_from=target
                 )
             except (*ACTIVATION_ERRORS, StoreError) as error:
+                message = f"{vg}/{lv} not claimed back for {self.node} after the failed migration"
                 await self.recorder.record(
-                    vm,
-                    "Warning",
-                    "VolumeActivationFailed",
-                    "%s/%s not claimed back for %s after the failed migration: %s",
-                    vg,
-                    lv,
-                    self.node,
-                    str(error),
+                    vm, "Warning", "VolumeActivationFailed", f"{message}: {error}"
                 )
 
 

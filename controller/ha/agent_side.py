@@ -33,6 +33,7 @@ from reconcilers.drivers.libvirt import (
 )
 from reconcilers.virtualmachine import ACTIVE_STATES, destroy_every_domain
 
+from .agent_rules import must_clean_after_fence
 from .environment import HaTimings, acked_but_running
 from .requests import NodeReport, read_report, write_report
 
@@ -118,14 +119,11 @@ class HaReporter:
             previous = await read_report(self.store, self.node)
             self._cleaned_fence = None if previous is None else previous.cleaned_fence
             self._loaded = True
-        fence = None if node is None or node.status.fence is None else node.status.fence
-        if (
-            node is not None
-            and node.status.health == "Fenced"
-            and fence is not None
-            and fence.confirmed_at is not None
-            and fence.confirmed_at != self._cleaned_fence
-        ):
+        fence = None if node is None else node.status.fence
+        health = None if node is None else node.status.health
+        confirmed_at = None if fence is None else fence.confirmed_at
+        if must_clean_after_fence(health, confirmed_at, self._cleaned_fence):
+            assert fence is not None
             destroyed = await destroy_every_domain(host)
             log.warning(
                 "%s found its node Fenced (%s): destroyed %s",

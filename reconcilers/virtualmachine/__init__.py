@@ -22,6 +22,9 @@ LVs cannot be claimed here is not started and the reconcile is `Blocked`
 (`Ready=False VolumeActivationFailed`, one Warning event, a new attempt every
 `ACTIVATION_RETRY`).
 
+What to do with a domain is decided by the agent rules shared with the HA simulator
+(`controller/ha/agent_rules.py`: `decide_domain`); this package carries the decisions out.
+
 Modules: `domain.py` (the definition, the libvirt calls that end a domain), `reconciler.py`
 (the lifecycle), `handover.py` (live migration), `status.py` (what is written to the VM).
 """

@@ -5,8 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
+from controller.ha.agent_rules import (
+    DomainFacts,
+    decide_domain,
+    gave_up_message,
+    recent_restarts,
+    restarted_message,
+)
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import Informer
 from controller.runtime.layout import NODE_FINALIZERS
@@ -121,10 +128,12 @@ class VirtualMachineReconciler:
         if vm.metadata.deletion_timestamp is not None:
             return await self._delete(host, vm, domain)
         migration = self.handover.in_flight(vm)
-        if migration is not None:
+        action = decide_domain(self._facts(vm, domain, migration is not None))
+        if action == "leave":
+            assert migration is not None
             await self.handover.leave_to(vm, migration)
             return Result()
-        if not placed_on(vm, self.node):
+        if action in ("destroy", "forget"):
             if domain is not None and not await self.handover.confirmed_elsewhere(vm):
                 return Result()  # the caches were behind; the informers bring the change
             volumes = await self._volumes(host, vm, domain)
@@ -135,9 +144,35 @@ class VirtualMachineReconciler:
             return Result()
         if FINALIZER not in vm.metadata.finalizers:
             await self.store.add_finalizer("VirtualMachine", name, FINALIZER)
-        if vm.spec.run_state != "started":
+        if action == "stop":
             return await self._stop(host, vm, domain)
-        return await self._run(host, vm, domain)
+        if action == "keep":
+            assert domain is not None
+            return await self._observe_running(vm, domain)
+        if action == "wait":
+            log.info("not starting %s on %s: %s", name, self.node, self.start_blocker())
+            return Result(requeue_after=BLOCKED_RETRY)
+        return await self._start_or_restart(host, vm, domain)
+
+    def _facts(
+        self, vm: VirtualMachine, domain: DomainInfo | None, migration_owns: bool
+    ) -> DomainFacts:
+        """What the shared agent rules (`controller/ha/agent_rules.py`) decide on."""
+        status = vm.status
+        limit = status.condition("RestartLimitReached")
+        here = status.node == self.node
+        return DomainFacts(
+            placed_here=placed_on(vm, self.node),
+            wanted=vm.spec.run_state == "started",
+            running=domain is not None and domain.state in ACTIVE_STATES,
+            migration_owns=migration_owns,
+            ran_here=here and status.state == "Running",
+            gave_up_here=here and limit is not None and limit.status == "True",
+            restarts=[moment.timestamp() for moment in status.restarts],
+            policy=vm.spec.restart_policy,
+            now=now().timestamp(),
+            start_blocker=self.start_blocker(),
+        )
 
     async def _volumes(
         self, host: LibvirtHost, vm: VirtualMachine | None, domain: DomainInfo | None
@@ -151,55 +186,43 @@ class VirtualMachineReconciler:
 
     # -- placed here, started ----------------------------------------------------------------
 
-    async def _run(
+    async def _observe_running(self, vm: VirtualMachine, domain: DomainInfo) -> Result:
+        desired = self.domain_spec(vm)
+        await self.claims.keep(vm)
+        await self.status.patch(
+            vm,
+            lambda vm_: set_running(vm_, self.node, domain, desired, list(vm_.status.restarts)),
+        )
+        return Result()
+
+    async def _start_or_restart(
         self, host: LibvirtHost, vm: VirtualMachine, domain: DomainInfo | None
     ) -> Result:
-        desired = self.domain_spec(vm)
-        name = vm.metadata.name
-        if domain is not None and domain.state in ACTIVE_STATES:
-            await self.claims.keep(vm)
-            await self.status.patch(
-                vm,
-                lambda vm_: set_running(vm_, self.node, domain, desired, list(vm_.status.restarts)),
-            )
-            return Result()
-        blocker = self.start_blocker()
-        if blocker is not None:
-            log.info("not starting %s on %s: %s", name, self.node, blocker)
-            return Result(requeue_after=BLOCKED_RETRY)
-        # Starting is decided on etcd's current copy, not the cache: a crash seen before the
-        # cache caught up with our own "Running" report must still count as a restart.
+        """Decided again on etcd's current copy, not the cache: a crash seen before the cache
+        caught up with our own "Running" report must still count as a restart."""
         fresh = await self._fresh_if_placed_here(vm)
         if fresh is None:
             return Result()  # the cache was behind; the informer brings the change
-        vm = fresh
-        desired = self.domain_spec(vm)
+        vm, name = fresh, fresh.metadata.name
+        facts = self._facts(vm, domain, migration_owns=False)
+        action = decide_domain(facts)
         policy = vm.spec.restart_policy
-        window_start = now() - timedelta(seconds=policy.window_seconds)
-        restarts = [moment for moment in vm.status.restarts if moment > window_start]
-        was_running = vm.status.node == self.node and vm.status.state == "Running"
-        limit = vm.status.condition("RestartLimitReached")
-        if vm.status.node == self.node and limit is not None and limit.status == "True":
-            return Result()  # left down: stop and start the VM, or relocate it
-        if was_running and len(restarts) >= policy.max_restarts:
+        recent = set(recent_restarts(facts.restarts, policy, facts.now))
+        restarts = [moment for moment in vm.status.restarts if moment.timestamp() in recent]
+        if action == "give_up":
             await self.claims.release(await self._volumes(host, vm, domain), name)
             return await self._give_up(vm, restarts)
+        if action not in ("start", "restart"):
+            return Result()  # left down (stop and start the VM, or relocate it), or changed
         problem = await self.claims.activate_for_start(vm)
         if problem is not None:
             raise Blocked("VolumeActivationFailed", problem, ACTIVATION_RETRY)
+        desired = self.domain_spec(vm)
         await self._start(host, vm, desired)
-        if was_running:
+        if action == "restart":
             restarts.append(now())
-            await self.recorder.record(
-                vm,
-                "Warning",
-                "VMRestarted",
-                "domain stopped unexpectedly on %s; restarted in place (%d of %d in %d s)",
-                self.node,
-                len(restarts),
-                policy.max_restarts,
-                policy.window_seconds,
-            )
+            message = restarted_message(self.node, len(restarts), policy)
+            await self.recorder.record(vm, "Warning", "VMRestarted", "%s", message)
         else:
             await self.recorder.record(vm, "Normal", "DomainStarted", "started on %s", self.node)
         started = await host.lookup(name)
@@ -268,13 +291,9 @@ class VirtualMachineReconciler:
         return fresh
 
     async def _give_up(self, vm: VirtualMachine, restarts: list[datetime]) -> Result:
-        policy = vm.spec.restart_policy
-        message = (
-            f"domain stopped unexpectedly on {self.node}: {len(restarts)} restarts within "
-            f"{policy.window_seconds} s reached the limit of {policy.max_restarts}; left down"
-        )
+        message = gave_up_message(self.node, len(restarts), vm.spec.restart_policy)
         await self.status.patch(vm, lambda vm_: set_crashed(vm_, self.node, restarts, message))
-        await self.recorder.record(vm, "Warning", "RestartLimitReached", message)
+        await self.recorder.record(vm, "Warning", "RestartLimitReached", "%s", message)
         return Result()
 
     # -- placed here, stopped ----------------------------------------------------------------
