@@ -604,6 +604,8 @@ class EtcdEnvironment:
             current = None if status.placement is None else status.placement.node
             if current == action.node and not action.relocation:
                 return False
+            if current != action.node:
+                status.node = None  # its agent's last report was about another placement
             status.placement = placement
             if action.relocation:
                 status.relocations += 1

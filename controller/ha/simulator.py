@@ -439,6 +439,8 @@ class Simulator:
         moved = old is not None and action.node is not None and old.name != action.node
         if moved and old is not None and old.health not in ("Online", "Fenced") and not migrated:
             self.violation(f"{vm.name} moved off {old.name}, which is {old.health}")
+        if vm.placement != action.node:
+            vm.status_node = None  # as production's Place: the last report was another placement
         vm.placement = action.node
         if action.relocation:
             vm.relocations += 1
