@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.ha.agent_rules import start_blocker
 from controller.ha.agent_side import HaReporter
 from controller.ha.environment import HaTimings
 from controller.runtime.controller import Controller, Source, Watch
@@ -48,9 +49,8 @@ from controller.runtime.informer import KeySink, SharedInformers
 from controller.runtime.layout import node_writer
 from controller.runtime.manager import Background, Manager
 from controller.runtime.peers import PeerSender, PeerSettings
-from controller.runtime.reconcile import TerminalError
-from controller.runtime.store import NotFound, Store, StoreError
-from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigration
+from controller.runtime.store import Store, StoreError
+from crds import AnyResource, ClusterNode, VirtualMachineMigration
 from crds.clusternode import Capacity
 from crds.libvirt_uri import peer_uri_or_none
 from crds.meta import now
@@ -58,13 +58,16 @@ from reconcilers.drivers.libvirt import LibvirtError, LibvirtHost, LibvirtUnavai
 from reconcilers.migration import MigrationRunner
 from reconcilers.storage import StorageSettings, may_read_secrets, storage_controllers
 from reconcilers.tgtd_supervisor import TgtdSupervisor
-from reconcilers.virtualmachine import ACTIVE_STATES, DomainSettings, VirtualMachineReconciler
+from reconcilers.virtualmachine import (
+    DomainSettings,
+    VirtualMachineReconciler,
+    destroy_every_domain,
+)
 
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = importlib.metadata.version("kvmctl")
 RECONNECT_DELAY = 1.0
-FENCING_HEALTH = ("Fencing", "Fenced")
 VM_CONTROLLER = "virtualmachine"
 
 
@@ -154,15 +157,10 @@ class Agent:
         return node if isinstance(node, ClusterNode) else None
 
     def start_blocker(self) -> str | None:
-        """Why domains may not be started now, or None."""
-        if not self.heartbeat.lease_valid():
-            return "no valid heartbeat lease"
-        if self.heartbeat.self_fenced:
-            return "self-fenced: waiting for the heartbeat lease to come back"
+        """Why domains may not be started now, or None (`controller/ha/agent_rules.py`)."""
         node = self.own_node()
-        if node is not None and node.status.health in FENCING_HEALTH:
-            return f"node is {node.status.health}"
-        return None
+        health = None if node is None else node.status.health
+        return start_blocker(self.heartbeat.lease_valid(), self.heartbeat.self_fenced, health)
 
     def _peer_addresses(self) -> list[str]:
         return [
@@ -193,12 +191,7 @@ class Agent:
         host = self.host
         if host is None:
             raise LibvirtUnavailable(f"self-fence of {self.node}: no libvirt connection")
-        destroyed = []
-        for domain in await host.list_domains():
-            if domain.metadata.get("uid") and domain.state in ACTIVE_STATES:
-                with contextlib.suppress(LibvirtError):
-                    await host.destroy(domain.name)
-                destroyed.append(domain.name)
+        destroyed = await destroy_every_domain(host)
         log.error("self-fenced %s: destroyed %s", self.node, ", ".join(destroyed) or "nothing")
         self._fenced_domains = destroyed
         await self.migration_runner.stop()
@@ -245,7 +238,7 @@ class Agent:
                 Source("libvirt events", self._libvirt_forever),
                 Source("self-fence recovery", self._recover_from_self_fence),
             ],
-            on_terminal=self._on_terminal,
+            on_not_ready=self.vm_reconciler.record,
         )
         migrations = Controller(
             "migration-source", "VirtualMachineMigration", self.migration_runner, 2
@@ -435,20 +428,6 @@ class Agent:
                 )
             for vm in self.vms.list():
                 vm_queue.add(vm.metadata.name)
-
-    async def _on_terminal(self, key: str, error: TerminalError) -> None:
-        def mutate(vm: Any) -> bool:
-            placement = vm.status.placement
-            if placement is None or placement.node != self.node:
-                return False
-            return bool(vm.status.set_condition("Ready", "False", error.reason, error.message))
-
-        try:
-            vm = await self.store.patch_status("VirtualMachine", key, mutate)
-        except NotFound:
-            return
-        if isinstance(vm, VirtualMachine):
-            await self.recorder.record(vm, "Warning", error.reason, "%s", error.message)
 
 
 def _migrated_vm(migration: AnyResource) -> list[str]:

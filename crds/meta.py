@@ -258,6 +258,12 @@ class Status(Strict):
         self.conditions.append(new)
         return True
 
+    def drop_condition(self, type_: str) -> bool:
+        """Remove the condition `type_`; True if there was one."""
+        before = len(self.conditions)
+        self.conditions = [c for c in self.conditions if c.type != type_]
+        return len(self.conditions) != before
+
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 StatusT = TypeVar("StatusT", bound=Status)

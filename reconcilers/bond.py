@@ -24,7 +24,7 @@ from typing import NamedTuple, NoReturn
 
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import Informer, KeySink
-from controller.runtime.reconcile import Result, RetryableError
+from controller.runtime.reconcile import Result, RetryableError, set_ready
 from controller.runtime.store import Store
 from crds import Bond, ClusterNode
 from crds.bond import BondSpec, SlaveStatus
@@ -399,15 +399,11 @@ class BondReconciler:
             nonlocal newly_failed
             status = current.status
             before = status.model_dump()
-            old_ready = status.condition("Ready")
             status.active_slave = observed.active_slave
             status.slaves = observed.slaves
             status.set_condition("Configured", *configured, observed_generation=generation)
             status.set_condition("Degraded", *degraded, observed_generation=generation)
-            status.set_condition("Ready", *ready, observed_generation=generation)
-            newly_failed = ready.status == "False" and (
-                old_ready is None or (old_ready.status, old_ready.reason) != ready[:2]
-            )
+            newly_failed = set_ready(status, *ready, generation)
             return status.model_dump() != before
 
         await self.store.patch_status("Bond", bond.metadata.name, mutate)

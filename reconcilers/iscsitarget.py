@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from controller.runtime.events import EventRecorder
 from controller.runtime.layout import NODE_FINALIZERS
-from controller.runtime.reconcile import Result, RetryableError
+from controller.runtime.reconcile import Result, RetryableError, set_ready
 from controller.runtime.store import Store
 from crds import ClusterNode, IscsiTarget, Secret
 from crds.clusternode import StorageExports, exportable_root
@@ -373,13 +373,9 @@ class IscsiTargetReconciler:
         def mutate(current: IscsiTarget) -> bool:
             nonlocal newly_failed
             before = current.status.model_dump()
-            old = current.status.condition("Ready")
             if also is not None:
                 also(current)
-            current.status.set_condition("Ready", status, reason, message, generation)
-            newly_failed = status == "False" and (
-                old is None or (old.status, old.reason) != (status, reason)
-            )
+            newly_failed = set_ready(current.status, status, reason, message, generation)
             return current.status.model_dump() != before
 
         updated = await self.store.patch_status("IscsiTarget", obj.metadata.name, mutate)

@@ -12,11 +12,11 @@ While a migration is in flight (`in_flight_migration`) neither the source nor th
 starts or destroys the VM's domain: during the hand-over the domain legitimately runs on the
 target before the placement says so, and is legitimately gone from the source before it does.
 
-LV hand-over (agents that manage activation, `lvm` set; see docs/storage.md): before migrating a
-VM with `volume:` disks the source waits until the target's agent took the LVs' claims over
-(`activate_for_vm(..., take_over_from=source)`) and set `VolumesActivated=True` on the migration;
-after a success the source deactivates its LVs here; after a failure it takes the claims back
-(`take_over_from=target`) and the target deactivates its copy.
+LV hand-over (agents that manage activation, `lvm` set; the protocol is
+`reconcilers/volume_claims.py`): before migrating a VM with `volume:` disks the source waits
+until the target's agent took the LVs' claims over and set `VolumesActivated=True` on the
+migration; after a success the source deactivates its LVs here; after a failure it takes the
+claims back and the target deactivates its copy.
 """
 
 from __future__ import annotations
@@ -34,20 +34,14 @@ from controller.runtime.reconcile import Result, RetryableError
 from controller.runtime.store import NotFound, Store, StoreError
 from crds import AnyResource, ClusterNode, VirtualMachine, VirtualMachineMigration
 from crds.meta import now
-from crds.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED
+from crds.migration import PLACEMENT_SWITCHED
 from reconcilers.drivers.libvirt import (
     LibvirtError,
     LibvirtHost,
     MigrationProgress,
 )
-from reconcilers.drivers.lvm import LvmError
-from reconcilers.volumegroup import (
-    ActivationConflict,
-    LockTimeout,
-    LvmSettings,
-    activate_for_vm,
-    deactivate,
-)
+from reconcilers.lvm_lock import LvmSettings
+from reconcilers.volume_claims import VolumeClaims
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +50,6 @@ CAP_RETRY = 1.0
 TARGET_ACTIVATION_TIMEOUT = 60.0
 """Seconds the source waits for the target's `VolumesActivated` before failing the migration."""
 VOLUME_POLL_INTERVAL = 0.2
-ACTIVATION_ERRORS = (ActivationConflict, LvmError, LockTimeout)
-"""What `activate_for_vm` and `deactivate` raise when the LV cannot be taken or released."""
-
-Volume = tuple[str, str]
-"""An LV as (vg, lv)."""
-
-
-def vm_volumes(vm: VirtualMachine) -> list[Volume]:
-    """The LV of each `volume: VG/LV` disk of the VM, in disk order, without repeats."""
-    volumes: list[Volume] = []
-    for disk in vm.spec.disks:
-        ref = disk.volume_ref()
-        if ref is not None and (ref.vg, ref.lv) not in volumes:
-            volumes.append((ref.vg, ref.lv))
-    return volumes
-
-
-def names(volumes: Iterable[Volume]) -> str:
-    return ", ".join(f"{vg}/{lv}" for vg, lv in volumes)
 
 
 def in_flight_migration(
@@ -135,7 +110,7 @@ class MigrationRunner:
         self.nodes = nodes
         self.recorder = recorder
         self.concurrency = concurrency
-        self.lvm = lvm
+        self.claims = VolumeClaims(store, node, lvm, vms, migrations, nodes, recorder)
         self.activation_timeout = activation_timeout
         self.host: LibvirtHost | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -156,7 +131,7 @@ class MigrationRunner:
             return Result()
         if obj.status.phase == "Running" and key not in self._running:
             await self._finish(obj, "Failed", "interrupted: the source agent restarted")
-            await self._take_volumes_back(obj)
+            await self.claims.take_back(obj)
             return Result()
         if obj.status.phase != "Scheduled" or key in self._running:
             return Result()
@@ -197,7 +172,7 @@ class MigrationRunner:
         except Exception as error:
             log.exception("migration %s failed unexpectedly", name)
             await self._finish(migration, "Failed", f"unexpected error: {error}")
-            await self._take_volumes_back(migration)
+            await self.claims.take_back(migration)
         finally:
             self._running.pop(name, None)
 
@@ -217,13 +192,12 @@ class MigrationRunner:
         except ValueError as error:
             await self._fail(migration, vm, str(error))
             return
-        lvm = self.lvm
-        volumes = vm_volumes(vm) if lvm is not None else []
-        if volumes:
-            problem = await self._wait_for_target_volumes(migration, volumes)
-            if problem is not None:
-                await self._fail(migration, vm, problem)
-                return
+        problem = await self.claims.wait_for_target(
+            migration, self.activation_timeout, VOLUME_POLL_INTERVAL
+        )
+        if problem is not None:
+            await self._fail(migration, vm, problem)
+            return
         progress = _ProgressWriter(self.store, migration.metadata.name)
         log.info("migrating %s from %s to %s (%s)", vm_name, self.node, target_name, dest_uri)
         try:
@@ -240,8 +214,7 @@ class MigrationRunner:
             await self._fail(migration, vm, str(error))
             return
         await progress.close()
-        if lvm is not None:
-            await self._deactivate_here(lvm, vm, volumes)
+        await self.claims.deactivate_after_migration(vm)
         await self._finish(migration, "Succeeded", f"migrated from {self.node} to {target_name}")
         await self.recorder.record(
             vm, "Normal", "Migrated", "live-migrated from %s to %s", self.node, target_name
@@ -254,75 +227,7 @@ class MigrationRunner:
         await self._finish(migration, "Failed", text)
         await self.recorder.record(vm, "Warning", "MigrationFailed", "%s", text)
         await self.recorder.record(migration, "Warning", "MigrationFailed", "%s", text)
-        await self._take_volumes_back(migration)
-
-    # -- LV hand-over ------------------------------------------------------------------------
-
-    async def _wait_for_target_volumes(
-        self, migration: VirtualMachineMigration, volumes: list[Volume]
-    ) -> str | None:
-        """Wait until the target's agent holds the VM's LVs: None, or why it does not."""
-        name, target = migration.metadata.name, migration.spec.target_node
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.activation_timeout
-        while loop.time() < deadline:
-            current = self.migrations.get(name)
-            if not isinstance(current, VirtualMachineMigration):
-                return "the migration was deleted"
-            condition = current.status.condition(VOLUMES_ACTIVATED)
-            if condition is not None and condition.status != "Unknown":  # Unknown: activating
-                return None if condition.status == "True" else condition.message
-            await asyncio.sleep(VOLUME_POLL_INTERVAL)
-        return (
-            f"{target} did not activate {names(volumes)} within {self.activation_timeout:.0f} s "
-            "(does its agent manage LV activation?)"
-        )
-
-    async def _deactivate_here(
-        self, lvm: LvmSettings, vm: VirtualMachine, volumes: list[Volume]
-    ) -> None:
-        """After a success: the target holds the claims; deactivate the source's copy."""
-        for vg, lv in volumes:
-            try:
-                await deactivate(self.store, lvm, vg, lv, self.node)
-            except (*ACTIVATION_ERRORS, StoreError) as error:
-                await self.recorder.record(
-                    vm,
-                    "Warning",
-                    "VolumeDeactivationFailed",
-                    "%s/%s stays active on %s after the migration: %s",
-                    vg,
-                    lv,
-                    self.node,
-                    str(error),
-                )
-
-    async def _take_volumes_back(self, migration: VirtualMachineMigration) -> None:
-        """After a failure: the VM still runs here; take its LVs' claims back from the target."""
-        vm = self.vms.get(migration.spec.vm)
-        if self.lvm is None or not isinstance(vm, VirtualMachine):
-            return
-        for vg, lv in vm_volumes(vm):
-            try:
-                await activate_for_vm(
-                    self.store,
-                    self.lvm,
-                    vg,
-                    lv,
-                    self.node,
-                    take_over_from=migration.spec.target_node,
-                )
-            except (*ACTIVATION_ERRORS, StoreError) as error:
-                await self.recorder.record(
-                    vm,
-                    "Warning",
-                    "VolumeActivationFailed",
-                    "%s/%s not claimed back for %s after the failed migration: %s",
-                    vg,
-                    lv,
-                    self.node,
-                    str(error),
-                )
+        await self.claims.take_back(migration)
 
     async def _finish(self, migration: VirtualMachineMigration, phase: str, message: str) -> None:
         def mutate(current: Any) -> bool:

@@ -31,8 +31,9 @@ from crds import AnyResource, Bond, IscsiTarget, VirtualMachine, VolumeGroup
 from reconcilers.bond import BondReconciler, watch_bond_links
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import IscsiTargetReconciler
+from reconcilers.lvm_lock import LvmSettings
 from reconcilers.tgtd_supervisor import TgtdSupervisor
-from reconcilers.volumegroup import LvmSettings, VolumeGroupReconciler
+from reconcilers.volumegroup import VolumeGroupReconciler
 
 log = logging.getLogger(__name__)
 

@@ -5,191 +5,30 @@ changes LVM metadata, under an etcd lock bound to a lease (`metadata_lock`). Che
 a device that is missing here, an iSCSI LUN not attached here, a device used by another VG, an
 LV that would shrink or not fit: a condition and a Warning event, nothing changed.
 
-Activation contract (called by the VirtualMachine reconciler of the node running the VM):
-`activate_for_vm(store, settings, vg, lv, node)` claims the LV for `node` in etcd
-(compare-and-swap, so two nodes can never both hold it), tags it `kvmctl_active_<node>` and
-activates it exclusively; `deactivate(store, settings, vg, lv, node)` undoes that. See
-docs/storage.md. Every LVM command goes through `reconcilers/drivers/lvm.py`.
+The activation of LVs for VMs (who may have an LV active) is `reconcilers/volume_claims.py`;
+this reconciler reports each LV's holder. Every LVM command goes through
+`reconcilers/drivers/lvm.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
-
-import aetcd
 
 from controller.runtime.events import EventRecorder
-from controller.runtime.reconcile import Result, RetryableError
-from controller.runtime.store import Store, StoreError
+from controller.runtime.reconcile import Blocked, Result
+from controller.runtime.store import Store
 from crds import IscsiTarget, VirtualMachine, VolumeGroup
-from crds.meta import ConditionStatus, parse_size
+from crds.meta import parse_size
 from crds.volumegroup import LogicalVolumeStatus, PhysicalVolume
-from reconcilers.drivers.lvm import Lvm, LvmError, VgReport
+from reconcilers.drivers.lvm import LvmError, VgReport
+from reconcilers.lvm_lock import LvmSettings, metadata_lock
+from reconcilers.volume_claims import active_on
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RESYNC = 60.0
-ACTIVE_TAG_PREFIX = "kvmctl_active_"
-
-
-@dataclass(frozen=True)
-class LvmSettings:
-    """How this node runs LVM."""
-
-    system_dir: str | None = None
-    """LVM_SYSTEM_DIR (a private lvm.conf); None: /etc/lvm."""
-    devices: tuple[str, ...] = ()
-    """Restrict LVM to these devices (`--devices`); empty: every device lvm.conf allows."""
-    lock_ttl: int = 30
-    """Seconds a metadata lock outlives a host that died holding it."""
-    lock_timeout: int = 60
-    by_path_dir: str = "/dev/disk/by-path"
-    """Where open-iscsi's udev rules name attached LUNs."""
-
-    def driver(self) -> Lvm:
-        """The LVM driver for this node's configuration and devices."""
-        system_dir = Path(self.system_dir) if self.system_dir is not None else None
-        return Lvm(system_dir=system_dir, devices=self.devices)
-
-
-# -- the metadata lock and the activation contract ---------------------------------------------
-
-
-class LockTimeout(RetryableError):
-    """Another host held the VG's metadata lock for longer than the timeout."""
-
-
-@contextlib.asynccontextmanager
-async def metadata_lock(store: Store, vg: str, settings: LvmSettings) -> AsyncIterator[None]:
-    """Hold `{prefix}/locks/lvm/{vg}` in etcd: one host at a time changes the VG's metadata.
-
-    The lock's lease is refreshed while held, so only a host that dies holding it loses it
-    (after `lock_ttl` seconds), never a slow one.
-    """
-    lock = store.client.lock(f"{store.prefix}/locks/lvm/{vg}".encode(), ttl=settings.lock_ttl)
-    acquired = await store.call(
-        lock.acquire(timeout=settings.lock_timeout), waits=settings.lock_timeout
-    )
-    if not acquired:
-        raise LockTimeout(
-            f"the metadata lock of VG {vg} stayed taken for {settings.lock_timeout} s"
-        )
-    keep_alive = asyncio.create_task(_refresh_forever(store, lock, settings.lock_ttl / 3))
-    try:
-        yield
-    finally:
-        keep_alive.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keep_alive
-        with contextlib.suppress(Exception):
-            await store.call(lock.release())
-            if lock.lease is not None:
-                await store.call(lock.lease.revoke())
-
-
-async def _refresh_forever(store: Store, lock: aetcd.Lock, period: float) -> None:
-    while True:
-        await asyncio.sleep(period)
-        try:
-            await store.call(lock.refresh())
-        except StoreError as error:
-            log.warning("refreshing the lease of %s failed: %s", lock.key.decode(), error)
-
-
-class ActivationConflict(Exception):
-    """The LV is active on (claimed by) another node."""
-
-
-def _activation_key(store: Store, vg: str, lv: str) -> bytes:
-    return f"{store.prefix}/lvm/activation/{vg}/{lv}".encode()
-
-
-def active_tag(node: str) -> str:
-    return f"{ACTIVE_TAG_PREFIX}{node.replace('-', '_')}"
-
-
-async def active_on(store: Store, vg: str, lv: str) -> str | None:
-    """The node holding the LV's activation claim, if any."""
-    reply = await store.call(store.client.get(_activation_key(store, vg, lv)))
-    return None if reply is None else str(reply.value.decode())
-
-
-async def activate_for_vm(
-    store: Store,
-    settings: LvmSettings,
-    vg: str,
-    lv: str,
-    node: str,
-    take_over_from: str | None = None,
-) -> None:
-    """Claim `vg/lv` for `node` and activate it exclusively there, with LVM as `settings` says.
-
-    The claim is a compare-and-swap in etcd: it succeeds when nobody holds it, when `node`
-    already does, or when `take_over_from` does (only pass a node that has been fenced).
-    Otherwise `ActivationConflict`. A failed activation drops the claim again.
-    """
-    key = _activation_key(store, vg, lv)
-    client = store.client
-    txn = client.transactions
-    allowed = [txn.version(key) == 0, txn.value(key) == node.encode()]
-    if take_over_from is not None:
-        allowed.append(txn.value(key) == take_over_from.encode())
-    claimed = False
-    for compare in allowed:
-        ok, _ = await store.call(
-            client.transaction(compare=[compare], success=[txn.put(key, node.encode())], failure=[])
-        )
-        if ok:
-            claimed = True
-            break
-    if not claimed:
-        holder = await active_on(store, vg, lv)
-        raise ActivationConflict(f"{vg}/{lv} is active on {holder}; deactivate it there first")
-    lvm = settings.driver()
-    try:
-        async with metadata_lock(store, vg, settings):
-            tags = {t for lv_ in await lvm.lvs(vg) if lv_.name == lv for t in lv_.tags}
-            for tag in tags:
-                if tag.startswith(ACTIVE_TAG_PREFIX) and tag != active_tag(node):
-                    await lvm.del_tag(vg, lv, tag)
-            if active_tag(node) not in tags:
-                await lvm.add_tag(vg, lv, active_tag(node))
-        await lvm.lvchange_activate(vg, lv, exclusive=True)
-        if not any(found.name == lv and found.active is True for found in await lvm.lvs(vg)):
-            # lvchange succeeds without activating when lvm.conf filters the LV out
-            # (activation/volume_list) or activation is off (no device-mapper; `active` is None).
-            raise LvmError(
-                f"lvchange --activate ey {vg}/{lv}",
-                f"it is not active on {node}: check activation/volume_list and that "
-                "device-mapper is available",
-            )
-    except BaseException:
-        await deactivate(store, settings, vg, lv, node)
-        raise
-
-
-async def deactivate(store: Store, settings: LvmSettings, vg: str, lv: str, node: str) -> None:
-    """Deactivate `vg/lv` on `node` and drop its claim and tag (no-op when not held)."""
-    lvm = settings.driver()
-    with contextlib.suppress(LvmError):
-        await lvm.lvchange_deactivate(vg, lv)
-    async with metadata_lock(store, vg, settings):
-        for found in await lvm.lvs(vg):
-            if found.name == lv and active_tag(node) in found.tags:
-                await lvm.del_tag(vg, lv, active_tag(node))
-    key = _activation_key(store, vg, lv)
-    txn = store.client.transactions
-    await store.call(
-        store.client.transaction(
-            compare=[txn.value(key) == node.encode()], success=[txn.delete(key)], failure=[]
-        )
-    )
 
 
 # -- the reconciler ----------------------------------------------------------------------------
@@ -252,14 +91,14 @@ class VolumeGroupReconciler:
         except VgProblem as problem:
             if actions:
                 await self.recorder.record(obj, "Normal", "Configured", "; ".join(actions))
-            await self._write_status(obj, problem)
-            return Result(requeue_after=self.resync)
+            await self._write_status(obj, ready=False)
+            raise Blocked(problem.reason, f"{self.node}: {problem.message}", self.resync) from None
         except LvmError as error:
-            await self._write_status(obj, VgProblem("LvmFailed", str(error)))
-            raise RetryableError(str(error)) from None
+            await self._write_status(obj, ready=False)
+            raise Blocked("LvmFailed", f"{self.node}: {error}") from None
         if actions:
             await self.recorder.record(obj, "Normal", "Configured", "; ".join(actions))
-        await self._write_status(obj, None)
+        await self._write_status(obj, ready=True)
         return Result(requeue_after=self.resync)
 
     async def _devices(self, pvs: list[PhysicalVolume]) -> list[str]:
@@ -385,7 +224,9 @@ class VolumeGroupReconciler:
                     used.setdefault(ref.lv, []).append(vm.metadata.name)
         return used
 
-    async def _write_status(self, obj: VolumeGroup, problem: VgProblem | None) -> None:
+    async def _write_status(self, obj: VolumeGroup, ready: bool) -> None:
+        """Report the VG's size and LVs with their holders; `Ready=True` if `ready` (a problem
+        is recorded from the `Blocked` the reconcile raises)."""
         vg_name = obj.spec.vg_name
         report = await self._vg_report(vg_name)
         lvs = await self.lvm.lvs(vg_name) if report is not None else []
@@ -394,28 +235,17 @@ class VolumeGroupReconciler:
             LogicalVolumeStatus(name=lv.name, size_bytes=lv.size_bytes, active_on=holders[lv.name])
             for lv in lvs
         ]
-        ready: tuple[ConditionStatus, str, str] = (
-            ("False", problem.reason, f"{self.node}: {problem.message}")
-            if problem is not None
-            else ("True", "Converged", f"VG {vg_name} matches the spec")
-        )
         generation = obj.metadata.generation
-        newly_failed = False
 
         def mutate(current: VolumeGroup) -> bool:
-            nonlocal newly_failed
             status = current.status
             before = status.model_dump()
-            old = status.condition("Ready")
             status.size_bytes = report.size_bytes if report is not None else None
             status.free_bytes = report.free_bytes if report is not None else None
             status.logical_volumes = status_lvs
-            status.set_condition("Ready", *ready, observed_generation=generation)
-            newly_failed = ready[0] == "False" and (
-                old is None or (old.status, old.reason) != ready[:2]
-            )
+            if ready:
+                message = f"VG {vg_name} matches the spec"
+                status.set_condition("Ready", "True", "Converged", message, generation)
             return status.model_dump() != before
 
-        updated = await self.store.patch_status("VolumeGroup", obj.metadata.name, mutate)
-        if newly_failed:
-            await self.recorder.record(updated, "Warning", ready[1], ready[2])
+        await self.store.patch_status("VolumeGroup", obj.metadata.name, mutate)

@@ -101,6 +101,9 @@ async def test_lost_node_is_power_fenced_and_its_vm_recovered_then_rejoins(
     assert power.read_text() == "off"
     assert recovered.status.placement is not None
     assert recovered.status.placement.token == await leader_token(store)
+    # a's report was about the old placement: no agent may take it for its own (a VM placed
+    # back on a later must be started there, not counted as a crash to restart in place).
+    assert recovered.status.node is None
 
     # The engine records each event after the write it describes: wait for them.
     lost = {"NodeLost", "FencingStarted", "NodeFenced"}

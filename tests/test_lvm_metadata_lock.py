@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from controller.runtime.store import Store
-from reconcilers.volumegroup import LockTimeout, LvmSettings, metadata_lock
+from reconcilers.lvm_lock import LockTimeout, LvmSettings, metadata_lock
 
 SETTINGS = LvmSettings(lock_ttl=2, lock_timeout=60)
 

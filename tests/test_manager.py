@@ -31,7 +31,7 @@ from controller.runtime.controller import Controller, Source, Watch
 from controller.runtime.informer import KeySink, SharedInformers
 from controller.runtime.leader import ElectionTiming, current_leader
 from controller.runtime.manager import Manager
-from controller.runtime.reconcile import Result, RetryableError, TerminalError
+from controller.runtime.reconcile import Blocked, Result, RetryableError, TerminalError
 from controller.runtime.store import Store, StoreError
 from crds import AnyResource, ClusterNode, Event, ObjectMeta, VirtualMachine
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
@@ -79,6 +79,17 @@ class MarkReady:
 
         await self.store.patch_status("VirtualMachine", key, mark)
         return Result()
+
+
+class WaitsForADevice:
+    """Blocked at every look (the device never appears): looked at again and again."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def reconcile(self, key: str) -> Result:
+        self.calls += 1
+        raise Blocked("DeviceMissing", f"{key}: /dev/sdz does not exist", retry_after=0.05)
 
 
 class FailsForGood:
@@ -188,6 +199,29 @@ async def test_a_terminal_error_becomes_a_condition_and_a_warning_event(store: S
     assert isinstance(event, Event)
     assert (event.spec.type, event.spec.reason) == ("Warning", "InvalidSpec")
     assert event.spec.involved_object.name == "broken"
+
+
+async def test_a_blocked_reconcile_sets_the_condition_warns_once_and_looks_again(
+    store: Store,
+) -> None:
+    await store.create(vm("waiting"))
+    waits = WaitsForADevice()
+    manager = Manager(
+        await manager_store(store.endpoints, store.prefix),
+        [Controller("devices", "VirtualMachine", waits)],
+        http_port=None,
+    )
+    async with running(manager):
+        await eventually(lambda: waits.calls >= 4, "four looks at the blocked object")
+    waiting = await store.get("VirtualMachine", "waiting")
+    ready = waiting.status.condition("Ready")
+    assert ready is not None
+    assert (ready.status, ready.reason) == ("False", "DeviceMissing")
+    assert ready.message == "waiting: /dev/sdz does not exist"
+    events, _ = await store.list_objects("Event")
+    [event] = events
+    assert isinstance(event, Event)
+    assert (event.spec.type, event.spec.reason, event.spec.count) == ("Warning", "DeviceMissing", 1)
 
 
 def converged(store_objects: list[AnyResource]) -> bool:
@@ -587,12 +621,12 @@ async def test_a_controller_may_record_its_terminal_errors_itself(store: Store) 
     await store.create(vm("broken"))
     recorded: list[tuple[str, str]] = []
 
-    async def record(key: str, error: TerminalError) -> None:
+    async def record(key: str, error: TerminalError | Blocked) -> None:
         recorded.append((key, error.reason))
 
     manager = Manager(
         await manager_store(store.endpoints, store.prefix),
-        [Controller("strict", "VirtualMachine", FailsForGood(), on_terminal=record)],
+        [Controller("strict", "VirtualMachine", FailsForGood(), on_not_ready=record)],
         http_port=None,
     )
     async with running(manager):

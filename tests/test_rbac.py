@@ -21,7 +21,7 @@ from controller.runtime.leader import leader_key
 from controller.runtime.store import PermissionDenied, Store, StoreError
 from crds import AnyResource, ClusterNode, parse_object
 from e2e.harness.etcd import EtcdCluster
-from reconcilers.volumegroup import LvmSettings, metadata_lock
+from reconcilers.lvm_lock import LvmSettings, metadata_lock
 from tests.support.rbac import PREFIX, etcd_with_rbac, make_pki, store_as
 
 NODES = ["host1", "host2"]

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from controller.runtime.events import EventRecorder
+from controller.runtime.reconcile import Blocked
 from controller.runtime.store import Store
 from crds import IscsiTarget, ObjectMeta, VolumeGroup
 from crds.iscsitarget import IscsiTargetSpec
 from crds.volumegroup import VolumeGroupSpec
-from reconcilers.volumegroup import LvmSettings, VolumeGroupReconciler, iscsi_by_path
+from reconcilers.lvm_lock import LvmSettings
+from reconcilers.volumegroup import VolumeGroupReconciler, iscsi_by_path
 
 NODE = "host1"
 MIB = 1 << 20
@@ -116,9 +118,10 @@ async def test_a_pv_named_by_its_by_path_link_converges_again(
         )
         await store.delete("VolumeGroup", "vg-cluster")
         await store.create(other)
-        status, reason, message = ready(await converge(store, reconciler))
-        assert (status, reason) == ("False", "DeviceInUse")
-        assert f"{settings.devices[0]} belongs to VG {vg_name}" in message
+        with pytest.raises(Blocked) as refused:
+            await reconciler.reconcile("vg-cluster")
+        assert refused.value.reason == "DeviceInUse"
+        assert f"{settings.devices[0]} belongs to VG {vg_name}" in refused.value.message
     finally:
         for vg in await lvm.vgs():
             for lv in await lvm.lvs(vg.name):

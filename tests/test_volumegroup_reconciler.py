@@ -15,21 +15,16 @@ from pathlib import Path
 import pytest
 
 from controller.runtime.events import EventRecorder
+from controller.runtime.reconcile import Blocked, record_not_ready
 from controller.runtime.store import Store
 from crds import Event, IscsiTarget, ObjectMeta, VirtualMachine, VolumeGroup
 from crds.iscsitarget import IscsiTargetSpec
 from crds.virtualmachine import VirtualMachineSpec
 from crds.volumegroup import VolumeGroupSpec
 from reconcilers.drivers.lvm import LvmError
-from reconcilers.volumegroup import (
-    ActivationConflict,
-    LockTimeout,
-    LvmSettings,
-    VolumeGroupReconciler,
-    activate_for_vm,
-    active_on,
-    metadata_lock,
-)
+from reconcilers.lvm_lock import LockTimeout, LvmSettings, metadata_lock
+from reconcilers.volume_claims import ActivationConflict, activate_for_vm, active_on
+from reconcilers.volumegroup import VolumeGroupReconciler
 
 NODE = "host1"
 MIB = 1 << 20
@@ -84,7 +79,11 @@ def volume_group(vg_name: str, devices: list[str], lvs: dict[str, str]) -> Volum
 
 
 async def converge(store: Store, reconciler: VolumeGroupReconciler) -> VolumeGroup:
-    await reconciler.reconcile("vg-cluster")
+    """One reconcile as the agent's workers run it: a `Blocked` one is recorded on the object."""
+    try:
+        await reconciler.reconcile("vg-cluster")
+    except Blocked as blocked:
+        await record_not_ready(store, reconciler.recorder, "VolumeGroup", "vg-cluster", blocked)
     obj = await store.get("VolumeGroup", "vg-cluster")
     assert isinstance(obj, VolumeGroup)
     return obj

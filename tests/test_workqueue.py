@@ -12,7 +12,13 @@ from collections import Counter
 
 import pytest
 
-from controller.runtime.reconcile import Result, RetryableError, TerminalError, run_workers
+from controller.runtime.reconcile import (
+    Blocked,
+    Result,
+    RetryableError,
+    TerminalError,
+    run_workers,
+)
 from controller.runtime.workqueue import QueueShutDown, WorkQueue
 
 DEADLINE = 10.0
@@ -321,6 +327,38 @@ async def test_failure_to_record_a_terminal_error_retries_the_key() -> None:
     finally:
         await stop_workers(workers)
     assert attempts == ["a", "a"]
+
+
+async def test_blocked_is_recorded_and_looked_at_again_after_its_delay() -> None:
+    queue = WorkQueue(base_delay=0.001)
+    recorder = Recorder(queue)
+    recorder.outcomes["a"] = [Blocked("VolumeActivationFailed", "claimed by host2", 0.05)]
+    recorded: list[tuple[str, str]] = []
+
+    async def on_blocked(key: str, blocked: Blocked) -> None:
+        recorded.append((key, blocked.reason))
+
+    workers = asyncio.create_task(run_workers(queue, recorder, 1, on_blocked=on_blocked))
+    try:
+        queue.add("a")
+        await recorder.wait_for("a", 2)
+    finally:
+        await stop_workers(workers)
+    assert recorded == [("a", "VolumeActivationFailed")]
+    assert recorder.requeues_seen == [0, 0]  # after its delay, not with backoff
+
+
+async def test_blocked_without_a_delay_backs_off() -> None:
+    queue = WorkQueue(base_delay=0.001)
+    recorder = Recorder(queue)
+    recorder.outcomes["a"] = [Blocked("LvmFailed", "x"), Blocked("LvmFailed", "x")]
+    workers = asyncio.create_task(run_workers(queue, recorder, 1))
+    try:
+        queue.add("a")
+        await recorder.wait_for("a", 3)
+    finally:
+        await stop_workers(workers)
+    assert recorder.requeues_seen == [0, 1, 2]
 
 
 def test_terminal_error_reason_must_be_camel_case() -> None:

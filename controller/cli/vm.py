@@ -98,9 +98,9 @@ async def run_agent(args: argparse.Namespace) -> int:
     from controller.runtime.heartbeat import HeartbeatTiming
     from controller.runtime.systemd import Service
     from reconcilers.drivers.libvirt import LibvirtError
+    from reconcilers.lvm_lock import LvmSettings
     from reconcilers.storage import StorageSettings
     from reconcilers.virtualmachine import DomainSettings
-    from reconcilers.volumegroup import LvmSettings
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.INFO)

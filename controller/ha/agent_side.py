@@ -28,13 +28,12 @@ from controller.runtime.store import Store, StoreError
 from crds import ClusterNode
 from crds.event import ObjectReference
 from reconcilers.drivers.libvirt import (
-    DomainNotFound,
-    DomainStateConflict,
     LibvirtError,
     LibvirtHost,
 )
-from reconcilers.virtualmachine import ACTIVE_STATES
+from reconcilers.virtualmachine import ACTIVE_STATES, destroy_every_domain
 
+from .agent_rules import must_clean_after_fence
 from .environment import HaTimings, acked_but_running
 from .requests import NodeReport, read_report, write_report
 
@@ -60,17 +59,6 @@ async def running_domains(host: LibvirtHost) -> frozenset[str]:
         for domain in await host.list_domains()
         if domain.metadata.get("uid") and domain.state in ACTIVE_STATES
     )
-
-
-async def destroy_every_domain(host: LibvirtHost) -> list[str]:
-    """Destroy every running kvmctl domain of `host` (libvirt only); the VMs destroyed."""
-    destroyed = []
-    for domain in await host.list_domains():
-        if domain.metadata.get("uid") and domain.state in ACTIVE_STATES:
-            with contextlib.suppress(DomainNotFound, DomainStateConflict):
-                await host.destroy(domain.name)
-            destroyed.append(domain.metadata.get("vm", domain.name))
-    return destroyed
 
 
 class HaReporter:
@@ -131,14 +119,11 @@ class HaReporter:
             previous = await read_report(self.store, self.node)
             self._cleaned_fence = None if previous is None else previous.cleaned_fence
             self._loaded = True
-        fence = None if node is None or node.status.fence is None else node.status.fence
-        if (
-            node is not None
-            and node.status.health == "Fenced"
-            and fence is not None
-            and fence.confirmed_at is not None
-            and fence.confirmed_at != self._cleaned_fence
-        ):
+        fence = None if node is None else node.status.fence
+        health = None if node is None else node.status.health
+        confirmed_at = None if fence is None else fence.confirmed_at
+        if must_clean_after_fence(health, confirmed_at, self._cleaned_fence):
+            assert fence is not None
             destroyed = await destroy_every_domain(host)
             log.warning(
                 "%s found its node Fenced (%s): destroyed %s",

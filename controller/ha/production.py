@@ -627,11 +627,13 @@ class EtcdEnvironment:
             current = None if status.placement is None else status.placement.node
             if current == action.node and not action.relocation:
                 return False
+            if current != action.node:
+                status.node = None  # its agent's last report was about another placement
             status.placement = placement
             if action.relocation:
                 status.relocations += 1
                 status.restarts = []
-                _drop_condition(status, RESTART_LIMIT)
+                status.drop_condition(RESTART_LIMIT)
             return True
 
         await self._patch("VirtualMachine", action.vm, mutate)
@@ -705,14 +707,10 @@ def _heartbeat_prefix(prefix: str) -> str:
     return heartbeat_key(prefix, "node").rpartition("/")[0] + "/"
 
 
-def _drop_condition(status: Any, type_: str) -> None:
-    status.conditions = [c for c in status.conditions if c.type != type_]
-
-
 def _restart(vm: Any) -> bool:
     """Record an in-place restart; dropping RestartLimitReached lets the agent start it."""
     vm.status.restarts = [*vm.status.restarts, _precise_now()]
-    _drop_condition(vm.status, RESTART_LIMIT)
+    vm.status.drop_condition(RESTART_LIMIT)
     return True
 
 
@@ -728,8 +726,8 @@ def _set_failed(vm: Any, failed: bool) -> bool:
                 "started, to try again",
             )
         )
-    _drop_condition(status, FAILED)
-    _drop_condition(status, RESTART_LIMIT)
+    status.drop_condition(FAILED)
+    status.drop_condition(RESTART_LIMIT)
     status.restarts = []
     status.relocations = 0
     return True
@@ -740,7 +738,4 @@ def _set_hold(vm: Any, condition: str, reason: str, message: str | None) -> bool
     status = vm.status
     if message is not None:
         return bool(status.set_condition(condition, "True", reason, message))
-    if status.condition(condition) is None:
-        return False
-    _drop_condition(status, condition)
-    return True
+    return bool(status.drop_condition(condition))

@@ -2,10 +2,12 @@
 
 Each host models what really runs there: which VMs have a qemu process (starting, running, or
 an incoming migration), whether it is powered, whether its agent runs and reaches etcd. The
-simulated agents follow the agent's contract (docs/ha.md): renew the lease, report domains,
-start what is placed on an Online node, stop what is not theirs, self-fence at the deadline
-when the node's policy relies on it, feed the watchdog only while that is safe, and destroy
-every stale domain when they find their node Fenced. Time advances in ticks of 0.1 s.
+simulated agents renew their lease and report their domains; everything they decide is the
+shipped agent's rules, called here as the real agent calls them: what to do with each domain
+and when starting is allowed (`controller/ha/agent_rules.py`: start what is placed here,
+restart a crashed guest in place per its restart policy, destroy what is not placed here),
+the self-fence deadline and the watchdog feed rule (`controller/runtime/self_fence.py`), and
+cleaning a node found Fenced. Time advances in ticks of 0.1 s.
 
 Direct heartbeats: a powered, booted host whose agent (or controller) runs and whose network
 is up is heard by every controller on the network, each tick. Controllers either run outside
@@ -27,10 +29,21 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from controller.exclusive import Claims
+from controller.runtime.self_fence import lease_valid, may_feed_watchdog
 from crds.clusternode import ClusterNodeSpec, NodeHealth
 from crds.clusterpolicy import AdmissionPolicy
 from crds.virtualmachine import VirtualMachineSpec
 
+from .agent_rules import (
+    DomainAction,
+    DomainFacts,
+    decide_domain,
+    gave_up_message,
+    must_clean_after_fence,
+    recent_restarts,
+    restarted_message,
+    start_blocker,
+)
 from .environment import (
     Action,
     ClearFenceAck,
@@ -110,6 +123,8 @@ class Host:
     self_fenced: bool = False
     reported: frozenset[str] = frozenset()
     clean_since: float | None = None
+    cleaned_fence: float | None = None
+    """The fence (its confirmation time) the agent last cleaned the node after."""
     fence_ack_at: float | None = None
     drain: DrainMode | None = None
     health: NodeHealth = "Online"
@@ -148,6 +163,11 @@ class SimVm:
     down_since: float | None = None
     disk_conflict: str | None = None
     admission_hold: str | None = None
+    status_node: str | None = None
+    """The node whose agent last wrote the VM's state (the engine believes it only from the
+    placement node, as production's environment does)."""
+    gave_up_on: str | None = None
+    """The node whose agent gave up restarting the VM (`RestartLimitReached`)."""
 
 
 @dataclass
@@ -214,7 +234,7 @@ class Simulator:
         for vm in vms:
             if vm.placement is not None and vm.spec.run_state == "started":
                 self.hosts[vm.placement].qemu[vm.name] = Qemu("running")
-                vm.state = "Running"
+                vm.state, vm.status_node = "Running", vm.placement
         for host in hosts:
             host.reported = frozenset(host.qemu)
         self._check_disks()
@@ -289,7 +309,7 @@ class Simulator:
                 name=vm.name,
                 spec=vm.spec,
                 placement=vm.placement,
-                state=vm.state,
+                state=vm.state if vm.status_node == vm.placement else "Stopped",
                 crashed_at=vm.crashed_at,
                 restarts=tuple(vm.restarts),
                 relocations=vm.relocations,
@@ -323,7 +343,9 @@ class Simulator:
         elif isinstance(action, Place):
             self._place(action)
         elif isinstance(action, Restart):
-            self.vms[action.vm].restarts.append(self.now())
+            vm = self.vms[action.vm]
+            vm.restarts.append(self.now())
+            vm.gave_up_on = None  # dropping RestartLimitReached lets the agent start it
         elif isinstance(action, SetFailed):
             vm = self.vms[action.vm]
             vm.failed = action.failed
@@ -331,6 +353,7 @@ class Simulator:
                 vm.restarts.clear()
                 vm.relocations = 0
                 vm.crashed_at = None
+                vm.gave_up_on = None
         elif isinstance(action, SetDiskConflict):
             self.vms[action.vm].disk_conflict = action.message
         elif isinstance(action, SetAdmissionHold):
@@ -424,6 +447,8 @@ class Simulator:
         moved = old is not None and action.node is not None and old.name != action.node
         if moved and old is not None and old.health not in ("Online", "Fenced") and not migrated:
             self.violation(f"{vm.name} moved off {old.name}, which is {old.health}")
+        if vm.placement != action.node:
+            vm.status_node = None  # as production's Place: the last report was another placement
         vm.placement = action.node
         if action.relocation:
             vm.relocations += 1
@@ -530,8 +555,6 @@ class Simulator:
             qemu = host.qemu.get(vm_name)
             if host.powered and qemu is not None and qemu.phase == "running":
                 del host.qemu[vm_name]
-                vm.crashed_at = self.now()
-                vm.state = "Crashed"
                 self.log(f"host/{host.name}", f"{vm_name} crashed")
                 self._fail_migration(vm, "the source guest crashed")
                 self._lose([vm_name])
@@ -702,7 +725,6 @@ class Simulator:
                 if qemu.phase == "starting" and now >= qemu.ready_at:
                     qemu.phase = "running"
                     vm = self.vms[name]
-                    vm.crashed_at = None
                     down = "" if vm.down_since is None else f" (down {now - vm.down_since:.1f}s)"
                     vm.down_since = None
                     self.log(f"host/{host.name}", f"{name} running{down}")
@@ -755,6 +777,12 @@ class Simulator:
                     FenceResult(run.attempt, run.node, run.method, run.ok, run.message)
                 )
 
+    def _lease_valid(self, host: Host) -> bool:
+        timings = self.timings
+        return lease_valid(
+            self.now(), host.last_renewal, timings.lease_ttl, timings.self_fence_margin
+        )
+
     def _watchdog_and_self_fence(self, host: Host) -> None:
         if not host.powered or host.boot_done_at is not None:
             return
@@ -765,9 +793,8 @@ class Simulator:
                 self.power_off(host.name, "watchdog reset the host")
                 self.power_on(host.name)
             return
-        deadline = (host.last_renewal or 0.0) + self.timings.lease_ttl
-        deadline -= self.timings.self_fence_margin
-        if relies_on_self_fence and now >= deadline:
+        valid = self._lease_valid(host)
+        if relies_on_self_fence and not valid:
             # Past the deadline the agent destroys every domain, including late arrivals.
             host.self_fenced = True
             lost = sorted(host.qemu)
@@ -775,43 +802,38 @@ class Simulator:
             if lost:
                 self.log(f"host/{host.name}", f"agent self-fenced: destroyed {', '.join(lost)}")
                 self._lose([n for n in lost if n in self.vms])
-        # Feed only while a stall could not outlive the self-fence deadline.
-        if host.self_fenced or now + self.timings.watchdog_timeout <= deadline:
+        if may_feed_watchdog(
+            working=True,
+            self_fence_enabled=relies_on_self_fence,
+            lease_valid=valid,
+            self_fenced=host.self_fenced,
+            self_fence_failed=False,
+        ):
             host.last_feed = now
 
     def _agent(self, host: Host) -> None:
+        """The agent's heartbeat and reports; its decisions are the shipped rules."""
         now = self.now()
         due = host.last_renewal is None or now - host.last_renewal >= self.timings.renew_interval
         if due and self._etcd_down is None:
             host.last_renewal = now
             host.lease_until = now + self.timings.lease_ttl
             host.self_fenced = False
-        if host.health == "Fenced":
-            if host.fence is not None and (
-                host.clean_since is None or host.clean_since < host.fence.at
-            ):
-                stale = sorted(host.qemu)
-                host.qemu.clear()
-                host.clean_since = now
-                text = f"destroyed {', '.join(stale)}" if stale else "nothing to destroy"
-                self.log(f"host/{host.name}", f"agent found its node Fenced: {text}")
-                if stale and host.fence.how == "ManualAck":
-                    self._warn_acked_but_running(host.name, stale)
-                self._lose(stale)
-        elif host.health == "Online":
-            self._agent_converge(host)
+        fence = host.fence
+        if must_clean_after_fence(
+            host.health, None if fence is None else fence.at, host.cleaned_fence
+        ):
+            assert fence is not None
+            stale = sorted(host.qemu)
+            host.qemu.clear()
+            host.clean_since, host.cleaned_fence = now, fence.at
+            text = f"destroyed {', '.join(stale)}" if stale else "nothing to destroy"
+            self.log(f"host/{host.name}", f"agent found its node Fenced: {text}")
+            if stale and fence.how == "ManualAck":
+                self._warn_acked_but_running(host.name, stale)
+            self._lose(stale)
+        self._agent_converge(host)
         host.reported = frozenset(host.qemu)
-        for vm in self.vms.values():
-            if vm.placement == host.name and (
-                vm.migration is None or vm.migration.phase != "Running"
-            ):
-                qemu = host.qemu.get(vm.name)
-                if qemu is not None and qemu.phase == "running":
-                    vm.state = "Running"
-                elif vm.crashed_at is not None:
-                    vm.state = "Crashed"
-                else:
-                    vm.state = "Stopped"
 
     def _warn_acked_but_running(self, node: str, destroyed: list[str]) -> None:
         """The agent's Warnings when a node acknowledged as off still ran domains."""
@@ -822,30 +844,78 @@ class Simulator:
         self.log(f"{emit.kind}/{emit.name}", f"{emit.type} {emit.reason}: {emit.message}")
 
     def _agent_converge(self, host: Host) -> None:
-        """Start what is placed here, stop what is not (the agent's reconcile)."""
-        now = self.now()
-        for vm in sorted(self.vms.values(), key=lambda v: v.name):
-            migration = vm.migration
-            migrating = migration is not None and migration.phase in ("Running", "Succeeded")
-            qemu = host.qemu.get(vm.name)
-            if vm.placement == host.name:
-                wanted = vm.spec.run_state == "started" and not vm.failed
-                awaiting_restart = vm.crashed_at is not None and not any(
-                    t >= vm.crashed_at for t in vm.restarts
-                )
-                left = migrating and migration is not None and migration.source == host.name
-                if wanted and qemu is None and not awaiting_restart and not left:
-                    host.qemu[vm.name] = Qemu("starting", now + self.settings.start_seconds)
-                    self.log(f"host/{host.name}", f"starting {vm.name}")
-                elif not wanted and qemu is not None:
-                    del host.qemu[vm.name]
-                    self.log(f"host/{host.name}", f"stopped {vm.name}")
-            elif qemu is not None:
-                arriving = migrating and migration is not None and migration.target == host.name
-                if not arriving:
-                    del host.qemu[vm.name]
-                    self.log(f"host/{host.name}", f"stopped {vm.name} (not placed here)")
-                    self._lose([vm.name])
+        """The VM reconciler's step for every VM placed or running here (`decide_domain`)."""
+        blocker = start_blocker(self._lease_valid(host), host.self_fenced, host.health)
+        names = set(host.qemu) | {v.name for v in self.vms.values() if v.placement == host.name}
+        for name in sorted(names):
+            vm = self.vms[name]
+            qemu = host.qemu.get(name)
+            facts = DomainFacts(
+                placed_here=vm.placement == host.name,
+                wanted=vm.spec.run_state == "started",
+                running=qemu is not None and qemu.phase != "incoming",
+                migration_owns=self._migration_owns(vm, host.name),
+                ran_here=vm.state == "Running" and vm.status_node == host.name,
+                gave_up_here=vm.gave_up_on == host.name,
+                restarts=tuple(vm.restarts),
+                policy=vm.spec.restart_policy,
+                now=self.now(),
+                start_blocker=blocker,
+            )
+            self._agent_act(host, vm, qemu, facts, decide_domain(facts))
+
+    @staticmethod
+    def _migration_owns(vm: SimVm, node: str) -> bool:
+        """`reconcilers.migration.in_flight_migration` for the simulated migration."""
+        migration = vm.migration
+        return (
+            migration is not None
+            and migration.phase in ("Running", "Succeeded")
+            and node in (migration.source, migration.target)
+        )
+
+    def _agent_act(
+        self, host: Host, vm: SimVm, qemu: Qemu | None, facts: DomainFacts, action: DomainAction
+    ) -> None:
+        """What the real reconciler does for `action`, to the simulated host and VM status."""
+        now, where = self.now(), f"host/{host.name}"
+        if action == "destroy":
+            del host.qemu[vm.name]
+            self.log(where, f"stopped {vm.name} (not placed here)")
+            self._lose([vm.name])
+        elif action == "stop":
+            if qemu is not None:
+                del host.qemu[vm.name]
+                self.log(where, f"stopped {vm.name}")
+            vm.state, vm.status_node, vm.crashed_at, vm.gave_up_on = (
+                "Stopped",
+                host.name,
+                None,
+                None,
+            )
+            vm.restarts.clear()
+        elif action == "keep" and qemu is not None and qemu.phase == "running":
+            vm.state, vm.status_node, vm.crashed_at, vm.gave_up_on = (
+                "Running",
+                host.name,
+                None,
+                None,
+            )
+        elif action in ("start", "restart"):
+            host.qemu[vm.name] = Qemu("starting", now + self.settings.start_seconds)
+            self.log(where, f"starting {vm.name}")
+            if action == "restart":
+                vm.restarts = [*recent_restarts(vm.restarts, facts.policy, now), now]
+                message = restarted_message(host.name, len(vm.restarts), facts.policy)
+                self._log_emit(Emit("VirtualMachine", vm.name, "VMRestarted", message, "Warning"))
+        elif action == "give_up":
+            vm.restarts = recent_restarts(vm.restarts, facts.policy, now)
+            vm.state, vm.status_node, vm.crashed_at = "Crashed", host.name, now
+            vm.gave_up_on = host.name
+            message = gave_up_message(host.name, len(vm.restarts), facts.policy)
+            self._log_emit(
+                Emit("VirtualMachine", vm.name, "RestartLimitReached", message, "Warning")
+            )
 
     def _check_copies(self) -> None:
         for vm in self.vms.values():

@@ -10,8 +10,8 @@ kind's object names) and what else enqueues those keys:
   is enqueued only if the changed object passes; a key from a watch or a source only if the
   cached object of that name exists and passes.
 
-`on_terminal` replaces the manager's default recording of a `TerminalError` (Ready=False on the
-object's status and a Warning event).
+`on_not_ready` replaces the manager's default recording of a `TerminalError` or a `Blocked`
+outcome (Ready=False on the object's status and a Warning event).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.runtime.informer import KeyMapper, KeySink, SharedInformers
-from controller.runtime.reconcile import OnTerminal, Reconciler, run_workers
+from controller.runtime.reconcile import OnNotReady, Reconciler, run_workers
 from controller.runtime.workqueue import WorkQueue
 from crds import AnyResource
 
@@ -60,7 +60,7 @@ class Controller:
     watches: Sequence[Watch] = field(default_factory=tuple)
     predicate: Predicate | None = None
     sources: Sequence[Source] = field(default_factory=tuple)
-    on_terminal: OnTerminal | None = None
+    on_not_ready: OnNotReady | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -95,7 +95,7 @@ class ControllerRunner:
                 return
         self.queue.add(key)
 
-    async def run(self, on_terminal: OnTerminal) -> None:
+    async def run(self, record: OnNotReady) -> None:
         """Enqueue every cached object it handles, then reconcile until cancelled."""
         controller = self.controller
         queue = WorkQueue()
@@ -111,7 +111,7 @@ class ControllerRunner:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(
-                    run_workers(queue, reconciler, controller.workers, on_terminal),
+                    run_workers(queue, reconciler, controller.workers, record, record),
                     name=f"{controller.name} workers",
                 )
                 for source in controller.sources:

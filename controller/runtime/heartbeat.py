@@ -6,7 +6,8 @@ these keys: a key that disappears means the node is lost.
 
 Self-fencing: the time a successful renewal was *sent* is kept on the local monotonic clock
 (etcd counts the TTL from when it received it, which is later). The self-fence deadline is
-`last_success + ttl - margin`: if it passes without a renewal and the node's policy relies on
+`last_success + ttl - margin` (the rules are pure, in `controller/runtime/self_fence.py`, shared
+with the HA simulator): if it passes without a renewal and the node's policy relies on
 self-fencing, `on_self_fence` runs at once (it destroys the node's VMs through libvirt, without
 waiting for etcd), so the VMs are gone before the lease can expire on the server.
 
@@ -28,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aetcd
+
+from controller.runtime.self_fence import lease_valid, may_feed_watchdog, self_fence_deadline
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +59,6 @@ class HeartbeatTiming:
                 f"self-fence margin must be >= 0 and below the TTL ({self.ttl} s), "
                 f"got {self.self_fence_margin}"
             )
-
-    @property
-    def validity(self) -> float:
-        """Seconds after a renewal was sent during which the lease is surely still held."""
-        return self.ttl - self.self_fence_margin
 
 
 def heartbeat_key(prefix: str, node: str) -> str:
@@ -158,10 +156,9 @@ class Heartbeat:
 
     def lease_valid(self) -> bool:
         """True while the last renewal is recent enough that etcd surely holds the lease."""
-        if self._last_success is None:
-            return False
-        loop = asyncio.get_running_loop()
-        return loop.time() < self._last_success + self.timing.validity
+        now = asyncio.get_running_loop().time()
+        timing = self.timing
+        return lease_valid(now, self._last_success, timing.ttl, timing.self_fence_margin)
 
     def acknowledge_fence(self) -> None:
         """The agent has re-synchronised after a self-fence: VMs may start again."""
@@ -216,7 +213,8 @@ class Heartbeat:
         fenced_for: float | None = None  # the renewal time whose deadline we already acted on
         while True:
             assert self._last_success is not None
-            deadline = self._last_success + self.timing.validity
+            timing = self.timing
+            deadline = self_fence_deadline(self._last_success, timing.ttl, timing.self_fence_margin)
             if loop.time() < deadline:
                 await asyncio.sleep(min(deadline - loop.time(), self.timing.renew_interval))
                 continue
@@ -243,15 +241,14 @@ class Heartbeat:
                 self.self_fence_failed = True
 
     def _may_feed(self) -> bool:
-        """Feed while the agent works and, on a self-fencing node, while its guests are covered:
-        the lease is valid, or the self-fence destroyed them. A lapsed lease with guests possibly
-        still running stops the feeding, so the host is reset by the self-fence deadline plus
-        the watchdog timeout, which the controller's recovery grace covers (docs/ha.md)."""
-        if not self._healthy() or self.self_fence_failed:
-            return False
-        if not self._self_fence_enabled():
-            return True
-        return self.lease_valid() or self.self_fenced
+        """The watchdog feed rule of `controller/runtime/self_fence.py` (docs/ha.md)."""
+        return may_feed_watchdog(
+            working=self._healthy(),
+            self_fence_enabled=self._self_fence_enabled(),
+            lease_valid=self.lease_valid(),
+            self_fenced=self.self_fenced,
+            self_fence_failed=self.self_fence_failed,
+        )
 
     async def _feed_forever(self, watchdog: Watchdog) -> None:
         # Open (and so arm) the watchdog only once the lease is held: an agent restarted while

@@ -14,8 +14,9 @@ external sources, a predicate), so the reconcile spans, queue depths and duratio
    enqueues every cached object, so nothing changed meanwhile is missed; `leader_tasks` are
    other long-running leader-only work (the HA loop), started each term with the term's
    fencing token and guard and cancelled with it;
-3. records a terminal reconcile error as `Ready=False reason=<reason>` on the object's status
-   (guarded by the fencing token for leader-only controllers) and as a Warning event;
+3. records a terminal reconcile error, and a blocked reconcile (`Blocked`: warned once, looked
+   at again later), as `Ready=False reason=<reason>` on the object's status (guarded by the
+   fencing token for leader-only controllers) and a Warning event (`record_not_ready`);
 4. serves `GET /healthz` (200 once synced and every part alive, else 503) and `GET /metrics`
    (prometheus_client's default registry, where `setup_telemetry(..., "prometheus")` puts
    kvmctl's metrics) on a loopback port by default;
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -42,15 +44,21 @@ from controller.runtime.defaults import DEFAULT_HTTP_PORT
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, KeySink, SharedInformers
 from controller.runtime.leader import ElectionTiming, LeaderElector, guard_compare
-from controller.runtime.reconcile import OnTerminal, RetryableError, TerminalError
-from controller.runtime.store import Compare, NotFound, Store
+from controller.runtime.reconcile import (
+    Blocked,
+    OnNotReady,
+    RetryableError,
+    TerminalError,
+    record_not_ready,
+)
+from controller.runtime.store import Compare, Store
 
 from . import telemetry
 
 log = logging.getLogger(__name__)
 
 HTTP_READ_TIMEOUT = 5.0
-MAX_CONDITION_MESSAGE = 4096
+"""Records a terminal error or a blocked reconcile on the object (`record_not_ready`)."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +227,7 @@ class Manager:
                 return
             for runner in self._runners:
                 if not runner.controller.leader_only:
-                    work = runner.run(self._on_terminal(runner.controller))
+                    work = runner.run(self._recording(runner.controller))
                     name = f"controller {runner.controller.name}"
                     self._tasks.append(asyncio.create_task(work, name=name))
             for task in self._background:
@@ -274,7 +282,7 @@ class Manager:
             async with asyncio.TaskGroup() as group:
                 for runner in self._runners:
                     if runner.controller.leader_only:
-                        group.create_task(runner.run(self._on_terminal(runner.controller)))
+                        group.create_task(runner.run(self._recording(runner.controller)))
                 for task in self._leader_tasks:
                     group.create_task(task.run(token, list(guard)), name=task.name)
         finally:
@@ -282,30 +290,17 @@ class Manager:
             if self.elector is not None:
                 telemetry.set_leader(self.elector.key, False)
 
-    def _on_terminal(self, controller: Controller) -> OnTerminal:
-        if controller.on_terminal is not None:
-            return controller.on_terminal
+    def _recording(self, controller: Controller) -> OnNotReady:
+        if controller.on_not_ready is not None:
+            return controller.on_not_ready
+        return functools.partial(self._record, controller)
 
-        async def record(key: str, error: TerminalError) -> None:
-            guard = self.leader_guard() if controller.leader_only else []
-            message = error.message[:MAX_CONDITION_MESSAGE]
-
-            def mark_not_ready(obj: Any) -> bool:
-                changed: bool = obj.status.set_condition(
-                    "Ready", "False", error.reason, message, obj.metadata.generation
-                )
-                return changed
-
-            try:
-                obj = await self.store.patch_status(
-                    controller.kind, key, mark_not_ready, guard=guard
-                )
-            except NotFound:
-                log.info("%s %s is gone; terminal error not recorded", controller.kind, key)
-                return
-            await self.recorder.record(obj, "Warning", error.reason, message)
-
-        return record
+    async def _record(
+        self, controller: Controller, key: str, error: TerminalError | Blocked
+    ) -> None:
+        """`Ready=False` and a Warning event (guarded by the term for leader-only controllers)."""
+        guard = self.leader_guard() if controller.leader_only else []
+        await record_not_ready(self.store, self.recorder, controller.kind, key, error, guard)
 
     async def _shutdown(self) -> None:
         """Stop in order: workers and leadership (resigning), informers, HTTP, the store."""

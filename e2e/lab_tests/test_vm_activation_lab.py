@@ -27,9 +27,9 @@ import pytest
 from controller.runtime.store import Store
 from e2e.harness.lvm_lab import is_active, lvm_conf
 from reconcilers.drivers.lvm import LvmError
-from reconcilers.volumegroup import (
+from reconcilers.lvm_lock import LvmSettings
+from reconcilers.volume_claims import (
     ActivationConflict,
-    LvmSettings,
     activate_for_vm,
     active_on,
     active_tag,

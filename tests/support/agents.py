@@ -23,7 +23,7 @@ from e2e.harness.private_host import host_uri
 from e2e.harness.standin import StandInController
 from reconcilers.drivers.libvirt import DomainState
 from reconcilers.virtualmachine import DomainSettings
-from reconcilers.volumegroup import LvmSettings
+from reconcilers.lvm_lock import LvmSettings
 
 DEADLINE = 30.0
 

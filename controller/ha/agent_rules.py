@@ -1,0 +1,121 @@
+"""The host agent's decisions, pure: what to do with a VM's domain, when starting is allowed,
+when a node found Fenced must be cleaned.
+
+The real agent (`reconcilers/virtualmachine/`, `controller/agent.py`, `controller/ha/agent_side.py`)
+and the HA simulator (`controller/ha/simulator.py`) both call these functions, so the property
+test and the golden scenarios exercise the rules that ship. The self-fence deadline and the
+watchdog feed rule are in `controller/runtime/self_fence.py` (the heartbeat sits in the runtime
+layer, which may not import this package). Nothing here reads a clock, a store or libvirt:
+times are seconds on whatever clock the caller passes as `now`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from crds.clusternode import NodeHealth
+from crds.virtualmachine import RestartPolicy
+
+FENCING_HEALTH: frozenset[NodeHealth] = frozenset({"Fencing", "Fenced"})
+"""While its node is in one of these states, an agent starts nothing (the controller may be
+powering it off, or has declared it off)."""
+
+DomainAction = Literal[
+    "leave",  # a migration to or from this node owns the domain: neither start nor destroy
+    "destroy",  # runs here but is not placed here: destroy at once (never two copies)
+    "forget",  # neither placed nor running here: release what this node still holds for it
+    "stop",  # placed here, runState is not started: shut down (then destroy)
+    "keep",  # placed here and running: adopt it, report it running
+    "wait",  # should run here but starting is not allowed now (`start_blocker`)
+    "start",  # should run here and has not: start it
+    "restart",  # ran here and stopped unexpectedly, under the restart limit: restart in place
+    "give_up",  # ran here and stopped unexpectedly, at the restart limit: leave it down, Crashed
+    "stay_down",  # gave up here before: left down until the controller restarts or moves it
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DomainFacts:
+    """What the agent of one node knows about one VM when it decides."""
+
+    placed_here: bool
+    wanted: bool
+    """The VM's runState is `started`."""
+    running: bool
+    """libvirt reports a guest of this VM on this node (a qemu process exists)."""
+    migration_owns: bool
+    """A migration of the VM to or from this node is in flight."""
+    ran_here: bool
+    """The VM's status says it was Running on this node (so a stopped guest crashed)."""
+    gave_up_here: bool
+    """`RestartLimitReached` is set for this node."""
+    restarts: Sequence[float]
+    """When the VM was restarted in place (seconds on the caller's clock)."""
+    policy: RestartPolicy
+    now: float
+    start_blocker: str | None
+    """Why starting is not allowed now (`start_blocker`), or None."""
+
+
+def recent_restarts(restarts: Sequence[float], policy: RestartPolicy, now: float) -> list[float]:
+    """The restarts that still count against the policy's window."""
+    return [moment for moment in restarts if moment > now - policy.window_seconds]
+
+
+def decide_domain(facts: DomainFacts) -> DomainAction:
+    """What the agent does with the VM's domain on its node now (one step; see `DomainAction`)."""
+    if facts.migration_owns:
+        return "leave"
+    if not facts.placed_here:
+        return "destroy" if facts.running else "forget"
+    if not facts.wanted:
+        return "stop"
+    if facts.running:
+        return "keep"
+    if facts.start_blocker is not None:
+        return "wait"
+    if facts.gave_up_here:
+        return "stay_down"
+    if not facts.ran_here:
+        return "start"
+    recent = recent_restarts(facts.restarts, facts.policy, facts.now)
+    return "give_up" if len(recent) >= facts.policy.max_restarts else "restart"
+
+
+def start_blocker(lease_valid: bool, self_fenced: bool, health: NodeHealth | None) -> str | None:
+    """Why the agent may not start domains now, or None: it starts only while its heartbeat
+    lease is surely held, after any self-fence was recovered from, and while its node is not
+    being fenced (any other health, Online or not, allows it)."""
+    if not lease_valid:
+        return "no valid heartbeat lease"
+    if self_fenced:
+        return "self-fenced: waiting for the heartbeat lease to come back"
+    if health in FENCING_HEALTH:
+        return f"node is {health}"
+    return None
+
+
+def must_clean_after_fence(
+    health: NodeHealth | None, confirmed_at: object | None, cleaned: object | None
+) -> bool:
+    """Whether an agent that finds its node in `health`, fenced at `confirmed_at`, must destroy
+    every domain now: Fenced, and not yet cleaned after this very fence (`cleaned`)."""
+    return health == "Fenced" and confirmed_at is not None and confirmed_at != cleaned
+
+
+def restarted_message(node: str, count: int, policy: RestartPolicy) -> str:
+    """The Warning `VMRestarted` of a restart in place."""
+    return (
+        f"domain stopped unexpectedly on {node}; restarted in place "
+        f"({count} of {policy.max_restarts} in {policy.window_seconds} s)"
+    )
+
+
+def gave_up_message(node: str, count: int, policy: RestartPolicy) -> str:
+    """The Warning `RestartLimitReached` (and the Ready message) when the agent gives up."""
+    return (
+        f"domain stopped unexpectedly on {node}: {count} restarts within "
+        f"{policy.window_seconds} s reached the limit of {policy.max_restarts}; left down"
+    )
