@@ -22,8 +22,8 @@ from e2e.harness.polling import eventually
 from e2e.harness.private_host import host_uri
 from e2e.harness.standin import StandInController
 from reconcilers.drivers.libvirt import DomainState
-from reconcilers.virtualmachine import DomainSettings
 from reconcilers.lvm_lock import LvmSettings
+from reconcilers.virtualmachine import DomainSettings
 
 DEADLINE = 30.0
 
