@@ -1,9 +1,14 @@
-"""kvmctl run in-process against the test's etcd prefix: `kvmctl` (in the test's thread) and
-`kvmctl_thread` (awaitable: in a worker thread, as kvmctl runs its own event loop)."""
+"""kvmctl run against the test's etcd prefix: `kvmctl` (in-process, in the test's thread) and
+`kvmctl_thread` (awaitable, for async tests: kvmctl as its own process, as users run it).
+
+`kvmctl_thread` does not run kvmctl in-process beside the test's event loop: gRPC's asyncio
+completion queue is one per process, and a second loop that closes while a call of the test's
+store is in flight makes it log "Event loop is closed" on the stderr the test reads."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -45,14 +50,27 @@ def kvmctl(kvmctl_env: None, capsys: pytest.CaptureFixture[str]) -> Run:
 
 
 @pytest.fixture
-def kvmctl_thread(kvmctl_env: None, capsys: pytest.CaptureFixture[str]) -> Kvmctl:
-    """Run kvmctl in a worker thread; awaits (code, stdout, stderr)."""
+def kvmctl_thread(kvmctl_env: None) -> Kvmctl:
+    """Run kvmctl as a child process; awaits (code, stdout, stderr). The child is killed if the
+    test stops waiting for it (a failed or cancelled test)."""
 
     async def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = await asyncio.to_thread(exit_code, list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "controller.cli",
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await child.communicate()
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+        assert child.returncode is not None
+        return child.returncode, out.decode(), err.decode()
 
     return run
 
