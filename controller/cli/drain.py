@@ -22,6 +22,7 @@ from controller.runtime.store import Compacted, Conflict, NotFound, Store
 from crds import ClusterNode, Event, VirtualMachine
 
 from .connect import name_arg, store_from
+from .flags import add_wait_flags
 
 DRAIN_POLL = 0.5
 BLOCKERS = frozenset({"VMNotMigratable"})
@@ -49,15 +50,7 @@ def _add_commands(group: Any) -> None:
         action="store_true",
         help="stop VMs that may not live-migrate and restart them elsewhere",
     )
-    drain.add_argument("--wait", action="store_true", help="wait until the node is empty")
-    drain.add_argument(
-        "--timeout",
-        "--wait-timeout",
-        dest="wait_timeout",
-        type=float,
-        default=600.0,
-        help="seconds --wait waits (600)",
-    )
+    add_wait_flags(drain, "until the node is empty")
     drain.set_defaults(func=run_drain)
     cordon = group.add_parser("cordon", help="mark a node unschedulable (its VMs stay)")
     cordon.add_argument("node", type=name_arg)

@@ -34,3 +34,16 @@ def add_heartbeat_flags(
         default=defaults.self_fence_margin,
         help=f"how long before {whose} lease lapses a cut-off agent destroys its guests, s",
     )
+
+
+def add_wait_flags(parser: argparse.ArgumentParser, until: str) -> None:
+    """--wait (follow the operation `until` ...) and its --timeout (alias --wait-timeout)."""
+    parser.add_argument("--wait", action="store_true", help=f"wait {until}")
+    parser.add_argument(
+        "--timeout",
+        "--wait-timeout",
+        dest="wait_timeout",
+        type=float,
+        default=600.0,
+        help="seconds --wait waits (600)",
+    )

@@ -21,7 +21,7 @@ from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigratio
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 
 from .connect import name_arg, store_from
-from .flags import add_heartbeat_flags
+from .flags import add_heartbeat_flags, add_wait_flags
 
 BAR_WIDTH = 30
 SUFFIX_LENGTH = 5
@@ -77,15 +77,7 @@ def register(commands: Any) -> None:
     migrate = commands.add_parser("migrate", help="live-migrate a VM to another node")
     migrate.add_argument("vm", type=name_arg)
     migrate.add_argument("--to", required=True, type=name_arg, dest="target", metavar="NODE")
-    migrate.add_argument("--wait", action="store_true", help="follow it until it ends")
-    migrate.add_argument(
-        "--timeout",
-        "--wait-timeout",
-        dest="wait_timeout",
-        type=float,
-        default=600.0,
-        help="seconds --wait waits (600)",
-    )
+    add_wait_flags(migrate, "until it ends, following it")
     migrate.set_defaults(func=run_migrate)
 
 

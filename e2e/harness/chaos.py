@@ -20,7 +20,6 @@ Everything is synchronous like the harness; async callers use `asyncio.to_thread
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import signal
 import threading
@@ -30,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.fencing import FENCING_USAGE, USAGE_LABEL
-from controller.runtime.leader import current_leader, leader_key
+from controller.ha.environment import HaTimings
+from controller.runtime.leader import ElectionTiming, current_leader, leader_key
 from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
@@ -39,7 +39,7 @@ from crds.virtualmachine import VirtualMachineSpec
 from e2e.guest.build import KERNEL_CMDLINE, GuestImage
 from e2e.harness.cluster import DEFAULT_PREFIX, Cluster, ClusterError
 from e2e.harness.etcd import EtcdMember
-from e2e.harness.hosts import LabError, SimulatedHost, wait_until
+from e2e.harness.hosts import LabError, SimulatedHost, qemu_guest_name, wait_until
 
 ELECTION_NAME = "controller"
 """The election every `kvmctl controller` campaigns in."""
@@ -77,14 +77,15 @@ class TimingProfile:
         ]  # fmt: skip
 
 
+_DEFAULTS = HaTimings()
 DEFAULT_PROFILE = TimingProfile(
     "default",
-    lease_ttl=2,
-    renew_interval=0.5,
-    self_fence_margin=0.5,
-    recovery_grace=1.0,
-    watchdog_timeout=1.0,
-    election_ttl=5,
+    lease_ttl=int(_DEFAULTS.lease_ttl),
+    renew_interval=_DEFAULTS.renew_interval,
+    self_fence_margin=_DEFAULTS.self_fence_margin,
+    recovery_grace=_DEFAULTS.recovery_grace,
+    watchdog_timeout=_DEFAULTS.watchdog_timeout,
+    election_ttl=ElectionTiming().ttl,
 )
 """kvmctl's defaults (HaTimings, ElectionTiming) on etcd's default timers."""
 TUNED_PROFILE = TimingProfile(
@@ -402,18 +403,9 @@ def qemu_processes_by_host(hosts: Iterable[SimulatedHost]) -> dict[str, set[str]
 
 def _live_qemu_guest(pid: int) -> str | None:
     """The guest name of a live (not exiting, not zombie) qemu process, else None."""
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    if not argv or not os.path.basename(argv[0]).startswith(b"qemu-system"):
-        return None
     if _process_state(pid) in (None, "Z", "X"):
         return None
-    for flag, value in itertools.pairwise(argv):
-        if flag == b"-name":
-            for part in value.decode().split(","):
-                if part.startswith("guest="):
-                    return part.removeprefix("guest=")
-            return value.decode().split(",")[0]
-    return None
+    return qemu_guest_name(pid) or None
 
 
 # Objects.

@@ -261,7 +261,7 @@ class SimulatedHost:
         """The host's running qemu processes: guest name -> root-namespace PID."""
         guests = {}
         for pid in self.processes():
-            name = _qemu_guest_name(pid)
+            name = qemu_guest_name(pid)
             if name is not None:
                 guests[name] = pid
         return guests
@@ -612,7 +612,7 @@ def _pid_namespace_of(pid: int) -> str | None:
         return None
 
 
-def _qemu_guest_name(pid: int) -> str | None:
+def qemu_guest_name(pid: int) -> str | None:
     """The libvirt guest name of a qemu process (`-name guest=NAME,...`), else None."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

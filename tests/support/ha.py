@@ -25,15 +25,8 @@ from reconcilers.drivers.fence_policy import DEFAULT_AGENTS, FencePolicy
 
 T = TypeVar("T")
 
-TIMINGS = HaTimings(
-    lease_ttl=2.0,
-    renew_interval=0.5,
-    self_fence_margin=0.5,
-    recovery_grace=1.0,
-    watchdog_timeout=1.0,
-    fence_retry_initial=0.5,
-    fence_retry_max=2.0,
-)
+TIMINGS = HaTimings(fence_retry_initial=0.5, fence_retry_max=2.0)
+"""kvmctl's defaults, but a failed fence is retried within seconds, not half a minute."""
 ELECTION = ElectionTiming.for_ttl(10)
 """No test here needs a leader's lease to expire (handovers are resigns, which take effect at
 once), so the term is long: a stall of the loaded test machine must not move leadership."""
