@@ -1,9 +1,7 @@
 """The LVM activation-claim protocol, whole: who may have a shared LV active, and hand-overs.
 
-An LV on shared storage may be active on one node at a time. The claim is the etcd key
-`{prefix}/lvm/activation/{vg}/{lv}` holding the node's name, taken by compare-and-swap (so two
-nodes can never both hold it); the holder also tags the LV `kvmctl_active_<node>` and activates
-it exclusively. See docs/storage.md. The steps, all here (`VolumeClaims`):
+An LV on shared storage may be active on one node at a time: the claim on one LV is
+`reconcilers/lv_claim.py`. The steps of the protocol, all here (`VolumeClaims`):
 
 - before a domain starts: claim and activate each LV of the VM, taking over from a holder whose
   node is `Fenced` (any other holder refuses); if one cannot be, the ones just taken are
@@ -22,7 +20,6 @@ it exclusively. See docs/storage.md. The steps, all here (`VolumeClaims`):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
@@ -36,111 +33,13 @@ from controller.runtime.store import NotFound, Store, StoreError
 from crds import ClusterNode, VirtualMachine, VirtualMachineMigration
 from crds.meta import ConditionStatus
 from crds.migration import VOLUMES_ACTIVATED
-from reconcilers.drivers.lvm import LvmError
-from reconcilers.lvm_lock import LockTimeout, LvmSettings, metadata_lock
+from reconcilers.lv_claim import ACTIVATION_ERRORS, activate_for_vm, active_on, deactivate
+from reconcilers.lvm_lock import LvmSettings
 
 log = logging.getLogger(__name__)
 
-ACTIVE_TAG_PREFIX = "kvmctl_active_"
 Volume = tuple[str, str]
 """An LV as (vg, lv)."""
-
-
-# -- the claim itself --------------------------------------------------------------------------
-
-
-class ActivationConflict(Exception):
-    """The LV is active on (claimed by) another node."""
-
-
-def _activation_key(store: Store, vg: str, lv: str) -> bytes:
-    return f"{store.prefix}/lvm/activation/{vg}/{lv}".encode()
-
-
-def active_tag(node: str) -> str:
-    return f"{ACTIVE_TAG_PREFIX}{node.replace('-', '_')}"
-
-
-async def active_on(store: Store, vg: str, lv: str) -> str | None:
-    """The node holding the LV's activation claim, if any."""
-    reply = await store.call(store.client.get(_activation_key(store, vg, lv)))
-    return None if reply is None else str(reply.value.decode())
-
-
-async def activate_for_vm(
-    store: Store,
-    settings: LvmSettings,
-    vg: str,
-    lv: str,
-    node: str,
-    take_over_from: str | None = None,
-) -> None:
-    """Claim `vg/lv` for `node` and activate it exclusively there, with LVM as `settings` says.
-
-    The claim is a compare-and-swap in etcd: it succeeds when nobody holds it, when `node`
-    already does, or when `take_over_from` does (only pass a node that has been fenced).
-    Otherwise `ActivationConflict`. A failed activation drops the claim again.
-    """
-    key = _activation_key(store, vg, lv)
-    client = store.client
-    txn = client.transactions
-    allowed = [txn.version(key) == 0, txn.value(key) == node.encode()]
-    if take_over_from is not None:
-        allowed.append(txn.value(key) == take_over_from.encode())
-    claimed = False
-    for compare in allowed:
-        ok, _ = await store.call(
-            client.transaction(compare=[compare], success=[txn.put(key, node.encode())], failure=[])
-        )
-        if ok:
-            claimed = True
-            break
-    if not claimed:
-        holder = await active_on(store, vg, lv)
-        raise ActivationConflict(f"{vg}/{lv} is active on {holder}; deactivate it there first")
-    lvm = settings.driver()
-    try:
-        async with metadata_lock(store, vg, settings):
-            tags = {t for lv_ in await lvm.lvs(vg) if lv_.name == lv for t in lv_.tags}
-            for tag in tags:
-                if tag.startswith(ACTIVE_TAG_PREFIX) and tag != active_tag(node):
-                    await lvm.del_tag(vg, lv, tag)
-            if active_tag(node) not in tags:
-                await lvm.add_tag(vg, lv, active_tag(node))
-        await lvm.lvchange_activate(vg, lv, exclusive=True)
-        if not any(found.name == lv and found.active is True for found in await lvm.lvs(vg)):
-            # lvchange succeeds without activating when lvm.conf filters the LV out
-            # (activation/volume_list) or activation is off (no device-mapper; `active` is None).
-            raise LvmError(
-                f"lvchange --activate ey {vg}/{lv}",
-                f"it is not active on {node}: check activation/volume_list and that "
-                "device-mapper is available",
-            )
-    except BaseException:
-        await deactivate(store, settings, vg, lv, node)
-        raise
-
-
-async def deactivate(store: Store, settings: LvmSettings, vg: str, lv: str, node: str) -> None:
-    """Deactivate `vg/lv` on `node` and drop its claim and tag (no-op when not held)."""
-    lvm = settings.driver()
-    with contextlib.suppress(LvmError):
-        await lvm.lvchange_deactivate(vg, lv)
-    async with metadata_lock(store, vg, settings):
-        for found in await lvm.lvs(vg):
-            if found.name == lv and active_tag(node) in found.tags:
-                await lvm.del_tag(vg, lv, active_tag(node))
-    key = _activation_key(store, vg, lv)
-    txn = store.client.transactions
-    await store.call(
-        store.client.transaction(
-            compare=[txn.value(key) == node.encode()], success=[txn.delete(key)], failure=[]
-        )
-    )
-
-
-ACTIVATION_ERRORS = (ActivationConflict, LvmError, LockTimeout)
-"""What `activate_for_vm` and `deactivate` raise when the LV cannot be taken or released."""
 
 
 def vm_volumes(vm: VirtualMachine) -> list[Volume]:

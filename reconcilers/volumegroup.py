@@ -23,8 +23,8 @@ from crds import IscsiTarget, VirtualMachine, VolumeGroup
 from crds.meta import parse_size
 from crds.volumegroup import LogicalVolumeStatus, PhysicalVolume
 from reconcilers.drivers.lvm import LvmError, VgReport
+from reconcilers.lv_claim import active_on
 from reconcilers.lvm_lock import LvmSettings, metadata_lock
-from reconcilers.volume_claims import active_on
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
 from reconcilers.drivers.libvirt import DomainState, LibvirtHost
+from reconcilers.lv_claim import active_on
 from reconcilers.lvm_lock import LvmSettings
 from reconcilers.virtualmachine import FINALIZER
-from reconcilers.volume_claims import active_on
 from tests.support.agents import Cluster, domain_state, running_vm, vm_object
 
 DEADLINE = 30.0

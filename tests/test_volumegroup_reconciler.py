@@ -22,8 +22,8 @@ from crds.iscsitarget import IscsiTargetSpec
 from crds.virtualmachine import VirtualMachineSpec
 from crds.volumegroup import VolumeGroupSpec
 from reconcilers.drivers.lvm import LvmError
+from reconcilers.lv_claim import ActivationConflict, activate_for_vm, active_on
 from reconcilers.lvm_lock import LockTimeout, LvmSettings, metadata_lock
-from reconcilers.volume_claims import ActivationConflict, activate_for_vm, active_on
 from reconcilers.volumegroup import VolumeGroupReconciler
 
 NODE = "host1"

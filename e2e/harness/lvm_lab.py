@@ -4,7 +4,7 @@ and whether an LV is active (e2e/lab_tests/)."""
 from __future__ import annotations
 
 from reconcilers.drivers.lvm import Lvm
-from reconcilers.volume_claims import active_tag
+from reconcilers.lv_claim import active_tag
 
 
 def lvm_conf(node: str) -> str:

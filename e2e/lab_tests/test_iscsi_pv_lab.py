@@ -33,9 +33,9 @@ from e2e.harness.polling import eventually
 from e2e.harness.tgtd import storage_node
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import IscsiTargetReconciler
+from reconcilers.lv_claim import activate_for_vm, active_tag, deactivate
 from reconcilers.lvm_lock import LvmSettings
 from reconcilers.tgtd_supervisor import TgtdSupervisor
-from reconcilers.volume_claims import activate_for_vm, active_tag, deactivate
 from reconcilers.volumegroup import VolumeGroupReconciler, iscsi_by_path
 
 STORAGE_NODE = "storage1"

@@ -18,7 +18,7 @@ import pytest
 
 from e2e.harness.lvm_lab import is_active, lvm_conf
 from reconcilers.drivers.lvm import Lvm
-from reconcilers.volume_claims import active_tag
+from reconcilers.lv_claim import active_tag
 
 MIB = 1 << 20
 

@@ -27,14 +27,14 @@ import pytest
 from controller.runtime.store import Store
 from e2e.harness.lvm_lab import is_active, lvm_conf
 from reconcilers.drivers.lvm import LvmError
-from reconcilers.lvm_lock import LvmSettings
-from reconcilers.volume_claims import (
+from reconcilers.lv_claim import (
     ActivationConflict,
     activate_for_vm,
     active_on,
     active_tag,
     deactivate,
 )
+from reconcilers.lvm_lock import LvmSettings
 
 MIB = 1 << 20
 LV = "lv_vm1"
