@@ -125,6 +125,7 @@ async def unless_lost(lost: asyncio.Event, target: str, awaitable: Awaitable[T])
         waiter.cancel()
         if not task.done():
             task.cancel()
+        await asyncio.wait({task, waiter})  # cancelled ones end at once: none is left behind
     if task.done() and not task.cancelled():
         return task.result()
     raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"etcd member {target} stopped answering")
