@@ -89,6 +89,8 @@ SAMPLE_PERIOD = 0.02
 SETTLE = 5.0
 """Seconds between a controller's (re)start and the next kill: a cluster that has settled."""
 ARRANGE_ATTEMPTS = 5
+RUN_DEADLINE = 4 * DEADLINE
+"""A run (arranging, the kill, the failover, the power-on) that takes longer is stuck."""
 VICTIM_STEPS = ("lease expired", "Unknown", "FencingStarted", "Fenced")
 STEPS = (*VICTIM_STEPS[:1], "leader moved", *VICTIM_STEPS[1:], "placed", "qemu running")
 """Step names in about the order they happen; each run reports the time of each from the kill
@@ -129,6 +131,8 @@ class Bench:
         self.checker = TwoCopiesChecker(cluster, SAMPLE_PERIOD)
         self.changed_at = time.monotonic()
         """When a controller last (re)started: the next kill waits `SETTLE` s after it."""
+        self.stopped = ""
+        """Why the bench stopped before its last run (empty: it did not)."""
 
     async def all_online(self) -> bool:
         return await every_host_online(self.cluster, self.store)
@@ -167,12 +171,20 @@ class Bench:
         print(f"run  {'series':<{width}}  victim->target  {header}", flush=True)
         for index in range(count):
             for name in series:  # interleaved: a drift in the machine's load hits every series
-                run = await self.one_run(name)
-                runs.append(run)
-                cells = "  ".join(_cell(run.steps[step]) for step in STEPS)
-                row = f"{index + 1:3}  {name:<{width}}  {run.victim}->{run.target}  {cells}"
-                print(row, flush=True)
-                await self.restore(run.victim)
+                try:
+                    async with asyncio.timeout(RUN_DEADLINE):
+                        run = await self.one_run(name)
+                        runs.append(run)
+                        cells = "  ".join(_cell(run.steps[step]) for step in STEPS)
+                        row = f"{index + 1:3}  {name:<{width}}  {run.victim}->{run.target}  {cells}"
+                        print(row, flush=True)
+                        await self.restore(run.victim)
+                except (BenchError, HostEtcdError, TimeoutError) as error:
+                    # A host that does not come back (its etcd member not rejoining) ends the
+                    # bench, clearly, with the runs measured so far.
+                    self.stopped = f"run {index + 1} ({name}): {error or 'no progress in time'}"
+                    print(f"stopping: {self.stopped}", flush=True)
+                    return runs
         return runs
 
     async def arrange(self, series: str, victim: str) -> None:
@@ -260,8 +272,11 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
     return summary
 
 
-def report(runs: list[Run], args: argparse.Namespace, violations: int) -> dict[str, Any]:
+def report(
+    runs: list[Run], args: argparse.Namespace, violations: int, stopped: str
+) -> dict[str, Any]:
     return {
+        "stopped_early": stopped,
         "topology": args.topology,
         "profile": args.profile,
         "path": args.path,
@@ -296,7 +311,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 async with _background(runner.timeline.follow(store)):
                     series = args.series if runner.field else ["plain"]
                     runs = await runner.measure(args.runs, series)
-            return report(runs, args, len(runner.checker.violations))
+            return report(runs, args, len(runner.checker.violations), runner.stopped)
     finally:
         if args.logs:
             save_logs(cluster, Path(args.logs))
@@ -371,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as file:
             json.dump(summary, file, indent=2)
+    if summary["stopped_early"]:
+        print(f"stopped early: {summary['stopped_early']}")
+        return 1
     return 0
 
 

@@ -182,7 +182,7 @@ class _Auth:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.stub = aetcd.rpc.AuthStub(store.client.channel)
+        self.stub = store.client.stub(aetcd.rpc.AuthStub)
 
     async def call(self, what: str, method: Callable[..., Awaitable[T]], request: Any) -> T:
         try:

@@ -6,7 +6,6 @@ means; nothing else in kvmctl dials etcd.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import ssl
@@ -21,6 +20,8 @@ import aetcd.exceptions
 import aetcd.rpc
 import aetcd.watcher
 import grpc
+
+from controller.runtime.etcd_members import FailoverStub, Members
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +64,10 @@ def parse_endpoints(endpoints: Sequence[str]) -> tuple[Scheme, list[tuple[str, i
     return schemes.pop(), parsed
 
 
-def grpc_target(endpoints: Sequence[str]) -> tuple[str, int]:
-    """aetcd's (host, port) for one or several `host:port` endpoints.
-
-    aetcd dials `f"{host}:{port}"`. For several IPv4 endpoints we hand gRPC its own list syntax
-    (`ipv4:a:p1,b:p2`), so the channel fails over between members by itself.
-    """
+def grpc_targets(endpoints: Sequence[str]) -> list[str]:
+    """The `host:port` gRPC dials for each endpoint (names are resolved by gRPC)."""
     _, parsed = parse_endpoints(endpoints)
-    if len(parsed) == 1:
-        return parsed[0]
-    try:
-        for host, _ in parsed:
-            ipaddress.IPv4Address(host)
-    except ValueError:
-        log.warning("several etcd endpoints given by name: using only %s", parsed[0][0])
-        return parsed[0]
-    head = ",".join(f"{host}:{port}" for host, port in parsed[:-1])
-    last_host, last_port = parsed[-1]
-    return f"ipv4:{head},{last_host}", last_port
+    return [f"{host}:{port}" for host, port in parsed]
 
 
 def _der_elements(data: bytes) -> Iterator[tuple[int, bytes]]:
@@ -188,33 +175,46 @@ class TlsFiles:
 
 
 class EtcdClient(aetcd.Client):  # type: ignore[misc]
-    """aetcd's client, over TLS when `tls` is set (aetcd itself only dials plain text), and
-    knowing what it dialled so that a failure can be explained."""
+    """aetcd's client over one channel per etcd member (controller/runtime/etcd_members.py),
+    over TLS when `tls` is set (aetcd itself only dials plain text), and knowing what it
+    dialled so that a failure can be explained."""
 
     def __init__(self, endpoints: Sequence[str], tls: TlsFiles | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.endpoints = list(endpoints)
         self.tls = tls
         self._credentials = tls.credentials() if tls else None
+        self.etcd_members: Members | None = None
+
+    def stub(self, stub_class: type) -> FailoverStub:
+        """A stub of one of etcd's services (e.g. `aetcd.rpc.AuthStub`) on this client's members."""
+        assert self.etcd_members is not None, "connect() first"
+        return FailoverStub(self.etcd_members, stub_class)
 
     async def connect(self) -> None:
-        if self._credentials is None:
-            await super().connect()
-            return
         if self._connected.is_set():
             return
-        target = f"{self._host}:{self._port}"
-        self.channel = aetcd.rpc.secure_channel(
-            target, self._credentials, options=list(self._options.items())
-        )
-        self.kvstub = aetcd.rpc.KVStub(self.channel)
-        self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
-        self.leasestub = aetcd.rpc.LeaseStub(self.channel)
-        self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+        options = list(self._options.items())
+        members = Members(grpc_targets(self.endpoints), self._credentials, options, self.metadata)
+        members.start()
+        self.etcd_members = members
+        self.kvstub = self.stub(aetcd.rpc.KVStub)
+        self.clusterstub = self.stub(aetcd.rpc.ClusterStub)
+        self.leasestub = self.stub(aetcd.rpc.LeaseStub)
+        self.maintenancestub = self.stub(aetcd.rpc.MaintenanceStub)
         self._watcher = aetcd.watcher.Watcher(
-            aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            self.stub(aetcd.rpc.WatchStub), timeout=self._timeout, metadata=self.metadata
         )
         self._connected.set()
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.shutdown()
+        if self.etcd_members is not None:
+            await self.etcd_members.close()
+        self.etcd_members = None
+        self._init_channel_attrs()
+        self._connected.clear()
 
 
 def make_client(
@@ -233,12 +233,9 @@ def make_client(
         )
     if scheme == "https" and tls is None:
         tls = TlsFiles()
-    host, port = grpc_target(endpoints)
     return EtcdClient(
         endpoints,
         tls,
-        host=host,
-        port=port,
         timeout=timeout,
         connect_wait_timeout=int(timeout),
         options={"grpc.max_receive_message_length": MAX_MESSAGE_BYTES},

@@ -142,9 +142,15 @@ class HostEtcd:
         def healthy_or_dead() -> bool:
             return self.healthy(name) or self.pids.get(name) not in host.processes()
 
-        wait_until(healthy_or_dead, timeout, f"etcd member {name} healthy (see {log})")
+        try:
+            wait_until(healthy_or_dead, timeout, f"etcd member {name} healthy")
+        except TimeoutError:
+            raise HostEtcdError(
+                f"etcd member {name} did not rejoin within {timeout:.0f} s: "
+                f"{_last_line(log)} (see {log})"
+            ) from None
         if not self.healthy(name):
-            raise HostEtcdError(f"etcd member {name} exited: see {log}")
+            raise HostEtcdError(f"etcd member {name} exited: {_last_line(log)} (see {log})")
 
     def members(self) -> list[Member]:
         """etcd's member list, as the first answering member sees it."""
@@ -215,3 +221,12 @@ class HostEtcd:
         except ValueError:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise HostEtcdError(f"etcdctl {' '.join(command)} failed: {last}") from None
+
+
+def _last_line(log: Path) -> str:
+    """The last line of a member's log (its latest complaint), shortened."""
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "empty log"
