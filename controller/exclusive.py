@@ -40,7 +40,8 @@ class Claims:
         """Resource -> (VM, whether that VM would share it: a readonly disk)."""
         self._added: set[str] = set()
 
-    def _resources(self, spec: VirtualMachineSpec) -> list[tuple[str, bool]]:
+    def resources(self, spec: VirtualMachineSpec) -> list[tuple[str, bool]]:
+        """What `spec` claims: (resource, whether it would share it: a readonly disk)."""
         found = [(f"disk {disk.source()}", disk.readonly) for disk in spec.disks]
         if self._macs:
             found += [(f"MAC address {nic.mac.lower()}", False) for nic in spec.nics if nic.mac]
@@ -48,7 +49,7 @@ class Claims:
 
     def clash(self, vm: str, spec: VirtualMachineSpec) -> Clash | None:
         """The first resource of `spec` that another VM claims in a way that excludes `vm`."""
-        for resource, shared in self._resources(spec):
+        for resource, shared in self.resources(spec):
             for other, other_shared in self._users.get(resource, []):
                 if other != vm and not (shared and other_shared):
                     return Clash(vm, other, resource)
@@ -59,5 +60,5 @@ class Claims:
         if vm in self._added:
             return
         self._added.add(vm)
-        for resource, shared in self._resources(spec):
+        for resource, shared in self.resources(spec):
             self._users.setdefault(resource, []).append((vm, shared))

@@ -59,8 +59,11 @@ class _Fencing:
 
 
 class Engine:
-    def __init__(self, timings: HaTimings | None = None) -> None:
+    def __init__(self, timings: HaTimings | None = None, wake_for_silence: bool = True) -> None:
+        """`wake_for_silence`: set a timer for when each heard node would turn silent (off
+        in the simulator, which wakes the engine itself when the silent nodes change)."""
         self.timings = timings or HaTimings()
+        self._wake_for_silence = wake_for_silence
         self._fencing: dict[str, _Fencing] = {}
         self._next_attempt = 1
         self._reported: dict[str, tuple[str, str]] = {}
@@ -137,7 +140,7 @@ class Engine:
             return False
         if node.name in self._silent:
             return True
-        if node.heard_at is not None and node.health == "Online":
+        if self._wake_for_silence and node.heard_at is not None and node.health == "Online":
             self._wake_at(node.heard_at + self.timings.suspect_after)
         return False
 
@@ -482,6 +485,7 @@ class Engine:
             message = f"crashed; restart {len(recent) + 1} of {policy.max_restarts} in {window}s"
             self._emit(vm, "VMRestarted", f"{message} on {node}", "Warning")
             return
+        self._wake_at(min(recent) + window)  # a restart in place is allowed again then
         if vm.relocations < policy.max_relocations:
             if self._blocked(vm):
                 return
