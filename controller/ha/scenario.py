@@ -378,12 +378,16 @@ def sim_engine(timings: HaTimings) -> Engine:
     return Engine(timings, wake_for_silence=False)
 
 
-async def simulate(sim: Simulator, new_engine: Callable[[HaTimings], Engine] = sim_engine) -> None:
+async def simulate(
+    sim: Simulator,
+    new_engine: Callable[[HaTimings], Engine] = sim_engine,
+    period: float = math.inf,
+) -> None:
     """Run the engine against the simulator until its end, with a fresh engine (`new_engine`)
-    after every controller restart (as a new leader would start). No periodic look: the
-    simulator wakes the engine whenever something it sees changed."""
+    after every controller restart (as a new leader would start). No periodic look by
+    default: the simulator wakes the engine whenever something it sees changed."""
     while True:
-        await run(new_engine(sim.timings), sim, period=math.inf)
+        await run(new_engine(sim.timings), sim, period=period)
         await sim.until_leading()
         if sim.finished:
             return
