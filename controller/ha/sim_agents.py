@@ -105,12 +105,12 @@ class AgentLoops(SimCore):
     def _agent_converge(self, host: Host) -> None:
         """The VM reconciler's step for the VMs placed or running here (`decide_domain`)."""
         blocker = start_blocker(self._lease_valid(host), host.self_fenced, host.health)
-        relevant = self.relevant(host.name)
         if self._blockers.get(host.name, _NOT_YET) == blocker:
-            names = self._pending[host.name] & relevant
+            placed, here = self._placed[host.name], self.qemu.on(host.name)
+            names = {n for n in self._pending[host.name] if n in placed or n in here}
         else:
             self._blockers[host.name] = blocker
-            names = relevant
+            names = self.relevant(host.name)
         self._pending[host.name] = set()
         for name in sorted(names):
             vm = self.vms[name]
