@@ -99,6 +99,7 @@ class Simulator(AgentLoops, Controllers):
         super().__init__(hosts, vms, timings, settings, end, log, controllers)
         self._seen: dict[str, tuple[object, ...]] = {}
         self._views_changed = True
+        self._acted = False
         self._check_invariants()
 
     def at(self, when: float, command: Callable[[], None]) -> None:
@@ -143,7 +144,7 @@ class Simulator(AgentLoops, Controllers):
                 heard_at=heard.get(host.name),
             )
         self._refresh_views()
-        self._views_changed = False
+        self._views_changed = self._acted = False
         self._seen = self._node_signatures()
         results = tuple(self._fence_results)
         self._fence_results.clear()
@@ -201,11 +202,15 @@ class Simulator(AgentLoops, Controllers):
     def _engine_has_news(self) -> bool:
         """Whether the engine would see something it did not see at its last look."""
         self._refresh_views()
-        if self._views_changed or self._fence_results:
+        if self._acted or self._views_changed or self._fence_results:
             return True
         return self._node_signatures() != self._seen
 
     async def apply(self, action: Action) -> None:
+        if not isinstance(action, Emit):
+            # What the engine changed may change back before the tick ends (a migration to a
+            # host just cut fails at once): look again on the next tick whatever it shows.
+            self._acted = True
         if isinstance(action, Emit):
             self._log_emit(action)
         elif isinstance(action, SetNodeHealth):
