@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from crds.clusterpolicy import AdmissionPolicy
 
-from .environment import Emit, FenceResult, HaTimings, SetNodeHealth, VmView
+from .environment import Emit, FenceResult, HaTimings, MigrationView, SetNodeHealth, VmView
 from .sim_invariants import Invariants, QemuTable
 from .sim_model import OFF_HOST, TICKS_PER_SECOND, FenceRun, Host, Qemu, SimSettings, SimVm
 
@@ -68,6 +68,8 @@ class SimCore:
         self._changed_vms: set[str] = set(self.vms)
         """VMs changed since the engine's views were last refreshed."""
         self._views: dict[str, VmView] = {}
+        self._views_changed = True
+        """Whether a view changed since the engine last looked."""
         self._blockers: dict[str, str | None] = {}
         """Per host, why its agent could not start domains when it last converged."""
         self.qemu = QemuTable(self._qemu_touched)
@@ -104,6 +106,16 @@ class SimCore:
     def _log_emit(self, emit: Emit) -> None:
         self.log(f"{emit.kind}/{emit.name}", f"{emit.type} {emit.reason}: {emit.message}")
 
+    def at(self, when: float, command: Callable[[], None]) -> None:
+        """Run `command` at virtual time `when` (before the engine looks at that tick)."""
+        tick = max(round(when * TICKS_PER_SECOND), self.tick)
+        self._commands.setdefault(tick, []).append(command)
+
+    def restart_controller(self) -> None:
+        """The leader dies and another takes over: the engine's memory is lost."""
+        self._restart_controller = True
+        self._new_engine()
+
     def _new_engine(self) -> None:
         self._generation += 1
         self._controller_since = self.now()
@@ -134,6 +146,35 @@ class SimCore:
             self._migrating.add(vm.name)
         else:
             self._migrating.discard(vm.name)
+
+    def _view(self, vm: SimVm) -> VmView:
+        migration = vm.migration
+        return VmView(
+            name=vm.name,
+            spec=vm.spec,
+            placement=vm.placement,
+            state=vm.state if vm.status_node == vm.placement else "Stopped",
+            crashed_at=vm.crashed_at,
+            restarts=vm.restarts,
+            relocations=vm.relocations,
+            failed=vm.failed,
+            migration=None
+            if migration is None
+            else MigrationView(
+                migration.source, migration.target, migration.phase, migration.message
+            ),
+            disk_conflict=vm.disk_conflict,
+            admission_hold=vm.admission_hold,
+        )
+
+    def _refresh_views(self) -> None:
+        """Rebuild the views of the VMs that changed; note whether any view did."""
+        for name in sorted(self._changed_vms, key=self._order.__getitem__):
+            view = self._view(self.vms[name])
+            if self._views.get(name) != view:
+                self._views[name] = view
+                self._views_changed = True
+        self._changed_vms.clear()
 
     def _qemu_touched(self, host: str, vm: str) -> None:
         self._pending[host].add(vm)

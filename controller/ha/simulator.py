@@ -42,7 +42,6 @@ from .environment import (
     FenceResult,
     HaTimings,
     Migrate,
-    MigrationView,
     NodeView,
     Place,
     Restart,
@@ -51,7 +50,6 @@ from .environment import (
     SetFailed,
     SetNodeHealth,
     StartFence,
-    VmView,
     World,
 )
 from .sim_agents import AgentLoops
@@ -98,19 +96,10 @@ class Simulator(AgentLoops, Controllers):
     ) -> None:
         super().__init__(hosts, vms, timings, settings, end, log, controllers)
         self._seen: dict[str, tuple[object, ...]] = {}
-        self._views_changed = True
+        """What the engine saw of each node at its last look."""
         self._acted = False
+        """The engine's last step changed something (not only emitted events)."""
         self._check_invariants()
-
-    def at(self, when: float, command: Callable[[], None]) -> None:
-        """Run `command` at virtual time `when` (before the engine looks at that tick)."""
-        tick = max(round(when * TICKS_PER_SECOND), self.tick)
-        self._commands.setdefault(tick, []).append(command)
-
-    def restart_controller(self) -> None:
-        """The leader dies and another takes over: the engine's memory is lost."""
-        self._restart_controller = True
-        self._new_engine()
 
     # Environment ------------------------------------------------------------------------------
 
@@ -150,35 +139,6 @@ class Simulator(AgentLoops, Controllers):
         self._fence_results.clear()
         vms = dict(self._views)
         return World(now=now, nodes=nodes, vms=vms, fence_results=results, admission=self.admission)
-
-    def _view(self, vm: SimVm) -> VmView:
-        migration = vm.migration
-        return VmView(
-            name=vm.name,
-            spec=vm.spec,
-            placement=vm.placement,
-            state=vm.state if vm.status_node == vm.placement else "Stopped",
-            crashed_at=vm.crashed_at,
-            restarts=vm.restarts,
-            relocations=vm.relocations,
-            failed=vm.failed,
-            migration=None
-            if migration is None
-            else MigrationView(
-                migration.source, migration.target, migration.phase, migration.message
-            ),
-            disk_conflict=vm.disk_conflict,
-            admission_hold=vm.admission_hold,
-        )
-
-    def _refresh_views(self) -> None:
-        """Rebuild the views of the VMs that changed; note whether any view did."""
-        for name in sorted(self._changed_vms, key=self._order.__getitem__):
-            view = self._view(self.vms[name])
-            if self._views.get(name) != view:
-                self._views[name] = view
-                self._views_changed = True
-        self._changed_vms.clear()
 
     def _node_signatures(self) -> dict[str, tuple[object, ...]]:
         silent = self._silent(self.leader)
