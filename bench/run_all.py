@@ -9,7 +9,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench.store_bench", "bench.runtime_bench", "bench.agent_bench"]
+BENCHMARKS = [
+    "bench.store_bench",
+    "bench.runtime_bench",
+    "bench.agent_bench",
+    "bench.sim_bench",
+]
 
 
 def main() -> int:

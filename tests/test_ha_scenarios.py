@@ -12,6 +12,8 @@ import pytest
 
 from controller.cli import simulate as simulate_cli
 from controller.ha import scenario
+from controller.ha.engine import Engine
+from controller.ha.sim_model import TICKS_PER_SECOND
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 UPDATE = os.environ.get("KVMCTL_UPDATE_GOLDEN") == "1"
@@ -34,6 +36,19 @@ async def test_scenario_matches_golden_log(path: Path) -> None:
         golden.write_text(produced, encoding="utf-8")
     assert sim.violations == []
     assert produced == golden.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("path", scenario_files(), ids=lambda p: p.stem)
+async def test_an_engine_looking_every_tick_decides_the_same(path: Path) -> None:
+    """The simulator wakes the engine only when it has news (or a timer fires): an engine that
+    looks on every tick, with its own silence timers, must print the same log."""
+    sim = scenario.build(scenario.load(path))
+    loaded = scenario.load(path)
+    if loaded.description:
+        sim.log("#", loaded.description)
+    await scenario.simulate(sim, Engine, period=1 / TICKS_PER_SECOND)
+    produced = "\n".join(sim.lines + scenario.summary(sim)) + "\n"
+    assert produced == path.with_suffix(".log").read_text(encoding="utf-8")
 
 
 async def test_cli_prints_the_log_and_summary(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,7 +2,7 @@
 when a node found Fenced must be cleaned.
 
 The real agent (`reconcilers/virtualmachine/`, `controller/agent.py`, `controller/ha/agent_side.py`)
-and the HA simulator (`controller/ha/simulator.py`) both call these functions, so the property
+and the HA simulator (`controller/ha/sim_agents.py`) both call these functions, so the property
 test and the golden scenarios exercise the rules that ship. The self-fence deadline and the
 watchdog feed rule are in `controller/runtime/self_fence.py` (the heartbeat sits in the runtime
 layer, which may not import this package). Nothing here reads a clock, a store or libvirt:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
-from controller.exclusive import Clash
+from controller.exclusive import Claims, Clash, KnownResources
 from crds.clusternode import NodeHealth
 
 from .admission import check, plan
@@ -59,8 +59,12 @@ class _Fencing:
 
 
 class Engine:
-    def __init__(self, timings: HaTimings | None = None) -> None:
+    def __init__(self, timings: HaTimings | None = None, wake_for_silence: bool = True) -> None:
+        """`wake_for_silence`: set a timer for when each heard node would turn silent (off
+        in the simulator, which wakes the engine itself when the silent nodes change)."""
         self.timings = timings or HaTimings()
+        self._wake_for_silence = wake_for_silence
+        self._known = KnownResources(Claims(macs=False))
         self._fencing: dict[str, _Fencing] = {}
         self._next_attempt = 1
         self._reported: dict[str, tuple[str, str]] = {}
@@ -89,7 +93,14 @@ class Engine:
         self._nodes = {
             name: replace(view, health=self._health[name]) for name, view in world.nodes.items()
         }
-        self._disks = DiskHolders(v for v in world.vms.values() if self._holds_disks(v))
+        self._reported_on: dict[str, set[str]] = {}
+        """VM -> the nodes whose agent reports a domain of it."""
+        for node in world.nodes.values():
+            for name in node.domains:
+                self._reported_on.setdefault(name, set()).add(node.name)
+        self._disks = DiskHolders(
+            (v for v in world.vms.values() if self._holds_disks(v)), self._known
+        )
         self._disk_blocked: set[str] = set()
         self._held: set[str] = set()
         self._plan: dict[str, str] | None = None
@@ -137,7 +148,7 @@ class Engine:
             return False
         if node.name in self._silent:
             return True
-        if node.heard_at is not None and node.health == "Online":
+        if self._wake_for_silence and node.heard_at is not None and node.health == "Online":
             self._wake_at(node.heard_at + self.timings.suspect_after)
         return False
 
@@ -319,7 +330,7 @@ class Engine:
 
     def _may_run_on(self, vm: VmView) -> set[str]:
         """Nodes that may be running (or starting) `vm` and are not known to be fenced."""
-        hosts = {n.name for n in self._world.nodes.values() if vm.name in n.domains}
+        hosts = set(self._reported_on.get(vm.name, ()))
         placement = self._placement[vm.name]
         awaiting_restart = vm.state == "Crashed" and not self._restarted_since_crash(vm)
         if placement is not None and not awaiting_restart:
@@ -482,6 +493,7 @@ class Engine:
             message = f"crashed; restart {len(recent) + 1} of {policy.max_restarts} in {window}s"
             self._emit(vm, "VMRestarted", f"{message} on {node}", "Warning")
             return
+        self._wake_at(min(recent) + window)  # a restart in place is allowed again then
         if vm.relocations < policy.max_relocations:
             if self._blocked(vm):
                 return

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from controller.exclusive import Claims, Clash
+from controller.exclusive import Claims, Clash, KnownResources
 from crds.virtualmachine import VirtualMachineSpec
 
 from .environment import NodeView, VmView
@@ -104,10 +104,15 @@ def ineligibility(
         if node.memory_mib is not None and used.memory_mib + spec.memory_mib > node.memory_mib:
             free = node.memory_mib - used.memory_mib
             return f"{node.name} has {free} MiB free of {spec.memory_mib} MiB needed"
-    for other_name in sorted(used.vms | node.domains):
-        other = vms.get(other_name)
-        if other_name != name and other is not None and anti_affine(name, spec, other):
-            return f"{node.name} runs {other_name} (anti-affinity)"
+    conflicts = [
+        other_name
+        for other_name in used.vms | node.domains
+        if other_name != name
+        and (other := vms.get(other_name)) is not None
+        and anti_affine(name, spec, other)
+    ]
+    if conflicts:
+        return f"{node.name} runs {min(conflicts)} (anti-affinity)"
     return None
 
 
@@ -151,23 +156,25 @@ class DiskHolders:
     running holds nothing, so it never takes a disk from one that is.
     """
 
-    def __init__(self, holders: Iterable[VmView]) -> None:
+    def __init__(self, holders: Iterable[VmView], known: KnownResources | None = None) -> None:
         self._claims = Claims(macs=False)
+        self._known = known or KnownResources(self._claims)
         self._holders: dict[str, Clash | None] = {}
         ranked = sorted(
             holders,
             key=lambda v: (v.state not in ("Running", "Migrating"), -v.spec.priority, v.name),
         )
         for vm in ranked:
-            self._holders[vm.name] = self._claims.clash(vm.name, vm.spec)
-            self._claims.add(vm.name, vm.spec)
+            resources = self._known.of(vm.name, vm.spec)
+            self._holders[vm.name] = self._claims.clash(vm.name, vm.spec, resources)
+            self._claims.add(vm.name, vm.spec, resources)
 
     def clash(self, vm: VmView) -> Clash | None:
         """Why `vm` must not run now (a disk another VM holds first), or None."""
         if vm.name in self._holders:
             return self._holders[vm.name]
-        return self._claims.clash(vm.name, vm.spec)
+        return self._claims.clash(vm.name, vm.spec, self._known.of(vm.name, vm.spec))
 
     def add(self, vm: VmView) -> None:
         """`vm` was just placed: it holds its disks from now on."""
-        self._claims.add(vm.name, vm.spec)
+        self._claims.add(vm.name, vm.spec, self._known.of(vm.name, vm.spec))

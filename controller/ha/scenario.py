@@ -36,6 +36,7 @@ migrate VM NODE; crash|start|stop|disable VM; controller-restart; etcd-election 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -270,6 +271,11 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ScenarioError(f"{path}: not valid YAML: {error}") from None
+    return from_document(document, path)
+
+
+def from_document(document: Any, path: str = "<scenario>") -> Scenario:
+    """`parse` for an already loaded document (a program building a big scenario)."""
     document = dict(_mapping(document, path))
     description = str(document.pop("description", ""))
     duration = document.pop("duration", 60)
@@ -367,11 +373,21 @@ def command_action(sim: Simulator, command: str) -> Callable[[], None]:
     return run_command
 
 
-async def simulate(sim: Simulator) -> None:
-    """Run the engine against the simulator until its end, with a fresh engine after every
-    controller restart (as a new leader would start)."""
+def sim_engine(timings: HaTimings) -> Engine:
+    """The engine as the simulator runs it: the simulator wakes it when a node turns silent."""
+    return Engine(timings, wake_for_silence=False)
+
+
+async def simulate(
+    sim: Simulator,
+    new_engine: Callable[[HaTimings], Engine] = sim_engine,
+    period: float = math.inf,
+) -> None:
+    """Run the engine against the simulator until its end, with a fresh engine (`new_engine`)
+    after every controller restart (as a new leader would start). No periodic look by
+    default: the simulator wakes the engine whenever something it sees changed."""
     while True:
-        await run(Engine(sim.timings), sim)
+        await run(new_engine(sim.timings), sim, period=period)
         await sim.until_leading()
         if sim.finished:
             return
@@ -409,10 +425,14 @@ def summary(sim: Simulator) -> list[str]:
     return lines
 
 
-async def run_scenario(scenario: Scenario, echo: Callable[[str], None] | None = None) -> Simulator:
+async def run_scenario(
+    scenario: Scenario,
+    echo: Callable[[str], None] | None = None,
+    new_engine: Callable[[HaTimings], Engine] = sim_engine,
+) -> Simulator:
     """Run a scenario to its end; the log is in `.lines` (plus `summary(sim)`)."""
     sim = build(scenario, echo)
     if scenario.description:
         sim.log("#", scenario.description)
-    await simulate(sim)
+    await simulate(sim, new_engine)
     return sim

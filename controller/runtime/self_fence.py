@@ -1,7 +1,7 @@
 """The agent's self-fence deadline and watchdog feed rule, pure (no clock, no I/O).
 
 Shared by the real heartbeat (`controller/runtime/heartbeat.py`) and the HA simulator
-(`controller/ha/simulator.py`), so the simulator exercises the rules that ship (docs/ha.md).
+(`controller/ha/sim_agents.py`), so the simulator exercises the rules that ship (docs/ha.md).
 Times are seconds on one monotonic clock; `last_renewal` is when the latest successful lease
 renewal was *sent* (etcd counts the TTL from when it received it, which is later).
 
