@@ -77,6 +77,7 @@ from .environment import (
     VmView,
     World,
 )
+from .failover_clock import FailoverClock
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class EtcdEnvironment:
         self._loop = asyncio.get_running_loop()
         self._started_at = self._loop.time()
         self._lost_at: dict[str, float] = {}
+        self.failovers = FailoverClock()
         self._peers = peers
         self._session_at: dict[str, float] = {}
         self._ack_seen: dict[str, float] = {}
@@ -246,6 +248,7 @@ class EtcdEnvironment:
 
         nodes = [n for n in self._objects("ClusterNode") if isinstance(n, ClusterNode)]
         vms = [v for v in self._objects("VirtualMachine") if isinstance(v, VirtualMachine)]
+        self.failovers.observe(vms, now)
         migrations = [
             m
             for m in self._objects("VirtualMachineMigration")
@@ -646,6 +649,11 @@ class EtcdEnvironment:
             and world.nodes[old].health == "Fenced"
         ):
             telemetry.count_failover(old)
+            lost = world.nodes[old]
+            fence = lost.fence
+            lost_at = lost.lease_lost_at or (world.now if fence is None else fence.at)
+            how = "Unknown" if fence is None else fence.how
+            self.failovers.started(action.vm, action.node, lost_at, how)
 
     async def _migrate(self, action: Migrate) -> None:
         request = VirtualMachineMigration(
@@ -690,6 +698,7 @@ class EtcdEnvironment:
             "confirmed off" if ok else "failed",
             message,
         )
+        telemetry.count_fence(action.node, action.method, ok)
         self._fence_results.append(
             FenceResult(action.attempt, action.node, action.method, ok, message)
         )
