@@ -20,7 +20,8 @@ result}`, `kvmctl_reconcile_retries_total`, `kvmctl_workqueue_depth{name}`, `kvm
 state}` (one series per possible value, 1 for the current one), `kvmctl_failover_duration_seconds
 {fence}` (node lost → VM running elsewhere), `kvmctl_failovers_total{node}`,
 `kvmctl_fence_operations_total{node,method,result}`, `kvmctl_migrations_total{result}`,
-`kvmctl_heartbeat_renew_latency_seconds`, `kvmctl_driver_call_duration_seconds`.
+`kvmctl_heartbeat_renew_latency_seconds`, `kvmctl_etcd_member_up{member,endpoint}`,
+`kvmctl_driver_call_duration_seconds`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ FAILOVER_BUCKETS = [1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 30
 SCOPE = "kvmctl"
 MIGRATION_RESULTS = ("succeeded", "failed", "rejected")
 
-StateGauge = Literal["node_health", "vm_state"]
+StateGauge = Literal["node_health", "vm_state", "etcd_member_up"]
 Samples = Callable[[], Iterable[tuple[float, dict[str, str]]]]
 """What a state gauge reports now: (value, labels) pairs, read at every scrape or export."""
 
@@ -124,6 +125,11 @@ class Telemetry:
             "kvmctl.vm.state",
             callbacks=[self._observer("vm_state")],
             description="1 for each VirtualMachine's current state on its node, 0 for the others",
+        )
+        meter.create_observable_gauge(
+            "kvmctl.etcd.member.up",
+            callbacks=[self._observer("etcd_member_up")],
+            description="1 while an etcd member answers a linearizable read, else 0",
         )
         meter.create_observable_gauge(
             "kvmctl.workqueue.depth",
