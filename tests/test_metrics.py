@@ -88,15 +88,22 @@ async def scraped_when(daemon: Daemon, port: int, what: str, condition: Any) -> 
     try:
         found: list[Sample] = await eventually(satisfied, what)
     except AssertionError as error:
-        raise AssertionError(f"{error}\n{daemon.output()}") from None
+        last = [
+            x
+            for x in await try_scrape(port) or []
+            if x.name.startswith("kvmctl_")
+            and ("vm" in x.labels or "health" in x.labels)
+            and x.value == 1
+        ]
+        raise AssertionError(f"{error}\n{last}\n{daemon.output()}") from None
     return found
 
 
-def is_one(samples: list[Sample], name: str, **labels: str) -> bool:
+def is_one(samples: list[Sample], name: str, /, **labels: str) -> bool:
     return value(samples, name, **labels) == 1.0
 
 
-def has(samples: list[Sample], name: str, **labels: str) -> bool:
+def has(samples: list[Sample], name: str, /, **labels: str) -> bool:
     """Whether some sample `name` has (at least) these labels."""
     return any(s.name == name and labels.items() <= s.labels.items() for s in samples)
 
@@ -125,6 +132,12 @@ async def test_a_failover_shows_in_the_daemons_metrics_and_the_dashboard_names_o
         agent_b = await daemons.enter_async_context(
             agent(etcd_endpoints, key_prefix, tmp_path, "b", b_port)
         )
+        await scraped_when(
+            ctl,
+            ctl_port,
+            "a and b Online in the controller's metrics",
+            lambda s: all(is_one(s, "kvmctl_node_health", node=n, health="Online") for n in "ab"),
+        )
         domain = {"ordered": True, "nodes": [{"name": "a"}, {"name": "b", "priority": 2}]}
         await store.create(vm_object("vm1", failoverDomain=domain))
 
@@ -132,11 +145,13 @@ async def test_a_failover_shows_in_the_daemons_metrics_and_the_dashboard_names_o
         before = await scraped_when(
             ctl,
             ctl_port,
-            "vm1 running on a in the controller's metrics",
-            lambda s: is_one(s, "kvmctl_vm_state", vm="vm1", node="a", state="Running"),
+            "vm1 running on a, a and b Online in the controller's metrics",
+            lambda s: (
+                is_one(s, "kvmctl_vm_state", vm="vm1", node="a", state="Running")
+                and all(is_one(s, "kvmctl_node_health", node=n, health="Online") for n in "ab")
+            ),
         )
         for node in ("a", "b"):
-            assert is_one(before, "kvmctl_node_health", node=node, health="Online")
             assert value(before, "kvmctl_node_health", node=node, health="Fenced") == 0.0
         assert value(before, "kvmctl_vm_state", vm="vm1", state="Crashed") == 0.0
         assert is_one(before, "kvmctl_vm_state", vm="vm1", desired="started", state="Running")

@@ -108,7 +108,7 @@ async def try_scrape(port: int) -> list[Sample] | None:
         return None
 
 
-def value(samples: list[Sample], name: str, **labels: str) -> float | None:
+def value(samples: list[Sample], name: str, /, **labels: str) -> float | None:
     """The value of the one sample `name` whose labels include `labels`; None if none."""
     found = [s for s in samples if s.name == name and labels.items() <= s.labels.items()]
     assert len(found) <= 1, f"{name}{labels} matches several samples: {found}"
