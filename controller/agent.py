@@ -89,6 +89,9 @@ class AgentSettings:
     """Start a tgtd serving this portal when none answers (a storage node)."""
     peers: PeerSettings | None = field(default_factory=PeerSettings)
     """Where to send direct heartbeats (None: do not send them)."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    """Where to serve /healthz and /metrics (None: not served; 0: any free port)."""
 
 
 class Agent:
@@ -206,7 +209,8 @@ class Agent:
             self.store,
             self._controllers(read_secrets),
             informers=self.informers,
-            http_port=None,
+            http_host=self.settings.metrics_host,
+            http_port=self.settings.metrics_port,
             component="kvmctl-agent",
             node=self.node,
             background=self._background(),

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from controller.runtime import telemetry
 from controller.runtime.controller import Controller
 from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import heartbeat_key
@@ -184,6 +185,7 @@ class MigrationController:
         await self.store.patch_status(
             "VirtualMachineMigration", migration.metadata.name, mutate, guard=term.guard
         )
+        telemetry.count_migration("rejected")
         await self.recorder.record(migration, "Warning", "MigrationRejected", "%s", reason)
 
     # -- Succeeded -> placement switched -----------------------------------------------------

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from ipaddress import IPv6Address, ip_address
 from typing import Any
 
+from controller.runtime import telemetry
 from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import Informer
@@ -230,10 +231,14 @@ class MigrationRunner:
         await self.claims.take_back(migration)
 
     async def _finish(self, migration: VirtualMachineMigration, phase: str, message: str) -> None:
+        ended = False
+
         def mutate(current: Any) -> bool:
+            nonlocal ended
             status = current.status
             if status.phase in ("Succeeded", "Failed"):
                 return False
+            ended = True
             status.phase = phase
             status.message = message
             status.finished_at = now()
@@ -252,6 +257,9 @@ class MigrationRunner:
             log.error(
                 "could not record migration %s as %s: %s", migration.metadata.name, phase, error
             )
+            return
+        if ended:
+            telemetry.count_migration(phase.lower())
 
 
 def _start(migration: Any, node: str) -> bool:

@@ -378,7 +378,7 @@ async def test_every_loop_of_the_controller_shows_in_the_managers_telemetry(
             await eventually(counted, "the HA steps, migrations and fence checks measured")
             metrics = prometheus_client.generate_latest().decode()
             for name in ("migrations", "fence-check", "garbage-virtualmachine"):
-                assert f'kvmctl_workqueue_depth{{controller="{name}"' in metrics
+                assert f'kvmctl_workqueue_depth{{name="{name}"' in metrics
         finally:
             await stop_controller(manager, task)
     finally:

@@ -342,7 +342,7 @@ async def test_healthz_and_metrics_answer_over_http(store: Store) -> None:
             status, body = await asyncio.to_thread(http_get, f"{base}/metrics")
             assert status == 200
             assert 'kvmctl_reconcile_duration_seconds_count{controller="noop"' in body
-            assert 'kvmctl_workqueue_depth{controller="noop"' in body
+            assert 'kvmctl_workqueue_depth{name="noop"' in body
             assert "process_resident_memory_bytes" in body
             status, _ = await asyncio.to_thread(http_get, f"{base}/nothing")
             assert status == 404

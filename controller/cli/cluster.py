@@ -20,7 +20,7 @@ from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 from .connect import name_arg, store_from
 from .drain import get_node
 from .errors import UsageError
-from .flags import add_heartbeat_flags
+from .flags import add_heartbeat_flags, add_telemetry_flags
 from .status import read_leader
 
 
@@ -36,13 +36,7 @@ def register(commands: Any) -> None:
         ),
     )
     controller.add_argument("--identity", help="name in the election (default: HOST-PID)")
-    controller.add_argument(
-        "--metrics-port",
-        type=int,
-        default=DEFAULT_HTTP_PORT,
-        help=f"port of /healthz and /metrics on loopback (default {DEFAULT_HTTP_PORT}; 0 any)",
-    )
-    controller.add_argument("--metrics-host", default="127.0.0.1", help="address to serve on")
+    add_telemetry_flags(controller, DEFAULT_HTTP_PORT)
     add_heartbeat_flags(controller, "the agents'", float)
     controller.add_argument(
         "--recovery-grace",
@@ -160,7 +154,7 @@ async def run_controller(args: argparse.Namespace) -> int:
     )
     peers = PeerSettings(args.peer_port, args.peer_interval) if args.node else None
     election = ElectionTiming.for_ttl(args.election_ttl)
-    setup_telemetry("kvmctl-controller", "prometheus")
+    telemetry = setup_telemetry("kvmctl-controller", "prometheus", otlp_endpoint=args.otlp_endpoint)
     store = store_from(args)
     await store.connect()
     manager = build_manager(
@@ -174,9 +168,12 @@ async def run_controller(args: argparse.Namespace) -> int:
         node=args.node,
         peers=peers,
     )
-    async with Service() as service:
-        service.ready_when(manager.started.wait(), "caches synced")
-        await manager.run()  # closes the store
+    try:
+        async with Service() as service:
+            service.ready_when(manager.started.wait(), "caches synced")
+            await manager.run()  # closes the store
+    finally:
+        telemetry.shutdown()  # sends what the OTLP exporters still hold
     return 0
 
 

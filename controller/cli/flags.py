@@ -47,3 +47,21 @@ def add_wait_flags(parser: argparse.ArgumentParser, until: str) -> None:
         default=600.0,
         help="seconds --wait waits (600)",
     )
+
+
+def add_telemetry_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+    """--metrics-host, --metrics-port (/healthz and /metrics) and --otlp-endpoint."""
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=default_port,
+        help=f"port of /healthz and /metrics (default {default_port}; 0: any free port)",
+    )
+    parser.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address to serve them on (%(default)s)"
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="also send traces and metrics by OTLP/HTTP to this collector (http://HOST:4318)",
+    )

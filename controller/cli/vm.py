@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from controller import printers
-from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY, short_hostname
+from controller.runtime.defaults import (
+    DEFAULT_AGENT_HTTP_PORT,
+    DEFAULT_MIGRATION_CONCURRENCY,
+    short_hostname,
+)
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 from controller.runtime.store import NotFound, Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 
 from .connect import name_arg, store_from
-from .flags import add_heartbeat_flags, add_wait_flags
+from .flags import add_heartbeat_flags, add_telemetry_flags, add_wait_flags
 
 BAR_WIDTH = 30
 SUFFIX_LENGTH = 5
@@ -72,6 +76,7 @@ def register(commands: Any) -> None:
     agent.add_argument(
         "--migration-concurrency", type=int, default=DEFAULT_MIGRATION_CONCURRENCY, help="per node"
     )
+    add_telemetry_flags(agent, DEFAULT_AGENT_HTTP_PORT)
     agent.set_defaults(func=run_agent)
 
     migrate = commands.add_parser("migrate", help="live-migrate a VM to another node")
@@ -89,6 +94,7 @@ async def run_agent(args: argparse.Namespace) -> int:
     from controller.agent import Agent, AgentSettings
     from controller.runtime.heartbeat import HeartbeatTiming
     from controller.runtime.systemd import Service
+    from controller.runtime.telemetry import setup_telemetry
     from reconcilers.drivers.libvirt import LibvirtError
     from reconcilers.lvm_lock import LvmSettings
     from reconcilers.storage import StorageSettings
@@ -115,7 +121,10 @@ async def run_agent(args: argparse.Namespace) -> int:
         else StorageSettings(tgtd_control_port=args.tgtd_control_port, lvm=lvm),
         tgtd_portal=args.tgtd_portal,
         peers=None if args.peer_port == 0 else PeerSettings(args.peer_port, args.peer_interval),
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
     )
+    telemetry = setup_telemetry("kvmctl-agent", "prometheus", otlp_endpoint=args.otlp_endpoint)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -133,6 +142,7 @@ async def run_agent(args: argparse.Namespace) -> int:
         return 1
     finally:
         await store.close()
+        telemetry.shutdown()  # sends what the OTLP exporters still hold
     return 0
 
 

@@ -43,6 +43,7 @@ from .engine import DEFAULT_PERIOD, Engine, run
 from .environment import Emit, HaTimings
 from .guest_fence import GuestFenceController
 from .production import KINDS, EtcdEnvironment
+from .state_metrics import etcd_member_metrics, state_metrics
 from .takeover import StandbyWatch
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def build_manager(
     ha = HaController(store, informers, timings, recorder, fence_runner, peers=table)
     guest_fencing = GuestFenceController(store, informers)
 
-    background: list[Background] = []
+    background = [state_metrics(informers), etcd_member_metrics(store)]
     if peers is not None and table is not None and node is not None:
 
         async def direct_heartbeats() -> None:

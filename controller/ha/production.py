@@ -77,6 +77,7 @@ from .environment import (
     VmView,
     World,
 )
+from .failover_clock import FailoverClock
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ class EtcdEnvironment:
         self._loop = asyncio.get_running_loop()
         self._started_at = self._loop.time()
         self._lost_at: dict[str, float] = {}
+        self.failovers = FailoverClock()
+        self._fenced_how: dict[str, str] = {}
+        """How each node this term fenced was fenced (its VMs may be placed in the same step)."""
         self._peers = peers
         self._session_at: dict[str, float] = {}
         self._ack_seen: dict[str, float] = {}
@@ -246,6 +250,7 @@ class EtcdEnvironment:
 
         nodes = [n for n in self._objects("ClusterNode") if isinstance(n, ClusterNode)]
         vms = [v for v in self._objects("VirtualMachine") if isinstance(v, VirtualMachine)]
+        self.failovers.observe(vms, now)
         migrations = [
             m
             for m in self._objects("VirtualMachineMigration")
@@ -580,7 +585,9 @@ class EtcdEnvironment:
 
     async def _set_health(self, action: SetNodeHealth, extra: list[Compare] | None = None) -> None:
         record: FenceRecord | None = None
+        self._fenced_how.pop(action.node, None)
         if action.fence is not None:
+            self._fenced_how[action.node] = action.fence.how
             confirmed = _precise_now() - timedelta(seconds=self.now() - action.fence.at)
             record = FenceRecord(
                 method=action.fence.method,
@@ -643,9 +650,13 @@ class EtcdEnvironment:
             and action.node is not None
             and old != action.node
             and old in world.nodes
-            and world.nodes[old].health == "Fenced"
+            and (world.nodes[old].health == "Fenced" or old in self._fenced_how)
         ):
             telemetry.count_failover(old)
+            lost = world.nodes[old]
+            lost_at = lost.lease_lost_at or world.now
+            how = lost.fence.how if lost.fence is not None else self._fenced_how[old]
+            self.failovers.started(action.vm, action.node, lost_at, how)
 
     async def _migrate(self, action: Migrate) -> None:
         request = VirtualMachineMigration(
@@ -690,6 +701,7 @@ class EtcdEnvironment:
             "confirmed off" if ok else "failed",
             message,
         )
+        telemetry.count_fence(action.node, action.method, ok)
         self._fence_results.append(
             FenceResult(action.attempt, action.node, action.method, ok, message)
         )

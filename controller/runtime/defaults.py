@@ -7,7 +7,9 @@ them in its help without loading what only the daemons need: short commands star
 import socket
 
 DEFAULT_HTTP_PORT = 8080
-"""Port of a manager's /healthz and /metrics."""
+"""Port of a manager's /healthz and /metrics (the controller's)."""
+DEFAULT_AGENT_HTTP_PORT = 8081
+"""Port of the agent's /healthz and /metrics (beside a controller on the same host)."""
 DEFAULT_MIGRATION_CONCURRENCY = 2
 """Outgoing live migrations an agent runs at once."""
 

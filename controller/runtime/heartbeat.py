@@ -30,6 +30,7 @@ from pathlib import Path
 
 import aetcd
 
+from controller.runtime import telemetry
 from controller.runtime.self_fence import lease_valid, may_feed_watchdog, self_fence_deadline
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ class Heartbeat:
             else:
                 self._last_success = sent_at
                 self.established.set()
+                telemetry.record_heartbeat_renewal(loop.time() - sent_at)
             await asyncio.sleep(max(0.0, sent_at + self.timing.renew_interval - loop.time()))
 
     async def _renew_once(self) -> None:

@@ -67,6 +67,7 @@ class StoreClient:
         self.endpoints = list(endpoints)
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
+        self.tls = tls
         self.writer = layout.check_writer(writer)
         self.client = make_client(self.endpoints, timeout, tls)
         self.user = tls.user() if tls else None

@@ -1,26 +1,34 @@
 """Traces and metrics for every kvmctl loop, with the OpenTelemetry SDK (logs: `logs.py`).
 
-`setup_telemetry(service, exporter)` chooses where they go:
+`setup_telemetry(service, exporter, otlp_endpoint=...)` chooses where they go:
 - `none`: no-op providers (the default until setup is called): nothing is recorded;
 - `console`: spans and metrics printed to stdout (metrics every `export_interval` seconds);
 - `prometheus`: metrics into prometheus_client's default registry, which the manager serves on
-  `/metrics`; spans are created (so processors can be added) but not exported;
-- `otlp`: spans and metrics to an OTLP/gRPC collector (`OTEL_EXPORTER_OTLP_ENDPOINT`), when the
-  package `opentelemetry-exporter-otlp-proto-grpc` is installed.
+  `/metrics`, named the Prometheus way (`kvmctl.fence.operations` → `kvmctl_fence_operations_total`)
+  without `otel_scope_*` labels nor `target_info`; spans are created but not exported;
+- `otlp`: spans and metrics only to an OTLP/HTTP collector.
+With `otlp_endpoint` (`http://collector:4318`), spans and metrics also go there by OTLP/HTTP
+(protobuf), whatever the exporter; without it, `otlp` uses `OTEL_EXPORTER_OTLP_ENDPOINT`.
+The OTLP metric interval is `OTEL_METRIC_EXPORT_INTERVAL` (ms, default 60 s).
 
 kvmctl keeps its providers here rather than in OpenTelemetry's process-wide globals, so setup
 can be called again (tests, reconfiguration) and the previous providers are shut down.
 
-Metrics (Prometheus names): `kvmctl_reconcile_duration_seconds` (histogram by controller, kind,
-result), `kvmctl_reconcile_retries_total`, `kvmctl_workqueue_depth`, `kvmctl_leader` (1 while
-leading, per election), `kvmctl_failovers_total`, `kvmctl_driver_call_duration_seconds`.
+The series (docs/operations.md#metrics): `kvmctl_reconcile_duration_seconds{controller,kind,
+result}`, `kvmctl_reconcile_retries_total`, `kvmctl_workqueue_depth{name}`, `kvmctl_leader
+{election}` (1 while leading), `kvmctl_node_health{node,health}` and `kvmctl_vm_state{vm,node,
+state}` (one series per possible value, 1 for the current one), `kvmctl_failover_duration_seconds
+{fence}` (node lost → VM running elsewhere), `kvmctl_failovers_total{node}`,
+`kvmctl_fence_operations_total{node,method,result}`, `kvmctl_migrations_total{result}`,
+`kvmctl_heartbeat_renew_latency_seconds`, `kvmctl_etcd_member_up{member,endpoint}`,
+`kvmctl_driver_call_duration_seconds`.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,7 +52,13 @@ from controller.runtime.reconcile import Reconciler, Result, TerminalError
 Exporter = Literal["none", "console", "prometheus", "otlp"]
 EXPORTERS: tuple[Exporter, ...] = ("none", "console", "prometheus", "otlp")
 DURATION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+FAILOVER_BUCKETS = [1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0]
 SCOPE = "kvmctl"
+MIGRATION_RESULTS = ("succeeded", "failed", "rejected")
+
+StateGauge = Literal["node_health", "vm_state", "etcd_member_up"]
+Samples = Callable[[], Iterable[tuple[float, dict[str, str]]]]
+"""What a state gauge reports now: (value, labels) pairs, read at every scrape or export."""
 
 
 class TelemetryError(ValueError):
@@ -59,6 +73,7 @@ class Telemetry:
     meter_provider: metrics.MeterProvider
     queues: dict[str, Sized] = field(default_factory=dict)
     leadership: dict[str, int] = field(default_factory=dict)
+    states: dict[StateGauge, Samples] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tracer = self.tracer_provider.get_tracer(SCOPE)
@@ -81,6 +96,41 @@ class Telemetry:
             description="Time one driver call took, by driver, call and outcome",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
+        self.failover_duration = meter.create_histogram(
+            "kvmctl.failover.duration",
+            unit="s",
+            description="From a node lost to its VM running elsewhere, by fence path",
+            explicit_bucket_boundaries_advisory=FAILOVER_BUCKETS,
+        )
+        self.fence_operations = meter.create_counter(
+            "kvmctl.fence.operations", description="Fence method runs, by node, method and result"
+        )
+        self.migrations = meter.create_counter(
+            "kvmctl.migrations", description="Live migrations ended, by result"
+        )
+        for result in MIGRATION_RESULTS:  # at 0 from the start, so rate() sees the first
+            self.migrations.add(0, {"result": result})
+        self.heartbeat_renew_latency = meter.create_histogram(
+            "kvmctl.heartbeat.renew.latency",
+            unit="s",
+            description="Time one successful heartbeat lease renewal took",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        meter.create_observable_gauge(
+            "kvmctl.node.health",
+            callbacks=[self._observer("node_health")],
+            description="1 for each ClusterNode's current health, 0 for the others",
+        )
+        meter.create_observable_gauge(
+            "kvmctl.vm.state",
+            callbacks=[self._observer("vm_state")],
+            description="1 for each VirtualMachine's current state on its node, 0 for the others",
+        )
+        meter.create_observable_gauge(
+            "kvmctl.etcd.member.up",
+            callbacks=[self._observer("etcd_member_up")],
+            description="1 while an etcd member answers a linearizable read, else 0",
+        )
         meter.create_observable_gauge(
             "kvmctl.workqueue.depth",
             callbacks=[self._observe_queues],
@@ -94,11 +144,18 @@ class Telemetry:
 
     def _observe_queues(self, _options: CallbackOptions) -> Iterable[Observation]:
         for controller, queue in list(self.queues.items()):
-            yield Observation(len(queue), {"controller": controller})
+            yield Observation(len(queue), {"name": controller})
 
     def _observe_leadership(self, _options: CallbackOptions) -> Iterable[Observation]:
         for election, leading in list(self.leadership.items()):
             yield Observation(leading, {"election": election})
+
+    def _observer(self, gauge: StateGauge) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            source = self.states.get(gauge)
+            return [] if source is None else [Observation(v, a) for v, a in source()]
+
+        return observe
 
     def shutdown(self) -> None:
         for provider in (self.tracer_provider, self.meter_provider):
@@ -114,16 +171,20 @@ def current() -> Telemetry:
 
 
 def setup_telemetry(
-    service_name: str, exporter: Exporter = "none", export_interval: float = 60.0
+    service_name: str,
+    exporter: Exporter = "none",
+    export_interval: float = 60.0,
+    otlp_endpoint: str | None = None,
 ) -> Telemetry:
-    """Create tracer and meter providers exporting to `exporter`; replaces the previous ones."""
+    """Create tracer and meter providers exporting to `exporter` (and by OTLP/HTTP to
+    `otlp_endpoint` if given); replaces the previous ones. `export_interval` is the console's."""
     global _current
     if exporter not in EXPORTERS:
         raise TelemetryError(
             f"unknown telemetry exporter {exporter!r} (choose one of {', '.join(EXPORTERS)})"
         )
     resource = Resource.create({"service.name": service_name})
-    if exporter == "none":
+    if exporter == "none" and otlp_endpoint is None:
         telemetry = Telemetry(trace.NoOpTracerProvider(), metrics.NoOpMeterProvider())
     else:
         tracer_provider = TracerProvider(resource=resource)
@@ -138,34 +199,40 @@ def setup_telemetry(
         elif exporter == "prometheus":
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-            readers.append(PrometheusMetricReader())
-        else:
-            span_exporter, metric_exporter = _otlp_exporters()
-            tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
             readers.append(
-                PeriodicExportingMetricReader(
-                    metric_exporter, export_interval_millis=export_interval * 1000
-                )
+                PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False)
             )
+        if exporter == "otlp" or otlp_endpoint is not None:
+            span_exporter, metric_exporter = _otlp_exporters(otlp_endpoint)
+            tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+            readers.append(PeriodicExportingMetricReader(metric_exporter))
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         telemetry = Telemetry(tracer_provider, meter_provider)
     previous, _current = _current, telemetry
     telemetry.queues.update(previous.queues)
     telemetry.leadership.update(previous.leadership)
+    telemetry.states.update(previous.states)
     previous.shutdown()
     return telemetry
 
 
-def _otlp_exporters() -> tuple[Any, Any]:
+def _otlp_exporters(endpoint: str | None) -> tuple[Any, Any]:
+    """OTLP/HTTP span and metric exporters to `endpoint` (None: the OTEL_* environment)."""
     try:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError:
         raise TelemetryError(
-            "telemetry exporter 'otlp' needs the package opentelemetry-exporter-otlp-proto-grpc "
-            "(pip install opentelemetry-exporter-otlp-proto-grpc), or choose console/prometheus"
+            "OTLP export needs the package opentelemetry-exporter-otlp-proto-http "
+            "(pip install opentelemetry-exporter-otlp-proto-http)"
         ) from None
-    return OTLPSpanExporter(), OTLPMetricExporter()
+    if endpoint is None:
+        return OTLPSpanExporter(), OTLPMetricExporter()
+    base = endpoint.rstrip("/")
+    return (
+        OTLPSpanExporter(endpoint=f"{base}/v1/traces"),
+        OTLPMetricExporter(endpoint=f"{base}/v1/metrics"),
+    )
 
 
 # Spans and metrics --------------------------------------------------------------------------
@@ -271,3 +338,34 @@ def set_leader(election: str, leading: bool) -> None:
 def count_failover(node: str) -> None:
     """Count one VM recovered away from the failed `node`."""
     _current.failovers.add(1, {"node": node})
+
+
+def watch_states(gauge: StateGauge, samples: Samples) -> None:
+    """Report `samples()` as the state gauge `gauge` at every scrape or export."""
+    _current.states[gauge] = samples
+
+
+def forget_states(gauge: StateGauge, samples: Samples) -> None:
+    """Stop reporting `gauge`, if `samples` is still what reports it."""
+    if _current.states.get(gauge) is samples:
+        del _current.states[gauge]
+
+
+def record_failover(seconds: float, fence: str) -> None:
+    """One VM running again, `seconds` after its node was lost; `fence`: how it was fenced."""
+    _current.failover_duration.record(seconds, {"fence": fence})
+
+
+def count_fence(node: str, method: str, succeeded: bool) -> None:
+    """One run of a fence method: `succeeded` means confirmed off."""
+    result = "success" if succeeded else "failure"
+    _current.fence_operations.add(1, {"node": node, "method": method, "result": result})
+
+
+def count_migration(result: str) -> None:
+    """One live migration ended: `succeeded`, `failed`, or `rejected` by the controller."""
+    _current.migrations.add(1, {"result": result})
+
+
+def record_heartbeat_renewal(seconds: float) -> None:
+    _current.heartbeat_renew_latency.record(seconds)
