@@ -27,15 +27,13 @@ revoked), then enables authentication. Running it again changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
-
-import aetcd.rpc
-import grpc
+from typing import Literal
 
 from controller.runtime import layout
-from controller.runtime.store import Store, StoreError
+from controller.runtime.etcd_auth import EtcdAuth
+from controller.runtime.store import Store
 from crds import KINDS
 from crds.meta import _check_name
 
@@ -58,8 +56,6 @@ REPORTED_KINDS = (
     "VirtualMachineMigration",
 )
 """The kinds an agent writes its own node's status part of."""
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -177,92 +173,40 @@ def key_range(prefix: str, grant: Grant) -> tuple[bytes, bytes]:
     return key, key[:-1] + bytes([key[-1] + 1])
 
 
-class _Auth:
-    """etcd's Auth service on the store's (already connected) channel."""
+async def _ensure_user(auth: EtcdAuth, name: str, roles: set[str], existing: set[str]) -> list[str]:
+    changes = []
+    if name not in existing:
+        await auth.add_user(name)
+        changes.append(f"user {name}: created (certificate only, no password)")
+    held = await auth.user_roles(name)
+    for role in sorted(roles - held):
+        await auth.grant_role(name, role)
+        changes.append(f"user {name}: granted role {role}")
+    for role in sorted(held - roles):
+        await auth.revoke_role(name, role)
+        changes.append(f"user {name}: revoked role {role}")
+    return changes
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.stub = store.client.stub(aetcd.rpc.AuthStub)
 
-    async def call(self, what: str, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        try:
-            return await method(request, timeout=self.store.timeout)
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.PERMISSION_DENIED:
-                who = f"user {self.store.user}" if self.store.user else "this client"
-                raise StoreError(
-                    f"etcd refused to {what}: {who} lacks the root role (use the admin certificate)"
-                ) from None
-            raise StoreError(f"etcd could not {what}: {error.details()}") from None
-
-    async def users(self) -> set[str]:
-        reply = await self.call("list users", self.stub.UserList, aetcd.rpc.AuthUserListRequest())
-        return set(reply.users)
-
-    async def roles(self) -> set[str]:
-        reply = await self.call("list roles", self.stub.RoleList, aetcd.rpc.AuthRoleListRequest())
-        return set(reply.roles)
-
-    async def ensure_user(self, name: str, roles: set[str], existing: set[str]) -> list[str]:
-        changes = []
-        if name not in existing:
-            options = aetcd.rpc.UserAddOptions(no_password=True)
-            request = aetcd.rpc.AuthUserAddRequest(name=name, options=options)
-            await self.call(f"add user {name}", self.stub.UserAdd, request)
-            changes.append(f"user {name}: created (certificate only, no password)")
-        reply = await self.call(
-            f"read user {name}", self.stub.UserGet, aetcd.rpc.AuthUserGetRequest(name=name)
-        )
-        held = set(reply.roles)
-        for role in sorted(roles - held):
-            request = aetcd.rpc.AuthUserGrantRoleRequest(user=name, role=role)
-            await self.call(f"grant role {role} to {name}", self.stub.UserGrantRole, request)
-            changes.append(f"user {name}: granted role {role}")
-        for role in sorted(held - roles):
-            request = aetcd.rpc.AuthUserRevokeRoleRequest(name=name, role=role)
-            await self.call(f"revoke role {role} from {name}", self.stub.UserRevokeRole, request)
-            changes.append(f"user {name}: revoked role {role}")
-        return changes
-
-    async def ensure_role(self, role: Role, prefix: str, existing: set[str]) -> list[str]:
-        changes = []
-        if role.name not in existing:
-            request = aetcd.rpc.AuthRoleAddRequest(name=role.name)
-            await self.call(f"add role {role.name}", self.stub.RoleAdd, request)
-            changes.append(f"role {role.name}: created")
-        reply = await self.call(
-            f"read role {role.name}",
-            self.stub.RoleGet,
-            aetcd.rpc.AuthRoleGetRequest(role=role.name),
-        )
-        held = {(p.key, p.range_end): int(p.permType) for p in reply.perm}
-        wanted = {key_range(prefix, grant): grant for grant in role.grants}
-        for (key, range_end), _ in sorted(held.items()):
-            if (key, range_end) not in wanted:
-                request = aetcd.rpc.AuthRoleRevokePermissionRequest(
-                    role=role.name, key=key, range_end=range_end
-                )
-                await self.call(
-                    f"revoke a permission of {role.name}", self.stub.RoleRevokePermission, request
-                )
-                shown = key.decode(errors="replace") + ("*" if range_end else "")
-                changes.append(f"role {role.name}: revoked {shown}")
-        for (key, range_end), grant in wanted.items():
-            permission_type = _PERMISSION_TYPES[grant.access]
-            if held.get((key, range_end)) == permission_type:
-                continue
-            permission = aetcd.rpc.Permission(
-                permType=permission_type, key=key, range_end=range_end
-            )
-            request = aetcd.rpc.AuthRoleGrantPermissionRequest(name=role.name, perm=permission)
-            await self.call(f"grant {grant} to {role.name}", self.stub.RoleGrantPermission, request)
-            changes.append(f"role {role.name}: granted {grant}")
-        return changes
-
-    async def enable(self) -> None:
-        await self.call(
-            "enable authentication", self.stub.AuthEnable, aetcd.rpc.AuthEnableRequest()
-        )
+async def _ensure_role(auth: EtcdAuth, role: Role, prefix: str, existing: set[str]) -> list[str]:
+    changes = []
+    if role.name not in existing:
+        await auth.add_role(role.name)
+        changes.append(f"role {role.name}: created")
+    held = await auth.permissions(role.name)
+    wanted = {key_range(prefix, grant): grant for grant in role.grants}
+    for (key, range_end), _ in sorted(held.items()):
+        if (key, range_end) not in wanted:
+            await auth.revoke_permission(role.name, (key, range_end))
+            shown = key.decode(errors="replace") + ("*" if range_end else "")
+            changes.append(f"role {role.name}: revoked {shown}")
+    for key_range_, grant in wanted.items():
+        permission_type = _PERMISSION_TYPES[grant.access]
+        if held.get(key_range_) == permission_type:
+            continue
+        await auth.grant_permission(role.name, key_range_, permission_type, str(grant))
+        changes.append(f"role {role.name}: granted {grant}")
+    return changes
 
 
 async def apply_rbac(store: Store, roles: Sequence[Role], enable: bool = True) -> list[str]:
@@ -272,20 +216,18 @@ async def apply_rbac(store: Store, roles: Sequence[Role], enable: bool = True) -
     authentication is enabled any client may do this; afterwards only a root-role user.
     """
     await store.connect()
-    auth = _Auth(store)
+    auth = EtcdAuth(store)
     changes: list[str] = []
     existing_roles = await auth.roles()
     if ROOT_ROLE not in existing_roles:
-        await auth.call(
-            "add role root", auth.stub.RoleAdd, aetcd.rpc.AuthRoleAddRequest(name=ROOT_ROLE)
-        )
+        await auth.add_role(ROOT_ROLE)
         changes.append("role root: created")
     existing_users = await auth.users()
     for user in ADMIN_USERS:
-        changes += await auth.ensure_user(user, {ROOT_ROLE}, existing_users)
+        changes += await _ensure_user(auth, user, {ROOT_ROLE}, existing_users)
     for role in roles:
-        changes += await auth.ensure_role(role, store.prefix, existing_roles)
-        changes += await auth.ensure_user(role.name, {role.name}, existing_users)
+        changes += await _ensure_role(auth, role, store.prefix, existing_roles)
+        changes += await _ensure_user(auth, role.name, {role.name}, existing_users)
     if enable:
         await auth.enable()
     return changes

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 
+from controller.runtime.etcd_lock import LockTimeout
 from controller.runtime.store import Store
 from reconcilers.drivers.lvm import LvmError
-from reconcilers.lvm_lock import LockTimeout, LvmSettings, metadata_lock
+from reconcilers.lvm_lock import LvmSettings, metadata_lock
 
 ACTIVE_TAG_PREFIX = "kvmctl_active_"
 

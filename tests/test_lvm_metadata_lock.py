@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from controller.runtime.etcd_lock import LockTimeout
 from controller.runtime.store import Store
-from reconcilers.lvm_lock import LockTimeout, LvmSettings, metadata_lock
+from reconcilers.lvm_lock import LvmSettings, metadata_lock
 
 SETTINGS = LvmSettings(lock_ttl=2, lock_timeout=60)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.runtime.etcd_lock import LockTimeout
 from controller.runtime.events import EventRecorder
 from controller.runtime.reconcile import Blocked, record_not_ready
 from controller.runtime.store import Store
@@ -23,7 +24,7 @@ from crds.virtualmachine import VirtualMachineSpec
 from crds.volumegroup import VolumeGroupSpec
 from reconcilers.drivers.lvm import LvmError
 from reconcilers.lv_claim import ActivationConflict, activate_for_vm, active_on
-from reconcilers.lvm_lock import LockTimeout, LvmSettings, metadata_lock
+from reconcilers.lvm_lock import LvmSettings, metadata_lock
 from reconcilers.volumegroup import VolumeGroupReconciler
 
 NODE = "host1"

@@ -35,6 +35,7 @@ from typing import Any
 from controller.migrations import Term
 from controller.runtime.informer import SharedInformers
 from controller.runtime.manager import LeaderTask
+from controller.runtime.prefix_cache import PrefixCache
 from controller.runtime.store import Conflict, NotFound, Store, StoreError
 from crds import VirtualMachine
 
@@ -50,7 +51,7 @@ from .guest_power import (
     stop_now,
 )
 from .guest_requests import GuestResult, PowerStatus
-from .requests import PrefixCache, RequestFormatError, report_prefix
+from .requests import RequestFormatError, report_prefix
 
 log = logging.getLogger(__name__)
 

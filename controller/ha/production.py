@@ -44,6 +44,7 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import heartbeat_key
 from controller.runtime.informer import SharedInformers
 from controller.runtime.peers import PeerTable
+from controller.runtime.prefix_cache import PrefixCache
 from controller.runtime.store import Compare, Conflict, NotFound, Store, StoreError
 from crds import AnyResource, ClusterNode, ClusterPolicy, ObjectMeta, VirtualMachine
 from crds.clusternode import FenceRecord
@@ -151,18 +152,14 @@ class EtcdEnvironment:
         self._session_at: dict[str, float] = {}
         self._ack_seen: dict[str, float] = {}
         self._crashes: dict[str, tuple[datetime | None, float]] = {}
-        self.heartbeats = requests.PrefixCache(
+        self.heartbeats = PrefixCache(
             store, _heartbeat_prefix(store.prefix), self._heartbeat_changed
         )
-        self.fence_acks = requests.PrefixCache(
+        self.fence_acks = PrefixCache(
             store, requests.fence_ack_prefix(store.prefix), self._key_changed
         )
-        self.drains = requests.PrefixCache(
-            store, requests.drain_prefix(store.prefix), self._key_changed
-        )
-        self.reports = requests.PrefixCache(
-            store, requests.report_prefix(store.prefix), self._key_changed
-        )
+        self.drains = PrefixCache(store, requests.drain_prefix(store.prefix), self._key_changed)
+        self.reports = PrefixCache(store, requests.report_prefix(store.prefix), self._key_changed)
         self._caches = (self.heartbeats, self.fence_acks, self.drains, self.reports)
         self._tasks: list[asyncio.Task[None]] = []
         self._fence_tasks: set[asyncio.Task[None]] = set()

@@ -25,12 +25,15 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-import aetcd
-
 from controller.fencing import run_method
 from controller.runtime.heartbeat import heartbeat_key
 from controller.runtime.informer import SharedInformers
-from controller.runtime.leader import LeaderElector, LeaderInfo, LeaderRecordError
+from controller.runtime.leader import (
+    ELECTION_ERRORS,
+    LeaderElector,
+    LeaderInfo,
+    LeaderRecordError,
+)
 from controller.runtime.peers import PeerTable
 from controller.runtime.store import Store, StoreError
 from crds import ClusterNode
@@ -102,7 +105,7 @@ class StandbyWatch:
             try:
                 async with asyncio.timeout(ETCD_READ_TIMEOUT):
                     self._leader = await self.elector.current_leader()
-            except (TimeoutError, aetcd.ClientError, LeaderRecordError) as error:
+            except (*ELECTION_ERRORS, LeaderRecordError) as error:
                 log.debug("leader record not read: %s", error)
             await asyncio.sleep(LEADER_REFRESH)
 
@@ -148,7 +151,7 @@ class StandbyWatch:
             return
         try:
             won = await self.elector.take_over(info.token)
-        except (TimeoutError, aetcd.ClientError) as error:
+        except ELECTION_ERRORS as error:
             log.error("taking over from term %d failed: %s", info.token, error)
             return
         if won:

@@ -101,6 +101,11 @@ def leader_key(prefix: str, name: str) -> str:
     return f"{prefix.rstrip('/')}/leader/{name}"
 
 
+ELECTION_ERRORS = (TimeoutError, aetcd.ClientError)
+"""What a call of the elector raises when etcd cannot be reached (callers outside the runtime
+catch these, not aetcd's types)."""
+
+
 def guard_compare(client: aetcd.Client, key: str, token: int) -> aetcd.transactions.Create:
     """The compare to add to a transaction so it succeeds only while term `token` leads."""
     return client.transactions.create(key.encode()) == token
@@ -195,8 +200,8 @@ class LeaderElector:
 
         Only for a leader known to be dead (its host confirmed powered off): its lease may
         still be valid, its guarded writes fail from this transaction on. `run()` then wins
-        the campaign at once (see the module docstring); raises TimeoutError or
-        aetcd.ClientError when etcd cannot be reached.
+        the campaign at once (see the module docstring); raises one of `ELECTION_ERRORS`
+        when etcd cannot be reached.
         """
         if self._term is not None:
             return False
