@@ -38,11 +38,13 @@ from .agent_rules import (
     DomainAction,
     DomainFacts,
     decide_domain,
+    first_failing_check,
     gave_up_message,
     must_clean_after_fence,
     recent_restarts,
     restarted_message,
     start_blocker,
+    unresponsive_message,
 )
 from .environment import (
     Action,
@@ -102,6 +104,8 @@ class SimDevice:
 class Qemu:
     phase: QemuPhase
     ready_at: float = 0.0
+    hung_at: float | None = None
+    """When the guest stopped answering (`hang`); a reset or restart clears it."""
 
 
 @dataclass
@@ -559,6 +563,14 @@ class Simulator:
                 self._fail_migration(vm, "the source guest crashed")
                 self._lose([vm_name])
 
+    def hang(self, vm_name: str) -> None:
+        """The guest hangs: its qemu runs on, but it stops answering its health checks."""
+        for host in self.hosts.values():
+            qemu = host.qemu.get(vm_name)
+            if host.powered and qemu is not None and qemu.phase == "running":
+                qemu.hung_at = self.now()
+                self.log(f"host/{host.name}", f"{vm_name} hung")
+
     def set_run_state(self, vm_name: str, run_state: str) -> None:
         vm = self.vms[vm_name]
         vm.spec = vm.spec.model_copy(update={"run_state": run_state})
@@ -861,8 +873,18 @@ class Simulator:
                 policy=vm.spec.restart_policy,
                 now=self.now(),
                 start_blocker=blocker,
+                unresponsive=self._failed_check(vm, qemu),
             )
             self._agent_act(host, vm, qemu, facts, decide_domain(facts))
+
+    def _failed_check(self, vm: SimVm, qemu: Qemu | None) -> str | None:
+        """The health check a hung guest has failed by now, per `first_failing_check`."""
+        if qemu is None or qemu.hung_at is None:
+            return None
+        check = first_failing_check(vm.spec.health)
+        if check is None or self.now() < qemu.hung_at + check[0]:
+            return None
+        return check[1]
 
     @staticmethod
     def _migration_owns(vm: SimVm, node: str) -> bool:
@@ -908,11 +930,31 @@ class Simulator:
                 vm.restarts = [*recent_restarts(vm.restarts, facts.policy, now), now]
                 message = restarted_message(host.name, len(vm.restarts), facts.policy)
                 self._log_emit(Emit("VirtualMachine", vm.name, "VMRestarted", message, "Warning"))
+        elif action == "reset":
+            assert qemu is not None and facts.unresponsive is not None
+            host.qemu[vm.name] = Qemu("starting", now + self.settings.start_seconds)
+            vm.down_since = now
+            vm.restarts = [*recent_restarts(vm.restarts, facts.policy, now), now]
+            message = unresponsive_message(
+                facts.unresponsive, host.name, action, len(vm.restarts), facts.policy
+            )
+            self._log_emit(Emit("VirtualMachine", vm.name, "GuestUnresponsive", message, "Warning"))
         elif action == "give_up":
             vm.restarts = recent_restarts(vm.restarts, facts.policy, now)
+            cause = "domain stopped unexpectedly"
+            if facts.unresponsive is not None:
+                cause = facts.unresponsive
+                del host.qemu[vm.name]
+                self._lose([vm.name])
+                message = unresponsive_message(
+                    cause, host.name, action, len(vm.restarts), facts.policy
+                )
+                self._log_emit(
+                    Emit("VirtualMachine", vm.name, "GuestUnresponsive", message, "Warning")
+                )
             vm.state, vm.status_node, vm.crashed_at = "Crashed", host.name, now
             vm.gave_up_on = host.name
-            message = gave_up_message(host.name, len(vm.restarts), facts.policy)
+            message = gave_up_message(host.name, len(vm.restarts), facts.policy, cause)
             self._log_emit(
                 Emit("VirtualMachine", vm.name, "RestartLimitReached", message, "Warning")
             )
