@@ -12,9 +12,10 @@ tasks. With `domain.lvm` set the VM and migration reconcilers manage the activat
 LVs (claimed and activated before a start, released after a stop, handed over during a
 migration; docs/storage.md).
 
-Libvirt lifecycle events enqueue the VM of the same name through the VM controller's queue (a
-`Source`), so a crashed guest is seen at once; the informers resync every `resync_period`. A
-lost libvirt connection is reopened, and every VM and domain is looked at again.
+Libvirt lifecycle and watchdog events enqueue the VM of the same name through the VM
+controller's queue (a `Source`), so a crashed or watchdog-reset guest is seen at once; the
+informers resync every `resync_period`. A lost libvirt connection is reopened, and every VM and
+domain is looked at again.
 
 Starting a domain needs a valid heartbeat lease and a node that is not being fenced, and the
 reconciler re-reads the VM from etcd right before: a VM the controller moved away while this
@@ -54,7 +55,12 @@ from crds import AnyResource, ClusterNode, VirtualMachineMigration
 from crds.clusternode import Capacity
 from crds.libvirt_uri import peer_uri_or_none
 from crds.meta import now
-from reconcilers.drivers.libvirt import LibvirtError, LibvirtHost, LibvirtUnavailable
+from reconcilers.drivers.libvirt import (
+    LibvirtError,
+    LibvirtHost,
+    LibvirtUnavailable,
+    WatchdogEvent,
+)
 from reconcilers.migration import MigrationRunner
 from reconcilers.storage import StorageSettings, may_read_secrets, storage_controllers
 from reconcilers.tgtd_supervisor import TgtdSupervisor
@@ -332,7 +338,8 @@ class Agent:
     # -- libvirt -----------------------------------------------------------------------------
 
     async def _libvirt_forever(self, vm_queue: KeySink) -> None:
-        """Enqueue the VM of every lifecycle event; reconnect when the connection is lost."""
+        """Enqueue the VM of every lifecycle and watchdog event (a firing is remembered for the
+        VM's next reconcile to count); reconnect when the connection is lost."""
         while True:
             host = self.host
             if host is None:
@@ -346,6 +353,8 @@ class Agent:
                     for vm in self.vms.list():
                         vm_queue.add(vm.metadata.name)
                     async for event in events:
+                        if isinstance(event, WatchdogEvent):
+                            self.vm_reconciler.health.watchdog_fired(event.name, event.action)
                         vm_queue.add(event.name)
                         self.ha.wake()
                 except LibvirtUnavailable as error:

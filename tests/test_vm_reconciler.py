@@ -40,6 +40,7 @@ from reconcilers.lvm_lock import LvmSettings
 from reconcilers.virtualmachine import FINALIZER
 from reconcilers.volume_claims import active_on
 from tests.support.agents import Cluster, domain_state, running_vm, vm_object
+from tests.support.ha import reasons
 
 DEADLINE = 30.0
 
@@ -266,6 +267,31 @@ async def test_crashed_vm_is_restarted_up_to_the_limit(cluster: Cluster) -> None
     assert await cluster.events("vm1", "RestartLimitReached")
     assert len(await cluster.events("vm1", "VMRestarted")) == 1  # aggregated: count 2
     assert (await cluster.events("vm1", "VMRestarted"))[0].spec.count == 2
+
+
+async def test_a_guest_agent_that_never_answered_does_not_reset_the_guest(
+    cluster: Cluster,
+) -> None:
+    """The test driver has no guest agents, so no ping is ever answered: the check is never
+    armed, and a guest still booting (or without an agent) is not reset, however many pings
+    go unanswered (failures: 1 would reset at the first miss of an armed check)."""
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    health = {"guestAgent": {"intervalSeconds": 1, "failures": 1}}
+    await running_vm(cluster, "vm1", "host1", health=health)
+    pings = agent.vm_reconciler.health
+
+    def three_pings() -> bool:
+        pinged = pings.pinged("vm1")
+        return pinged is not None and pinged[1] >= 3
+
+    await eventually(three_pings, "three unanswered guest-pings")
+    pinged = pings.pinged("vm1")
+    assert pinged is not None and not pinged[0].armed
+    vm = await cluster.vm("vm1")
+    assert (vm.status.state, vm.status.restarts) == ("Running", [])
+    assert "GuestUnresponsive" not in await reasons(cluster.store, "VirtualMachine", "vm1")
+    assert await domain_state(agent, "vm1") is DomainState.RUNNING
 
 
 async def test_domain_of_an_in_flight_migration_is_left_alone(cluster: Cluster) -> None:
