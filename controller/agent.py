@@ -56,6 +56,7 @@ from crds.clusternode import Capacity
 from crds.libvirt_uri import peer_uri_or_none
 from crds.meta import now
 from reconcilers.drivers.libvirt import (
+    DomainEvent,
     LibvirtError,
     LibvirtHost,
     LibvirtUnavailable,
@@ -337,9 +338,16 @@ class Agent:
 
     # -- libvirt -----------------------------------------------------------------------------
 
+    def domain_event(self, event: DomainEvent, vm_queue: KeySink) -> None:
+        """Enqueue the VM of a libvirt event; a watchdog firing is remembered for the VM's next
+        reconcile to count."""
+        if isinstance(event, WatchdogEvent):
+            self.vm_reconciler.health.watchdog_fired(event.name, event.action)
+        vm_queue.add(event.name)
+        self.ha.wake()
+
     async def _libvirt_forever(self, vm_queue: KeySink) -> None:
-        """Enqueue the VM of every lifecycle and watchdog event (a firing is remembered for the
-        VM's next reconcile to count); reconnect when the connection is lost."""
+        """Hand every libvirt event to `domain_event`; reconnect when the connection is lost."""
         while True:
             host = self.host
             if host is None:
@@ -353,10 +361,7 @@ class Agent:
                     for vm in self.vms.list():
                         vm_queue.add(vm.metadata.name)
                     async for event in events:
-                        if isinstance(event, WatchdogEvent):
-                            self.vm_reconciler.health.watchdog_fired(event.name, event.action)
-                        vm_queue.add(event.name)
-                        self.ha.wake()
+                        self.domain_event(event, vm_queue)
                 except LibvirtUnavailable as error:
                     log.warning("libvirt on %s lost: %s; reconnecting", self.node, error)
             self.host = self.vm_reconciler.host = self.migration_runner.host = None
