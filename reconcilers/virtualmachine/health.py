@@ -67,7 +67,10 @@ class GuestHealth:
         action = self._fired.pop(name, None)
         if action is not None and health.watchdog is not None and action == "reset":
             self._pings.pop(name, None)  # the guest rebooted: armed again by its next answer
-            return Verdict(watchdog_reason(health.watchdog, action), reset_by_qemu=True)
+            agent = health.guest_agent
+            next_ping = None if agent is None else float(agent.interval_seconds)
+            reason = watchdog_reason(health.watchdog, action)
+            return Verdict(reason, reset_by_qemu=True, next_ping=next_ping)
         check = health.guest_agent
         if check is None:
             self._pings.pop(name, None)

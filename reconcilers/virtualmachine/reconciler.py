@@ -227,19 +227,19 @@ class VirtualMachineReconciler:
         policy = vm.spec.restart_policy
         recent = set(recent_restarts(facts.restarts, policy, facts.now))
         restarts = [moment for moment in vm.status.restarts if moment.timestamp() in recent]
-        if action not in ("reset", "give_up"):
-            return Result()
-        if action == "give_up":
-            await destroy(host, name)
-            await self.claims.release(await self._volumes(host, vm, domain), name)
-        else:
+        if action == "reset":
             if not verdict.reset_by_qemu:
                 await host.reset(name)
             restarts.append(now())
+        elif action == "give_up":
+            await destroy(host, name)
+            await self.claims.release(await self._volumes(host, vm, domain), name)
+            self.health.forget(name)
+        else:
+            return Result()
         message = unresponsive_message(reason, self.node, action, len(restarts), policy)
         await self.recorder.record(vm, "Warning", "GuestUnresponsive", "%s", message)
         if action == "give_up":
-            self.health.forget(name)
             message = gave_up_message(self.node, len(restarts), policy, reason)
             return await self._give_up(vm, restarts, message)
         desired = self.domain_spec(vm)
