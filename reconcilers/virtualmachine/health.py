@@ -69,8 +69,8 @@ class GuestHealth:
             self._pings.pop(name, None)  # the guest rebooted: armed again by its next answer
             agent = health.guest_agent
             next_ping = None if agent is None else float(agent.interval_seconds)
-            reason = watchdog_reason(health.watchdog, action)
-            return Verdict(reason, reset_by_qemu=True, next_ping=next_ping)
+            fired = watchdog_reason(health.watchdog, action)
+            return Verdict(fired, reset_by_qemu=True, next_ping=next_ping)
         check = health.guest_agent
         if check is None:
             self._pings.pop(name, None)
