@@ -206,10 +206,14 @@ _WATCHDOG_ACTIONS = {
 }
 
 GUEST_PING = '{"execute":"guest-ping"}'
-_NO_AGENT_ANSWER = (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_NO_SUPPORT)
+_NO_AGENT_ANSWER = (
+    libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+    libvirt.VIR_ERR_AGENT_UNSYNCED,
+    libvirt.VIR_ERR_NO_SUPPORT,
+)
 """Errors of a guest-agent command that mean "no answer": the agent is not connected or did
-not answer in time (86), or this connection's driver has no guest agents at all (the test
-driver)."""
+not answer in time (86), answered libvirt's `guest-sync` wrongly (97), or this connection's
+driver has no guest agents at all (the test driver)."""
 
 
 @dataclass(frozen=True)
