@@ -12,9 +12,10 @@ tasks. With `domain.lvm` set the VM and migration reconcilers manage the activat
 LVs (claimed and activated before a start, released after a stop, handed over during a
 migration; docs/storage.md).
 
-Libvirt lifecycle events enqueue the VM of the same name through the VM controller's queue (a
-`Source`), so a crashed guest is seen at once; the informers resync every `resync_period`. A
-lost libvirt connection is reopened, and every VM and domain is looked at again.
+Libvirt lifecycle and watchdog events enqueue the VM of the same name through the VM
+controller's queue (a `Source`), so a crashed or watchdog-reset guest is seen at once; the
+informers resync every `resync_period`. A lost libvirt connection is reopened, and every VM and
+domain is looked at again.
 
 Starting a domain needs a valid heartbeat lease and a node that is not being fenced, and the
 reconciler re-reads the VM from etcd right before: a VM the controller moved away while this
@@ -54,7 +55,13 @@ from crds import AnyResource, ClusterNode, VirtualMachineMigration
 from crds.clusternode import Capacity
 from crds.libvirt_uri import peer_uri_or_none
 from crds.meta import now
-from reconcilers.drivers.libvirt import LibvirtError, LibvirtHost, LibvirtUnavailable
+from reconcilers.drivers.libvirt import (
+    DomainEvent,
+    LibvirtError,
+    LibvirtHost,
+    LibvirtUnavailable,
+    WatchdogEvent,
+)
 from reconcilers.migration import MigrationRunner
 from reconcilers.storage import StorageSettings, may_read_secrets, storage_controllers
 from reconcilers.tgtd_supervisor import TgtdSupervisor
@@ -335,8 +342,16 @@ class Agent:
 
     # -- libvirt -----------------------------------------------------------------------------
 
+    def domain_event(self, event: DomainEvent, vm_queue: KeySink) -> None:
+        """Enqueue the VM of a libvirt event; a watchdog firing is remembered for the VM's next
+        reconcile to count."""
+        if isinstance(event, WatchdogEvent):
+            self.vm_reconciler.health.watchdog_fired(event.name, event.action)
+        vm_queue.add(event.name)
+        self.ha.wake()
+
     async def _libvirt_forever(self, vm_queue: KeySink) -> None:
-        """Enqueue the VM of every lifecycle event; reconnect when the connection is lost."""
+        """Hand every libvirt event to `domain_event`; reconnect when the connection is lost."""
         while True:
             host = self.host
             if host is None:
@@ -350,8 +365,7 @@ class Agent:
                     for vm in self.vms.list():
                         vm_queue.add(vm.metadata.name)
                     async for event in events:
-                        vm_queue.add(event.name)
-                        self.ha.wake()
+                        self.domain_event(event, vm_queue)
                 except LibvirtUnavailable as error:
                     log.warning("libvirt on %s lost: %s; reconnecting", self.node, error)
             self.host = self.vm_reconciler.host = self.migration_runner.host = None

@@ -135,6 +135,37 @@ class RestartPolicy(Strict):
     max_relocations: int = Field(default=3, ge=0, le=100, alias="maxRelocations")
 
 
+class WatchdogCheck(Strict):
+    """A virtual watchdog device the guest must keep feeding (its driver sets the timeout).
+
+    When the guest stops feeding it, QEMU acts (`action`, libvirt's name); the agent counts
+    it as a restart of the restart policy and records a `GuestUnresponsive` Warning.
+    """
+
+    model: Literal["i6300esb"] = "i6300esb"
+    action: Literal["reset", "poweroff"] = "reset"
+
+
+class GuestAgentCheck(Strict):
+    """A qemu-guest-agent `guest-ping` over the `org.qemu.guest_agent.0` virtio-serial port.
+
+    Armed by the guest's first answer after each (re)start, so a guest still booting is not
+    reset; after `failures` unanswered pings in a row the agent resets the domain in place.
+    """
+
+    interval_seconds: int = Field(default=10, ge=1, le=3600, alias="intervalSeconds")
+    """Seconds between pings (a ping waits at most this long for its answer)."""
+    failures: int = Field(default=3, ge=1, le=100)
+    """Unanswered pings in a row before the guest counts as unresponsive."""
+
+
+class HealthSpec(Strict):
+    """Checks that a running guest still works (docs/ha.md, "Guest health")."""
+
+    watchdog: WatchdogCheck | None = None
+    guest_agent: GuestAgentCheck | None = Field(default=None, alias="guestAgent")
+
+
 RunState = Literal["started", "stopped", "disabled"]
 
 
@@ -155,6 +186,8 @@ class VirtualMachineSpec(Strict):
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy, alias="restartPolicy")
     shutdown_timeout_seconds: int = Field(default=60, ge=0, le=3600, alias="shutdownTimeoutSeconds")
     """Seconds a guest gets to shut down before it is destroyed: at most an hour."""
+    health: HealthSpec = Field(default_factory=HealthSpec)
+    """Guest checks; a guest failing one is reset in place, counted by `restartPolicy`."""
 
     @model_validator(mode="after")
     def _distinct_targets(self) -> VirtualMachineSpec:

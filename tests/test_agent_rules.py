@@ -9,13 +9,16 @@ import pytest
 from controller.ha.agent_rules import (
     DomainAction,
     DomainFacts,
+    PingTrack,
+    after_ping,
     decide_domain,
+    first_failing_check,
     must_clean_after_fence,
     start_blocker,
 )
 from controller.runtime.self_fence import lease_valid, may_feed_watchdog, self_fence_deadline
 from crds.clusternode import NodeHealth
-from crds.virtualmachine import RestartPolicy
+from crds.virtualmachine import GuestAgentCheck, HealthSpec, RestartPolicy, WatchdogCheck
 
 RUNNING_HERE = DomainFacts(
     placed_here=True,
@@ -30,6 +33,7 @@ RUNNING_HERE = DomainFacts(
     start_blocker=None,
 )
 CRASHED_HERE = replace(RUNNING_HERE, running=False)
+HUNG_HERE = replace(RUNNING_HERE, unresponsive="watchdog i6300esb fired (action reset)")
 
 
 @pytest.mark.parametrize(
@@ -48,6 +52,11 @@ CRASHED_HERE = replace(RUNNING_HERE, running=False)
         (replace(CRASHED_HERE, gave_up_here=True), "stay_down"),
         (replace(CRASHED_HERE, start_blocker="no valid heartbeat lease"), "wait"),
         (replace(RUNNING_HERE, start_blocker="node is Fencing"), "keep"),  # never killed for it
+        (HUNG_HERE, "reset"),
+        (replace(HUNG_HERE, restarts=(990.0,)), "reset"),
+        (replace(HUNG_HERE, restarts=(950.0, 990.0)), "give_up"),  # resets did not help
+        (replace(HUNG_HERE, wanted=False), "stop"),
+        (replace(HUNG_HERE, placed_here=False), "destroy"),
     ],
 )
 def test_what_the_agent_does_with_a_domain(facts: DomainFacts, action: DomainAction) -> None:
@@ -57,6 +66,30 @@ def test_what_the_agent_does_with_a_domain(facts: DomainFacts, action: DomainAct
 def test_restart_in_place_never_happens_at_a_zero_limit() -> None:
     facts = replace(CRASHED_HERE, policy=RestartPolicy(max_restarts=0))
     assert decide_domain(facts) == "give_up"
+
+
+def test_a_guest_is_unresponsive_after_the_allowed_failures_once_it_answered() -> None:
+    check = GuestAgentCheck(interval_seconds=1, failures=2)
+    track, hung = after_ping(PingTrack(), answered=False, check=check)
+    assert (track, hung) == (PingTrack(), False)  # still booting: not armed, never reset
+    track, _ = after_ping(track, answered=True, check=check)
+    track, hung = after_ping(track, answered=False, check=check)
+    assert (track, hung) == (PingTrack(armed=True, missed=1), False)
+    track, hung = after_ping(track, answered=False, check=check)
+    assert (track, hung) == (PingTrack(), True)  # disarmed until the reset guest answers
+    track, _ = after_ping(PingTrack(armed=True, missed=1), answered=True, check=check)
+    assert track == PingTrack(armed=True)  # an answer forgives earlier misses
+
+
+def test_the_first_check_to_notice_a_hang() -> None:
+    agent = GuestAgentCheck(interval_seconds=2, failures=3)
+    assert first_failing_check(HealthSpec()) is None
+    assert first_failing_check(HealthSpec(watchdog=WatchdogCheck())) == (
+        30.0,
+        "watchdog i6300esb fired (action reset)",
+    )
+    both = first_failing_check(HealthSpec(watchdog=WatchdogCheck(), guest_agent=agent))
+    assert both == (6.0, "guest agent did not answer 3 guest-pings in a row (2 s apart)")
 
 
 @pytest.mark.parametrize(

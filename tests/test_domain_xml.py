@@ -248,3 +248,17 @@ def test_metadata_round_trips_every_xml_character(metadata: dict[str, str]) -> N
 def test_uuid_is_written_in_canonical_form() -> None:
     spec = dataclasses.replace(full_spec(), uuid=uuid.UUID(VM_UUID).hex.upper())
     assert ET.fromstring(build_domain_xml(spec)).findtext("uuid") == VM_UUID
+
+
+def test_health_checks_add_a_watchdog_device_and_a_guest_agent_channel() -> None:
+    plain = ET.fromstring(build_domain_xml(full_spec()))
+    assert plain.find("devices/watchdog") is None
+    assert plain.find("devices/channel") is None
+    spec = dataclasses.replace(full_spec(), watchdog_action="poweroff", guest_agent=True)
+    devices = ET.fromstring(build_domain_xml(spec)).find("devices")
+    assert devices is not None
+    watchdog = devices.find("watchdog")
+    assert watchdog is not None and watchdog.attrib == {"model": "i6300esb", "action": "poweroff"}
+    target = devices.find("channel[@type='unix']/target")
+    assert target is not None
+    assert target.attrib == {"type": "virtio", "name": "org.qemu.guest_agent.0"}

@@ -72,7 +72,7 @@ async def next_event(events: EventStream, name: str, kind: LifecycleEventKind) -
     """The next event of `kind` for domain `name`, skipping others."""
     async with asyncio.timeout(EVENT_DEADLINE_S):
         async for event in events:
-            if event.name == name and event.event is kind:
+            if isinstance(event, LifecycleEvent) and event.name == name and event.event is kind:
                 return event
     raise AssertionError(f"event stream ended before {kind} of {name}")
 
@@ -257,3 +257,22 @@ async def test_close_ends_event_streams_and_later_calls_fail(tmp_path: Path) -> 
     assert [event async for event in host.events()] == []
     with pytest.raises(LibvirtUnavailable, match="is closed"):
         await host.list_domains()
+
+
+async def test_reset_keeps_the_domain_running(host: LibvirtHost) -> None:
+    await host.define(build_domain_xml(vm_spec("vm1")))
+    await host.start("vm1")
+    await host.reset("vm1")
+    assert await host.state("vm1") is DomainState.RUNNING
+    with pytest.raises(DomainNotFound):
+        await host.reset("nosuchvm")
+
+
+async def test_guest_ping_is_unanswered_without_a_guest_agent(host: LibvirtHost) -> None:
+    """The test driver has no guest agents: a ping is not answered (real libvirtd without an
+    agent in the guest fails the same way, error 86, checked on a lab libvirtd: docs/ha.md)."""
+    await host.define(build_domain_xml(dataclasses.replace(vm_spec("vm1"), guest_agent=True)))
+    await host.start("vm1")
+    assert await host.guest_ping("vm1", timeout=1) is False
+    with pytest.raises(DomainNotFound):
+        await host.guest_ping("nosuchvm", timeout=1)

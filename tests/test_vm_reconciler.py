@@ -35,11 +35,12 @@ from crds.virtualmachine import RestartPolicy
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
-from reconcilers.drivers.libvirt import DomainState, LibvirtHost
+from reconcilers.drivers.libvirt import DomainState, LibvirtHost, WatchdogEvent
 from reconcilers.lv_claim import active_on
 from reconcilers.lvm_lock import LvmSettings
 from reconcilers.virtualmachine import FINALIZER
 from tests.support.agents import Cluster, domain_state, running_vm, vm_object
+from tests.support.ha import reasons
 
 DEADLINE = 30.0
 
@@ -266,6 +267,77 @@ async def test_crashed_vm_is_restarted_up_to_the_limit(cluster: Cluster) -> None
     assert await cluster.events("vm1", "RestartLimitReached")
     assert len(await cluster.events("vm1", "VMRestarted")) == 1  # aggregated: count 2
     assert (await cluster.events("vm1", "VMRestarted"))[0].spec.count == 2
+
+
+async def test_a_guest_agent_that_never_answered_does_not_reset_the_guest(
+    cluster: Cluster,
+) -> None:
+    """The test driver has no guest agents, so no ping is ever answered: the check is never
+    armed, and a guest still booting (or without an agent) is not reset, however many pings
+    go unanswered (failures: 1 would reset at the first miss of an armed check)."""
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    health = {"guestAgent": {"intervalSeconds": 1, "failures": 1}}
+    await running_vm(cluster, "vm1", "host1", health=health)
+    pings = agent.vm_reconciler.health
+
+    def three_pings() -> bool:
+        pinged = pings.pinged("vm1")
+        return pinged is not None and pinged[1] >= 3
+
+    await eventually(three_pings, "three unanswered guest-pings")
+    pinged = pings.pinged("vm1")
+    assert pinged is not None and not pinged[0].armed
+    vm = await cluster.vm("vm1")
+    assert (vm.status.state, vm.status.restarts) == ("Running", [])
+    assert "GuestUnresponsive" not in await reasons(cluster.store, "VirtualMachine", "vm1")
+    assert await domain_state(agent, "vm1") is DomainState.RUNNING
+
+
+async def test_watchdog_resets_are_counted_and_the_agent_gives_up_at_the_limit(
+    cluster: Cluster,
+) -> None:
+    """The test driver cannot fire a watchdog: the test hands the agent the event libvirt
+    delivers (VIR_DOMAIN_EVENT_ID_WATCHDOG, action reset), the rest is the real agent."""
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    policy = RestartPolicy(max_restarts=1, window_seconds=600)
+    await running_vm(
+        cluster,
+        "vm1",
+        "host1",
+        health={"watchdog": {"action": "reset"}},
+        restartPolicy=policy.model_dump(by_alias=True),
+    )
+    assert agent.host is not None and agent.vm_queue is not None
+    info = await agent.host.lookup("vm1")
+    assert info is not None
+    fired = WatchdogEvent(name="vm1", uuid=info.uuid, action="reset")
+
+    agent.domain_event(fired, agent.vm_queue)
+
+    async def counted() -> VirtualMachine | None:
+        vm = await cluster.vm("vm1")
+        return vm if len(vm.status.restarts) == 1 else None
+
+    vm: VirtualMachine = await eventually(counted, "the watchdog reset counted")
+    assert vm.status.state == "Running"
+    assert await domain_state(agent, "vm1") is DomainState.RUNNING  # QEMU reset it, not us
+    [event] = await cluster.events("vm1", "GuestUnresponsive")
+    assert event.spec.type == "Warning"
+    assert "watchdog i6300esb fired (action reset) on host1; reset in place" in event.spec.message
+
+    agent.domain_event(fired, agent.vm_queue)
+
+    async def given_up() -> VirtualMachine | None:
+        vm = await cluster.vm("vm1")
+        return vm if vm.status.state == "Crashed" else None
+
+    vm = await eventually(given_up, "RestartLimitReached after the second watchdog reset")
+    condition = vm.status.condition("RestartLimitReached")
+    assert condition is not None and condition.status == "True"
+    assert condition.message is not None and condition.message.startswith("watchdog i6300esb")
+    assert await domain_state(agent, "vm1") is DomainState.SHUTOFF  # destroyed, left down
 
 
 async def test_domain_of_an_in_flight_migration_is_left_alone(cluster: Cluster) -> None:

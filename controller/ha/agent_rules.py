@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from crds.clusternode import NodeHealth
-from crds.virtualmachine import RestartPolicy
+from crds.virtualmachine import GuestAgentCheck, HealthSpec, RestartPolicy, WatchdogCheck
 
 FENCING_HEALTH: frozenset[NodeHealth] = frozenset({"Fencing", "Fenced"})
 """While its node is in one of these states, an agent starts nothing (the controller may be
@@ -28,10 +28,11 @@ DomainAction = Literal[
     "forget",  # neither placed nor running here: release what this node still holds for it
     "stop",  # placed here, runState is not started: shut down (then destroy)
     "keep",  # placed here and running: adopt it, report it running
+    "reset",  # placed here, running, failed a health check, under the restart limit: reset it
     "wait",  # should run here but starting is not allowed now (`start_blocker`)
     "start",  # should run here and has not: start it
     "restart",  # ran here and stopped unexpectedly, under the restart limit: restart in place
-    "give_up",  # ran here and stopped unexpectedly, at the restart limit: leave it down, Crashed
+    "give_up",  # stopped unexpectedly or unresponsive, at the restart limit: destroy, Crashed
     "stay_down",  # gave up here before: left down until the controller restarts or moves it
 ]
 
@@ -57,6 +58,8 @@ class DomainFacts:
     now: float
     start_blocker: str | None
     """Why starting is not allowed now (`start_blocker`), or None."""
+    unresponsive: str | None = None
+    """Which health check the running guest failed (`unresponsive_reason`), or None."""
 
 
 def recent_restarts(restarts: Sequence[float], policy: RestartPolicy, now: float) -> list[float]:
@@ -73,15 +76,21 @@ def decide_domain(facts: DomainFacts) -> DomainAction:
     if not facts.wanted:
         return "stop"
     if facts.running:
-        return "keep"
+        if facts.unresponsive is None:
+            return "keep"
+        return "give_up" if _at_limit(facts) else "reset"
     if facts.start_blocker is not None:
         return "wait"
     if facts.gave_up_here:
         return "stay_down"
     if not facts.ran_here:
         return "start"
+    return "give_up" if _at_limit(facts) else "restart"
+
+
+def _at_limit(facts: DomainFacts) -> bool:
     recent = recent_restarts(facts.restarts, facts.policy, facts.now)
-    return "give_up" if len(recent) >= facts.policy.max_restarts else "restart"
+    return len(recent) >= facts.policy.max_restarts
 
 
 def start_blocker(lease_valid: bool, self_fenced: bool, health: NodeHealth | None) -> str | None:
@@ -113,9 +122,86 @@ def restarted_message(node: str, count: int, policy: RestartPolicy) -> str:
     )
 
 
-def gave_up_message(node: str, count: int, policy: RestartPolicy) -> str:
-    """The Warning `RestartLimitReached` (and the Ready message) when the agent gives up."""
+def gave_up_message(
+    node: str, count: int, policy: RestartPolicy, cause: str = "domain stopped unexpectedly"
+) -> str:
+    """The Warning `RestartLimitReached` (and the Ready message) when the agent gives up;
+    `cause` is the failed health check's reason for a guest left unresponsive."""
     return (
-        f"domain stopped unexpectedly on {node}: {count} restarts within "
+        f"{cause} on {node}: {count} restarts within "
         f"{policy.window_seconds} s reached the limit of {policy.max_restarts}; left down"
+    )
+
+
+# -- guest health (`VirtualMachine.spec.health`) ---------------------------------------------
+
+
+WATCHDOG_TIMEOUT_SECONDS = 30.0
+"""The i6300esb driver's default timeout (Linux `i6300esb.heartbeat`): the guest sets the
+real one; the simulator assumes this."""
+
+
+def first_failing_check(health: HealthSpec) -> tuple[float, str] | None:
+    """The simulator's model of a hang: seconds until the first check fails, and its reason
+    (None without checks: a hung guest is never noticed)."""
+    checks = []
+    if health.guest_agent is not None:
+        agent = health.guest_agent
+        checks.append((float(agent.interval_seconds * agent.failures), guest_agent_reason(agent)))
+    if health.watchdog is not None:
+        reason = watchdog_reason(health.watchdog, health.watchdog.action)
+        checks.append((WATCHDOG_TIMEOUT_SECONDS, reason))
+    return min(checks, default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class PingTrack:
+    """The guest-agent check of one running domain: armed by the guest's first answer."""
+
+    armed: bool = False
+    missed: int = 0
+    """Unanswered pings in a row since the last answer."""
+
+
+def after_ping(track: PingTrack, answered: bool, check: GuestAgentCheck) -> tuple[PingTrack, bool]:
+    """The track after one ping, and whether the guest is now unresponsive (after which the
+    track is disarmed again: a reset guest is checked once it answers anew)."""
+    if answered:
+        return PingTrack(armed=True), False
+    if not track.armed:
+        return track, False
+    missed = track.missed + 1
+    if missed >= check.failures:
+        return PingTrack(), True
+    return PingTrack(armed=True, missed=missed), False
+
+
+def watchdog_reason(check: WatchdogCheck, action: str) -> str:
+    """What `GuestUnresponsive` says when the watchdog device fired (`action` as libvirt
+    reports it)."""
+    return f"watchdog {check.model} fired (action {action})"
+
+
+def guest_agent_reason(check: GuestAgentCheck) -> str:
+    """What `GuestUnresponsive` says when the guest agent stopped answering."""
+    return (
+        f"guest agent did not answer {check.failures} guest-pings in a row "
+        f"({check.interval_seconds} s apart)"
+    )
+
+
+def unresponsive_message(
+    reason: str, node: str, action: DomainAction, count: int, policy: RestartPolicy
+) -> str:
+    """The Warning `GuestUnresponsive`: which check failed and what the agent did about it
+    (`action` is `reset`, `restart` after a watchdog poweroff, or `give_up`)."""
+    if action == "give_up":
+        return (
+            f"{reason} on {node}: {count} restarts within {policy.window_seconds} s reached "
+            f"the limit of {policy.max_restarts}; destroyed and left down"
+        )
+    done = "reset in place" if action == "reset" else "restarted in place"
+    return (
+        f"{reason} on {node}; {done} ({count} of {policy.max_restarts} "
+        f"in {policy.window_seconds} s)"
     )

@@ -30,7 +30,8 @@ migrateSeconds, electionTtl). Without `controllers`, one controller runs outside
 
 Commands: power-off|power-on|network-off|network-on|agent-kill|agent-start|ack|cordon|
 uncordon NODE; drain NODE [force]; fence-device NODE METHOD[/INDEX] ok|fail|timeout;
-migrate VM NODE; crash|start|stop|disable VM; controller-restart; etcd-election SECONDS
+migrate VM NODE; crash|hang|start|stop|disable VM (hang: the guest stops answering its
+`spec.health` checks); controller-restart; etcd-election SECONDS
 (etcd has no leader that long, then extends every lease by its TTL).
 """
 
@@ -219,7 +220,7 @@ _NODE_VERBS = {
     "drain",
     "fence-device",
 }
-_VM_VERBS = {"migrate", "crash", "start", "stop", "disable"}
+_VM_VERBS = {"migrate", "crash", "hang", "start", "stop", "disable"}
 VERBS = sorted(_NODE_VERBS | _VM_VERBS | {"controller-restart", "etcd-election"})
 
 
@@ -354,6 +355,7 @@ def command_action(sim: Simulator, command: str) -> Callable[[], None]:
         "drain": lambda: sim.drain(args[0], force=args[1:] == ["force"]),
         "migrate": lambda: sim.request_migration(args[0], args[1]),
         "crash": lambda: sim.crash(args[0]),
+        "hang": lambda: sim.hang(args[0]),
         "start": lambda: sim.set_run_state(args[0], "started"),
         "stop": lambda: sim.set_run_state(args[0], "stopped"),
         "disable": lambda: sim.set_run_state(args[0], "disabled"),

@@ -15,11 +15,13 @@ from .agent_rules import (
     DomainAction,
     DomainFacts,
     decide_domain,
+    first_failing_check,
     gave_up_message,
     must_clean_after_fence,
     recent_restarts,
     restarted_message,
     start_blocker,
+    unresponsive_message,
 )
 from .environment import Emit, acked_but_running
 from .sim_core import SimCore
@@ -112,6 +114,7 @@ class AgentLoops(SimCore):
             self._blockers[host.name] = blocker
             names = self.relevant(host.name)
         self._pending[host.name] = set()
+        names |= self._still_hung(host.name)
         for name in sorted(names):
             vm = self.vms[name]
             qemu = self.qemu.get(host.name, name)
@@ -126,8 +129,27 @@ class AgentLoops(SimCore):
                 policy=vm.spec.restart_policy,
                 now=self.now(),
                 start_blocker=blocker,
+                unresponsive=self._failed_check(vm, qemu),
             )
             self._agent_act(host, vm, qemu, facts, decide_domain(facts))
+
+    def _still_hung(self, node: str) -> set[str]:
+        """The VMs whose guest hangs on `node` (forgetting those reset or gone since)."""
+        hung = self._hung[node]
+        for name in list(hung):
+            qemu = self.qemu.get(node, name)
+            if qemu is None or qemu.hung_at is None:
+                hung.discard(name)
+        return set(hung)
+
+    def _failed_check(self, vm: SimVm, qemu: Qemu | None) -> str | None:
+        """The health check a hung guest has failed by now, per `first_failing_check`."""
+        if qemu is None or qemu.hung_at is None:
+            return None
+        check = first_failing_check(vm.spec.health)
+        if check is None or self.now() < qemu.hung_at + check[0]:
+            return None
+        return check[1]
 
     @staticmethod
     def _migration_owns(vm: SimVm, node: str) -> bool:
@@ -173,11 +195,31 @@ class AgentLoops(SimCore):
                 vm.restarts = (*recent_restarts(vm.restarts, facts.policy, now), now)
                 message = restarted_message(host.name, len(vm.restarts), facts.policy)
                 self._log_emit(Emit("VirtualMachine", vm.name, "VMRestarted", message, "Warning"))
+        elif action == "reset":
+            assert qemu is not None and facts.unresponsive is not None
+            self.qemu.set(host.name, vm.name, Qemu("starting", now + self.settings.start_seconds))
+            vm.down_since = now
+            vm.restarts = (*recent_restarts(vm.restarts, facts.policy, now), now)
+            message = unresponsive_message(
+                facts.unresponsive, host.name, action, len(vm.restarts), facts.policy
+            )
+            self._log_emit(Emit("VirtualMachine", vm.name, "GuestUnresponsive", message, "Warning"))
         elif action == "give_up":
             vm.restarts = tuple(recent_restarts(vm.restarts, facts.policy, now))
+            cause = "domain stopped unexpectedly"
+            if facts.unresponsive is not None:
+                cause = facts.unresponsive
+                self.qemu.remove(host.name, vm.name)
+                self._lose([vm.name])
+                message = unresponsive_message(
+                    cause, host.name, action, len(vm.restarts), facts.policy
+                )
+                self._log_emit(
+                    Emit("VirtualMachine", vm.name, "GuestUnresponsive", message, "Warning")
+                )
             vm.state, vm.status_node, vm.crashed_at = "Crashed", host.name, now
             vm.gave_up_on = host.name
-            message = gave_up_message(host.name, len(vm.restarts), facts.policy)
+            message = gave_up_message(host.name, len(vm.restarts), facts.policy, cause)
             self._log_emit(
                 Emit("VirtualMachine", vm.name, "RestartLimitReached", message, "Warning")
             )

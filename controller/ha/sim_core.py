@@ -61,6 +61,8 @@ class SimCore:
         self._host_order = {name: index for index, name in enumerate(self.hosts)}
         self._pending: dict[str, set[str]] = {name: set() for name in self.hosts}
         """Per host, the VMs its agent must look at again (they changed since it last did)."""
+        self._hung: dict[str, set[str]] = {name: set() for name in self.hosts}
+        """Per host, the VMs whose guest hung there (`hang`): looked at every tick until reset."""
         self._placed: dict[str, set[str]] = {name: set() for name in self.hosts}
         self._placed_on: dict[str, str | None] = {}
         self._migrating: set[str] = set()

@@ -47,6 +47,8 @@ class SimDevice:
 class Qemu:
     phase: QemuPhase
     ready_at: float = 0.0
+    hung_at: float | None = None
+    """When the guest stopped answering (`hang`); a reset or restart clears it."""
 
 
 @dataclass

@@ -398,6 +398,15 @@ class Simulator(AgentLoops, Controllers):
                 self._fail_migration(vm, "the source guest crashed")
                 self._lose([vm_name])
 
+    def hang(self, vm_name: str) -> None:
+        """The guest hangs: its qemu runs on, but it stops answering its health checks."""
+        for host in self.hosts.values():
+            qemu = self.qemu.get(host.name, vm_name)
+            if host.powered and qemu is not None and qemu.phase == "running":
+                self.qemu.set(host.name, vm_name, replace(qemu, hung_at=self.now()))
+                self._hung[host.name].add(vm_name)
+                self.log(f"host/{host.name}", f"{vm_name} hung")
+
     def set_run_state(self, vm_name: str, run_state: str) -> None:
         vm = self.vms[vm_name]
         vm.spec = vm.spec.model_copy(update={"run_state": run_state})

@@ -27,6 +27,9 @@ METADATA_PREFIX = "kvmctl"
 
 DomainType = Literal["kvm", "qemu"]
 """`kvm` in production; `qemu` (TCG, software emulation) where /dev/kvm is unusable."""
+WatchdogAction = Literal["reset", "poweroff"]
+"""What QEMU does when the guest stops feeding its watchdog device (libvirt's names)."""
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 DiskCache = Literal["none", "writethrough", "writeback", "directsync", "unsafe"]
 NicModel = Literal["virtio", "e1000", "rtl8139"]
 
@@ -121,6 +124,10 @@ class DomainSpec:
     """Size of TCG's translation block cache (type `qemu` only); None keeps QEMU's default."""
     metadata: Mapping[str, str] = field(default_factory=dict)
     """Owner tags, such as the kvmctl object's uid and generation."""
+    watchdog_action: WatchdogAction | None = None
+    """An i6300esb watchdog device with this action; None: no watchdog device."""
+    guest_agent: bool = False
+    """A virtio-serial channel `org.qemu.guest_agent.0` (libvirt picks the host socket)."""
 
 
 def build_domain_xml(spec: DomainSpec) -> str:
@@ -152,6 +159,11 @@ def build_domain_xml(spec: DomainSpec) -> str:
     for index, nic in enumerate(spec.nics):
         _add_nic(devices, nic, f"nics[{index}]")
     _add_serial(devices, spec.serial_log)
+    if spec.guest_agent:
+        channel = ET.SubElement(devices, "channel", type="unix")
+        ET.SubElement(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
+    if spec.watchdog_action is not None:
+        ET.SubElement(devices, "watchdog", model="i6300esb", action=spec.watchdog_action)
     return ET.tostring(domain, encoding="unicode")
 
 

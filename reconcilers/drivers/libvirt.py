@@ -9,8 +9,8 @@ to do: `LibvirtUnavailable` (retry after reconnecting), `DomainNotFound`,
 
 Events: libvirt needs an event loop implementation registered before the first connection is
 opened. This module registers libvirt's own default implementation once per process and runs
-it in one daemon thread; lifecycle events and the close callback are handed from that thread
-to the asyncio loop of the connection with `call_soon_threadsafe`. (libvirtaio's asyncio
+it in one daemon thread; lifecycle and watchdog events and the close callback are handed from
+that thread to the asyncio loop of the connection with `call_soon_threadsafe`. (libvirtaio's asyncio
 implementation is not used: libvirt calls it from whichever thread makes an API call, and it
 then touches the asyncio loop from a worker thread, which asyncio does not allow. libvirt
 accepts one event implementation per process, so nothing else in the process may register
@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import libvirt
+import libvirt_qemu
 
 from crds.libvirt_uri import LibvirtUriError, check_local_uri, check_migrate_uri, check_peer_uri
 
@@ -187,6 +188,35 @@ class LifecycleEvent:
 
 
 @dataclass(frozen=True)
+class WatchdogEvent:
+    """The domain's watchdog device fired and QEMU took `action` (`reset`, `poweroff`, ...:
+    libvirt's `VIR_DOMAIN_EVENT_WATCHDOG_*` names, lower case)."""
+
+    name: str
+    uuid: str
+    action: str
+
+
+DomainEvent = LifecycleEvent | WatchdogEvent
+
+_WATCHDOG_ACTIONS = {
+    getattr(libvirt, constant): constant.removeprefix("VIR_DOMAIN_EVENT_WATCHDOG_").lower()
+    for constant in dir(libvirt)
+    if constant.startswith("VIR_DOMAIN_EVENT_WATCHDOG_")
+}
+
+GUEST_PING = '{"execute":"guest-ping"}'
+_NO_AGENT_ANSWER = (
+    libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
+    libvirt.VIR_ERR_AGENT_UNSYNCED,
+    libvirt.VIR_ERR_NO_SUPPORT,
+)
+"""Errors of a guest-agent command that mean "no answer": the agent is not connected or did
+not answer in time (86), answered libvirt's `guest-sync` wrongly (97), or this connection's
+driver has no guest agents at all (the test driver)."""
+
+
+@dataclass(frozen=True)
 class MigrationProgress:
     """A running migration's job statistics, as the source host reports them."""
 
@@ -210,7 +240,7 @@ class _StreamEnd:
 
 
 class EventStream:
-    """Lifecycle events of every domain of one host, from the moment it was created.
+    """Lifecycle and watchdog events of every domain of one host, from the moment it was created.
 
     An async iterator; it ends when the host is closed, and raises LibvirtUnavailable when
     the connection is lost. Use it as a context manager (or call `close()`) to unsubscribe.
@@ -218,17 +248,17 @@ class EventStream:
 
     def __init__(self, host: LibvirtHost) -> None:
         self._host = host
-        self._queue: asyncio.Queue[LifecycleEvent | _StreamEnd] = asyncio.Queue()
+        self._queue: asyncio.Queue[DomainEvent | _StreamEnd] = asyncio.Queue()
 
-    def _put(self, item: LifecycleEvent | _StreamEnd) -> None:
+    def _put(self, item: DomainEvent | _StreamEnd) -> None:
         self._queue.put_nowait(item)
 
     def __aiter__(self) -> EventStream:
         return self
 
-    async def __anext__(self) -> LifecycleEvent:
+    async def __anext__(self) -> DomainEvent:
         item = await self._queue.get()
-        if isinstance(item, LifecycleEvent):
+        if not isinstance(item, _StreamEnd):
             return item
         self._queue.put_nowait(item)  # every later call ends the same way
         if item.error is not None:
@@ -328,7 +358,7 @@ class LibvirtHost:
         self._lost: LibvirtUnavailable | None = None
         self._streams: set[EventStream] = set()
         self._close_callbacks: list[Callable[[str], None]] = []
-        self._lifecycle_callback_id: int | None = None
+        self._callback_ids: list[int] = []
 
     @classmethod
     async def connect(cls, uri: str) -> LibvirtHost:
@@ -357,9 +387,13 @@ class LibvirtHost:
     def _subscribe(self) -> None:
         connection = self._connection
         connection.registerCloseCallback(self._on_close, None)
-        self._lifecycle_callback_id = connection.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
-        )
+        for event_id, callback in (
+            (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
+            (libvirt.VIR_DOMAIN_EVENT_ID_WATCHDOG, self._on_watchdog),
+        ):
+            self._callback_ids.append(
+                connection.domainEventRegisterAny(None, event_id, callback, None)
+            )
 
     async def close(self) -> None:
         """Unsubscribe, close the connection and end every event stream. Idempotent."""
@@ -372,9 +406,9 @@ class LibvirtHost:
     def _teardown(self) -> None:
         connection = self._connection
         # Either call fails only when the connection is already gone.
-        with suppress(libvirt.libvirtError):
-            if self._lifecycle_callback_id is not None:
-                connection.domainEventDeregisterAny(self._lifecycle_callback_id)
+        for callback_id in self._callback_ids:
+            with suppress(libvirt.libvirtError):
+                connection.domainEventDeregisterAny(callback_id)
         with suppress(libvirt.libvirtError):
             connection.unregisterCloseCallback()
         connection.close()
@@ -393,8 +427,8 @@ class LibvirtHost:
     # -- events ------------------------------------------------------------------------------
 
     def events(self) -> EventStream:
-        """Subscribe to lifecycle events of all domains, starting now (ends at once on a
-        closed or lost connection)."""
+        """Subscribe to lifecycle and watchdog events of all domains, starting now (ends at once
+        on a closed or lost connection)."""
         stream = EventStream(self)
         if self._closed or self._lost is not None:
             stream._put(_StreamEnd(error=self._lost))
@@ -420,6 +454,15 @@ class LibvirtHost:
         )
         self._in_loop(self._publish, lifecycle_event)
 
+    def _on_watchdog(self, _conn: Any, domain: Any, action: int, _opaque: Any) -> None:
+        """Runs in libvirt's event thread."""
+        watchdog_event = WatchdogEvent(
+            name=str(domain.name()),
+            uuid=str(domain.UUIDString()),
+            action=_WATCHDOG_ACTIONS.get(action, str(action)),
+        )
+        self._in_loop(self._publish, watchdog_event)
+
     def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
         """Runs in libvirt's event thread."""
         self._in_loop(self._connection_lost, _CLOSE_REASONS.get(reason, str(reason)))
@@ -429,7 +472,7 @@ class LibvirtHost:
         with suppress(RuntimeError):
             self._loop.call_soon_threadsafe(function, argument)
 
-    def _publish(self, event: LifecycleEvent) -> None:
+    def _publish(self, event: DomainEvent) -> None:
         for stream in self._streams:
             stream._put(event)
 
@@ -516,6 +559,27 @@ class LibvirtHost:
 
     async def start(self, name: str) -> None:
         await self._call(f"start domain {name!r}", lambda: self._domain(name).create())
+
+    async def reset(self, name: str) -> None:
+        """Reset the running domain in place, like pressing its reset button (virDomainReset)."""
+        await self._call(f"reset domain {name!r}", lambda: self._domain(name).reset(0))
+
+    async def guest_ping(self, name: str, timeout: int) -> bool:
+        """Send `guest-ping` to the domain's qemu-guest-agent and wait up to `timeout` seconds:
+        True if it answered, False if it did not (not connected, no answer in time, or no
+        guest agents on this driver). DomainStateConflict if the domain is not running."""
+
+        def ping() -> bool:
+            domain = self._domain(name)
+            try:
+                libvirt_qemu.qemuAgentCommand(domain, GUEST_PING, timeout, 0)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() in _NO_AGENT_ANSWER:
+                    return False
+                raise
+            return True
+
+        return await self._call(f"ping the guest agent of {name!r}", ping)
 
     async def destroy(self, name: str) -> None:
         """Stop the domain at once, like pulling the power cord."""

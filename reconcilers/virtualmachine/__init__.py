@@ -8,7 +8,9 @@ name (libvirt) and converges one step:
   that was moved away); a running domain is adopted (its owner uid matches). A spec changed
   while running sets `RestartRequired` and is applied at the next start. A domain that stops
   while it should run is restarted in place, up to `restartPolicy.maxRestarts` within
-  `windowSeconds`; past that: `RestartLimitReached`, state Crashed, left down.
+  `windowSeconds`; past that: `RestartLimitReached`, state Crashed, left down. A running guest
+  failing its `spec.health` checks (guest-agent pings, watchdog resets: `health.py`) is reset
+  in place, counted the same way (`GuestUnresponsive`), or destroyed and left down at the limit.
 - placed here, `stopped`/`disabled`: graceful shutdown within `shutdownTimeoutSeconds`, then
   destroy.
 - not placed here: a running domain is destroyed at once with a Warning event
@@ -26,7 +28,8 @@ What to do with a domain is decided by the agent rules shared with the HA simula
 (`controller/ha/agent_rules.py`: `decide_domain`); this package carries the decisions out.
 
 Modules: `domain.py` (the definition, the libvirt calls that end a domain), `reconciler.py`
-(the lifecycle), `handover.py` (live migration), `status.py` (what is written to the VM).
+(the lifecycle), `handover.py` (live migration), `health.py` (guest checks), `status.py` (what
+is written to the VM).
 """
 
 from .domain import ACTIVE_STATES, DomainSettings, destroy_every_domain, spec_hash

@@ -112,7 +112,7 @@ class DomainBuilder:
             )
         )
         nics = tuple(NicSpec(nic.bridge, nic.mac, nic.model) for nic in vm.spec.nics)
-        boot = vm.spec.boot
+        boot, health = vm.spec.boot, vm.spec.health
         serial_dir = self.settings.serial_log_dir
         spec = DomainSpec(
             name=name,
@@ -127,6 +127,8 @@ class DomainBuilder:
             initrd=boot.initrd if boot else None,
             cmdline=boot.cmdline if boot and boot.cmdline else None,
             tb_cache_mib=TCG_TB_CACHE_MIB if self.settings.domain_type == "qemu" else None,
+            watchdog_action=health.watchdog.action if health.watchdog is not None else None,
+            guest_agent=health.guest_agent is not None,
         )
         try:
             digest = spec_hash(spec)

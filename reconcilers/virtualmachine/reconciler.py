@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 
 from controller.ha.agent_rules import (
@@ -13,6 +14,7 @@ from controller.ha.agent_rules import (
     gave_up_message,
     recent_restarts,
     restarted_message,
+    unresponsive_message,
 )
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import Informer
@@ -43,6 +45,7 @@ from reconcilers.volume_claims import Volume, VolumeClaims, vm_volumes
 
 from .domain import ACTIVE_STATES, DomainBuilder, DomainSettings, define, destroy, undefine
 from .handover import MigrationHandover
+from .health import GuestHealth, Verdict
 from .status import StatusWriter, placed_on, set_crashed, set_running, set_stopped
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class VirtualMachineReconciler:
         self.claims = VolumeClaims(store, node, settings.lvm, vms, migrations, nodes, recorder)
         self.status = StatusWriter(store, node)
         self.handover = MigrationHandover(node, store, migrations, self.claims, self.status)
+        self.health = GuestHealth()
 
     async def record(self, key: str, error: TerminalError | Blocked) -> None:
         """Record a terminal or blocked reconcile on the VM while it is placed here (pass as
@@ -148,7 +152,7 @@ class VirtualMachineReconciler:
             return await self._stop(host, vm, domain)
         if action == "keep":
             assert domain is not None
-            return await self._observe_running(vm, domain)
+            return await self._observe_running(host, vm, domain)
         if action == "wait":
             log.info("not starting %s on %s: %s", name, self.node, self.start_blocker())
             return Result(requeue_after=BLOCKED_RETRY)
@@ -186,14 +190,63 @@ class VirtualMachineReconciler:
 
     # -- placed here, started ----------------------------------------------------------------
 
-    async def _observe_running(self, vm: VirtualMachine, domain: DomainInfo) -> Result:
+    async def _observe_running(
+        self, host: LibvirtHost, vm: VirtualMachine, domain: DomainInfo
+    ) -> Result:
         desired = self.domain_spec(vm)
         await self.claims.keep(vm)
+        try:
+            verdict = await self.health.check(host, vm)
+        except (DomainNotFound, DomainStateConflict):
+            return Result()  # it stopped meanwhile: its lifecycle event brings the change
+        if verdict.unresponsive is not None:
+            return await self._unresponsive(host, vm, domain, verdict)
         await self.status.patch(
             vm,
             lambda vm_: set_running(vm_, self.node, domain, desired, list(vm_.status.restarts)),
         )
-        return Result()
+        return Result(requeue_after=verdict.next_ping)
+
+    async def _unresponsive(
+        self,
+        host: LibvirtHost,
+        vm: VirtualMachine,
+        domain: DomainInfo,
+        verdict: Verdict,
+    ) -> Result:
+        """A running guest failed a health check: reset it in place (unless QEMU already did)
+        or, at the restart limit, destroy it and give up; decided on etcd's copy."""
+        reason = verdict.unresponsive
+        assert reason is not None
+        fresh = await self._fresh_if_placed_here(vm)
+        if fresh is None:
+            return Result()
+        vm, name = fresh, fresh.metadata.name
+        facts = replace(self._facts(vm, domain, migration_owns=False), unresponsive=reason)
+        action = decide_domain(facts)
+        policy = vm.spec.restart_policy
+        recent = set(recent_restarts(facts.restarts, policy, facts.now))
+        restarts = [moment for moment in vm.status.restarts if moment.timestamp() in recent]
+        if action == "reset":
+            if not verdict.reset_by_qemu:
+                await host.reset(name)
+            restarts.append(now())
+        elif action == "give_up":
+            await destroy(host, name)
+            await self.claims.release(await self._volumes(host, vm, domain), name)
+            self.health.forget(name)
+        else:
+            return Result()
+        message = unresponsive_message(reason, self.node, action, len(restarts), policy)
+        await self.recorder.record(vm, "Warning", "GuestUnresponsive", "%s", message)
+        if action == "give_up":
+            message = gave_up_message(self.node, len(restarts), policy, reason)
+            return await self._give_up(vm, restarts, message)
+        desired = self.domain_spec(vm)
+        await self.status.patch(
+            vm, lambda vm_: set_running(vm_, self.node, domain, desired, restarts)
+        )
+        return Result(requeue_after=verdict.next_ping)
 
     async def _start_or_restart(
         self, host: LibvirtHost, vm: VirtualMachine, domain: DomainInfo | None
@@ -211,7 +264,8 @@ class VirtualMachineReconciler:
         restarts = [moment for moment in vm.status.restarts if moment.timestamp() in recent]
         if action == "give_up":
             await self.claims.release(await self._volumes(host, vm, domain), name)
-            return await self._give_up(vm, restarts)
+            message = gave_up_message(self.node, len(restarts), policy)
+            return await self._give_up(vm, restarts, message)
         if action not in ("start", "restart"):
             return Result()  # left down (stop and start the VM, or relocate it), or changed
         problem = await self.claims.activate_for_start(vm)
@@ -219,6 +273,7 @@ class VirtualMachineReconciler:
             raise Blocked("VolumeActivationFailed", problem, ACTIVATION_RETRY)
         desired = self.domain_spec(vm)
         await self._start(host, vm, desired)
+        self.health.forget(name)
         if action == "restart":
             restarts.append(now())
             message = restarted_message(self.node, len(restarts), policy)
@@ -290,8 +345,7 @@ class VirtualMachineReconciler:
             return None
         return fresh
 
-    async def _give_up(self, vm: VirtualMachine, restarts: list[datetime]) -> Result:
-        message = gave_up_message(self.node, len(restarts), vm.spec.restart_policy)
+    async def _give_up(self, vm: VirtualMachine, restarts: list[datetime], message: str) -> Result:
         await self.status.patch(vm, lambda vm_: set_crashed(vm_, self.node, restarts, message))
         await self.recorder.record(vm, "Warning", "RestartLimitReached", "%s", message)
         return Result()
@@ -302,6 +356,7 @@ class VirtualMachineReconciler:
         self, host: LibvirtHost, vm: VirtualMachine, domain: DomainInfo | None
     ) -> Result:
         name = vm.metadata.name
+        self.health.forget(name)
         volumes = await self._volumes(host, vm, domain)
         if domain is not None and domain.state in ACTIVE_STATES:
             timeout = vm.spec.shutdown_timeout_seconds
