@@ -1,0 +1,153 @@
+"""A rack on real parts, for tests/test_rack_failover.py and bench/rack_bench.py: large hosts
+whose agents run in-process on libvirt's test driver, small VMs each preferring one host, one
+host (the victim) with a fence_dummy device whose power is cut by stopping its agent, and a
+checker that no VM runs on two hosts at once, nor elsewhere before the victim is fenced."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from controller.ha.agent_side import heartbeat_timing
+from controller.ha.environment import HaTimings
+from controller.runtime.store import Store
+from crds import ObjectMeta, Secret, VirtualMachine
+from crds.secret import SecretSpec
+from e2e.harness.private_host import host_uri
+from reconcilers.drivers.libvirt import DomainState
+from tests.support.agents import Cluster, vm_object
+from tests.support.ha import dummy_fencing, get_node, node_object
+
+RACK_TIMINGS = HaTimings(
+    lease_ttl=5.0,
+    renew_interval=1.0,
+    self_fence_margin=1.0,
+    fence_retry_initial=0.5,
+    fence_retry_max=2.0,
+)
+"""Leases of 5 s: dozens of agents share one event loop (and the test machine), so a renewal
+may be late by a second without the engine taking a live host for lost."""
+HOST_CPUS = 256
+HOST_MEMORY_MIB = 64 * 1024
+"""Each test host holds 256 one-vcpu 64 MiB VMs."""
+SAMPLE_INTERVAL = 0.1
+
+
+def host_name(index: int) -> str:
+    return f"h{index:02d}"
+
+
+class Rack:
+    """`hosts` nodes with their agents; host 0 is the victim, fenced by fence_dummy."""
+
+    def __init__(self, store: Store, directory: Path, hosts: int) -> None:
+        self.store = store
+        self.directory = directory
+        self.cluster = Cluster(store, directory)
+        self.hosts = [host_name(i) for i in range(hosts)]
+        self.victim = self.hosts[0]
+        self.power = directory / "victim.power"
+        """fence_dummy's status file for the victim: "on" until it is fenced."""
+        self.victim_vms: list[str] = []
+        self.vm_count = 0
+
+    async def start_hosts(self) -> None:
+        """The ClusterNodes (the victim's with its fence device) and their agents, ready."""
+        self.power.write_text("on")
+        secret = Secret(
+            metadata=ObjectMeta(name="fence-victim", labels={"kvmctl.io/node": self.victim}),
+            spec=SecretSpec(data={"file": str(self.power)}),
+        )
+        await self.store.create(secret)
+        parameters = {"status_file": {"name": "fence-victim", "key": "file"}}
+        await self.store.create(
+            node_object(self.victim, dummy_fencing(secretParameters=parameters))
+        )
+        for name in self.hosts[1:]:
+            await self.store.create(node_object(name))
+        for name in self.hosts:
+            uri = host_uri(self.directory, name, HOST_CPUS, HOST_MEMORY_MIB)
+            timing = heartbeat_timing(RACK_TIMINGS)
+            await self.cluster.start_agent(name, uri, timing, direct_heartbeats=False)
+
+    async def create_vms(self, on_victim: int, elsewhere: int) -> None:
+        """`on_victim` VMs preferring the victim, `elsewhere` spread over the other hosts."""
+        others = self.hosts[1:]
+        wanted = [(f"v{i:04d}", self.victim) for i in range(on_victim)]
+        wanted += [(f"w{i:04d}", others[i % len(others)]) for i in range(elsewhere)]
+        for name, host in wanted:
+            domain = {"ordered": True, "nodes": [{"name": host}]}
+            await self.store.create(rack_vm(name, failoverDomain=domain))
+        self.victim_vms = [name for name, _ in wanted[:on_victim]]
+        self.vm_count = len(wanted)
+
+    async def all_running(self) -> list[VirtualMachine] | None:
+        """Every VM, when each runs where it is placed (else None)."""
+        vms, _ = await self.store.list_objects("VirtualMachine")
+        running = [vm for vm in vms if isinstance(vm, VirtualMachine) and runs_as_placed(vm)]
+        return running if len(running) == self.vm_count else None
+
+    async def victims_moved(self) -> list[VirtualMachine] | None:
+        """The victim's VMs, once every one runs as placed on another host (else None)."""
+        vms = await self.all_running()
+        if vms is None:
+            return None
+        moved = [vm for vm in vms if vm.metadata.name in self.victim_vms]
+        return moved if all(vm.status.node != self.victim for vm in moved) else None
+
+    async def cut_power(self) -> None:
+        """The victim's agent stops (its lease lapses; its test host, and domains, go)."""
+        await self.cluster.stop_agent(self.victim)
+
+    async def close(self) -> None:
+        await self.cluster.close()
+
+
+def rack_vm(name: str, **spec: object) -> VirtualMachine:
+    return vm_object(name, memoryMiB=64, **spec)
+
+
+def runs_as_placed(vm: VirtualMachine) -> bool:
+    placement = vm.status.placement
+    return (
+        placement is not None and vm.status.state == "Running" and vm.status.node == placement.node
+    )
+
+
+class FailoverChecker:
+    """Samples the running domains of every live host every SAMPLE_INTERVAL; a violation is a VM
+    running on two hosts, or one of the victim's running elsewhere while the victim's node is
+    not yet recorded Fenced (the domains are sampled first, the node read after)."""
+
+    def __init__(self, rack: Rack) -> None:
+        self.rack = rack
+        self.violations: list[str] = []
+        self.samples = 0
+
+    async def sample(self) -> None:
+        seen: dict[str, str] = {}
+        for name, (agent, _, _) in list(self.rack.cluster.agents.items()):
+            host = agent.host
+            if host is None:
+                continue
+            for domain in await host.list_domains():
+                if domain.state != DomainState.RUNNING:
+                    continue
+                vm = domain.metadata.get("vm", domain.name)
+                if vm in seen:
+                    self.violations.append(f"{vm} runs on {seen[vm]} and {name}")
+                seen[vm] = name
+        victims = set(self.rack.victim_vms)
+        moved = sorted(
+            vm for vm, host in seen.items() if vm in victims and host != self.rack.victim
+        )
+        if moved:
+            health = (await get_node(self.rack.store, self.rack.victim)).status.health
+            if health != "Fenced":
+                self.violations.append(f"{moved[0]} runs on {seen[moved[0]]}; victim is {health}")
+        self.samples += 1
+
+    async def run(self) -> None:
+        while True:
+            await self.sample()
+            await asyncio.sleep(SAMPLE_INTERVAL)
