@@ -31,6 +31,7 @@ HOST_CPUS = 256
 HOST_MEMORY_MIB = 64 * 1024
 """Each test host holds 256 one-vcpu 64 MiB VMs."""
 SAMPLE_INTERVAL = 0.1
+CREATE_BATCH = 50
 
 
 def host_name(index: int) -> str:
@@ -42,7 +43,6 @@ class Rack:
 
     def __init__(self, store: Store, directory: Path, hosts: int) -> None:
         self.store = store
-        self.directory = directory
         self.cluster = Cluster(store, directory)
         self.hosts = [host_name(i) for i in range(hosts)]
         self.victim = self.hosts[0]
@@ -52,7 +52,13 @@ class Rack:
         self.vm_count = 0
 
     async def start_hosts(self) -> None:
-        """The ClusterNodes (the victim's with its fence device) and their agents, ready."""
+        """Every host's ClusterNode and agent, ready."""
+        await self.create_nodes()
+        for name in self.hosts:
+            await start_rack_agent(self.cluster, name)
+
+    async def create_nodes(self) -> None:
+        """The ClusterNodes, the victim's with its fence device (power "on")."""
         self.power.write_text("on")
         secret = Secret(
             metadata=ObjectMeta(name="fence-victim", labels={"kvmctl.io/node": self.victim}),
@@ -60,24 +66,19 @@ class Rack:
         )
         await self.store.create(secret)
         parameters = {"status_file": {"name": "fence-victim", "key": "file"}}
-        await self.store.create(
-            node_object(self.victim, dummy_fencing(secretParameters=parameters))
-        )
+        fencing = dummy_fencing(secretParameters=parameters)
+        await self.store.create(node_object(self.victim, fencing))
         for name in self.hosts[1:]:
             await self.store.create(node_object(name))
-        for name in self.hosts:
-            uri = host_uri(self.directory, name, HOST_CPUS, HOST_MEMORY_MIB)
-            timing = heartbeat_timing(RACK_TIMINGS)
-            await self.cluster.start_agent(name, uri, timing, direct_heartbeats=False)
 
     async def create_vms(self, on_victim: int, elsewhere: int) -> None:
         """`on_victim` VMs preferring the victim, `elsewhere` spread over the other hosts."""
         others = self.hosts[1:]
         wanted = [(f"v{i:04d}", self.victim) for i in range(on_victim)]
         wanted += [(f"w{i:04d}", others[i % len(others)]) for i in range(elsewhere)]
-        for name, host in wanted:
-            domain = {"ordered": True, "nodes": [{"name": host}]}
-            await self.store.create(rack_vm(name, failoverDomain=domain))
+        for start in range(0, len(wanted), CREATE_BATCH):
+            batch = wanted[start : start + CREATE_BATCH]
+            await asyncio.gather(*(self.store.create(rack_vm(n, h)) for n, h in batch))
         self.victim_vms = [name for name, _ in wanted[:on_victim]]
         self.vm_count = len(wanted)
 
@@ -103,8 +104,17 @@ class Rack:
         await self.cluster.close()
 
 
-def rack_vm(name: str, **spec: object) -> VirtualMachine:
-    return vm_object(name, memoryMiB=64, **spec)
+async def start_rack_agent(cluster: Cluster, name: str) -> None:
+    """`name`'s agent on a large private test host, without direct heartbeats."""
+    uri = host_uri(cluster.tmp_path, name, HOST_CPUS, HOST_MEMORY_MIB)
+    timing = heartbeat_timing(RACK_TIMINGS)
+    await cluster.start_agent(name, uri, timing, direct_heartbeats=False)
+
+
+def rack_vm(name: str, host: str) -> VirtualMachine:
+    """A one-vcpu 64 MiB VM preferring `host` (any other will do)."""
+    domain = {"ordered": True, "nodes": [{"name": host}]}
+    return vm_object(name, memoryMiB=64, failoverDomain=domain)
 
 
 def runs_as_placed(vm: VirtualMachine) -> bool:
