@@ -60,6 +60,7 @@ class Cluster(StandInController):
         timing: HeartbeatTiming | None = None,
         lvm: LvmSettings | None = None,
         direct_heartbeats: bool = True,
+        resync_period: float = 30.0,
     ) -> Agent:
         """Start `name`'s agent (on a private 4-CPU test host unless `uri` names another) and
         wait until it is ready; without `direct_heartbeats` it sends none to its peers."""
@@ -68,7 +69,7 @@ class Cluster(StandInController):
             libvirt_uri=uri or host_uri(self.tmp_path, name),
             domain=DomainSettings("qemu", self.tmp_path / "serial", lvm),
             heartbeat=timing or HeartbeatTiming(),
-            resync_period=30.0,
+            resync_period=resync_period,
             peers=PeerSettings() if direct_heartbeats else None,
         )
         agent = Agent(self.store, settings)

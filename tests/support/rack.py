@@ -104,11 +104,13 @@ class Rack:
         await self.cluster.close()
 
 
-async def start_rack_agent(cluster: Cluster, name: str) -> None:
+async def start_rack_agent(cluster: Cluster, name: str, resync_period: float = 30.0) -> None:
     """`name`'s agent on a large private test host, without direct heartbeats."""
     uri = host_uri(cluster.tmp_path, name, HOST_CPUS, HOST_MEMORY_MIB)
     timing = heartbeat_timing(RACK_TIMINGS)
-    await cluster.start_agent(name, uri, timing, direct_heartbeats=False)
+    await cluster.start_agent(
+        name, uri, timing, direct_heartbeats=False, resync_period=resync_period
+    )
 
 
 def rack_vm(name: str, host: str) -> VirtualMachine:
@@ -125,12 +127,13 @@ def runs_as_placed(vm: VirtualMachine) -> bool:
 
 
 class FailoverChecker:
-    """Samples the running domains of every live host every SAMPLE_INTERVAL; a violation is a VM
+    """Samples the running domains of every live host every `interval` s; a violation is a VM
     running on two hosts, or one of the victim's running elsewhere while the victim's node is
     not yet recorded Fenced (the domains are sampled first, the node read after)."""
 
-    def __init__(self, rack: Rack) -> None:
+    def __init__(self, rack: Rack, interval: float = SAMPLE_INTERVAL) -> None:
         self.rack = rack
+        self.interval = interval
         self.violations: list[str] = []
         self.samples = 0
 
@@ -160,4 +163,4 @@ class FailoverChecker:
     async def run(self) -> None:
         while True:
             await self.sample()
-            await asyncio.sleep(SAMPLE_INTERVAL)
+            await asyncio.sleep(self.interval)
