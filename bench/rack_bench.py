@@ -216,6 +216,7 @@ async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) ->
             for name in rack.hosts[:-1]:
                 await start_rack_agent(rack.cluster, name, args.resync)
             in_process = len(rack.hosts) - 1
+            await eventually(rack.all_online, "every host Online", timeout=DEADLINE, interval=POLL)
             print(f"{args.hosts} hosts up ({in_process} agents in this process)", flush=True)
 
             start = time.monotonic()

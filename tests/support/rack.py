@@ -11,8 +11,9 @@ from pathlib import Path
 from controller.ha.agent_side import heartbeat_timing
 from controller.ha.environment import HaTimings
 from controller.runtime.store import Store
-from crds import ObjectMeta, Secret, VirtualMachine
+from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.secret import SecretSpec
+from e2e.harness.polling import eventually
 from e2e.harness.private_host import host_uri
 from reconcilers.drivers.libvirt import DomainState
 from tests.support.agents import Cluster, vm_object
@@ -32,6 +33,7 @@ HOST_MEMORY_MIB = 64 * 1024
 """Each test host holds 256 one-vcpu 64 MiB VMs."""
 SAMPLE_INTERVAL = 0.1
 CREATE_BATCH = 50
+ONLINE_DEADLINE = 60.0
 
 
 def host_name(index: int) -> str:
@@ -56,6 +58,7 @@ class Rack:
         await self.create_nodes()
         for name in self.hosts:
             await start_rack_agent(self.cluster, name)
+        await eventually(self.all_online, "every host Online", timeout=ONLINE_DEADLINE)
 
     async def create_nodes(self) -> None:
         """The ClusterNodes, the victim's with its fence device (power "on")."""
@@ -81,6 +84,12 @@ class Rack:
             await asyncio.gather(*(self.store.create(rack_vm(n, h)) for n, h in batch))
         self.victim_vms = [name for name, _ in wanted[:on_victim]]
         self.vm_count = len(wanted)
+
+    async def all_online(self) -> bool:
+        """Whether the controller has every host Online (so VMs go to the host they prefer)."""
+        nodes, _ = await self.store.list_objects("ClusterNode")
+        online = [n for n in nodes if isinstance(n, ClusterNode) and n.status.health == "Online"]
+        return len(online) == len(self.hosts)
 
     async def all_running(self) -> list[VirtualMachine] | None:
         """Every VM, when each runs where it is placed (else None)."""
