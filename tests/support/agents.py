@@ -14,6 +14,7 @@ import pytest
 
 from controller.agent import Agent, AgentSettings
 from controller.runtime.heartbeat import HeartbeatTiming
+from controller.runtime.peers import PeerSettings
 from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
@@ -58,13 +59,18 @@ class Cluster(StandInController):
         uri: str | None = None,
         timing: HeartbeatTiming | None = None,
         lvm: LvmSettings | None = None,
+        direct_heartbeats: bool = True,
+        resync_period: float = 30.0,
     ) -> Agent:
+        """Start `name`'s agent (on a private 4-CPU test host unless `uri` names another) and
+        wait until it is ready; without `direct_heartbeats` it sends none to its peers."""
         settings = AgentSettings(
             node=name,
             libvirt_uri=uri or host_uri(self.tmp_path, name),
             domain=DomainSettings("qemu", self.tmp_path / "serial", lvm),
             heartbeat=timing or HeartbeatTiming(),
-            resync_period=30.0,
+            resync_period=resync_period,
+            peers=PeerSettings() if direct_heartbeats else None,
         )
         agent = Agent(self.store, settings)
         stop = asyncio.Event()

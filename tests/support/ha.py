@@ -78,14 +78,14 @@ async def leases(store: Store) -> AsyncIterator[Leases]:
 
 
 async def start_controller(
-    etcd_endpoints: list[str], key_prefix: str, identity: str
+    etcd_endpoints: list[str], key_prefix: str, identity: str, timings: HaTimings = TIMINGS
 ) -> tuple[Manager, asyncio.Task[None]]:
     store = Store(etcd_endpoints, key_prefix)
     await store.connect()
     manager = build_manager(
         store,
         identity=identity,
-        timings=TIMINGS,
+        timings=timings,
         election_timing=ELECTION,
         http_port=None,
         fence_runner=FenceRunner(policy=TEST_POLICY),
