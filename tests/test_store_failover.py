@@ -12,7 +12,7 @@ import pytest
 from controller.runtime.store import Store
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
-from tests.test_store import make_vm
+from tests.support.ha import vm_object
 
 SIGNALS = [pytest.param(signal.SIGKILL, id="killed"), pytest.param(signal.SIGSTOP, id="hung")]
 
@@ -47,10 +47,10 @@ def fail_first(cluster: EtcdCluster, sig: signal.Signals) -> None:
 async def test_reads_then_writes_go_on_through_another_member(
     cluster: EtcdCluster, store: Store, sig: signal.Signals
 ) -> None:
-    await store.create(make_vm("before"))
+    await store.create(vm_object("before"))
     fail_first(cluster, sig)
     assert (await store.get("VirtualMachine", "before")).metadata.name == "before"
-    await store.create(make_vm("after"))
+    await store.create(vm_object("after"))
     names = {vm.metadata.name for vm in (await store.list_objects("VirtualMachine"))[0]}
     assert names == {"before", "after"}
 
@@ -58,9 +58,9 @@ async def test_reads_then_writes_go_on_through_another_member(
 async def test_a_write_right_after_a_kill_goes_to_another_member(
     cluster: EtcdCluster, store: Store
 ) -> None:
-    await store.create(make_vm("before"))
+    await store.create(vm_object("before"))
     fail_first(cluster, signal.SIGKILL)
-    await store.create(make_vm("after"))
+    await store.create(vm_object("after"))
     assert (await store.get("VirtualMachine", "after")).metadata.name == "after"
 
 
@@ -77,11 +77,11 @@ async def test_a_watch_moves_to_another_member(
     names: list[str] = []
     watch = asyncio.create_task(_collect(store, revision + 1, names))
     try:
-        await store.create(make_vm("ready"))
+        await store.create(vm_object("ready"))
         await eventually(lambda: "ready" in names, "the watch sees the first object")
         fail_first(cluster, sig)
         async with Store(cluster.endpoints[1:], prefix="/failover") as writer:
-            await writer.create(make_vm("seen"))
+            await writer.create(vm_object("seen"))
         await eventually(lambda: "seen" in names, "the watch sees a write made after the failure")
     finally:
         watch.cancel()

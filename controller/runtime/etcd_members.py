@@ -85,6 +85,10 @@ def retryable(error: grpc.aio.AioRpcError, repeatable: bool) -> bool:
     return code == grpc.StatusCode.UNAVAILABLE and any(text in details for text in _NOT_SENT)
 
 
+def _timed_out(error: grpc.aio.AioRpcError) -> bool:
+    return error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Member:
     """One etcd endpoint and its channel (dialled on first use)."""
 
@@ -225,7 +229,8 @@ class Members:
                 self.failed(member)
                 if not retryable(failure, repeatable):
                     raise
-                error = failure
+                if not _timed_out(failure) or _timed_out(error):
+                    error = failure  # a deadline says less than, say, a failed TLS handshake
         raise error
 
     async def stream(
