@@ -86,7 +86,7 @@ def retryable(error: grpc.aio.AioRpcError, repeatable: bool) -> bool:
 
 
 def _timed_out(error: grpc.aio.AioRpcError) -> bool:
-    return error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    return bool(error.code() == grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class Member:
