@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from controller.migrations import Term
@@ -37,6 +37,7 @@ from controller.runtime.informer import SharedInformers
 from controller.runtime.manager import LeaderTask
 from controller.runtime.prefix_cache import PrefixCache
 from controller.runtime.store import Conflict, NotFound, Store, StoreError
+from controller.runtime.tasks import cancel_and_wait
 from crds import VirtualMachine
 
 from . import guest_requests as keys
@@ -125,7 +126,7 @@ class _Service:
                 await asyncio.sleep(PUBLISH_INTERVAL)
                 await self.changed.wait()
         finally:
-            await _cancel([*watches, *(task for _, task in self.serving.values())])
+            await cancel_and_wait([*watches, *(task for _, task in self.serving.values())])
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -323,12 +324,3 @@ class _Service:
     async def _publish_one(self, name: str, operations: list[Any]) -> None:
         if not await self._guarded([], operations):
             raise Deposed
-
-
-async def _cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
-    """Cancel `tasks`, again for any that swallowed it (Python 3.11's wait_for can)."""
-    pending = set(tasks)
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=RETRY_DELAY)

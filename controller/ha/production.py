@@ -46,6 +46,7 @@ from controller.runtime.informer import SharedInformers
 from controller.runtime.peers import PeerTable
 from controller.runtime.prefix_cache import PrefixCache
 from controller.runtime.store import Compare, Conflict, NotFound, Store, StoreError
+from controller.runtime.tasks import cancel_and_wait
 from crds import AnyResource, ClusterNode, ClusterPolicy, ObjectMeta, VirtualMachine
 from crds.clusternode import FenceRecord
 from crds.clusterpolicy import POLICY_NAME
@@ -93,7 +94,6 @@ DISK_CONFLICT = "DiskConflict"
 ADMISSION_HELD = "AdmissionHeld"
 """Condition on a VirtualMachine left Pending because starting it breaks admission control."""
 REQUESTED_BY = "kvmctl.io/requested-by"
-CANCEL_RETRY = 1.0
 ACTIVE_STATES = ("Running", "Paused", "Migrating")
 """VM states (status.state) in which the reporting node has a qemu process for it."""
 STATES: dict[str, VmState] = {
@@ -187,17 +187,10 @@ class EtcdEnvironment:
         await self._stop_tasks()
 
     async def _stop_tasks(self) -> None:
-        """Cancel the watches and fence runs; cancel again any that swallowed it.
-
-        Python 3.11's `asyncio.wait_for` (under every etcd call) drops a cancellation that
-        arrives as the inner call completes, so one cancel may not stop a task.
-        """
-        pending = {*self._tasks, *self._fence_tasks}
+        """Cancel the watches and fence runs (`cancel_and_wait`: again any that swallowed it)."""
+        tasks = {*self._tasks, *self._fence_tasks}
         self._tasks.clear()
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY)
+        await cancel_and_wait(tasks)
 
     # Change notifications --------------------------------------------------------------------
 

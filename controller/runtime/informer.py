@@ -26,6 +26,7 @@ from typing_extensions import TypeVar
 
 from controller.runtime.store import Compacted, Store, StoreError
 from controller.runtime.store_client import kind_of
+from controller.runtime.tasks import cancel_and_wait
 from crds import AnyResource
 
 log = logging.getLogger(__name__)
@@ -265,10 +266,7 @@ class SharedInformers:
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await cancel_and_wait(tasks)
 
     def _start(self, informer: Informer[Any]) -> None:
         self._tasks[informer.kind] = asyncio.create_task(
