@@ -25,9 +25,8 @@ from controller.runtime.informer import SharedInformers
 from controller.runtime.leader import LeaderElector, current_leader, guard_compare
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
-from crds import ObjectMeta, Secret
+from crds import ObjectMeta
 from crds.migration import VirtualMachineMigration, VirtualMachineMigrationSpec
-from crds.secret import SecretSpec
 from e2e.harness.polling import eventually
 from e2e.harness.private_host import HOST_XML
 from reconcilers.drivers.domain_xml import DomainSpec, build_domain_xml
@@ -44,6 +43,7 @@ from tests.support.ha import (
     leader_token,
     node_object,
     placed_on,
+    power_fenced_node,
     reasons,
     recorded,
     report_running,
@@ -72,15 +72,7 @@ async def start_stale_domain(host: LibvirtHost, vm: str) -> None:
 async def test_lost_node_is_power_fenced_and_its_vm_recovered_then_rejoins(
     store: Store, leases: Leases, controller: Manager, tmp_path: Path
 ) -> None:
-    power = tmp_path / "a.power"
-    power.write_text("on")
-    secret = Secret(
-        metadata=ObjectMeta(name="fence-a", labels={"kvmctl.io/node": "a"}),
-        spec=SecretSpec(data={"file": str(power)}),
-    )
-    await store.create(secret)
-    fencing = dummy_fencing(secretParameters={"status_file": {"name": "fence-a", "key": "file"}})
-    await store.create(node_object("a", fencing))
+    power = await power_fenced_node(store, tmp_path, "a", secret_of="a")
     await store.create(node_object("b"))
     await leases.hold("a")
     await leases.hold("b")
@@ -136,15 +128,7 @@ async def test_a_device_using_another_nodes_secret_is_flagged_and_never_run(
     store: Store, leases: Leases, controller: Manager, tmp_path: Path
 ) -> None:
     """The fence-device checker warns at once; at fence time the device is refused, unrun."""
-    power = tmp_path / "a.power"
-    power.write_text("on")
-    secret = Secret(
-        metadata=ObjectMeta(name="fence-b", labels={"kvmctl.io/node": "b"}),
-        spec=SecretSpec(data={"file": str(power)}),
-    )
-    await store.create(secret)
-    fencing = dummy_fencing(secretParameters={"status_file": {"name": "fence-b", "key": "file"}})
-    await store.create(node_object("a", fencing))
+    power = await power_fenced_node(store, tmp_path, "a", secret_of="b")
     await store.create(node_object("b"))
     await leases.hold("a")
     await leases.hold("b")

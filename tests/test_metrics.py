@@ -25,14 +25,13 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from controller.runtime.store import Store
-from crds import ObjectMeta, Secret, VirtualMachineMigration
+from crds import ObjectMeta, VirtualMachineMigration
 from crds.migration import VirtualMachineMigrationSpec
-from crds.secret import SecretSpec
 from e2e.harness.etcd import free_ports
 from e2e.harness.polling import eventually
 from e2e.harness.private_host import host_uri
 from tests.support.agents import vm_object
-from tests.support.ha import TIMINGS, dummy_fencing, node_object
+from tests.support.ha import TIMINGS, node_object, power_fenced_node
 from tests.support.metrics import ROOT, Daemon, Sample, metric_names, scrape, try_scrape, value
 
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
@@ -111,15 +110,7 @@ def has(samples: list[Sample], name: str, /, **labels: str) -> bool:
 async def test_a_failover_shows_in_the_daemons_metrics_and_the_dashboard_names_only_real_series(
     etcd_endpoints: list[str], key_prefix: str, store: Store, tmp_path: Path
 ) -> None:
-    power = tmp_path / "a.power"
-    power.write_text("on")
-    secret = Secret(
-        metadata=ObjectMeta(name="fence-a", labels={"kvmctl.io/node": "a"}),
-        spec=SecretSpec(data={"file": str(power)}),
-    )
-    await store.create(secret)
-    fencing = dummy_fencing(secretParameters={"status_file": {"name": "fence-a", "key": "file"}})
-    await store.create(node_object("a", fencing))
+    power = await power_fenced_node(store, tmp_path, "a", secret_of="a")
     await store.create(node_object("b"))
     ctl_port, a_port, b_port = free_ports(3)
     async with contextlib.AsyncExitStack() as daemons:

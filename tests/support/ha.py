@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -17,8 +18,9 @@ from controller.runtime.heartbeat import heartbeat_key
 from controller.runtime.leader import ElectionTiming, current_leader
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
-from crds import ClusterNode, Event, ObjectMeta, VirtualMachine
+from crds import ClusterNode, Event, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
+from crds.secret import SecretSpec
 from crds.virtualmachine import VirtualMachineSpec
 from reconcilers.drivers.fence import FenceRunner
 from reconcilers.drivers.fence_policy import DEFAULT_AGENTS, FencePolicy
@@ -131,6 +133,23 @@ def dummy_fencing(**parameters: Any) -> dict[str, Any]:
     device: dict[str, Any] = {"agent": "fence_dummy", "timeoutSeconds": 20}
     device.update(parameters)
     return {"methods": [{"name": "dummy", "devices": [device]}]}
+
+
+async def power_fenced_node(store: Store, tmp_path: Path, node: str, secret_of: str) -> Path:
+    """ClusterNode `node` fenced by fence_dummy through a power file ("on" now), the file named
+    by a Secret labelled for node `secret_of` (`node` itself, or another to test the refusal)."""
+    power = tmp_path / f"{node}.power"
+    power.write_text("on")
+    secret = Secret(
+        metadata=ObjectMeta(name=f"fence-{secret_of}", labels={"kvmctl.io/node": secret_of}),
+        spec=SecretSpec(data={"file": str(power)}),
+    )
+    await store.create(secret)
+    reference = {"name": f"fence-{secret_of}", "key": "file"}
+    await store.create(
+        node_object(node, dummy_fencing(secretParameters={"status_file": reference}))
+    )
+    return power
 
 
 async def get_vm(store: Store, name: str) -> VirtualMachine:
