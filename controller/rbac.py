@@ -12,9 +12,10 @@ are relative to the cluster prefix.
 - agent-<node>: reads every kind except Secret, heartbeats, the leader key, locks and LVM
   activation claims; writes only its own node's keys (controller/runtime/layout.py): its status
   parts (`kinds/{Kind}/status/node.<node>/`) of the kinds it reports on, its Events
-  (`kinds/Event/node.<node>/`), its heartbeat and report; plus the VolumeGroup metadata locks and
-  LVM activation claims, which every agent shares by nature (each takes them over from a fenced
-  node). No spec key, no controller part, no other node's key: it creates and deletes no object.
+  (`kinds/Event/node.<node>/`), its heartbeat, session trace and report; plus the VolumeGroup
+  metadata locks and LVM activation claims, which every agent shares by nature (each takes them
+  over from a fenced node). No spec key, no controller part, no other node's key: it creates
+  and deletes no object.
   Nodes named as secret readers (storage nodes serving CHAP targets) also read Secrets.
 - fence-<cluster>: `fence_kvmctl` in guest cluster <cluster>: writes only its own fence
   requests, reads only the controller's answers and power states for it (no object at all).
@@ -116,6 +117,7 @@ def agent_role(node: str, read_secrets: bool = False) -> Role:
             Grant("readwrite", layout.spec_range("Event", writer)),
             Grant("read", "heartbeats/"),
             Grant("readwrite", f"heartbeats/{node}", prefix=False),
+            Grant("readwrite", f"sessions/{node}", prefix=False),
             Grant("readwrite", f"reports/{node}", prefix=False),
             Grant("read", "leader/"),
             Grant("readwrite", "locks/lvm/"),

@@ -16,7 +16,8 @@ import sys
 
 import aetcd
 
-from controller.runtime.leader import ElectionTiming, LeaderElector, guard_compare
+from controller.runtime.leader import LeaderElector
+from controller.runtime.leader_record import ElectionTiming, guard_compare
 
 TIMINGS = {
     "fast": ElectionTiming(ttl=2, renew_period=0.5, renew_deadline=1.5, retry_period=0.5),

@@ -20,7 +20,7 @@ import pytest
 
 from controller.ha.controller import build_manager
 from controller.runtime.heartbeat import heartbeat_key
-from controller.runtime.leader import current_leader
+from controller.runtime.leader_record import current_leader
 from controller.runtime.manager import Manager
 from controller.runtime.peers import PeerSender, PeerSettings, PeerTable
 from controller.runtime.store import Store

@@ -22,7 +22,8 @@ from controller.migrations import Term
 from controller.runtime import telemetry
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import SharedInformers
-from controller.runtime.leader import LeaderElector, current_leader, guard_compare
+from controller.runtime.leader import LeaderElector
+from controller.runtime.leader_record import current_leader, guard_compare
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
 from crds import ObjectMeta

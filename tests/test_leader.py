@@ -18,11 +18,10 @@ from pathlib import Path
 import aetcd
 import pytest
 
-from controller.runtime.leader import (
+from controller.runtime.leader import LeaderElector, Leading
+from controller.runtime.leader_record import (
     ElectionTiming,
-    LeaderElector,
     LeaderRecordError,
-    Leading,
     current_leader,
     guard_compare,
     leader_key,

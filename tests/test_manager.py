@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from controller.runtime import logs, telemetry
 from controller.runtime.controller import Controller, Source, Watch
 from controller.runtime.informer import KeySink, SharedInformers
-from controller.runtime.leader import ElectionTiming, current_leader
+from controller.runtime.leader_record import ElectionTiming, current_leader
 from controller.runtime.manager import Manager
 from controller.runtime.reconcile import Blocked, Result, RetryableError, TerminalError
 from controller.runtime.store import Store, StoreError

@@ -17,7 +17,7 @@ from controller.cli import main
 from controller.rbac import apply_rbac, cluster_roles, key_range
 from controller.runtime.etcd_transport import TlsFiles, certificate_user
 from controller.runtime.heartbeat import Heartbeat, HeartbeatTiming, heartbeat_key
-from controller.runtime.leader import leader_key
+from controller.runtime.leader_record import leader_key
 from controller.runtime.store import PermissionDenied, Store, StoreError
 from crds import AnyResource, ClusterNode, parse_object
 from e2e.harness.etcd import EtcdCluster
@@ -87,6 +87,7 @@ def test_prefix_grants_cover_exactly_their_range() -> None:
     assert [key_range(PREFIX, g) for g in single] == [
         (b"/kvmctl/layout", b""),
         (b"/kvmctl/heartbeats/host1", b""),
+        (b"/kvmctl/sessions/host1", b""),
         (b"/kvmctl/reports/host1", b""),
     ]
     kind_writes = [g.key for g in agent.grants if g.access != "read" and g.key.startswith("kinds/")]

@@ -14,7 +14,7 @@ from controller import printers
 from controller.ha import requests
 from controller.ha.environment import HaTimings
 from controller.runtime.defaults import DEFAULT_HTTP_PORT, short_hostname
-from controller.runtime.leader import ElectionTiming
+from controller.runtime.leader_record import ElectionTiming
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 
 from .connect import name_arg, store_from

@@ -23,7 +23,7 @@ from controller import printers
 from controller.ha import admission, requests
 from controller.runtime.config import Settings
 from controller.runtime.etcd_health import EtcdHealth, etcd_health, heartbeat_ages
-from controller.runtime.leader import LeaderInfo, current_leader, leader_key
+from controller.runtime.leader_record import LeaderInfo, current_leader, leader_key
 from controller.runtime.store import Store, StoreError
 from crds import AnyResource, ClusterNode, Event, VirtualMachine, VirtualMachineMigration
 from crds.clusterpolicy import POLICY_NAME

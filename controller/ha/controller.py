@@ -32,7 +32,7 @@ from controller.runtime import telemetry
 from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import boot_id
 from controller.runtime.informer import SharedInformers
-from controller.runtime.leader import ElectionTiming
+from controller.runtime.leader_record import ElectionTiming
 from controller.runtime.manager import Background, LeaderTask, Manager
 from controller.runtime.peers import PeerSender, PeerSettings, PeerTable, listen
 from controller.runtime.store import Compare, Store
@@ -117,11 +117,11 @@ class HaController:
         done = standby.take_pending(standby.elector.took_over)
         if done is None:
             return
-        if done.heartbeat_revision is None:
+        if done.session_revision is None:
             log.warning("the fence of %s is not recorded: the engine fences it again", done.node)
             return
         recorded = await environment.record_takeover_fence(
-            done.node, done.method, done.confirmed_at, done.heartbeat_revision
+            done.node, done.method, done.confirmed_at, done.session_revision
         )
         if recorded:
             message = (

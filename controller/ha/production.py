@@ -41,7 +41,7 @@ from controller.fencing import run_method
 from controller.migrations import Term
 from controller.runtime import telemetry
 from controller.runtime.events import EventRecorder
-from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.heartbeat import heartbeat_key, session_key
 from controller.runtime.informer import SharedInformers
 from controller.runtime.peers import PeerTable
 from controller.runtime.prefix_cache import PrefixCache
@@ -558,13 +558,13 @@ class EtcdEnvironment:
             await self._acknowledge(self._migration_names.pop(action.vm, []))
 
     async def record_takeover_fence(
-        self, node: str, method: str, confirmed_at: float, heartbeat_revision: int
+        self, node: str, method: str, confirmed_at: float, session_revision: int
     ) -> bool:
         """Record the power fence a standby confirmed before taking over (at `confirmed_at` on
-        the loop's clock), unless the node's agent holds a new heartbeat key since: the write
-        also compares the key's create_revision with `heartbeat_revision` (0: no key)."""
-        key = heartbeat_key(self.store.prefix, node).encode()
-        unchanged = self.store.client.transactions.create(key) == heartbeat_revision
+        the loop's clock), unless an agent session started on the node since: the write also
+        compares the session trace's mod_revision with `session_revision` (0: no trace)."""
+        key = session_key(self.store.prefix, node).encode()
+        unchanged = self.store.client.transactions.mod(key) == session_revision
         confirmation = FenceConfirmation("PowerOff", confirmed_at, method)
         try:
             await self._set_health(SetNodeHealth(node, "Fenced", confirmation), [unchanged])

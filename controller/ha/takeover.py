@@ -5,15 +5,17 @@ leader runs on) and the direct heartbeats (`controller/runtime/peers.py`). When 
 silent for `suspect_after` (neither its agent nor the leading controller heard, while this
 controller hears a majority of the nodes) and its policy is power fencing, the standby:
 
-1. notes the create_revision of the host's heartbeat key (0: none);
+1. notes the mod_revision of the host's agent-session trace (`sessions/<node>`, rewritten by
+   every new agent session; 0: none), read serializably so etcd's own election cannot stall it;
 2. runs the host's fence methods in order, as the engine would (`fencing.run_method`);
 3. once one confirmed power off, ends the silent leader's term with
    `LeaderElector.take_over(T)` (compare on T: among racing standbys exactly one wins; the
    others' fencing was harmless, off is idempotent);
 4. keeps a `Takeover` that the new term records first (`HaController.run`), guarded by the new
-   token and by the heartbeat key's create_revision from step 1, so the engine recovers the
-   host's VMs at once instead of fencing again. If the host's agent came back meanwhile (a new
-   key), nothing is recorded and the engine decides as usual.
+   token and by the session trace's mod_revision from step 1, so the engine recovers the
+   host's VMs at once instead of fencing again. If an agent session started on the host since
+   step 1 (it was powered on again), nothing is recorded and the engine decides as usual; the
+   heartbeat key expiring meanwhile (the host is off) does not matter.
 
 A host without power fencing is left to the leader key's expiry. Each term is tried once: if
 every method fails, the standby waits for the key to expire like everybody else.
@@ -26,14 +28,10 @@ import logging
 from dataclasses import dataclass
 
 from controller.fencing import run_method
-from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime.heartbeat import session_key
 from controller.runtime.informer import SharedInformers
-from controller.runtime.leader import (
-    ELECTION_ERRORS,
-    LeaderElector,
-    LeaderInfo,
-    LeaderRecordError,
-)
+from controller.runtime.leader import LeaderElector
+from controller.runtime.leader_record import ELECTION_ERRORS, LeaderInfo, LeaderRecordError
 from controller.runtime.peers import PeerTable
 from controller.runtime.store import Store, StoreError
 from crds import ClusterNode
@@ -59,8 +57,8 @@ class Takeover:
     """When power off was confirmed, on the event loop's clock."""
     replaced: int
     """The token of the term that ended."""
-    heartbeat_revision: int | None
-    """create_revision of the node's heartbeat key before fencing (None: could not read it)."""
+    session_revision: int | None
+    """mod_revision of the node's session trace before fencing (None: could not read it)."""
 
 
 class StandbyWatch:
@@ -136,7 +134,7 @@ class StandbyWatch:
             name,
             info.token,
         )
-        revision = await self._heartbeat_revision(name)
+        revision = await self._session_revision(name)
         for method in victim.spec.fencing.methods:
             try:
                 ok, message = await run_method(self.store, self.fence_runner, victim, method.name)
@@ -157,14 +155,16 @@ class StandbyWatch:
         if won:
             self.pending = Takeover(name, method.name, confirmed_at, info.token, revision)
 
-    async def _heartbeat_revision(self, node: str) -> int | None:
-        key = heartbeat_key(self.store.prefix, node).encode()
+    async def _session_revision(self, node: str) -> int | None:
+        """The session trace's mod_revision. A serializable read: any member answers, even
+        while etcd elects a leader; a stale answer only makes the guarded record fail."""
+        key = session_key(self.store.prefix, node).encode()
         try:
             async with asyncio.timeout(ETCD_READ_TIMEOUT):
-                kv = await self.store.call(self.store.client.get(key))
+                kv = await self.store.call(self.store.client.get(key, serializable=True))
         except (TimeoutError, StoreError) as error:
             log.warning(
-                "heartbeat key of %s not read (%s): the takeover will fence again", node, error
+                "session trace of %s not read (%s): the takeover will fence again", node, error
             )
             return None
-        return 0 if kv is None else int(kv.create_revision)
+        return 0 if kv is None else int(kv.mod_revision)

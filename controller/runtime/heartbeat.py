@@ -4,6 +4,12 @@ The key `{prefix}/heartbeats/{node}` holds `{node, bootId, agentVersion, started
 to an etcd lease of `ttl` seconds, refreshed every `renew_interval`. The HA controller watches
 these keys: a key that disappears means the node is lost.
 
+Every new lease (an agent start, or a key written anew after its lease expired) is one agent
+*session*: the same transaction that writes the heartbeat key rewrites `{prefix}/sessions/{node}`
+(no lease: it outlives the agent). Its mod_revision changes exactly when a session starts, so a
+write guarded by "mod_revision(session key) == M" proves no agent session began on the node
+since M was read, even after the heartbeat key expired (the standby takeover's fence record).
+
 Self-fencing: the time a successful renewal was *sent* is kept on the local monotonic clock
 (etcd counts the TTL from when it received it, which is later). The self-fence deadline is
 `last_success + ttl - margin` (the rules are pure, in `controller/runtime/self_fence.py`, shared
@@ -69,6 +75,11 @@ def heartbeat_key(prefix: str, node: str) -> str:
     return f"{prefix.rstrip('/')}/heartbeats/{node}"
 
 
+def session_key(prefix: str, node: str) -> str:
+    """The key every new agent session of `node` rewrites (see the module docstring)."""
+    return heartbeat_key(prefix, node).replace("/heartbeats/", "/sessions/", 1)
+
+
 def boot_id() -> str:
     """This kernel's boot id (changes at every reboot)."""
     try:
@@ -129,6 +140,7 @@ class Heartbeat:
     ) -> None:
         self._client = client
         self.key = heartbeat_key(prefix, node)
+        self._session_key = session_key(prefix, node).encode()
         self.timing = timing
         self._record = json.dumps(
             {
@@ -203,7 +215,16 @@ class Heartbeat:
             )
             self._lease_id = None
         lease = await self._client.lease(self.timing.ttl)
-        await self._client.put(self.key.encode(), self._record, lease=lease.id)
+        txn = self._client.transactions
+        session = json.dumps({**json.loads(self._record), "lease": f"{lease.id:x}"}).encode()
+        await self._client.transaction(
+            compare=[],
+            success=[
+                txn.put(self.key.encode(), self._record, lease=lease.id),
+                txn.put(self._session_key, session),
+            ],
+            failure=[],
+        )
         self._lease_id = lease.id
         self.lease_count += 1
         log.info("heartbeat %s held with lease %x (TTL %d s)", self.key, lease.id, self.timing.ttl)

@@ -28,6 +28,11 @@ token: delete the key and put the claim key `<key>.takeover` with my lease". Exa
 candidate passes that compare for a given term. Every campaign requires the claim key to be
 absent, except the claimant's, which requires the claim to be its own; so the claimant wins
 the next campaign, with a new token. A claimant that dies lets its claim expire with its lease.
+The claimant campaigns as soon as it has won the claim (not after a retry period), refreshes the
+claim's lease first (the term's renew deadline counts from that refresh, not from the takeover),
+and keeps the claim through a campaign that fails without an answer (etcd electing its own
+leader): only etcd's "no" ends a claim. A campaign whose reply was lost but that etcd applied is
+recognised on the next try by the leader key's lease being the claim's.
 """
 
 from __future__ import annotations
@@ -36,100 +41,28 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import aetcd
+
+from controller.runtime.leader_record import (
+    ElectionTiming,
+    LeaderInfo,
+    current_leader,
+    guard_compare,
+    leader_key,
+)
+from controller.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 Leading = Callable[[int], Coroutine[Any, Any, None]]
 
 
-@dataclass(frozen=True)
-class ElectionTiming:
-    """Lease TTL (whole seconds, etcd's unit) and the periods derived from it, in seconds."""
-
-    ttl: int = 5
-    renew_period: float = 1.0
-    renew_deadline: float = 3.5
-    retry_period: float = 1.0
-
-    @classmethod
-    def for_ttl(cls, ttl: int) -> ElectionTiming:
-        """Periods in the default proportions for a given TTL (5 s: renew 1 s, deadline 3.5 s)."""
-        return cls(
-            ttl=ttl, renew_period=ttl / 5, renew_deadline=ttl * 0.7, retry_period=min(1.0, ttl / 5)
-        )
-
-    def __post_init__(self) -> None:
-        if self.ttl < 2:
-            raise ValueError(f"leader election ttl must be at least 2 s (etcd), got {self.ttl}")
-        if not 0 < self.renew_period < self.renew_deadline < self.ttl:
-            raise ValueError(
-                "leader election needs 0 < renew_period < renew_deadline < ttl, got "
-                f"{self.renew_period}, {self.renew_deadline}, {self.ttl}"
-            )
-        if self.retry_period <= 0:
-            raise ValueError(f"leader election retry_period must be > 0, got {self.retry_period}")
-
-
-@dataclass(frozen=True)
-class LeaderInfo:
-    """The current leader, as `kvmctl get leader` shows it."""
-
-    identity: str
-    since: datetime
-    token: int
-    node: str | None = None
-    """The ClusterNode the leader runs on, when its elector was told."""
-
-
-class LeaderRecordError(ValueError):
-    """The leader key holds something that is not a leader record."""
-
-
-CONTROLLER_ELECTION = "controller"
-"""The election the controllers run; its leader key's create revision is the current term."""
-
-
-def leader_key(prefix: str, name: str) -> str:
-    """The key of election `name` under the cluster's key prefix."""
-    if not name or "/" in name:
-        raise ValueError(f"leader election name must be non-empty and without '/', got {name!r}")
-    return f"{prefix.rstrip('/')}/leader/{name}"
-
-
-ELECTION_ERRORS = (TimeoutError, aetcd.ClientError)
-"""What a call of the elector raises when etcd cannot be reached (callers outside the runtime
-catch these, not aetcd's types)."""
-
-
-def guard_compare(client: aetcd.Client, key: str, token: int) -> aetcd.transactions.Create:
-    """The compare to add to a transaction so it succeeds only while term `token` leads."""
-    return client.transactions.create(key.encode()) == token
-
-
-async def current_leader(client: aetcd.Client, key: str) -> LeaderInfo | None:
-    """Who holds the leader key `key`, since when and with which token; None if nobody."""
-    kv = await client.get(key.encode())
-    if kv is None:
-        return None
-    try:
-        record = json.loads(kv.value)
-        identity = record["identity"]
-        since = datetime.fromisoformat(record["acquiredAt"])
-        node = record.get("node")
-        if not isinstance(identity, str):
-            raise TypeError("identity is not a string")
-        if node is not None and not isinstance(node, str):
-            raise TypeError("node is not a string")
-    except (ValueError, KeyError, TypeError) as error:
-        raise LeaderRecordError(
-            f"leader key {key} holds no valid leader record ({error}): {kv.value[:200]!r}"
-        ) from None
-    return LeaderInfo(identity=identity, since=since, token=kv.create_revision, node=node)
+CLAIM_RETRY = 0.1
+"""Seconds between campaigns of a claimant whose campaign got no answer (etcd electing)."""
 
 
 @dataclass
@@ -179,6 +112,7 @@ class LeaderElector:
         self._key_bytes = self.key.encode()
         self._claim_bytes = f"{self.key}.takeover".encode()
         self._claim: _Claim | None = None
+        self._claimed = asyncio.Event()  # set by a won take_over: campaign now
         self.node = node
         self.identity = identity
         self.timing = timing or ElectionTiming()
@@ -229,6 +163,7 @@ class LeaderElector:
             return False
         kv = responses[-1][0][1]
         self._claim = _Claim(lease.id, granted_at, kv.create_revision, token)
+        self._claimed.set()
         log.warning("%s ended term %d of %s: taking over", self.identity, token, self.key)
         return True
 
@@ -238,7 +173,11 @@ class LeaderElector:
     async def run(self, leading: Leading) -> None:
         """Lead whenever possible; return (after resigning) when `leading` returns or raises."""
         while True:
-            term = await self._acquire()
+            try:
+                term = await self._acquire()
+            except asyncio.CancelledError:
+                await self._drop_claim()
+                raise
             work = asyncio.create_task(leading(term.token), name=f"leading {self.key}")
             self._work = work
             try:
@@ -247,7 +186,7 @@ class LeaderElector:
             finally:
                 resigned_meanwhile = self._term is not term
                 self._term = None
-                await _cancel_and_wait(work)
+                await cancel_and_wait([work])
                 if not resigned_meanwhile:
                     await self._release(term)
             if ended_by_itself:
@@ -272,7 +211,7 @@ class LeaderElector:
         if term is None:
             return
         if self._work is not None:
-            await _cancel_and_wait(self._work)
+            await cancel_and_wait([self._work])
         await self._release(term)
 
     async def _release(self, term: _Term) -> None:
@@ -302,17 +241,108 @@ class LeaderElector:
                 outcome = await self._campaign()
             except (TimeoutError, aetcd.ClientError) as error:
                 log.warning("campaign for %s failed, retrying: %s", self.key, error)
-                await asyncio.sleep(self.timing.retry_period)
+                # A claimant retries at once: its claim keeps every other candidate out.
+                retry = CLAIM_RETRY if self._claim is not None else self.timing.retry_period
+                await self._wait_for_claim(asyncio.sleep(retry))
                 continue
             if isinstance(outcome, _Term):
+                if not await self._fresh(outcome):
+                    continue
                 self._term = outcome
                 log.info("%s leads %s with token %d", self.identity, self.key, outcome.token)
                 return outcome
             if outcome >= 0:
-                await self._wait_for_change(outcome, self.timing.retry_period)
+                await self._wait_for_claim(self._wait_for_change(outcome, self.timing.retry_period))
+
+    async def _fresh(self, term: _Term) -> bool:
+        """Make sure a won term has time left before its renew deadline.
+
+        The deadline counts from the lease's grant (or the claim's refresh), before the
+        campaign: a campaign that took long (etcd electing) leaves little or none. Renew then
+        before any leader-only work starts; if that fails, give the term up (revoking its lease
+        deletes the key) and campaign again.
+        """
+        loop = asyncio.get_running_loop()
+        if loop.time() < term.deadline - self.timing.renew_period:
+            return True
+        sent_at = loop.time()
+        try:
+            async with asyncio.timeout(self.timing.renew_deadline):
+                reply = await self._client.refresh_lease(term.lease_id)
+        except (TimeoutError, aetcd.ClientError) as error:
+            reply, why = None, f"no renewal ({error})"
+        else:
+            why = "its lease expired"
+        if reply is None or reply.TTL <= 0:
+            log.error("%s won %s but lost it at once: %s", self.identity, self.key, why)
+            await self._revoke_quietly(term.lease_id)
+            return False
+        term.deadline = sent_at + self.timing.renew_deadline
+        return True
+
+    async def _wait_for_claim(self, wait: Coroutine[Any, Any, None]) -> None:
+        """Run `wait`, returning early when `take_over` wins a claim."""
+        if self._claimed.is_set():
+            wait.close()
+            return
+        waiting = asyncio.create_task(wait)
+        claimed = asyncio.create_task(self._claimed.wait())
+        try:
+            await asyncio.wait({waiting, claimed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait([waiting])
+            await cancel_and_wait([claimed])
 
     async def _campaign(self) -> _Term | int:
         """Try once to create the key: our term if we won, else the revision we saw it at."""
+        self._claimed.clear()
+        claim = self._claim
+        if claim is not None:
+            return await self._campaign_with_claim(claim)
+        granted_at = asyncio.get_running_loop().time()
+        async with asyncio.timeout(self.timing.ttl):
+            lease_id = (await self._client.lease(self.timing.ttl)).id
+        won = False
+        try:
+            won, responses = await self._create_key(lease_id, create_revision_of_claim=0)
+        finally:
+            if not won:
+                await self._revoke_quietly(lease_id)
+        if not won:
+            return _seen_revision(responses)
+        return self._won(responses, lease_id, granted_at, took_over=None)
+
+    async def _campaign_with_claim(self, claim: _Claim) -> _Term | int:
+        """Campaign with our claim, whose lease becomes the term's. Raises (keeping the claim)
+        when etcd does not answer; drops it when etcd says it is gone."""
+        sent_at = asyncio.get_running_loop().time()
+        async with asyncio.timeout(self.timing.ttl):
+            reply = await self._client.refresh_lease(claim.lease_id)
+        if reply is None or reply.TTL <= 0:
+            log.error(
+                "%s: the takeover claim on %s expired before its campaign", self.identity, self.key
+            )
+            self._claim = None
+            return -1  # campaign again at once, without it
+        self._claim = claim = replace(claim, granted_at=sent_at)
+        won, responses = await self._create_key(claim.lease_id, claim.revision)
+        if not won:
+            kv = responses[0][0][1] if responses[0] else None
+            if kv is not None and kv.lease == claim.lease_id:  # an earlier try was applied
+                self._claim = None
+                return self._term_of(kv, claim.lease_id, sent_at, claim.replaced)
+            self._claim = None
+            await self._revoke_quietly(claim.lease_id)
+            log.error("%s: the takeover claim on %s was lost", self.identity, self.key)
+            return _seen_revision(responses)
+        self._claim = None
+        return self._won(responses, claim.lease_id, sent_at, took_over=claim.replaced)
+
+    async def _create_key(
+        self, lease_id: int, create_revision_of_claim: int
+    ) -> tuple[bool, list[Any]]:
+        """The campaign transaction: create the key with `lease_id` if it is absent and the
+        claim key's create_revision is `create_revision_of_claim` (0: no claim)."""
         txn = self._client.transactions
         record: dict[str, str] = {
             "identity": self.identity,
@@ -320,44 +350,34 @@ class LeaderElector:
         }
         if self.node is not None:
             record["node"] = self.node
-        claim, self._claim = self._claim, None
-        if claim is not None:  # ours: the claim's lease becomes the term's lease
-            granted_at, lease_id = claim.granted_at, claim.lease_id
-            claimed = [txn.create(self._claim_bytes) == claim.revision]
-        else:
-            granted_at = asyncio.get_running_loop().time()
-            async with asyncio.timeout(self.timing.ttl):
-                lease_id = (await self._client.lease(self.timing.ttl)).id
-            claimed = [txn.create(self._claim_bytes) == 0]
-        won = False
-        try:
-            async with asyncio.timeout(self.timing.ttl):
-                won, responses = await self._client.transaction(
-                    compare=[txn.create(self._key_bytes) == 0, *claimed],
-                    success=[
-                        txn.put(self._key_bytes, json.dumps(record).encode(), lease=lease_id),
-                        txn.delete(self._claim_bytes),
-                        txn.get(self._key_bytes),
-                    ],
-                    failure=[txn.get(self._key_bytes), txn.get(self._claim_bytes)],
-                )
-        finally:
-            if not won:
-                await self._revoke_quietly(lease_id)
-        # The last operation of either branch is the get: a list of (value, rtypes.Get).
-        if not won:
-            # The header comes with a value: the leader key's, else the claim's. With neither
-            # (our own claim expired), campaign again at once without it.
-            found = [kvs[0][1] for kvs in responses if kvs]
-            seen_revision: int = found[0].header.revision if found else -1
-            return seen_revision
-        kv = responses[-1][0][1]
+        async with asyncio.timeout(self.timing.ttl):
+            won, responses = await self._client.transaction(
+                compare=[
+                    txn.create(self._key_bytes) == 0,
+                    txn.create(self._claim_bytes) == create_revision_of_claim,
+                ],
+                success=[
+                    txn.put(self._key_bytes, json.dumps(record).encode(), lease=lease_id),
+                    txn.delete(self._claim_bytes),
+                    txn.get(self._key_bytes),
+                ],
+                failure=[txn.get(self._key_bytes), txn.get(self._claim_bytes)],
+            )
+        return bool(won), list(responses)
+
+    def _won(
+        self, responses: list[Any], lease_id: int, granted_at: float, took_over: int | None
+    ) -> _Term:
+        # The last operation of the success branch is the get: a list of (value, rtypes.Get).
+        return self._term_of(responses[-1][0][1], lease_id, granted_at, took_over)
+
+    def _term_of(self, kv: Any, lease_id: int, granted_at: float, took_over: int | None) -> _Term:
         return _Term(
             lease_id=lease_id,
             token=kv.create_revision,
             deadline=granted_at + self.timing.renew_deadline,
             seen_revision=kv.header.revision,
-            took_over=None if claim is None else claim.replaced,
+            took_over=took_over,
         )
 
     async def _hold(self, term: _Term, work: asyncio.Task[None]) -> None:
@@ -369,7 +389,7 @@ class LeaderElector:
             try:
                 await asyncio.wait({work, change}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                await _cancel_and_wait(change)
+                await cancel_and_wait([change])
             if work.done() or self._term is not term or not await self._renew(term):
                 return
 
@@ -425,6 +445,12 @@ class LeaderElector:
         # The watch failed or ended without an event: wait out the period like a poll.
         await asyncio.sleep(max(0.0, deadline - loop.time()))
 
+    async def _drop_claim(self) -> None:
+        """Shutting down with a won claim: revoke it, so the others need not wait its TTL."""
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            await self._revoke_quietly(claim.lease_id)
+
     async def _revoke_quietly(self, lease_id: int) -> None:
         try:
             async with asyncio.timeout(self.timing.ttl):
@@ -433,7 +459,8 @@ class LeaderElector:
             log.debug("revoking unused lease %x failed; it expires by itself: %s", lease_id, error)
 
 
-async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
-    """Cancel `task` and wait until it has finished, without swallowing our own cancellation."""
-    task.cancel()
-    await asyncio.wait({task})
+def _seen_revision(failure: list[Any]) -> int:
+    """The revision a lost campaign saw: the header of the leader key's value, else the
+    claim's; -1 with neither (a claim that expired: campaign again at once)."""
+    found = [kvs[0][1] for kvs in failure if kvs]
+    return int(found[0].header.revision) if found else -1

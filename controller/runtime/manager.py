@@ -43,7 +43,8 @@ from controller.runtime.controller import Controller, ControllerRunner
 from controller.runtime.defaults import DEFAULT_HTTP_PORT
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, KeySink, SharedInformers
-from controller.runtime.leader import ElectionTiming, LeaderElector, guard_compare
+from controller.runtime.leader import LeaderElector
+from controller.runtime.leader_record import ElectionTiming, guard_compare
 from controller.runtime.reconcile import (
     Blocked,
     OnNotReady,

@@ -15,7 +15,7 @@ import pytest
 from controller.ha.controller import build_manager
 from controller.ha.environment import HaTimings
 from controller.runtime.heartbeat import heartbeat_key
-from controller.runtime.leader import ElectionTiming, current_leader
+from controller.runtime.leader_record import ElectionTiming, current_leader
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
 from crds import ClusterNode, Event, ObjectMeta, Secret, VirtualMachine
