@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import aetcd
 
 from controller.runtime.heartbeat import heartbeat_key
-from controller.runtime.leader import leader_key
+from controller.runtime.leader_record import leader_key
 from controller.runtime.store import Store
 from crds import ClusterNode, Event, VirtualMachine
 from e2e.harness.chaos import ELECTION_NAME

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from controller.ha.guest_requests import GUEST_CLUSTER_LABEL
-from controller.runtime.leader import guard_compare
+from controller.runtime.leader_record import guard_compare
 from e2e.harness.agent_lab import (
     PREFIX,
     AgentLab,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from controller.fencing import FENCING_USAGE, USAGE_LABEL
 from controller.ha.environment import HaTimings
-from controller.runtime.leader import ElectionTiming, current_leader, leader_key
+from controller.runtime.leader_record import ElectionTiming, current_leader, leader_key
 from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec

@@ -10,7 +10,8 @@ from typing import Any
 from controller.garbage import collect_forever
 from controller.migrations import Term, lead_migrations
 from controller.runtime.events import EventRecorder
-from controller.runtime.leader import LeaderElector, guard_compare
+from controller.runtime.leader import LeaderElector
+from controller.runtime.leader_record import guard_compare
 from controller.runtime.store import Store
 from crds import Event, VirtualMachine
 from crds.meta import now

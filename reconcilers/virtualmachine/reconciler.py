@@ -19,7 +19,7 @@ from controller.ha.agent_rules import (
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import Informer
 from controller.runtime.layout import NODE_FINALIZERS
-from controller.runtime.leader import CONTROLLER_ELECTION, leader_key
+from controller.runtime.leader_record import CONTROLLER_ELECTION, leader_key
 from controller.runtime.reconcile import (
     Blocked,
     Result,
