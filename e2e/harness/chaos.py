@@ -77,6 +77,23 @@ class TimingProfile:
         ]  # fmt: skip
 
 
+ETCD_MEMBER_CONFIG = Path(__file__).resolve().parents[2] / "deploy/etcd/etcd-member.env.example"
+
+
+def shipped_etcd_timers(config: Path = ETCD_MEMBER_CONFIG) -> tuple[str, ...]:
+    """The etcd flags for the heartbeat interval and election timeout that deploy/etcd ships,
+    so the default profile runs etcd as a user following the docs does."""
+    flags: list[str] = []
+    for line in config.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name in ("ETCD_HEARTBEAT_INTERVAL", "ETCD_ELECTION_TIMEOUT"):
+            flag = name.removeprefix("ETCD_").lower().replace("_", "-")
+            flags.append(f"--{flag}={value.strip().strip(chr(34))}")
+    if len(flags) != 2:
+        raise ValueError(f"{config}: no ETCD_HEARTBEAT_INTERVAL and ETCD_ELECTION_TIMEOUT")
+    return tuple(flags)
+
+
 _DEFAULTS = HaTimings()
 DEFAULT_PROFILE = TimingProfile(
     "default",
@@ -86,8 +103,10 @@ DEFAULT_PROFILE = TimingProfile(
     recovery_grace=_DEFAULTS.recovery_grace,
     watchdog_timeout=_DEFAULTS.watchdog_timeout,
     election_ttl=ElectionTiming().ttl,
+    etcd_args=shipped_etcd_timers(),
 )
-"""kvmctl's defaults (HaTimings, ElectionTiming) on etcd's default timers."""
+"""kvmctl's defaults (HaTimings, ElectionTiming) on the etcd timers deploy/etcd ships (100 ms
+heartbeat, 500 ms election timeout; etcd's own default election timeout is 1000 ms)."""
 TUNED_PROFILE = TimingProfile(
     "tuned",
     lease_ttl=1,
