@@ -180,16 +180,18 @@ async def test_a_failover_shows_in_the_daemons_metrics_and_the_dashboard_names_o
                 spec=VirtualMachineMigrationSpec(vm="vm1", target_node="z"),
             )
         )
+        loops = ("ha", "migrations", "fence-check")
         controller_samples = await scraped_when(
             ctl,
             ctl_port,
-            "the rejected migration counted",
-            lambda s: is_one(s, "kvmctl_migrations_total", result="rejected"),
+            "the rejected migration counted and every leader loop timed",
+            lambda s: (
+                is_one(s, "kvmctl_migrations_total", result="rejected")
+                and all(
+                    has(s, "kvmctl_reconcile_duration_seconds_count", controller=n) for n in loops
+                )
+            ),
         )
-        for name in ("ha", "migrations", "fence-check"):
-            assert has(
-                controller_samples, "kvmctl_reconcile_duration_seconds_count", controller=name
-            )
         assert value(controller_samples, "kvmctl_workqueue_depth", name="migrations") is not None
 
         # b's agent serves the agent-side series: its heartbeat, its loops, its migrations.

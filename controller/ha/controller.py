@@ -2,8 +2,9 @@
 
 `HaController.run(token, guard)` is one term of the HA loop: the pure engine
 (`controller/ha/engine.py`) over an `EtcdEnvironment`. The engine starts each term with no
-memory (fencing starts again from method 1; a lease missing at the start counts as lost since
-then), which docs/ha.md shows is safe. If a guarded write reveals that the term is over, the
+memory of its own (fencing starts again from method 1), which docs/ha.md shows is safe; the
+heartbeats, requests and reports it reads are the controller's `WorldKeys`, watched on every
+controller so a standby's term starts with them warm (`controller/ha/world_keys.py`). If a guarded write reveals that the term is over, the
 loop stops at once and waits for the elector, which notices within its renew period, to cancel
 the term.
 
@@ -45,6 +46,7 @@ from .guest_fence import GuestFenceController
 from .production import KINDS, EtcdEnvironment
 from .state_metrics import etcd_member_metrics, state_metrics
 from .takeover import StandbyWatch
+from .world_keys import WorldKeys
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class HaController:
         self.token: int | None = None
         """The term this controller leads (None while standby)."""
         self._changed = asyncio.Event()
+        self.keys = WorldKeys(store, self._changed)
+        """Heartbeats, requests and reports, warm on a standby too (`background`)."""
         for kind in KINDS:
             informers.informer(kind).add_handler(lambda _type, _obj: self._changed.set())
 
@@ -84,6 +88,10 @@ class HaController:
 
     def leader_task(self) -> LeaderTask:
         return LeaderTask("ha", self.run)
+
+    def background(self) -> Background:
+        """The watches of `keys`, run whether this controller leads or not."""
+        return Background("HA keys", self.keys.run)
 
     async def run(self, token: int, guard: list[Compare]) -> None:
         """One term of the HA loop, until cancelled."""
@@ -97,6 +105,7 @@ class HaController:
             self.timings,
             self.fence_runner,
             self.peers,
+            self.keys if self.keys.running else None,
         )
         log.info("HA loop starts with token %d", token)
         self.token = token
@@ -160,7 +169,7 @@ def build_manager(
     ha = HaController(store, informers, timings, recorder, fence_runner, peers=table)
     guest_fencing = GuestFenceController(store, informers)
 
-    background = [state_metrics(informers), etcd_member_metrics(store)]
+    background = [state_metrics(informers), etcd_member_metrics(store), ha.background()]
     if peers is not None and table is not None and node is not None:
 
         async def direct_heartbeats() -> None:

@@ -6,8 +6,10 @@ observe() builds the `World` from the informer caches (ClusterNode, VirtualMachi
 VirtualMachineMigration), the heartbeat keys (`{prefix}/heartbeats/{node}`, bound to the agents'
 leases), the operator requests and agent reports (`controller/ha/requests.py`) and the results
 of fence attempts finished since the last call. Times are the event loop's monotonic clock;
-stored wall-clock times are converted at each observation. A heartbeat key missing since the
-start of the term counts as lost since that start (later than the truth, hence safer).
+stored wall-clock times are converted at each observation. The heartbeat keys, requests and
+reports come from the controller's `WorldKeys` (`controller/ha/world_keys.py`), warm on a standby
+too; a heartbeat key missing since their first sync counts as lost since then (later than the
+truth, hence safer).
 
 After its first step a term stamps its token on the placements of older terms (agents start
 nothing for a placement of another term). apply() writes what the engine decided, every object
@@ -41,10 +43,9 @@ from controller.fencing import run_method
 from controller.migrations import Term
 from controller.runtime import telemetry
 from controller.runtime.events import EventRecorder
-from controller.runtime.heartbeat import heartbeat_key, session_key
+from controller.runtime.heartbeat import session_key
 from controller.runtime.informer import SharedInformers
 from controller.runtime.peers import PeerTable
-from controller.runtime.prefix_cache import PrefixCache
 from controller.runtime.store import Compare, Conflict, NotFound, Store, StoreError
 from controller.runtime.tasks import cancel_and_wait
 from crds import AnyResource, ClusterNode, ClusterPolicy, ObjectMeta, VirtualMachine
@@ -80,6 +81,7 @@ from .environment import (
     World,
 )
 from .failover_clock import FailoverClock
+from .world_keys import WorldKeys
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +134,11 @@ class EtcdEnvironment:
         timings: HaTimings | None = None,
         fence_runner: FenceRunner | None = None,
         peers: PeerTable | None = None,
+        keys: WorldKeys | None = None,
     ) -> None:
         """`changed` is set by the caller's informer handlers on every object change;
-        `peers` is where the direct heartbeats are heard (None: lease-based detection only)."""
+        `peers` is where the direct heartbeats are heard (None: lease-based detection only);
+        `keys` the controller's warm `WorldKeys` (None: this term watches its own)."""
         self.store = store
         self.recorder = recorder
         self.term = term
@@ -143,24 +147,14 @@ class EtcdEnvironment:
         self._informers = {kind: informers.informer(kind) for kind in KINDS}
         self._changed = changed
         self._loop = asyncio.get_running_loop()
-        self._started_at = self._loop.time()
-        self._lost_at: dict[str, float] = {}
         self.failovers = FailoverClock()
         self._fenced_how: dict[str, str] = {}
         """How each node this term fenced was fenced (its VMs may be placed in the same step)."""
         self._peers = peers
-        self._session_at: dict[str, float] = {}
         self._ack_seen: dict[str, float] = {}
         self._crashes: dict[str, tuple[datetime | None, float]] = {}
-        self.heartbeats = PrefixCache(
-            store, _heartbeat_prefix(store.prefix), self._heartbeat_changed
-        )
-        self.fence_acks = PrefixCache(
-            store, requests.fence_ack_prefix(store.prefix), self._key_changed
-        )
-        self.drains = PrefixCache(store, requests.drain_prefix(store.prefix), self._key_changed)
-        self.reports = PrefixCache(store, requests.report_prefix(store.prefix), self._key_changed)
-        self._caches = (self.heartbeats, self.fence_acks, self.drains, self.reports)
+        self._own_keys = keys is None
+        self.keys = WorldKeys(store, changed) if keys is None else keys
         self._tasks: list[asyncio.Task[None]] = []
         self._fence_tasks: set[asyncio.Task[None]] = set()
         self._fence_results: list[FenceResult] = []
@@ -173,11 +167,10 @@ class EtcdEnvironment:
         self.deposed = False
 
     async def __aenter__(self) -> EtcdEnvironment:
-        for cache in self._caches:
-            self._tasks.append(asyncio.create_task(cache.run(), name=f"watch {cache.prefix}"))
-        waiting = [asyncio.create_task(cache.synced.wait()) for cache in self._caches]
+        if self._own_keys:
+            self._tasks.append(asyncio.create_task(self.keys.run(), name="HA keys"))
         try:
-            await asyncio.gather(*waiting)
+            await self.keys.wait_for_sync()
         except BaseException:
             await self._stop_tasks()
             raise
@@ -194,24 +187,12 @@ class EtcdEnvironment:
 
     # Change notifications --------------------------------------------------------------------
 
-    def _heartbeat_changed(self, node: str, value: bytes | None) -> None:
-        if value is None:
-            self._lost_at[node] = self._loop.time()
-        else:
-            self._lost_at.pop(node, None)
-            if self.heartbeats.synced.is_set():  # a new lease: a new agent session
-                self._session_at[node] = self._loop.time()
-        self._changed.set()
-
     def _heard_at(self, node: str) -> float | None:
         """The last direct heartbeat from `node`, if it came in the agent's current lease."""
         heard = None if self._peers is None else self._peers.heard_at(node)
-        if heard is None or heard < self._session_at.get(node, heard):
+        if heard is None or heard < self.keys.session_at.get(node, heard):
             return None
         return heard
-
-    def _key_changed(self, _name: str, _value: bytes | None) -> None:
-        self._changed.set()
 
     # Environment -----------------------------------------------------------------------------
 
@@ -321,7 +302,7 @@ class EtcdEnvironment:
     ) -> NodeView:
         name = node.metadata.name
         status = node.status
-        alive = name in self.heartbeats.values
+        alive = name in self.keys.heartbeats.values
         fence: FenceConfirmation | None = None
         if status.fence is not None and status.fence.how is not None:
             at = now if status.fence.confirmed_at is None else mono(status.fence.confirmed_at)
@@ -355,7 +336,7 @@ class EtcdEnvironment:
             health=status.health,
             fence=fence,
             lease_alive=alive,
-            lease_lost_at=None if alive else self._lost_at.get(name, self._started_at),
+            lease_lost_at=None if alive else self.keys.lease_lost_at(name),
             clean_since=clean_since,
             fence_ack_at=self._fence_ack_at(name),
             domains=domains,
@@ -366,7 +347,7 @@ class EtcdEnvironment:
         )
 
     def _report(self, node: str) -> requests.NodeReport | None:
-        value = self.reports.values.get(node)
+        value = self.keys.reports.values.get(node)
         if value is None:
             return None
         try:
@@ -376,7 +357,7 @@ class EtcdEnvironment:
             return None
 
     def _drain(self, node: str) -> requests.DrainRequest | None:
-        value = self.drains.values.get(node)
+        value = self.keys.drains.values.get(node)
         if value is None:
             return None
         try:
@@ -387,7 +368,7 @@ class EtcdEnvironment:
 
     def _fence_ack_at(self, node: str) -> float | None:
         """When this term first saw the pending ack of `node` (None if there is none)."""
-        if node not in self.fence_acks.values:
+        if node not in self.keys.fence_acks.values:
             self._ack_seen.pop(node, None)
             return None
         return self._ack_seen.setdefault(node, self._loop.time())
@@ -605,7 +586,7 @@ class EtcdEnvironment:
         )
         if not ok:
             raise Conflict(f"clearing the fence ack of {node} refused: guard failed")
-        self.fence_acks.forget(node)
+        self.keys.fence_acks.forget(node)
         self._ack_seen.pop(node, None)
 
     async def _place(self, action: Place) -> None:
@@ -702,11 +683,6 @@ class EtcdEnvironment:
         if not isinstance(node, ClusterNode):
             return False, f"ClusterNode {node_name} not found"
         return await run_method(self.store, self.fence_runner, node, method_name)
-
-
-def _heartbeat_prefix(prefix: str) -> str:
-    """The directory of every node's heartbeat key."""
-    return heartbeat_key(prefix, "node").rpartition("/")[0] + "/"
 
 
 def _restart(vm: Any) -> bool:
