@@ -118,7 +118,9 @@ async def snapshot_stream(
 async def chromium() -> AsyncIterator[Browser]:
     """Debian's Chromium, headless; Playwright gives it a fresh temporary profile."""
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=START_TIMEOUT * 1000
+        )
         try:
             yield browser
         finally:
