@@ -10,6 +10,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -113,6 +114,17 @@ async def test_read_only_and_self_contained(dashboard: str) -> None:
     head = await fetch(dashboard, "HEAD")
     assert head[0] == 200 and head[2] == b""
     assert (await fetch(dashboard + "healthz"))[2] == b"ok\n"
+
+
+async def test_an_oversized_request_is_refused(dashboard: str) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", urlsplit(dashboard).port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nX-Padding: " + b"x" * 20000)
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), DEADLINE)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 431 ")
 
 
 @pytest.mark.parametrize(

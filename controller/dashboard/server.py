@@ -38,6 +38,8 @@ COALESCE = 0.05
 KEEPALIVE = 15.0
 """Seconds between SSE comments on a quiet stream, so proxies and browsers keep it open."""
 MAX_REQUEST = 16384
+REQUEST_TIMEOUT = 30.0
+"""Seconds a connection has to send its request before it is answered 408 and closed."""
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
@@ -122,9 +124,12 @@ class HttpError(Exception):
 async def read_request(reader: asyncio.StreamReader) -> Request:
     """The request line and headers (which nothing here needs: read and dropped)."""
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
         raise HttpError("431 Request Header Fields Too Large", "request too large") from None
+    except TimeoutError:
+        raise HttpError("408 Request Timeout", "no request received") from None
     words = head.split(b"\r\n", 1)[0].decode("latin-1").split()
     if len(words) != 3 or not words[2].startswith("HTTP/1."):
         raise HttpError("400 Bad Request", "not an HTTP/1 request")
