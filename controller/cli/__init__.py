@@ -24,6 +24,7 @@ from . import (
     admin,
     cluster,
     completion,
+    dashboard,
     drain,
     edit,
     explain,
@@ -49,6 +50,7 @@ COMMAND_MODULES = [
     drain,
     status,
     simulate,
+    dashboard,
 ]
 
 

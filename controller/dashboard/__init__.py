@@ -1,0 +1,1 @@
+"""`kvmctl dashboard`: a live, read-only web view of the cluster (see server.py)."""
