@@ -4,9 +4,9 @@
 (`controller/ha/engine.py`) over an `EtcdEnvironment`. The engine starts each term with no
 memory of its own (fencing starts again from method 1), which docs/ha.md shows is safe; the
 heartbeats, requests and reports it reads are the controller's `WorldKeys`, watched on every
-controller so a standby's term starts with them warm (`controller/ha/world_keys.py`). If a guarded write reveals that the term is over, the
-loop stops at once and waits for the elector, which notices within its renew period, to cancel
-the term.
+controller so a standby's term starts with them warm (`controller/ha/world_keys.py`). If a
+guarded write reveals that the term is over, the loop stops at once and waits for the elector,
+which notices within its renew period, to cancel the term.
 
 `build_manager` puts it together on one `Manager` sharing its caches: the HA loop and
 guest-cluster fencing (`controller/ha/guest_fence.py`) as leader tasks (each a whole-cluster loop
