@@ -37,6 +37,8 @@ import grpc
 
 log = logging.getLogger(__name__)
 
+CANCEL_GRACE = 1.0
+"""Seconds a cancelled request may take to end before it is left behind."""
 ATTEMPT_TIMEOUT = 0.5
 """Seconds the first attempt of a repeatable read waits on one member."""
 WRITE_ATTEMPT_TIMEOUT = 2.0
@@ -120,7 +122,12 @@ class Member:
 
 
 async def unless_lost(lost: asyncio.Event, target: str, awaitable: Awaitable[T]) -> T:
-    """`awaitable`'s result, or UNAVAILABLE as soon as `lost` is set (the request is cancelled)."""
+    """`awaitable`'s result, or UNAVAILABLE as soon as `lost` is set (the request is cancelled).
+
+    A cancelled request normally ends at once; one that does not (a call stuck on a dead
+    connection) is left behind after `CANCEL_GRACE` rather than hang its caller, whose own
+    timeout has already fired and cannot fire again.
+    """
     task = asyncio.ensure_future(awaitable)
     waiter = asyncio.ensure_future(lost.wait())
     try:
@@ -129,7 +136,9 @@ async def unless_lost(lost: asyncio.Event, target: str, awaitable: Awaitable[T])
         waiter.cancel()
         if not task.done():
             task.cancel()
-        await asyncio.wait({task, waiter})  # cancelled ones end at once: none is left behind
+        _, stuck = await asyncio.wait({task, waiter}, timeout=CANCEL_GRACE)
+        if stuck:
+            log.warning("a request to etcd member %s did not end when cancelled: left", target)
     if task.done() and not task.cancelled():
         return task.result()
     raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"etcd member {target} stopped answering")

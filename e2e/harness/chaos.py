@@ -80,17 +80,20 @@ class TimingProfile:
 ETCD_MEMBER_CONFIG = Path(__file__).resolve().parents[2] / "deploy/etcd/etcd-member.env.example"
 
 
+SHIPPED_RAFT_SETTINGS = ("ETCD_HEARTBEAT_INTERVAL", "ETCD_ELECTION_TIMEOUT", "ETCD_PRE_VOTE")
+
+
 def shipped_etcd_timers(config: Path = ETCD_MEMBER_CONFIG) -> tuple[str, ...]:
-    """The etcd flags for the heartbeat interval and election timeout that deploy/etcd ships,
-    so the default profile runs etcd as a user following the docs does."""
+    """The etcd flags for the heartbeat interval, election timeout and pre-vote that deploy/etcd
+    ships, so the default profile runs etcd as a user following the docs does."""
     flags: list[str] = []
     for line in config.read_text().splitlines():
         name, _, value = line.partition("=")
-        if name in ("ETCD_HEARTBEAT_INTERVAL", "ETCD_ELECTION_TIMEOUT"):
+        if name in SHIPPED_RAFT_SETTINGS:
             flag = name.removeprefix("ETCD_").lower().replace("_", "-")
             flags.append(f"--{flag}={value.strip().strip(chr(34))}")
-    if len(flags) != 2:
-        raise ValueError(f"{config}: no ETCD_HEARTBEAT_INTERVAL and ETCD_ELECTION_TIMEOUT")
+    if len(flags) != len(SHIPPED_RAFT_SETTINGS):
+        raise ValueError(f"{config}: not every one of {', '.join(SHIPPED_RAFT_SETTINGS)}")
     return tuple(flags)
 
 
@@ -105,8 +108,8 @@ DEFAULT_PROFILE = TimingProfile(
     election_ttl=ElectionTiming().ttl,
     etcd_args=shipped_etcd_timers(),
 )
-"""kvmctl's defaults (HaTimings, ElectionTiming) on the etcd timers deploy/etcd ships (100 ms
-heartbeat, 500 ms election timeout; etcd's own default election timeout is 1000 ms)."""
+"""kvmctl's defaults (HaTimings, ElectionTiming) on the etcd settings deploy/etcd ships (100 ms
+heartbeat, 500 ms election timeout, pre-vote; etcd 3.4's own: 1000 ms, no pre-vote)."""
 TUNED_PROFILE = TimingProfile(
     "tuned",
     lease_ttl=1,
