@@ -14,6 +14,7 @@ from controller.runtime.informer import SharedInformers
 from controller.runtime.leader import guard_compare
 from controller.runtime.store import Conflict, NotFound, Store
 from crds import VirtualMachine
+from e2e.harness.polling import eventually
 from tests.support.ha import TIMINGS, get_vm, node_object, recorded, vm_object
 
 NAMES = [f"vm{i:02d}" for i in range(10)]
@@ -47,10 +48,23 @@ async def test_many_objects_are_written_in_chunks_under_the_guard(store: Store) 
     mutations["unchanged"] = lambda vm: False
     mutations["missing"] = set_message("never")
     await store.create(vm_object("unchanged"))
+    informers = SharedInformers(store, None)
+    cached = informers.informer(VirtualMachine)
+    informers.start()
+    await informers.wait_for_sync()
 
     result = await store.patch_status_many(
         "VirtualMachine", mutations, guard(store).guard, max_ops=SMALL_TXN
     )
+
+    def all_seen() -> bool:  # the objects of one transaction share its revision
+        vms = [cached.get(name) for name in NAMES]
+        return all(vm is not None and vm.status.message.startswith("batched") for vm in vms)
+
+    try:
+        await eventually(all_seen, "every write seen by an informer")
+    finally:
+        await informers.stop()
 
     assert set(result.failed) == {"missing"}
     assert isinstance(result.failed["missing"], NotFound)
