@@ -87,15 +87,14 @@ class Rack:
         self.vm_count = len(wanted)
 
     async def _create(self, vm: VirtualMachine) -> None:
-        """Create `vm`, again after a request that got no answer in time (a loaded machine):
-        AlreadyExists then means that the unanswered one was carried out."""
+        """Create `vm`, again after a request that got no answer in time (a loaded machine).
+        The rack's names are new: AlreadyExists means that an unanswered attempt (ours, or the
+        etcd client's own retry on another member) was carried out."""
         for attempt in range(CREATE_ATTEMPTS):
             try:
                 await self.store.create(vm)
                 return
             except AlreadyExists:
-                if attempt == 0:
-                    raise
                 return
             except Unavailable:
                 if attempt == CREATE_ATTEMPTS - 1:
