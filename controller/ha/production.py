@@ -19,7 +19,8 @@ controller and the source agent carry it out); `ClearMigration` marks the VM's f
 migrations `HaAcknowledged`; `StartFence` runs the method's devices with
 `FenceRunner.power_off_and_confirm` in a task (secrets resolved from the Secrets meant for that
 node by `controller/fencing.py`, never
-logged); `Emit` records an Event.
+logged); `Emit` records an Event. apply_step() does the same for a whole step, writing each
+run of placements in as few transactions as fit (`place_runs`, `Store.patch_status_many`).
 
 A guarded write that fails because the term is over marks the environment deposed: nothing more
 is applied and `wait()` returns False. Any other failed write skips the remaining writes of the
