@@ -1,23 +1,24 @@
 """A rack at scale: many hosts, thousands of VMs, a 3-member etcd; one host loses power.
 
 Run: `python -m bench.rack_bench [--hosts 50] [--vms 2000] [--on-victim 100] [--idle 60]
-[--resync 600]`.
+[--resync 30] [--agent-processes 0]`.
 Prints the method and the figures; nothing is asserted (figures live in docs/benchmarks.md).
 
 Topology (all on this machine): a 3-member etcd on /dev/shm (`--metrics=extensive`); the real
 HA controller in a process of its own (fence_dummy allowed, `tests.support.rack.RACK_TIMINGS`:
 5 s heartbeat leases); the last host's agent in a process of its own (informer resync every
-30 s, the default); the other hosts' agents all in this process, on one event loop (resync
-every `--resync` s, 600 by default: each agent reconciles every VM at each resync, which for
-49 agents in one process would take a core by itself). Each host is a private libvirt
+30 s, the default); the victim's agent in this process; the other hosts' agents in this
+process too, on one event loop, or spread over `--agent-processes` processes (resync every
+`--resync` s; an agent reconciles only the VMs that concern its node, controller/agent_vms.py).
+Each host is a private libvirt
 test-driver host of 256 CPUs and 64 GiB (`tests/support/rack.py`). An observer in a process
 of its own stamps, on the system-wide monotonic clock, when it sees each of the victim's VMs
 placed elsewhere and running there. Host h00 (the victim, fenced by fence_dummy) gets
 `--on-victim` VMs, the rest are spread over the other hosts; every VM has 1 vcpu and 64 MiB.
 
 Steps: create the VMs (50 at a time) and time until every one runs as placed; idle for
-`--idle` s and measure the CPU time of the controller, of the lone agent, of this process (the
-in-process agents, divided by their number for a per-agent mean) and of each etcd member, from
+`--idle` s and measure the CPU time of the controller, of the lone agent, of each process of
+agents (divided by their number for a per-agent mean) and of each etcd member, from
 /proc/PID/stat, plus each member's unary gRPC request latency histogram over that window (a
 request "over 100 ms" is one outside the 0.1 s bucket; streams are left out); then cut the
 victim's power (its agent stops: its lease lapses, its test host and domains go), and report
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -76,11 +78,14 @@ async def run_controller(endpoints: list[str], prefix: str) -> None:
     await stop_controller(manager, task)
 
 
-async def run_agent(endpoints: list[str], prefix: str, directory: str, name: str) -> None:
+async def run_agents(
+    endpoints: list[str], prefix: str, directory: str, resync: float, names: list[str]
+) -> None:
     store = Store(endpoints, prefix)
     await store.connect()
     cluster = Cluster(store, Path(directory))
-    await start_rack_agent(cluster, name)
+    for name in names:
+        await start_rack_agent(cluster, name, resync)
     await until_sigterm()
     await cluster.close()
 
@@ -120,8 +125,8 @@ def child_main(role: str, args: list[str]) -> None:
     endpoints = args[0].split(",")
     if role == "controller":
         asyncio.run(run_controller(endpoints, args[1]))
-    elif role == "agent":
-        asyncio.run(run_agent(endpoints, args[1], args[2], args[3]))
+    elif role == "agents":
+        asyncio.run(run_agents(endpoints, args[1], args[2], float(args[3]), args[4:]))
     else:
         asyncio.run(run_observer(endpoints, args[1], args[2]))
 
@@ -209,15 +214,29 @@ async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) ->
     checking: asyncio.Task[None] | None = None
     try:
         await rack.create_nodes()
-        async with (
-            child("controller", endpoints, prefix) as controller,
-            child("agent", endpoints, prefix, str(directory), lone) as agent,
-        ):
-            for name in rack.hosts[:-1]:
+        async with contextlib.AsyncExitStack() as children:
+            controller = await children.enter_async_context(child("controller", endpoints, prefix))
+            agent = await children.enter_async_context(
+                child("agents", endpoints, prefix, str(directory), "30", lone)
+            )
+            others = rack.hosts[1:-1]
+            groups = [others[i :: args.agent_processes] for i in range(args.agent_processes)]
+            agent_counts: dict[str, int] = {}
+            pids: dict[str, int] = {}
+            for index, group in enumerate(groups):
+                process = await children.enter_async_context(
+                    child("agents", endpoints, prefix, str(directory), str(args.resync), *group)
+                )
+                pids[f"agents process {index}"] = process.pid
+                agent_counts[f"agents process {index}"] = len(group)
+            here = [rack.victim] + (others if not groups else [])
+            for name in here:
                 await start_rack_agent(rack.cluster, name, args.resync)
-            in_process = len(rack.hosts) - 1
+            in_process = len(here)
+            agent_counts["this"] = in_process
             await eventually(rack.all_online, "every host Online", timeout=DEADLINE, interval=POLL)
-            print(f"{args.hosts} hosts up ({in_process} agents in this process)", flush=True)
+            print(f"{args.hosts} hosts up ({in_process} agents in this process, the others in "
+                  f"{len(groups)} processes, the lone agent in its own)", flush=True)  # fmt: skip
 
             start = time.monotonic()
             await rack.create_vms(args.on_victim, args.vms - args.on_victim)
@@ -227,7 +246,7 @@ async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) ->
                   f"{time.monotonic() - start:.1f} s", flush=True)  # fmt: skip
 
             await asyncio.sleep(SETTLE)
-            pids = {"controller": controller.pid, "lone agent": agent.pid, "this": os.getpid()}
+            pids |= {"controller": controller.pid, "lone agent": agent.pid, "this": os.getpid()}
             pids |= {m.name: m.process.pid for m in etcd.members if m.process is not None}
             cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
             latency = {m.name: unary_latency(m.endpoint) for m in etcd.members}
@@ -236,7 +255,8 @@ async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) ->
             window = time.monotonic() - began
             for name, pid in pids.items():
                 share = 100 * (cpu_seconds(pid) - cpu[name]) / window
-                per_agent = f" ({share / in_process:.2f} % per agent)" if name == "this" else ""
+                count = agent_counts.get(name)
+                per_agent = f" ({share / count:.2f} % per agent, {count})" if count else ""
                 print(f"idle CPU over {window:.0f} s: {name} {share:.2f} % of a core{per_agent}")
             for member in etcd.members:
                 after = unary_latency(member.endpoint)
@@ -282,7 +302,8 @@ def main() -> None:
     parser.add_argument("--vms", type=int, default=2000)
     parser.add_argument("--on-victim", type=int, default=100)
     parser.add_argument("--idle", type=float, default=60.0)
-    parser.add_argument("--resync", type=float, default=600.0)
+    parser.add_argument("--resync", type=float, default=30.0)
+    parser.add_argument("--agent-processes", type=int, default=0)
     args = parser.parse_args()
     print(__doc__)
     with (

@@ -14,8 +14,10 @@ migration; docs/storage.md).
 
 Libvirt lifecycle and watchdog events enqueue the VM of the same name through the VM
 controller's queue (a `Source`), so a crashed or watchdog-reset guest is seen at once; the
-informers resync every `resync_period`. A lost libvirt connection is reopened, and every VM and
-domain is looked at again.
+informers resync every `resync_period`. The VM controller's queue takes only the VMs that
+concern this node (placed here, with a domain here, migrating to or from here:
+`controller/agent_vms.py`), so a resync reconciles this host's VMs, not the cluster's. A lost
+libvirt connection is reopened, and every domain and every VM of this node is looked at again.
 
 Starting a domain needs a valid heartbeat lease and a node that is not being fenced, and the
 reconciler re-reads the VM from etcd right before: a VM the controller moved away while this
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller.agent_vms import NodeVms
 from controller.ha.agent_rules import start_blocker
 from controller.ha.agent_side import HaReporter
 from controller.ha.environment import HaTimings
@@ -155,6 +158,8 @@ class Agent:
         self.nodes.add_handler(
             lambda _type, obj: self.ha.wake() if obj.metadata.name == self.node else None
         )
+        self.vm_filter = NodeVms(self.node, self.migrations)
+        """Which VMs the VM controller's queue takes (`controller/agent_vms.py`)."""
         self.host: LibvirtHost | None = None
         self.ready = asyncio.Event()
         """Set once registered, connected to libvirt and reconciling."""
@@ -245,8 +250,9 @@ class Agent:
                 Watch("ClusterNode", self._every_vm_if_mine),
                 Watch("IscsiTarget", self._vms_using_target),
             ],
+            predicate=self.vm_filter.concerns,
             sources=[
-                Source("libvirt events", self._libvirt_forever),
+                Source("libvirt events", self._libvirt_forever, unfiltered=True),
                 Source("self-fence recovery", self._recover_from_self_fence),
             ],
             on_not_ready=self.vm_reconciler.record,
@@ -347,6 +353,7 @@ class Agent:
         reconcile to count."""
         if isinstance(event, WatchdogEvent):
             self.vm_reconciler.health.watchdog_fired(event.name, event.action)
+        self.vm_filter.domain_event(event)
         vm_queue.add(event.name)
         self.ha.wake()
 
@@ -359,11 +366,14 @@ class Agent:
                 self.host = self.vm_reconciler.host = self.migration_runner.host = host
             with host.events() as events:
                 try:
-                    for domain in await host.list_domains():
-                        if domain.metadata.get("uid"):
-                            vm_queue.add(domain.metadata.get("vm", domain.name))
+                    domains = await host.list_domains()
+                    own = [d.metadata.get("vm", d.name) for d in domains if d.metadata.get("uid")]
+                    self.vm_filter.listed(own)
+                    for name in own:
+                        vm_queue.add(name)
                     for vm in self.vms.list():
-                        vm_queue.add(vm.metadata.name)
+                        if self.vm_filter.concerns(vm):
+                            vm_queue.add(vm.metadata.name)
                     async for event in events:
                         self.domain_event(event, vm_queue)
                 except LibvirtUnavailable as error:

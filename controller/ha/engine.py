@@ -606,8 +606,7 @@ async def run(
     while True:
         with around_step():
             world = await env.observe()
-            for action in engine.step(world):
-                await env.apply(action)
+            await env.apply_step(engine.step(world))
         until = world.now + period
         if engine.next_wakeup is not None:
             until = min(until, engine.next_wakeup)

@@ -10,7 +10,7 @@ Times are seconds on the controller's monotonic clock (virtual in the simulator)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -316,6 +316,11 @@ class Environment(Protocol):
 
     async def apply(self, action: Action) -> None:
         """Carry out one action (write status, start a fence attempt, emit an event)."""
+        ...
+
+    async def apply_step(self, actions: Sequence[Action]) -> None:
+        """Carry out one step's actions, as `apply` in order would (production writes a run
+        of placements together)."""
         ...
 
     async def wait(self, until: float) -> bool:

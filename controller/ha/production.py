@@ -21,7 +21,8 @@ controller and the source agent carry it out); `ClearMigration` marks the VM's f
 migrations `HaAcknowledged`; `StartFence` runs the method's devices with
 `FenceRunner.power_off_and_confirm` in a task (secrets resolved from the Secrets meant for that
 node by `controller/fencing.py`, never
-logged); `Emit` records an Event.
+logged); `Emit` records an Event. apply_step() does the same for a whole step, writing each
+run of placements in as few transactions as fit (`place_runs`, `Store.patch_status_many`).
 
 A guarded write that fails because the term is over marks the environment deposed: nothing more
 is applied and `wait()` returns False. Any other failed write skips the remaining writes of the
@@ -81,6 +82,7 @@ from .environment import (
     World,
 )
 from .failover_clock import FailoverClock
+from .place_runs import PlaceRun, place_runs
 from .world_keys import WorldKeys
 
 log = logging.getLogger(__name__)
@@ -260,18 +262,37 @@ class EtcdEnvironment:
         else:
             try:
                 await self._write(action)
-            except NotFound as error:
-                log.info("%s: %s", action, error)
-            except Conflict as error:
-                if not await self._still_leading():
-                    log.error("deposed: %s was refused by the fencing token guard", action)
-                    self.deposed = True
-                    return
-                log.warning("%s conflicted (%s); deciding again", action, error)
-                self._skip_writes = True
             except StoreError as error:
-                log.warning("%s failed (%s); deciding again", action, error)
-                self._skip_writes = True
+                await self._write_failed(action, error)
+
+    async def apply_step(self, actions: Sequence[Action]) -> None:
+        """`apply` each action in order, but each run of placements at once (`place_runs`):
+        written in as few guarded transactions as fit, its Events recorded after."""
+        for item in place_runs(actions):
+            if not isinstance(item, PlaceRun):
+                await self.apply(item)
+                continue
+            if self._skip_writes and not self.deposed:
+                for place in item.places:
+                    log.info("skipped %s: an earlier write of this step failed", place)
+            elif not self.deposed:
+                await self._place_all(item.places)
+            await self._emit_all(item.emits)
+
+    async def _write_failed(self, action: Action, error: StoreError) -> None:
+        """A write refused: deposed (the guard), or the rest of the step is skipped."""
+        if isinstance(error, NotFound):
+            log.info("%s: %s", action, error)
+        elif isinstance(error, Conflict):
+            if not await self._still_leading():
+                log.error("deposed: %s was refused by the fencing token guard", action)
+                self.deposed = True
+                return
+            log.warning("%s conflicted (%s); deciding again", action, error)
+            self._skip_writes = True
+        else:
+            log.warning("%s failed (%s); deciding again", action, error)
+            self._skip_writes = True
 
     # Building the world ----------------------------------------------------------------------
 
@@ -590,10 +611,40 @@ class EtcdEnvironment:
         self._ack_seen.pop(node, None)
 
     async def _place(self, action: Place) -> None:
-        world = self._world
-        old = None
-        if world is not None and action.vm in world.vms:
-            old = world.vms[action.vm].placement
+        written = await self.store.patch_status(
+            "VirtualMachine", action.vm, self._placement(action), guard=self._guard()
+        )
+        self._placed(action, written)
+
+    async def _place_all(self, places: list[Place]) -> None:
+        """The placements of one run, written together; each failure as `apply` would."""
+        mutations = {place.vm: self._placement(place) for place in places}
+        result = await self.store.patch_status_many(
+            "VirtualMachine", mutations, guard=self._guard()
+        )
+        for place in places:
+            if place.vm in result.written:
+                self._placed(place, result.written[place.vm])
+        for place in places:
+            error = result.failed.get(place.vm)
+            if error is not None and not self.deposed:
+                await self._write_failed(place, error)
+
+    async def _emit_all(self, emits: list[Emit]) -> None:
+        """Record Events at once, in order for each object (they aggregate by reason)."""
+        by_object: dict[tuple[str, str], list[Emit]] = {}
+        for emit in emits:
+            by_object.setdefault((emit.kind, emit.name), []).append(emit)
+
+        async def record(events: list[Emit]) -> None:
+            for emit in events:
+                if not self.deposed:
+                    await self._emit(emit)
+
+        await asyncio.gather(*(record(events) for events in by_object.values()))
+
+    def _placement(self, action: Place) -> Callable[[Any], bool]:
+        """The status change of `action` (nothing when the node does not change)."""
         placement = (
             None
             if action.node is None
@@ -614,7 +665,15 @@ class EtcdEnvironment:
                 status.drop_condition(RESTART_LIMIT)
             return True
 
-        await self._patch("VirtualMachine", action.vm, mutate)
+        return mutate
+
+    def _placed(self, action: Place, written: AnyResource) -> None:
+        """Overlay the written VM; a VM moved off a fenced node starts a failover's clock."""
+        self._overlay[("VirtualMachine", action.vm)] = written
+        world = self._world
+        old = None
+        if world is not None and action.vm in world.vms:
+            old = world.vms[action.vm].placement
         if (
             world is not None
             and old is not None

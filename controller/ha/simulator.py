@@ -31,7 +31,7 @@ shared state and indexes in `sim_core`, the agents in `sim_agents`, the controll
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from .environment import (
@@ -165,6 +165,10 @@ class Simulator(AgentLoops, Controllers):
         if self._acted or self._views_changed or self._fence_results:
             return True
         return self._node_signatures() != self._seen
+
+    async def apply_step(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            await self.apply(action)
 
     async def apply(self, action: Action) -> None:
         if not isinstance(action, Emit):

@@ -8,7 +8,7 @@ kind's object names) and what else enqueues those keys:
   `sink` until cancelled; it runs while the controller runs, and its failure stops it;
 - `predicate`: which primary objects the controller handles at all. A change of the primary kind
   is enqueued only if the changed object passes; a key from a watch or a source only if the
-  cached object of that name exists and passes.
+  cached object of that name exists and passes (except from a source marked `unfiltered`).
 
 `on_not_ready` replaces the manager's default recording of a `TerminalError` or a `Blocked`
 outcome (Ready=False on the object's status and a Warning event).
@@ -48,6 +48,9 @@ class Source:
 
     name: str
     run: Callable[[KeySink], Coroutine[Any, Any, None]]
+    unfiltered: bool = False
+    """Its keys bypass the predicate (they may name objects no longer cached: a domain whose
+    VM is gone); the source filters what it adds itself."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,8 @@ class ControllerRunner:
                     name=f"{controller.name} workers",
                 )
                 for source in controller.sources:
-                    group.create_task(source.run(self), name=f"{controller.name} {source.name}")
+                    sink: KeySink = queue if source.unfiltered else self
+                    group.create_task(source.run(sink), name=f"{controller.name} {source.name}")
         finally:
             self.queue = None
             queue.shutdown()

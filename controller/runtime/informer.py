@@ -179,9 +179,12 @@ class Informer(Generic[R]):
 
     async def _watch(self) -> None:
         assert self._revision is not None
+        listed = self._revision
         async for event in self.store.watch(self.kind, self._revision + 1):
-            if event.revision <= self._revision:
+            if event.revision <= listed:
                 continue  # already reflected by a relist
+            # Not `<= self._revision`: one transaction may change several objects, whose
+            # events share its revision (a batch of placements, store_batch).
             self._revision = event.revision
             obj = cast(R, event.object)
             if event.type == "DELETED":

@@ -10,6 +10,7 @@ so a stale writer gets `Conflict`. `update` owns metadata and spec (and bumps `g
 spec changes); `update_status` writes the store's writer's part only. Deleting an object with
 finalizers only sets `deletionTimestamp`; its keys go (all in one transaction) when the last
 finalizer is removed, by the controller's garbage collection when that last finalizer was a node's.
+`patch_status_many` (store_batch) writes many objects' status in few transactions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from controller.runtime.etcd_transport import StoreError as StoreError
 from controller.runtime.etcd_transport import TlsFiles as TlsFiles
 from controller.runtime.etcd_transport import Unavailable as Unavailable
 from controller.runtime.etcd_transport import certificate_user as certificate_user
+from controller.runtime.store_batch import BatchResult as BatchResult
+from controller.runtime.store_batch import StoreBatch
 from controller.runtime.store_client import DEFAULT_PREFIX as DEFAULT_PREFIX
 from controller.runtime.store_client import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
 from controller.runtime.store_client import Compare as Compare
@@ -30,10 +33,9 @@ from controller.runtime.store_errors import PermissionDenied as PermissionDenied
 from controller.runtime.store_errors import UndecodableObject as UndecodableObject
 from controller.runtime.store_watch import StoreWatch
 from controller.runtime.store_watch import WatchEvent as WatchEvent
-from controller.runtime.store_writes import StoreWrites
 
 
-class Store(StoreWrites, StoreWatch):
+class Store(StoreBatch, StoreWatch):
     """Typed CRUD and watch of kvmctl objects in etcd, as `writer` (controller/runtime/layout.py).
 
     `writer` is whose status part `update_status`/`patch_status` write and whose part holds

@@ -21,11 +21,11 @@ T = TypeVar("T", bound=AnyResource)
 
 
 class StoreWrites(StoreReads):
-    def _compares(self, snapshot: Snapshot) -> list[Compare]:
-        """Every key the object was merged from (and this writer's part) is as it was read."""
-        txn = self.client.transactions
+    def _compared(self, snapshot: Snapshot) -> list[tuple[bytes, int]]:
+        """Every key the object was merged from (and this writer's part), with the mod
+        revision it was read at (0: absent)."""
         kind, name = snapshot.kind, snapshot.name
-        compares = [txn.mod(self.raw_key(snapshot.spec_key)) == snapshot.spec.revision]
+        compared = [(self.raw_key(snapshot.spec_key), snapshot.spec.revision)]
         if layout.has_parts(kind):
             nodes = snapshot.relevant() or set()
             writers = {layout.CONTROLLER, self.writer, *snapshot.parts}
@@ -34,10 +34,13 @@ class StoreWrites(StoreReads):
                     writers.add(layout.node_writer(node))
             for writer in sorted(writers):
                 part = snapshot.parts.get(writer)
-                compares.append(
-                    txn.mod(self.part_key(kind, name, writer)) == (part.revision if part else 0)
-                )
-        return compares
+                compared.append((self.part_key(kind, name, writer), part.revision if part else 0))
+        return compared
+
+    def _compares(self, snapshot: Snapshot) -> list[Compare]:
+        """Every key the object was merged from (and this writer's part) is as it was read."""
+        txn = self.client.transactions
+        return [txn.mod(key) == revision for key, revision in self._compared(snapshot)]
 
     async def _commit(
         self, compares: Sequence[Compare], ops: Sequence[Any], key: bytes, action: str = "write"
@@ -153,6 +156,22 @@ class StoreWrites(StoreReads):
         guard: Sequence[Compare] = (),
     ) -> AnyResource:
         """Put this writer's part (status: the merged one; finalizers: as stored by default)."""
+        key, document = self._part(snapshot, status, finalizers)
+        txn = self.client.transactions
+        revision = await self._commit(
+            [*self._compares(snapshot), *guard], [txn.put(key, to_json(document))], key
+        )
+        snapshot.parts[self.writer] = Stored(document, revision)
+        return self._object(snapshot)
+
+    def _part(
+        self,
+        snapshot: Snapshot,
+        status: dict[str, Any] | None = None,
+        finalizers: Sequence[str] | None = None,
+    ) -> tuple[bytes, layout.Document]:
+        """This writer's part key and document (status: the merged one by default;
+        finalizers: as stored by default)."""
         kind, name = snapshot.kind, snapshot.name
         if not layout.has_parts(kind):
             raise StoreError(f"{kind} has no status parts")
@@ -161,14 +180,7 @@ class StoreWrites(StoreReads):
         if finalizers is None:
             counted = snapshot.counted().get(self.writer)
             finalizers = list(layout._finalizers(counted.document)) if counted else []
-        document = layout.part_document(snapshot.uid, status, finalizers)
-        key = self.part_key(kind, name)
-        txn = self.client.transactions
-        revision = await self._commit(
-            [*self._compares(snapshot), *guard], [txn.put(key, to_json(document))], key
-        )
-        snapshot.parts[self.writer] = Stored(document, revision)
-        return self._object(snapshot)
+        return self.part_key(kind, name), layout.part_document(snapshot.uid, status, finalizers)
 
     async def patch_status(
         self,

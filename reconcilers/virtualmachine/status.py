@@ -30,13 +30,18 @@ class StatusWriter:
         self.node = node
 
     async def patch(self, vm: VirtualMachine, mutate: Callable[[Any], bool]) -> None:
-        """Write status with `mutate`, only while the VM (same uid) is still placed here."""
+        """Write status with `mutate`, only while the VM (same uid) is still placed here.
+
+        Nothing is read or written when `mutate` changes nothing on `vm` (the cached copy, at a
+        resync): were etcd's copy different, its watch event brings the VM back here."""
 
         def guarded(current: Any) -> bool:
             if not isinstance(current, VirtualMachine) or not self.owns(current, vm):
                 return False
             return mutate(current)
 
+        if not guarded(vm.model_copy(deep=True)):
+            return
         try:
             await self.store.patch_status("VirtualMachine", vm.metadata.name, guarded)
         except NotFound:

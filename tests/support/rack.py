@@ -10,7 +10,7 @@ from pathlib import Path
 
 from controller.ha.agent_side import heartbeat_timing
 from controller.ha.environment import HaTimings
-from controller.runtime.store import Store
+from controller.runtime.store import AlreadyExists, Store, Unavailable
 from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.secret import SecretSpec
 from e2e.harness.polling import eventually
@@ -33,6 +33,7 @@ HOST_MEMORY_MIB = 64 * 1024
 """Each test host holds 256 one-vcpu 64 MiB VMs."""
 SAMPLE_INTERVAL = 0.1
 CREATE_BATCH = 50
+CREATE_ATTEMPTS = 5
 ONLINE_DEADLINE = 60.0
 
 
@@ -81,9 +82,23 @@ class Rack:
         wanted += [(f"w{i:04d}", others[i % len(others)]) for i in range(elsewhere)]
         for start in range(0, len(wanted), CREATE_BATCH):
             batch = wanted[start : start + CREATE_BATCH]
-            await asyncio.gather(*(self.store.create(rack_vm(n, h)) for n, h in batch))
+            await asyncio.gather(*(self._create(rack_vm(n, h)) for n, h in batch))
         self.victim_vms = [name for name, _ in wanted[:on_victim]]
         self.vm_count = len(wanted)
+
+    async def _create(self, vm: VirtualMachine) -> None:
+        """Create `vm`, again after a request that got no answer in time (a loaded machine).
+        The rack's names are new: AlreadyExists means that an unanswered attempt (ours, or the
+        etcd client's own retry on another member) was carried out."""
+        for attempt in range(CREATE_ATTEMPTS):
+            try:
+                await self.store.create(vm)
+                return
+            except AlreadyExists:
+                return
+            except Unavailable:
+                if attempt == CREATE_ATTEMPTS - 1:
+                    raise
 
     async def all_online(self) -> bool:
         """Whether the controller has every host Online (so VMs go to the host they prefer)."""
