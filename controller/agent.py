@@ -42,6 +42,7 @@ from typing import Any
 from controller.ha.agent_rules import start_blocker
 from controller.ha.agent_side import HaReporter
 from controller.ha.environment import HaTimings
+from controller.ha.storage_watch import from_informers
 from controller.runtime.controller import Controller, Source, Watch
 from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.runtime.events import EventRecorder
@@ -96,6 +97,8 @@ class AgentSettings:
     """Start a tgtd serving this portal when none answers (a storage node)."""
     peers: PeerSettings | None = field(default_factory=PeerSettings)
     """Where to send direct heartbeats (None: do not send them)."""
+    storage_check_interval: float | None = 5.0
+    """How often the storage paths the VMs need are checked (None: never; docs/ha.md)."""
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     """Where to serve /healthz and /metrics (None: not served; 0: any free port)."""
@@ -150,6 +153,9 @@ class Agent:
             self._healthy,
             watchdog,
         )
+        lvm = None if settings.domain.lvm is None else settings.domain.lvm.driver()
+        self.storage_watch = from_informers(self.node, self.informers, lvm)
+        """Reports the storage paths lost on this node (ClusterNode status.storageLost)."""
         self.ha = HaReporter(store, self.node, HaTimings(), self.recorder)
         """Tells the HA controller which domains run here, and clears the node after a fence."""
         self.nodes.add_handler(
@@ -273,6 +279,10 @@ class Agent:
         ]
         if self.settings.peers is not None:
             background.append(Background("direct heartbeats", self._direct_heartbeats))
+        interval = self.settings.storage_check_interval
+        if interval is not None:
+            storage = lambda: self.storage_watch.run(self.store, interval)  # noqa: E731
+            background.append(Background("storage paths", storage))
         return background
 
     def _running(self) -> None:

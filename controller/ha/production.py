@@ -80,6 +80,7 @@ from .environment import (
     World,
 )
 from .failover_clock import FailoverClock
+from .storage_loss import FirstSeen
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class EtcdEnvironment:
         self._loop = asyncio.get_running_loop()
         self._started_at = self._loop.time()
         self._lost_at: dict[str, float] = {}
+        self._storage_seen = FirstSeen()
         self.failovers = FailoverClock()
         self._fenced_how: dict[str, str] = {}
         """How each node this term fenced was fenced (its VMs may be placed in the same step)."""
@@ -363,6 +365,9 @@ class EtcdEnvironment:
             memory_mib=capacity.memory_mib if capacity else None,
             drain=None if drain is None else drain.mode,
             heard_at=self._heard_at(name),
+            storage_lost=self._storage_seen.seen(
+                name, [lost.path for lost in status.storage_lost], now
+            ),
         )
 
     def _report(self, node: str) -> requests.NodeReport | None:

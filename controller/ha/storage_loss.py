@@ -128,3 +128,17 @@ class StorageLossWatch:
             f"storage path {', '.join(loss.paths)} lost (needed by {', '.join(loss.vms)}): "
             "fencing before recovering them elsewhere"
         )
+
+
+class FirstSeen:
+    """When this controller first saw each node's lost paths (production's `storage_lost`):
+    later than the agent's own `since`, hence a longer grace, and on the controller's clock."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, dict[str, float]] = {}
+
+    def seen(self, node: str, paths: list[str], now: float) -> dict[str, float]:
+        before = self._since.get(node, {})
+        current = {path: before.get(path, now) for path in paths}
+        self._since[node] = current
+        return current
