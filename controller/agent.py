@@ -7,10 +7,11 @@ migration address, `Ready`/`AgentReady` conditions, `lastHeartbeatTime` every
 host's reconcilers, all Controllers of one `Manager` over one shared cache: VirtualMachines
 (`reconcilers/virtualmachine.py`), the source side of live migrations (`reconcilers/migration.py`)
 and the Bond, IscsiTarget and VolumeGroup loops (`reconcilers/storage.py`); the heartbeat, the
-node status, the direct heartbeats and the HA report run beside them as the manager's background
-tasks. With `domain.lvm` set the VM and migration reconcilers manage the activation of the VMs'
-LVs (claimed and activated before a start, released after a stop, handed over during a
-migration; docs/storage.md).
+node status, the direct heartbeats, the HA report and the storage-path watch
+(`controller/ha/storage_watch.py`, every `storage_check_interval`) run beside them as the
+manager's background tasks. With `domain.lvm` set the VM and migration reconcilers manage the
+activation of the VMs' LVs (claimed and activated before a start, released after a stop, handed
+over during a migration; docs/storage.md).
 
 Libvirt lifecycle and watchdog events enqueue the VM of the same name through the VM
 controller's queue (a `Source`), so a crashed or watchdog-reset guest is seen at once; the
