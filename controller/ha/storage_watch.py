@@ -18,7 +18,6 @@ agent's own part of its ClusterNode status: `storageLost` (path, since, why) and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -141,7 +140,7 @@ class StorageWatch:
         if target is None:
             return None  # the VM reconciler reports IscsiTargetNotFound
         host, _, port = target.spec.portal.rpartition(":")
-        if ip_address(host.strip("[]")).is_unspecified:
+        if _unspecified(host):
             server = self.sources.node(target.spec.node)
             if server is None:
                 return None
@@ -182,9 +181,19 @@ class StorageWatch:
     async def run(self, store: Store, interval: float = 5.0) -> None:
         """Until cancelled: `report` every `interval`."""
         while True:
-            with contextlib.suppress(StoreError):
+            try:
                 await self.report(store)
+            except (StoreError, OSError) as error:
+                log.warning("storage paths of %s not reported: %s", self.node, error)
             await asyncio.sleep(interval)
+
+
+def _unspecified(host: str) -> bool:
+    """`0.0.0.0` or `::` (a portal listening everywhere); a host name is not."""
+    try:
+        return ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
 
 
 def _pv_problem(vg: str, pvs: dict[str, list[str]]) -> str | None:
