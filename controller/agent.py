@@ -7,10 +7,11 @@ migration address, `Ready`/`AgentReady` conditions, `lastHeartbeatTime` every
 host's reconcilers, all Controllers of one `Manager` over one shared cache: VirtualMachines
 (`reconcilers/virtualmachine.py`), the source side of live migrations (`reconcilers/migration.py`)
 and the Bond, IscsiTarget and VolumeGroup loops (`reconcilers/storage.py`); the heartbeat, the
-node status, the direct heartbeats and the HA report run beside them as the manager's background
-tasks. With `domain.lvm` set the VM and migration reconcilers manage the activation of the VMs'
-LVs (claimed and activated before a start, released after a stop, handed over during a
-migration; docs/storage.md).
+node status, the direct heartbeats, the HA report and the storage-path watch
+(`controller/ha/storage_watch.py`, every `storage_check_interval`) run beside them as the
+manager's background tasks. With `domain.lvm` set the VM and migration reconcilers manage the
+activation of the VMs' LVs (claimed and activated before a start, released after a stop, handed
+over during a migration; docs/storage.md).
 
 Libvirt lifecycle and watchdog events enqueue the VM of the same name through the VM
 controller's queue (a `Source`), so a crashed or watchdog-reset guest is seen at once; the
@@ -45,6 +46,7 @@ from controller.agent_vms import NodeVms
 from controller.ha.agent_rules import start_blocker
 from controller.ha.agent_side import HaReporter
 from controller.ha.environment import HaTimings
+from controller.ha.storage_watch import from_informers
 from controller.runtime.controller import Controller, Source, Watch
 from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.runtime.events import EventRecorder
@@ -99,6 +101,8 @@ class AgentSettings:
     """Start a tgtd serving this portal when none answers (a storage node)."""
     peers: PeerSettings | None = field(default_factory=PeerSettings)
     """Where to send direct heartbeats (None: do not send them)."""
+    storage_check_interval: float | None = 5.0
+    """How often the storage paths the VMs need are checked (None: never; docs/ha.md)."""
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     """Where to serve /healthz and /metrics (None: not served; 0: any free port)."""
@@ -153,6 +157,9 @@ class Agent:
             self._healthy,
             watchdog,
         )
+        lvm = None if settings.domain.lvm is None else settings.domain.lvm.driver()
+        self.storage_watch = from_informers(self.node, self.informers, lvm)
+        """Reports the storage paths lost on this node (ClusterNode status.storageLost)."""
         self.ha = HaReporter(store, self.node, HaTimings(), self.recorder)
         """Tells the HA controller which domains run here, and clears the node after a fence."""
         self.nodes.add_handler(
@@ -279,6 +286,10 @@ class Agent:
         ]
         if self.settings.peers is not None:
             background.append(Background("direct heartbeats", self._direct_heartbeats))
+        interval = self.settings.storage_check_interval
+        if interval is not None:
+            storage = lambda: self.storage_watch.run(self.store, interval)  # noqa: E731
+            background.append(Background("storage paths", storage))
         return background
 
     def _running(self) -> None:

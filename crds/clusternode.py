@@ -67,10 +67,22 @@ class FenceMethod(Strict):
     devices: list[FenceDevice] = Field(min_length=1)
 
 
+class StorageLossPolicy(Strict):
+    """What the HA controller does when the node's agent reports a storage path lost that a VM
+    placed there needs (docs/ha.md, "Storage-path loss")."""
+
+    action: Literal["warn", "fence"] = "warn"
+    """`fence`: power the node off, then recover its VMs on nodes whose path is healthy (only
+    with power fencing methods, and only when such a node exists); `warn`: a Warning only."""
+    grace_seconds: int = Field(default=10, ge=0, le=3600, alias="graceSeconds")
+    """How long the path must have been seen lost before the node is fenced."""
+
+
 class Fencing(Strict):
     methods: list[FenceMethod] = Field(default_factory=list)
     self_fence: bool = Field(default=False, alias="selfFence")
     """Allow recovery after the lease expired plus the self-fence deadline (needs a watchdog)."""
+    storage_loss: StorageLossPolicy = Field(default_factory=StorageLossPolicy, alias="storageLoss")
 
     @model_validator(mode="after")
     def _distinct_methods(self) -> Fencing:
@@ -149,6 +161,15 @@ class FenceRecord(Strict):
     token: int | None = None
 
 
+class LostStoragePath(Strict):
+    """A storage path the node's agent found broken (`vg NAME`, `iscsi TARGET`, `file PATH`)."""
+
+    path: Line
+    since: Time
+    """When the agent first found it broken (its own clock)."""
+    message: Text = ""
+
+
 class ClusterNodeStatus(Status):
     health: NodeHealth = "Unknown"
     capacity: Capacity | None = None
@@ -158,6 +179,10 @@ class ClusterNodeStatus(Status):
     last_heartbeat_time: Time | None = Field(default=None, alias="lastHeartbeatTime")
     fence: FenceRecord | None = None
     message: Text = ""
+    storage_lost: list[LostStoragePath] = Field(
+        default_factory=list, max_length=1024, alias="storageLost"
+    )
+    """Written by the agent with the `StorageReachable` condition: the paths it lost."""
 
 
 class ClusterNode(Resource[ClusterNodeSpec, ClusterNodeStatus]):

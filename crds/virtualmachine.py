@@ -75,6 +75,17 @@ class Disk(Strict):
             return f"volume {parts[2]}/{parts[3]}"
         return f"file {self.file}"
 
+    def storage_path(self) -> str:
+        """The host storage path the disk needs: `vg NAME` (the VG's PVs), `iscsi TARGET` (the
+        IscsiTarget object) or `file PATH` (the image and its filesystem)."""
+        source = self.source()
+        kind, _, rest = source.partition(" ")
+        if kind == "volume":
+            return f"vg {rest.split('/')[0]}"
+        if kind == "iscsi":
+            return f"iscsi {rest.split()[0]}"
+        return source
+
 
 class Nic(Strict):
     bridge: InterfaceName
@@ -188,6 +199,10 @@ class VirtualMachineSpec(Strict):
     """Seconds a guest gets to shut down before it is destroyed: at most an hour."""
     health: HealthSpec = Field(default_factory=HealthSpec)
     """Guest checks; a guest failing one is reset in place, counted by `restartPolicy`."""
+
+    def storage_paths(self) -> frozenset[str]:
+        """The host storage paths the VM's disks need (`Disk.storage_path`)."""
+        return frozenset(disk.storage_path() for disk in self.disks)
 
     @model_validator(mode="after")
     def _distinct_targets(self) -> VirtualMachineSpec:

@@ -8,8 +8,10 @@ Invariants (the simulator checks the first two on every tick and every action):
   extend every lease, and, with the controllers on the hosts, a standby taking over from a
   leader whose host was cut (random power and network cuts hit the leader's host too) keep the
   first two;
-- once the sequence settles (every host powered, connected, fence devices working), every VM
-  that should run runs exactly once, since capacity exists for all of them.
+- cutting a node's storage path (the shared VG some VMs use; every node's policy is
+  `storageLoss: fence`) fences the node before its VMs move, onto nodes with the path;
+- once the sequence settles (every host powered, connected, fence devices working, storage
+  back), every VM that should run runs exactly once, since capacity exists for all of them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ VMS = ("vm1", "vm2", "vm3", "vm4")
 CHAOS_SECONDS = 60
 SETTLE_SECONDS = 60
 POLICIES = ("ipmi", "self-fence", "manual", "ipmi+self-fence")
+SHARED_VG = "vg vg_cluster"
 
 
 def cluster_yaml(
@@ -43,13 +46,17 @@ def cluster_yaml(
     nodes = []
     for name, policy in zip(NODES, policies, strict=True):
         fencing: dict[str, object] = {"selfFence": "self-fence" in policy}
+        fencing["storageLoss"] = {"action": "fence", "graceSeconds": 1}
         if "ipmi" in policy:
             device = {"agent": "fence_ipmilan", "parameters": {"ip": "192.0.2.1"}}
             fencing["methods"] = [{"name": "ipmi", "devices": [device]}]
         nodes.append({"name": name, "cpus": 8, "memoryMiB": 8192, "fencing": fencing})
     vms = []
     for name, options in zip(VMS, vm_options, strict=False):
-        vms.append({"name": name, "memoryMiB": 1024, **options})
+        vm = {"name": name, "memoryMiB": 1024, **options}
+        if vm.pop("sharedVg", False):
+            vm["disks"] = [{"volume": f"vg_cluster/lv_{name}"}]
+        vms.append(vm)
     document: dict[str, object] = {
         "duration": CHAOS_SECONDS + SETTLE_SECONDS,
         "simulation": {"bootSeconds": 5},
@@ -83,6 +90,8 @@ node_verbs = st.sampled_from(
         "drain",
         "drain-force",
         "uncordon",
+        "storage-cut",
+        "storage-restore",
     ]
 )
 vm_verbs = st.sampled_from(["crash", "stop", "start", "migrate"])
@@ -115,6 +124,7 @@ vm_option = st.fixed_dictionaries(
             st.booleans(),
         ),
         "migration": st.builds(lambda allowed: {"allowed": allowed}, st.booleans()),
+        "sharedVg": st.booleans(),
     },
 )
 
@@ -139,6 +149,8 @@ def apply_event(sim: Simulator, loaded: Scenario, event: Event) -> Callable[[], 
             assert host is not None
             if "ipmi" in host.devices:
                 sim.set_device(event.target, "ipmi", None, event.verb.removeprefix("fence-"))
+        elif event.verb in ("storage-cut", "storage-restore"):
+            sim.set_storage(event.target, SHARED_VG, lost=event.verb == "storage-cut")
         elif event.verb == "drain-force":
             sim.drain(event.target, force=True)
         elif event.verb == "migrate":
@@ -160,6 +172,7 @@ def settle(sim: Simulator) -> None:
         sim.set_network(name, up=True)
         sim.start_agent(name)
         sim.cordon(name, cordoned=False)
+        sim.set_storage(name, SHARED_VG, lost=False)
 
 
 def start_agents_after_boot(sim: Simulator) -> None:

@@ -11,7 +11,7 @@ from controller.ha.production import KINDS, EtcdEnvironment
 from controller.migrations import Term
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import SharedInformers
-from controller.runtime.leader import guard_compare
+from controller.runtime.leader_record import guard_compare
 from controller.runtime.store import Conflict, NotFound, Store
 from crds import VirtualMachine
 from e2e.harness.polling import eventually

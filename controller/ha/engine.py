@@ -42,6 +42,7 @@ from .environment import (
     silent_nodes,
 )
 from .placement import DiskHolders, Usage, choose_node, domain_rank, ineligibility
+from .storage_loss import StorageLossWatch
 
 DEFAULT_PERIOD = 0.5
 """The production loop looks again at least this often even when nothing changed."""
@@ -70,6 +71,7 @@ class Engine:
         self._reported: dict[str, tuple[str, str]] = {}
         self._recovering: set[str] = set()
         self._drained: set[str] = set()
+        self._storage = StorageLossWatch()
         self.next_wakeup: float | None = None
         """The earliest time a timer of the engine fires (self-fence grace, fence retry)."""
 
@@ -88,6 +90,10 @@ class Engine:
         self.next_wakeup = None
         heard = {n.name: n.heard_at for n in world.nodes.values()}
         self._silent = silent_nodes(heard, world.now, self.timings.suspect_after)
+        emits, storage_wake = self._storage.step(world, self._usage)
+        self._actions.extend(emits)
+        if storage_wake is not None:
+            self._wake_at(storage_wake)
         for node in sorted(world.nodes.values(), key=lambda n: n.name):
             self._node_step(node)
         self._nodes = {
@@ -153,7 +159,8 @@ class Engine:
         return False
 
     def _lost(self, node: NodeView) -> bool:
-        return not node.lease_alive or self._suspected(node)
+        """Lease gone, silent, or to be fenced for its lost storage (`storage_loss.py`)."""
+        return not node.lease_alive or self._suspected(node) or node.name in self._storage.fence
 
     def _node_step(self, node: NodeView) -> None:
         health = self._health[node.name]
@@ -170,7 +177,9 @@ class Engine:
             if not self._lost(node):
                 return
             self._set_health(node, "Unknown", None)
-            if node.lease_alive and node.heard_at is not None:
+            if node.name in self._storage.fence:
+                why = self._storage.why(node.name)
+            elif node.lease_alive and node.heard_at is not None:
                 silent = self._now - node.heard_at
                 why = f"no direct heartbeat for {silent:.1f}s (its lease is still held)"
             else:

@@ -11,7 +11,7 @@ Times are seconds on the controller's monotonic clock (virtual in the simulator)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from crds.clusternode import ClusterNodeSpec, NodeHealth
@@ -124,6 +124,9 @@ class NodeView:
     heard_at: float | None = None
     """When this controller last received a direct heartbeat (UDP, from the node's agent or
     controller) in the agent's current lease; None if none came since (never suspected then)."""
+    storage_lost: Mapping[str, float] = field(default_factory=dict)
+    """Storage paths the node's agent reports broken (`vg NAME`, `iscsi TARGET`, `file PATH`,
+    as `Disk.storage_path`), each with the time this controller first saw it reported."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Pure functions over the engine's `World`. A node is eligible for a VM when it is Online with a
 live lease, not cordoned, in the failover domain if the domain is restricted, has room for the
-VM's vcpus and memory, and runs no VM the VM is anti-affine with (either side may name the
+VM's vcpus and memory, has none of the VM's storage paths reported lost (docs/ha.md,
+"Storage-path loss"), and runs no VM the VM is anti-affine with (either side may name the
 other). Eligible nodes are ranked by domain preference (ordered domains: priority 1 first;
 unordered: every member alike; non-members last), then by memory use after placing (least
 loaded first), then by name, so decisions are deterministic.
@@ -97,6 +98,10 @@ def ineligibility(
         return f"{node.name} is cordoned"
     if spec.failover_domain.restricted and domain_rank(spec, node.name) == OUTSIDE_DOMAIN:
         return f"{node.name} is outside the restricted failover domain"
+    if node.storage_lost:
+        lost = sorted(spec.storage_paths() & node.storage_lost.keys())
+        if lost:
+            return f"{node.name} lost storage path {', '.join(lost)}"
     used = usage.of(node.name)
     if name not in used.vms:
         if node.cpus is not None and used.cpus + spec.vcpus > node.cpus:

@@ -83,6 +83,7 @@ from .environment import (
 )
 from .failover_clock import FailoverClock
 from .place_runs import PlaceRun, place_runs
+from .storage_loss import FirstSeen
 from .world_keys import WorldKeys
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class EtcdEnvironment:
         self._informers = {kind: informers.informer(kind) for kind in KINDS}
         self._changed = changed
         self._loop = asyncio.get_running_loop()
+        self._storage_seen = FirstSeen()
         self.failovers = FailoverClock()
         self._fenced_how: dict[str, str] = {}
         """How each node this term fenced was fenced (its VMs may be placed in the same step)."""
@@ -365,6 +367,9 @@ class EtcdEnvironment:
             memory_mib=capacity.memory_mib if capacity else None,
             drain=None if drain is None else drain.mode,
             heard_at=self._heard_at(name),
+            storage_lost=self._storage_seen.seen(
+                name, [lost.path for lost in status.storage_lost], now
+            ),
         )
 
     def _report(self, node: str) -> requests.NodeReport | None:

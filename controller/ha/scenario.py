@@ -32,7 +32,9 @@ Commands: power-off|power-on|network-off|network-on|agent-kill|agent-start|ack|c
 uncordon NODE; drain NODE [force]; fence-device NODE METHOD[/INDEX] ok|fail|timeout;
 migrate VM NODE; crash|hang|start|stop|disable VM (hang: the guest stops answering its
 `spec.health` checks); controller-restart; etcd-election SECONDS
-(etcd has no leader that long, then extends every lease by its TTL).
+(etcd has no leader that long, then extends every lease by its TTL); storage-cut|storage-restore
+NODE vg|iscsi|file NAME (a storage path of the node breaks or comes back: `vg vg_cluster`,
+`iscsi t1`, `file /var/lib/kvmctl/vm1.img`, as the VMs' disks name them).
 """
 
 from __future__ import annotations
@@ -219,6 +221,8 @@ _NODE_VERBS = {
     "uncordon",
     "drain",
     "fence-device",
+    "storage-cut",
+    "storage-restore",
 }
 _VM_VERBS = {"migrate", "crash", "hang", "start", "stop", "disable"}
 VERBS = sorted(_NODE_VERBS | _VM_VERBS | {"controller-restart", "etcd-election"})
@@ -235,6 +239,8 @@ def _check_command(text: str, scenario: Scenario, where: str) -> None:
     usage = {
         "drain": (1, 2),
         "fence-device": (3, 3),
+        "storage-cut": (3, 3),
+        "storage-restore": (3, 3),
         "migrate": (2, 2),
         "controller-restart": (0, 0),
     }.get(verb, (1, 1))
@@ -253,6 +259,8 @@ def _check_command(text: str, scenario: Scenario, where: str) -> None:
         raise ScenarioError(f"{where}: no VM named {args[0]!r}")
     if verb == "migrate" and args[1] not in hosts:
         raise ScenarioError(f"{where}: no node named {args[1]!r}")
+    if verb.startswith("storage-") and args[1] not in ("vg", "iscsi", "file"):
+        raise ScenarioError(f"{where}: {verb} takes NODE vg|iscsi|file NAME, got {args[1]!r}")
     if verb == "drain" and len(args) == 2 and args[1] != "force":
         raise ScenarioError(f"{where}: drain takes NODE [force], got {args[1]!r}")
     if verb == "fence-device":
@@ -361,6 +369,8 @@ def command_action(sim: Simulator, command: str) -> Callable[[], None]:
         "disable": lambda: sim.set_run_state(args[0], "disabled"),
         "controller-restart": sim.restart_controller,
         "etcd-election": lambda: sim.etcd_election(float(args[0])),
+        "storage-cut": lambda: sim.set_storage(args[0], " ".join(args[1:]), lost=True),
+        "storage-restore": lambda: sim.set_storage(args[0], " ".join(args[1:]), lost=False),
     }
     if verb == "fence-device":
         method, _, index = args[1].partition("/")

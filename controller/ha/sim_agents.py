@@ -98,6 +98,11 @@ class AgentLoops(SimCore):
             self._lose(stale)
         self._agent_converge(host)
         host.reported = self.qemu.names(host.name)
+        if {path for path, _ in host.storage_reported} != host.storage_cut:
+            since = dict(host.storage_reported)
+            host.storage_reported = tuple(
+                (path, since.get(path, now)) for path in sorted(host.storage_cut)
+            )
 
     def _warn_acked_but_running(self, node: str, destroyed: list[str]) -> None:
         """The agent's Warnings when a node acknowledged as off still ran domains."""

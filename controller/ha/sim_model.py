@@ -75,6 +75,10 @@ class Host:
     drain: DrainMode | None = None
     health: NodeHealth = "Online"
     fence: FenceConfirmation | None = None
+    storage_cut: frozenset[str] = frozenset()
+    """Storage paths broken on this host (`storage-cut`), as `Disk.storage_path` names them."""
+    storage_reported: tuple[tuple[str, float], ...] = ()
+    """What its agent last reported lost, each with when it first reported it."""
 
     def connected(self) -> bool:
         return self.powered and self.agent and self.network

@@ -131,6 +131,7 @@ class Simulator(AgentLoops, Controllers):
                 memory_mib=host.memory_mib,
                 drain=host.drain,
                 heard_at=heard.get(host.name),
+                storage_lost=dict(host.storage_reported),
             )
         self._refresh_views()
         self._views_changed = self._acted = False
@@ -155,6 +156,7 @@ class Simulator(AgentLoops, Controllers):
                 host.cpus,
                 host.memory_mib,
                 host.drain,
+                host.storage_reported,
             )
             for host in self.hosts.values()
         }
@@ -410,6 +412,14 @@ class Simulator(AgentLoops, Controllers):
                 self.qemu.set(host.name, vm_name, replace(qemu, hung_at=self.now()))
                 self._hung[host.name].add(vm_name)
                 self.log(f"host/{host.name}", f"{vm_name} hung")
+
+    def set_storage(self, name: str, path: str, lost: bool) -> None:
+        """Break (or mend) one storage path of a host; its agent reports it on its next look."""
+        host = self.hosts[name]
+        if (path in host.storage_cut) == lost:
+            return
+        host.storage_cut = host.storage_cut | {path} if lost else host.storage_cut - {path}
+        self.log(f"host/{name}", f"storage path {path} {'lost' if lost else 'back'}")
 
     def set_run_state(self, vm_name: str, run_state: str) -> None:
         vm = self.vms[vm_name]

@@ -260,13 +260,10 @@ def write_through(device: str, data: bytes) -> None:
         os.close(fd)
 
 
-async def test_a_vg_on_an_iscsi_lun_from_login_to_an_active_lv(
-    tmp_path: Path,
-    backing_store: Path,
-    store: Store,
-    tgtd: TgtdSupervisor,
-    iscsid: asyncio.subprocess.Process,
-) -> None:
+async def serve_target(
+    store: Store, tgtd: TgtdSupervisor, backing_store: Path
+) -> IscsiTargetReconciler:
+    """The IscsiTarget `vg-cluster` (LUN 1 on `backing_store`) served by `tgtd`; its reconciler."""
     await store.create(storage_node(STORAGE_NODE, backing_store.parent))
     await store.create(
         IscsiTarget(
@@ -292,6 +289,17 @@ async def test_a_vg_on_an_iscsi_lun_from_login_to_an_active_lv(
     target = await store.get("IscsiTarget", "vg-cluster")
     assert isinstance(target, IscsiTarget)
     assert ready(target)[:2] == ("True", "Serving"), ready(target)
+    return targets
+
+
+async def test_a_vg_on_an_iscsi_lun_from_login_to_an_active_lv(
+    tmp_path: Path,
+    backing_store: Path,
+    store: Store,
+    tgtd: TgtdSupervisor,
+    iscsid: asyncio.subprocess.Process,
+) -> None:
+    targets = await serve_target(store, tgtd, backing_store)
 
     vg = f"vg_lab_{uuid.uuid4().hex[:6]}"
     async with logged_in(IQN, tgtd.portal) as disk:

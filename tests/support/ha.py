@@ -135,9 +135,16 @@ def dummy_fencing(**parameters: Any) -> dict[str, Any]:
     return {"methods": [{"name": "dummy", "devices": [device]}]}
 
 
-async def power_fenced_node(store: Store, tmp_path: Path, node: str, secret_of: str) -> Path:
+async def power_fenced_node(
+    store: Store,
+    tmp_path: Path,
+    node: str,
+    secret_of: str,
+    storage_loss: dict[str, Any] | None = None,
+) -> Path:
     """ClusterNode `node` fenced by fence_dummy through a power file ("on" now), the file named
-    by a Secret labelled for node `secret_of` (`node` itself, or another to test the refusal)."""
+    by a Secret labelled for node `secret_of` (`node` itself, or another to test the refusal);
+    `storage_loss`: its `spec.fencing.storageLoss`."""
     power = tmp_path / f"{node}.power"
     power.write_text("on")
     secret = Secret(
@@ -146,9 +153,10 @@ async def power_fenced_node(store: Store, tmp_path: Path, node: str, secret_of: 
     )
     await store.create(secret)
     reference = {"name": f"fence-{secret_of}", "key": "file"}
-    await store.create(
-        node_object(node, dummy_fencing(secretParameters={"status_file": reference}))
-    )
+    fencing = dummy_fencing(secretParameters={"status_file": reference})
+    if storage_loss is not None:
+        fencing["storageLoss"] = storage_loss
+    await store.create(node_object(node, fencing))
     return power
 
 
