@@ -50,6 +50,7 @@ import asyncio
 import json
 import math
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -292,14 +293,15 @@ async def soak(
     power_wait: int | None = None,
     logs: Path = DEFAULT_LOGS,
     kinds: tuple[str, ...] = FAULTS,
+    keep_logs: bool = False,
 ) -> Report:
     """Run the soak; the report (also when the cluster failed to recover: see `errors`).
-    When anything failed, every host's logs are copied into `logs`."""
+    When anything failed (or with `keep_logs`), every host's logs are copied into `logs`."""
     report = Report(profile.name, seed, minutes)
     cluster = topology_chaos_cluster("three-hosts", profile=profile, watchdog=True)
     await asyncio.to_thread(cluster.start)
     began = time.monotonic()
-    failed = True
+    save = True  # an exception also keeps the logs
     try:
         async with Store(cluster.etcd_endpoints, prefix=cluster.prefix) as store:
             runner = Soak(cluster, store, report, random.Random(seed), target, kinds)
@@ -312,10 +314,11 @@ async def soak(
                 except SoakError as error:
                     report.errors.append(str(error))
             report.two_copies_samples = len(runner.checker.violations)
-        failed = report.violations > 0
+        save = report.violations > 0 or keep_logs
     finally:
         report.minutes_run = (time.monotonic() - began) / 60
-        if failed:
+        if save:
+            shutil.rmtree(logs, ignore_errors=True)
             save_logs(cluster, logs)
         await asyncio.to_thread(cluster.stop)
     return report
@@ -340,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--power-wait", type=int, help="fence_ipmilan power_wait, s")
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
     parser.add_argument("--logs", type=Path, default=DEFAULT_LOGS, help="host logs on failure")
+    parser.add_argument("--keep-logs", action="store_true", help="copy the logs on success too")
     parser.add_argument(
         "--faults", type=_kinds, default=FAULTS, help="comma-separated fault kinds (default: all)"
     )
@@ -357,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             args.power_wait,
             args.logs,
             args.faults,
+            args.keep_logs,
         )
     )
     summary = report.summary()
