@@ -40,7 +40,8 @@ in etcd with its spec unchanged. Measured: for each VM that was on a host lost t
 the time from the fault to its qemu process starting on a host (a failover); one later than
 `--target` seconds (plus the leader election TTL when the fault took the leader's controller) is
 counted late (never for `double-fault`). A VM restarted although its host was not lost counts
-as an unneeded restart.
+as an unneeded restart, except on a self-fencing host surviving a `double-fault` (its agent
+cannot renew its lease without etcd's quorum, so it destroys its VMs, as designed).
 """
 
 from __future__ import annotations
@@ -273,6 +274,9 @@ class Soak:
                 late = fault != "double-fault" and not seconds <= allowance
                 self.report.failovers.append(Failover(fault, old, vm, seconds, late))
                 times.append(f"{vm} {old}->{new} {seconds:.2f}s{' LATE' if late else ''}")
+            elif moved and fault == "double-fault" and old in SELF_FENCING:
+                # Without quorum its agent cannot renew: it destroys its VMs (docs/ha.md).
+                times.append(f"{vm} {old}->{new} (self-fenced: no etcd quorum)")
             elif moved:
                 self.report.unneeded_restarts.append(f"{vm} on {new} after {injected.description}")
                 times.append(f"{vm} restarted on {new} (unneeded)")
