@@ -39,9 +39,10 @@ every cycle, every object created at the start (Secret, ClusterNodes, VirtualMac
 in etcd with its spec unchanged. Measured: for each VM that was on a host lost to the fault,
 the time from the fault to its qemu process starting on a host (a failover); one later than
 `--target` seconds (plus the leader election TTL when the fault took the leader's controller) is
-counted late (never for `double-fault`). A VM restarted although its host was not lost counts
-as an unneeded restart, except on a self-fencing host surviving a `double-fault` (its agent
-cannot renew its lease without etcd's quorum, so it destroys its VMs, as designed).
+counted late (never for `double-fault`). A VM restarted although its host was not lost, or
+while the fault was undone, counts as an unneeded restart, except on a self-fencing host
+surviving a `double-fault` (its agent cannot renew its lease without etcd's quorum, so it
+destroys its VMs, as designed).
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ class Soak:
         back = partial(self.each_vm_once, injected.forbidden)
         await eventually(back, f"every VM once after {description}")
         self.account(fault, injected, where, started)
+        repair = time.monotonic()
         rejoined = await self.faults.undo(injected)
         if rejoined is not None:
             self.report.etcd_rejoins.append(rejoined)
@@ -257,6 +259,11 @@ class Soak:
         await eventually(self.faults.etcd_healthy, f"every etcd member healthy after {description}")
         await eventually(partial(self.each_vm_once, frozenset()), "every VM running")
         await asyncio.sleep(SETTLE)
+        for vm in VMS:  # no VM should start while the fault is undone (no failback here)
+            for _, host in self.checker.appearances(vm, repair):
+                restart = f"{vm} on {host} while undoing {description}"
+                self.report.unneeded_restarts.append(restart)
+                print(f"  {restart} (unneeded)", flush=True)
         await self.check_objects()
 
     def account(
