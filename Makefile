@@ -64,8 +64,9 @@ fuzz: install
 		$(PY) -m fuzz.fuzz_manifests -max_total_time=60 -rss_limit_mb=4096 -artifact_prefix=/tmp/ "$$corpus"
 	$(PY) -m fuzz.fuzz_domain_xml -max_total_time=60 -rss_limit_mb=4096 -artifact_prefix=/tmp/
 
-# Random host, network, agent, leader and etcd-member faults for SOAK_MINUTES (not part of
-# `make test`, which runs a 3-minute version); writes a report and fails on any violation.
+# Random host, network, agent, leader, etcd-member and double faults for SOAK_MINUTES in the
+# three-hosts topology (etcd on the hosts; not part of `make test`, which runs a 3-minute
+# version); writes a report with failover times per fault kind and fails on any violation.
 SOAK_MINUTES ?= 30
 soak: install
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)

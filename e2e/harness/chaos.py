@@ -203,6 +203,11 @@ class ChaosCluster(Cluster):
         wait_until(released, 30.0, f"agent of {name} released")
         return True
 
+    def agent_alive(self, name: str) -> bool:
+        """Whether the host's agent process lives (a stopped one does; one that died with its
+        host, or was killed, does not)."""
+        return _alive(self.agents.get(name))
+
     def kill_controller(self, name: str) -> None:
         """SIGKILL the controller of host `name`."""
         os.kill(self.controllers.pop(name), signal.SIGKILL)

@@ -11,16 +11,23 @@ from `<host dir>/etcd-data`.
 
 The root namespace reaches every member on its address over the lab bridge: the tests' own
 store connects to all of them. Leader and member list come from `etcdctl` (argv, no shell).
+
+Faults on a member alone (its host keeps running): `kill_member` (SIGKILL; `start_member`
+restarts it from its data dir) and, after it, `replace_member` (its disk was lost: the data dir
+wiped, the member removed from etcd's member list and added back as a new one, started empty; it
+gets the data from the leader). `all_healthy` tells when every member is back.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +123,63 @@ class HostEtcd:
         if wait:
             self.wait_healthy(name)
 
+    def kill_member(self, name: str) -> None:
+        """SIGKILL the member of host `name` alone (the host keeps running); wait until gone."""
+        pid = self.pids.pop(name)
+        os.kill(pid, signal.SIGKILL)
+        self.hosts[name].wait_exit(pid, ETCDCTL_TIMEOUT)
+
+    def replace_member(self, name: str) -> None:
+        """The killed member of host `name` lost its disk: wipe its data dir, remove it from
+        etcd's member list, add it back (a new member ID, same name and peer URL) and start it
+        empty; wait until it is healthy. Raises `HostEtcdError` when it does not rejoin."""
+        if name in self.pids:
+            raise HostEtcdError(f"the etcd member of {name} still runs: kill it first")
+        shutil.rmtree(self.data_dir(name), ignore_errors=True)
+        others = [
+            self.endpoint(other)
+            for other, host in self.hosts.items()
+            if other != name and host.is_running()
+        ]
+        peer_url = f"http://{self.hosts[name].address}:{PEER_PORT}"
+
+        def removed() -> bool:
+            listed = [member for member in self.members() if peer_url in member.peer_urls]
+            for member in listed:
+                self._etcdctl(others, "member", "remove", f"{member.member_id:x}")
+            return not listed
+
+        def added() -> bool:
+            if any(peer_url in member.peer_urls for member in self.members()):
+                return True
+            self._etcdctl(others, "member", "add", name, f"--peer-urls={peer_url}")
+            return False
+
+        self._until(removed, f"etcd member {name} removed")
+        self._until(added, f"etcd member {name} added again")
+        self.start_member(name, "existing")
+
+    @staticmethod
+    def _until(step: Callable[[], bool], what: str) -> None:
+        """Repeat a membership change until `step` finds it done. A new etcd leader drops a
+        membership change proposed before it applied its predecessor's entries (etcdctl then
+        times out), so a change right after an election needs another try."""
+        failures: list[str] = []
+
+        def done() -> bool:
+            try:
+                return step()
+            except HostEtcdError as error:
+                failures.append(str(error))
+                return False
+
+        try:
+            wait_until(done, HEALTHY_TIMEOUT, what)
+        except TimeoutError:
+            last = failures[-1] if failures else "no error"
+            within = f"not done within {HEALTHY_TIMEOUT:.0f} s"
+            raise HostEtcdError(f"{what}: {within} ({last})") from None
+
     def forget(self, name: str) -> None:
         """The host lost its power: its member died with it."""
         self.pids.pop(name, None)
@@ -151,6 +215,15 @@ class HostEtcd:
             ) from None
         if not self.healthy(name):
             raise HostEtcdError(f"etcd member {name} exited: {_last_line(log)} (see {log})")
+
+    def all_healthy(self) -> bool:
+        """Every host's member answers /health, etcd lists exactly these members (all
+        started: an added member has no name until it runs) and they agree on one leader."""
+        if not all(self.healthy(name) for name in self.hosts):
+            return False
+        if sorted(member.name for member in self.members()) != sorted(self.hosts):
+            return False
+        return self.leader() is not None
 
     def members(self) -> list[Member]:
         """etcd's member list, as the first answering member sees it."""
