@@ -156,7 +156,7 @@ async def run_controller(args: argparse.Namespace) -> int:
     election = ElectionTiming.for_ttl(args.election_ttl)
     telemetry = setup_telemetry("kvmctl-controller", "prometheus", otlp_endpoint=args.otlp_endpoint)
     store = store_from(args)
-    await store.connect()
+    await store.connect_when_reachable()
     manager = build_manager(
         store,
         identity=args.identity,

@@ -131,7 +131,7 @@ async def run_agent(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     store = store_from(args)
     try:
-        await store.connect()
+        await store.connect_when_reachable()
         agent = Agent(store, settings)
         async with Service() as service:
             held = agent.heartbeat.established.wait()

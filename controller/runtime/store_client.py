@@ -19,6 +19,7 @@ import pydantic
 from controller.runtime.etcd_transport import (
     StoreError,
     TlsFiles,
+    Unavailable,
     is_permission_denied,
     make_client,
     unavailable,
@@ -92,6 +93,21 @@ class StoreClient:
         await self.revision()
         if check_layout:
             await self.check_layout()
+
+    async def connect_when_reachable(self, retry: float = 2.0) -> None:
+        """`connect()`, waiting while etcd is unreachable (each try's reason is logged).
+
+        For the daemons: a host that boots, or is powered on again, may start its agent and
+        controller before its etcd member has joined or before etcd has quorum; they wait for
+        etcd instead of exiting. Any other error (permission, layout) still fails at once.
+        """
+        while True:
+            try:
+                await self.connect()
+                return
+            except Unavailable as error:
+                log.warning("%s; trying again in %.0f s", error, retry)
+            await asyncio.sleep(retry)
 
     async def close(self) -> None:
         await self.client.close()
