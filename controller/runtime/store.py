@@ -36,6 +36,8 @@ from controller.runtime.store_keys import Delete as Delete
 from controller.runtime.store_keys import Get as Get
 from controller.runtime.store_keys import KeyCompare as KeyCompare
 from controller.runtime.store_keys import KeyValue as KeyValue
+from controller.runtime.store_keys import Operation as Operation
+from controller.runtime.store_keys import OpResult as OpResult
 from controller.runtime.store_keys import Put as Put
 from controller.runtime.store_keys import StoreKeys
 from controller.runtime.store_watch import StoreWatch
