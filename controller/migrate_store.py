@@ -15,7 +15,16 @@ import json
 from typing import Any
 
 from controller.runtime import layout
-from controller.runtime.store import Store, StoreError, to_json
+from controller.runtime.store import (
+    Delete,
+    KeyCompare,
+    KeyValue,
+    Operation,
+    Put,
+    Store,
+    StoreError,
+    to_json,
+)
 from crds import KINDS
 from crds.meta import _check_name
 
@@ -38,7 +47,7 @@ async def migrate_store(store: Store) -> tuple[list[str], int]:
     The `layout` key is written only when none is left.
     """
     old = store.raw_key(layout.OLD_OBJECTS)
-    reply = await store.call(store.client.get_prefix(old), old, "read")
+    reply = await store.keys.get_prefix(old)
     lines = []
     left = 0
     for kv in reply:
@@ -49,11 +58,11 @@ async def migrate_store(store: Store) -> tuple[list[str], int]:
             lines.append(f"{store.relative(kv.key)}: not migrated: {error}")
     if not left:
         marker = store.raw_key(layout.LAYOUT_KEY)
-        await store.call(store.client.put(marker, layout.LAYOUT_VERSION), marker, "write")
+        await store.keys.put(marker, layout.LAYOUT_VERSION)
     return lines, left
 
 
-async def _migrate_one(store: Store, kv: Any) -> str:
+async def _migrate_one(store: Store, kv: KeyValue) -> str:
     relative = store.relative(kv.key)
     _, kind, name = relative.split("/", 2)
     if kind not in KINDS:
@@ -63,9 +72,8 @@ async def _migrate_one(store: Store, kv: Any) -> str:
     document["metadata"]["resourceVersion"] = "1"
     KINDS[kind].model.model_validate(document)  # a value kvmctl can read back
     document["metadata"].pop("resourceVersion")
-    txn = store.client.transactions
     spec_key = store.raw_key(layout.spec_key(kind, name))
-    ops = []
+    ops: list[Operation] = []
     if layout.has_parts(kind):
         status = document.pop("status", None) or {}
         uid = document["metadata"].get("uid")
@@ -78,19 +86,14 @@ async def _migrate_one(store: Store, kv: Any) -> str:
             document["metadata"]["finalizers"] = [f for f in finalizers if f != node_finalizer]
             node_part = layout.part_document(uid, status, moved)
             node_key = store.part_key(kind, name, layout.node_writer(node))
-            ops.append(txn.put(node_key, to_json(node_part)))
+            ops.append(Put(node_key, to_json(node_part)))
         controller_part = layout.part_document(uid, status, [])
-        ops.append(txn.put(store.part_key(kind, name, layout.CONTROLLER), to_json(controller_part)))
-    lease = kv.lease or None
-    ops += [txn.put(spec_key, to_json(document), lease), txn.delete(kv.key)]
-    ok, _ = await store.call(
-        store.client.transaction(
-            compare=[txn.mod(kv.key) == kv.mod_revision, txn.create(spec_key) == 0],
-            success=ops,
-            failure=[],
-        ),
-        spec_key,
-        "write",
+        ops.append(Put(store.part_key(kind, name, layout.CONTROLLER), to_json(controller_part)))
+    ops += [Put(spec_key, to_json(document), kv.lease), Delete(kv.key)]
+    ok, _ = await store.keys.transaction(
+        [KeyCompare.modified(kv.key, kv.mod_revision), KeyCompare.created(spec_key, 0)],
+        ops,
+        key=spec_key,
     )
     if not ok:
         raise StoreError("changed while migrating, or already present in the new layout")

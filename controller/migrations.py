@@ -149,8 +149,7 @@ class MigrationController:
             raise Invalid(f"target node {name} is {health}")
         if target.status.libvirt_uri is None:
             raise Invalid(f"target node {name} has no agent reporting (no libvirt URI)")
-        key = heartbeat_key(self.store.prefix, name).encode()
-        if await self.store.call(self.store.client.get(key)) is None:
+        if await self.store.keys.get(heartbeat_key(self.store.prefix, name)) is None:
             raise Invalid(f"target node {name} has no heartbeat")
 
     def _check_capacity(self, vm: VirtualMachine, target: ClusterNode) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 
 from controller.runtime.etcd_lock import LockTimeout
-from controller.runtime.store import Store
+from controller.runtime.store import Delete, KeyCompare, Put, Store
 from reconcilers.drivers.lvm import LvmError
 from reconcilers.lvm_lock import LvmSettings, metadata_lock
 
@@ -32,8 +32,8 @@ def active_tag(node: str) -> str:
 
 async def active_on(store: Store, vg: str, lv: str) -> str | None:
     """The node holding the LV's activation claim, if any."""
-    reply = await store.call(store.client.get(_activation_key(store, vg, lv)))
-    return None if reply is None else str(reply.value.decode())
+    reply = await store.keys.get(_activation_key(store, vg, lv))
+    return None if reply is None else reply.value.decode()
 
 
 async def activate_for_vm(
@@ -51,16 +51,12 @@ async def activate_for_vm(
     Otherwise `ActivationConflict`. A failed activation drops the claim again.
     """
     key = _activation_key(store, vg, lv)
-    client = store.client
-    txn = client.transactions
-    allowed = [txn.version(key) == 0, txn.value(key) == node.encode()]
+    allowed = [KeyCompare.version(key, 0), KeyCompare.value(key, node.encode())]
     if take_over_from is not None:
-        allowed.append(txn.value(key) == take_over_from.encode())
+        allowed.append(KeyCompare.value(key, take_over_from.encode()))
     claimed = False
     for compare in allowed:
-        ok, _ = await store.call(
-            client.transaction(compare=[compare], success=[txn.put(key, node.encode())], failure=[])
-        )
+        ok, _ = await store.keys.transaction([compare], [Put(key, node.encode())])
         if ok:
             claimed = True
             break
@@ -100,12 +96,7 @@ async def deactivate(store: Store, settings: LvmSettings, vg: str, lv: str, node
             if found.name == lv and active_tag(node) in found.tags:
                 await lvm.del_tag(vg, lv, active_tag(node))
     key = _activation_key(store, vg, lv)
-    txn = store.client.transactions
-    await store.call(
-        store.client.transaction(
-            compare=[txn.value(key) == node.encode()], success=[txn.delete(key)], failure=[]
-        )
-    )
+    await store.keys.transaction([KeyCompare.value(key, node.encode())], [Delete(key)])
 
 
 ACTIVATION_ERRORS = (ActivationConflict, LvmError, LockTimeout)

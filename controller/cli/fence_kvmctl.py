@@ -69,7 +69,7 @@ from controller.ha.guest_requests import (
 from controller.ha.requests import RequestFormatError
 from controller.runtime import quiet_grpc  # noqa: F401  (first: before gRPC loads)
 from controller.runtime.config import ConfigError, resolve
-from controller.runtime.store import Store, StoreError
+from controller.runtime.store import Delete, KeyCompare, Store, StoreError
 
 log = logging.getLogger("fence_kvmctl")
 
@@ -108,25 +108,21 @@ class Fencer:
         self.cluster = cluster
 
     async def _get(self, key: str) -> bytes | None:
-        kv = await self.store.call(self.store.client.get(key.encode()), key.encode())
-        return None if kv is None else bytes(kv.value)
+        kv = await self.store.keys.get(key)
+        return None if kv is None else kv.value
 
     async def power(self, name: str, action: GuestAction, timeout: float) -> None:
         """Ask for `action` and wait for the answer; FenceError unless it was carried out."""
         request = new_request(action, timeout)
         key = request_key(self.store.prefix, self.cluster, name)
         raw = encode_request(request)
-        await self.store.call(self.store.client.put(key.encode(), raw), key.encode(), "write")
+        await self.store.keys.put(key, raw)
         log.info("%s: asked kvmctl for %s (request %s)", name, action, request.id)
         result = await self._answer(name, request.id, timeout + ANSWER_MARGIN)
         if result is None:
-            txn = self.store.client.transactions
-            withdraw = self.store.client.transaction(
-                compare=[txn.value(key.encode()) == raw],
-                success=[txn.delete(key.encode())],
-                failure=[],
+            await self.store.keys.transaction(
+                [KeyCompare.value(key, raw)], [Delete(key)], action="delete"
             )
-            await self.store.call(withdraw, key.encode(), "delete")
             raise FenceError(
                 f"{name}: no answer from kvmctl's controller within {timeout + ANSWER_MARGIN:g} s "
                 "(request withdrawn; is a controller leading?)"
@@ -169,9 +165,7 @@ class Fencer:
     async def list(self) -> list[tuple[str, str]]:
         """(VM, published state) of every VM of the guest cluster, by name."""
         prefix = status_prefix(self.store.prefix, self.cluster)
-        reply = await self.store.call(
-            self.store.client.get_prefix(prefix.encode()), prefix.encode()
-        )
+        reply = await self.store.keys.get_prefix(prefix)
         listed = []
         for kv in reply:
             key = kv.key.decode(errors="replace")

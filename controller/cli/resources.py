@@ -324,6 +324,6 @@ async def run_events(args: argparse.Namespace) -> int:
 async def run_version(args: argparse.Namespace) -> int:
     print(f"Client Version: {VERSION}")
     async with store_from(args) as store:
-        status = await store.call(store.client.status())
-    print(f"etcd Version:   {status.version}")
+        version = await store.etcd_version()
+    print(f"etcd Version:   {version}")
     return 0

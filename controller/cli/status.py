@@ -23,7 +23,7 @@ from controller import printers
 from controller.ha import admission, requests
 from controller.runtime.config import Settings
 from controller.runtime.etcd_health import EtcdHealth, etcd_health, heartbeat_ages
-from controller.runtime.leader_record import LeaderInfo, current_leader, leader_key
+from controller.runtime.leader_record import LeaderInfo, leader_key, parse_leader
 from controller.runtime.store import Store, StoreError
 from crds import AnyResource, ClusterNode, Event, VirtualMachine, VirtualMachineMigration
 from crds.clusterpolicy import POLICY_NAME
@@ -93,10 +93,9 @@ def _positive(text: str) -> float:
 
 
 async def read_leader(store: Store) -> LeaderInfo | None:
-    result: LeaderInfo | None = await store.call(
-        current_leader(store.client, leader_key(store.prefix, ELECTION))
-    )
-    return result
+    key = leader_key(store.prefix, ELECTION)
+    kv = await store.keys.get(key)
+    return None if kv is None else parse_leader(key, kv.value, kv.create_revision)
 
 
 def _of(kind: type[Any], objects: list[Any]) -> list[Any]:

@@ -36,7 +36,16 @@ from controller.migrations import Term
 from controller.runtime.informer import SharedInformers
 from controller.runtime.manager import LeaderTask
 from controller.runtime.prefix_cache import PrefixCache
-from controller.runtime.store import Conflict, NotFound, Store, StoreError
+from controller.runtime.store import (
+    Conflict,
+    Delete,
+    KeyCompare,
+    NotFound,
+    Operation,
+    Put,
+    Store,
+    StoreError,
+)
 from controller.runtime.tasks import cancel_and_wait
 from crds import VirtualMachine
 
@@ -259,18 +268,17 @@ class _Service:
     ) -> None:
         """Delete the request if it is still `raw`, writing the answer (and the VM's power
         state) in the same transaction; retried until it is written or superseded."""
-        txn = self.store.client.transactions
-        operations = [txn.delete(key.encode())]
+        operations: list[Operation] = [Delete(key)]
         if answer is not None:
             cluster, vm, result, status = answer
             result_key = keys.result_key(self.store.prefix, cluster, vm)
-            operations.append(txn.put(result_key.encode(), keys.encode_result(result)))
+            operations.append(Put(result_key, keys.encode_result(result)))
             if status is not None:
                 status_key = keys.status_key(self.store.prefix, cluster, vm)
-                operations.append(txn.put(status_key.encode(), keys.encode_status(status)))
+                operations.append(Put(status_key, keys.encode_status(status)))
         while True:
             try:
-                if await self._guarded([txn.value(key.encode()) == raw], operations):
+                if await self._guarded([KeyCompare.value(key, raw)], operations):
                     return
                 if not await self._guarded([], []):
                     raise Deposed
@@ -279,14 +287,9 @@ class _Service:
                 log.warning("answering %s failed (%s); trying again", key, error)
                 await asyncio.sleep(RETRY_DELAY)
 
-    async def _guarded(self, compares: list[Any], operations: list[Any]) -> bool:
-        client = self.store.client
-        ok, _ = await self.store.call(
-            client.transaction(
-                compare=[*self.term.guard, *compares], success=operations, failure=[]
-            )
-        )
-        return bool(ok)
+    async def _guarded(self, compares: list[KeyCompare], operations: list[Operation]) -> bool:
+        ok, _ = await self.store.keys.transaction([*self.term.guard, *compares], operations)
+        return ok
 
     # -- power states -----------------------------------------------------------------------
 
@@ -311,16 +314,15 @@ class _Service:
             for name, value in self.results.values.items()
             if name.count("/") == 2 and name.split("/")[1] == keys.STATUS
         }
-        txn = self.store.client.transactions
         base = keys.results_prefix(self.store.prefix)
         for name, value in wanted.items():
             if published.get(name) != value:
-                await self._publish_one(name, [txn.put(f"{base}{name}".encode(), value)])
+                await self._publish_one(name, [Put(f"{base}{name}", value)])
                 self.results.values[name] = value
         for name in published.keys() - wanted.keys():
-            await self._publish_one(name, [txn.delete(f"{base}{name}".encode())])
+            await self._publish_one(name, [Delete(f"{base}{name}")])
             self.results.forget(name)
 
-    async def _publish_one(self, name: str, operations: list[Any]) -> None:
+    async def _publish_one(self, name: str, operations: list[Operation]) -> None:
         if not await self._guarded([], operations):
             raise Deposed

@@ -133,7 +133,7 @@ async def observe(store: Store, vm: VirtualMachine) -> Observation:
     report = None
     key = report_key(store.prefix, node)
     try:
-        kv = await store.call(store.client.get(key.encode()))
+        kv = await store.keys.get(key)
         if kv is not None:
             report = (kv.mod_revision, parse_report(key, kv.value).domains)
     except (StoreError, RequestFormatError) as error:

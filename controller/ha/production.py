@@ -47,7 +47,15 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import session_key
 from controller.runtime.informer import SharedInformers
 from controller.runtime.peers import PeerTable
-from controller.runtime.store import Compare, Conflict, NotFound, Store, StoreError
+from controller.runtime.store import (
+    Compare,
+    Conflict,
+    Delete,
+    KeyCompare,
+    NotFound,
+    Store,
+    StoreError,
+)
 from controller.runtime.tasks import cancel_and_wait
 from crds import AnyResource, ClusterNode, ClusterPolicy, ObjectMeta, VirtualMachine
 from crds.clusternode import FenceRecord
@@ -481,14 +489,11 @@ class EtcdEnvironment:
     # Writes ----------------------------------------------------------------------------------
 
     async def _still_leading(self) -> bool:
-        client = self.store.client
         try:
-            ok, _ = await self.store.call(
-                client.transaction(compare=list(self.term.guard), success=[], failure=[])
-            )
+            ok, _ = await self.store.keys.transaction(list(self.term.guard))
         except StoreError:
             return True  # cannot tell: the next write tries again
-        return bool(ok)
+        return ok
 
     def _guard(self) -> list[Compare]:
         return list(self.term.guard)
@@ -570,8 +575,7 @@ class EtcdEnvironment:
         """Record the power fence a standby confirmed before taking over (at `confirmed_at` on
         the loop's clock), unless an agent session started on the node since: the write also
         compares the session trace's mod_revision with `session_revision` (0: no trace)."""
-        key = session_key(self.store.prefix, node).encode()
-        unchanged = self.store.client.transactions.mod(key) == session_revision
+        unchanged = KeyCompare.modified(session_key(self.store.prefix, node), session_revision)
         confirmation = FenceConfirmation("PowerOff", confirmed_at, method)
         try:
             await self._set_health(SetNodeHealth(node, "Fenced", confirmation), [unchanged])
@@ -603,13 +607,8 @@ class EtcdEnvironment:
         await self._patch("ClusterNode", action.node, mutate, extra or [])
 
     async def _clear_fence_ack(self, node: str) -> None:
-        key = requests.fence_ack_key(self.store.prefix, node).encode()
-        client = self.store.client
-        ok, _ = await self.store.call(
-            client.transaction(
-                compare=self._guard(), success=[client.transactions.delete(key)], failure=[]
-            )
-        )
+        key = requests.fence_ack_key(self.store.prefix, node)
+        ok, _ = await self.store.keys.transaction(self._guard(), [Delete(key)], action="delete")
         if not ok:
             raise Conflict(f"clearing the fence ack of {node} refused: guard failed")
         self.keys.fence_acks.forget(node)

@@ -139,25 +139,22 @@ def _encode(document: dict[str, Any]) -> bytes:
 async def request_fence_ack(store: Store, node: str) -> None:
     """Record the operator's word that `node` is off (`kvmctl fence ack NODE`)."""
     document = {"at": datetime.now(UTC).isoformat(), "by": getpass.getuser()}
-    await store.call(
-        store.client.put(fence_ack_key(store.prefix, node).encode(), _encode(document))
-    )
+    await store.keys.put(fence_ack_key(store.prefix, node), _encode(document))
 
 
 async def request_drain(store: Store, node: str, force: bool) -> None:
     document = {"mode": "force" if force else "migrate", "at": datetime.now(UTC).isoformat()}
-    await store.call(store.client.put(drain_key(store.prefix, node).encode(), _encode(document)))
+    await store.keys.put(drain_key(store.prefix, node), _encode(document))
 
 
 async def cancel_drain(store: Store, node: str) -> bool:
     """Delete the drain request of `node`; True if there was one."""
-    deleted = await store.call(store.client.delete(drain_key(store.prefix, node).encode()))
-    return bool(deleted)
+    return await store.keys.delete(drain_key(store.prefix, node))
 
 
 async def read_drain(store: Store, node: str) -> DrainRequest | None:
     key = drain_key(store.prefix, node)
-    kv = await store.call(store.client.get(key.encode()))
+    kv = await store.keys.get(key)
     return None if kv is None else parse_drain(key, kv.value)
 
 
@@ -167,10 +164,10 @@ async def write_report(store: Store, node: str, report: NodeReport) -> None:
         "cleanedFence": None if report.cleaned_fence is None else report.cleaned_fence.isoformat(),
         "at": report.at.isoformat(),
     }
-    await store.call(store.client.put(report_key(store.prefix, node).encode(), _encode(document)))
+    await store.keys.put(report_key(store.prefix, node), _encode(document))
 
 
 async def read_report(store: Store, node: str) -> NodeReport | None:
     key = report_key(store.prefix, node)
-    kv = await store.call(store.client.get(key.encode()))
+    kv = await store.keys.get(key)
     return None if kv is None else parse_report(key, kv.value)

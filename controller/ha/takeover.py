@@ -158,13 +158,13 @@ class StandbyWatch:
     async def _session_revision(self, node: str) -> int | None:
         """The session trace's mod_revision. A serializable read: any member answers, even
         while etcd elects a leader; a stale answer only makes the guarded record fail."""
-        key = session_key(self.store.prefix, node).encode()
+        key = session_key(self.store.prefix, node)
         try:
             async with asyncio.timeout(ETCD_READ_TIMEOUT):
-                kv = await self.store.call(self.store.client.get(key, serializable=True))
+                kv = await self.store.keys.get(key, serializable=True)
         except (TimeoutError, StoreError) as error:
             log.warning(
                 "session trace of %s not read (%s): the takeover will fence again", node, error
             )
             return None
-        return 0 if kv is None else int(kv.mod_revision)
+        return 0 if kv is None else kv.mod_revision

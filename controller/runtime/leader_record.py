@@ -77,10 +77,14 @@ def guard_compare(client: aetcd.Client, key: str, token: int) -> aetcd.transacti
 async def current_leader(client: aetcd.Client, key: str) -> LeaderInfo | None:
     """Who holds the leader key `key`, since when and with which token; None if nobody."""
     kv = await client.get(key.encode())
-    if kv is None:
-        return None
+    return None if kv is None else parse_leader(key, kv.value, kv.create_revision)
+
+
+def parse_leader(key: str, value: bytes, create_revision: int) -> LeaderInfo:
+    """The leader record `value` of the leader key `key`, created at `create_revision` (its
+    token)."""
     try:
-        record = json.loads(kv.value)
+        record = json.loads(value)
         identity = record["identity"]
         since = datetime.fromisoformat(record["acquiredAt"])
         node = record.get("node")
@@ -90,6 +94,6 @@ async def current_leader(client: aetcd.Client, key: str) -> LeaderInfo | None:
             raise TypeError("node is not a string")
     except (ValueError, KeyError, TypeError) as error:
         raise LeaderRecordError(
-            f"leader key {key} holds no valid leader record ({error}): {kv.value[:200]!r}"
+            f"leader key {key} holds no valid leader record ({error}): {value[:200]!r}"
         ) from None
-    return LeaderInfo(identity=identity, since=since, token=kv.create_revision, node=node)
+    return LeaderInfo(identity=identity, since=since, token=create_revision, node=node)

@@ -11,6 +11,7 @@ spec changes); `update_status` writes the store's writer's part only. Deleting a
 finalizers only sets `deletionTimestamp`; its keys go (all in one transaction) when the last
 finalizer is removed, by the controller's garbage collection when that last finalizer was a node's.
 `patch_status_many` (store_batch) writes many objects' status in few transactions.
+`keys` (store_keys) reads and transacts on raw keys that are not objects, without aetcd.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ from controller.runtime.store_errors import Conflict as Conflict
 from controller.runtime.store_errors import NotFound as NotFound
 from controller.runtime.store_errors import PermissionDenied as PermissionDenied
 from controller.runtime.store_errors import UndecodableObject as UndecodableObject
+from controller.runtime.store_keys import Delete as Delete
+from controller.runtime.store_keys import Get as Get
+from controller.runtime.store_keys import KeyCompare as KeyCompare
+from controller.runtime.store_keys import KeyValue as KeyValue
+from controller.runtime.store_keys import Operation as Operation
+from controller.runtime.store_keys import OpResult as OpResult
+from controller.runtime.store_keys import Put as Put
+from controller.runtime.store_keys import StoreKeys
 from controller.runtime.store_watch import StoreWatch
 from controller.runtime.store_watch import WatchEvent as WatchEvent
 
@@ -42,3 +51,8 @@ class Store(StoreBatch, StoreWatch):
     the finalizers `add_finalizer` adds: "controller" (also what the admin and the CLI use), or
     "node.NODE" for NODE's agent.
     """
+
+    @property
+    def keys(self) -> StoreKeys:
+        """Raw keys that are not objects (controller/runtime/store_keys.py)."""
+        return StoreKeys(self)

@@ -23,6 +23,7 @@ from controller.runtime.etcd_transport import StoreError
 from controller.runtime.layout import Snapshot, Stored
 from controller.runtime.store_client import Compare, to_json
 from controller.runtime.store_errors import Conflict, NotFound
+from controller.runtime.store_keys import etcd_compares
 from controller.runtime.store_writes import StoreWrites
 from crds import AnyResource
 
@@ -154,7 +155,10 @@ class StoreBatch(StoreWrites):
             try:
                 ok, responses = await self.call(
                     self.client.transaction(
-                        compare=[*guard, *(txn.mod(key) == rev for key, rev in compared)],
+                        compare=[
+                            *etcd_compares(guard),
+                            *(txn.mod(key) == rev for key, rev in compared),
+                        ],
                         success=[txn.put(write.key, to_json(write.document)) for write in chunk],
                         failure=[txn.get(key) for key, _ in compared],
                     ),

@@ -227,6 +227,11 @@ class StoreClient:
         revision: int = reply.header.revision
         return revision
 
+    async def etcd_version(self) -> str:
+        """The version of the etcd member that answers."""
+        status = await self.call(self.client.status())
+        return str(status.version)
+
     async def check_layout(self) -> None:
         """Refuse a store still in the previous layout (`objects/...`): it must be migrated."""
         marker = self.raw_key(layout.LAYOUT_KEY)

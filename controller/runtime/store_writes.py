@@ -11,6 +11,7 @@ from controller.runtime.etcd_transport import StoreError
 from controller.runtime.layout import Snapshot, Stored
 from controller.runtime.store_client import Compare, to_json
 from controller.runtime.store_errors import AlreadyExists, Conflict, NotFound
+from controller.runtime.store_keys import etcd_compares
 from controller.runtime.store_reads import StoreReads
 from crds import AnyResource
 from crds.meta import now
@@ -47,7 +48,7 @@ class StoreWrites(StoreReads):
     ) -> int:
         """Run `ops` if every compare holds; the new revision, or Conflict."""
         ok, responses = await self.call(
-            self.client.transaction(compare=list(compares), success=list(ops), failure=[]),
+            self.client.transaction(compare=etcd_compares(compares), success=list(ops), failure=[]),
             key,
             action,
         )
@@ -209,7 +210,7 @@ class StoreWrites(StoreReads):
 
     async def _guard_holds(self, guard: Sequence[Compare]) -> bool:
         ok, _ = await self.call(
-            self.client.transaction(compare=list(guard), success=[], failure=[])
+            self.client.transaction(compare=etcd_compares(guard), success=[], failure=[])
         )
         return bool(ok)
 
