@@ -21,9 +21,8 @@ from controller.runtime.store import Store
 from crds import IscsiTarget, ObjectMeta, VirtualMachine, VolumeGroup
 from crds.virtualmachine import VirtualMachineSpec
 from crds.volumegroup import VolumeGroupSpec
-from e2e.harness.polling import eventually
-from e2e.lab_tests import test_iscsi_pv_lab as iscsi_lab
-from e2e.lab_tests.test_iscsi_pv_lab import (
+from e2e.harness import iscsi_lab
+from e2e.harness.iscsi_lab import (
     DEADLINE,
     IQN,
     LUN,
@@ -32,6 +31,7 @@ from e2e.lab_tests.test_iscsi_pv_lab import (
     lvm_settings,
     serve_target,
 )
+from e2e.harness.polling import eventually
 from reconcilers.drivers.storage_paths import LOGGED_IN, iscsi_sessions
 from reconcilers.tgtd_supervisor import TgtdSupervisor, remove_stale_control_socket
 from reconcilers.volumegroup import iscsi_by_path
