@@ -61,9 +61,13 @@ class Cluster(StandInController):
         lvm: LvmSettings | None = None,
         direct_heartbeats: bool = True,
         resync_period: float = 30.0,
+        storage_check_interval: float | None = None,
     ) -> Agent:
         """Start `name`'s agent (on a private 4-CPU test host unless `uri` names another) and
-        wait until it is ready; without `direct_heartbeats` it sends none to its peers."""
+        wait until it is ready; without `direct_heartbeats` it sends none to its peers.
+
+        The storage-path watch is off unless `storage_check_interval` is given: the disks of
+        libvirt's test driver are names, not files, so every path would read as lost."""
         settings = AgentSettings(
             node=name,
             libvirt_uri=uri or host_uri(self.tmp_path, name),
@@ -71,6 +75,7 @@ class Cluster(StandInController):
             heartbeat=timing or HeartbeatTiming(),
             resync_period=resync_period,
             peers=PeerSettings() if direct_heartbeats else None,
+            storage_check_interval=storage_check_interval,
         )
         agent = Agent(self.store, settings)
         stop = asyncio.Event()
