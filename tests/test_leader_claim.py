@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aetcd
 import pytest
@@ -18,6 +18,7 @@ from controller.runtime.leader_record import ElectionTiming
 from controller.runtime.store import Store
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
+from tests.support.etcd import three_members
 
 TIMING = ElectionTiming(ttl=6, renew_period=0.5, renew_deadline=2.0, retry_period=0.5)
 """A claim lease (the TTL) longer than the outage, a renew deadline shorter: the old code lost
@@ -25,15 +26,7 @@ the claim at the first failed campaign, and a term's deadline counted from the t
 PREFIX = "/claim"
 
 
-@pytest.fixture
-def cluster() -> Iterator[EtcdCluster]:
-    with EtcdCluster(size=3) as cluster:
-        try:
-            yield cluster
-        finally:
-            for member in cluster.members:  # a stopped member must resume to be stopped
-                if member.process is not None and member.process.poll() is None:
-                    member.process.send_signal(signal.SIGCONT)
+cluster = three_members
 
 
 @pytest.fixture

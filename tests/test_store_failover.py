@@ -5,27 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
 from controller.runtime.store import Store
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
+from tests.support.etcd import three_members
 from tests.support.ha import vm_object
 
 SIGNALS = [pytest.param(signal.SIGKILL, id="killed"), pytest.param(signal.SIGSTOP, id="hung")]
 
 
-@pytest.fixture
-def cluster() -> Iterator[EtcdCluster]:
-    with EtcdCluster(size=3) as cluster:
-        try:
-            yield cluster
-        finally:
-            for member in cluster.members:  # a stopped member must resume to be stopped
-                if member.process is not None and member.process.poll() is None:
-                    member.process.send_signal(signal.SIGCONT)
+cluster = three_members
 
 
 @pytest.fixture

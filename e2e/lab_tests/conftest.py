@@ -10,6 +10,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from e2e.harness.iscsi_lab import (  # the iSCSI tests' fixtures  # noqa: F401
+    backing_store,
+    initiator_name_file,
+    iscsid,
+    iscsid_log,
+    store,
+    tgtd,
+)
 from reconcilers.drivers.netlink import Netlink
 
 IN_LAB = os.environ.get("KVMCTL_KERNEL_LAB") == "1"

@@ -20,7 +20,6 @@ from pathlib import Path
 from controller.runtime.events import EventRecorder
 from controller.runtime.store import Store
 from crds import IscsiTarget, VolumeGroup
-from e2e.harness import iscsi_lab
 from e2e.harness.iscsi_lab import (
     DEADLINE,
     INITIATOR,
@@ -43,14 +42,6 @@ from e2e.harness.polling import eventually
 from reconcilers.lv_claim import activate_for_vm, deactivate
 from reconcilers.tgtd_supervisor import TgtdSupervisor
 from reconcilers.volumegroup import VolumeGroupReconciler, iscsi_by_path
-
-# The shared fixtures (e2e/harness/iscsi_lab.py).
-backing_store = iscsi_lab.backing_store
-initiator_name_file = iscsi_lab.initiator_name_file
-iscsid = iscsi_lab.iscsid
-iscsid_log = iscsi_lab.iscsid_log
-store = iscsi_lab.store
-tgtd = iscsi_lab.tgtd
 
 
 async def test_a_vg_on_an_iscsi_lun_from_login_to_an_active_lv(

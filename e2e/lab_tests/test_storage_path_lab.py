@@ -21,7 +21,6 @@ from controller.runtime.store import Store
 from crds import IscsiTarget, ObjectMeta, VirtualMachine, VolumeGroup
 from crds.virtualmachine import VirtualMachineSpec
 from crds.volumegroup import VolumeGroupSpec
-from e2e.harness import iscsi_lab
 from e2e.harness.iscsi_lab import (
     DEADLINE,
     IQN,
@@ -35,15 +34,6 @@ from e2e.harness.polling import eventually
 from reconcilers.drivers.storage_paths import LOGGED_IN, iscsi_sessions
 from reconcilers.tgtd_supervisor import TgtdSupervisor, remove_stale_control_socket
 from reconcilers.volumegroup import iscsi_by_path
-
-# The fixtures of the iSCSI lab test: tgtd, iscsid with its initiator name and log, the LUN's
-# backing file, the store.
-backing_store = iscsi_lab.backing_store
-initiator_name_file = iscsi_lab.initiator_name_file
-iscsid = iscsi_lab.iscsid
-iscsid_log = iscsi_lab.iscsid_log
-store = iscsi_lab.store
-tgtd = iscsi_lab.tgtd
 
 
 def session_state() -> str | None:
