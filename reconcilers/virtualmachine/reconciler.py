@@ -19,7 +19,6 @@ from controller.ha.agent_rules import (
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import Informer
 from controller.runtime.layout import NODE_FINALIZERS
-from controller.runtime.leader_record import CONTROLLER_ELECTION, leader_key
 from controller.runtime.reconcile import (
     Blocked,
     Result,
@@ -27,7 +26,7 @@ from controller.runtime.reconcile import (
     TerminalError,
     record_not_ready,
 )
-from controller.runtime.store import NotFound, Store, StoreError
+from controller.runtime.store import Store
 from crds import VirtualMachine
 from crds.event import ObjectReference
 from crds.meta import now
@@ -218,7 +217,7 @@ class VirtualMachineReconciler:
         or, at the restart limit, destroy it and give up; decided on etcd's copy."""
         reason = verdict.unresponsive
         assert reason is not None
-        fresh = await self._fresh_if_placed_here(vm)
+        fresh = await self.status.fresh_if_placed_here(vm)
         if fresh is None:
             return Result()
         vm, name = fresh, fresh.metadata.name
@@ -253,7 +252,7 @@ class VirtualMachineReconciler:
     ) -> Result:
         """Decided again on etcd's current copy, not the cache: a crash seen before the cache
         caught up with our own "Running" report must still count as a restart."""
-        fresh = await self._fresh_if_placed_here(vm)
+        fresh = await self.status.fresh_if_placed_here(vm)
         if fresh is None:
             return Result()  # the cache was behind; the informer brings the change
         vm, name = fresh, fresh.metadata.name
@@ -306,45 +305,6 @@ class VirtualMachineReconciler:
             await self.recorder.record(vm, "Warning", "StartFailed", "%s", str(error))
             raise RetryableError(str(error)) from None
 
-    async def _fresh_if_placed_here(self, vm: VirtualMachine) -> VirtualMachine | None:
-        """The VM as etcd has it now (a linearizable read) if it is still to run here, else None.
-
-        The placement must carry the current term's token (the controller leader key's create
-        revision, read in the same transaction): a placement of a deposed leader starts nothing
-        until the new leader stamps it with its own.
-        """
-        name = vm.metadata.name
-        try:
-            fresh, term = await self.store.get_with_term(
-                "VirtualMachine", name, leader_key(self.store.prefix, CONTROLLER_ELECTION)
-            )
-        except NotFound:
-            return None
-        except StoreError as error:
-            raise RetryableError(f"re-reading {name} before start: {error}") from None
-        if not (
-            isinstance(fresh, VirtualMachine)
-            and fresh.metadata.uid == vm.metadata.uid
-            and fresh.metadata.deletion_timestamp is None
-            and fresh.spec.run_state == "started"
-            and placed_on(fresh, self.node)
-        ):
-            return None
-        placement = fresh.status.placement
-        if placement is not None and placement.token != term:
-            message = (
-                f"not started on {self.node}: placed under term {placement.token}, "
-                f"the controller's current term is {term or 'none'}"
-            )
-            await self.status.patch(
-                fresh,
-                lambda vm_: vm_.status.set_condition(
-                    "Ready", "False", "WaitingForTerm", message, vm.metadata.generation
-                ),
-            )
-            return None
-        return fresh
-
     async def _give_up(self, vm: VirtualMachine, restarts: list[datetime], message: str) -> Result:
         await self.status.patch(vm, lambda vm_: set_crashed(vm_, self.node, restarts, message))
         await self.recorder.record(vm, "Warning", "RestartLimitReached", "%s", message)
@@ -380,37 +340,38 @@ class VirtualMachineReconciler:
     ) -> None:
         placement = vm.status.placement
         where = f"placed on {placement.node}" if placement is not None else "not placed anywhere"
-        if domain.state in ACTIVE_STATES:
-            await destroy(host, domain.name)
-            log.warning("destroyed domain %s on %s: the VM is %s", domain.name, self.node, where)
-            await self.recorder.record(
-                vm,
-                "Warning",
-                "DomainStoppedNotPlacedHere",
-                "destroyed the domain running on %s: the VM is %s",
-                self.node,
-                where,
-            )
-        await undefine(host, domain.name)
+        await self._remove_unwanted(host, domain, vm, f"the VM is {where}")
 
     async def _remove_stale(
         self, host: LibvirtHost, domain: DomainInfo, vm: VirtualMachine | None
     ) -> None:
         """A kvmctl domain whose VM is gone (or was recreated with another uid)."""
         volumes = await self._volumes(host, None, domain)
+        involved = vm or ObjectReference(kind="VirtualMachine", name=domain.name)
+        why = "it belongs to a VirtualMachine that no longer exists"
+        await self._remove_unwanted(host, domain, involved, why)
+        await self.claims.release(volumes, domain.name)
+
+    async def _remove_unwanted(
+        self,
+        host: LibvirtHost,
+        domain: DomainInfo,
+        involved: VirtualMachine | ObjectReference,
+        why: str,
+    ) -> None:
+        """Destroy (if running) and undefine a domain this node must not run; a Warning says why."""
         if domain.state in ACTIVE_STATES:
             await destroy(host, domain.name)
-            involved = vm or ObjectReference(kind="VirtualMachine", name=domain.name)
+            log.warning("destroyed domain %s on %s: %s", domain.name, self.node, why)
             await self.recorder.record(
                 involved,
                 "Warning",
                 "DomainStoppedNotPlacedHere",
-                "destroyed the domain running on %s: it belongs to a VirtualMachine "
-                "that no longer exists",
+                "destroyed the domain running on %s: %s",
                 self.node,
+                why,
             )
         await undefine(host, domain.name)
-        await self.claims.release(volumes, domain.name)
 
     async def _delete(
         self, host: LibvirtHost, vm: VirtualMachine, domain: DomainInfo | None

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
 
+from controller.runtime.leader_record import CONTROLLER_ELECTION, leader_key
 from controller.runtime.reconcile import RetryableError
 from controller.runtime.store import NotFound, Store, StoreError
 from crds import VirtualMachine
@@ -28,6 +29,45 @@ class StatusWriter:
     def __init__(self, store: Store, node: str) -> None:
         self.store = store
         self.node = node
+
+    async def fresh_if_placed_here(self, vm: VirtualMachine) -> VirtualMachine | None:
+        """The VM as etcd has it now (a linearizable read) if it is still to run here, else None.
+
+        The placement must carry the current term's token (the controller leader key's create
+        revision, read in the same transaction): a placement of a deposed leader starts nothing
+        until the new leader stamps it with its own.
+        """
+        name = vm.metadata.name
+        try:
+            fresh, term = await self.store.get_with_term(
+                "VirtualMachine", name, leader_key(self.store.prefix, CONTROLLER_ELECTION)
+            )
+        except NotFound:
+            return None
+        except StoreError as error:
+            raise RetryableError(f"re-reading {name} before start: {error}") from None
+        if not (
+            isinstance(fresh, VirtualMachine)
+            and fresh.metadata.uid == vm.metadata.uid
+            and fresh.metadata.deletion_timestamp is None
+            and fresh.spec.run_state == "started"
+            and placed_on(fresh, self.node)
+        ):
+            return None
+        placement = fresh.status.placement
+        if placement is not None and placement.token != term:
+            message = (
+                f"not started on {self.node}: placed under term {placement.token}, "
+                f"the controller's current term is {term or 'none'}"
+            )
+            await self.patch(
+                fresh,
+                lambda vm_: vm_.status.set_condition(
+                    "Ready", "False", "WaitingForTerm", message, vm.metadata.generation
+                ),
+            )
+            return None
+        return fresh
 
     async def patch(self, vm: VirtualMachine, mutate: Callable[[Any], bool]) -> None:
         """Write status with `mutate`, only while the VM (same uid) is still placed here.
