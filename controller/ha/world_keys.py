@@ -31,6 +31,7 @@ class WorldKeys:
         self.running = False
         """True while run() runs: a term may use these caches instead of its own."""
         self.synced_at: float | None = None
+        self._synced = asyncio.Event()
         self.lost_at: dict[str, float] = {}
         self.session_at: dict[str, float] = {}
         heartbeats = heartbeat_key(store.prefix, "node").rpartition("/")[0] + "/"
@@ -50,6 +51,7 @@ class WorldKeys:
         try:
             await asyncio.gather(*(cache.synced.wait() for cache in self._caches))
             self.synced_at = _now()
+            self._synced.set()
             await asyncio.gather(*tasks)  # they run until cancelled
         finally:
             self.running = False
@@ -57,9 +59,8 @@ class WorldKeys:
 
     async def wait_for_sync(self) -> float:
         """When every cache had first synced (run() must be running)."""
-        while self.synced_at is None:
-            await asyncio.gather(*(cache.synced.wait() for cache in self._caches))
-            await asyncio.sleep(0)
+        await self._synced.wait()
+        assert self.synced_at is not None
         return self.synced_at
 
     def lease_lost_at(self, node: str) -> float:
