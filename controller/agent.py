@@ -124,6 +124,8 @@ class Agent:
         self.recorder = EventRecorder(store, "kvmctl-agent", settings.node)
         self.manager: Manager | None = None
         """The manager running the agent's loops (created by `run`)."""
+        self.self_fence_victims: set[str] = set()
+        """The VMs a self-fence destroyed, until started again (a self-fence is no crash)."""
         self.vm_reconciler = VirtualMachineReconciler(
             self.node,
             store,
@@ -134,6 +136,7 @@ class Agent:
             self.recorder,
             settings.domain,
             self.start_blocker,
+            self.self_fence_victims,
         )
         self.migration_runner = MigrationRunner(
             self.node,
@@ -216,6 +219,7 @@ class Agent:
         destroyed = await destroy_every_domain(host)
         log.error("self-fenced %s: destroyed %s", self.node, ", ".join(destroyed) or "nothing")
         self._fenced_domains = destroyed
+        self.self_fence_victims.update(destroyed)
         await self.migration_runner.stop()
 
     # -- run ---------------------------------------------------------------------------------

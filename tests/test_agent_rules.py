@@ -50,6 +50,8 @@ HUNG_HERE = replace(RUNNING_HERE, unresponsive="watchdog i6300esb fired (action 
         (replace(CRASHED_HERE, restarts=(930.0, 990.0)), "restart"),  # one is out of the window
         (replace(CRASHED_HERE, restarts=(950.0, 990.0)), "give_up"),
         (replace(CRASHED_HERE, gave_up_here=True), "stay_down"),
+        (replace(CRASHED_HERE, self_fence_victim=True), "start"),  # not a crash: not counted
+        (replace(CRASHED_HERE, self_fence_victim=True, restarts=(950.0, 990.0)), "start"),
         (replace(CRASHED_HERE, start_blocker="no valid heartbeat lease"), "wait"),
         (replace(RUNNING_HERE, start_blocker="node is Fencing"), "keep"),  # never killed for it
         (HUNG_HERE, "reset"),

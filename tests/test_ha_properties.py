@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from controller.ha import scenario
@@ -190,6 +190,21 @@ def start_agents_after_boot(sim: Simulator) -> None:
     vm_options=st.lists(vm_option, min_size=1, max_size=len(VMS)),
     chaos=st.lists(events, max_size=25),
     on_hosts=st.booleans(),
+)
+@example(  # found: self-fences counted as crashes, then a give-up outliving its relocation
+    policies=("ipmi", "self-fence", "ipmi"),
+    vm_options=[{}, {"node": "host1", "migration": {"allowed": False}}, {"node": "host1"}, {}],
+    chaos=[
+        *[Event(0.1, "etcd-election", "1")] * 3,
+        Event(37.0, "etcd-election", "2"),
+        Event(42.6, "power-off", "host3"),
+        Event(42.4, "etcd-election", "1"),
+        Event(16.1, "crash", "vm2", "host2"),
+        Event(0.1, "crash", "vm2", "host2"),
+        Event(34.4, "power-off", "host1"),
+        Event(43.3, "etcd-election", "1"),
+    ],
+    on_hosts=False,
 )
 def test_random_failures_keep_the_invariants(
     policies: tuple[str, ...],

@@ -420,10 +420,22 @@ async def test_self_fence_destroys_vms_only_where_the_node_relies_on_it(
             async def restarted() -> bool:
                 return await domain_state(fencer, "vm1") is DomainState.RUNNING
 
-            # Still placed on fencer once etcd is back: it starts again (counted as a restart).
+            # Still placed on fencer once etcd is back: it starts again, and the self-fence is
+            # not a crash: the restart policy does not count it.
             await eventually(restarted, "vm1 running again once the lease is back")
             [event] = await cluster.events("fencer", "SelfFenced")
             assert "after its last renewal (lease TTL 4 s): vm1" in event.spec.message
+
+            async def reported_running() -> bool:
+                vm = await cluster.store.get("VirtualMachine", "vm1")
+                return isinstance(vm, VirtualMachine) and vm.status.state == "Running"
+
+            await eventually(reported_running, "vm1 reported Running again")
+            vm = await cluster.store.get("VirtualMachine", "vm1")
+            assert isinstance(vm, VirtualMachine)
+            assert vm.status.restarts == []
+            assert "VMRestarted" not in await reasons(cluster.store, "VirtualMachine", "vm1")
+            assert not fencer.self_fence_victims
         finally:
             await cluster.close()
 

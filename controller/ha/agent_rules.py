@@ -60,6 +60,9 @@ class DomainFacts:
     """Why starting is not allowed now (`start_blocker`), or None."""
     unresponsive: str | None = None
     """Which health check the running guest failed (`unresponsive_reason`), or None."""
+    self_fence_victim: bool = False
+    """This agent's own self-fence destroyed the guest (since then not started again): not a
+    crash, so starting it again is not counted by the restart policy."""
 
 
 def recent_restarts(restarts: Sequence[float], policy: RestartPolicy, now: float) -> list[float]:
@@ -83,7 +86,7 @@ def decide_domain(facts: DomainFacts) -> DomainAction:
         return "wait"
     if facts.gave_up_here:
         return "stay_down"
-    if not facts.ran_here:
+    if not facts.ran_here or facts.self_fence_victim:
         return "start"
     return "give_up" if _at_limit(facts) else "restart"
 

@@ -64,6 +64,7 @@ class AgentLoops(SimCore):
             # Past the deadline the agent destroys every domain, including late arrivals.
             host.self_fenced = True
             lost = self.qemu.clear(host.name)
+            host.self_fence_victims.update(lost)
             if lost:
                 self.log(f"host/{host.name}", f"agent self-fenced: destroyed {', '.join(lost)}")
                 self._lose([n for n in lost if n in self.vms])
@@ -129,14 +130,18 @@ class AgentLoops(SimCore):
                 running=qemu is not None and qemu.phase != "incoming",
                 migration_owns=self._migration_owns(vm, host.name),
                 ran_here=vm.state == "Running" and vm.status_node == host.name,
-                gave_up_here=vm.gave_up_on == host.name,
+                gave_up_here=vm.gave_up_on is not None and vm.status_node == host.name,
                 restarts=vm.restarts,
                 policy=vm.spec.restart_policy,
                 now=self.now(),
                 start_blocker=blocker,
                 unresponsive=self._failed_check(vm, qemu),
+                self_fence_victim=name in host.self_fence_victims,
             )
-            self._agent_act(host, vm, qemu, facts, decide_domain(facts))
+            action = decide_domain(facts)
+            if action in ("start", "restart", "destroy", "forget"):
+                host.self_fence_victims.discard(name)  # as the reconciler does
+            self._agent_act(host, vm, qemu, facts, action)
 
     def _still_hung(self, node: str) -> set[str]:
         """The VMs whose guest hangs on `node` (forgetting those reset or gone since)."""

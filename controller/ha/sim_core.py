@@ -231,6 +231,7 @@ class SimCore:
         host.powered = False
         host.agent = False
         host.boot_done_at = None
+        host.self_fence_victims.clear()  # the agent's memory goes with the power
         self.qemu.clear(name)
         self.log(f"host/{name}", why + (f" (killed {', '.join(lost)})" if lost else ""))
         self._lose(lost)

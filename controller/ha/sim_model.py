@@ -9,7 +9,7 @@ values are therefore never mutated in place (`restarts` is a tuple, `SimMigratio
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from crds.clusternode import ClusterNodeSpec, NodeHealth
@@ -67,6 +67,8 @@ class Host:
     """When etcd expires the agent's lease (set from last_renewal at the start)."""
     last_feed: float = 0.0
     self_fenced: bool = False
+    self_fence_victims: set[str] = field(default_factory=set)
+    """The VMs its agent's self-fence destroyed and has not started again."""
     reported: frozenset[str] = frozenset()
     clean_since: float | None = None
     cleaned_fence: float | None = None

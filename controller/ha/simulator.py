@@ -329,10 +329,11 @@ class Simulator(AgentLoops, Controllers):
         if vm.placement != action.node:
             vm.status_node = None  # as production's Place: the last report was another placement
         vm.placement = action.node
-        if action.relocation:
+        if action.relocation:  # as production's Place: RestartLimitReached is dropped
             vm.relocations += 1
             vm.restarts = ()
             vm.crashed_at = None
+            vm.gave_up_on = None
         if action.node is None:
             return
         elsewhere = [h for h in self.executing_hosts(vm.name) if h != action.node]
@@ -360,6 +361,7 @@ class Simulator(AgentLoops, Controllers):
         host = self.hosts[name]
         if host.agent:
             host.agent = False
+            host.self_fence_victims.clear()  # a restarted agent does not know them
             self.log(f"host/{name}", "agent killed; guests keep running")
 
     def start_agent(self, name: str) -> None:

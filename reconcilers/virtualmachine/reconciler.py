@@ -61,7 +61,8 @@ class VirtualMachineReconciler:
 
     `host` is the current libvirt connection (the agent replaces it after a reconnect; None
     while disconnected). `start_blocker()` returns why starting domains is not allowed now
-    (for example: no valid heartbeat lease), or None.
+    (for example: no valid heartbeat lease), or None. `self_fence_victims` holds the VMs the
+    agent's self-fence destroyed here: started again uncounted, then dropped from it.
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class VirtualMachineReconciler:
         recorder: EventRecorder,
         settings: DomainSettings,
         start_blocker: Callable[[], str | None] = lambda: None,
+        self_fence_victims: set[str] | None = None,
     ) -> None:
         self.node = node
         self.store = store
@@ -84,6 +86,7 @@ class VirtualMachineReconciler:
         self.recorder = recorder
         self.settings = settings
         self.start_blocker = start_blocker
+        self.self_fence_victims = set() if self_fence_victims is None else self_fence_victims
         self.host: LibvirtHost | None = None
         self.domains = DomainBuilder(node, settings, iscsi_targets, nodes)
         self.claims = VolumeClaims(store, node, settings.lvm, vms, migrations, nodes, recorder)
@@ -132,6 +135,8 @@ class VirtualMachineReconciler:
             return await self._delete(host, vm, domain)
         migration = self.handover.in_flight(vm)
         action = decide_domain(self._facts(vm, domain, migration is not None))
+        if action in ("destroy", "forget", "stop"):
+            self.self_fence_victims.discard(name)
         if action == "leave":
             assert migration is not None
             await self.handover.leave_to(vm, migration)
@@ -175,6 +180,7 @@ class VirtualMachineReconciler:
             policy=vm.spec.restart_policy,
             now=now().timestamp(),
             start_blocker=self.start_blocker(),
+            self_fence_victim=vm.metadata.name in self.self_fence_victims,
         )
 
     async def _volumes(
@@ -272,6 +278,7 @@ class VirtualMachineReconciler:
             raise Blocked("VolumeActivationFailed", problem, ACTIVATION_RETRY)
         desired = self.domain_spec(vm)
         await self._start(host, vm, desired)
+        self.self_fence_victims.discard(name)
         self.health.forget(name)
         if action == "restart":
             restarts.append(now())
