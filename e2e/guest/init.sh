@@ -30,7 +30,6 @@ feeder=
 if [ -e /dev/watchdog ]; then
     watchdog -F -T 5 -t 1 /dev/watchdog &
     feeder=$!
-    echo "kvmctl-guest feeding the watchdog"
 fi
 
 guest_agent_port() {
@@ -96,12 +95,15 @@ answer_guest_agent() {
         esac
     done
 }
+
+echo "kvmctl-guest booted"  # every line below comes after it (the tests read one boot's lines)
+if [ -n "$feeder" ]; then
+    echo "kvmctl-guest feeding the watchdog"
+fi
 set -- /sys/bus/virtio/drivers/virtio_console/virtio*
 if [ -e "$1" ]; then
     answer_guest_agent &
 fi
-
-echo "kvmctl-guest booted"
 n=0
 while true; do
     echo "tick $n"
