@@ -1,19 +1,25 @@
-"""Build (once) the tiny TCG test guest: Debian's cloud kernel plus a busybox initramfs.
+"""Build (once) the tiny TCG test guest: a Debian kernel plus a busybox initramfs.
 
-The kernel comes from the Debian package that `linux-image-cloud-amd64` depends on, fetched with
-`apt-get download` (the only network access) and unpacked with `dpkg -x`; its ACPI button and
-evdev modules are kept too. The initramfs is a newc cpio archive written here with the standard
-library: busybox-static, `init.sh` as `/init`, the two modules and a `/dev/console` node. Its
-`/init` powers off on the ACPI power button and prints `tick N` on ttyS0 every 100 ms.
+The default image runs Debian's cloud kernel, from the package that `linux-image-cloud-amd64`
+depends on, fetched with `apt-get download` (the only network access) and unpacked with `dpkg -x`;
+the modules `init.sh` needs are kept too (ACPI button and evdev, virtio-serial). The initramfs is a
+newc cpio archive written here with the standard library: busybox-static, `init.sh` as `/init`,
+the modules with `/lib/modules/order` (their load order) and a `/dev/console` node. Its `/init`
+powers off on the ACPI power button, answers a minimal qemu-guest-agent if the domain has its
+channel, and prints `tick N` on ttyS0 every 100 ms.
+
+The cloud kernel has no i6300esb driver: `ensure_watchdog_guest_image` boots the same `init.sh` on
+the kernel lab's generic kernel (e2e/kernellab/build.py builds it) with its i6300esb module.
 
 Everything lands in `e2e/guest/build/` and is rebuilt only when missing; the initramfs name carries
 a hash of its inputs, so editing `init.sh` gives a new file.
 
-    python -m e2e.guest.build     # prints the kernel and initrd paths
+    python -m e2e.guest.build     # prints the kernel and initrd paths of both images
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import re
@@ -29,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from e2e.kernellab import build as kernellab
+
 GUEST_DIR = Path(__file__).resolve().parent
 BUILD_DIR = GUEST_DIR / "build"
 INIT_SCRIPT = GUEST_DIR / "init.sh"
@@ -36,8 +44,20 @@ BUSYBOX = Path("/bin/busybox")
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 DEFAULT_MEMORY_MIB = 96
-# Loaded by init.sh so that libvirt's shutdown() (the ACPI power button) powers the guest off.
-GUEST_MODULES = ("drivers/acpi/button.ko", "drivers/input/evdev.ko")
+GUEST_MODULES = (
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "drivers/char/virtio_console.ko",
+    "drivers/acpi/button.ko",
+    "drivers/input/evdev.ko",
+)
+"""The cloud kernel's modules init.sh loads, in this order: virtio-serial for the guest agent's
+port, the ACPI button and evdev so that libvirt's shutdown() powers the guest off."""
+WATCHDOG_GUEST_MODULES = ("virtio_pci", "virtio_console", "i6300esb", "button", "evdev")
+"""The same and the i6300esb driver, from the generic kernel (loaded with their dependencies)."""
 
 
 class GuestBuildError(RuntimeError):
@@ -101,7 +121,22 @@ def ensure_guest_image() -> GuestImage:
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     with _build_lock():
         kernel_dir = _ensure_kernel()
-        return GuestImage(kernel=kernel_dir / "vmlinuz", initrd=_ensure_initrd(kernel_dir))
+        modules = [kernel_dir / Path(module).name for module in GUEST_MODULES]
+        return GuestImage(kernel=kernel_dir / "vmlinuz", initrd=_ensure_initrd(modules))
+
+
+def ensure_watchdog_guest_image() -> GuestImage:
+    """The test guest on the kernel lab's generic kernel (uncompressed: it boots faster under
+    TCG), whose i6300esb driver makes a `<watchdog>` device work; builds what is missing.
+    Not from a running event loop: it runs the kernel lab's asyncio build."""
+    try:
+        lab = asyncio.run(kernellab.ensure_built())
+        modules = kernellab.module_load_order(lab.modules_dir, WATCHDOG_GUEST_MODULES)
+    except kernellab.LabBuildError as error:
+        raise GuestBuildError(f"building the kernel lab's kernel: {error}") from None
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    with _build_lock():
+        return GuestImage(kernel=lab.vmlinux, initrd=_ensure_initrd(modules))
 
 
 @contextmanager
@@ -123,8 +158,14 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
 
 
 def _ensure_kernel() -> Path:
-    """A directory holding `vmlinuz` and the `GUEST_MODULES`, named after the kernel version."""
-    existing = sorted(path.parent for path in BUILD_DIR.glob("kernel-*/vmlinuz"))
+    """A directory holding `vmlinuz` and the `GUEST_MODULES`, named after the kernel version
+    (one built before a module was added to the list is completed from a fresh download)."""
+    names = [Path(module).name for module in GUEST_MODULES]
+    existing = sorted(
+        path.parent
+        for path in BUILD_DIR.glob("kernel-*/vmlinuz")
+        if all((path.parent / name).is_file() for name in names)
+    )
     if existing:
         return existing[-1]
     package = _kernel_package()
@@ -150,7 +191,9 @@ def _ensure_kernel() -> Path:
                 raise GuestBuildError(f"{debs[0].name} has no module {module}")
             shutil.copyfile(source, staging / source.name)
         target = BUILD_DIR / f"kernel-{version}"
-        staging.rename(target)
+        target.mkdir(exist_ok=True)
+        for staged in staging.iterdir():  # one at a time, each whole: others may be booting it
+            staged.replace(target / staged.name)
         return target
 
 
@@ -171,16 +214,15 @@ def _kernel_package() -> str:
     raise GuestBuildError(f"apt-cache finds no kernel package behind {KERNEL_METAPACKAGE}")
 
 
-def _ensure_initrd(kernel_dir: Path) -> Path:
+def _ensure_initrd(modules: list[Path]) -> Path:
+    """The initramfs with `init.sh` and `modules` (loaded in this order), named by its hash."""
     if not BUSYBOX.is_file():
         raise GuestBuildError(f"{BUSYBOX} is missing: install the Debian package busybox-static")
     files = {
         "init": INIT_SCRIPT.read_bytes(),
         "bin/busybox": BUSYBOX.read_bytes(),
-        **{
-            f"lib/modules/{Path(module).name}": (kernel_dir / Path(module).name).read_bytes()
-            for module in GUEST_MODULES
-        },
+        "lib/modules/order": "".join(f"{module.name}\n" for module in modules).encode(),
+        **{f"lib/modules/{module.name}": module.read_bytes() for module in modules},
     }
     digest = hashlib.sha256()
     for name, content in files.items():
@@ -237,12 +279,13 @@ def _pad4(chunk: bytes) -> bytes:
 
 def main() -> int:
     try:
-        image = ensure_guest_image()
+        images = {"guest": ensure_guest_image(), "watchdog guest": ensure_watchdog_guest_image()}
     except GuestBuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"kernel: {image.kernel}")
-    print(f"initrd: {image.initrd}")
+    for name, image in images.items():
+        print(f"{name} kernel: {image.kernel}")
+        print(f"{name} initrd: {image.initrd}")
     return 0
 
 

@@ -39,3 +39,13 @@ def wait_for_tick(serial_log: Path, above: int = -1, timeout: float = 120.0) -> 
                 f"{serial_log}: no tick above {above} within {timeout:.0f} s (latest: {latest})"
             )
         time.sleep(0.05)
+
+
+def last_boot(serial_log: Path) -> bytes:
+    """The log from the latest boot line on (empty before the first boot)."""
+    try:
+        text = serial_log.read_bytes()
+    except FileNotFoundError:
+        return b""
+    start = text.rfind(BOOTED_LINE)
+    return b"" if start == -1 else text[start:]
