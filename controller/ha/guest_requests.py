@@ -1,7 +1,7 @@
-"""The keys and documents by which a guest cluster's `fence_kvmctl` asks the controller to fence.
+"""The documents by which a guest cluster's `fence_kvmctl` asks the controller to fence.
 
 C is the guest cluster, VM a VirtualMachine labelled `fence.kvmctl.io/guest-cluster: C`; keys
-are relative to the cluster prefix, outside `objects/`:
+are relative to the cluster prefix, built by `controller/runtime/layout_keys.py`:
 
 - `requests/guest-fence/C/VM`: written by fence_kvmctl (etcd user `fence-C`),
   `{"action": "off"|"on", "id", "at", "timeout"}`; the leading controller deletes it when done;
@@ -27,44 +27,11 @@ GUEST_CLUSTER_LABEL = "fence.kvmctl.io/guest-cluster"
 """The label that makes a VirtualMachine a member of a guest cluster (set by an admin)."""
 USER_PREFIX = "fence-"
 """A guest cluster's etcd user (and certificate CN) is `fence-<cluster>`."""
-REQUESTS = "requests/guest-fence/"
-RESULTS = "results/guest-fence/"
-STATUS = "status"
 MAX_TIMEOUT = 3600.0
 
 GuestAction = Literal["off", "on"]
 Outcome = Literal["off", "on", "refused", "failed"]
 Published = Literal["on", "off", "unknown"]
-
-
-def _under(prefix: str, family: str, *names: str) -> str:
-    for name in names:
-        _check_name(name)
-    return f"{prefix.rstrip('/')}/{family}{'/'.join(names)}"
-
-
-def request_prefix(prefix: str) -> str:
-    return f"{prefix.rstrip('/')}/{REQUESTS}"
-
-
-def results_prefix(prefix: str) -> str:
-    return f"{prefix.rstrip('/')}/{RESULTS}"
-
-
-def request_key(prefix: str, cluster: str, vm: str) -> str:
-    return _under(prefix, REQUESTS, cluster, vm)
-
-
-def result_key(prefix: str, cluster: str, vm: str) -> str:
-    return _under(prefix, RESULTS, cluster, vm)
-
-
-def status_prefix(prefix: str, cluster: str) -> str:
-    return _under(prefix, RESULTS, cluster) + f"/{STATUS}/"
-
-
-def status_key(prefix: str, cluster: str, vm: str) -> str:
-    return status_prefix(prefix, cluster) + _check_name(vm)
 
 
 def split_name(name: str) -> tuple[str, str] | None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import aetcd
 import aetcd.rtypes
 
+from . import layout_keys
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -23,15 +24,17 @@ OnChange = Callable[[str, bytes | None], None]
 
 
 class PrefixCache:
-    """Every key under `prefix`, by the name after the prefix, kept current from a watch.
+    """Every key under `range_` (relative to the store's prefix, from `layout_keys`), by the
+    name after it, kept current from a watch.
 
     `on_change(name, value)` runs on every change (value None: deleted), including the
     differences a relist finds after a lost watch. Run it as a task; cancel to stop.
     """
 
-    def __init__(self, store: Store, prefix: str, on_change: OnChange) -> None:
+    def __init__(self, store: Store, range_: str, on_change: OnChange) -> None:
         self.store = store
-        self.prefix = prefix
+        self.prefix = layout_keys.absolute(store.prefix, range_)
+        """The watched range's full key."""
         self.values: dict[str, bytes] = {}
         self.synced = asyncio.Event()
         self._on_change = on_change
