@@ -13,7 +13,6 @@ are relative to the cluster prefix, built by `controller/runtime/layout_keys.py`
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +20,7 @@ from typing import Literal, cast, get_args
 
 from crds.meta import _check_name
 
-from .requests import RequestFormatError
+from .requests import RequestFormatError, encode_document, parse_document
 
 GUEST_CLUSTER_LABEL = "fence.kvmctl.io/guest-cluster"
 """The label that makes a VirtualMachine a member of a guest cluster (set by an admin)."""
@@ -66,20 +65,6 @@ class PowerStatus:
     message: str
 
 
-def _encode(document: dict[str, object]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
-
-
-def _object(key: str, value: bytes) -> dict[str, object]:
-    try:
-        document = json.loads(value)
-    except ValueError as error:
-        raise RequestFormatError(f"{key}: not JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise RequestFormatError(f"{key}: expected a JSON object")
-    return document
-
-
 def _string(key: str, document: dict[str, object], field: str) -> str:
     value = document.get(field)
     if not isinstance(value, str) or not value.isascii() or not value.isprintable():
@@ -92,7 +77,7 @@ def new_request(action: GuestAction, timeout: float) -> GuestRequest:
 
 
 def encode_request(request: GuestRequest) -> bytes:
-    return _encode(
+    return encode_document(
         {
             "action": request.action,
             "id": request.id,
@@ -103,7 +88,7 @@ def encode_request(request: GuestRequest) -> bytes:
 
 
 def parse_request(key: str, value: bytes) -> GuestRequest:
-    document = _object(key, value)
+    document = parse_document(key, value)
     action = document.get("action")
     if action not in get_args(GuestAction):
         raise RequestFormatError(f"{key}: action must be off or on, got {action!r}")
@@ -120,11 +105,11 @@ def parse_request(key: str, value: bytes) -> GuestRequest:
 
 
 def encode_result(result: GuestResult) -> bytes:
-    return _encode({"id": result.id, "state": result.state, "message": result.message})
+    return encode_document({"id": result.id, "state": result.state, "message": result.message})
 
 
 def parse_result(key: str, value: bytes) -> GuestResult:
-    document = _object(key, value)
+    document = parse_document(key, value)
     state = document.get("state")
     if state not in get_args(Outcome):
         raise RequestFormatError(f"{key}: unknown state {state!r}")
@@ -133,11 +118,11 @@ def parse_result(key: str, value: bytes) -> GuestResult:
 
 
 def encode_status(status: PowerStatus) -> bytes:
-    return _encode({"state": status.state, "message": status.message})
+    return encode_document({"state": status.state, "message": status.message})
 
 
 def parse_status(key: str, value: bytes) -> PowerStatus:
-    document = _object(key, value)
+    document = parse_document(key, value)
     state = document.get("state")
     if state not in get_args(Published):
         raise RequestFormatError(f"{key}: unknown state {state!r}")

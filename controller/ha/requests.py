@@ -59,7 +59,8 @@ class RequestFormatError(ValueError):
     """A request or report key holds something kvmctl did not write."""
 
 
-def _document(key: str, value: bytes) -> dict[str, Any]:
+def parse_document(key: str, value: bytes) -> dict[str, Any]:
+    """The JSON object stored at `key`; RequestFormatError for anything else."""
     try:
         document = json.loads(value)
     except ValueError as error:
@@ -79,12 +80,12 @@ def _time(key: str, value: object) -> datetime:
 
 
 def parse_fence_ack(key: str, value: bytes) -> FenceAck:
-    document = _document(key, value)
+    document = parse_document(key, value)
     return FenceAck(_time(key, document.get("at")), str(document.get("by", "")))
 
 
 def parse_drain(key: str, value: bytes) -> DrainRequest:
-    document = _document(key, value)
+    document = parse_document(key, value)
     mode = document.get("mode")
     if mode not in ("migrate", "force"):
         raise RequestFormatError(f"{key}: mode must be migrate or force, got {mode!r}")
@@ -92,7 +93,7 @@ def parse_drain(key: str, value: bytes) -> DrainRequest:
 
 
 def parse_report(key: str, value: bytes) -> NodeReport:
-    document = _document(key, value)
+    document = parse_document(key, value)
     domains = document.get("domains", [])
     if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
         raise RequestFormatError(f"{key}: domains must be a list of names")
@@ -104,19 +105,19 @@ def parse_report(key: str, value: bytes) -> NodeReport:
     )
 
 
-def _encode(document: dict[str, Any]) -> bytes:
+def encode_document(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
 async def request_fence_ack(store: Store, node: str) -> None:
     """Record the operator's word that `node` is off (`kvmctl fence ack NODE`)."""
     document = {"at": datetime.now(UTC).isoformat(), "by": getpass.getuser()}
-    await store.keys.put(store.raw_key(layout_keys.fence_ack(node)), _encode(document))
+    await store.keys.put(store.raw_key(layout_keys.fence_ack(node)), encode_document(document))
 
 
 async def request_drain(store: Store, node: str, force: bool) -> None:
     document = {"mode": "force" if force else "migrate", "at": datetime.now(UTC).isoformat()}
-    await store.keys.put(store.raw_key(layout_keys.drain(node)), _encode(document))
+    await store.keys.put(store.raw_key(layout_keys.drain(node)), encode_document(document))
 
 
 async def cancel_drain(store: Store, node: str) -> bool:
@@ -136,7 +137,7 @@ async def write_report(store: Store, node: str, report: NodeReport) -> None:
         "cleanedFence": None if report.cleaned_fence is None else report.cleaned_fence.isoformat(),
         "at": report.at.isoformat(),
     }
-    await store.keys.put(store.raw_key(layout_keys.report(node)), _encode(document))
+    await store.keys.put(store.raw_key(layout_keys.report(node)), encode_document(document))
 
 
 async def read_report(store: Store, node: str) -> NodeReport | None:
