@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 import aetcd
 
-from controller.runtime.heartbeat import heartbeat_key
-from controller.runtime.leader_record import leader_key
+from controller.runtime import layout_keys
 from controller.runtime.store import Store
 from crds import ClusterNode, Event, VirtualMachine
 from e2e.harness.chaos import ELECTION_NAME
@@ -54,9 +53,9 @@ class Timeline:
     async def follow(self, store: Store) -> None:
         revision = await store.revision() + 1
         async with asyncio.TaskGroup() as group:
-            heartbeats = heartbeat_key(store.prefix, "x")[:-1]  # {prefix}/heartbeats/
+            heartbeats = layout_keys.absolute(store.prefix, layout_keys.HEARTBEATS)
             group.create_task(_raw_watch(store, heartbeats, revision, self._heartbeat))
-            leader = leader_key(store.prefix, ELECTION_NAME)
+            leader = layout_keys.absolute(store.prefix, layout_keys.leader(ELECTION_NAME))
             group.create_task(_raw_watch(store, leader, revision, self._leader()))
             group.create_task(self._nodes(store, revision))
             group.create_task(self._vms(store, revision))

@@ -21,10 +21,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from controller.runtime import telemetry
+from controller.runtime import layout_keys, telemetry
 from controller.runtime.controller import Controller
 from controller.runtime.events import EventRecorder
-from controller.runtime.heartbeat import heartbeat_key
 from controller.runtime.informer import Informer, SharedInformers
 from controller.runtime.manager import Manager
 from controller.runtime.manager import Term as Term  # re-exported: the HA modules use it
@@ -149,7 +148,7 @@ class MigrationController:
             raise Invalid(f"target node {name} is {health}")
         if target.status.libvirt_uri is None:
             raise Invalid(f"target node {name} has no agent reporting (no libvirt URI)")
-        if await self.store.keys.get(heartbeat_key(self.store.prefix, name)) is None:
+        if await self.store.keys.get(self.store.raw_key(layout_keys.heartbeat(name))) is None:
             raise Invalid(f"target node {name} has no heartbeat")
 
     def _check_capacity(self, vm: VirtualMachine, target: ClusterNode) -> None:

@@ -10,7 +10,8 @@ are relative to the cluster prefix.
   (specs of what it creates, its status parts, the deletion of finished objects), the leader
   key, operator requests, results (answers to guest clusters) and locks.
 - agent-<node>: reads every kind except Secret, heartbeats, the leader key, locks and LVM
-  activation claims; writes only its own node's keys (controller/runtime/layout.py): its status
+  activation claims; writes only its own node's keys (controller/runtime/layout.py and
+  layout_keys.py, which build every key and range granted here): its status
   parts (`kinds/{Kind}/status/node.<node>/`) of the kinds it reports on, its Events
   (`kinds/Event/node.<node>/`), its heartbeat, session trace and report; plus the VolumeGroup
   metadata locks and LVM activation claims, which every agent shares by nature (each takes them
@@ -32,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from controller.runtime import layout
+from controller.runtime import layout, layout_keys
 from controller.runtime.etcd_auth import EtcdAuth
 from controller.runtime.store import Store
 from crds import KINDS
@@ -84,7 +85,7 @@ def _readable_objects(secrets: bool) -> list[Grant]:
     return [Grant("read", layout.kind_range(k)) for k in KINDS if secrets or k != "Secret"]
 
 
-_PROBE = Grant("read", "revision-probe")
+_PROBE = Grant("read", layout_keys.REVISION_PROBE)
 """Every client reads this empty range to learn the store's revision (Store.revision)."""
 _LAYOUT = Grant("read", layout.LAYOUT_KEY, prefix=False)
 """Every client checks the store's key layout version when it connects."""
@@ -94,12 +95,12 @@ def controller_role() -> Role:
     return Role(
         CONTROLLER,
         (
-            Grant("read", ""),
-            Grant("readwrite", "kinds/"),
-            Grant("readwrite", "leader/"),
-            Grant("readwrite", "requests/"),
-            Grant("readwrite", "results/"),
-            Grant("readwrite", "locks/"),
+            Grant("read", layout_keys.EVERYTHING),
+            Grant("readwrite", layout.KINDS_RANGE),
+            Grant("readwrite", layout_keys.LEADERS),
+            Grant("readwrite", layout_keys.REQUESTS),
+            Grant("readwrite", layout_keys.RESULTS),
+            Grant("readwrite", layout_keys.LOCKS),
         ),
     )
 
@@ -115,13 +116,13 @@ def agent_role(node: str, read_secrets: bool = False) -> Role:
             *_readable_objects(read_secrets),
             *(Grant("readwrite", layout.parts_range(kind, writer)) for kind in REPORTED_KINDS),
             Grant("readwrite", layout.spec_range("Event", writer)),
-            Grant("read", "heartbeats/"),
-            Grant("readwrite", f"heartbeats/{node}", prefix=False),
-            Grant("readwrite", f"sessions/{node}", prefix=False),
-            Grant("readwrite", f"reports/{node}", prefix=False),
-            Grant("read", "leader/"),
-            Grant("readwrite", "locks/lvm/"),
-            Grant("readwrite", "lvm/activation/"),
+            Grant("read", layout_keys.HEARTBEATS),
+            Grant("readwrite", layout_keys.heartbeat(node), prefix=False),
+            Grant("readwrite", layout_keys.session(node), prefix=False),
+            Grant("readwrite", layout_keys.report(node), prefix=False),
+            Grant("read", layout_keys.LEADERS),
+            Grant("readwrite", layout_keys.VG_METADATA_LOCKS),
+            Grant("readwrite", layout_keys.LV_ACTIVATION_CLAIMS),
         ),
     )
 
@@ -133,24 +134,23 @@ def monitor_role() -> Role:
             _PROBE,
             _LAYOUT,
             *_readable_objects(secrets=False),
-            Grant("read", "heartbeats/"),
-            Grant("read", "leader/"),
-            Grant("read", "requests/"),
-            Grant("read", "reports/"),
-            Grant("read", "lvm/activation/"),
+            Grant("read", layout_keys.HEARTBEATS),
+            Grant("read", layout_keys.LEADERS),
+            Grant("read", layout_keys.REQUESTS),
+            Grant("read", layout_keys.REPORTS),
+            Grant("read", layout_keys.LV_ACTIVATION_CLAIMS),
         ),
     )
 
 
 def guest_fence_role(cluster: str) -> Role:
     """The role of `fence_kvmctl` in guest cluster `cluster` (controller/ha/guest_requests.py)."""
-    _check_name(cluster)
     return Role(
-        f"{GUEST_FENCE_PREFIX}{cluster}",
+        f"{GUEST_FENCE_PREFIX}{_check_name(cluster)}",
         (
             _PROBE,
-            Grant("readwrite", f"requests/guest-fence/{cluster}/"),
-            Grant("read", f"results/guest-fence/{cluster}/"),
+            Grant("readwrite", layout_keys.guest_fence_requests(cluster)),
+            Grant("read", layout_keys.guest_fence_results(cluster)),
         ),
     )
 

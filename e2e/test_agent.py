@@ -18,7 +18,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime import layout_keys
 from crds import VirtualMachine
 from e2e.guest.console import read_ticks, tick_gaps
 from e2e.harness.agent_lab import (
@@ -233,7 +233,7 @@ async def test_watchdog_is_fed_while_the_agent_runs_and_fires_when_it_hangs(
     host = agent_lab.host("host-w")
     fifo = host.start_watchdog(timeout=3.0)
     pid = agent_lab.start_agent("host-w", "--watchdog", str(fifo))
-    key = heartbeat_key(PREFIX, "host-w").encode()
+    key = layout_keys.absolute(PREFIX, layout_keys.heartbeat("host-w")).encode()
 
     async def heartbeat() -> bool:
         return await controller.store.client.get(key) is not None

@@ -23,7 +23,7 @@ from functools import partial
 
 import pytest
 
-from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime import layout_keys
 from controller.runtime.store import NotFound, Store
 from crds import ClusterNode, Event
 from e2e.guest.build import GuestImage, ensure_guest_image
@@ -86,7 +86,7 @@ class Chaos:
 
     async def all_online(self) -> bool:
         for name in self.cluster.kvm_hosts:
-            heartbeat = heartbeat_key(self.store.prefix, name).encode()
+            heartbeat = self.store.raw_key(layout_keys.heartbeat(name))
             if await self.store.client.get(heartbeat) is None:
                 return False
             if (await self.node(name)).status.health != "Online":

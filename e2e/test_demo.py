@@ -20,7 +20,7 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from controller.fencing import FENCING_USAGE, USAGE_LABEL
-from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime import layout_keys
 from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
@@ -173,9 +173,8 @@ async def test_a_cut_off_host_is_fenced_through_its_bmc_and_restore_powers_it_on
                 await store.create(ipmi_fenced_node(cluster, name))
 
             async def heartbeat(node: str) -> bool:
-                return (
-                    await store.client.get(heartbeat_key(store.prefix, node).encode()) is not None
-                )
+                key = store.raw_key(layout_keys.heartbeat(node))
+                return await store.client.get(key) is not None
 
             for name in cluster.kvm_hosts:
                 await eventually(partial(heartbeat, name), f"{name} heartbeat")

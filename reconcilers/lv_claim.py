@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+from controller.runtime import layout_keys
 from controller.runtime.etcd_lock import LockTimeout
 from controller.runtime.store import Delete, KeyCompare, Put, Store
 from reconcilers.drivers.lvm import LvmError
@@ -22,17 +23,13 @@ class ActivationConflict(Exception):
     """The LV is active on (claimed by) another node."""
 
 
-def _activation_key(store: Store, vg: str, lv: str) -> bytes:
-    return f"{store.prefix}/lvm/activation/{vg}/{lv}".encode()
-
-
 def active_tag(node: str) -> str:
     return f"{ACTIVE_TAG_PREFIX}{node.replace('-', '_')}"
 
 
 async def active_on(store: Store, vg: str, lv: str) -> str | None:
     """The node holding the LV's activation claim, if any."""
-    reply = await store.keys.get(_activation_key(store, vg, lv))
+    reply = await store.keys.get(store.raw_key(layout_keys.lv_activation_claim(vg, lv)))
     return None if reply is None else reply.value.decode()
 
 
@@ -50,7 +47,7 @@ async def activate_for_vm(
     already does, or when `take_over_from` does (only pass a node that has been fenced).
     Otherwise `ActivationConflict`. A failed activation drops the claim again.
     """
-    key = _activation_key(store, vg, lv)
+    key = store.raw_key(layout_keys.lv_activation_claim(vg, lv))
     allowed = [KeyCompare.version(key, 0), KeyCompare.value(key, node.encode())]
     if take_over_from is not None:
         allowed.append(KeyCompare.value(key, take_over_from.encode()))
@@ -95,7 +92,7 @@ async def deactivate(store: Store, settings: LvmSettings, vg: str, lv: str, node
         for found in await lvm.lvs(vg):
             if found.name == lv and active_tag(node) in found.tags:
                 await lvm.del_tag(vg, lv, active_tag(node))
-    key = _activation_key(store, vg, lv)
+    key = store.raw_key(layout_keys.lv_activation_claim(vg, lv))
     await store.keys.transaction([KeyCompare.value(key, node.encode())], [Delete(key)])
 
 

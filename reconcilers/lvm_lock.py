@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.runtime import layout_keys
 from controller.runtime.etcd_lock import held_lock
 from controller.runtime.store import Store
 from reconcilers.drivers.lvm import Lvm
@@ -43,6 +44,6 @@ async def metadata_lock(store: Store, vg: str, settings: LvmSettings) -> AsyncIt
     The lock's lease is refreshed while held, so only a host that dies holding it loses it
     (after `lock_ttl` seconds), never a slow one; `LockTimeout` after `lock_timeout` s.
     """
-    what = f"the metadata lock of VG {vg}"
-    async with held_lock(store, f"lvm/{vg}", settings.lock_ttl, settings.lock_timeout, what):
+    what, key = f"the metadata lock of VG {vg}", layout_keys.vg_metadata_lock(vg)
+    async with held_lock(store, key, settings.lock_ttl, settings.lock_timeout, what):
         yield

@@ -22,11 +22,9 @@ from controller.ha.guest_requests import (
     Published,
     parse_result,
     parse_status,
-    request_key,
-    result_key,
-    status_key,
 )
 from controller.ha.requests import read_report
+from controller.runtime import layout_keys
 from controller.runtime.store import Store
 from crds import ClusterNode, VirtualMachine
 from e2e.harness.polling import eventually
@@ -221,7 +219,7 @@ async def _get(store: Store, key: str) -> bytes | None:
 
 async def published(store: Store, vm: str, state: Published | None) -> None:
     """Wait until the controller publishes `state` for `vm` (None: publishes nothing)."""
-    key = status_key(store.prefix, GUEST, vm)
+    key = layout_keys.absolute(store.prefix, layout_keys.guest_power_state(GUEST, vm))
 
     async def done() -> bool:
         value = await _get(store, key)
@@ -318,7 +316,10 @@ async def test_vms_of_other_guest_clusters_are_refused_and_left_alone(
             assert f"refused: VirtualMachine {name} is not in guest cluster {GUEST}" in error
         assert (await fence(cluster.store, "status", name))[0] == 1
         assert await cluster.vm(name) == before[name]
-        assert await _get(cluster.store, request_key(cluster.store.prefix, GUEST, name)) is None
+        request = layout_keys.guest_fence_request(GUEST, name)
+        assert (
+            await _get(cluster.store, layout_keys.absolute(cluster.store.prefix, request)) is None
+        )
 
 
 @pytest.mark.parametrize(
@@ -345,8 +346,9 @@ async def test_a_malformed_request_is_refused_and_changes_nothing(
     await cluster.store.create(vm_object("vm1"))
     await join(cluster.store, "vm1")
     before = await cluster.vm("vm1")
-    store, key = cluster.store, request_key(cluster.store.prefix, GUEST, "vm1")
-    answer = result_key(store.prefix, GUEST, "vm1")
+    store = cluster.store
+    key = layout_keys.absolute(store.prefix, layout_keys.guest_fence_request(GUEST, "vm1"))
+    answer = layout_keys.absolute(store.prefix, layout_keys.guest_fence_result(GUEST, "vm1"))
     await store.call(store.client.put(key.encode(), value))
     raw = await eventually(lambda: _get(store, answer), "an answer")
     result = parse_result(answer, raw)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.ha.guest_requests import request_key, result_key, status_key
 from controller.rbac import apply_rbac, cluster_roles
+from controller.runtime import layout_keys
 from controller.runtime.store import PermissionDenied, Store
 from e2e.harness.etcd import EtcdCluster
 from tests.support.agents import Cluster, vm_object
@@ -76,9 +76,9 @@ async def test_the_guest_credential_reaches_no_object(guest: Store) -> None:
         with pytest.raises(PermissionDenied, match="user fence-web lacks permission"):
             await guest.get(kind, "mine")
     for other in (
-        request_key(PREFIX, "db", "theirs"),
-        result_key(PREFIX, "web", "mine"),
-        status_key(PREFIX, "web", "mine"),
+        layout_keys.absolute(PREFIX, layout_keys.guest_fence_request("db", "theirs")),
+        layout_keys.absolute(PREFIX, layout_keys.guest_fence_result("web", "mine")),
+        layout_keys.absolute(PREFIX, layout_keys.guest_power_state("web", "mine")),
         f"{PREFIX}/requests/fence-ack/host1",
         f"{PREFIX}/reports/host1",
         f"{PREFIX}/leader/controller",

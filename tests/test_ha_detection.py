@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from controller.ha.controller import build_manager
-from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime import layout_keys
 from controller.runtime.leader_record import current_leader
 from controller.runtime.manager import Manager
 from controller.runtime.peers import PeerSender, PeerSettings, PeerTable
@@ -155,7 +155,7 @@ async def test_silence_starts_power_fencing_while_the_lease_is_still_held(
         await eventually(lambda: fenced_by_power(store, "a"), "a fenced on silence")
         await eventually(lambda: placed_on(store, "vm1", "b"), "vm1 recovered on b")
         assert power.read_text() == "off"
-        assert await store.client.get(heartbeat_key(key_prefix, "a").encode()) is not None
+        assert await store.client.get(store.raw_key(layout_keys.heartbeat("a"))) is not None
         lost = [
             e for e in await events_of(store, "ClusterNode", "a") if e.spec.reason == "NodeLost"
         ]

@@ -18,13 +18,13 @@ from pathlib import Path
 import aetcd
 import pytest
 
+from controller.runtime import layout_keys
 from controller.runtime.leader import LeaderElector, Leading
 from controller.runtime.leader_record import (
     ElectionTiming,
     LeaderRecordError,
     current_leader,
     guard_compare,
-    leader_key,
 )
 from e2e.harness.etcd import EtcdCluster
 
@@ -195,7 +195,10 @@ async def test_exactly_one_of_three_leads_through_handovers(candidates: Candidat
         leader = terms.leader()
         assert leader is not None
         identity, token = leader
-        info = await current_leader(candidates.new_client(), leader_key(candidates.prefix, NAME))
+        info = await current_leader(
+            candidates.new_client(),
+            layout_keys.absolute(candidates.prefix, layout_keys.leader(NAME)),
+        )
         assert info is not None
         assert (info.identity, info.token) == (identity, token)
         tokens.append(token)
@@ -290,7 +293,7 @@ async def test_a_paused_leader_cannot_write_after_a_takeover(
     assert taker_token > child_token
 
     client = new_client()
-    key = leader_key(candidates.prefix, NAME)
+    key = layout_keys.absolute(candidates.prefix, layout_keys.leader(NAME))
     marker = f"{candidates.prefix}/fenced-writes".encode()
     written, _ = await client.transaction(
         compare=[guard_compare(client, key, taker_token)],
@@ -315,7 +318,7 @@ async def test_a_deposed_leaders_guarded_write_is_rejected(
     old_token = terms.started[-1][1]
     candidates.start("other")
     admin = new_client()
-    key = leader_key(candidates.prefix, NAME)
+    key = layout_keys.absolute(candidates.prefix, layout_keys.leader(NAME))
     held = await admin.get(key.encode())
     assert held is not None and held.create_revision == old_token
     await admin.revoke_lease(held.lease)  # as if the leader had been paused past its TTL
@@ -395,7 +398,7 @@ async def test_current_leader_reports_nobody_and_refuses_garbage(
     new_client: ClientFactory, key_prefix: str
 ) -> None:
     client = new_client()
-    key = leader_key(key_prefix, NAME)
+    key = layout_keys.absolute(key_prefix, layout_keys.leader(NAME))
     assert await current_leader(client, key) is None
     await client.put(key.encode(), b"not json")
     with pytest.raises(LeaderRecordError, match=f"leader key {key} holds no valid leader record"):
@@ -408,7 +411,7 @@ def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="renew_period < renew_deadline < ttl"):
         ElectionTiming(ttl=5, renew_deadline=6)
     with pytest.raises(ValueError, match="without '/'"):
-        leader_key("/p", "a/b")
+        layout_keys.absolute("/p", layout_keys.leader("a/b"))
 
 
 def test_timing_for_any_ttl_keeps_the_default_proportions() -> None:
@@ -442,7 +445,7 @@ async def test_take_over_ends_the_term_and_exactly_one_of_two_racing_standbys_wi
     assert winner.took_over == dead_token
 
     admin = new_client()
-    key = leader_key(candidates.prefix, NAME)
+    key = layout_keys.absolute(candidates.prefix, layout_keys.leader(NAME))
     marker = f"{candidates.prefix}/placement".encode()
     old_written, _ = await admin.transaction(
         compare=[guard_compare(admin, key, dead_token)],

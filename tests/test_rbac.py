@@ -15,9 +15,9 @@ import pytest
 
 from controller.cli import main
 from controller.rbac import apply_rbac, cluster_roles, key_range
+from controller.runtime import layout_keys
 from controller.runtime.etcd_transport import TlsFiles, certificate_user
-from controller.runtime.heartbeat import Heartbeat, HeartbeatTiming, heartbeat_key
-from controller.runtime.leader_record import leader_key
+from controller.runtime.heartbeat import Heartbeat, HeartbeatTiming
 from controller.runtime.store import PermissionDenied, Store, StoreError
 from crds import AnyResource, ClusterNode, parse_object
 from e2e.harness.etcd import EtcdCluster
@@ -105,9 +105,12 @@ async def test_apply_again_changes_nothing(etcd: EtcdCluster, pki: Path) -> None
 
 
 async def test_agent_writes_its_heartbeat_not_another_nodes(agent: Store) -> None:
-    for own in (heartbeat_key(PREFIX, "host1").encode(), f"{PREFIX}/reports/host1".encode()):
+    for own in (
+        layout_keys.absolute(PREFIX, layout_keys.heartbeat("host1")).encode(),
+        f"{PREFIX}/reports/host1".encode(),
+    ):
         await agent.call(agent.client.put(own, b"{}"), own, "write")
-    other = heartbeat_key(PREFIX, "host2").encode()
+    other = layout_keys.absolute(PREFIX, layout_keys.heartbeat("host2")).encode()
     with pytest.raises(PermissionDenied) as refused:
         await agent.call(agent.client.put(other, b"{}"), other, "write")
     assert str(refused.value) == (
@@ -161,7 +164,7 @@ async def test_an_agent_without_secret_read_still_runs_storage(agent: Store) -> 
 
 async def test_agent_cannot_write_leader_requests_or_other_reports(agent: Store) -> None:
     for key in (
-        leader_key(PREFIX, "controller"),
+        layout_keys.absolute(PREFIX, layout_keys.leader("controller")),
         f"{PREFIX}/requests/fence-ack/host2",
         f"{PREFIX}/reports/host2",
     ):
@@ -228,7 +231,7 @@ async def test_monitor_cannot_watch_secrets(monitor: Store) -> None:
 async def test_controller_reads_secrets_and_writes_leader(etcd: EtcdCluster, pki: Path) -> None:
     async with store_as(etcd, pki, "controller") as controller:
         assert (await controller.get("Secret", "bmc")).metadata.name == "bmc"
-        key = leader_key(PREFIX, "controller").encode()
+        key = layout_keys.absolute(PREFIX, layout_keys.leader("controller")).encode()
         await controller.call(controller.client.put(key, b"x"), key, "write")
         await controller.call(controller.client.delete(key), key, "delete")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime import layout_keys
 from controller.runtime.store import Store
 from controller.runtime.systemd import Notifier, Service, watchdog_interval
 from crds import ClusterNode, ObjectMeta
@@ -170,7 +170,7 @@ async def test_agent_is_ready_once_it_holds_its_heartbeat_lease(
         # Without its ClusterNode the agent waits: alive (pings) but not ready.
         seen = [await listener.next() for _ in range(5)]
         assert set(seen) == {"WATCHDOG=1"}, seen
-        key = heartbeat_key(key_prefix, "n1").encode()
+        key = layout_keys.absolute(key_prefix, layout_keys.heartbeat("n1")).encode()
         assert (await store.client.get(key)) is None
 
         node = ClusterNode(

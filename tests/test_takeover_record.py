@@ -12,8 +12,9 @@ from contextlib import asynccontextmanager
 
 from controller.ha.production import KINDS, EtcdEnvironment
 from controller.migrations import Term
+from controller.runtime import layout_keys
 from controller.runtime.events import EventRecorder
-from controller.runtime.heartbeat import Heartbeat, HeartbeatTiming, heartbeat_key, session_key
+from controller.runtime.heartbeat import Heartbeat, HeartbeatTiming
 from controller.runtime.informer import SharedInformers
 from controller.runtime.leader import LeaderElector
 from controller.runtime.leader_record import guard_compare
@@ -46,13 +47,13 @@ async def agent_session(store: Store, node: str) -> AsyncIterator[Heartbeat]:
 
 
 async def session_revision(store: Store, node: str) -> int:
-    kv = await store.client.get(session_key(store.prefix, node).encode())
+    kv = await store.client.get(store.raw_key(layout_keys.session(node)))
     assert kv is not None, "the heartbeat wrote no session trace"
     return int(kv.mod_revision)
 
 
 async def heartbeat_gone(store: Store, node: str) -> bool:
-    return await store.client.get(heartbeat_key(store.prefix, node).encode()) is None
+    return await store.client.get(store.raw_key(layout_keys.heartbeat(node))) is None
 
 
 @asynccontextmanager

@@ -26,8 +26,9 @@ import pytest
 
 from controller.cli import main as cli_main
 from controller.migrations import lead_migrations
+from controller.runtime import layout_keys
 from controller.runtime.events import EventRecorder
-from controller.runtime.heartbeat import HeartbeatTiming, heartbeat_key
+from controller.runtime.heartbeat import HeartbeatTiming
 from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.migration import PLACEMENT_SWITCHED, VOLUMES_ACTIVATED, VirtualMachineMigrationSpec
@@ -60,7 +61,7 @@ async def test_agent_registers_and_keeps_a_heartbeat(cluster: Cluster) -> None:
     assert node.status.agent_version and node.status.last_heartbeat_time
     ready = node.status.condition("AgentReady")
     assert ready is not None and ready.status == "True"
-    key = heartbeat_key(cluster.store.prefix, "host1").encode()
+    key = cluster.store.raw_key(layout_keys.heartbeat("host1"))
     kv = await cluster.store.client.get(key)
     assert kv is not None and b'"node": "host1"' in kv.value and kv.lease != 0
 

@@ -61,13 +61,12 @@ from controller.ha.guest_requests import (
     new_request,
     parse_result,
     parse_status,
-    request_key,
-    result_key,
-    status_key,
-    status_prefix,
 )
 from controller.ha.requests import RequestFormatError
-from controller.runtime import quiet_grpc  # noqa: F401  (first: before gRPC loads)
+from controller.runtime import (
+    layout_keys,
+    quiet_grpc,  # noqa: F401  (first: before gRPC loads)
+)
 from controller.runtime.config import ConfigError, resolve
 from controller.runtime.store import Delete, KeyCompare, Store, StoreError
 
@@ -107,6 +106,9 @@ class Fencer:
         self.store = store
         self.cluster = cluster
 
+    def _key(self, relative: str) -> str:
+        return layout_keys.absolute(self.store.prefix, relative)
+
     async def _get(self, key: str) -> bytes | None:
         kv = await self.store.keys.get(key)
         return None if kv is None else kv.value
@@ -114,7 +116,7 @@ class Fencer:
     async def power(self, name: str, action: GuestAction, timeout: float) -> None:
         """Ask for `action` and wait for the answer; FenceError unless it was carried out."""
         request = new_request(action, timeout)
-        key = request_key(self.store.prefix, self.cluster, name)
+        key = self._key(layout_keys.guest_fence_request(self.cluster, name))
         raw = encode_request(request)
         await self.store.keys.put(key, raw)
         log.info("%s: asked kvmctl for %s (request %s)", name, action, request.id)
@@ -131,7 +133,7 @@ class Fencer:
             raise FenceError(f"{name}: {action} {result.state}: {result.message}")
 
     async def _answer(self, name: str, request_id: str, timeout: float) -> GuestResult | None:
-        key = result_key(self.store.prefix, self.cluster, name)
+        key = self._key(layout_keys.guest_fence_result(self.cluster, name))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
@@ -147,7 +149,7 @@ class Fencer:
         return None
 
     async def status(self, name: str) -> PowerState:
-        key = status_key(self.store.prefix, self.cluster, name)
+        key = self._key(layout_keys.guest_power_state(self.cluster, name))
         value = await self._get(key)
         if value is None:
             raise FenceError(
@@ -164,7 +166,7 @@ class Fencer:
 
     async def list(self) -> list[tuple[str, str]]:
         """(VM, published state) of every VM of the guest cluster, by name."""
-        prefix = status_prefix(self.store.prefix, self.cluster)
+        prefix = self._key(layout_keys.guest_power_states(self.cluster))
         reply = await self.store.keys.get_prefix(prefix)
         listed = []
         for kv in reply:

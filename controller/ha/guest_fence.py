@@ -1,5 +1,6 @@
 """The leader's side of fencing for clusters inside VMs: it carries out `fence_kvmctl`'s
-requests, for the VMs of the requesting guest cluster only (keys: controller/ha/guest_requests.py).
+requests, for the VMs of the requesting guest cluster only (documents:
+controller/ha/guest_requests.py, keys: controller/runtime/layout_keys.py).
 
 A request at `requests/guest-fence/C/VM` concerns VM only if it is labelled
 `fence.kvmctl.io/guest-cluster: C` (checked again in the compare-and-swap that writes it); else,
@@ -33,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from controller.migrations import Term
+from controller.runtime import layout_keys
 from controller.runtime.informer import SharedInformers
 from controller.runtime.manager import LeaderTask
 from controller.runtime.prefix_cache import PrefixCache
@@ -61,7 +63,7 @@ from .guest_power import (
     stop_now,
 )
 from .guest_requests import GuestResult, PowerStatus
-from .requests import RequestFormatError, report_prefix
+from .requests import RequestFormatError
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +113,9 @@ class _Service:
     def __init__(self, owner: GuestFenceController, term: Term) -> None:
         self.store, self.term, self.vms = owner.store, term, owner.vms
         self.changed = owner._changed
-        prefix = self.store.prefix
-        self.requests = PrefixCache(self.store, keys.request_prefix(prefix), self._request)
-        self.reports = PrefixCache(self.store, report_prefix(prefix), self._report)
-        self.results = PrefixCache(self.store, keys.results_prefix(prefix), lambda *_: None)
+        self.requests = PrefixCache(self.store, layout_keys.GUEST_FENCE_REQUESTS, self._request)
+        self.reports = PrefixCache(self.store, layout_keys.REPORTS, self._report)
+        self.results = PrefixCache(self.store, layout_keys.GUEST_FENCE_RESULTS, lambda *_: None)
         self.serving: dict[str, tuple[bytes, asyncio.Task[None]]] = {}
         self.deposed = False
 
@@ -162,7 +163,7 @@ class _Service:
             log.error("guest fence request %s: %r", name, task.exception())
 
     async def _serve(self, name: str, raw: bytes) -> None:
-        key = keys.request_prefix(self.store.prefix) + name
+        key = self.requests.prefix + name
         try:
             parsed = keys.split_name(name)
             if parsed is None:
@@ -271,10 +272,10 @@ class _Service:
         operations: list[Operation] = [Delete(key)]
         if answer is not None:
             cluster, vm, result, status = answer
-            result_key = keys.result_key(self.store.prefix, cluster, vm)
+            result_key = self.store.raw_key(layout_keys.guest_fence_result(cluster, vm))
             operations.append(Put(result_key, keys.encode_result(result)))
             if status is not None:
-                status_key = keys.status_key(self.store.prefix, cluster, vm)
+                status_key = self.store.raw_key(layout_keys.guest_power_state(cluster, vm))
                 operations.append(Put(status_key, keys.encode_status(status)))
         while True:
             try:
@@ -308,13 +309,14 @@ class _Service:
                 continue
             state = power_state(await observe(self.store, vm), revision(vm)) or "unknown"
             status = PowerStatus(state, describe(vm))
-            wanted[f"{cluster}/{keys.STATUS}/{vm.metadata.name}"] = keys.encode_status(status)
+            key = layout_keys.guest_power_state(cluster, vm.metadata.name)
+            wanted[key.removeprefix(layout_keys.GUEST_FENCE_RESULTS)] = keys.encode_status(status)
         published = {
             name: value
             for name, value in self.results.values.items()
-            if name.count("/") == 2 and name.split("/")[1] == keys.STATUS
+            if name.count("/") == 2 and name.split("/")[1] == layout_keys.GUEST_POWER_STATES
         }
-        base = keys.results_prefix(self.store.prefix)
+        base = self.results.prefix
         for name, value in wanted.items():
             if published.get(name) != value:
                 await self._publish_one(name, [Put(f"{base}{name}", value)])

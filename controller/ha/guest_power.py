@@ -11,11 +11,12 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from controller.runtime import layout_keys
 from controller.runtime.store import Store, StoreError
 from crds import ClusterNode, VirtualMachine
 
 from .guest_requests import GUEST_CLUSTER_LABEL
-from .requests import RequestFormatError, parse_report, report_key
+from .requests import RequestFormatError, parse_report
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ async def observe(store: Store, vm: VirtualMachine) -> Observation:
     except StoreError as error:
         log.debug("cannot read ClusterNode %s: %s", node, error)
     report = None
-    key = report_key(store.prefix, node)
+    key = layout_keys.absolute(store.prefix, layout_keys.report(node))
     try:
         kv = await store.keys.get(key)
         if kv is not None:

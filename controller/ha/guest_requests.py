@@ -1,7 +1,7 @@
-"""The keys and documents by which a guest cluster's `fence_kvmctl` asks the controller to fence.
+"""The documents by which a guest cluster's `fence_kvmctl` asks the controller to fence.
 
 C is the guest cluster, VM a VirtualMachine labelled `fence.kvmctl.io/guest-cluster: C`; keys
-are relative to the cluster prefix, outside `objects/`:
+are relative to the cluster prefix, built by `controller/runtime/layout_keys.py`:
 
 - `requests/guest-fence/C/VM`: written by fence_kvmctl (etcd user `fence-C`),
   `{"action": "off"|"on", "id", "at", "timeout"}`; the leading controller deletes it when done;
@@ -13,7 +13,6 @@ are relative to the cluster prefix, outside `objects/`:
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,50 +20,17 @@ from typing import Literal, cast, get_args
 
 from crds.meta import _check_name
 
-from .requests import RequestFormatError
+from .requests import RequestFormatError, encode_document, parse_document
 
 GUEST_CLUSTER_LABEL = "fence.kvmctl.io/guest-cluster"
 """The label that makes a VirtualMachine a member of a guest cluster (set by an admin)."""
 USER_PREFIX = "fence-"
 """A guest cluster's etcd user (and certificate CN) is `fence-<cluster>`."""
-REQUESTS = "requests/guest-fence/"
-RESULTS = "results/guest-fence/"
-STATUS = "status"
 MAX_TIMEOUT = 3600.0
 
 GuestAction = Literal["off", "on"]
 Outcome = Literal["off", "on", "refused", "failed"]
 Published = Literal["on", "off", "unknown"]
-
-
-def _under(prefix: str, family: str, *names: str) -> str:
-    for name in names:
-        _check_name(name)
-    return f"{prefix.rstrip('/')}/{family}{'/'.join(names)}"
-
-
-def request_prefix(prefix: str) -> str:
-    return f"{prefix.rstrip('/')}/{REQUESTS}"
-
-
-def results_prefix(prefix: str) -> str:
-    return f"{prefix.rstrip('/')}/{RESULTS}"
-
-
-def request_key(prefix: str, cluster: str, vm: str) -> str:
-    return _under(prefix, REQUESTS, cluster, vm)
-
-
-def result_key(prefix: str, cluster: str, vm: str) -> str:
-    return _under(prefix, RESULTS, cluster, vm)
-
-
-def status_prefix(prefix: str, cluster: str) -> str:
-    return _under(prefix, RESULTS, cluster) + f"/{STATUS}/"
-
-
-def status_key(prefix: str, cluster: str, vm: str) -> str:
-    return status_prefix(prefix, cluster) + _check_name(vm)
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -99,20 +65,6 @@ class PowerStatus:
     message: str
 
 
-def _encode(document: dict[str, object]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
-
-
-def _object(key: str, value: bytes) -> dict[str, object]:
-    try:
-        document = json.loads(value)
-    except ValueError as error:
-        raise RequestFormatError(f"{key}: not JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise RequestFormatError(f"{key}: expected a JSON object")
-    return document
-
-
 def _string(key: str, document: dict[str, object], field: str) -> str:
     value = document.get(field)
     if not isinstance(value, str) or not value.isascii() or not value.isprintable():
@@ -125,7 +77,7 @@ def new_request(action: GuestAction, timeout: float) -> GuestRequest:
 
 
 def encode_request(request: GuestRequest) -> bytes:
-    return _encode(
+    return encode_document(
         {
             "action": request.action,
             "id": request.id,
@@ -136,7 +88,7 @@ def encode_request(request: GuestRequest) -> bytes:
 
 
 def parse_request(key: str, value: bytes) -> GuestRequest:
-    document = _object(key, value)
+    document = parse_document(key, value)
     action = document.get("action")
     if action not in get_args(GuestAction):
         raise RequestFormatError(f"{key}: action must be off or on, got {action!r}")
@@ -153,11 +105,11 @@ def parse_request(key: str, value: bytes) -> GuestRequest:
 
 
 def encode_result(result: GuestResult) -> bytes:
-    return _encode({"id": result.id, "state": result.state, "message": result.message})
+    return encode_document({"id": result.id, "state": result.state, "message": result.message})
 
 
 def parse_result(key: str, value: bytes) -> GuestResult:
-    document = _object(key, value)
+    document = parse_document(key, value)
     state = document.get("state")
     if state not in get_args(Outcome):
         raise RequestFormatError(f"{key}: unknown state {state!r}")
@@ -166,11 +118,11 @@ def parse_result(key: str, value: bytes) -> GuestResult:
 
 
 def encode_status(status: PowerStatus) -> bytes:
-    return _encode({"state": status.state, "message": status.message})
+    return encode_document({"state": status.state, "message": status.message})
 
 
 def parse_status(key: str, value: bytes) -> PowerStatus:
-    document = _object(key, value)
+    document = parse_document(key, value)
     state = document.get("state")
     if state not in get_args(Published):
         raise RequestFormatError(f"{key}: unknown state {state!r}")

@@ -42,9 +42,8 @@ from typing import Any
 
 from controller.fencing import run_method
 from controller.migrations import Term
-from controller.runtime import telemetry
+from controller.runtime import layout_keys, telemetry
 from controller.runtime.events import EventRecorder
-from controller.runtime.heartbeat import session_key
 from controller.runtime.informer import SharedInformers
 from controller.runtime.peers import PeerTable
 from controller.runtime.store import (
@@ -380,12 +379,15 @@ class EtcdEnvironment:
             ),
         )
 
+    def _key(self, relative: str) -> str:
+        return layout_keys.absolute(self.store.prefix, relative)
+
     def _report(self, node: str) -> requests.NodeReport | None:
         value = self.keys.reports.values.get(node)
         if value is None:
             return None
         try:
-            return requests.parse_report(requests.report_key(self.store.prefix, node), value)
+            return requests.parse_report(self._key(layout_keys.report(node)), value)
         except requests.RequestFormatError as error:
             log.error("ignoring the report of %s: %s", node, error)
             return None
@@ -395,7 +397,7 @@ class EtcdEnvironment:
         if value is None:
             return None
         try:
-            return requests.parse_drain(requests.drain_key(self.store.prefix, node), value)
+            return requests.parse_drain(self._key(layout_keys.drain(node)), value)
         except requests.RequestFormatError as error:
             log.error("ignoring the drain request of %s: %s", node, error)
             return None
@@ -575,7 +577,7 @@ class EtcdEnvironment:
         """Record the power fence a standby confirmed before taking over (at `confirmed_at` on
         the loop's clock), unless an agent session started on the node since: the write also
         compares the session trace's mod_revision with `session_revision` (0: no trace)."""
-        unchanged = KeyCompare.modified(session_key(self.store.prefix, node), session_revision)
+        unchanged = KeyCompare.modified(self._key(layout_keys.session(node)), session_revision)
         confirmation = FenceConfirmation("PowerOff", confirmed_at, method)
         try:
             await self._set_health(SetNodeHealth(node, "Fenced", confirmation), [unchanged])
@@ -607,7 +609,7 @@ class EtcdEnvironment:
         await self._patch("ClusterNode", action.node, mutate, extra or [])
 
     async def _clear_fence_ack(self, node: str) -> None:
-        key = requests.fence_ack_key(self.store.prefix, node)
+        key = self._key(layout_keys.fence_ack(node))
         ok, _ = await self.store.keys.transaction(self._guard(), [Delete(key)], action="delete")
         if not ok:
             raise Conflict(f"clearing the fence ack of {node} refused: guard failed")

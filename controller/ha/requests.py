@@ -12,7 +12,8 @@ whole spec and the annotations) never wipes them:
   the kvmctl domains that have a qemu process there, and the fence (its `confirmedAt`) after
   which the agent destroyed every domain it found.
 
-`controller/runtime/prefix_cache.py` keeps one such key family in memory from a watch.
+The keys are `controller/runtime/layout_keys.py`'s; `controller/runtime/prefix_cache.py` keeps
+one such key family in memory from a watch.
 """
 
 from __future__ import annotations
@@ -24,41 +25,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from controller.runtime import layout_keys
 from controller.runtime.store import Store
-from crds.meta import _check_name
 
 from .environment import DrainMode
 
 log = logging.getLogger(__name__)
-
-
-def _key(prefix: str, family: str, node: str) -> str:
-    _check_name(node)
-    return f"{prefix.rstrip('/')}/{family}/{node}"
-
-
-def fence_ack_prefix(prefix: str) -> str:
-    return f"{prefix.rstrip('/')}/requests/fence-ack/"
-
-
-def drain_prefix(prefix: str) -> str:
-    return f"{prefix.rstrip('/')}/requests/drain/"
-
-
-def report_prefix(prefix: str) -> str:
-    return f"{prefix.rstrip('/')}/reports/"
-
-
-def fence_ack_key(prefix: str, node: str) -> str:
-    return _key(prefix, "requests/fence-ack", node)
-
-
-def drain_key(prefix: str, node: str) -> str:
-    return _key(prefix, "requests/drain", node)
-
-
-def report_key(prefix: str, node: str) -> str:
-    return _key(prefix, "reports", node)
 
 
 @dataclass(frozen=True)
@@ -87,7 +59,8 @@ class RequestFormatError(ValueError):
     """A request or report key holds something kvmctl did not write."""
 
 
-def _document(key: str, value: bytes) -> dict[str, Any]:
+def parse_document(key: str, value: bytes) -> dict[str, Any]:
+    """The JSON object stored at `key`; RequestFormatError for anything else."""
     try:
         document = json.loads(value)
     except ValueError as error:
@@ -107,12 +80,12 @@ def _time(key: str, value: object) -> datetime:
 
 
 def parse_fence_ack(key: str, value: bytes) -> FenceAck:
-    document = _document(key, value)
+    document = parse_document(key, value)
     return FenceAck(_time(key, document.get("at")), str(document.get("by", "")))
 
 
 def parse_drain(key: str, value: bytes) -> DrainRequest:
-    document = _document(key, value)
+    document = parse_document(key, value)
     mode = document.get("mode")
     if mode not in ("migrate", "force"):
         raise RequestFormatError(f"{key}: mode must be migrate or force, got {mode!r}")
@@ -120,7 +93,7 @@ def parse_drain(key: str, value: bytes) -> DrainRequest:
 
 
 def parse_report(key: str, value: bytes) -> NodeReport:
-    document = _document(key, value)
+    document = parse_document(key, value)
     domains = document.get("domains", [])
     if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
         raise RequestFormatError(f"{key}: domains must be a list of names")
@@ -132,28 +105,28 @@ def parse_report(key: str, value: bytes) -> NodeReport:
     )
 
 
-def _encode(document: dict[str, Any]) -> bytes:
+def encode_document(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
 async def request_fence_ack(store: Store, node: str) -> None:
     """Record the operator's word that `node` is off (`kvmctl fence ack NODE`)."""
     document = {"at": datetime.now(UTC).isoformat(), "by": getpass.getuser()}
-    await store.keys.put(fence_ack_key(store.prefix, node), _encode(document))
+    await store.keys.put(store.raw_key(layout_keys.fence_ack(node)), encode_document(document))
 
 
 async def request_drain(store: Store, node: str, force: bool) -> None:
     document = {"mode": "force" if force else "migrate", "at": datetime.now(UTC).isoformat()}
-    await store.keys.put(drain_key(store.prefix, node), _encode(document))
+    await store.keys.put(store.raw_key(layout_keys.drain(node)), encode_document(document))
 
 
 async def cancel_drain(store: Store, node: str) -> bool:
     """Delete the drain request of `node`; True if there was one."""
-    return await store.keys.delete(drain_key(store.prefix, node))
+    return await store.keys.delete(store.raw_key(layout_keys.drain(node)))
 
 
 async def read_drain(store: Store, node: str) -> DrainRequest | None:
-    key = drain_key(store.prefix, node)
+    key = layout_keys.absolute(store.prefix, layout_keys.drain(node))
     kv = await store.keys.get(key)
     return None if kv is None else parse_drain(key, kv.value)
 
@@ -164,10 +137,10 @@ async def write_report(store: Store, node: str, report: NodeReport) -> None:
         "cleanedFence": None if report.cleaned_fence is None else report.cleaned_fence.isoformat(),
         "at": report.at.isoformat(),
     }
-    await store.keys.put(report_key(store.prefix, node), _encode(document))
+    await store.keys.put(store.raw_key(layout_keys.report(node)), encode_document(document))
 
 
 async def read_report(store: Store, node: str) -> NodeReport | None:
-    key = report_key(store.prefix, node)
+    key = layout_keys.absolute(store.prefix, layout_keys.report(node))
     kv = await store.keys.get(key)
     return None if kv is None else parse_report(key, kv.value)

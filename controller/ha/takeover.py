@@ -28,7 +28,7 @@ import logging
 from dataclasses import dataclass
 
 from controller.fencing import run_method
-from controller.runtime.heartbeat import session_key
+from controller.runtime import layout_keys
 from controller.runtime.informer import SharedInformers
 from controller.runtime.leader import LeaderElector
 from controller.runtime.leader_record import ELECTION_ERRORS, LeaderInfo, LeaderRecordError
@@ -158,7 +158,7 @@ class StandbyWatch:
     async def _session_revision(self, node: str) -> int | None:
         """The session trace's mod_revision. A serializable read: any member answers, even
         while etcd elects a leader; a stale answer only makes the guarded record fail."""
-        key = session_key(self.store.prefix, node)
+        key = self.store.raw_key(layout_keys.session(node))
         try:
             async with asyncio.timeout(ETCD_READ_TIMEOUT):
                 kv = await self.store.keys.get(key, serializable=True)

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import asyncio
 
-from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime import layout_keys
 from controller.runtime.prefix_cache import PrefixCache
 from controller.runtime.store import Store
 from controller.runtime.tasks import cancel_and_wait
-
-from . import requests
 
 
 class WorldKeys:
@@ -34,13 +32,10 @@ class WorldKeys:
         self._synced = asyncio.Event()
         self.lost_at: dict[str, float] = {}
         self.session_at: dict[str, float] = {}
-        heartbeats = heartbeat_key(store.prefix, "node").rpartition("/")[0] + "/"
-        self.heartbeats = PrefixCache(store, heartbeats, self._heartbeat_changed)
-        self.fence_acks = PrefixCache(
-            store, requests.fence_ack_prefix(store.prefix), self._key_changed
-        )
-        self.drains = PrefixCache(store, requests.drain_prefix(store.prefix), self._key_changed)
-        self.reports = PrefixCache(store, requests.report_prefix(store.prefix), self._key_changed)
+        self.heartbeats = PrefixCache(store, layout_keys.HEARTBEATS, self._heartbeat_changed)
+        self.fence_acks = PrefixCache(store, layout_keys.FENCE_ACKS, self._key_changed)
+        self.drains = PrefixCache(store, layout_keys.DRAINS, self._key_changed)
+        self.reports = PrefixCache(store, layout_keys.REPORTS, self._key_changed)
         self._caches = (self.heartbeats, self.fence_acks, self.drains, self.reports)
 
     async def run(self) -> None:

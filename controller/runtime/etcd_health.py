@@ -11,8 +11,8 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from controller.runtime import layout_keys
 from controller.runtime.etcd_transport import StoreError, TlsFiles
-from controller.runtime.heartbeat import heartbeat_key
 from controller.runtime.store import Store
 
 MEMBER_TIMEOUT = 2.0
@@ -93,7 +93,7 @@ async def heartbeat_ages(store: Store, nodes: Sequence[str]) -> dict[str, float 
     """
     ages: dict[str, float | None] = {}
     for node in nodes:
-        kv = await store.call(store.client.get(heartbeat_key(store.prefix, node).encode()))
+        kv = await store.call(store.client.get(store.raw_key(layout_keys.heartbeat(node))))
         if kv is None:
             ages[node] = None
             continue

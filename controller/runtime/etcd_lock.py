@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import aetcd
 
+from . import layout_keys
 from .reconcile import RetryableError
 from .store import Store, StoreError
 
@@ -24,11 +25,14 @@ class LockTimeout(RetryableError):
 
 @contextlib.asynccontextmanager
 async def held_lock(
-    store: Store, name: str, ttl: int, timeout: int, what: str
+    store: Store, key: str, ttl: int, timeout: int, what: str
 ) -> AsyncIterator[None]:
-    """Hold `{prefix}/locks/{name}` for the block; `LockTimeout` ("`what` stayed taken for
-    `timeout` s") when another holder kept it that long."""
-    lock = store.client.lock(f"{store.prefix}/locks/{name}".encode(), ttl=ttl)
+    """Hold the lock `key` (relative to the prefix, under `layout_keys.LOCKS`) for the block;
+    `LockTimeout` ("`what` stayed taken for `timeout` s") when another holder kept it that
+    long."""
+    if not key.startswith(layout_keys.LOCKS):
+        raise ValueError(f"lock key {key!r} is not under {layout_keys.LOCKS}")
+    lock = store.client.lock(store.raw_key(key), ttl=ttl)
     acquired = await store.call(lock.acquire(timeout=timeout), waits=timeout)
     if not acquired:
         raise LockTimeout(f"{what} stayed taken for {timeout} s")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import aetcd
 
-from controller.runtime import telemetry
+from controller.runtime import layout_keys, telemetry
 from controller.runtime.self_fence import lease_valid, may_feed_watchdog, self_fence_deadline
 
 log = logging.getLogger(__name__)
@@ -66,18 +66,6 @@ class HeartbeatTiming:
                 f"self-fence margin must be >= 0 and below the TTL ({self.ttl} s), "
                 f"got {self.self_fence_margin}"
             )
-
-
-def heartbeat_key(prefix: str, node: str) -> str:
-    """The heartbeat key of `node` under the cluster's key prefix."""
-    if not node or "/" in node:
-        raise ValueError(f"node name must be non-empty and without '/', got {node!r}")
-    return f"{prefix.rstrip('/')}/heartbeats/{node}"
-
-
-def session_key(prefix: str, node: str) -> str:
-    """The key every new agent session of `node` rewrites (see the module docstring)."""
-    return heartbeat_key(prefix, node).replace("/heartbeats/", "/sessions/", 1)
 
 
 def boot_id() -> str:
@@ -139,8 +127,8 @@ class Heartbeat:
         watchdog: Watchdog | None = None,
     ) -> None:
         self._client = client
-        self.key = heartbeat_key(prefix, node)
-        self._session_key = session_key(prefix, node).encode()
+        self.key = layout_keys.absolute(prefix, layout_keys.heartbeat(node))
+        self._session_key = layout_keys.absolute(prefix, layout_keys.session(node)).encode()
         self.timing = timing
         self._record = json.dumps(
             {

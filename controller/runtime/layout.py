@@ -1,5 +1,7 @@
 """The key layout by writer: which etcd keys hold an object, and how they merge into one object.
 
+The keys that are not objects (heartbeats, requests, claims, ...) are `layout_keys.py`'s.
+
 Keys, relative to the cluster prefix, one watchable range `kinds/{Kind}/` per kind:
 
 - `kinds/{Kind}/spec/{name}`: apiVersion, kind, metadata and spec (no status). Written by the
@@ -30,6 +32,8 @@ from crds.meta import _check_name
 
 CONTROLLER = "controller"
 NODE_WRITER = "node."
+KINDS_RANGE = "kinds/"
+"""Every object's keys (one range per kind below it)."""
 LAYOUT_KEY = "layout"
 LAYOUT_VERSION = b"2"
 OLD_OBJECTS = "objects/"
@@ -70,7 +74,7 @@ def writer_node(writer: str) -> str | None:
 
 
 def kind_range(kind: str) -> str:
-    return f"kinds/{kind}/"
+    return f"{KINDS_RANGE}{kind}/"
 
 
 def parts_range(kind: str, writer: str | None = None) -> str:

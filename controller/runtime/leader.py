@@ -47,12 +47,12 @@ from typing import Any
 
 import aetcd
 
+from controller.runtime import layout_keys
 from controller.runtime.leader_record import (
     ElectionTiming,
     LeaderInfo,
     current_leader,
     guard_compare,
-    leader_key,
 )
 from controller.runtime.tasks import cancel_and_wait
 
@@ -108,9 +108,9 @@ class LeaderElector:
         if not identity:
             raise ValueError("leader election identity must be non-empty")
         self._client = client
-        self.key = leader_key(prefix, name)
+        self.key = layout_keys.absolute(prefix, layout_keys.leader(name))
         self._key_bytes = self.key.encode()
-        self._claim_bytes = f"{self.key}.takeover".encode()
+        self._claim_bytes = layout_keys.absolute(prefix, layout_keys.leader_takeover(name)).encode()
         self._claim: _Claim | None = None
         self._claimed = asyncio.Event()  # set by a won take_over: campaign now
         self.node = node

@@ -1,4 +1,4 @@
-"""The leader election's record and settings: the key, the leader record, the fencing token's
+"""The leader election's record and settings: the leader record, the fencing token's
 guard and the timing (the elector itself is `controller/runtime/leader.py`)."""
 
 from __future__ import annotations
@@ -55,13 +55,6 @@ class LeaderRecordError(ValueError):
 
 CONTROLLER_ELECTION = "controller"
 """The election the controllers run; its leader key's create revision is the current term."""
-
-
-def leader_key(prefix: str, name: str) -> str:
-    """The key of election `name` under the cluster's key prefix."""
-    if not name or "/" in name:
-        raise ValueError(f"leader election name must be non-empty and without '/', got {name!r}")
-    return f"{prefix.rstrip('/')}/leader/{name}"
 
 
 ELECTION_ERRORS = (TimeoutError, aetcd.ClientError)

@@ -28,7 +28,7 @@ from controller.runtime.layout import KindView, Snapshot, Stored
 from controller.runtime.store_errors import PermissionDenied, UndecodableObject
 from crds import KINDS, AnyResource, describe_validation_error
 
-from . import layout
+from . import layout, layout_keys
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class StoreClient:
 
     async def revision(self) -> int:
         """The store's current revision (a linearizable read)."""
-        probe = f"{self.prefix}/revision-probe".encode()
+        probe = self.raw_key(layout_keys.REVISION_PROBE)
         reply = await self.call(self.client.get_prefix(probe), probe, "read")
         revision: int = reply.header.revision
         return revision

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from controller.fencing import FENCING_USAGE, USAGE_LABEL
 from controller.ha.environment import HaTimings
-from controller.runtime.leader_record import ElectionTiming, current_leader, leader_key
+from controller.runtime import layout_keys
+from controller.runtime.leader_record import ElectionTiming, current_leader
 from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
@@ -287,7 +288,9 @@ def _alive(pid: int | None) -> bool:
 
 async def leader_host(store: Store) -> str | None:
     """The identity (host name) of the elected controller, None while there is none."""
-    leader = await current_leader(store.client, leader_key(store.prefix, ELECTION_NAME))
+    leader = await current_leader(
+        store.client, layout_keys.absolute(store.prefix, layout_keys.leader(ELECTION_NAME))
+    )
     return None if leader is None else leader.identity
 
 

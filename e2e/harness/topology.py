@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime import layout_keys
 from controller.runtime.store import Store, Unavailable
 from crds import ClusterNode, ObjectMeta
 from crds.clusternode import ClusterNodeSpec
@@ -98,7 +98,7 @@ def storage_node(cluster: Cluster) -> ClusterNode:
 
 async def node_online(store: Store, name: str) -> bool:
     """The host holds its heartbeat and its ClusterNode says Online."""
-    if await store.client.get(heartbeat_key(store.prefix, name).encode()) is None:
+    if await store.client.get(store.raw_key(layout_keys.heartbeat(name))) is None:
         return False
     node = await store.get("ClusterNode", name)
     return isinstance(node, ClusterNode) and node.status.health == "Online"

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
 
-from controller.runtime.leader_record import CONTROLLER_ELECTION, leader_key
+from controller.runtime import layout_keys
+from controller.runtime.leader_record import CONTROLLER_ELECTION
 from controller.runtime.reconcile import RetryableError
 from controller.runtime.store import NotFound, Store, StoreError
 from crds import VirtualMachine
@@ -38,10 +39,9 @@ class StatusWriter:
         until the new leader stamps it with its own.
         """
         name = vm.metadata.name
+        leader = layout_keys.absolute(self.store.prefix, layout_keys.leader(CONTROLLER_ELECTION))
         try:
-            fresh, term = await self.store.get_with_term(
-                "VirtualMachine", name, leader_key(self.store.prefix, CONTROLLER_ELECTION)
-            )
+            fresh, term = await self.store.get_with_term("VirtualMachine", name, leader)
         except NotFound:
             return None
         except StoreError as error:

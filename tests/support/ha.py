@@ -14,7 +14,7 @@ import pytest
 
 from controller.ha.controller import build_manager
 from controller.ha.environment import HaTimings
-from controller.runtime.heartbeat import heartbeat_key
+from controller.runtime import layout_keys
 from controller.runtime.leader_record import ElectionTiming, current_leader
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
@@ -51,7 +51,8 @@ class Leases:
     async def hold(self, node: str) -> None:
         client = self.store.client
         lease = await client.lease(int(TIMINGS.lease_ttl))
-        await client.put(heartbeat_key(self.store.prefix, node).encode(), b"{}", lease=lease.id)
+        key = self.store.raw_key(layout_keys.heartbeat(node))
+        await client.put(key, b"{}", lease=lease.id)
         self._leases[node] = lease.id
         self._tasks[node] = asyncio.create_task(self._renew(lease.id))
 
