@@ -22,16 +22,14 @@ from typing import Any
 from controller import printers
 from controller.ha import admission, requests
 from controller.runtime.config import Settings
-from controller.runtime.etcd_health import EtcdHealth, etcd_health, heartbeat_ages
-from controller.runtime.leader_record import LeaderInfo, leader_key, parse_leader
+from controller.runtime.etcd_health import EtcdHealth, etcd_health, heartbeat_ages, read_leader
+from controller.runtime.leader_record import LeaderInfo
 from controller.runtime.store import Store, StoreError
 from crds import AnyResource, ClusterNode, Event, VirtualMachine, VirtualMachineMigration
 from crds.clusterpolicy import POLICY_NAME
 
 from .connect import settings_from
 
-ELECTION = "controller"
-"""The election every `kvmctl controller` campaigns in (the Manager's default)."""
 NO_QUORUM = 3
 NO_LEADER = 4
 ALL_NODES_LOST = 5
@@ -90,12 +88,6 @@ def _positive(text: str) -> float:
 
 
 # gathering -----------------------------------------------------------------------------------
-
-
-async def read_leader(store: Store) -> LeaderInfo | None:
-    key = leader_key(store.prefix, ELECTION)
-    kv = await store.keys.get(key)
-    return None if kv is None else parse_leader(key, kv.value, kv.create_revision)
 
 
 def _of(kind: type[Any], objects: list[Any]) -> list[Any]:
