@@ -52,8 +52,7 @@ install -d "$STAGE/usr/bin" "$STAGE/usr/sbin" "$STAGE/lib/systemd/system" \
     "$STAGE/usr/share/doc/kvmctl/examples" "$STAGE/DEBIAN"
 ln -s "$PREFIX/bin/kvmctl" "$STAGE/usr/bin/kvmctl"
 ln -s "$PREFIX/bin/fence_kvmctl" "$STAGE/usr/sbin/fence_kvmctl"
-install -m 0644 deploy/systemd/kvmctl-agent.service deploy/systemd/kvmctl-controller.service \
-    "$STAGE/lib/systemd/system/"
+install -m 0644 deploy/systemd/*.service "$STAGE/lib/systemd/system/"
 install -m 0644 README.md docs/*.md "$STAGE/usr/share/doc/kvmctl/"
 install -m 0644 deploy/config.yaml.example deploy/etcd/etcd-member.env.example \
     "$STAGE/usr/share/doc/kvmctl/examples/"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import signal
 import ssl
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,9 @@ async def run_dashboard(args: argparse.Namespace) -> int:
             await server.start()
             print(f"dashboard: {server.url}", flush=True)
             service.ready(f"serving {server.url}")
-            await asyncio.Event().wait()  # until interrupted
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            await stop.wait()  # until SIGTERM (systemctl stop) or interrupted
     finally:
         await server.stop()
         await view.stop()
