@@ -17,6 +17,7 @@ from controller.cli.drain import Blockers
 from controller.cli.status import NO_LEADER, NO_QUORUM
 from controller.cli.vm import ProgressBar
 from controller.ha import requests
+from controller.runtime.events import EventRecorder
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
 from crds import Event, VirtualMachineMigration
@@ -308,9 +309,28 @@ async def test_drain_wait_streams_why_a_vm_cannot_leave_and_times_out_naming_it(
         return "VMMigrating" in await reasons(store, "VirtualMachine", "vm1")
 
     await eventually(migrating, "the controller migrating vm1 to b")
-    code, out, err = await kvmctl_thread("drain", "a", "--wait", "--timeout", "2")
+    (migration,) = [
+        m
+        for m in (await store.list_objects("VirtualMachineMigration"))[0]
+        if isinstance(m, VirtualMachineMigration)
+    ]
+    draining = asyncio.ensure_future(kvmctl_thread("drain", "a", "--wait", "--timeout", "10"))
+
+    def running(current: Any) -> bool:  # what a's agent reports while it migrates vm1
+        current.status.phase = "Running"
+        current.status.progress_percent = 25
+        current.status.data_processed_bytes = 1 << 30
+        current.status.data_remaining_bytes = 3 << 30
+        return True
+
+    # Before or after the drain lists the migrations: either way it shows the report.
+    await store.as_writer("node.a").patch_status(
+        "VirtualMachineMigration", migration.metadata.name, running
+    )
+    code, out, err = await asyncio.wait_for(draining, 120)
     assert code == 1, out + err
-    assert err.strip() == "error: a not drained after 2 s; still there: vm1 (not moved yet)"
+    assert "virtualmachine/vm1: [#####" in out and "  25%  Running  3.0Gi left" in out, out
+    assert err.strip() == "error: a not drained after 10 s; still there: vm1 (not moved yet)"
 
 
 async def test_cordon_shortcuts_and_global_flags_after_the_command(
@@ -340,6 +360,34 @@ async def test_migrate_wait_timeout_goes_to_stderr(store: Store, kvmctl_thread: 
     name = out.split()[0].removeprefix("virtualmachinemigration/")
     assert err.splitlines()[-1] == (
         f"error: migration {name} did not end within 1 s (still Pending, 0%)"
+    )
+
+
+async def test_migrate_wait_streams_events_and_names_why_at_the_timeout(
+    store: Store, kvmctl_thread: Kvmctl
+) -> None:
+    """No controller runs; an Event about the migration, written while it waits, is streamed
+    and named as the reason it did not end."""
+    await store.create(node_object("a"))
+    await store.create(node_object("b"))
+    await store.create(vm_object("vm1"))
+    waiting = asyncio.ensure_future(
+        kvmctl_thread("migrate", "vm1", "--to", "b", "--wait", "--timeout", "10")
+    )
+
+    async def created() -> VirtualMachineMigration | None:
+        found = (await store.list_objects("VirtualMachineMigration"))[0]
+        return next((m for m in found if isinstance(m, VirtualMachineMigration)), None)
+
+    migration = await eventually(created, "the migration created")
+    recorder = EventRecorder(store, "test")
+    await recorder.record(migration, "Warning", "MigrationBlocked", "no controller leads")
+    code, out, err = await asyncio.wait_for(waiting, 120)
+    name = migration.metadata.name
+    assert code == 1
+    assert f"virtualmachinemigration/{name}: MigrationBlocked: no controller leads" in out, out
+    assert err.splitlines()[-1] == (
+        f"error: migration {name} did not end within 10 s (still Pending, 0%: no controller leads)"
     )
 
 
