@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -481,6 +482,40 @@ def test_bash_completion_completes_commands_kinds_and_live_names(
     assert complete("get", "vm", "-o", "") == ["table", "wide", "yaml", "json", "name"]
     assert complete("get", "vm", "--sort") == ["--sort-by"]
     assert "--etcd" in complete("status", "--et")
+
+
+def _shell(argv: list[str]) -> str:
+    assert shutil.which(argv[0]), f"{argv[0]} missing: make install"
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    return result.stdout
+
+
+def test_zsh_and_fish_completion_complete_commands_and_flags(kvmctl: Run, tmp_path: Path) -> None:
+    for shell in ("zsh", "fish"):
+        code, script, _ = kvmctl("completion", shell)
+        assert code == 0
+        (tmp_path / f"kvmctl.{shell}").write_text(script)
+    # fish: its own completion engine, as at a prompt.
+    fish = f"source {tmp_path / 'kvmctl.fish'}; complete -C $argv[1]"
+
+    def complete_fish(line: str) -> list[str]:
+        return _shell(["fish", "-c", fish, line]).split()
+
+    assert complete_fish("kvmctl dr") == ["drain"]
+    assert complete_fish("kvmctl node ") == ["cordon", "drain", "uncordon"]
+    assert "virtualmachines" in complete_fish("kvmctl get ")
+    assert complete_fish("kvmctl get vm --sort") == ["--sort-by"]
+    # zsh: the script loads under compinit and registers for kvmctl; bashcompinit's emulation
+    # (ksharrays, as its _bash_complete sets) gives the candidates zsh then matches.
+    zsh = (
+        "autoload -U +X compinit && compinit -u -D; "
+        f"source {tmp_path / 'kvmctl.zsh'}; print -r -- $_comps[kvmctl]; setopt ksharrays; "
+        'COMP_WORDS=(kvmctl node ""); COMP_CWORD=2; _kvmctl; print -r -- "${COMPREPLY[*]}"'
+    )
+    registered, candidates = _shell(["zsh", "-f", "-c", zsh]).splitlines()
+    assert registered == "_bash_complete -F _kvmctl"
+    assert candidates.split() == ["drain", "cordon", "uncordon"]
 
 
 def editor(tmp_path: Path, name: str, body: str) -> str:

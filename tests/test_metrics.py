@@ -24,6 +24,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from controller.cli import build_parser
 from controller.runtime.store import Store
 from crds import ObjectMeta, VirtualMachineMigration
 from crds.migration import VirtualMachineMigrationSpec
@@ -371,3 +372,21 @@ async def test_otlp_endpoint_receives_the_controllers_traces_and_metrics(
             samples = await scrape(ctl_port)
             assert is_one(samples, "kvmctl_leader")
         assert receiver.services == {"kvmctl-controller"}
+
+
+async def test_metrics_host_and_port_choose_where_the_daemons_serve(
+    etcd_endpoints: list[str], key_prefix: str, tmp_path: Path
+) -> None:
+    """The controller on 127.0.0.2 only; the agent's flags reach its settings the same way."""
+    (port,) = free_ports(1)
+    daemon = controller(etcd_endpoints, key_prefix, tmp_path, port, "--metrics-host", "127.0.0.2")
+    async with daemon:
+
+        async def served() -> list[Sample] | None:
+            assert daemon.alive(), daemon.output()
+            return await try_scrape(port, "127.0.0.2")
+
+        assert has(await eventually(served, "/metrics on 127.0.0.2"), "kvmctl_leader")
+        assert await try_scrape(port) is None, "served on 127.0.0.1 too"
+    args = build_parser().parse_args(["agent", "--metrics-host", "::1", "--metrics-port", "9"])
+    assert (args.metrics_host, args.metrics_port) == ("::1", 9)
