@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from controller.cli.drain import Blockers
-from controller.cli.status import NO_LEADER, NO_QUORUM
+from controller.cli.status_checks import DEGRADED, NO_LEADER, NO_QUORUM
 from controller.cli.vm import ProgressBar
 from controller.ha import requests
 from controller.runtime.events import EventRecorder
@@ -140,12 +140,23 @@ async def test_status_and_get_leader(
     store: Store, leases: Leases, controller: Manager, kvmctl_thread: Kvmctl
 ) -> None:
     await two_nodes_with_vms(store, leases)
+
+    async def checked() -> tuple[int, str] | None:
+        code, out, _ = await kvmctl_thread("status", "--check")
+        return (code, out.strip()) if code == 0 else None  # until vm2 runs: not placed yet
+
+    healthy = "OK: etcd 1/1 members healthy, leader ctl-1, 2 nodes, 2 VMs"
+    assert await eventually(checked, "status --check OK") == (0, healthy)
     await leases.drop("b")
 
     async def b_offline() -> bool:
         return (await get_node(store, "b")).status.health == "Offline"
 
     await eventually(b_offline, "b Offline (nothing placed there)")
+    code, out, err = await kvmctl_thread("status", "--check")
+    assert (code, out.strip()) == (DEGRADED, "DEGRADED: node b is Offline"), err
+    code, out, err = await kvmctl_thread("status", "--check", "--watch")
+    assert code == 2 and out == "" and "not allowed with argument" in err
     code, out, err = await kvmctl_thread("status")
     assert code == 0, err
     lines = out.splitlines()
@@ -166,7 +177,7 @@ async def test_status_and_get_leader(
     report = json.loads(out)
     assert report["etcd"]["quorum"] and report["leader"]["identity"] == "ctl-1"
     assert [n["heartbeatAgeSeconds"] is None for n in report["nodes"]] == [False, True]
-    assert report["problems"] == []
+    assert report["problems"] == [] and report["degraded"] == ["node b is Offline"]
 
     code, out, err = await kvmctl_thread("get", "leader")
     assert code == 0, err
@@ -228,7 +239,8 @@ async def test_status_exit_codes_without_leader_and_with_every_node_lost(
 
 
 def test_status_without_quorum_names_each_member() -> None:
-    """A 3-member etcd with 2 members killed: exit NO_QUORUM, each member's health shown."""
+    """A 3-member etcd with 1 member killed (`--check`: degraded) and 2 (exit NO_QUORUM, each
+    member's health shown)."""
     cluster = EtcdCluster(size=3).start()
     try:
         env = {**os.environ, "KVMCTL_ETCD": ",".join(cluster.endpoints), "KVMCTL_CONFIG": ""}
@@ -236,8 +248,17 @@ def test_status_without_quorum_names_each_member() -> None:
         healthy = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert healthy.returncode == NO_LEADER, healthy.stderr
         assert healthy.stdout.startswith("etcd: quorum, 3/3 members healthy")
-        for member in cluster.members[1:]:
-            member.kill()  # by the PID of the etcd this test started
+        first, second = cluster.members[1:]
+        first.kill()  # by the PID of the etcd this test started
+        check = subprocess.run(
+            [*command, "--check"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert check.returncode == NO_LEADER, check.stderr
+        assert (
+            check.stdout
+            == f"DEGRADED: no controller leads; etcd member {first.name} is unhealthy\n"
+        )
+        second.kill()
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == NO_QUORUM, result.stderr
         assert result.stdout.startswith("etcd: NO QUORUM, 0/3 members healthy")
