@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from controller.cli import build_parser, main
+from controller.cli.completion import walk
 from controller.runtime.store import Store
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
@@ -528,6 +530,8 @@ def editor(tmp_path: Path, name: str, body: str) -> str:
 
 PATCH_STATUS = """
 import asyncio, os
+from controller.cli import build_parser, main
+from controller.cli.completion import walk
 from controller.runtime.store import Store
 async def main():
     async with Store([os.environ["KVMCTL_ETCD"]], os.environ["KVMCTL_PREFIX"]) as store:
@@ -645,3 +649,17 @@ def test_status_watch_streams_one_json_report_per_refresh(
     finally:
         watcher.kill()
         watcher.wait()
+
+
+def test_every_command_refuses_a_bad_command_line_with_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Usage errors exit 2 everywhere, with one line: an unknown flag after each command."""
+    paths = [path for path in walk(build_parser()) if path]
+    assert len(paths) > 20 and "node drain" in paths and "dashboard" in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as stopped:
+            main([*path.split(), "--no-such-flag"])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.count("\n") == 1, (path, err)
+        assert err.startswith("kvmctl") and "error: " in err, (path, err)

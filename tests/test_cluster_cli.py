@@ -21,7 +21,8 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
 from crds import Event, VirtualMachineMigration
-from crds.clusternode import Capacity
+from crds.clusternode import Capacity, FenceRecord
+from crds.meta import now
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
 from tests.support.cli import Kvmctl
@@ -213,7 +214,8 @@ async def test_get_leader_without_controller(kvmctl_thread: Kvmctl) -> None:
 async def test_status_exit_codes_without_leader_and_with_every_node_lost(
     store: Store, leases: Leases, kvmctl_thread: Kvmctl
 ) -> None:
-    """Also migrations in flight and warnings (no controller here to act on them)."""
+    """Also migrations in flight, warnings and a node's fence record (no controller here to act
+    on them)."""
     await store.create(
         VirtualMachineMigration.model_validate(
             {"metadata": {"name": "vm1-x"}, "spec": {"vm": "vm1", "targetNode": "b"}}
@@ -236,6 +238,18 @@ async def test_status_exit_codes_without_leader_and_with_every_node_lost(
     await leases.hold("a")
     code, out, _ = await kvmctl_thread("status", "-o", "json")
     assert code == NO_LEADER and json.loads(out)["problems"] == ["no controller leads"]
+
+    def fenced(node: Any) -> bool:  # as the controller records a power fence
+        node.status.fence = FenceRecord(method="ipmi", confirmed_at=now(), how="PowerOff")
+        return True
+
+    await store.patch_status("ClusterNode", "a", fenced)
+    code, out, _ = await kvmctl_thread("status", "-o", "json")
+    (fence,) = [n["fence"] for n in json.loads(out)["nodes"]]
+    assert (fence["how"], fence["method"]) == ("PowerOff", "ipmi") and fence["confirmedAt"]
+    code, out, _ = await kvmctl_thread("status")
+    (row,) = [line for line in out.splitlines() if line.startswith("a ")]
+    assert row.split()[5:7] == ["PowerOff", "(ipmi)"] and row.endswith("s ago"), row
 
 
 def test_status_without_quorum_names_each_member() -> None:

@@ -132,6 +132,10 @@ def test_units_in_the_package_are_the_repository_units(deb: Path, tmp_path: Path
         shipped = (tmp_path / "lib" / "systemd" / "system" / unit).read_bytes()
         assert shipped == (REPO / "deploy" / "systemd" / unit).read_bytes()
     assert os.readlink(tmp_path / "usr" / "sbin" / "fence_kvmctl") == "/opt/kvmctl/bin/fence_kvmctl"
+    completion = tmp_path / "usr" / "share" / "bash-completion" / "completions" / "kvmctl"
+    assert "complete -F _kvmctl kvmctl" in completion.read_text()
+    docs = tmp_path / "usr" / "share" / "doc" / "kvmctl"
+    assert {"README.md", "operations.md", "copyright"} <= {path.name for path in docs.iterdir()}
     for script in (tmp_path / "opt" / "kvmctl" / "bin").iterdir():
         if script.is_file() and not script.is_symlink():
             first = script.read_bytes().split(b"\n", 1)[0]
