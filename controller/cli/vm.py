@@ -165,7 +165,6 @@ async def run_migrate(args: argparse.Namespace) -> int:
         if not isinstance(await store.try_get("ClusterNode", args.target), ClusterNode):
             print(f"error: ClusterNode {args.target!r} not found", file=sys.stderr)
             return 1
-        _, revision = await store.list_objects("Event")
         request = VirtualMachineMigration(
             metadata=ObjectMeta(name=migration_name(args.vm)),
             spec=VirtualMachineMigrationSpec(vm=args.vm, target_node=args.target),
@@ -175,7 +174,8 @@ async def run_migrate(args: argparse.Namespace) -> int:
         print(f"virtualmachinemigration/{name} created")
         if not args.wait:
             return 0
-        seen: list[Event] = []
+        seen: list[Event] = []  # the Events written since the migration was
+        revision = int(created.metadata.resource_version or 0)
         events = asyncio.create_task(stream_events(store, revision, {args.vm, name}, seen.append))
         try:
             async with asyncio.timeout(args.wait_timeout):
