@@ -2,10 +2,11 @@
 
 Two simulated hosts with libvirtd, `kvmctl agent` and `kvmctl controller`, each fenced by
 fence_ipmilan through its simulated BMC; one TCG guest on the host whose controller does not
-lead. The page is opened once; then that host's power is cut. Without a reload (a mark set on
-the page's window survives), its box turns red as it is lost and fenced, the guest appears in
-the other host's box, and the failover timeline shows NodeLost and NodeFenced. A screenshot is
-saved (to $DASHBOARD_SCREENSHOT when set: how docs/dashboard.png is made).
+lead. The page is opened once: it names the leading controller and its term, and each host's
+heartbeat age. Then that host's power is cut. Without a reload (a mark set on the page's window
+survives), its box turns red as it is lost and fenced and says it has no heartbeat, the guest
+appears in the other host's box, and the failover timeline shows NodeLost and NodeFenced. A
+screenshot is saved (to $DASHBOARD_SCREENSHOT when set: how docs/dashboard.png is made).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import pytest
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page
 
+from controller.runtime.etcd_health import read_leader
+from controller.runtime.leader_record import LeaderInfo
 from controller.runtime.store import Store
 from crds import ClusterNode
 from e2e.guest.build import GuestImage, ensure_guest_image
@@ -61,18 +64,35 @@ async def online(store: Store, names: list[str]) -> bool:
     return True
 
 
-async def host_box(page: Page, name: str) -> dict[str, str]:
-    """The box of host `name`: its health, classes, background and the VMs listed in it."""
-    found: dict[str, str] = await page.eval_on_selector(
+async def host_box(page: Page, name: str) -> dict[str, str | None]:
+    """The box of host `name`: its health, classes, background, the VMs listed in it and its
+    heartbeat's age in seconds (None: the box says it has no heartbeat)."""
+    found: dict[str, str | None] = await page.eval_on_selector(
         f'.host[data-node="{name}"]',
         """box => ({
             health: box.dataset.health,
             classes: box.className,
             background: getComputedStyle(box).backgroundColor,
             vms: [...box.querySelectorAll("li.vm")].map(li => li.dataset.vm).join(","),
+            heartbeat: box.querySelector(".heartbeat").dataset.age ?? null,
+            heartbeatText: box.querySelector(".heartbeat").textContent,
         })""",
     )
     return found
+
+
+async def leader_shown(page: Page) -> tuple[str, str, str]:
+    """The header's leader: identity, term and text."""
+    found: list[str] = await page.eval_on_selector(
+        "#leader", "e => [e.dataset.identity, e.dataset.term, e.textContent]"
+    )
+    return found[0], found[1], found[2]
+
+
+def heartbeat_fresh(box: dict[str, str | None], ttl: int) -> bool:
+    """An age within the agents' lease TTL (older, etcd has deleted the key)."""
+    age = box["heartbeat"]
+    return age is not None and 0 <= float(age) <= ttl
 
 
 async def test_power_cut_turns_the_host_red_and_moves_the_vm_live(
@@ -97,8 +117,10 @@ async def test_power_cut_turns_the_host_red_and_moves_the_vm_live(
         async with dashboard_process(["--port", "0"], env) as url, chromium() as browser:
             page = await browser.new_page(viewport={"width": 1100, "height": 640})
             page.set_default_timeout(DEADLINE * 1000)
+            elected = await read_leader(store)
+            assert elected is not None and elected.identity == leading
             try:
-                await power_cut_seen(page, url, cluster, victim, survivor)
+                await power_cut_seen(page, url, cluster, elected, victim, survivor)
             except PlaywrightError as error:
                 _, _, body = await fetch(url + "api/snapshot")
                 raise AssertionError(f"{error}; the server's snapshot: {body.decode()}") from None
@@ -109,13 +131,23 @@ async def test_power_cut_turns_the_host_red_and_moves_the_vm_live(
 
 
 async def power_cut_seen(
-    page: Page, url: str, cluster: chaos.ChaosCluster, victim: str, survivor: str
+    page: Page,
+    url: str,
+    cluster: chaos.ChaosCluster,
+    leader: LeaderInfo,
+    victim: str,
+    survivor: str,
 ) -> None:
     """Open the page, cut `victim`'s power, and check the page follows without a reload."""
     await page.goto(url)
     await page.wait_for_selector(f'.host[data-node="{victim}"] li.vm[data-vm="{VM}"]')
+    identity, term, text = await leader_shown(page)
+    assert (identity, term) == (leader.identity, str(leader.token)), text
+    assert text.startswith(f"leader {leader.identity}") and f"term {leader.token}" in text
     before = await host_box(page, victim)
     assert before["health"] == "Online" and before["background"] != RED
+    assert heartbeat_fresh(before, cluster.profile.lease_ttl), before
+    assert str(before["heartbeatText"]).startswith("heartbeat "), before
     await page.evaluate("window.kvmctlMark = 'before the power cut'")
 
     await asyncio.to_thread(cluster.kill_host, victim)
@@ -130,8 +162,12 @@ async def power_cut_seen(
         arg=[victim, survivor, VM],
     )
     after = await host_box(page, victim)
-    assert "down" in after["classes"] and after["background"] == RED, after
-    assert after["vms"] == "" and VM in (await host_box(page, survivor))["vms"]
+    assert "down" in str(after["classes"]) and after["background"] == RED, after
+    assert after["heartbeat"] is None and after["heartbeatText"] == "no heartbeat", after
+    moved = await host_box(page, survivor)
+    assert after["vms"] == "" and VM in str(moved["vms"])
+    assert heartbeat_fresh(moved, cluster.profile.lease_ttl), moved
+    assert (await leader_shown(page))[:2] == (leader.identity, str(leader.token))
     assert await page.evaluate("window.kvmctlMark") == "before the power cut", "reloaded"
     reasons = await page.eval_on_selector_all(
         f'#timeline li[data-object="{victim}"]', "items => items.map(i => i.dataset.reason)"

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from controller.cli import build_parser, main
+from controller.cli.completion import walk
 from controller.runtime.store import Store
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
@@ -483,6 +486,40 @@ def test_bash_completion_completes_commands_kinds_and_live_names(
     assert "--etcd" in complete("status", "--et")
 
 
+def _shell(argv: list[str]) -> str:
+    assert shutil.which(argv[0]), f"{argv[0]} missing: make install"
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    return result.stdout
+
+
+def test_zsh_and_fish_completion_complete_commands_and_flags(kvmctl: Run, tmp_path: Path) -> None:
+    for shell in ("zsh", "fish"):
+        code, script, _ = kvmctl("completion", shell)
+        assert code == 0
+        (tmp_path / f"kvmctl.{shell}").write_text(script)
+    # fish: its own completion engine, as at a prompt.
+    fish = f"source {tmp_path / 'kvmctl.fish'}; complete -C $argv[1]"
+
+    def complete_fish(line: str) -> list[str]:
+        return _shell(["fish", "-c", fish, line]).split()
+
+    assert complete_fish("kvmctl dr") == ["drain"]
+    assert complete_fish("kvmctl node ") == ["cordon", "drain", "uncordon"]
+    assert "virtualmachines" in complete_fish("kvmctl get ")
+    assert complete_fish("kvmctl get vm --sort") == ["--sort-by"]
+    # zsh: the script loads under compinit and registers for kvmctl; bashcompinit's emulation
+    # (ksharrays, as its _bash_complete sets) gives the candidates zsh then matches.
+    zsh = (
+        "autoload -U +X compinit && compinit -u -D; "
+        f"source {tmp_path / 'kvmctl.zsh'}; print -r -- $_comps[kvmctl]; setopt ksharrays; "
+        'COMP_WORDS=(kvmctl node ""); COMP_CWORD=2; _kvmctl; print -r -- "${COMPREPLY[*]}"'
+    )
+    registered, candidates = _shell(["zsh", "-f", "-c", zsh]).splitlines()
+    assert registered == "_bash_complete -F _kvmctl"
+    assert candidates.split() == ["drain", "cordon", "uncordon"]
+
+
 def editor(tmp_path: Path, name: str, body: str) -> str:
     """An $EDITOR: a shell script run with the file to edit as $1."""
     script = tmp_path / name
@@ -493,6 +530,8 @@ def editor(tmp_path: Path, name: str, body: str) -> str:
 
 PATCH_STATUS = """
 import asyncio, os
+from controller.cli import build_parser, main
+from controller.cli.completion import walk
 from controller.runtime.store import Store
 async def main():
     async with Store([os.environ["KVMCTL_ETCD"]], os.environ["KVMCTL_PREFIX"]) as store:
@@ -610,3 +649,17 @@ def test_status_watch_streams_one_json_report_per_refresh(
     finally:
         watcher.kill()
         watcher.wait()
+
+
+def test_every_command_refuses_a_bad_command_line_with_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Usage errors exit 2 everywhere, with one line: an unknown flag after each command."""
+    paths = [path for path in walk(build_parser()) if path]
+    assert len(paths) > 20 and "node drain" in paths and "dashboard" in paths
+    for path in paths:
+        with pytest.raises(SystemExit) as stopped:
+            main([*path.split(), "--no-such-flag"])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.count("\n") == 1, (path, err)
+        assert err.startswith("kvmctl") and "error: " in err, (path, err)

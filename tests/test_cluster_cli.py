@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 
 from controller.cli.drain import Blockers
-from controller.cli.status import NO_LEADER, NO_QUORUM
+from controller.cli.status_checks import DEGRADED, NO_LEADER, NO_QUORUM
 from controller.cli.vm import ProgressBar
 from controller.ha import requests
+from controller.runtime.events import EventRecorder
 from controller.runtime.manager import Manager
 from controller.runtime.store import Store
 from crds import Event, VirtualMachineMigration
-from crds.clusternode import Capacity
+from crds.clusternode import Capacity, FenceRecord
+from crds.meta import now
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.polling import eventually
 from tests.support.cli import Kvmctl
@@ -139,12 +141,23 @@ async def test_status_and_get_leader(
     store: Store, leases: Leases, controller: Manager, kvmctl_thread: Kvmctl
 ) -> None:
     await two_nodes_with_vms(store, leases)
+
+    async def checked() -> tuple[int, str] | None:
+        code, out, _ = await kvmctl_thread("status", "--check")
+        return (code, out.strip()) if code == 0 else None  # until vm2 runs: not placed yet
+
+    healthy = "OK: etcd 1/1 members healthy, leader ctl-1, 2 nodes, 2 VMs"
+    assert await eventually(checked, "status --check OK") == (0, healthy)
     await leases.drop("b")
 
     async def b_offline() -> bool:
         return (await get_node(store, "b")).status.health == "Offline"
 
     await eventually(b_offline, "b Offline (nothing placed there)")
+    code, out, err = await kvmctl_thread("status", "--check")
+    assert (code, out.strip()) == (DEGRADED, "DEGRADED: node b is Offline"), err
+    code, out, err = await kvmctl_thread("status", "--check", "--watch")
+    assert code == 2 and out == "" and "not allowed with argument" in err
     code, out, err = await kvmctl_thread("status")
     assert code == 0, err
     lines = out.splitlines()
@@ -165,7 +178,7 @@ async def test_status_and_get_leader(
     report = json.loads(out)
     assert report["etcd"]["quorum"] and report["leader"]["identity"] == "ctl-1"
     assert [n["heartbeatAgeSeconds"] is None for n in report["nodes"]] == [False, True]
-    assert report["problems"] == []
+    assert report["problems"] == [] and report["degraded"] == ["node b is Offline"]
 
     code, out, err = await kvmctl_thread("get", "leader")
     assert code == 0, err
@@ -201,7 +214,8 @@ async def test_get_leader_without_controller(kvmctl_thread: Kvmctl) -> None:
 async def test_status_exit_codes_without_leader_and_with_every_node_lost(
     store: Store, leases: Leases, kvmctl_thread: Kvmctl
 ) -> None:
-    """Also migrations in flight and warnings (no controller here to act on them)."""
+    """Also migrations in flight, warnings and a node's fence record (no controller here to act
+    on them)."""
     await store.create(
         VirtualMachineMigration.model_validate(
             {"metadata": {"name": "vm1-x"}, "spec": {"vm": "vm1", "targetNode": "b"}}
@@ -225,9 +239,22 @@ async def test_status_exit_codes_without_leader_and_with_every_node_lost(
     code, out, _ = await kvmctl_thread("status", "-o", "json")
     assert code == NO_LEADER and json.loads(out)["problems"] == ["no controller leads"]
 
+    def fenced(node: Any) -> bool:  # as the controller records a power fence
+        node.status.fence = FenceRecord(method="ipmi", confirmed_at=now(), how="PowerOff")
+        return True
+
+    await store.patch_status("ClusterNode", "a", fenced)
+    code, out, _ = await kvmctl_thread("status", "-o", "json")
+    (fence,) = [n["fence"] for n in json.loads(out)["nodes"]]
+    assert (fence["how"], fence["method"]) == ("PowerOff", "ipmi") and fence["confirmedAt"]
+    code, out, _ = await kvmctl_thread("status")
+    (row,) = [line for line in out.splitlines() if line.startswith("a ")]
+    assert row.split()[5:7] == ["PowerOff", "(ipmi)"] and row.endswith("s ago"), row
+
 
 def test_status_without_quorum_names_each_member() -> None:
-    """A 3-member etcd with 2 members killed: exit NO_QUORUM, each member's health shown."""
+    """A 3-member etcd with 1 member killed (`--check`: degraded) and 2 (exit NO_QUORUM, each
+    member's health shown)."""
     cluster = EtcdCluster(size=3).start()
     try:
         env = {**os.environ, "KVMCTL_ETCD": ",".join(cluster.endpoints), "KVMCTL_CONFIG": ""}
@@ -235,8 +262,17 @@ def test_status_without_quorum_names_each_member() -> None:
         healthy = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert healthy.returncode == NO_LEADER, healthy.stderr
         assert healthy.stdout.startswith("etcd: quorum, 3/3 members healthy")
-        for member in cluster.members[1:]:
-            member.kill()  # by the PID of the etcd this test started
+        first, second = cluster.members[1:]
+        first.kill()  # by the PID of the etcd this test started
+        check = subprocess.run(
+            [*command, "--check"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert check.returncode == NO_LEADER, check.stderr
+        assert (
+            check.stdout
+            == f"DEGRADED: no controller leads; etcd member {first.name} is unhealthy\n"
+        )
+        second.kill()
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == NO_QUORUM, result.stderr
         assert result.stdout.startswith("etcd: NO QUORUM, 0/3 members healthy")
@@ -308,9 +344,28 @@ async def test_drain_wait_streams_why_a_vm_cannot_leave_and_times_out_naming_it(
         return "VMMigrating" in await reasons(store, "VirtualMachine", "vm1")
 
     await eventually(migrating, "the controller migrating vm1 to b")
-    code, out, err = await kvmctl_thread("drain", "a", "--wait", "--timeout", "2")
+    (migration,) = [
+        m
+        for m in (await store.list_objects("VirtualMachineMigration"))[0]
+        if isinstance(m, VirtualMachineMigration)
+    ]
+    draining = asyncio.ensure_future(kvmctl_thread("drain", "a", "--wait", "--timeout", "10"))
+
+    def running(current: Any) -> bool:  # what a's agent reports while it migrates vm1
+        current.status.phase = "Running"
+        current.status.progress_percent = 25
+        current.status.data_processed_bytes = 1 << 30
+        current.status.data_remaining_bytes = 3 << 30
+        return True
+
+    # Before or after the drain lists the migrations: either way it shows the report.
+    await store.as_writer("node.a").patch_status(
+        "VirtualMachineMigration", migration.metadata.name, running
+    )
+    code, out, err = await asyncio.wait_for(draining, 120)
     assert code == 1, out + err
-    assert err.strip() == "error: a not drained after 2 s; still there: vm1 (not moved yet)"
+    assert "virtualmachine/vm1: [#####" in out and "  25%  Running  3.0Gi left" in out, out
+    assert err.strip() == "error: a not drained after 10 s; still there: vm1 (not moved yet)"
 
 
 async def test_cordon_shortcuts_and_global_flags_after_the_command(
@@ -340,6 +395,34 @@ async def test_migrate_wait_timeout_goes_to_stderr(store: Store, kvmctl_thread: 
     name = out.split()[0].removeprefix("virtualmachinemigration/")
     assert err.splitlines()[-1] == (
         f"error: migration {name} did not end within 1 s (still Pending, 0%)"
+    )
+
+
+async def test_migrate_wait_streams_events_and_names_why_at_the_timeout(
+    store: Store, kvmctl_thread: Kvmctl
+) -> None:
+    """No controller runs; an Event about the migration, written while it waits, is streamed
+    and named as the reason it did not end."""
+    await store.create(node_object("a"))
+    await store.create(node_object("b"))
+    await store.create(vm_object("vm1"))
+    waiting = asyncio.ensure_future(
+        kvmctl_thread("migrate", "vm1", "--to", "b", "--wait", "--timeout", "10")
+    )
+
+    async def created() -> VirtualMachineMigration | None:
+        found = (await store.list_objects("VirtualMachineMigration"))[0]
+        return next((m for m in found if isinstance(m, VirtualMachineMigration)), None)
+
+    migration = await eventually(created, "the migration created")
+    recorder = EventRecorder(store, "test")
+    await recorder.record(migration, "Warning", "MigrationBlocked", "no controller leads")
+    code, out, err = await asyncio.wait_for(waiting, 120)
+    name = migration.metadata.name
+    assert code == 1
+    assert f"virtualmachinemigration/{name}: MigrationBlocked: no controller leads" in out, out
+    assert err.splitlines()[-1] == (
+        f"error: migration {name} did not end within 10 s (still Pending, 0%: no controller leads)"
     )
 
 

@@ -1,6 +1,7 @@
 """`kvmctl dashboard` against a real etcd, run as users run it (its own process): the snapshot,
-the Server-Sent Events that follow etcd's watch, read-only HTTP, and the rules for serving
-beyond loopback (HTTPS and the monitor role, with etcd's RBAC on)."""
+the Server-Sent Events that follow etcd's watch (objects, the leader, heartbeat ages), read-only
+HTTP, and the rules for serving beyond loopback (HTTPS and the monitor role, with etcd's RBAC
+on)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,19 @@ from urllib.parse import urlsplit
 import pytest
 
 from controller.rbac import apply_rbac, cluster_roles
+from controller.runtime import layout_keys
 from controller.runtime.events import EventRecorder
+from controller.runtime.leader import LeaderElector
+from controller.runtime.leader_record import CONTROLLER_ELECTION
 from controller.runtime.store import Store
+from controller.runtime.tasks import cancel_and_wait
 from crds import ClusterNode, VirtualMachine
 from crds.meta import now
 from crds.virtualmachine import Placement
 from e2e.harness.dashboard import dashboard_process, fetch, snapshot_stream
 from e2e.harness.etcd import EtcdCluster
 from tests.support.cli import Run
-from tests.support.ha import node_object, vm_object
+from tests.support.ha import ELECTION, TIMINGS, Leases, node_object, vm_object
 from tests.support.rbac import PREFIX, etcd_with_rbac, make_pki, store_as, tls
 
 DEADLINE = 30.0
@@ -76,6 +81,43 @@ async def test_snapshot_shows_hosts_and_where_each_vm_runs(dashboard: str) -> No
     ]
     (vm,) = snapshot["vms"]
     assert (vm["name"], vm["node"], vm["state"]) == ("vm1", "a", "Running")
+    assert snapshot["leader"] is None
+    assert [n["heartbeatAgeSeconds"] for n in snapshot["nodes"]] == [None, None]
+
+
+async def test_stream_shows_the_leader_and_heartbeat_ages_live(
+    dashboard: str, store: Store, leases: Leases
+) -> None:
+    """A leader elected and gone, a heartbeat held and dropped: each seen without asking."""
+    terms: list[int] = []
+
+    async def lead(token: int) -> None:
+        terms.append(token)
+        await asyncio.Event().wait()
+
+    elector = LeaderElector(
+        store.client, store.prefix, CONTROLLER_ELECTION, "ctl-1", ELECTION, node="b"
+    )
+    async with snapshot_stream(dashboard) as snapshots:
+        await until(snapshots, lambda s: s["leader"] is None)
+        await leases.hold("a")
+        campaign = asyncio.create_task(elector.run(lead))
+        try:
+            seen = await until(
+                snapshots,
+                lambda s: (
+                    s["leader"] is not None and host(s, "a")["heartbeatAgeSeconds"] is not None
+                ),
+            )
+            leader = seen["leader"]
+            assert (leader["identity"], leader["node"], leader["term"]) == ("ctl-1", "b", terms[0])
+            assert 0 <= host(seen, "a")["heartbeatAgeSeconds"] <= TIMINGS.lease_ttl
+            assert host(seen, "b")["heartbeatAgeSeconds"] is None
+            await leases.drop("a")
+            await until(snapshots, lambda s: host(s, "a")["heartbeatAgeSeconds"] is None)
+        finally:
+            await cancel_and_wait([campaign])  # resigns: the leader key goes
+        await until(snapshots, lambda s: s["leader"] is None)
 
 
 async def test_stream_follows_a_failover_as_etcd_sees_it(dashboard: str, store: Store) -> None:
@@ -155,10 +197,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def _setup(etcd: EtcdCluster, pki: Path) -> None:
+    """host1 Online with a heartbeat (a lease that outlives the module), a leader record."""
     async with store_as(etcd, pki, "admin") as admin:
         node = await admin.create(node_object("host1"))
         node.status.health = "Online"
         await admin.update_status(node)
+        lease = await admin.client.lease(600)
+        heartbeat = layout_keys.absolute(PREFIX, layout_keys.heartbeat("host1"))
+        await admin.keys.put(heartbeat, b"{}", lease=lease.id)
+        record = {"identity": "ctl-1", "acquiredAt": now().isoformat()}
+        leader = layout_keys.absolute(PREFIX, layout_keys.leader(CONTROLLER_ELECTION))
+        await admin.keys.put(leader, json.dumps(record).encode())
         await apply_rbac(admin, cluster_roles(["host1"]))
 
 
@@ -184,7 +233,10 @@ async def test_remote_dashboard_serves_https_as_monitor(rbac_etcd: EtcdCluster, 
         local = url.replace("0.0.0.0", "127.0.0.1")
         trusted = ssl.create_default_context(cafile=pki / "ca.crt")
         status, _, body = await fetch(local + "api/snapshot", tls=trusted)
-        assert status == 200 and b'"name":"host1"' in body.replace(b" ", b"")
+        assert status == 200
+        snapshot = json.loads(body)  # the monitor role reads the leader and the lease's age too
+        assert snapshot["leader"]["identity"] == "ctl-1"
+        assert host(snapshot, "host1")["heartbeatAgeSeconds"] is not None
         with pytest.raises((ConnectionError, asyncio.IncompleteReadError, ValueError)):
             await fetch(local.replace("https", "http") + "api/snapshot")
     with pytest.raises(RuntimeError, match="not user 'admin'"):

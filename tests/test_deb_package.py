@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 ROOT_TARBALL = REPO / ".run" / "debian-root" / "bookworm-minbase.tar"
 ROOT_PACKAGES = "python3.11,libvirt0,systemd"
 """What the package depends on (python3.11, libvirt0), and systemd-analyze."""
-UNITS = ("kvmctl-agent.service", "kvmctl-controller.service")
+UNITS = sorted(unit.name for unit in (REPO / "deploy" / "systemd").glob("*.service"))
+"""The agent, controller and dashboard units, every one shipped and verified."""
 
 
 def _run(argv: list[str], timeout: float = 900.0) -> subprocess.CompletedProcess[str]:
@@ -122,10 +123,19 @@ def test_package_installs_and_runs_in_a_fresh_debian_root(
 
 def test_units_in_the_package_are_the_repository_units(deb: Path, tmp_path: Path) -> None:
     _checked(["dpkg-deb", "-x", str(deb), str(tmp_path)])
+    assert set(UNITS) >= {
+        "kvmctl-agent.service",
+        "kvmctl-controller.service",
+        "kvmctl-dashboard.service",
+    }
     for unit in UNITS:
         shipped = (tmp_path / "lib" / "systemd" / "system" / unit).read_bytes()
         assert shipped == (REPO / "deploy" / "systemd" / unit).read_bytes()
     assert os.readlink(tmp_path / "usr" / "sbin" / "fence_kvmctl") == "/opt/kvmctl/bin/fence_kvmctl"
+    completion = tmp_path / "usr" / "share" / "bash-completion" / "completions" / "kvmctl"
+    assert "complete -F _kvmctl kvmctl" in completion.read_text()
+    docs = tmp_path / "usr" / "share" / "doc" / "kvmctl"
+    assert {"README.md", "operations.md", "copyright"} <= {path.name for path in docs.iterdir()}
     for script in (tmp_path / "opt" / "kvmctl" / "bin").iterdir():
         if script.is_file() and not script.is_symlink():
             first = script.read_bytes().split(b"\n", 1)[0]

@@ -2,7 +2,8 @@
 test's etcd (agents on libvirt's test driver): series named the Prometheus way, without
 `otel_scope_*` labels, that follow a node loss, its fencing and the failover of its VM; every
 query of the shipped Grafana dashboard and every alert rule names a series a daemon exposes;
-`--otlp-endpoint` sends traces and metrics to an OTLP/HTTP receiver."""
+`--otlp-endpoint` sends both daemons' traces and metrics to an OTLP/HTTP receiver; `--metrics-host`
+chooses the address."""
 
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from controller.cli import build_parser
 from controller.runtime.store import Store
 from crds import ObjectMeta, VirtualMachineMigration
+from crds.meta import now
 from crds.migration import VirtualMachineMigrationSpec
+from crds.virtualmachine import Placement
 from e2e.harness.etcd import free_ports
 from e2e.harness.polling import eventually
 from e2e.harness.private_host import host_uri
@@ -371,3 +375,48 @@ async def test_otlp_endpoint_receives_the_controllers_traces_and_metrics(
             samples = await scrape(ctl_port)
             assert is_one(samples, "kvmctl_leader")
         assert receiver.services == {"kvmctl-controller"}
+
+
+async def test_metrics_host_and_port_choose_where_the_daemons_serve(
+    etcd_endpoints: list[str], key_prefix: str, tmp_path: Path
+) -> None:
+    """The controller on 127.0.0.2 only; the agent's flags reach its settings the same way."""
+    (port,) = free_ports(1)
+    daemon = controller(etcd_endpoints, key_prefix, tmp_path, port, "--metrics-host", "127.0.0.2")
+    async with daemon:
+
+        async def served() -> list[Sample] | None:
+            assert daemon.alive(), daemon.output()
+            return await try_scrape(port, "127.0.0.2")
+
+        assert has(await eventually(served, "/metrics on 127.0.0.2"), "kvmctl_leader")
+        assert await try_scrape(port) is None, "served on 127.0.0.1 too"
+    args = build_parser().parse_args(["agent", "--metrics-host", "::1", "--metrics-port", "9"])
+    assert (args.metrics_host, args.metrics_port) == ("::1", 9)
+
+
+async def test_otlp_endpoint_receives_the_agents_traces_and_metrics(
+    etcd_endpoints: list[str], key_prefix: str, tmp_path: Path
+) -> None:
+    with otlp_receiver() as (receiver, otlp_port):
+        argv = [
+            "agent", "--node", "n1", "--libvirt-uri", "test:///default", "--no-storage",
+            "--no-lv-activation", "--peer-port", "0", "--metrics-port", "0", *HEARTBEAT,
+            "--otlp-endpoint", f"http://127.0.0.1:{otlp_port}",
+        ]  # fmt: skip
+        daemon = Daemon(etcd_endpoints, key_prefix, tmp_path / "agent.log", *argv)
+        daemon.env.update({"OTEL_METRIC_EXPORT_INTERVAL": "500", "OTEL_BSP_SCHEDULE_DELAY": "200"})
+        async with Store(etcd_endpoints, key_prefix) as store, daemon:
+            await store.create(node_object("n1"))
+            vm = await store.create(vm_object("vm1"))
+            vm.status.placement = Placement(node="n1", token=1, since=now())  # as the leader
+            await store.update_status(vm)
+
+            def spans() -> bool:
+                assert daemon.alive(), daemon.output()
+                return "reconcile VirtualMachine" in receiver.spans
+
+            await eventually(spans, "the agent's reconcile spans by OTLP")
+            wanted = {"kvmctl.heartbeat.renew.latency", "kvmctl.reconcile.duration"}
+            await eventually(lambda: wanted <= receiver.metrics, "the agent's metrics by OTLP")
+        assert receiver.services == {"kvmctl-agent"}

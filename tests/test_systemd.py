@@ -1,8 +1,9 @@
 """sd_notify and the service watchdog, received on a real datagram socket as systemd would.
 
-The daemons (`kvmctl agent` on test:///default and a real etcd, `kvmctl controller`) run as
-processes with `$NOTIFY_SOCKET` pointing at the test's socket; the watchdog's dependence on the
-event loop is shown with tests/systemd_child.py, whose loop the test blocks with a signal.
+The daemons (`kvmctl agent` on test:///default and a real etcd, `kvmctl controller`, `kvmctl
+dashboard`) run as processes with `$NOTIFY_SOCKET` pointing at the test's socket; the watchdog's
+dependence on the event loop is shown with tests/systemd_child.py, whose loop the test blocks
+with a signal.
 """
 
 from __future__ import annotations
@@ -200,3 +201,21 @@ async def test_controller_is_ready_once_its_caches_synced(
         await listener.until("STOPPING=1")
         async with asyncio.timeout(DEADLINE):
             assert await controller.wait() == 0
+
+
+async def test_dashboard_is_ready_once_it_serves(
+    listener: Listener, etcd_endpoints: list[str], key_prefix: str
+) -> None:
+    argv = _kvmctl(etcd_endpoints, key_prefix, "dashboard", "--port", "0")
+    env = {**_env(listener), "KVMCTL_CONFIG": ""}
+    async with _process(*argv, env=env) as dashboard:
+        assert dashboard.stdout is not None
+        async with asyncio.timeout(DEADLINE):
+            url = (await dashboard.stdout.readline()).decode().split(" ", 1)[1].strip()
+        seen = await listener.until("READY=1")
+        assert f"STATUS=serving {url}" in seen[-1]
+        assert "WATCHDOG=1" in await listener.until("WATCHDOG=1")
+        os.kill(dashboard.pid, signal.SIGTERM)
+        await listener.until("STOPPING=1")
+        async with asyncio.timeout(DEADLINE):
+            assert await dashboard.wait() == 0

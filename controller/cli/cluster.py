@@ -14,6 +14,7 @@ from controller import printers
 from controller.ha import requests
 from controller.ha.environment import HaTimings
 from controller.runtime.defaults import DEFAULT_HTTP_PORT, short_hostname
+from controller.runtime.etcd_health import read_leader
 from controller.runtime.leader_record import ElectionTiming
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 
@@ -21,7 +22,6 @@ from .connect import name_arg, store_from
 from .drain import get_node
 from .errors import UsageError
 from .flags import add_heartbeat_flags, add_telemetry_flags
-from .status import read_leader
 
 
 def register(commands: Any) -> None:

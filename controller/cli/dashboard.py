@@ -4,6 +4,9 @@ Read-only: the page cannot change anything, and the server only reads etcd. It l
 loopback unless told otherwise; on any other address it needs HTTPS (--tls-cert, --tls-key) and
 etcd credentials of the read-only `monitor` role (--cert/--key of a certificate with CN monitor,
 docs/security.md), and refuses to start without them.
+
+Under systemd (deploy/systemd/kvmctl-dashboard.service, Type=notify) it waits for etcd, sends
+READY=1 once it serves the first snapshot and feeds the unit's watchdog from its event loop.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import signal
 import ssl
 from pathlib import Path
 from typing import Any
 
-from controller.dashboard.server import DashboardServer, LiveView
+from controller.dashboard.live import LiveView
+from controller.dashboard.server import DashboardServer
 from controller.rbac import MONITOR
 from controller.runtime.config import Settings
+from controller.runtime.systemd import Service
 
 from .connect import settings_from
 from .errors import UsageError
@@ -90,10 +96,15 @@ async def run_dashboard(args: argparse.Namespace) -> int:
     view = LiveView(store)
     server = DashboardServer(view, args.address, args.port, tls)
     try:
-        await view.start()
-        await server.start()
-        print(f"dashboard: {server.url}", flush=True)
-        await asyncio.Event().wait()  # until interrupted
+        async with Service() as service:
+            await store.connect_when_reachable()
+            await view.start()
+            await server.start()
+            print(f"dashboard: {server.url}", flush=True)
+            service.ready(f"serving {server.url}")
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            await stop.wait()  # until SIGTERM (systemctl stop) or interrupted
     finally:
         await server.stop()
         await view.stop()

@@ -1,10 +1,11 @@
 """Node maintenance: `node drain|cordon|uncordon NODE` (also `kvmctl drain|cordon|uncordon`).
 
-`drain --wait` streams the events of the node and of its VMs as they happen and ends when the
-node is empty (exit 0), when every VM left is stuck (exit 1 at once, naming each and why), or at
-`--timeout` (exit 1, naming what is left and why). A VM is stuck when it may not live-migrate
-(without --force) or when the controller's latest word on it is a blocker (`VMNotMigratable`:
-no eligible target, "host3 has 0 free vcpus").
+`drain --wait` streams the events of the node and of its VMs as they happen, and the progress
+of each VM's live migration (bytes left, rate), and ends when the node is empty (exit 0), when
+every VM left is stuck (exit 1 at once, naming each and why), or at `--timeout` (exit 1, naming
+what is left and why). A VM is stuck when it may not live-migrate (without --force) or when the
+controller's latest word on it is a blocker (`VMNotMigratable`: no eligible target, "host3 has 0
+free vcpus").
 """
 
 from __future__ import annotations
@@ -15,18 +16,23 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from controller.ha import requests
-from controller.runtime.store import Compacted, Conflict, NotFound, Store
-from crds import ClusterNode, Event, VirtualMachine
+from controller.runtime.store import Conflict, NotFound, Store
+from crds import ClusterNode, Event, VirtualMachine, VirtualMachineMigration
 
 from .connect import name_arg, store_from
 from .flags import add_wait_flags
+from .follow import follow_changes, stream_events
+from .vm import ProgressBar
 
 DRAIN_POLL = 0.5
 BLOCKERS = frozenset({"VMNotMigratable"})
 """Event reasons saying a VM cannot leave its node for now."""
+ENDED = ("Succeeded", "Failed")
+"""Migration phases after which a migration shows no progress."""
 STALE_SETTLE = 5.0
 """Seconds before a blocker reported before this drain counts (the controller acts first)."""
 
@@ -137,16 +143,12 @@ class Blockers:
         return f"{event.spec.reason}: {event.spec.message}"
 
 
-def _event_line(event: Event) -> str:
-    involved = event.spec.involved_object
-    return f"{involved.kind.lower()}/{involved.name}: {event.spec.reason}: {event.spec.message}"
-
-
 async def run_drain(args: argparse.Namespace) -> int:
     name = args.node
     async with store_from(args) as store:
         await get_node(store, name)
         events, revision = await store.list_objects("Event")
+        migrations, migrations_revision = await store.list_objects("VirtualMachineMigration")
         await _set_cordoned(store, name, True)
         await requests.request_drain(store, name, args.force)
         vms = await placed_on(store, name)
@@ -160,8 +162,22 @@ async def run_drain(args: argparse.Namespace) -> int:
         for event in events:
             if isinstance(event, Event):
                 blockers.saw(event, fresh=False)
-        watched = {name} | {vm.metadata.name for vm in vms}
-        stream = asyncio.create_task(_stream(store, revision, watched, blockers))
+        names = {vm.metadata.name for vm in vms}
+        progress = MigrationLines(names)
+        for migration in migrations:
+            if (
+                isinstance(migration, VirtualMachineMigration)
+                and migration.status.phase not in ENDED
+            ):
+                progress(migration)
+        followers = [
+            asyncio.create_task(
+                stream_events(store, revision, {name} | names, partial(blockers.saw, fresh=True))
+            ),
+            asyncio.create_task(
+                follow_changes(store, "VirtualMachineMigration", migrations_revision, progress)
+            ),
+        ]
         try:
             async with asyncio.timeout(args.wait_timeout):
                 return await _wait_drained(store, name, blockers)
@@ -177,25 +193,28 @@ async def run_drain(args: argparse.Namespace) -> int:
             )
             return 1
         finally:
-            stream.cancel()
-            await asyncio.wait({stream})
+            for task in followers:
+                task.cancel()
+            await asyncio.wait(followers)
 
 
-async def _stream(store: Store, revision: int, watched: set[str], blockers: Blockers) -> None:
-    """Print each new event about the node or its VMs, and keep `blockers` current."""
-    while True:
-        try:
-            async for change in store.watch("Event", revision + 1):
-                revision = change.revision
-                event = change.object
-                if change.type == "DELETED" or not isinstance(event, Event):
-                    continue
-                if event.spec.involved_object.name not in watched:
-                    continue
-                blockers.saw(event, fresh=True)
-                print(_event_line(event), flush=True)
-        except Compacted:
-            _, revision = await store.list_objects("Event")
+class MigrationLines:
+    """Prints `virtualmachine/VM: [####......]  40%  Running  2.8Gi left  100.0Mi/s` for each
+    change of a migration of one of `vms` (a line only when what it says changed)."""
+
+    def __init__(self, vms: set[str]) -> None:
+        self.vms = vms
+        self.bars: dict[str, ProgressBar] = {}
+        self.shown: dict[str, str] = {}
+
+    def __call__(self, migration: Any) -> None:
+        if not isinstance(migration, VirtualMachineMigration) or migration.spec.vm not in self.vms:
+            return
+        name = migration.metadata.name
+        line = self.bars.setdefault(name, ProgressBar(sys.stdout)).line(migration)
+        if self.shown.get(name) != line:
+            self.shown[name] = line
+            print(f"virtualmachine/{migration.spec.vm}: {line}", flush=True)
 
 
 async def _wait_drained(store: Store, name: str, blockers: Blockers) -> int:

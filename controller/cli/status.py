@@ -5,7 +5,10 @@ JSON data (`-o json`) and its text lines. To show more, append a Section to `SEC
 
 Exit codes (also for monitoring scripts): 0 healthy, 1 error, 2 usage, and
 `NO_QUORUM` (3) etcd has no quorum, `NO_LEADER` (4) no controller leads,
-`ALL_NODES_LOST` (5) no node has a heartbeat (the first that applies).
+`ALL_NODES_LOST` (5) no node has a heartbeat (the first that applies; status_checks.py). With
+`--check`: one line (`OK: ...` or `DEGRADED: ...`), and `DEGRADED` (6) when the cluster works
+short of healthy: an etcd member unhealthy, a node that takes VMs (not cordoned) not Online, a
+started VM Failed or not placed.
 """
 
 from __future__ import annotations
@@ -21,19 +24,21 @@ from typing import Any
 
 from controller import printers
 from controller.ha import admission, requests
-from controller.runtime import layout_keys
 from controller.runtime.config import Settings
-from controller.runtime.etcd_health import EtcdHealth, etcd_health, heartbeat_ages
-from controller.runtime.leader_record import CONTROLLER_ELECTION, LeaderInfo, parse_leader
+from controller.runtime.etcd_health import EtcdHealth, etcd_health, heartbeat_ages, read_leader
+from controller.runtime.leader_record import LeaderInfo
 from controller.runtime.store import Store, StoreError
 from crds import AnyResource, ClusterNode, Event, VirtualMachine, VirtualMachineMigration
 from crds.clusterpolicy import POLICY_NAME
 
 from .connect import settings_from
+from .status_checks import (
+    check_line,
+    degradations,
+    exit_code,
+    problems,
+)
 
-NO_QUORUM = 3
-NO_LEADER = 4
-ALL_NODES_LOST = 5
 WARNINGS_WINDOW = timedelta(hours=1)
 WARNINGS_SHOWN = 10
 FINISHED = ("Succeeded", "Failed")
@@ -71,7 +76,13 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     status.add_argument("-o", "--output", choices=["text", "json"], default="text")
-    status.add_argument("-w", "--watch", action="store_true", help="refresh until interrupted")
+    once = status.add_mutually_exclusive_group()
+    once.add_argument("-w", "--watch", action="store_true", help="refresh until interrupted")
+    once.add_argument(
+        "--check",
+        action="store_true",
+        help="one line, OK or DEGRADED, and exit 6 when degraded (for monitoring scripts)",
+    )
     status.add_argument(
         "--interval", type=_positive, default=2.0, help="seconds between refreshes (2)"
     )
@@ -89,12 +100,6 @@ def _positive(text: str) -> float:
 
 
 # gathering -----------------------------------------------------------------------------------
-
-
-async def read_leader(store: Store) -> LeaderInfo | None:
-    key = layout_keys.absolute(store.prefix, layout_keys.leader(CONTROLLER_ELECTION))
-    kv = await store.keys.get(key)
-    return None if kv is None else parse_leader(key, kv.value, kv.create_revision)
 
 
 def _of(kind: type[Any], objects: list[Any]) -> list[Any]:
@@ -348,20 +353,6 @@ SECTIONS: list[Section] = [
 # the report ----------------------------------------------------------------------------------
 
 
-def problems(report: dict[str, Any]) -> list[tuple[int, str]]:
-    """What makes the cluster unhealthy, with the exit code of each, most serious first."""
-    found: list[tuple[int, str]] = []
-    if not report["etcd"]["quorum"]:
-        found.append((NO_QUORUM, "etcd has no quorum"))
-        return found
-    if report["leader"] is None:
-        found.append((NO_LEADER, "no controller leads"))
-    nodes = report["nodes"]
-    if nodes and all(n["heartbeatAgeSeconds"] is None for n in nodes):
-        found.append((ALL_NODES_LOST, f"all {len(nodes)} nodes are lost (no heartbeat)"))
-    return found
-
-
 async def gather(store: Store, settings: Settings) -> dict[str, Any]:
     """The whole report as JSON-able data: etcd, then each section, then the problems."""
     health = await etcd_health(store, settings.tls)
@@ -371,6 +362,7 @@ async def gather(store: Store, settings: Settings) -> dict[str, Any]:
         for section in SECTIONS:
             report[section.name] = section.data(state)
     report["problems"] = [message for _, message in problems(report)]
+    report["degraded"] = degradations(report)
     return report
 
 
@@ -384,11 +376,6 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def exit_code(report: dict[str, Any]) -> int:
-    found = problems(report)
-    return found[0][0] if found else 0
-
-
 async def run_status(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     store = settings.store()
@@ -400,9 +387,12 @@ async def run_status(args: argparse.Namespace) -> int:
                 if not args.watch:
                     raise
                 report = {"etcd": {"quorum": False, "members": []}, "problems": [str(error)]}
-            _show(report, args.output, args.watch)
+            if args.check and args.output == "text":
+                print(check_line(report), flush=True)
+            else:
+                _show(report, args.output, args.watch)
             if not args.watch:
-                return exit_code(report)
+                return exit_code(report, args.check)
             await asyncio.sleep(args.interval)
     finally:
         await store.close()

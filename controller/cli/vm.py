@@ -21,11 +21,12 @@ from controller.runtime.defaults import (
 )
 from controller.runtime.peers import PEER_INTERVAL, PEER_PORT, PeerSettings
 from controller.runtime.store import NotFound, Store
-from crds import ClusterNode, ObjectMeta, VirtualMachine, VirtualMachineMigration
+from crds import ClusterNode, Event, ObjectMeta, VirtualMachine, VirtualMachineMigration
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigrationSpec
 
 from .connect import name_arg, store_from
 from .flags import add_heartbeat_flags, add_telemetry_flags, add_wait_flags
+from .follow import stream_events
 
 BAR_WIDTH = 30
 SUFFIX_LENGTH = 5
@@ -173,6 +174,9 @@ async def run_migrate(args: argparse.Namespace) -> int:
         print(f"virtualmachinemigration/{name} created")
         if not args.wait:
             return 0
+        seen: list[Event] = []  # the Events written since the migration was
+        revision = int(created.metadata.resource_version or 0)
+        events = asyncio.create_task(stream_events(store, revision, {args.vm, name}, seen.append))
         try:
             async with asyncio.timeout(args.wait_timeout):
                 final = await follow(store, name, ProgressBar(sys.stderr))
@@ -180,12 +184,19 @@ async def run_migrate(args: argparse.Namespace) -> int:
             current = await store.try_get("VirtualMachineMigration", name)
             where = ""
             if isinstance(current, VirtualMachineMigration):
-                where = f" (still {current.status.phase}, {current.status.progress_percent}%)"
+                status = current.status
+                why = status.message or (seen[-1].spec.message if seen else "")
+                where = (
+                    f" (still {status.phase}, {status.progress_percent}%{': ' if why else ''}{why})"
+                )
             print(
                 f"error: migration {name} did not end within {args.wait_timeout:g} s{where}",
                 file=sys.stderr,
             )
             return 1
+        finally:
+            events.cancel()
+            await asyncio.wait({events})
         if final.status.phase == "Succeeded":
             print(f"{args.vm} migrated to {args.target}")
             return 0

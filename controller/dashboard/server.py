@@ -6,35 +6,29 @@ Everything is read-only: GET and HEAD only, no route writes to etcd.
 - `/`, `/dashboard.js`, `/dashboard.css`: the page, shipped in the package (controller/dashboard/
   static/), no build step and nothing fetched from elsewhere (the Content-Security-Policy says
   so to the browser too);
-- `/api/snapshot`: the view (controller/dashboard/view.py) as JSON;
+- `/api/snapshot`: the latest snapshot (controller/dashboard/view.py) as JSON;
 - `/api/stream`: `text/event-stream`, one `snapshot` event on connecting and another after every
-  change the informers see (changes arriving together are coalesced into one);
+  change `LiveView` sees (changes arriving together are coalesced into one);
 - `/healthz`: `ok` while every informer runs.
 
-`LiveView` owns the informers (ClusterNode, VirtualMachine, Event): their watch of etcd is what
-moves the page, the browser never polls.
+`LiveView` (controller/dashboard/live.py) follows etcd's watch and makes the snapshots; the
+browser never polls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import ssl
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from controller.dashboard.view import snapshot
-from controller.runtime.informer import SharedInformers
-from controller.runtime.store import Store
-from crds import ClusterNode, Event, VirtualMachine
+from controller.dashboard.live import LiveView
 
 log = logging.getLogger(__name__)
 
-COALESCE = 0.05
-"""Seconds a change waits for the changes that come with it (a failover writes several keys)."""
 KEEPALIVE = 15.0
 """Seconds between SSE comments on a quiet stream, so proxies and browsers keep it open."""
 MAX_REQUEST = 16384
@@ -51,62 +45,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-class LiveView:
-    """The informers behind the dashboard and the latest snapshot, as JSON text."""
-
-    def __init__(self, store: Store) -> None:
-        self.informers = SharedInformers(store, resync_period=None)
-        self._nodes = self.informers.informer(ClusterNode)
-        self._vms = self.informers.informer(VirtualMachine)
-        self._events = self.informers.informer(Event)
-        self.version = 0
-        self.latest = ""
-        self._changed = asyncio.Event()
-        self._published = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        """Start the informers, wait for their first list, then publish on every change."""
-        for informer in (self._nodes, self._vms, self._events):
-            informer.add_handler(lambda _type, _obj: self._changed.set())
-        self.informers.start()
-        await self.informers.wait_for_sync()
-        self._publish()
-        self._task = asyncio.create_task(self._publish_changes(), name="dashboard publisher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.informers.stop()
-
-    def alive(self) -> bool:
-        return self.informers.alive() and self._task is not None and not self._task.done()
-
-    def document(self) -> dict[str, Any]:
-        revisions = [i.revision or 0 for i in (self._nodes, self._vms, self._events)]
-        return snapshot(self._nodes.list(), self._vms.list(), self._events.list(), max(revisions))
-
-    async def next(self, seen: int) -> tuple[int, str]:
-        """The first snapshot newer than version `seen` (waits for one)."""
-        async with self._published:
-            await self._published.wait_for(lambda: self.version > seen)
-            return self.version, self.latest
-
-    def _publish(self) -> None:
-        self.latest = json.dumps(self.document(), separators=(",", ":"))
-        self.version += 1
-
-    async def _publish_changes(self) -> None:
-        while True:
-            await self._changed.wait()
-            await asyncio.sleep(COALESCE)
-            self._changed.clear()
-            self._publish()
-            async with self._published:
-                self._published.notify_all()
 
 
 @dataclass(frozen=True)
@@ -221,7 +159,7 @@ class DashboardServer:
             name, content_type = STATIC[path]
             return "200 OK", content_type, static_file(name)
         if path == "/api/snapshot":
-            return "200 OK", "application/json", json.dumps(self.view.document()).encode()
+            return "200 OK", "application/json", self.view.latest.encode()
         if path == "/healthz":
             alive = self.view.alive()
             return (

@@ -1,8 +1,9 @@
 """What `kvmctl dashboard` shows, as JSON: a pure function of the objects the informers hold.
 
 `snapshot` is the document of `/api/snapshot` and of every Server-Sent Event of `/api/stream`:
-the hosts (their health, fencing and the VMs placed on each), the VMs (where each runs), the
-latest Events, and the failover timeline: the Events the HA engine records on the way from a
+the controllers' leader (identity, node, term), the hosts (their health, heartbeat age, fencing
+and the VMs placed on each), the VMs (where each runs), the latest Events, and the failover
+timeline: the Events the HA engine records on the way from a
 lost host to its VMs running elsewhere (NodeLost, FencingStarted, NodeFenced, VMPlaced ...).
 """
 
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from controller.runtime.leader_record import LeaderInfo
 from crds import ClusterNode, Event, VirtualMachine
 
 EVENTS_SHOWN = 50
@@ -61,14 +63,29 @@ def vm_row(vm: VirtualMachine) -> dict[str, Any]:
     }
 
 
-def node_row(node: ClusterNode, vms: list[dict[str, Any]]) -> dict[str, Any]:
+def leader_row(leader: LeaderInfo | None) -> dict[str, Any] | None:
+    if leader is None:
+        return None
+    return {
+        "identity": leader.identity,
+        "node": leader.node,
+        "term": leader.token,
+        "since": _time(leader.since),
+    }
+
+
+def node_row(
+    node: ClusterNode, vms: list[dict[str, Any]], heartbeat_age: float | None
+) -> dict[str, Any]:
+    """`heartbeatAgeSeconds`: since the agent last renewed its heartbeat lease (None: no
+    heartbeat key, the node is lost or its agent never ran)."""
     fence = node.status.fence
     return {
         "name": node.metadata.name,
         "health": node.status.health,
         "cordoned": node.spec.cordoned,
         "message": node.status.message,
-        "lastHeartbeat": _time(node.status.last_heartbeat_time),
+        "heartbeatAgeSeconds": heartbeat_age,
         "fence": None
         if fence is None or fence.how is None
         else {"how": fence.how, "method": fence.method, "confirmedAt": _time(fence.confirmed_at)},
@@ -102,15 +119,21 @@ def snapshot(
     vms: Iterable[VirtualMachine],
     events: Iterable[Event],
     revision: int,
+    leader: LeaderInfo | None,
+    heartbeat_ages: dict[str, float | None],
 ) -> dict[str, Any]:
-    """The whole view; `revision` is the etcd revision it reflects."""
+    """The whole view; `revision` is the etcd revision of the objects it shows."""
     vm_rows = [vm_row(vm) for vm in sorted(vms, key=lambda vm: vm.metadata.name)]
-    node_rows = [node_row(n, vm_rows) for n in sorted(nodes, key=lambda n: n.metadata.name)]
+    node_rows = [
+        node_row(n, vm_rows, heartbeat_ages.get(n.metadata.name))
+        for n in sorted(nodes, key=lambda n: n.metadata.name)
+    ]
     latest = sorted(events, key=_recency, reverse=True)
     timeline = [e for e in latest if e.spec.reason in FAILOVER_REASONS][:TIMELINE_SHOWN]
     return {
         "revision": revision,
         "generatedAt": _time(datetime.now(UTC)),
+        "leader": leader_row(leader),
         "nodes": node_rows,
         "vms": vm_rows,
         "events": [event_row(e) for e in latest[:EVENTS_SHOWN]],

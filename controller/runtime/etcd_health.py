@@ -1,4 +1,5 @@
-"""What `kvmctl status` asks etcd itself: each member's health, the quorum, heartbeat ages.
+"""What `kvmctl status` and the dashboard ask etcd itself: each member's health, the quorum,
+the controllers' leader, heartbeat ages.
 
 A member is healthy when a linearizable read through it answers in time (as `etcdctl endpoint
 health` checks): that needs the member up and a quorum behind it. So the cluster has a quorum
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from controller.runtime import layout_keys
 from controller.runtime.etcd_transport import StoreError, TlsFiles
+from controller.runtime.leader_record import CONTROLLER_ELECTION, LeaderInfo, parse_leader
 from controller.runtime.store import Store
 
 MEMBER_TIMEOUT = 2.0
@@ -83,6 +85,13 @@ async def etcd_health(store: Store, tls: TlsFiles | None) -> EtcdHealth:
     members = await _members(store)
     probes = [_probe(name, url, store.prefix, tls) for name, url in members]
     return EtcdHealth(list(await asyncio.gather(*probes)))
+
+
+async def read_leader(store: Store) -> LeaderInfo | None:
+    """The leader of the controllers' election, its term the leader key's create revision."""
+    key = layout_keys.absolute(store.prefix, layout_keys.leader(CONTROLLER_ELECTION))
+    kv = await store.keys.get(key)
+    return None if kv is None else parse_leader(key, kv.value, kv.create_revision)
 
 
 async def heartbeat_ages(store: Store, nodes: Sequence[str]) -> dict[str, float | None]:

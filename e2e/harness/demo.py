@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from controller.cli.status import ALL_NODES_LOST, NO_LEADER
+from controller.cli.status_checks import ALL_NODES_LOST, NO_LEADER
 from controller.runtime.store import Store, StoreError, Unavailable
 from crds import Event, IscsiTarget, VirtualMachine, VolumeGroup
 from e2e.guest.build import KERNEL_CMDLINE, ensure_guest_image

@@ -90,9 +90,9 @@ def _get(url: str) -> str:
         return body.decode()
 
 
-async def scrape(port: int) -> list[Sample]:
-    """Every sample of `GET http://127.0.0.1:PORT/metrics`, parsed by prometheus_client."""
-    text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+async def scrape(port: int, host: str = "127.0.0.1") -> list[Sample]:
+    """Every sample of `GET http://HOST:PORT/metrics`, parsed by prometheus_client."""
+    text = await asyncio.to_thread(_get, f"http://{host}:{port}/metrics")
     return [
         Sample(sample.name, dict(sample.labels), sample.value)
         for family in text_string_to_metric_families(text)
@@ -100,10 +100,10 @@ async def scrape(port: int) -> list[Sample]:
     ]
 
 
-async def try_scrape(port: int) -> list[Sample] | None:
+async def try_scrape(port: int, host: str = "127.0.0.1") -> list[Sample] | None:
     """`scrape`, or None while nothing answers yet."""
     try:
-        return await scrape(port)
+        return await scrape(port, host)
     except OSError:
         return None
 

@@ -28,6 +28,9 @@ function hostBox(host) {
   });
   box.append(el("h3", {}, host.name));
   box.append(el("div", { class: "health" }, host.health + (host.cordoned ? " (cordoned)" : "")));
+  const age = host.heartbeatAgeSeconds;
+  box.append(el("div", { class: "detail heartbeat", "data-age": age },
+    age === null ? "no heartbeat" : `heartbeat ${Math.round(age)}s ago`));
   if (host.fence) {
     const method = host.fence.method ? ` by ${host.fence.method}` : "";
     box.append(el("div", { class: "detail" },
@@ -54,6 +57,16 @@ function unplacedBox() {
   const box = el("div", { class: "host", "data-node": "" }, el("h3", {}, "not placed"));
   box.append(vmList(names));
   return box;
+}
+
+function renderLeader() {
+  const leader = current.leader;
+  const shown = document.getElementById("leader");
+  shown.dataset.identity = leader ? leader.identity : "";
+  shown.dataset.term = leader ? leader.term : "";
+  shown.textContent = leader
+    ? `leader ${leader.identity}${leader.node ? ` on ${leader.node}` : ""}, term ${leader.term}`
+    : "no leader";
 }
 
 function renderHosts() {
@@ -92,10 +105,11 @@ function renderEvents() {
   document.getElementById("events").replaceChildren(...rows);
 }
 
-let current = { nodes: [], vms: [], events: [], timeline: [] };
+let current = { leader: null, nodes: [], vms: [], events: [], timeline: [] };
 
 function render(snapshot) {
   current = snapshot;
+  renderLeader();
   renderHosts();
   renderVms();
   renderTimeline();
