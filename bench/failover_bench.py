@@ -65,6 +65,7 @@ from e2e.harness.topology import (
     TOPOLOGIES,
     etcd_leader_host,
     every_host_online,
+    hosts_not_online,
     lead_controllers_from,
     move_etcd_leader,
     storage_node,
@@ -140,7 +141,11 @@ class Bench:
     async def restore(self, name: str) -> None:
         await asyncio.to_thread(self.cluster.restore, name)
         self.changed_at = time.monotonic()
-        await eventually(self.all_online, f"{name} Online again")
+        try:
+            await eventually(self.all_online, f"{name} back and every host Online")
+        except AssertionError as error:  # say which host: not always the one powered on
+            missing = await hosts_not_online(self.cluster, self.store)
+            raise AssertionError(f"{error} (not Online: {', '.join(missing)})") from None
 
     async def set_up(self) -> None:
         await self.store.create(ipmi_secret(self.cluster.bmc_password))

@@ -104,8 +104,13 @@ async def node_online(store: Store, name: str) -> bool:
     return isinstance(node, ClusterNode) and node.status.health == "Online"
 
 
+async def hosts_not_online(cluster: Cluster, store: Store) -> list[str]:
+    """The hosts that do not hold a heartbeat or whose ClusterNode is not Online."""
+    return [name for name in cluster.lab.hosts if not await node_online(store, name)]
+
+
 async def every_host_online(cluster: Cluster, store: Store) -> bool:
-    return all([await node_online(store, name) for name in cluster.lab.hosts])
+    return not await hosts_not_online(cluster, store)
 
 
 def etcd_leader_host(cluster: Cluster) -> str | None:
