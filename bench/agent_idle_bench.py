@@ -51,7 +51,7 @@ DEADLINE = 300.0
 AGENT = "h01"
 CREATE_BATCH = 50
 TOP = 20
-IDLE_FRAMES = {"EpollSelector.select", "_worker"}
+IDLE_FRAMES = {"EpollSelector.select", "_worker", "Thread.run"}
 
 
 async def run_agent(
@@ -93,7 +93,8 @@ def thread_seconds(pid: int) -> dict[str, float]:
 def breakdown(collapsed: Path) -> list[tuple[str, float]]:
     """py-spy's collapsed stacks by what runs: the two frames under the event loop's callback
     (`Handle._run`) or the executor's work item (`_WorkItem.run`), as shares of the samples.
-    Samples waiting in epoll or for work (py-spy's non-blocking mode counts some) are left out."""
+    Samples of threads waiting in epoll or for work (py-spy's non-blocking mode counts some)
+    are left out."""
     shares: Counter[str] = Counter()
     for line in collapsed.read_text().splitlines():
         stack, _, samples = line.rpartition(" ")
