@@ -132,9 +132,11 @@ def child_main(role: str, args: list[str]) -> None:
 
 
 @asynccontextmanager
-async def child(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """This module run as a child (`--child ROLE ARGS`), ready; SIGTERM-ed by PID on the way out."""
-    command = [sys.executable, "-m", "bench.rack_bench", "--child", *args]
+async def child(
+    *args: str, module: str = "bench.rack_bench"
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`module` run as a child (`--child ROLE ARGS`), ready; SIGTERM-ed by PID on the way out."""
+    command = [sys.executable, "-m", module, "--child", *args]
     process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
     try:
         line = await output(process).readline()

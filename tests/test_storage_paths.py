@@ -76,6 +76,38 @@ async def test_a_file_check_reads_the_image_and_gives_up_on_a_blocked_read(
     await eventually(lambda: not files.busy(str(fifo)), "the blocked read returned", timeout=30)
 
 
+async def test_many_images_are_read_in_one_thread_and_a_blocked_one_does_not_stop_the_rest(
+    tmp_path: Path,
+) -> None:
+    images = [tmp_path / f"vm{i}.img" for i in range(3)]
+    for image in images:
+        image.write_bytes(b"\0" * 8192)
+    missing, fifo = tmp_path / "missing.img", tmp_path / "blocked"
+    os.mkfifo(fifo)
+    files = FileCheck(timeout=0.5)
+    first, second, third = (str(image) for image in images)
+    assert await files.check_many([first, str(missing), second]) == {
+        first: None,
+        str(missing): f"cannot read {missing}: No such file or directory",
+        second: None,
+    }
+
+    # The batch's thread blocks on the FIFO: it is reported, the image after it still read.
+    problems = await files.check_many([first, str(fifo), third])
+    assert problems == {
+        first: None,
+        str(fifo): f"no answer reading {fifo} within 0.5 s",
+        third: None,
+    }
+    assert files.busy(str(fifo))
+    again = await files.check_many([str(fifo), third])
+    blocked = f"a read of {fifo} has been blocked for more than 0.5 s"
+    assert again == {str(fifo): blocked, third: None}
+    writer = await asyncio.to_thread(os.open, fifo, os.O_WRONLY)  # unblocks the thread
+    os.close(writer)
+    await eventually(lambda: not files.busy(str(fifo)), "the blocked read returned", timeout=30)
+
+
 async def test_a_portal_check_connects() -> None:
     server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

@@ -79,9 +79,15 @@ class HaReporter:
         self._cleaned_fence: datetime | None = None
         self._loaded = False
         self._wake = asyncio.Event()
+        self._stale = True
+        """Woken since the last full look: read every domain again."""
+        self._seen: frozenset[tuple[str, str, int]] | None = None
+        """The host's active domains (`LibvirtHost.active_domains`) when last fully looked at
+        and reported; None when that look did not end with the report written."""
 
     def wake(self) -> None:
         """Look again now (the node object changed, or a domain started or stopped)."""
+        self._stale = True
         self._wake.set()
 
     async def run(
@@ -134,16 +140,20 @@ class HaReporter:
             if destroyed and fence.how == "ManualAck":
                 await self._warn_acked_but_running(destroyed)
             self._cleaned_fence = fence.confirmed_at
-        domains = await running_domains(host)
-        if (
-            self._written is not None
-            and self._written.domains == domains
-            and self._written.cleaned_fence == self._cleaned_fence
-        ):
+        # Between wakes (libvirt events, node changes) one cheap listing tells whether a full
+        # one (every domain's XML) could find anything new since the last report.
+        active = await host.active_domains()
+        written = self._written
+        fence_reported = written is not None and written.cleaned_fence == self._cleaned_fence
+        if not self._stale and fence_reported and active == self._seen:
             return
-        report = NodeReport(domains, self._cleaned_fence, datetime.now(UTC))
-        await write_report(self.store, self.node, report)
-        self._written = report
+        self._stale, self._seen = False, None
+        domains = await running_domains(host)
+        if written is None or written.domains != domains or not fence_reported:
+            report = NodeReport(domains, self._cleaned_fence, datetime.now(UTC))
+            await write_report(self.store, self.node, report)
+            self._written = report
+        self._seen = active
 
     async def _warn_acked_but_running(self, destroyed: list[str]) -> None:
         """An operator acknowledged this node as off while it ran VMs: say so where they look."""

@@ -86,7 +86,10 @@ class StorageWatch:
         sessions = {s.target: s.state for s in await asyncio.to_thread(iscsi_sessions, self.sysfs)}
         pvs: dict[str, list[str]] | None = None
         lost: dict[str, str] = {}
-        for path in sorted(self.paths()):
+        paths = sorted(self.paths())
+        images = [path.partition(" ")[2] for path in paths if path.startswith("file ")]
+        files = await self.files.check_many(images)
+        for path in paths:
             kind, _, name = path.partition(" ")
             problem: str | None
             if kind == "vg":
@@ -100,7 +103,7 @@ class StorageWatch:
             elif kind == "iscsi":
                 problem = await self._portal(name)
             else:
-                problem = await self.files.check(name)
+                problem = files[name]
             if problem is not None:
                 lost[path] = problem
         return lost

@@ -18,10 +18,14 @@ the current member on. What is retried on the next member, inside the caller's d
   refused or could not be made): it cannot have been applied. A plain put or delete that reached
   a member which then stopped answering fails (`Unavailable`): whether it was applied is unknown.
 
-A probe asks every member's status each `PROBE_INTERVAL`. A member that does not answer within
-`PROBE_TIMEOUT` is *lost*: requests and streams (watches) in flight on it end at once with
-UNAVAILABLE (a watch then resumes on a live member), and new ones go elsewhere until it answers
-again. With a single member there is nothing to fail over to: no probe runs.
+A probe asks a member's status each `PROBE_INTERVAL` while it is in use (the current member,
+and any member with a request or a stream in flight), else each `IDLE_PROBE_INTERVAL`. A member
+that does not answer within `PROBE_TIMEOUT` is *lost*: requests and streams (watches) in flight
+on it end at once with UNAVAILABLE (a watch then resumes on a live member), and new ones go
+elsewhere until it answers again. A member nothing runs on is only a candidate for the next
+failover, where a dead one costs one attempt (its connection refused, or its attempt timing
+out) before the request moves on. With a single member there is nothing to fail over to: no
+probe runs.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import aetcd.rpc
@@ -44,6 +48,7 @@ ATTEMPT_TIMEOUT = 0.5
 WRITE_ATTEMPT_TIMEOUT = 2.0
 """Seconds the first attempt of a guarded transaction waits on one member."""
 PROBE_INTERVAL = 0.5
+IDLE_PROBE_INTERVAL = 5.0
 PROBE_TIMEOUT = 1.0
 DEFAULT_DEADLINE = 5.0
 """A request's whole deadline when its caller gives none."""
@@ -103,6 +108,17 @@ class Member:
         self.alive = True
         self.lost = asyncio.Event()
         """Set when the probe finds the member dead: what runs on it gives up."""
+        self.users = 0
+        """Requests and streams in flight on this member."""
+        self.probed_at: float | None = None
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        self.users += 1
+        try:
+            yield
+        finally:
+            self.users -= 1
 
     def stub(self, stub_class: type) -> Any:
         if self._channel is None:
@@ -189,9 +205,20 @@ class Members:
             self._current = (self._current + 1) % len(self.members)
 
     async def _probe_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.gather(*(self._check(member) for member in self.members))
+            now = loop.time()
+            due = [member for member in self.members if self._probe_due(member, now)]
+            for member in due:
+                member.probed_at = now
+            await asyncio.gather(*(self._check(member) for member in due))
             await asyncio.sleep(PROBE_INTERVAL)
+
+    def _probe_due(self, member: Member, now: float) -> bool:
+        """At every tick while `member` is in use, else after `IDLE_PROBE_INTERVAL`."""
+        if member is self.members[self._current] or member.users:
+            return True
+        return member.probed_at is None or now - member.probed_at >= IDLE_PROBE_INTERVAL
 
     async def _check(self, member: Member) -> None:
         stub = member.stub(aetcd.rpc.MaintenanceStub)
@@ -233,7 +260,8 @@ class Members:
             tried.add(member)
             seconds = min(budget, remaining) if repeatable else remaining
             try:
-                return await unless_lost(member.lost, member.target, attempt(member, seconds))
+                with member.in_use():
+                    return await unless_lost(member.lost, member.target, attempt(member, seconds))
             except grpc.aio.AioRpcError as failure:
                 self.failed(member)
                 if not retryable(failure, repeatable):
@@ -249,11 +277,12 @@ class Members:
         member = self.pick(set())
         call = getattr(member.stub(stub_class), method)(requests, **kwargs)
         try:
-            while True:
-                response = await unless_lost(member.lost, member.target, call.read())
-                if response is grpc.aio.EOF:
-                    return
-                yield response
+            with member.in_use():
+                while True:
+                    response = await unless_lost(member.lost, member.target, call.read())
+                    if response is grpc.aio.EOF:
+                        return
+                    yield response
         except grpc.aio.AioRpcError:
             self.failed(member)
             raise

@@ -530,6 +530,16 @@ class LibvirtHost:
 
         return await self._call("list domains", query)
 
+    async def active_domains(self) -> frozenset[tuple[str, str, int]]:
+        """(name, UUID, ID) of every domain with a process: one call, no XML read. A domain
+        started, stopped or replaced changes it; a change of state or metadata does not."""
+
+        def query() -> frozenset[tuple[str, str, int]]:
+            domains = self._connection.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            return frozenset((str(d.name()), str(d.UUIDString()), int(d.ID())) for d in domains)
+
+        return await self._call("list active domains", query)
+
     async def lookup(self, name: str) -> DomainInfo | None:
         """The domain called `name`, or None if there is none."""
         try:

@@ -9,7 +9,9 @@
 
 A dead NFS server or a stalled iSCSI disk can block a read in the kernel for minutes: the file
 check runs in a thread with a timeout, and a check still blocked from a previous call is not
-started again (`busy`), so a hung path costs one thread, not one per look.
+started again (`busy`), so a hung path costs one thread, not one per look. `check_many` reads
+many images in one thread (one hop per look, not one per image) and falls back to one thread
+per image only for those its thread did not reach in time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,20 @@ def _read_file(path: str) -> None:
         image.read(READ_BYTES)
 
 
+def _unreadable(path: str, error: OSError) -> str:
+    return f"cannot read {path}: {error.strerror or error}"
+
+
+def _read_files(paths: Sequence[str], outcomes: list[str | None]) -> None:
+    """`_read_file` of each path in turn, each outcome appended to `outcomes` once known."""
+    for path in paths:
+        try:
+            _read_file(path)
+            outcomes.append(None)
+        except OSError as error:
+            outcomes.append(_unreadable(path, error))
+
+
 class FileCheck:
     """`check(path)`: None when the image reads, else why not; one blocked read per path."""
 
@@ -67,7 +84,7 @@ class FileCheck:
 
     async def check(self, path: str) -> str | None:
         if self.busy(path):
-            return f"a read of {path} has been blocked for more than {self.timeout:g} s"
+            return self._blocked_for(path)
         future = asyncio.ensure_future(asyncio.to_thread(_read_file, path))
         future.add_done_callback(_consume)
         self._blocked[path] = future
@@ -76,9 +93,35 @@ class FileCheck:
         except TimeoutError:
             return f"no answer reading {path} within {self.timeout:g} s"
         except OSError as error:
-            return f"cannot read {path}: {error.strerror or error}"
+            return _unreadable(path, error)
         self._blocked.pop(path, None)
         return None
+
+    async def check_many(self, paths: Sequence[str]) -> dict[str, str | None]:
+        """`check` of each path, with the reads made one after the other in one thread: a look
+        at hundreds of images costs one thread hop, not one each. If that thread has not ended
+        within the timeout, the path it is stuck on is reported (and busy until its read ends)
+        and the paths it has not reached are checked one by one, concurrently."""
+        problems: dict[str, str | None] = {p: self._blocked_for(p) for p in paths if self.busy(p)}
+        todo = [p for p in paths if p not in problems]
+        outcomes: list[str | None] = []
+        batch = asyncio.ensure_future(asyncio.to_thread(_read_files, todo, outcomes))
+        batch.add_done_callback(_consume)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(batch), self.timeout)
+        known = list(outcomes)  # the thread's outcomes so far (it may still be adding some)
+        problems |= dict(zip(todo, known, strict=False))
+        rest = todo[len(known) :]
+        if rest:
+            stuck, rest = rest[0], rest[1:]
+            self._blocked[stuck] = batch
+            problems[stuck] = f"no answer reading {stuck} within {self.timeout:g} s"
+            found = await asyncio.gather(*(self.check(p) for p in rest))
+            problems |= dict(zip(rest, found, strict=True))
+        return problems
+
+    def _blocked_for(self, path: str) -> str:
+        return f"a read of {path} has been blocked for more than {self.timeout:g} s"
 
 
 def _consume(future: asyncio.Future[None]) -> None:
