@@ -87,16 +87,19 @@ async def agents() -> AsyncIterator[Agents]:
     await running.close()
 
 
-async def create_cluster(store: Store, leases: Leases, agents: Agents, power: Path) -> None:
-    """Nodes a (fence_dummy on `power`, which says on), b and c; leases held and heartbeats
-    sent by all."""
-    labels = {"kvmctl.io/node": "a"}
-    secret = Secret(
-        metadata=ObjectMeta(name="fence-a", labels=labels),
-        spec=SecretSpec(data={"file": str(power)}),
-    )
-    await store.create(secret)
-    fencing = dummy_fencing(secretParameters={"status_file": {"name": "fence-a", "key": "file"}})
+async def create_cluster(store: Store, leases: Leases, agents: Agents, power: Path | None) -> None:
+    """Nodes a (fence_dummy on `power`, which says on; None: a self-fences instead), b and c;
+    leases held and heartbeats sent by all."""
+    fencing: dict[str, Any] = {"selfFence": True}
+    if power is not None:
+        labels = {"kvmctl.io/node": "a"}
+        secret = Secret(
+            metadata=ObjectMeta(name="fence-a", labels=labels),
+            spec=SecretSpec(data={"file": str(power)}),
+        )
+        await store.create(secret)
+        parameters = {"status_file": {"name": "fence-a", "key": "file"}}
+        fencing = dummy_fencing(secretParameters=parameters)
     for name in ("a", "b", "c"):
         spec: dict[str, Any] = {"addresses": {"cluster": ADDRESSES[name]}}
         if name == "a":
@@ -129,11 +132,15 @@ async def start_controller(
     return manager, asyncio.create_task(manager.run(handle_signals=False))
 
 
-async def fenced_by_power(store: Store, node: str) -> ClusterNode | None:
+async def fenced_by(store: Store, node: str, how: str) -> ClusterNode | None:
     current = await get_node(store, node)
     fence = current.status.fence
-    ok = current.status.health == "Fenced" and fence is not None and fence.how == "PowerOff"
+    ok = current.status.health == "Fenced" and fence is not None and fence.how == how
     return current if ok else None
+
+
+async def fenced_by_power(store: Store, node: str) -> ClusterNode | None:
+    return await fenced_by(store, node, "PowerOff")
 
 
 async def test_silence_starts_power_fencing_while_the_lease_is_still_held(
@@ -235,6 +242,52 @@ async def test_a_standby_fences_the_silent_leaders_host_and_takes_over_before_th
             e for e in await events_of(store, "ClusterNode", "a") if e.spec.reason == "NodeFenced"
         ]
         assert any("by the standby that took over" in e.spec.message for e in fenced)
+    finally:
+        if leader.returncode is None:
+            leader.kill()
+            await leader.wait()
+        if standby is not None:
+            await stop_controller(*standby)
+
+
+async def test_a_standby_takes_over_from_a_self_fencing_leaders_host_without_fencing_it(
+    etcd_endpoints: list[str], key_prefix: str, store: Store, leases: Leases, agents: Agents
+) -> None:
+    """No power fencing on the leader's host: the standby ends the silent term at once (the
+    leader's election TTL is 60 s here), fences nothing, and the host's VMs wait for its lease
+    to expire (plus grace) before they move."""
+    await create_cluster(store, leases, agents, None)
+    leader = await start_leader_process(etcd_endpoints, key_prefix, agents.settings.port)
+    standby: tuple[Manager, asyncio.Task[None]] | None = None
+    try:
+
+        async def leading_on_a() -> int | None:
+            info = await current_leader(store.client, f"{key_prefix}/{KEY}")
+            return info.token if info is not None and info.node == "a" else None
+
+        old_token = await eventually(leading_on_a, "the controller on a leads")
+        await store.create(vm_object("vm1"))
+        await eventually(lambda: placed_on(store, "vm1", "a"), "vm1 placed on a")
+        await report_running(store, "vm1", "a")
+        standby = await start_controller(etcd_endpoints, key_prefix, "b", agents)
+        manager = standby[0]
+        await eventually(lambda: agents.heard.heard_at("a"), "the standby hears host a")
+
+        leader.kill()  # host a loses power: its controller and its agent fall silent at once
+        await leader.wait()
+        await agents.stop("a")
+        await eventually(lambda: manager.is_leader, "the standby leads")
+        assert manager.elector is not None and manager.elector.took_over == old_token
+        # a's heartbeat lease is still held (as if etcd had just extended it): nothing moves.
+        assert await placed_on(store, "vm1", "a")
+        assert (await get_node(store, "a")).status.health != "Fenced"
+
+        await leases.drop("a")  # the lease ends: a's agent has destroyed its VMs by now
+        node = await eventually(
+            lambda: fenced_by(store, "a", "SelfFence"), "a recorded fenced by its self-fence"
+        )
+        assert node.status.fence is not None
+        await eventually(lambda: placed_on(store, "vm1", "b"), "vm1 recovered on b")
     finally:
         if leader.returncode is None:
             leader.kill()

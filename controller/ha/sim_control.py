@@ -88,10 +88,11 @@ class Controllers(SimCore):
         for standby in self.controllers:
             if standby == self.leader or not self._controller_up(standby):
                 continue
-            if not self.hosts[standby].network or not power_fenced(leader.spec):
+            if not self.hosts[standby].network or self.leader not in self._silent(standby):
                 continue
-            if self.leader not in self._silent(standby):
-                continue
+            if not power_fenced(leader.spec):
+                self._lead(standby, f"{leader.name} is silent and has no power fencing")
+                return
             self._start_takeover_fence(standby, leader)
 
     def _start_takeover_fence(self, standby: str, leader: Host) -> None:

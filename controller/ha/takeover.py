@@ -17,8 +17,11 @@ controller hears a majority of the nodes) and its policy is power fencing, the s
    step 1 (it was powered on again), nothing is recorded and the engine decides as usual; the
    heartbeat key expiring meanwhile (the host is off) does not matter.
 
-A host without power fencing is left to the leader key's expiry. Each term is tried once: if
-every method fails, the standby waits for the key to expire like everybody else.
+A host without power fencing (self-fencing or manual) is not fenced: the standby ends the silent
+term at once (`take_over(T)`) and records nothing, so the engine of the new term waits for that
+host's own confirmation (its lease's server-side expiry plus grace, or an operator's ack) as any
+leader would. Each term is tried once: if every power method fails, the standby waits for the key
+to expire like everybody else.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ class StandbyWatch:
             if info.token == self._tried:
                 continue
             victim = self._nodes.get(info.node or "")
-            if not isinstance(victim, ClusterNode) or not power_fenced(victim.spec):
+            if not isinstance(victim, ClusterNode):
                 continue
             heard = {
                 n.metadata.name: self.peers.heard_at(n.metadata.name) for n in self._nodes.list()
@@ -125,7 +128,24 @@ class StandbyWatch:
             if info.node not in silent_nodes(heard, loop.time(), self.timings.suspect_after):
                 continue
             self._tried = info.token
-            await self._fence_and_take_over(info, victim)
+            if power_fenced(victim.spec):
+                await self._fence_and_take_over(info, victim)
+            else:
+                await self._take_over_unfenced(info, victim.metadata.name)
+
+    async def _take_over_unfenced(self, info: LeaderInfo, name: str) -> None:
+        """End the silent term without fencing: the token guard refuses the old leader's
+        writes from then on, and the host's VMs wait for its policy's own confirmation."""
+        log.warning(
+            "the leader's host %s (term %d) is silent on the cluster network and has no power "
+            "fencing: taking over without fencing it",
+            name,
+            info.token,
+        )
+        try:
+            await self.elector.take_over(info.token)
+        except ELECTION_ERRORS as error:
+            log.error("taking over from term %d failed: %s", info.token, error)
 
     async def _fence_and_take_over(self, info: LeaderInfo, victim: ClusterNode) -> None:
         name = victim.metadata.name
