@@ -17,7 +17,8 @@ import pytest
 
 from controller.ha.agent_side import HaReporter, heartbeat_timing
 from controller.ha.environment import HaTimings, Place
-from controller.ha.production import KINDS, EtcdEnvironment
+from controller.ha.production import EtcdEnvironment
+from controller.ha.production_core import KINDS
 from controller.migrations import Term
 from controller.runtime import telemetry
 from controller.runtime.events import EventRecorder

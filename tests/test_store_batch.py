@@ -7,7 +7,8 @@ import asyncio
 from typing import Any
 
 from controller.ha.environment import Emit, Place, SetFailed
-from controller.ha.production import KINDS, EtcdEnvironment
+from controller.ha.production import EtcdEnvironment
+from controller.ha.production_core import KINDS
 from controller.migrations import Term
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import SharedInformers

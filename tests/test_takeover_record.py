@@ -10,7 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from controller.ha.production import KINDS, EtcdEnvironment
+from controller.ha.production import EtcdEnvironment
+from controller.ha.production_core import KINDS
 from controller.migrations import Term
 from controller.runtime import layout_keys
 from controller.runtime.events import EventRecorder

@@ -43,7 +43,8 @@ from reconcilers.drivers.fence import FenceRunner
 from .engine import DEFAULT_PERIOD, Engine, run
 from .environment import Emit, HaTimings
 from .guest_fence import GuestFenceController
-from .production import KINDS, EtcdEnvironment
+from .production import EtcdEnvironment
+from .production_core import KINDS
 from .state_metrics import etcd_member_metrics, state_metrics
 from .takeover import StandbyWatch
 from .world_keys import WorldKeys
