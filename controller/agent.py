@@ -1,28 +1,29 @@
 """The host agent: `kvmctl agent --node NAME`, one per KVM host.
 
-It waits for its ClusterNode object, reports the host in the node's status (capacity from
-libvirt unless `spec.capacity` overrides it, agent version, the libvirt URI peers use, the
-migration address, `Ready`/`AgentReady` conditions, `lastHeartbeatTime` every
-`status_interval`), keeps its heartbeat lease (`controller/runtime/heartbeat.py`) and runs the
-host's reconcilers, all Controllers of one `Manager` over one shared cache: VirtualMachines
-(`reconcilers/virtualmachine.py`), the source side of live migrations (`reconcilers/migration.py`)
-and the Bond, IscsiTarget and VolumeGroup loops (`reconcilers/storage.py`); the heartbeat, the
-node status, the direct heartbeats, the HA report and the storage-path watch
-(`controller/ha/storage_watch.py`, every `storage_check_interval`) run beside them as the
-manager's background tasks. With `domain.lvm` set the VM and migration reconcilers manage the
-activation of the VMs' LVs (claimed and activated before a start, released after a stop, handed
-over during a migration; docs/storage.md).
+It waits for its ClusterNode object, reports the host in the node's status (capacity, agent
+version, addresses, conditions, `lastHeartbeatTime` every `status_interval`:
+`controller/agent_status.py`), keeps its heartbeat lease (`controller/runtime/heartbeat.py`)
+and runs the host's reconcilers, all Controllers of one `Manager` over one shared cache:
+VirtualMachines (`reconcilers/virtualmachine.py`), the source side of live migrations
+(`reconcilers/migration.py`) and the Bond, IscsiTarget and VolumeGroup loops
+(`reconcilers/storage.py`); the heartbeat, the node status, the direct heartbeats, the HA report
+and the storage-path watch (`controller/ha/storage_watch.py`, every `storage_check_interval`)
+run beside them as the manager's background tasks. With `domain.lvm` set the VM and migration
+reconcilers manage the activation of the VMs' LVs (claimed and activated before a start,
+released after a stop, handed over during a migration; docs/storage.md).
 
 Libvirt lifecycle and watchdog events enqueue the VM of the same name through the VM
 controller's queue (a `Source`), so a crashed or watchdog-reset guest is seen at once; the
 informers resync every `resync_period`. The VM controller's queue takes only the VMs that
 concern this node (placed here, with a domain here, migrating to or from here:
 `controller/agent_vms.py`), so a resync reconciles this host's VMs, not the cluster's. A lost
-libvirt connection is reopened, and every domain and every VM of this node is looked at again.
+libvirt connection is reopened, and every domain and every VM of this node is looked at again
+(`controller/agent_libvirt.py`).
 
 Starting a domain needs a valid heartbeat lease and a node that is not being fenced, and the
 reconciler re-reads the VM from etcd right before: a VM the controller moved away while this
-node was cut off is never started here from stale information.
+node was cut off is never started here from stale information. A node relying on self-fencing
+destroys its domains when its lease runs out (`controller/agent_fence.py`).
 
 With `peers` set (the default), it also sends a direct heartbeat to every ClusterNode's
 cluster address every `peers.interval` (`controller/runtime/peers.py`): the controllers' fast
@@ -35,13 +36,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from controller.agent_fence import SelfFence
+from controller.agent_libvirt import LibvirtLink
+from controller.agent_status import AGENT_VERSION, NodeStatusReporter
 from controller.agent_vms import NodeVms
 from controller.ha.agent_rules import start_blocker
 from controller.ha.agent_side import HaReporter
@@ -57,29 +60,14 @@ from controller.runtime.manager import Background, Manager
 from controller.runtime.peers import PeerSender, PeerSettings
 from controller.runtime.store import Store, StoreError
 from crds import AnyResource, ClusterNode, VirtualMachineMigration
-from crds.clusternode import Capacity
-from crds.libvirt_uri import peer_uri_or_none
-from crds.meta import now
-from reconcilers.drivers.libvirt import (
-    DomainEvent,
-    LibvirtError,
-    LibvirtHost,
-    LibvirtUnavailable,
-    WatchdogEvent,
-)
+from reconcilers.drivers.libvirt import DomainEvent, LibvirtHost, WatchdogEvent
 from reconcilers.migration import MigrationRunner
 from reconcilers.storage import StorageSettings, may_read_secrets, storage_controllers
 from reconcilers.tgtd_supervisor import TgtdSupervisor
-from reconcilers.virtualmachine import (
-    DomainSettings,
-    VirtualMachineReconciler,
-    destroy_every_domain,
-)
+from reconcilers.virtualmachine import DomainSettings, VirtualMachineReconciler
 
 log = logging.getLogger(__name__)
 
-AGENT_VERSION = importlib.metadata.version("kvmctl")
-RECONNECT_DELAY = 1.0
 VM_CONTROLLER = "virtualmachine"
 
 
@@ -125,7 +113,7 @@ class Agent:
         self.manager: Manager | None = None
         """The manager running the agent's loops (created by `run`)."""
         self.self_fence_victims: set[str] = set()
-        """The VMs a self-fence destroyed, until started again (a self-fence is no crash)."""
+        """The VMs a self-fence destroyed, until started again (`controller/agent_fence.py`)."""
         self.vm_reconciler = VirtualMachineReconciler(
             self.node,
             store,
@@ -148,6 +136,16 @@ class Agent:
             settings.migration_concurrency,
             lvm=settings.domain.lvm,
         )
+        self.fence = SelfFence(
+            self.node,
+            settings.heartbeat,
+            self.own_node,
+            lambda: self.host,
+            self.vms,
+            self.migration_runner,
+            self.recorder,
+            self.self_fence_victims,
+        )
         watchdog = Watchdog(settings.watchdog) if settings.watchdog is not None else None
         self.heartbeat = Heartbeat(
             store.client,
@@ -155,8 +153,8 @@ class Agent:
             self.node,
             AGENT_VERSION,
             settings.heartbeat,
-            self._self_fence_enabled,
-            self._self_fence,
+            self.fence.enabled,
+            self.fence.fence,
             self._healthy,
             watchdog,
         )
@@ -170,10 +168,28 @@ class Agent:
         )
         self.vm_filter = NodeVms(self.node, self.migrations)
         """Which VMs the VM controller's queue takes (`controller/agent_vms.py`)."""
-        self.host: LibvirtHost | None = None
+        self.libvirt = LibvirtLink(
+            self.node, settings.libvirt_uri, self.vms, self.vm_filter, self.domain_event, self._use
+        )
+        self.status = NodeStatusReporter(
+            store,
+            self.node,
+            settings.libvirt_uri,
+            settings.status_interval,
+            self.own_node,
+            lambda: self.host,
+        )
+        """Writes this node's ClusterNode status (`controller/agent_status.py`)."""
         self.ready = asyncio.Event()
         """Set once registered, connected to libvirt and reconciling."""
-        self._fenced_domains: list[str] = []
+
+    @property
+    def host(self) -> LibvirtHost | None:
+        """The libvirt connection, None while there is none (`controller/agent_libvirt.py`)."""
+        return self.libvirt.host
+
+    def _use(self, host: LibvirtHost | None) -> None:
+        self.vm_reconciler.host = self.migration_runner.host = host
 
     # -- state the reconcilers and the heartbeat read ----------------------------------------
 
@@ -194,10 +210,6 @@ class Agent:
             if isinstance(node, ClusterNode)
         ]
 
-    def _self_fence_enabled(self) -> bool:
-        node = self.own_node()
-        return node is not None and node.spec.fencing.self_fence
-
     def _past_self_fence_deadline(self) -> bool:
         """Self-fenced and still without a lease: destroy anything that appears."""
         return self.heartbeat.self_fenced and not self.heartbeat.lease_valid()
@@ -210,17 +222,6 @@ class Agent:
     def vm_queue(self) -> KeySink | None:
         """Where to enqueue VirtualMachine names for this node's VM controller."""
         return None if self.manager is None else self.manager.queue(VM_CONTROLLER)
-
-    async def _self_fence(self) -> None:
-        """Destroy every kvmctl domain of this host now; libvirt only, no etcd."""
-        host = self.host
-        if host is None:
-            raise LibvirtUnavailable(f"self-fence of {self.node}: no libvirt connection")
-        destroyed = await destroy_every_domain(host)
-        log.error("self-fenced %s: destroyed %s", self.node, ", ".join(destroyed) or "nothing")
-        self._fenced_domains = destroyed
-        self.self_fence_victims.update(destroyed)
-        await self.migration_runner.stop()
 
     # -- run ---------------------------------------------------------------------------------
 
@@ -251,6 +252,7 @@ class Agent:
 
     def _controllers(self, read_secrets: bool) -> list[Controller]:
         """The VM and migration-source controllers, and the storage ones if configured."""
+        recover = functools.partial(self.fence.recover, self.heartbeat)
         vms = Controller(
             VM_CONTROLLER,
             "VirtualMachine",
@@ -263,8 +265,8 @@ class Agent:
             ],
             predicate=self.vm_filter.concerns,
             sources=[
-                Source("libvirt events", self._libvirt_forever, unfiltered=True),
-                Source("self-fence recovery", self._recover_from_self_fence),
+                Source("libvirt events", self.libvirt.run, unfiltered=True),
+                Source("self-fence recovery", recover),
             ],
             on_not_ready=self.vm_reconciler.record,
         )
@@ -285,7 +287,7 @@ class Agent:
         )
         background = [
             Background("heartbeat", self.heartbeat.run),
-            Background("node status", self._report_forever),
+            Background("node status", self.status.run),
             Background("ha report", ha),
         ]
         if self.settings.peers is not None:
@@ -317,9 +319,8 @@ class Agent:
         await self.migration_runner.stop()
         with contextlib.suppress(StoreError, TimeoutError):
             async with asyncio.timeout(2):
-                await self._write_node_status(stopping=True)
-        if self.host is not None:
-            await self.host.close()
+                await self.status.write(stopping=True)
+        await self.libvirt.close()
         log.info("agent of %s stopped; guests keep running", self.node)
 
     def _every_vm_if_mine(self, node: AnyResource) -> list[str]:
@@ -344,22 +345,13 @@ class Agent:
             )
             if self.own_node() is None:
                 await created.wait()
-        self.host = await self._connect()
-        self.vm_reconciler.host = self.migration_runner.host = self.host
-        await self._write_node_status()
+        await self.libvirt.open()
+        await self.status.write()
         storage = self.settings.storage
         if storage is not None and self.settings.tgtd_portal is not None:
             await TgtdSupervisor(
                 self.settings.tgtd_portal, storage.tgtd_control_port
             ).ensure_running()
-
-    async def _connect(self) -> LibvirtHost:
-        while True:
-            try:
-                return await LibvirtHost.connect(self.settings.libvirt_uri)
-            except LibvirtError as error:
-                log.warning("%s; retrying", error)
-                await asyncio.sleep(RECONNECT_DELAY)
 
     # -- libvirt -----------------------------------------------------------------------------
 
@@ -371,106 +363,6 @@ class Agent:
         self.vm_filter.domain_event(event)
         vm_queue.add(event.name)
         self.ha.wake()
-
-    async def _libvirt_forever(self, vm_queue: KeySink) -> None:
-        """Hand every libvirt event to `domain_event`; reconnect when the connection is lost."""
-        while True:
-            host = self.host
-            if host is None:
-                host = await self._connect()
-                self.host = self.vm_reconciler.host = self.migration_runner.host = host
-            with host.events() as events:
-                try:
-                    domains = await host.list_domains()
-                    own = [d.metadata.get("vm", d.name) for d in domains if d.metadata.get("uid")]
-                    self.vm_filter.listed(own)
-                    for name in own:
-                        vm_queue.add(name)
-                    for vm in self.vms.list():
-                        if self.vm_filter.concerns(vm):
-                            vm_queue.add(vm.metadata.name)
-                    async for event in events:
-                        self.domain_event(event, vm_queue)
-                except LibvirtUnavailable as error:
-                    log.warning("libvirt on %s lost: %s; reconnecting", self.node, error)
-            self.host = self.vm_reconciler.host = self.migration_runner.host = None
-            await host.close()
-            await asyncio.sleep(RECONNECT_DELAY)
-
-    # -- node status -------------------------------------------------------------------------
-
-    async def _report_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.status_interval)
-            try:
-                await self._write_node_status()
-            except (StoreError, LibvirtError) as error:
-                log.warning("node status of %s not written: %s", self.node, error)
-
-    async def _write_node_status(self, stopping: bool = False) -> None:
-        node = self.own_node()
-        host = self.host
-        if node is None:
-            return
-        capacity = node.spec.capacity
-        if capacity is None and host is not None and not stopping:
-            info = await host.node_info()
-            capacity = Capacity(cpus=info.cpus, memory_mib=max(64, info.memory_mib))
-        # Peers migrate to it: a local-only URI (a socket path, test://) is not reported.
-        libvirt_uri = node.spec.libvirt_uri or peer_uri_or_none(self.settings.libvirt_uri)
-        address = str(node.spec.addresses.cluster)
-
-        def mutate(current: Any) -> bool:
-            status = current.status
-            if stopping:
-                status.set_condition("AgentReady", "False", "AgentStopped", "agent stopped")
-                return True
-            if capacity is not None:
-                status.capacity = capacity
-            status.agent_version = AGENT_VERSION
-            status.libvirt_uri = libvirt_uri
-            status.migration_address = address
-            status.last_heartbeat_time = now()
-            message = f"agent {AGENT_VERSION} on {self.node} with {self.settings.libvirt_uri}"
-            status.set_condition("AgentReady", "True", "AgentRunning", message)
-            if status.condition("Ready") is None or status.health in ("Online", "Unknown"):
-                status.set_condition("Ready", "True", "AgentRunning", message)
-            return True
-
-        await self.store.patch_status("ClusterNode", self.node, mutate)
-
-    # -- self-fence recovery, terminal errors ------------------------------------------------
-
-    async def _recover_from_self_fence(self, vm_queue: KeySink) -> None:
-        """After a self-fence: once the lease is back, record it and look at every VM again.
-
-        Starting needs no more than that: the reconciler re-reads each VM from etcd before
-        starting it, so a VM the controller moved away meanwhile stays down here.
-        """
-        interval = self.settings.heartbeat.renew_interval
-        while True:
-            await asyncio.sleep(interval)
-            if not self.heartbeat.self_fenced or not self.heartbeat.lease_valid():
-                continue
-            self.heartbeat.acknowledge_fence()
-            fenced, self._fenced_domains = self._fenced_domains, []
-            node = self.own_node()
-            timing = self.heartbeat.last_self_fence
-            if node is not None and timing is not None:
-                renewed_at, destroyed_at = timing
-                await self.recorder.record(
-                    node,
-                    "Warning",
-                    "SelfFenced",
-                    "%s could not renew its heartbeat lease in time and destroyed its VMs "
-                    "%.2f s after its last renewal (lease TTL %d s): %s",
-                    self.node,
-                    destroyed_at - renewed_at,
-                    self.settings.heartbeat.ttl,
-                    ", ".join(fenced) or "none",
-                )
-            for vm in self.vms.list():
-                vm_queue.add(vm.metadata.name)
 
 
 def _migrated_vm(migration: AnyResource) -> list[str]:
