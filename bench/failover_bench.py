@@ -133,6 +133,8 @@ class Bench:
         self.changed_at = time.monotonic()
         """When a controller last (re)started: the next kill waits `SETTLE` s after it."""
         self.stopped = ""
+        self.incidents: list[str] = []
+        """Hosts other than the victim found dead and powered on again (`back_online`)."""
         """Why the bench stopped before its last run (empty: it did not)."""
 
     async def all_online(self) -> bool:
@@ -142,10 +144,20 @@ class Bench:
         await asyncio.to_thread(self.cluster.restore, name)
         self.changed_at = time.monotonic()
         try:
-            await eventually(self.all_online, f"{name} back and every host Online")
-        except AssertionError as error:  # say which host: not always the one powered on
+            await eventually(self.back_online, f"{name} back and every host Online")
+        except BenchError as error:  # say which host: not always the one powered on
             missing = await hosts_not_online(self.cluster, self.store)
-            raise AssertionError(f"{error} (not Online: {', '.join(missing)})") from None
+            raise BenchError(f"{error} (not Online: {', '.join(missing)})") from None
+
+    async def back_online(self) -> bool:
+        """Every host Online; a host found dead meanwhile (its watchdog reset it) is powered
+        on again, as a real watchdog's reset reboots the machine, and reported."""
+        for host in self.cluster.lab.hosts:
+            if not self.cluster.lab[host].is_running():
+                self.incidents.append(f"{host} found powered off after a run: powered on again")
+                print(f"incident: {self.incidents[-1]}", flush=True)
+                await asyncio.to_thread(self.cluster.restore, host)
+        return await self.all_online()
 
     async def set_up(self) -> None:
         await self.store.create(ipmi_secret(self.cluster.bmc_password))
@@ -278,10 +290,11 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
 
 
 def report(
-    runs: list[Run], args: argparse.Namespace, violations: int, stopped: str
+    runs: list[Run], args: argparse.Namespace, violations: int, stopped: str, incidents: list[str]
 ) -> dict[str, Any]:
     return {
         "stopped_early": stopped,
+        "incidents": incidents,
         "topology": args.topology,
         "profile": args.profile,
         "path": args.path,
@@ -316,7 +329,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 async with _background(runner.timeline.follow(store)):
                     series = args.series if runner.field else ["plain"]
                     runs = await runner.measure(args.runs, series)
-            return report(runs, args, len(runner.checker.violations), runner.stopped)
+            return report(
+                runs, args, len(runner.checker.violations), runner.stopped, runner.incidents
+            )
     finally:
         if args.logs:
             save_logs(cluster, Path(args.logs))
@@ -388,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             f"over {result['runs']} runs; step medians: {medians}"
         )
     print(f"two-copies samples (all series): {summary['two_copies_samples']}")
+    for incident in summary["incidents"]:
+        print(f"incident: {incident}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(summary, file, indent=2)
