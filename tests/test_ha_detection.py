@@ -9,6 +9,7 @@ fenced here was detected by its silence, not by a lease expiring.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -204,13 +205,13 @@ async def start_leader_process(
     )  # fmt: skip
 
 
-async def test_a_standby_fences_the_silent_leaders_host_and_takes_over_before_the_ttl(
-    etcd_endpoints: list[str], key_prefix: str, store: Store, leases: Leases, agents: Agents,
-    tmp_path: Path,
-) -> None:  # fmt: skip
-    power = tmp_path / "a.power"
-    power.write_text("on")
-    await create_cluster(store, leases, agents, power)
+@contextlib.asynccontextmanager
+async def leader_on_a_lost(
+    etcd_endpoints: list[str], key_prefix: str, store: Store, agents: Agents
+) -> AsyncIterator[tuple[Manager, int]]:
+    """The controller on a leads and vm1 runs on a; a standby runs on b; then host a loses
+    power (its controller and its agent fall silent at once) and the standby takes over.
+    Yields the standby's manager and the ended term's token."""
     leader = await start_leader_process(etcd_endpoints, key_prefix, agents.settings.port)
     standby: tuple[Manager, asyncio.Task[None]] | None = None
     try:
@@ -227,11 +228,28 @@ async def test_a_standby_fences_the_silent_leaders_host_and_takes_over_before_th
         manager = standby[0]
         await eventually(lambda: agents.heard.heard_at("a"), "the standby hears host a")
 
-        leader.kill()  # host a loses power: its controller and its agent fall silent at once
+        leader.kill()
         await leader.wait()
         await agents.stop("a")
         await eventually(lambda: manager.is_leader, "the standby leads")
         assert manager.elector is not None and manager.elector.took_over == old_token
+        yield manager, old_token
+    finally:
+        if leader.returncode is None:
+            leader.kill()
+            await leader.wait()
+        if standby is not None:
+            await stop_controller(*standby)
+
+
+async def test_a_standby_fences_the_silent_leaders_host_and_takes_over_before_the_ttl(
+    etcd_endpoints: list[str], key_prefix: str, store: Store, leases: Leases, agents: Agents,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    power = tmp_path / "a.power"
+    power.write_text("on")
+    await create_cluster(store, leases, agents, power)
+    async with leader_on_a_lost(etcd_endpoints, key_prefix, store, agents) as (_, old_token):
         node = await eventually(lambda: fenced_by_power(store, "a"), "a recorded fenced")
         info = await current_leader(store.client, f"{key_prefix}/{KEY}")
         assert info is not None and info.node == "b" and info.token > old_token
@@ -242,12 +260,6 @@ async def test_a_standby_fences_the_silent_leaders_host_and_takes_over_before_th
             e for e in await events_of(store, "ClusterNode", "a") if e.spec.reason == "NodeFenced"
         ]
         assert any("by the standby that took over" in e.spec.message for e in fenced)
-    finally:
-        if leader.returncode is None:
-            leader.kill()
-            await leader.wait()
-        if standby is not None:
-            await stop_controller(*standby)
 
 
 async def test_a_standby_takes_over_from_a_self_fencing_leaders_host_without_fencing_it(
@@ -257,27 +269,7 @@ async def test_a_standby_takes_over_from_a_self_fencing_leaders_host_without_fen
     leader's election TTL is 60 s here), fences nothing, and the host's VMs wait for its lease
     to expire (plus grace) before they move."""
     await create_cluster(store, leases, agents, None)
-    leader = await start_leader_process(etcd_endpoints, key_prefix, agents.settings.port)
-    standby: tuple[Manager, asyncio.Task[None]] | None = None
-    try:
-
-        async def leading_on_a() -> int | None:
-            info = await current_leader(store.client, f"{key_prefix}/{KEY}")
-            return info.token if info is not None and info.node == "a" else None
-
-        old_token = await eventually(leading_on_a, "the controller on a leads")
-        await store.create(vm_object("vm1"))
-        await eventually(lambda: placed_on(store, "vm1", "a"), "vm1 placed on a")
-        await report_running(store, "vm1", "a")
-        standby = await start_controller(etcd_endpoints, key_prefix, "b", agents)
-        manager = standby[0]
-        await eventually(lambda: agents.heard.heard_at("a"), "the standby hears host a")
-
-        leader.kill()  # host a loses power: its controller and its agent fall silent at once
-        await leader.wait()
-        await agents.stop("a")
-        await eventually(lambda: manager.is_leader, "the standby leads")
-        assert manager.elector is not None and manager.elector.took_over == old_token
+    async with leader_on_a_lost(etcd_endpoints, key_prefix, store, agents):
         # a's heartbeat lease is still held (as if etcd had just extended it): nothing moves.
         assert await placed_on(store, "vm1", "a")
         assert (await get_node(store, "a")).status.health != "Fenced"
@@ -288,9 +280,3 @@ async def test_a_standby_takes_over_from_a_self_fencing_leaders_host_without_fen
         )
         assert node.status.fence is not None
         await eventually(lambda: placed_on(store, "vm1", "b"), "vm1 recovered on b")
-    finally:
-        if leader.returncode is None:
-            leader.kill()
-            await leader.wait()
-        if standby is not None:
-            await stop_controller(*standby)
