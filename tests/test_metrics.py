@@ -385,11 +385,13 @@ async def test_metrics_host_and_port_choose_where_the_daemons_serve(
     daemon = controller(etcd_endpoints, key_prefix, tmp_path, port, "--metrics-host", "127.0.0.2")
     async with daemon:
 
-        async def served() -> list[Sample] | None:
+        async def served() -> bool:
+            """Served there, with the leader gauge (set once the daemon's election ran)."""
             assert daemon.alive(), daemon.output()
-            return await try_scrape(port, "127.0.0.2")
+            samples = await try_scrape(port, "127.0.0.2")
+            return samples is not None and has(samples, "kvmctl_leader")
 
-        assert has(await eventually(served, "/metrics on 127.0.0.2"), "kvmctl_leader")
+        await eventually(served, "/metrics on 127.0.0.2 with kvmctl_leader")
         assert await try_scrape(port) is None, "served on 127.0.0.1 too"
     args = build_parser().parse_args(["agent", "--metrics-host", "::1", "--metrics-port", "9"])
     assert (args.metrics_host, args.metrics_port) == ("::1", 9)
