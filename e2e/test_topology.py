@@ -30,6 +30,7 @@ from e2e.harness.topology import (
     every_host_online,
     lead_controllers_from,
     move_etcd_leader,
+    node_down,
     node_online,
     storage_node,
     topology_cluster,
@@ -178,6 +179,9 @@ async def test_a_host_powered_on_again_rejoins_etcd_as_the_same_member(case: Cas
     await case.move_etcd_leader(victim)  # its member comes back as a follower of another
     await asyncio.to_thread(case.cluster.kill_host, victim)
     assert not await asyncio.to_thread(host_etcd.healthy, victim)
+    # Power on only once the cluster is done with the loss: a host powered on while a fence of
+    # it is in flight (the standby's, when it held the leading controller) is powered off again.
+    await eventually(partial(node_down, case.store, victim), f"{victim} Fenced or Offline")
 
     await asyncio.to_thread(case.cluster.restore, victim)
     assert await asyncio.to_thread(host_etcd.members) == members

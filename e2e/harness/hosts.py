@@ -154,7 +154,9 @@ class SimulatedHost:
                 start_new_session=True,
             )  # fmt: skip
         launcher = self._launcher
-        self._init_pid = _wait_for_child(launcher, timeout, f"init of host {self.name}")
+        self._init_pid = _wait_for_child(
+            launcher, timeout, f"init of host {self.name}", output_of=self.dir / "init.log"
+        )
         self._init_pidfd = os.pidfd_open(self._init_pid)
         self._pid_namespace = os.readlink(f"/proc/{self._init_pid}/ns/pid")
         wait_until(
@@ -238,7 +240,9 @@ class SimulatedHost:
                     pass_fds=(go_read,),
                     start_new_session=True,
                 )
-            pid = _wait_for_child(launcher, 30.0, f"{argv[0]} on host {self.name}")
+            pid = _wait_for_child(
+                launcher, 30.0, f"{argv[0]} on host {self.name}", output_of=log_path
+            )
             self._spawned[pid] = launcher
             os.write(go_write, b"x")
         finally:
@@ -582,8 +586,13 @@ def _output(log_path: Path | None) -> Iterator[IO[bytes] | int]:
         yield log
 
 
-def _wait_for_child(launcher: subprocess.Popen[bytes], timeout: float, what: str) -> int:
-    """The PID of the process `launcher` (unshare or nsenter) forked."""
+def _wait_for_child(
+    launcher: subprocess.Popen[bytes], timeout: float, what: str, output_of: Path | None = None
+) -> int:
+    """The PID of the process `launcher` (unshare or nsenter) forked.
+
+    If it exits first, the LabError quotes the last lines of `output_of`, where it wrote.
+    """
     children_file = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
     children: list[str] = []
 
@@ -597,7 +606,11 @@ def _wait_for_child(launcher: subprocess.Popen[bytes], timeout: float, what: str
 
     wait_until(forked, timeout, what)
     if not children:
-        raise LabError(f"{what} exited at once with status {launcher.returncode}")
+        said = ""
+        if output_of is not None and output_of.exists():
+            tail = output_of.read_text(errors="replace").splitlines()[-5:]
+            said = f"; last output in {output_of}: " + " | ".join(tail)
+        raise LabError(f"{what} exited at once with status {launcher.returncode}{said}")
     return int(children[0])
 
 

@@ -104,6 +104,13 @@ async def node_online(store: Store, name: str) -> bool:
     return isinstance(node, ClusterNode) and node.status.health == "Online"
 
 
+async def node_down(store: Store, name: str) -> bool:
+    """The cluster is done with the host's loss: Fenced (a fence confirmed: the standby fences a
+    leading controller's host before it takes over) or Offline (nothing ran there, no fence)."""
+    node = await store.get("ClusterNode", name)
+    return isinstance(node, ClusterNode) and node.status.health in ("Fenced", "Offline")
+
+
 async def hosts_not_online(cluster: Cluster, store: Store) -> list[str]:
     """The hosts that do not hold a heartbeat or whose ClusterNode is not Online."""
     return [name for name in cluster.lab.hosts if not await node_online(store, name)]
