@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from controller.ha.controller import build_manager
+from controller.ha.environment import break_gap
 from controller.runtime import layout_keys
 from controller.runtime.leader_record import current_leader
 from controller.runtime.manager import Manager
@@ -43,6 +45,7 @@ from tests.support.ha import (
     stop_controller,
     vm_object,
 )
+from tests.support.tcp_cut import TcpCut
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDRESSES = {"a": "127.0.0.2", "b": "127.0.0.1", "c": "127.0.0.3"}
@@ -62,7 +65,7 @@ class Agents:
     def __init__(self, settings: PeerSettings) -> None:
         self.settings = settings
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.heard = PeerTable(ADDRESSES.get)
+        self.heard = PeerTable(ADDRESSES.get, break_gap(TIMINGS.suspect_after))
         """What the controller under test hears."""
 
     def start(self, node: str) -> None:
@@ -88,11 +91,16 @@ async def agents() -> AsyncIterator[Agents]:
     await running.close()
 
 
-async def create_cluster(store: Store, leases: Leases, agents: Agents, power: Path | None) -> None:
+async def create_cluster(
+    store: Store, leases: Leases, agents: Agents, power: Path | None, *, in_spec: bool = False
+) -> None:
     """Nodes a (fence_dummy on `power`, which says on; None: a self-fences instead), b and c;
-    leases held and heartbeats sent by all."""
+    leases held and heartbeats sent by all. The power file's path is in a Secret, or with
+    `in_spec` in the device's parameters (so fencing a needs no etcd read)."""
     fencing: dict[str, Any] = {"selfFence": True}
-    if power is not None:
+    if power is not None and in_spec:
+        fencing = dummy_fencing(parameters={"status_file": str(power)})
+    elif power is not None:
         labels = {"kvmctl.io/node": "a"}
         secret = Secret(
             metadata=ObjectMeta(name="fence-a", labels=labels),
@@ -118,7 +126,7 @@ async def start_controller(
 ) -> tuple[Manager, asyncio.Task[None]]:
     store = Store(store_endpoints, key_prefix)
     await store.connect()
-    agents.heard = PeerTable(ADDRESSES.get)
+    agents.heard = PeerTable(ADDRESSES.get, break_gap(TIMINGS.suspect_after))
     manager = build_manager(
         store,
         identity=f"ctl-{node}",
@@ -280,3 +288,53 @@ async def test_a_standby_takes_over_from_a_self_fencing_leaders_host_without_fen
         )
         assert node.status.fence is not None
         await eventually(lambda: placed_on(store, "vm1", "b"), "vm1 recovered on b")
+
+
+async def test_a_standby_cut_off_from_etcd_fences_nothing_until_the_quorum_confirms(
+    etcd_endpoints: list[str], key_prefix: str, store: Store, leases: Leases, agents: Agents,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """The standby on b hears a fall silent (b and c witness it) but its etcd connection is cut:
+    it must not fence a, which would power off a host it cannot take over from. Once etcd is
+    reachable again, etcd's quorum confirms the silent term and the standby fences and leads."""
+    power = tmp_path / "a.power"
+    power.write_text("on")
+    await create_cluster(store, leases, agents, power, in_spec=True)
+    leader = await start_leader_process(etcd_endpoints, key_prefix, agents.settings.port)
+    standby: tuple[Manager, asyncio.Task[None]] | None = None
+    try:
+        async with TcpCut(etcd_endpoints[0]) as relay:
+
+            async def leading_on_a() -> int | None:
+                info = await current_leader(store.client, f"{key_prefix}/{KEY}")
+                return info.token if info is not None and info.node == "a" else None
+
+            old_token = await eventually(leading_on_a, "the controller on a leads")
+            standby = await start_controller([relay.endpoint], key_prefix, "b", agents)
+            manager = standby[0]
+            await eventually(lambda: agents.heard.heard_at("a"), "the standby hears host a")
+            await eventually(manager.started.is_set, "the standby's caches are synced")
+
+            relay.cut()
+            leader.kill()
+            await leader.wait()
+            await agents.stop("a")
+
+            def refused() -> bool:
+                return any("quorum is not reachable" in r.getMessage() for r in caplog.records)
+
+            with caplog.at_level(logging.WARNING, logger="controller.ha.takeover"):
+                await eventually(refused, "the standby refuses to fence without etcd's quorum")
+            assert power.read_text() == "on"
+
+            relay.restore()
+            await eventually(lambda: fenced_by_power(store, "a"), "a fenced once etcd is back")
+            assert power.read_text() == "off"
+            await eventually(lambda: manager.is_leader, "the standby leads")
+            assert manager.elector is not None and manager.elector.took_over == old_token
+    finally:
+        if leader.returncode is None:
+            leader.kill()
+            await leader.wait()
+        if standby is not None:
+            await stop_controller(*standby)

@@ -20,7 +20,7 @@ def free_udp_port() -> int:
 
 
 def table_for(addresses: dict[str, str]) -> PeerTable:
-    return PeerTable(addresses.get)
+    return PeerTable(addresses.get, break_gap=0.5)
 
 
 def test_a_beat_round_trips_and_bad_datagrams_are_dropped() -> None:
@@ -83,3 +83,14 @@ async def test_beats_sent_on_loopback_are_heard_until_the_sender_stops() -> None
             task.cancel()
         await asyncio.wait(senders.values())
         transport.close()
+
+
+def test_a_gap_over_the_break_starts_a_new_run() -> None:
+    table = table_for({"host1": "10.0.0.1"})
+    beat = Beat("host1", "agent", None, "boot", 1).encode()
+    for at in (1.0, 1.2, 1.7, 2.0):  # gaps up to 0.5 s: one run
+        table.receive(beat, "10.0.0.1", at)
+    assert (table.heard_since("host1"), table.heard_at("host1")) == (1.0, 2.0)
+    table.receive(beat, "10.0.0.1", 2.6)  # a gap of 0.6 s
+    assert (table.heard_since("host1"), table.heard_at("host1")) == (2.6, 2.6)
+    assert table.heard_since("host2") is None

@@ -41,7 +41,7 @@ from crds import ClusterNode
 from reconcilers.drivers.fence import FenceRunner
 
 from .engine import DEFAULT_PERIOD, Engine, run
-from .environment import Emit, HaTimings
+from .environment import Emit, HaTimings, break_gap
 from .guest_fence import GuestFenceController
 from .production import EtcdEnvironment
 from .production_core import KINDS
@@ -166,7 +166,8 @@ def build_manager(
         obj = nodes.get(name)
         return str(obj.spec.addresses.cluster) if isinstance(obj, ClusterNode) else None
 
-    table = peer_table or (PeerTable(address_of) if peers is not None else None)
+    gap = break_gap((timings or HaTimings()).suspect_after)
+    table = peer_table or (PeerTable(address_of, gap) if peers is not None else None)
     ha = HaController(store, informers, timings, recorder, fence_runner, peers=table)
     guest_fencing = GuestFenceController(store, informers)
 

@@ -50,7 +50,7 @@ class Engine(NodeDecisions, VmDecisions):
             1 for v in world.vms.values() if v.migration and v.migration.phase == "Running"
         )
         self.next_wakeup = None
-        heard = {n.name: n.heard_at for n in world.nodes.values()}
+        heard = {n.name: n.heard for n in world.nodes.values()}
         self._silent = silent_nodes(heard, world.now, self.timings.suspect_after)
         emits, storage_wake = self._storage.step(world, self._usage)
         self._actions.extend(emits)

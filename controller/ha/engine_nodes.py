@@ -34,8 +34,11 @@ class NodeDecisions(EngineCore):
             return False
         if node.name in self._silent:
             return True
-        if self._wake_for_silence and node.heard_at is not None and node.health == "Online":
-            self._wake_at(node.heard_at + self.timings.suspect_after)
+        if self._wake_for_silence and node.heard is not None and node.health == "Online":
+            turns_silent = node.heard.last + self.timings.suspect_after
+            # Past that, it waits for witnesses (`silent_nodes`): look again soon.
+            soon = self._now + self.timings.suspect_after / 4
+            self._wake_at(turns_silent if turns_silent > self._now else soon)
         return False
 
     def _lost(self, node: NodeView) -> bool:
@@ -59,8 +62,8 @@ class NodeDecisions(EngineCore):
             self._set_health(node, "Unknown", None)
             if node.name in self._storage.fence:
                 why = self._storage.why(node.name)
-            elif node.lease_alive and node.heard_at is not None:
-                silent = self._now - node.heard_at
+            elif node.lease_alive and node.heard is not None:
+                silent = self._now - node.heard.last
                 why = f"no direct heartbeat for {silent:.1f}s (its lease is still held)"
             else:
                 why = "heartbeat lease expired"

@@ -75,19 +75,48 @@ def power_fenced(spec: ClusterNodeSpec) -> bool:
     return bool(spec.fencing.methods) and not spec.fencing.self_fence
 
 
+@dataclass(frozen=True)
+class Heard:
+    """Direct heartbeats from one node, as one observer received them."""
+
+    last: float
+    """When the last datagram came."""
+    since: float
+    """When the current run of datagrams began: the first after a gap of over `break_gap`."""
+
+
+def break_gap(suspect_after: float) -> float:
+    """A gap between two datagrams of one node over this breaks its run (`Heard.since`)."""
+    return suspect_after / 2
+
+
 def silent_nodes(
-    heard_at: Mapping[str, float | None], now: float, suspect_after: float
+    heard: Mapping[str, Heard | None], now: float, suspect_after: float
 ) -> frozenset[str]:
     """The nodes heard before but not for `suspect_after`, as one observer sees them.
 
-    Empty unless that observer hears a strict majority of the nodes (itself included): an
-    observer cut off from the cluster network hears nobody, and must not take everybody
-    for dead. A node never heard (None) is neither silent nor heard.
+    A node is silent only if a strict majority of the nodes (the observer included) are
+    *witnesses*: heard now, and heard without a break across the instant `suspect_after / 2`
+    after the silent node's last datagram. So the observer's own network demonstrably worked
+    while the node fell silent. An observer cut off hears nobody; one whose cut is staggered
+    (the last datagrams of its peers came a little apart) or just healed (it hears its peers
+    again, but not yet every one of them) has no witnesses either, and takes nobody for dead.
+    A node never heard (None) is neither silent nor a witness.
     """
-    silent = {n for n, at in heard_at.items() if at is not None and now - at >= suspect_after}
-    heard = sum(1 for at in heard_at.values() if at is not None and now - at < suspect_after)
-    if 2 * heard <= len(heard_at):
-        return frozenset()
+    silent = set()
+    for node, seen in heard.items():
+        if seen is None or now - seen.last < suspect_after:
+            continue
+        instant = seen.last + suspect_after / 2
+        witnesses = sum(
+            1
+            for other in heard.values()
+            if other is not None
+            and now - other.last < suspect_after
+            and other.since <= instant <= other.last
+        )
+        if 2 * witnesses > len(heard):
+            silent.add(node)
     return frozenset(silent)
 
 
@@ -121,9 +150,9 @@ class NodeView:
     memory_mib: int | None
     """Capacity (spec override, else the agent's report); None means unknown (not limited)."""
     drain: DrainMode | None = None
-    heard_at: float | None = None
-    """When this controller last received a direct heartbeat (UDP, from the node's agent or
-    controller) in the agent's current lease; None if none came since (never suspected then)."""
+    heard: Heard | None = None
+    """The direct heartbeats (UDP, from the node's agent or controller) this controller
+    received in the agent's current lease; None if none came since (never suspected then)."""
     storage_lost: Mapping[str, float] = field(default_factory=dict)
     """Storage paths the node's agent reports broken (`vg NAME`, `iscsi TARGET`, `file PATH`,
     as `Disk.storage_path`), each with the time this controller first saw it reported."""

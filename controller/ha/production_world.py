@@ -15,7 +15,7 @@ from crds import ClusterNode, VirtualMachine
 from crds.migration import PLACEMENT_SWITCHED, VirtualMachineMigration
 
 from . import requests
-from .environment import FenceConfirmation, MigrationView, NodeView, VmState, VmView
+from .environment import FenceConfirmation, Heard, MigrationView, NodeView, VmState, VmView
 from .production_core import (
     ACKNOWLEDGED,
     ADMISSION_HELD,
@@ -45,12 +45,16 @@ ToMonotonic = Callable[[datetime], float]
 class WorldViews(EnvironmentCore):
     """Building the views of `World` from the caches and the controller's `WorldKeys`."""
 
-    def _heard_at(self, node: str) -> float | None:
-        """The last direct heartbeat from `node`, if it came in the agent's current lease."""
-        heard = None if self._peers is None else self._peers.heard_at(node)
-        if heard is None or heard < self.keys.session_at.get(node, heard):
+    def _heard(self, node: str) -> Heard | None:
+        """The direct heartbeats from `node`, if the last came in the agent's current lease."""
+        if self._peers is None:
             return None
-        return heard
+        last, since = self._peers.heard_at(node), self._peers.heard_since(node)
+        if last is None or since is None:
+            return None
+        if last < self.keys.session_at.get(node, last):
+            return None
+        return Heard(last=last, since=since)
 
     # Environment -----------------------------------------------------------------------------
 
@@ -100,7 +104,7 @@ class WorldViews(EnvironmentCore):
             cpus=capacity.cpus if capacity else None,
             memory_mib=capacity.memory_mib if capacity else None,
             drain=None if drain is None else drain.mode,
-            heard_at=self._heard_at(name),
+            heard=self._heard(name),
             storage_lost=self._storage_seen.seen(
                 name, [lost.path for lost in status.storage_lost], now
             ),

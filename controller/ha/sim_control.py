@@ -5,7 +5,15 @@ over (docs/ha.md), and etcd losing its leader (no renewal, no expiry, then every
 
 from __future__ import annotations
 
-from .environment import Emit, FenceConfirmation, SetNodeHealth, power_fenced, silent_nodes
+from .environment import (
+    Emit,
+    FenceConfirmation,
+    Heard,
+    SetNodeHealth,
+    break_gap,
+    power_fenced,
+    silent_nodes,
+)
 from .sim_core import SimCore
 from .sim_model import OFF_HOST, FenceRun, Host
 
@@ -48,28 +56,40 @@ class Controllers(SimCore):
             return False
         return host.agent or host.name in self.controllers
 
-    def _forget_heard(self, node: str) -> None:
+    def _new_session(self, node: str) -> None:
         """A new agent session: it must be heard anew before its silence means anything."""
-        for heard in self._heard.values():
-            heard.pop(node, None)
+        self._session_at[node] = self.now()
 
     def _listen(self) -> None:
         observers = [c for c in self.controllers if self._controller_up(c)]
         if not self.controllers:
             observers = [OFF_HOST]
         now = self.now()
+        gap = break_gap(self.timings.suspect_after)
         for observer in observers:
             connected = observer == OFF_HOST or self.hosts[observer].network
             heard = self._heard.setdefault(observer, {})
             for host in self.hosts.values():
                 local = host.name == observer
                 if self._sends(host) and (local or (connected and host.network)):
-                    heard[host.name] = now
+                    previous = heard.get(host.name)
+                    new_run = previous is None or now - previous.last > gap
+                    since = now if new_run or previous is None else previous.since
+                    heard[host.name] = Heard(last=now, since=since)
+
+    def _heard_by(self, observer: str) -> dict[str, Heard | None]:
+        """What `observer` heard of each host in its agent's current session (as production's
+        `WorldViews._heard`)."""
+        heard = self._heard.get(observer, {})
+        views: dict[str, Heard | None] = {}
+        for name in self.hosts:
+            seen = heard.get(name)
+            fresh = seen is not None and seen.last >= self._session_at.get(name, seen.last)
+            views[name] = seen if fresh else None
+        return views
 
     def _silent(self, observer: str) -> frozenset[str]:
-        heard = self._heard.get(observer, {})
-        at = {name: heard.get(name) for name in self.hosts}
-        return silent_nodes(at, self.now(), self.timings.suspect_after)
+        return silent_nodes(self._heard_by(observer), self.now(), self.timings.suspect_after)
 
     def _leadership(self) -> None:
         """Renew the leader key, elect when it expired, let standbys take over a silent host."""

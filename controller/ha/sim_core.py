@@ -13,7 +13,15 @@ from dataclasses import replace
 
 from crds.clusterpolicy import AdmissionPolicy
 
-from .environment import Emit, FenceResult, HaTimings, MigrationView, SetNodeHealth, VmView
+from .environment import (
+    Emit,
+    FenceResult,
+    HaTimings,
+    Heard,
+    MigrationView,
+    SetNodeHealth,
+    VmView,
+)
 from .sim_invariants import Invariants, QemuTable
 from .sim_model import OFF_HOST, TICKS_PER_SECOND, FenceRun, Host, Qemu, SimSettings, SimVm
 
@@ -54,7 +62,10 @@ class SimCore:
         self._key_until = settings.election_ttl
         self._new_term = False
         self._generation = 0
-        self._heard: dict[str, dict[str, float]] = {}
+        self._heard: dict[str, dict[str, Heard]] = {}
+        """Per observing controller, the direct heartbeats it heard from each host."""
+        self._session_at: dict[str, float] = {}
+        """When each host's current agent session began (its heartbeats before do not count)."""
         self._etcd_down: tuple[float, float] | None = None
         self._takeover_method: dict[tuple[str, int], int] = {}
         self._order = {name: index for index, name in enumerate(self.vms)}

@@ -106,7 +106,7 @@ class Simulator(AgentLoops, Controllers):
     async def observe(self) -> World:
         now = self.now()
         nodes: dict[str, NodeView] = {}
-        heard = self._heard.get(self.leader, {})
+        heard = self._heard_by(self.leader)
         for host in self.hosts.values():
             alive = self._lease_alive(host)
             if alive:
@@ -130,7 +130,7 @@ class Simulator(AgentLoops, Controllers):
                 cpus=host.cpus,
                 memory_mib=host.memory_mib,
                 drain=host.drain,
-                heard_at=heard.get(host.name),
+                heard=heard[host.name],
                 storage_lost=dict(host.storage_reported),
             )
         self._refresh_views()
@@ -251,7 +251,7 @@ class Simulator(AgentLoops, Controllers):
                 host.boot_done_at = None
                 host.agent = True
                 host.last_feed = now
-                self._forget_heard(host.name)
+                self._new_session(host.name)
                 self.log(f"host/{host.name}", "booted; agent started")
         self._etcd_step()
         self._listen()
@@ -369,7 +369,7 @@ class Simulator(AgentLoops, Controllers):
         if host.powered and host.boot_done_at is None and not host.agent:
             host.agent = True
             host.last_feed = self.now()
-            self._forget_heard(name)
+            self._new_session(name)
             self.log(f"host/{name}", "agent started")
 
     def set_device(self, name: str, method: str, index: int | None, behaviour: str) -> None:

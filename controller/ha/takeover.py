@@ -3,18 +3,21 @@
 A controller that does not lead watches the leader record (`LeaderInfo.node`: the host the
 leader runs on) and the direct heartbeats (`controller/runtime/peers.py`). When that host has been
 silent for `suspect_after` (neither its agent nor the leading controller heard, while this
-controller hears a majority of the nodes) and its policy is power fencing, the standby:
+controller hears a majority of the nodes as witnesses, `silent_nodes`) and its policy is power
+fencing, the standby:
 
-1. notes the mod_revision of the host's agent-session trace (`sessions/<node>`, rewritten by
+1. has etcd's quorum confirm that the silent term still leads (a linearizable read of the leader
+   record, tried while etcd elects): a standby cut off from the majority fences nothing;
+2. notes the mod_revision of the host's agent-session trace (`sessions/<node>`, rewritten by
    every new agent session; 0: none), read serializably so etcd's own election cannot stall it;
-2. runs the host's fence methods in order, as the engine would (`fencing.run_method`);
-3. once one confirmed power off, ends the silent leader's term with
+3. runs the host's fence methods in order, as the engine would (`fencing.run_method`);
+4. once one confirmed power off, ends the silent leader's term with
    `LeaderElector.take_over(T)` (compare on T: among racing standbys exactly one wins; the
    others' fencing was harmless, off is idempotent);
-4. keeps a `Takeover` that the new term records first (`HaController.run`), guarded by the new
-   token and by the session trace's mod_revision from step 1, so the engine recovers the
+5. keeps a `Takeover` that the new term records first (`HaController.run`), guarded by the new
+   token and by the session trace's mod_revision from step 2, so the engine recovers the
    host's VMs at once instead of fencing again. If an agent session started on the host since
-   step 1 (it was powered on again), nothing is recorded and the engine decides as usual; the
+   step 2 (it was powered on again), nothing is recorded and the engine decides as usual; the
    heartbeat key expiring meanwhile (the host is off) does not matter.
 
 A host without power fencing (self-fencing or manual) is not fenced: the standby ends the silent
@@ -41,13 +44,15 @@ from crds import ClusterNode
 from reconcilers.drivers.fence import FenceRunner
 from reconcilers.drivers.fence_policy import FenceConfigError
 
-from .environment import HaTimings, power_fenced, silent_nodes
+from .environment import HaTimings, Heard, power_fenced, silent_nodes
 
 log = logging.getLogger(__name__)
 
 CHECK_PERIOD = 0.1
 LEADER_REFRESH = 0.5
 ETCD_READ_TIMEOUT = 1.0
+QUORUM_WAIT = 3.0
+"""How long a standby tries to have etcd's quorum confirm the silent term before fencing."""
 
 
 @dataclass(frozen=True)
@@ -122,16 +127,44 @@ class StandbyWatch:
             victim = self._nodes.get(info.node or "")
             if not isinstance(victim, ClusterNode):
                 continue
-            heard = {
-                n.metadata.name: self.peers.heard_at(n.metadata.name) for n in self._nodes.list()
-            }
+            heard = {n.metadata.name: self._heard(n.metadata.name) for n in self._nodes.list()}
             if info.node not in silent_nodes(heard, loop.time(), self.timings.suspect_after):
                 continue
             self._tried = info.token
             if power_fenced(victim.spec):
+                if not await self._quorum_names(info):
+                    self._tried = None  # look again: fenced nothing
+                    continue
                 await self._fence_and_take_over(info, victim)
             else:
                 await self._take_over_unfenced(info, victim.metadata.name)
+
+    def _heard(self, node: str) -> Heard | None:
+        last, since = self.peers.heard_at(node), self.peers.heard_since(node)
+        return None if last is None or since is None else Heard(last=last, since=since)
+
+    async def _quorum_names(self, info: LeaderInfo) -> bool:
+        """etcd's quorum still names term `info.token` as the leader: a linearizable read (etcd's
+        leader answers it only with a majority behind it), tried for up to QUORUM_WAIT while
+        etcd elects. A standby that reaches no majority is on the losing side of a cut: fencing
+        would only power a healthy host off, and `take_over` would fail anyway."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + QUORUM_WAIT
+        while True:
+            try:
+                async with asyncio.timeout(ETCD_READ_TIMEOUT):
+                    current = await self.elector.current_leader()
+                return current is not None and current.token == info.token
+            except (*ELECTION_ERRORS, LeaderRecordError) as error:
+                if loop.time() >= deadline:
+                    log.warning(
+                        "the leader's host %s is silent, but etcd's quorum is not reachable "
+                        "from here (%s): not fencing it",
+                        info.node,
+                        error or type(error).__name__,
+                    )
+                    return False
+            await asyncio.sleep(CHECK_PERIOD)
 
     async def _take_over_unfenced(self, info: LeaderInfo, name: str) -> None:
         """End the silent term without fencing: the token guard refuses the old leader's

@@ -113,17 +113,25 @@ def _same_address(a: str, b: str) -> bool:
 class PeerTable:
     """When each node was last heard, on the event loop's clock.
 
-    `address_of(node)` gives the node's cluster address (None: not a known node).
+    `address_of(node)` gives the node's cluster address (None: not a known node). A node's
+    *run* is its datagrams since the last gap of over `break_gap` seconds between two of them.
     """
 
-    def __init__(self, address_of: Callable[[str], str | None]) -> None:
+    def __init__(self, address_of: Callable[[str], str | None], break_gap: float) -> None:
         self._address_of = address_of
+        self._break_gap = break_gap
         self._heard: dict[str, float] = {}
+        self._since: dict[str, float] = {}
         self.dropped = 0
         """Datagrams refused (malformed, oversized, unknown node, wrong source address)."""
 
     def heard_at(self, node: str) -> float | None:
+        """When the last datagram from `node` came."""
         return self._heard.get(node)
+
+    def heard_since(self, node: str) -> float | None:
+        """When the current run of datagrams from `node` began."""
+        return self._since.get(node)
 
     def receive(self, data: bytes, source: str, at: float) -> Beat | None:
         """Record a datagram from `source`; None (and counted) if it is refused."""
@@ -136,6 +144,9 @@ class PeerTable:
         if address is None or not _same_address(source, address):
             self._drop(f"from {source} claiming {beat.node} (cluster address {address})")
             return None
+        last = self._heard.get(beat.node)
+        if last is None or at - last > self._break_gap:
+            self._since[beat.node] = at
         self._heard[beat.node] = max(at, self._heard.get(beat.node, at))
         return beat
 
