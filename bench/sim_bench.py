@@ -5,7 +5,7 @@ Run: `python -m bench.sim_bench [--nodes 100] [--vms 5000] [--seconds 60] [--run
 `--nodes` hosts (256 vcpus, 256 GiB, one IPMI fence method each, 0.5 s to confirm off), `--vms`
 VMs (1 vcpu, 1 GiB, one logical volume each) spread evenly and running at time 0, one external
 controller; host `n001` loses power at 10 s and its VMs are recovered on the others. Each run
-builds the simulator from the parsed scenario (not timed) and times `scenario.simulate` to the
+builds the simulator from the parsed scenario (not timed) and times `scenario_run.simulate` to the
 end of `--seconds` of virtual time (the real engine and agent rules, invariants checked every
 tick). Prints the best and median wall time over `--runs`, the number of engine steps and their
 p50 / max (`time.perf_counter` around `Engine.step`), and checks the outcome: no invariant
@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from controller.ha import scenario
+from controller.ha import scenario, scenario_run
 from controller.ha.engine import Engine
 from controller.ha.environment import Action, HaTimings, World
 
@@ -76,10 +76,10 @@ class TimedEngine(Engine):
 
 
 def one_run(document: dict[str, Any]) -> tuple[float, list[float]]:
-    sim = scenario.build(scenario.from_document(document, "sim_bench"))
+    sim = scenario_run.build(scenario.from_document(document, "sim_bench"))
     TimedEngine.steps = []
     started = time.perf_counter()
-    asyncio.run(scenario.simulate(sim, TimedEngine))
+    asyncio.run(scenario_run.simulate(sim, TimedEngine))
     wall = time.perf_counter() - started
     if sim.violations:
         raise RuntimeError(f"invariant violations: {sim.violations[:3]}")
@@ -99,7 +99,7 @@ def main() -> int:
     document = cluster(args.nodes, args.vms, args.seconds)
     print(
         f"method: {args.nodes} nodes x {args.vms} VMs, {args.seconds:g} s virtual, power cut of "
-        f"{VICTIM} at {CUT_AT} s (IPMI fence); wall time of scenario.simulate, {args.runs} runs"
+        f"{VICTIM} at {CUT_AT} s (IPMI fence); wall time of scenario_run.simulate, {args.runs} runs"
     )
     walls, steps = [], []
     for run in range(args.runs):

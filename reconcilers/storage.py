@@ -28,7 +28,8 @@ from controller.runtime.informer import DEFAULT_RESYNC_PERIOD, KeySink, SharedIn
 from controller.runtime.manager import Manager
 from controller.runtime.store import PermissionDenied, Store
 from crds import AnyResource, Bond, IscsiTarget, VirtualMachine, VolumeGroup
-from reconcilers.bond import BondReconciler, watch_bond_links
+from reconcilers.bond import BondReconciler
+from reconcilers.bond_links import watch_bond_links
 from reconcilers.drivers.tgt import TgtAdm
 from reconcilers.iscsitarget import IscsiTargetReconciler
 from reconcilers.lvm_lock import LvmSettings

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.ha import admission, scenario
+from controller.ha import admission, scenario, scenario_run
 from controller.ha.engine import Engine
 from controller.ha.environment import (
     Emit,
@@ -259,10 +259,10 @@ async def test_in_the_simulator_the_start_that_breaks_it_waits_and_a_host_loss_i
     """Also a golden scenario; here what matters in it, and that it depends on the policy."""
     loaded = scenario.load(SCENARIO)
     assert loaded.admission == tolerate(1)
-    sim = scenario.build(loaded)
+    sim = scenario_run.build(loaded)
     snapshot: dict[str, str | None] = {}
     sim.at(4.9, lambda: snapshot.update({v.name: v.placement for v in sim.vms.values()}))
-    await scenario.simulate(sim)
+    await scenario_run.simulate(sim)
     assert snapshot["vm5"] is None and None not in [snapshot[f"vm{i}"] for i in range(1, 5)]
     assert any("AdmissionHeld" in line and "vm5" in line for line in sim.lines)
     assert sim.vms["vm5"].admission_hold is None  # now Pending for room: no host can take it
@@ -272,8 +272,8 @@ async def test_in_the_simulator_the_start_that_breaks_it_waits_and_a_host_loss_i
 
     without = scenario.load(SCENARIO)  # without the policy vm5 runs, and a VM of host1 cannot
     without.admission = None
-    sim = scenario.build(without)
-    await scenario.simulate(sim)
+    sim = scenario_run.build(without)
+    await scenario_run.simulate(sim)
     assert sim.running_hosts("vm5") and sim.violations == []
     assert sum(1 for vm in sim.vms.values() if not sim.running_hosts(vm.name)) == 1
 

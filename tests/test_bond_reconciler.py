@@ -24,13 +24,9 @@ from crds import Bond, ClusterNode, Event, ObjectMeta
 from crds.bond import BondSpec
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
 from e2e.harness.polling import eventually
-from reconcilers.bond import (
-    BondConverger,
-    BondProblem,
-    BondReconciler,
-    bond_keys_for_link,
-    watch_bond_links,
-)
+from reconcilers.bond import BondReconciler
+from reconcilers.bond_converge import BondConverger, BondProblem
+from reconcilers.bond_links import bond_keys_for_link, watch_bond_links
 from reconcilers.drivers.netlink import Netlink
 from reconcilers.storage import StorageSettings, run_storage_reconcilers
 

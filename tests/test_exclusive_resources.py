@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from controller.ha import scenario
+from controller.ha import scenario, scenario_run
 from controller.ha.engine import Engine
 from controller.ha.environment import Action, Emit, Place, SetDiskConflict, VmView
 from controller.runtime.manager import Manager
@@ -210,7 +210,7 @@ async def test_the_simulator_flags_two_writers_and_the_engine_stops_the_second(
 ) -> None:
     path = tmp_path / "hand-written.yaml"
     path.write_text(SCENARIO)
-    sim = await scenario.run_scenario(scenario.load(path))
+    sim = await scenario_run.run_scenario(scenario.load(path))
     assert sim.violations == ["0.0: vm1 and vm2 both run on disk volume vg/lv1"]
     # Both run: the higher priority keeps the disk.
     assert (sim.vms["vm1"].placement, sim.vms["vm2"].placement) == (None, "host2")

@@ -26,7 +26,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from controller.ha import scenario
+from controller.ha import scenario, scenario_run
 from controller.ha.engine import Engine
 from controller.ha.scenario import Scenario
 from controller.ha.sim_model import TICKS_PER_SECOND
@@ -133,7 +133,7 @@ def apply_event(sim: Simulator, loaded: Scenario, event: Event) -> Callable[[], 
     def run() -> None:
         if event.target == "leader":  # the host of the leading controller, whichever it is now
             if sim.leader in sim.hosts:
-                scenario.command_action(sim, f"{event.verb} {sim.leader}")()
+                scenario_run.command_action(sim, f"{event.verb} {sim.leader}")()
             return
         host = sim.hosts.get(event.target)
         if event.verb == "etcd-election":
@@ -159,7 +159,7 @@ def apply_event(sim: Simulator, loaded: Scenario, event: Event) -> Callable[[], 
                 sim.request_migration(event.target, event.extra)
         else:
             command = f"{event.verb} {event.target}".strip()
-            scenario.command_action(sim, command)()
+            scenario_run.command_action(sim, command)()
 
     return run
 
@@ -213,12 +213,12 @@ def test_random_failures_keep_the_invariants(
     on_hosts: bool,
 ) -> None:
     loaded = scenario.parse(cluster_yaml(policies, vm_options, on_hosts), "random.yaml")
-    sim = scenario.build(loaded)
+    sim = scenario_run.build(loaded)
     for event in chaos:
         sim.at(event.at, apply_event(sim, loaded, event))
     sim.at(CHAOS_SECONDS, lambda: settle(sim))
     sim.at(CHAOS_SECONDS + 10, lambda: start_agents_after_boot(sim))
-    asyncio.run(scenario.simulate(sim))
+    asyncio.run(scenario_run.simulate(sim))
 
     log = "\n".join(sim.lines)
     assert sim.violations == [], log
@@ -255,12 +255,12 @@ def test_power_and_network_cuts_of_any_host_with_controllers_on_the_hosts(
     """Silence-based fencing and standby takeovers, hit often: every chaos event cuts or
     restores a host (the leader's included), or makes etcd elect."""
     loaded = scenario.parse(cluster_yaml(policies, vm_options, True), "cuts.yaml")
-    sim = scenario.build(loaded)
+    sim = scenario_run.build(loaded)
     for event in chaos:
         sim.at(event.at, apply_event(sim, loaded, event))
     sim.at(CHAOS_SECONDS, lambda: settle(sim))
     sim.at(CHAOS_SECONDS + 10, lambda: start_agents_after_boot(sim))
-    asyncio.run(scenario.simulate(sim))
+    asyncio.run(scenario_run.simulate(sim))
 
     log = "\n".join(sim.lines)
     assert sim.violations == [], log
@@ -291,14 +291,14 @@ def test_waking_the_engine_on_news_decides_as_looking_every_tick(
     incremental invariant checks must end where checking everything does."""
     text = cluster_yaml(policies, vm_options, on_hosts)
     logs = []
-    for new_engine, period in ((scenario.sim_engine, math.inf), (Engine, 1 / TICKS_PER_SECOND)):
+    for new_engine, period in ((scenario_run.sim_engine, math.inf), (Engine, 1 / TICKS_PER_SECOND)):
         loaded = scenario.parse(text, "random.yaml")
-        sim = scenario.build(loaded)
+        sim = scenario_run.build(loaded)
         for event in chaos:
             sim.at(event.at, apply_event(sim, loaded, event))
         sim.at(CHAOS_SECONDS, lambda sim=sim: settle(sim))  # type: ignore[misc]
         sim.at(CHAOS_SECONDS + 10, lambda sim=sim: start_agents_after_boot(sim))  # type: ignore[misc]
-        asyncio.run(scenario.simulate(sim, new_engine, period))
+        asyncio.run(scenario_run.simulate(sim, new_engine, period))
         assert sim.invariants.full() == (sim.invariants.doubled, sim.invariants.sharing)
         logs.append("\n".join(sim.lines))
     assert logs[0] == logs[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from controller.cli import simulate as simulate_cli
-from controller.ha import scenario
+from controller.ha import scenario, scenario_run
 from controller.ha.engine import Engine
 from controller.ha.sim_model import TICKS_PER_SECOND
 
@@ -29,8 +29,8 @@ def test_there_are_enough_scenarios() -> None:
 
 @pytest.mark.parametrize("path", scenario_files(), ids=lambda p: p.stem)
 async def test_scenario_matches_golden_log(path: Path) -> None:
-    sim = await scenario.run_scenario(scenario.load(path))
-    produced = "\n".join(sim.lines + scenario.summary(sim)) + "\n"
+    sim = await scenario_run.run_scenario(scenario.load(path))
+    produced = "\n".join(sim.lines + scenario_run.summary(sim)) + "\n"
     golden = path.with_suffix(".log")
     if UPDATE or not golden.exists():
         golden.write_text(produced, encoding="utf-8")
@@ -42,12 +42,12 @@ async def test_scenario_matches_golden_log(path: Path) -> None:
 async def test_an_engine_looking_every_tick_decides_the_same(path: Path) -> None:
     """The simulator wakes the engine only when it has news (or a timer fires): an engine that
     looks on every tick, with its own silence timers, must print the same log."""
-    sim = scenario.build(scenario.load(path))
+    sim = scenario_run.build(scenario.load(path))
     loaded = scenario.load(path)
     if loaded.description:
         sim.log("#", loaded.description)
-    await scenario.simulate(sim, Engine, period=1 / TICKS_PER_SECOND)
-    produced = "\n".join(sim.lines + scenario.summary(sim)) + "\n"
+    await scenario_run.simulate(sim, Engine, period=1 / TICKS_PER_SECOND)
+    produced = "\n".join(sim.lines + scenario_run.summary(sim)) + "\n"
     assert produced == path.with_suffix(".log").read_text(encoding="utf-8")
 
 

@@ -24,11 +24,11 @@ def register(commands: Any) -> None:
 
 async def run_simulate(args: argparse.Namespace) -> int:
     # Imported here, like the daemons' code: other commands start faster without it.
-    from controller.ha import scenario
+    from controller.ha import scenario, scenario_run
 
     loaded = scenario.load(args.scenario)
-    sim = await scenario.run_scenario(loaded, echo=lambda line: print(line, flush=True))
+    sim = await scenario_run.run_scenario(loaded, echo=lambda line: print(line, flush=True))
     if not args.no_summary:
-        for line in scenario.summary(sim):
+        for line in scenario_run.summary(sim):
             print(line)
     return 1 if sim.violations else 0

@@ -1,4 +1,4 @@
-"""Scenario files for the simulator: nodes, VMs and timed commands; run them into a log.
+"""Scenario files for the simulator: nodes, VMs and timed commands (run by `scenario_run.py`).
 
     description: host1 loses power; its VM comes back on host2
     duration: 30
@@ -39,9 +39,7 @@ NODE vg|iscsi|file NAME (a storage path of the node breaks or comes back: `vg vg
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,9 +52,8 @@ from crds.clusternode import ClusterNodeSpec, Fencing
 from crds.clusterpolicy import AdmissionPolicy
 from crds.virtualmachine import VirtualMachineSpec
 
-from .engine import Engine, run
 from .environment import HaTimings
-from .simulator import Host, SimDevice, SimSettings, Simulator, SimVm
+from .simulator import Host, SimDevice, SimSettings, SimVm
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -345,106 +342,3 @@ def load(path: str | Path) -> Scenario:
     except (OSError, UnicodeDecodeError) as error:
         raise ScenarioError(f"{path}: cannot read: {error}") from None
     return parse(text, str(path))
-
-
-def command_action(sim: Simulator, command: str) -> Callable[[], None]:
-    """The simulator call a (validated) command stands for, logging it when it runs."""
-    verb, *args = command.split()
-    actions: dict[str, Callable[[], None]] = {
-        "power-off": lambda: sim.power_off(args[0]),
-        "power-on": lambda: sim.power_on(args[0]),
-        "network-off": lambda: sim.set_network(args[0], up=False),
-        "network-on": lambda: sim.set_network(args[0], up=True),
-        "agent-kill": lambda: sim.kill_agent(args[0]),
-        "agent-start": lambda: sim.start_agent(args[0]),
-        "ack": lambda: sim.ack(args[0]),
-        "cordon": lambda: sim.cordon(args[0], cordoned=True),
-        "uncordon": lambda: sim.cordon(args[0], cordoned=False),
-        "drain": lambda: sim.drain(args[0], force=args[1:] == ["force"]),
-        "migrate": lambda: sim.request_migration(args[0], args[1]),
-        "crash": lambda: sim.crash(args[0]),
-        "hang": lambda: sim.hang(args[0]),
-        "start": lambda: sim.set_run_state(args[0], "started"),
-        "stop": lambda: sim.set_run_state(args[0], "stopped"),
-        "disable": lambda: sim.set_run_state(args[0], "disabled"),
-        "controller-restart": sim.restart_controller,
-        "etcd-election": lambda: sim.etcd_election(float(args[0])),
-        "storage-cut": lambda: sim.set_storage(args[0], " ".join(args[1:]), lost=True),
-        "storage-restore": lambda: sim.set_storage(args[0], " ".join(args[1:]), lost=False),
-    }
-    if verb == "fence-device":
-        method, _, index = args[1].partition("/")
-        actions[verb] = lambda: sim.set_device(
-            args[0], method, int(index) if index else None, args[2]
-        )
-
-    def run_command() -> None:
-        sim.log(">", command)
-        actions[verb]()
-
-    return run_command
-
-
-def sim_engine(timings: HaTimings) -> Engine:
-    """The engine as the simulator runs it: the simulator wakes it when a node turns silent."""
-    return Engine(timings, wake_for_silence=False)
-
-
-async def simulate(
-    sim: Simulator,
-    new_engine: Callable[[HaTimings], Engine] = sim_engine,
-    period: float = math.inf,
-) -> None:
-    """Run the engine against the simulator until its end, with a fresh engine (`new_engine`)
-    after every controller restart (as a new leader would start). No periodic look by
-    default: the simulator wakes the engine whenever something it sees changed."""
-    while True:
-        await run(new_engine(sim.timings), sim, period=period)
-        await sim.until_leading()
-        if sim.finished:
-            return
-        sim.log("controller", "new leader: engine restarted with no memory")
-
-
-def build(scenario: Scenario, echo: Callable[[str], None] | None = None) -> Simulator:
-    sim = Simulator(
-        scenario.hosts,
-        scenario.vms,
-        scenario.timings,
-        scenario.settings,
-        scenario.duration,
-        echo,
-        scenario.controllers,
-    )
-    sim.admission = scenario.admission
-    for at, command in scenario.commands:
-        sim.at(at, command_action(sim, command))
-    return sim
-
-
-def summary(sim: Simulator) -> list[str]:
-    """The end state: node health, where each VM runs, invariant violations."""
-    lines = [f"--- end at {sim.now():.1f}"]
-    for host in sim.hosts.values():
-        how = f" ({host.fence.how})" if host.fence is not None else ""
-        power = "on" if host.powered else "off"
-        lines.append(f"node {host.name}: {host.health}{how}, power {power}")
-    for vm in sim.vms.values():
-        running = ", ".join(sim.running_hosts(vm.name)) or "nowhere"
-        failed = " Failed" if vm.failed else ""
-        lines.append(f"vm {vm.name}: placed {vm.placement or '-'}, running on {running}{failed}")
-    lines.append(f"invariant violations: {len(sim.violations)}")
-    return lines
-
-
-async def run_scenario(
-    scenario: Scenario,
-    echo: Callable[[str], None] | None = None,
-    new_engine: Callable[[HaTimings], Engine] = sim_engine,
-) -> Simulator:
-    """Run a scenario to its end; the log is in `.lines` (plus `summary(sim)`)."""
-    sim = build(scenario, echo)
-    if scenario.description:
-        sim.log("#", scenario.description)
-    await simulate(sim, new_engine)
-    return sim

@@ -9,7 +9,8 @@ import pytest
 
 from crds import Bond, ObjectMeta
 from crds.bond import BondSpec
-from reconcilers.bond import BondConverger, BondProblem, bond_keys_for_link
+from reconcilers.bond_converge import BondConverger, BondProblem
+from reconcilers.bond_links import bond_keys_for_link
 from reconcilers.drivers.netlink import Netlink
 
 NODE = "host1"
