@@ -143,6 +143,8 @@ class Heartbeat:
         self._healthy = healthy
         self._watchdog = watchdog
         self._lease_id: int | None = None
+        self._writing = asyncio.Lock()
+        """Held while a renewal writes the key anew (renewals overlap; one new lease at a time)."""
         self._last_success: float | None = None
         self.established = asyncio.Event()
         """Set while the key is held; cleared when renewal fails past the deadline."""
@@ -179,29 +181,50 @@ class Heartbeat:
                 group.create_task(self._feed_forever(self._watchdog), name="watchdog")
 
     async def _renew_forever(self) -> None:
+        """Send a renewal every `renew_interval`, each given up to two intervals to succeed.
+
+        A renewal does not wait for the one before: while etcd elects a leader, a renewal sent
+        before the election hangs until its timeout, and the next one, sent after, gets through
+        (the self-fence deadline counts from the last renewal that succeeded, by when it was sent).
+        """
         loop = asyncio.get_running_loop()
-        while True:
-            sent_at = loop.time()
-            try:
-                async with asyncio.timeout(self.timing.renew_interval * 2):
-                    await self._renew_once()
-            except (TimeoutError, aetcd.ClientError) as error:
-                log.warning("heartbeat %s: renewal failed: %s", self.key, error)
-            else:
-                self._last_success = sent_at
-                self.established.set()
-                telemetry.record_heartbeat_renewal(loop.time() - sent_at)
-            await asyncio.sleep(max(0.0, sent_at + self.timing.renew_interval - loop.time()))
+        async with asyncio.TaskGroup() as renewals:
+            while True:
+                sent_at = loop.time()
+                renewals.create_task(self._renew(sent_at), name="heartbeat renewal")
+                await asyncio.sleep(max(0.0, sent_at + self.timing.renew_interval - loop.time()))
+
+    async def _renew(self, sent_at: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timing.renew_interval * 2):
+                await self._renew_once()
+        except (TimeoutError, aetcd.ClientError) as error:
+            log.warning("heartbeat %s: renewal failed: %s", self.key, error or type(error).__name__)
+            return
+        if self._last_success is None or sent_at > self._last_success:
+            self._last_success = sent_at
+        self.established.set()
+        telemetry.record_heartbeat_renewal(loop.time() - sent_at)
 
     async def _renew_once(self) -> None:
-        if self._lease_id is not None:
-            reply = await self._client.refresh_lease(self._lease_id)
+        lease_id = self._lease_id
+        if lease_id is not None:
+            reply = await self._client.refresh_lease(lease_id)
             if reply is not None and reply.TTL > 0:
                 return
-            log.warning(
-                "heartbeat %s: lease %x expired; writing the key anew", self.key, self._lease_id
-            )
-            self._lease_id = None
+        async with self._writing:
+            if self._lease_id != lease_id:
+                return  # another renewal wrote the key anew since this one began: held
+            if lease_id is not None:
+                log.warning(
+                    "heartbeat %s: lease %x expired; writing the key anew", self.key, lease_id
+                )
+                self._lease_id = None
+            await self._write_anew()
+
+    async def _write_anew(self) -> None:
+        """A new lease and, in one transaction, the heartbeat key on it and the session trace."""
         lease = await self._client.lease(self.timing.ttl)
         txn = self._client.transactions
         session = json.dumps({**json.loads(self._record), "lease": f"{lease.id:x}"}).encode()
