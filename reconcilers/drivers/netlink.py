@@ -2,7 +2,9 @@
 
 The only code in kvmctl that talks netlink. Every method is one or a few kernel requests;
 deciding *what* to change is the reconcilers' job. Kernel errors come out as
-`NetlinkDriverError` with a sentence naming the operation and the link.
+`NetlinkDriverError` with a sentence naming the operation and the link. The error and the
+records (`Link`, `BondInfo`, `LinkEvent`, `Address`, `BOND_MODES`) are in netlink_types; import
+them from here.
 
     async with Netlink("host1") as nl:
         await nl.create_bond("bond0", "active-backup", miimon=100)
@@ -15,7 +17,6 @@ import ipaddress
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -24,78 +25,30 @@ from pyroute2.netlink import NETLINK_ROUTE
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
+from .netlink_types import (
+    BOND_MODES,
+    Address,
+    BondInfo,
+    Link,
+    LinkEvent,
+    NetlinkDriverError,
+)
 from .netns import NetnsError, socket_in_netns
 
-BOND_MODES: dict[str, int] = {
-    "balance-rr": 0,
-    "active-backup": 1,
-    "balance-xor": 2,
-    "broadcast": 3,
-    "802.3ad": 4,
-    "balance-tlb": 5,
-    "balance-alb": 6,
-}
-"""Bonding mode names (as in `BONDING_OPTS="mode=..."`) and the kernel's numbers for them."""
+__all__ = [
+    "BOND_MODES",
+    "Address",
+    "BondInfo",
+    "Link",
+    "LinkEvent",
+    "Netlink",
+    "NetlinkDriverError",
+]
 
 _BOND_MODE_NAMES = {number: name for name, number in BOND_MODES.items()}
 _IFF_UP = 0x1
 
 T = TypeVar("T")
-
-
-class NetlinkDriverError(Exception):
-    """A netlink request failed; the message says what, on which link, and why."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class Link:
-    """One network interface as the kernel reports it."""
-
-    name: str
-    index: int
-    kind: str | None
-    """`bond`, `bridge`, `veth`, ... or None for devices without link info (lo, physical NICs)."""
-    master: str | None
-    """Name of the bond or bridge this link is enslaved to."""
-    operstate: str
-    """RFC 2863 state: UP, DOWN, LOWERLAYERDOWN, UNKNOWN, ..."""
-    carrier: bool
-    up: bool
-    """Administratively up (IFF_UP)."""
-    mtu: int
-    mac: str
-
-
-@dataclass(frozen=True)
-class BondInfo:
-    """A bond's settings and live state."""
-
-    mode: str
-    miimon: int
-    primary: str | None
-    active_slave: str | None
-    slaves: list[str]
-
-
-@dataclass(frozen=True)
-class LinkEvent:
-    """A link that was there when the watch started (`existing`), appeared or changed (`new`),
-    or disappeared (`del`)."""
-
-    action: Literal["existing", "new", "del"]
-    link: Link
-
-
-@dataclass(frozen=True)
-class Address:
-    """An IP address on a link, as `cidr` (`10.0.0.1/24`)."""
-
-    cidr: str
-    family: int
 
 
 _BOND_REASONS = {
