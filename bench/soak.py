@@ -247,7 +247,11 @@ class Soak:
             await eventually(partial(self.lost_seen, injected.lost), f"{description} noticed")
         elif fault == "leader-kill":
             await eventually(partial(self.new_leader, leader), "another controller leading")
-        back = partial(self.each_vm_once, injected.forbidden)
+
+        async def back() -> bool:
+            await self.faults.power_on_dead(injected.repair)
+            return await self.each_vm_once(injected.forbidden)
+
         await eventually(back, f"every VM once after {description}")
         self.account(fault, injected, where, started)
         repair = time.monotonic()

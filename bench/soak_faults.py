@@ -7,9 +7,10 @@ member on each of three hosts, losing two hosts loses etcd's quorum; `double-fau
 power cut while another host's agent is stopped, whose watchdog resets that host a second later)
 does exactly that: nothing can be fenced, recovered or even recorded until etcd has two members
 again. So, once the second host died, the soak repairs the cluster as an operator would: it
-powers both hosts on again. (Powering on only the cut host is not enough: the standby
-controller's takeover fences the old leader's host as soon as etcd answers again, which can be
-that very host, and etcd is down to one member again.)
+powers both hosts on again, and again whenever it finds one off before every VM runs once.
+(Powering each on once is not enough: as soon as etcd answers again, the cluster fences the
+hosts it had lost, a standby's takeover the old leader's host, which may be one that was just
+powered on, and etcd is down to one member again.)
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class Injected:
     """The host whose etcd member alone was killed (restarted by `undo`)."""
     disk_lost: bool = False
     """That member's data dir is lost too (`undo` wipes it and replaces the member)."""
+    repair: frozenset[str] = frozenset()
+    """Hosts powered on again whenever found off until every VM runs once (`power_on_dead`)."""
 
     @property
     def forbidden(self) -> frozenset[str]:
@@ -147,6 +150,7 @@ class Faults:
             frozenset({cut, hung}),
             leader in (cut, hung),
             dead=frozenset(),
+            repair=frozenset({cut, hung}),
         )
 
     async def undo(self, injected: Injected) -> float | None:
@@ -172,6 +176,16 @@ class Faults:
         for name in HOSTS:
             await self.power_on(name)
         return rejoined
+
+    async def power_on_dead(self, names: frozenset[str]) -> None:
+        """Power on those of `names` found off, as an operator repairing a cluster that lost
+        etcd's quorum would: once etcd answers again, the cluster rightly fences a host it had
+        lost (its lease expired) even if it was just powered on, and with two of three hosts off
+        etcd has no quorum again."""
+        for name in sorted(names):
+            if not self.cluster.lab[name].is_running():
+                print(f"  {name} is off again (fenced once etcd answered): powering it on")
+                await self.power_on(name)
 
     async def power_on(self, name: str) -> None:
         """`restore` the host, again if it died meanwhile: a fence pulls the power of a host
