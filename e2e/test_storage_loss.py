@@ -240,7 +240,7 @@ async def test_action_fence_powers_the_host_off_before_the_vm_runs_elsewhere(
     confirmed = fence.confirmed_at.timestamp() - stalled_at.timestamp()
     print(
         f"storage loss, action fence, grace 2 s: stall -> reported lost {reported - stalled:.1f} s"
-        f" -> host1's qemu gone {gone - stalled:.1f} s (fence confirmed at {confirmed:.0f} s,"
-        f" whole seconds) -> running on host2 {running - stalled:.1f} s"
+        f" -> host1's qemu gone {gone - stalled:.1f} s (fence confirmed between {confirmed:.1f}"
+        f" and {confirmed + 1:.1f} s: whole seconds) -> running on host2 {running - stalled:.1f} s"
     )
     lab.datastore.resume(VICTIM)  # its launcher reaps the killed bindfs: host1 finishes dying
