@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := etcd-server etcd-client libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
 	libvirt-dev qemu-system-x86 qemu-utils qemu-block-extra busybox-static pkg-config tgt \
 	libiscsi-bin open-iscsi lvm2 fence-agents iproute2 git gcc python3-dev kmod dpkg ipmitool \
-	systemd python3-venv debootstrap chromium chromium-driver zsh fish
+	systemd python3-venv debootstrap chromium chromium-driver zsh fish bindfs
 
 .PHONY: install debs deb venv images lint test test-fast test-e2e demo demo-down crds bench fuzz soak clean
 

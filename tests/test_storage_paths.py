@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 from pathlib import Path
 
 from controller.ha.storage_watch import StorageSources, StorageWatch
@@ -33,6 +35,7 @@ from tests.support.ha import (
     vm_object,
 )
 
+BLOCKED_READ_CHILD = Path(__file__).with_name("blocked_read_child.py")
 IQN = "iqn.2024-01.org.example:storage.vg-cluster"
 
 
@@ -74,6 +77,32 @@ async def test_a_file_check_reads_the_image_and_gives_up_on_a_blocked_read(
     writer = await asyncio.to_thread(os.open, fifo, os.O_WRONLY)  # unblocks the thread
     os.close(writer)
     await eventually(lambda: not files.busy(str(fifo)), "the blocked read returned", timeout=30)
+
+
+async def test_a_read_blocked_for_ever_does_not_keep_the_process_from_exiting(
+    tmp_path: Path,
+) -> None:
+    """The check's thread is still blocked on the FIFO when SIGTERM comes: the process exits
+    (with `asyncio.to_thread` it waited for that thread for ever, at the loop's shutdown)."""
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(BLOCKED_READ_CHILD),
+        str(fifo),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(BLOCKED_READ_CHILD.parents[1])},  # this tree's code
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), 60)
+        assert line.decode().strip() == f"no answer reading {fifo} within 0.2 s"
+        child.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(child.wait(), 60) == 0
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
 
 
 async def test_many_images_are_read_in_one_thread_and_a_blocked_one_does_not_stop_the_rest(

@@ -9,21 +9,10 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from e2e.harness.cluster import Cluster
+from e2e.harness.frozen import alive
 from e2e.harness.hosts import LabError, SimulatedHost, qemu_guest_name
-
-
-def _process_state(pid: int | None) -> str | None:
-    """The state letter of /proc/PID/stat (R, S, T, Z...), None if there is no such process."""
-    if pid is None:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 @dataclass(frozen=True)
@@ -162,6 +151,6 @@ def qemu_processes_by_host(hosts: Iterable[SimulatedHost]) -> dict[str, set[str]
 
 def _live_qemu_guest(pid: int) -> str | None:
     """The guest name of a live (not exiting, not zombie) qemu process, else None."""
-    if _process_state(pid) in (None, "Z", "X"):
+    if not alive(pid):
         return None
     return qemu_guest_name(pid) or None

@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from collections.abc import Sequence
-from pathlib import Path
 
 from controller.runtime import layout_keys
 from controller.runtime.leader_record import current_leader
 from controller.runtime.store import Store
-from e2e.harness.chaos_checker import _process_state
 from e2e.harness.chaos_profiles import DEFAULT_PROFILE, TimingProfile
 from e2e.harness.cluster import DEFAULT_PREFIX, Cluster, ClusterError
 from e2e.harness.etcd import EtcdMember
+from e2e.harness.frozen import Frozen, alive
 from e2e.harness.hosts import SimulatedHost, wait_until
 
 ELECTION_NAME = "controller"
@@ -54,11 +52,11 @@ class ChaosCluster(Cluster):
         self.etcd_members = etcd_members
         self.watchdog = watchdog
         self.controller_hosts = list(kvm_hosts if controller_hosts is None else controller_hosts)
-        self._stopped_launchers: dict[str, tuple[int, int]] = {}
-        """Host -> (launcher, agent) of an agent stopped by `stop_agent`."""
+        self._stopped_agents: dict[str, Frozen] = {}
+        """Host -> its agent, stopped by `stop_agent`."""
 
     def stop(self) -> None:
-        for name in list(self._stopped_launchers):
+        for name in list(self._stopped_agents):
             self.release_stopped_agent(name)
         super().stop()
 
@@ -76,34 +74,21 @@ class ChaosCluster(Cluster):
         PID namespace to be reaped, so it would never finish dying. `restore` and `stop`
         continue the launcher (which continues the agent, if it still lives).
         """
-        pid = self.agents[name]
-        self._stopped_launchers[name] = (_parent(pid), pid)
-        os.kill(pid, signal.SIGSTOP)
+        self._stopped_agents[name] = Frozen.freeze(self.agents[name])
 
     def release_stopped_agent(self, name: str) -> bool:
         """Continue the launcher of an agent stopped by `stop_agent` (see there), which
         continues the agent if it still lives; False if the agent was not stopped."""
-        stopped = self._stopped_launchers.pop(name, None)
+        stopped = self._stopped_agents.pop(name, None)
         if stopped is None:
             return False
-        launcher, agent = stopped
-
-        def released() -> bool:
-            # The launcher stops itself only after seeing the agent stop: until both run (or
-            # are gone), keep continuing it.
-            if _process_state(launcher) == "T":
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(launcher, signal.SIGCONT)
-                return False
-            return _process_state(agent) != "T"
-
-        wait_until(released, 30.0, f"agent of {name} released")
+        stopped.thaw(f"agent of {name}")
         return True
 
     def agent_alive(self, name: str) -> bool:
         """Whether the host's agent process lives (a stopped one does; one that died with its
         host, or was killed, does not)."""
-        return _alive(self.agents.get(name))
+        return alive(self.agents.get(name))
 
     def kill_controller(self, name: str) -> None:
         """SIGKILL the controller of host `name`."""
@@ -123,12 +108,12 @@ class ChaosCluster(Cluster):
         host = self.lab[name]
         agent = self.agents.get(name)
         # A stopped agent dies only with its host: let the host finish dying.
-        if self.release_stopped_agent(name) and not _alive(agent):
+        if self.release_stopped_agent(name) and not alive(agent):
             wait_until(lambda: not host.is_running(), 30.0, f"{name} powered off")
         super().restore(name)
-        if not _alive(self.agents.get(name)):
+        if not alive(self.agents.get(name)):
             self._spawn_agent(host)
-        if name in self.controller_hosts and not _alive(self.controllers.get(name)):
+        if name in self.controller_hosts and not alive(self.controllers.get(name)):
             self._spawn_controller(host)
 
     # Internals.
@@ -161,14 +146,6 @@ class ChaosCluster(Cluster):
     def _spawn_controller(self, host: SimulatedHost) -> None:
         argv = [*self._controller_argv(host.name), *self.profile.controller_args()]
         self.controllers[host.name] = host.spawn(argv, log_path=host.dir / "controller.log")
-
-
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def _alive(pid: int | None) -> bool:
-    return _process_state(pid) not in (None, "Z", "X")
 
 
 async def leader_host(store: Store) -> str | None:

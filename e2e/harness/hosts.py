@@ -215,10 +215,14 @@ class SimulatedHost:
         """Run `argv` inside the host (its net, mount, UTS and PID namespaces).
 
         `env` is added to this process's environment; stdout and stderr go to `log_path` (or
-        are discarded). Returns the process's PID as seen from the root namespace: signal it
-        directly (SIGSTOP, SIGKILL); it dies with the host.
+        are discarded). Python finds this tree's code first (`PYTHONPATH`): `kvmctl` is the
+        venv's script, whose editable install may point at another checkout. Returns the
+        process's PID as seen from the root namespace: signal it directly (SIGSTOP, SIGKILL);
+        it dies with the host.
         """
         environment = {**os.environ, **(env or {})}
+        python_path = [str(REPO_ROOT), environment.get("PYTHONPATH")]
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, python_path))
         if shutil.which(argv[0], path=environment.get("PATH")) is None:
             raise LabError(f"cannot run {argv[0]!r} on host {self.name}: no such program")
         # The process waits for a byte on `go` before exec'ing argv: we learn its PID even when

@@ -8,8 +8,9 @@
 - PVs: `reconcilers/drivers/lvm.py` (`Lvm.pvs`, a PV whose attr marks it missing).
 
 A dead NFS server or a stalled iSCSI disk can block a read in the kernel for minutes: the file
-check runs in a thread with a timeout, and a check still blocked from a previous call is not
-started again (`busy`), so a hung path costs one thread, not one per look. `check_many` reads
+check runs in a daemon thread with a timeout (`blocked_calls`: a read that never returns does not
+keep the agent from exiting), and a check still blocked from a previous call is not started
+again (`busy`), so a hung path costs one thread, not one per look. `check_many` reads
 many images in one thread (one hop per look, not one per image) and falls back to one thread
 per image only for those its thread did not reach in time.
 """
@@ -22,6 +23,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from reconcilers.drivers import blocked_calls
 
 SYSFS = Path("/sys")
 LOGGED_IN = "LOGGED_IN"
@@ -85,11 +88,11 @@ class FileCheck:
     async def check(self, path: str) -> str | None:
         if self.busy(path):
             return self._blocked_for(path)
-        future = asyncio.ensure_future(asyncio.to_thread(_read_file, path))
+        future = blocked_calls.start(_read_file, path)
         future.add_done_callback(_consume)
         self._blocked[path] = future
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.timeout)
+            await blocked_calls.outcome(future, self.timeout)
         except TimeoutError:
             return f"no answer reading {path} within {self.timeout:g} s"
         except OSError as error:
@@ -105,10 +108,10 @@ class FileCheck:
         problems: dict[str, str | None] = {p: self._blocked_for(p) for p in paths if self.busy(p)}
         todo = [p for p in paths if p not in problems]
         outcomes: list[str | None] = []
-        batch = asyncio.ensure_future(asyncio.to_thread(_read_files, todo, outcomes))
+        batch = blocked_calls.start(_read_files, todo, outcomes)
         batch.add_done_callback(_consume)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(batch), self.timeout)
+            await blocked_calls.outcome(batch, self.timeout)
         known = list(outcomes)  # the thread's outcomes so far (it may still be adding some)
         problems |= dict(zip(todo, known, strict=False))
         rest = todo[len(known) :]
