@@ -214,40 +214,60 @@ async def start_leader_process(
 
 
 @contextlib.asynccontextmanager
-async def leader_on_a_lost(
+async def leader_on_a(
     etcd_endpoints: list[str], key_prefix: str, store: Store, agents: Agents
-) -> AsyncIterator[tuple[Manager, int]]:
-    """The controller on a leads and vm1 runs on a; a standby runs on b; then host a loses
-    power (its controller and its agent fall silent at once) and the standby takes over.
-    Yields the standby's manager and the ended term's token."""
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """The controller on a, in its own process, leading: yields it and its term's token;
+    killed at the end if it still runs."""
     leader = await start_leader_process(etcd_endpoints, key_prefix, agents.settings.port)
-    standby: tuple[Manager, asyncio.Task[None]] | None = None
     try:
 
         async def leading_on_a() -> int | None:
             info = await current_leader(store.client, f"{key_prefix}/{KEY}")
             return info.token if info is not None and info.node == "a" else None
 
-        old_token = await eventually(leading_on_a, "the controller on a leads")
-        await store.create(vm_object("vm1"))
-        await eventually(lambda: placed_on(store, "vm1", "a"), "vm1 placed on a")
-        await report_running(store, "vm1", "a")
-        standby = await start_controller(etcd_endpoints, key_prefix, "b", agents)
-        manager = standby[0]
-        await eventually(lambda: agents.heard.heard_at("a"), "the standby hears host a")
-
-        leader.kill()
-        await leader.wait()
-        await agents.stop("a")
-        await eventually(lambda: manager.is_leader, "the standby leads")
-        assert manager.elector is not None and manager.elector.took_over == old_token
-        yield manager, old_token
+        yield leader, await eventually(leading_on_a, "the controller on a leads")
     finally:
         if leader.returncode is None:
             leader.kill()
             await leader.wait()
-        if standby is not None:
-            await stop_controller(*standby)
+
+
+@contextlib.asynccontextmanager
+async def standby_on_b(
+    store_endpoints: list[str], key_prefix: str, agents: Agents
+) -> AsyncIterator[Manager]:
+    """A standby controller on b (in this process), hearing what `agents.heard` hears."""
+    manager, task = await start_controller(store_endpoints, key_prefix, "b", agents)
+    try:
+        yield manager
+    finally:
+        await stop_controller(manager, task)
+
+
+async def power_cut_of_a(leader: asyncio.subprocess.Process, agents: Agents) -> None:
+    """Host a loses power: its controller and its agent fall silent at once."""
+    leader.kill()
+    await leader.wait()
+    await agents.stop("a")
+
+
+@contextlib.asynccontextmanager
+async def leader_on_a_lost(
+    etcd_endpoints: list[str], key_prefix: str, store: Store, agents: Agents
+) -> AsyncIterator[tuple[Manager, int]]:
+    """The controller on a leads and vm1 runs on a; a standby runs on b; then host a loses
+    power and the standby takes over. Yields the standby's manager and the ended term's token."""
+    async with leader_on_a(etcd_endpoints, key_prefix, store, agents) as (leader, old_token):
+        await store.create(vm_object("vm1"))
+        await eventually(lambda: placed_on(store, "vm1", "a"), "vm1 placed on a")
+        await report_running(store, "vm1", "a")
+        async with standby_on_b(etcd_endpoints, key_prefix, agents) as manager:
+            await eventually(lambda: agents.heard.heard_at("a"), "the standby hears host a")
+            await power_cut_of_a(leader, agents)
+            await eventually(lambda: manager.is_leader, "the standby leads")
+            assert manager.elector is not None and manager.elector.took_over == old_token
+            yield manager, old_token
 
 
 async def test_a_standby_fences_the_silent_leaders_host_and_takes_over_before_the_ttl(
@@ -300,41 +320,26 @@ async def test_a_standby_cut_off_from_etcd_fences_nothing_until_the_quorum_confi
     power = tmp_path / "a.power"
     power.write_text("on")
     await create_cluster(store, leases, agents, power, in_spec=True)
-    leader = await start_leader_process(etcd_endpoints, key_prefix, agents.settings.port)
-    standby: tuple[Manager, asyncio.Task[None]] | None = None
-    try:
-        async with TcpCut(etcd_endpoints[0]) as relay:
+    async with (
+        TcpCut(etcd_endpoints[0]) as relay,
+        leader_on_a(etcd_endpoints, key_prefix, store, agents) as (leader, old_token),
+        standby_on_b([relay.endpoint], key_prefix, agents) as manager,
+    ):
+        await eventually(lambda: agents.heard.heard_at("a"), "the standby hears host a")
+        await eventually(manager.started.is_set, "the standby's caches are synced")
 
-            async def leading_on_a() -> int | None:
-                info = await current_leader(store.client, f"{key_prefix}/{KEY}")
-                return info.token if info is not None and info.node == "a" else None
+        relay.cut()
+        await power_cut_of_a(leader, agents)
 
-            old_token = await eventually(leading_on_a, "the controller on a leads")
-            standby = await start_controller([relay.endpoint], key_prefix, "b", agents)
-            manager = standby[0]
-            await eventually(lambda: agents.heard.heard_at("a"), "the standby hears host a")
-            await eventually(manager.started.is_set, "the standby's caches are synced")
+        def refused() -> bool:
+            return any("quorum is not reachable" in r.getMessage() for r in caplog.records)
 
-            relay.cut()
-            leader.kill()
-            await leader.wait()
-            await agents.stop("a")
+        with caplog.at_level(logging.WARNING, logger="controller.ha.takeover"):
+            await eventually(refused, "the standby refuses to fence without etcd's quorum")
+        assert power.read_text() == "on"
 
-            def refused() -> bool:
-                return any("quorum is not reachable" in r.getMessage() for r in caplog.records)
-
-            with caplog.at_level(logging.WARNING, logger="controller.ha.takeover"):
-                await eventually(refused, "the standby refuses to fence without etcd's quorum")
-            assert power.read_text() == "on"
-
-            relay.restore()
-            await eventually(lambda: fenced_by_power(store, "a"), "a fenced once etcd is back")
-            assert power.read_text() == "off"
-            await eventually(lambda: manager.is_leader, "the standby leads")
-            assert manager.elector is not None and manager.elector.took_over == old_token
-    finally:
-        if leader.returncode is None:
-            leader.kill()
-            await leader.wait()
-        if standby is not None:
-            await stop_controller(*standby)
+        relay.restore()
+        await eventually(lambda: fenced_by_power(store, "a"), "a fenced once etcd is back")
+        assert power.read_text() == "off"
+        await eventually(lambda: manager.is_leader, "the standby leads")
+        assert manager.elector is not None and manager.elector.took_over == old_token
