@@ -25,9 +25,9 @@ from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.clusternode import ClusterNodeSpec
 from crds.secret import SecretSpec
-from crds.virtualmachine import VirtualMachineSpec
-from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
+from e2e.guest.build import ensure_guest_image
 from e2e.harness import polling
+from e2e.harness.chaos import guest_vm
 from e2e.harness.cluster import Cluster
 from e2e.harness.demo import STATE_FILE_NAME
 from e2e.harness.detached import DetachedState, RecordedProcess
@@ -143,22 +143,6 @@ def ipmi_fenced_node(cluster: Cluster, name: str) -> ClusterNode:
     return ClusterNode(metadata=ObjectMeta(name=name), spec=ClusterNodeSpec.model_validate(spec))
 
 
-def guest_preferring(node: str, image: GuestImage) -> VirtualMachine:
-    spec = {
-        "memoryMiB": 96,
-        "boot": {
-            "kernel": str(image.kernel),
-            "initrd": str(image.initrd),
-            "cmdline": KERNEL_CMDLINE,
-        },
-        "failoverDomain": {"ordered": True, "nodes": [{"name": node, "priority": 1}]},
-        "shutdownTimeoutSeconds": 5,
-    }
-    return VirtualMachine(
-        metadata=ObjectMeta(name="guest"), spec=VirtualMachineSpec.model_validate(spec)
-    )
-
-
 @pytest.mark.slow
 async def test_a_cut_off_host_is_fenced_through_its_bmc_and_restore_powers_it_on() -> None:
     image = await asyncio.to_thread(ensure_guest_image)
@@ -180,7 +164,7 @@ async def test_a_cut_off_host_is_fenced_through_its_bmc_and_restore_powers_it_on
                 await eventually(partial(heartbeat, name), f"{name} heartbeat")
             assert cluster.controllers.keys() == {"host1", "host2"}
             # A host running nothing is not fenced, only marked Offline: give host1 a guest.
-            await store.create(guest_preferring("host1", image))
+            await store.create(guest_vm("guest", image, ["host1"]))
 
             async def guest_on(node: str) -> bool:
                 vm = await store.get("VirtualMachine", "guest")
