@@ -12,6 +12,7 @@ from controller.ha.agent_rules import (
     PingTrack,
     after_ping,
     decide_domain,
+    failure_warnings,
     first_failing_check,
     must_clean_after_fence,
     start_blocker,
@@ -34,6 +35,7 @@ RUNNING_HERE = DomainFacts(
 )
 CRASHED_HERE = replace(RUNNING_HERE, running=False)
 HUNG_HERE = replace(RUNNING_HERE, unresponsive="watchdog i6300esb fired (action reset)")
+POWERED_OFF_HERE = replace(CRASHED_HERE, unresponsive="watchdog i6300esb fired (action poweroff)")
 
 
 @pytest.mark.parametrize(
@@ -59,10 +61,40 @@ HUNG_HERE = replace(RUNNING_HERE, unresponsive="watchdog i6300esb fired (action 
         (replace(HUNG_HERE, restarts=(950.0, 990.0)), "give_up"),  # resets did not help
         (replace(HUNG_HERE, wanted=False), "stop"),
         (replace(HUNG_HERE, placed_here=False), "destroy"),
+        (POWERED_OFF_HERE, "restart"),  # its watchdog stopped it: restarted like a crash
+        (replace(POWERED_OFF_HERE, restarts=(950.0, 990.0)), "give_up"),
+        (replace(POWERED_OFF_HERE, gave_up_here=True), "stay_down"),
     ],
 )
 def test_what_the_agent_does_with_a_domain(facts: DomainFacts, action: DomainAction) -> None:
     assert decide_domain(facts) == action
+
+
+def test_a_guest_its_watchdog_powered_off_is_warned_as_unresponsive_not_crashed() -> None:
+    fired, window = "watchdog i6300esb fired (action poweroff) on host1", "(1 of 2 in 60 s)"
+    assert failure_warnings(POWERED_OFF_HERE, "restart", "host1", 1) == [
+        ("GuestUnresponsive", f"{fired}; restarted in place {window}")
+    ]
+    limit = "2 restarts within 60 s reached the limit of 2"
+    assert failure_warnings(POWERED_OFF_HERE, "give_up", "host1", 2) == [
+        ("GuestUnresponsive", f"{fired}: {limit}; left down"),  # it was down already
+        ("RestartLimitReached", f"{fired}: {limit}; left down"),
+    ]
+    crashed = "domain stopped unexpectedly on host1"
+    assert failure_warnings(CRASHED_HERE, "restart", "host1", 1) == [
+        ("VMRestarted", f"{crashed}; restarted in place {window}")
+    ]
+    assert failure_warnings(CRASHED_HERE, "give_up", "host1", 2) == [
+        ("RestartLimitReached", f"{crashed}: {limit}; left down")
+    ]
+    reset = "watchdog i6300esb fired (action reset) on host1"
+    assert failure_warnings(HUNG_HERE, "reset", "host1", 1) == [
+        ("GuestUnresponsive", f"{reset}; reset in place {window}")
+    ]
+    assert failure_warnings(HUNG_HERE, "give_up", "host1", 2)[0] == (
+        "GuestUnresponsive",
+        f"{reset}: {limit}; destroyed and left down",
+    )
 
 
 def test_restart_in_place_never_happens_at_a_zero_limit() -> None:
@@ -89,9 +121,13 @@ def test_the_first_check_to_notice_a_hang() -> None:
     assert first_failing_check(HealthSpec(watchdog=WatchdogCheck())) == (
         30.0,
         "watchdog i6300esb fired (action reset)",
+        False,
     )
+    poweroff = HealthSpec(watchdog=WatchdogCheck(action="poweroff"))
+    fired = "watchdog i6300esb fired (action poweroff)"
+    assert first_failing_check(poweroff) == (30.0, fired, True)  # QEMU stops the guest
     both = first_failing_check(HealthSpec(watchdog=WatchdogCheck(), guest_agent=agent))
-    assert both == (6.0, "guest agent did not answer 3 guest-pings in a row (2 s apart)")
+    assert both == (6.0, "guest agent did not answer 3 guest-pings in a row (2 s apart)", False)
 
 
 @pytest.mark.parametrize(

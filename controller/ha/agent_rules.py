@@ -59,7 +59,8 @@ class DomainFacts:
     start_blocker: str | None
     """Why starting is not allowed now (`start_blocker`), or None."""
     unresponsive: str | None = None
-    """Which health check the running guest failed (`unresponsive_reason`), or None."""
+    """Which health check the running guest failed, or which watchdog stopped the guest that is
+    down now (`WATCHDOG_STOPS`: a guest failure, not a crash), or None."""
     self_fence_victim: bool = False
     """This agent's own self-fence destroyed the guest (since then not started again): not a
     crash, so starting it again is not counted by the restart policy."""
@@ -144,16 +145,24 @@ WATCHDOG_TIMEOUT_SECONDS = 30.0
 real one; the simulator assumes this."""
 
 
-def first_failing_check(health: HealthSpec) -> tuple[float, str] | None:
-    """The simulator's model of a hang: seconds until the first check fails, and its reason
-    (None without checks: a hung guest is never noticed)."""
+WATCHDOG_STOPS = frozenset({"poweroff", "shutdown"})
+"""The watchdog actions (libvirt's names) after which the guest is down: the domain that stops
+then failed its watchdog check (restarted as `GuestUnresponsive`, not as a crash)."""
+
+
+def first_failing_check(health: HealthSpec) -> tuple[float, str, bool] | None:
+    """The simulator's model of a hang: seconds until the first check fails, its reason, and
+    whether QEMU then stops the guest (a watchdog action in `WATCHDOG_STOPS`); None without
+    checks: a hung guest is never noticed."""
     checks = []
     if health.guest_agent is not None:
         agent = health.guest_agent
-        checks.append((float(agent.interval_seconds * agent.failures), guest_agent_reason(agent)))
+        after = float(agent.interval_seconds * agent.failures)
+        checks.append((after, guest_agent_reason(agent), False))
     if health.watchdog is not None:
-        reason = watchdog_reason(health.watchdog, health.watchdog.action)
-        checks.append((WATCHDOG_TIMEOUT_SECONDS, reason))
+        action = health.watchdog.action
+        reason = watchdog_reason(health.watchdog, action)
+        checks.append((WATCHDOG_TIMEOUT_SECONDS, reason, action in WATCHDOG_STOPS))
     return min(checks, default=None)
 
 
@@ -194,17 +203,43 @@ def guest_agent_reason(check: GuestAgentCheck) -> str:
 
 
 def unresponsive_message(
-    reason: str, node: str, action: DomainAction, count: int, policy: RestartPolicy
+    reason: str,
+    node: str,
+    action: DomainAction,
+    count: int,
+    policy: RestartPolicy,
+    destroyed: bool = True,
 ) -> str:
     """The Warning `GuestUnresponsive`: which check failed and what the agent did about it
-    (`action` is `reset`, `restart` after a watchdog poweroff, or `give_up`)."""
+    (`action` is `reset`, `restart` after a watchdog poweroff, or `give_up`, which `destroyed`
+    the running guest or left the stopped one down)."""
     if action == "give_up":
+        done = "destroyed and left down" if destroyed else "left down"
         return (
             f"{reason} on {node}: {count} restarts within {policy.window_seconds} s reached "
-            f"the limit of {policy.max_restarts}; destroyed and left down"
+            f"the limit of {policy.max_restarts}; {done}"
         )
     done = "reset in place" if action == "reset" else "restarted in place"
     return (
         f"{reason} on {node}; {done} ({count} of {policy.max_restarts} "
         f"in {policy.window_seconds} s)"
     )
+
+
+def failure_warnings(
+    facts: DomainFacts, action: DomainAction, node: str, count: int
+) -> list[tuple[str, str]]:
+    """The Warnings (reason, message), in order, of a `restart`, `reset` or `give_up` decided on
+    `facts`, `count` restarts now in the window: `VMRestarted` for a crash, `GuestUnresponsive`
+    naming the failed check; a give-up ends with `RestartLimitReached` (the Ready message)."""
+    policy, failed = facts.policy, facts.unresponsive
+    warnings = []
+    if failed is not None:
+        message = unresponsive_message(failed, node, action, count, policy, facts.running)
+        warnings.append(("GuestUnresponsive", message))
+    elif action == "restart":
+        warnings.append(("VMRestarted", restarted_message(node, count, policy)))
+    if action == "give_up":
+        causes = () if failed is None else (failed,)
+        warnings.append(("RestartLimitReached", gave_up_message(node, count, policy, *causes)))
+    return warnings

@@ -15,13 +15,11 @@ from .agent_rules import (
     DomainAction,
     DomainFacts,
     decide_domain,
+    failure_warnings,
     first_failing_check,
-    gave_up_message,
     must_clean_after_fence,
     recent_restarts,
-    restarted_message,
     start_blocker,
-    unresponsive_message,
 )
 from .environment import Emit, acked_but_running
 from .sim_core import SimCore
@@ -123,7 +121,8 @@ class AgentLoops(SimCore):
         names |= self._still_hung(host.name)
         for name in sorted(names):
             vm = self.vms[name]
-            qemu = self.qemu.get(host.name, name)
+            qemu = self._watchdog_power_off(host, vm, self.qemu.get(host.name, name))
+            hung = self._failed_check(vm, qemu)
             facts = DomainFacts(
                 placed_here=vm.placement == host.name,
                 wanted=vm.spec.run_state == "started",
@@ -135,7 +134,7 @@ class AgentLoops(SimCore):
                 policy=vm.spec.restart_policy,
                 now=self.now(),
                 start_blocker=blocker,
-                unresponsive=self._failed_check(vm, qemu),
+                unresponsive=host.watchdog_stopped.get(name) if hung is None else hung[0],
                 self_fence_victim=name in host.self_fence_victims,
             )
             action = decide_domain(facts)
@@ -152,14 +151,27 @@ class AgentLoops(SimCore):
                 hung.discard(name)
         return set(hung)
 
-    def _failed_check(self, vm: SimVm, qemu: Qemu | None) -> str | None:
-        """The health check a hung guest has failed by now, per `first_failing_check`."""
+    def _failed_check(self, vm: SimVm, qemu: Qemu | None) -> tuple[str, bool] | None:
+        """The health check a hung guest has failed by now and whether QEMU then stops it, per
+        `first_failing_check`."""
         if qemu is None or qemu.hung_at is None:
             return None
         check = first_failing_check(vm.spec.health)
         if check is None or self.now() < qemu.hung_at + check[0]:
             return None
-        return check[1]
+        return check[1], check[2]
+
+    def _watchdog_power_off(self, host: Host, vm: SimVm, qemu: Qemu | None) -> Qemu | None:
+        """QEMU powers a hung guest off when its watchdog fires with a stopping action; the
+        agent remembers why (`watchdog_stopped`). The guest's process after that."""
+        failed = self._failed_check(vm, qemu)
+        if failed is None or not failed[1]:
+            return qemu
+        self.qemu.remove(host.name, vm.name)
+        self.log(f"host/{host.name}", f"{vm.name} powered off by its watchdog")
+        self._lose([vm.name])
+        host.watchdog_stopped[vm.name] = failed[0]
+        return None
 
     @staticmethod
     def _migration_owns(vm: SimVm, node: str) -> bool:
@@ -181,6 +193,7 @@ class AgentLoops(SimCore):
             self.log(where, f"stopped {vm.name} (not placed here)")
             self._lose([vm.name])
         elif action == "stop":
+            host.watchdog_stopped.pop(vm.name, None)
             if qemu is not None:
                 self.qemu.remove(host.name, vm.name)
                 self.log(where, f"stopped {vm.name}")
@@ -199,37 +212,29 @@ class AgentLoops(SimCore):
                 None,
             )
         elif action in ("start", "restart"):
+            host.watchdog_stopped.pop(vm.name, None)
             self.qemu.set(host.name, vm.name, Qemu("starting", now + self.settings.start_seconds))
             self.log(where, f"starting {vm.name}")
             if action == "restart":
                 vm.restarts = (*recent_restarts(vm.restarts, facts.policy, now), now)
-                message = restarted_message(host.name, len(vm.restarts), facts.policy)
-                self._log_emit(Emit("VirtualMachine", vm.name, "VMRestarted", message, "Warning"))
+                self._warn(host, vm, facts, action)
         elif action == "reset":
             assert qemu is not None and facts.unresponsive is not None
             self.qemu.set(host.name, vm.name, Qemu("starting", now + self.settings.start_seconds))
             vm.down_since = now
             vm.restarts = (*recent_restarts(vm.restarts, facts.policy, now), now)
-            message = unresponsive_message(
-                facts.unresponsive, host.name, action, len(vm.restarts), facts.policy
-            )
-            self._log_emit(Emit("VirtualMachine", vm.name, "GuestUnresponsive", message, "Warning"))
+            self._warn(host, vm, facts, action)
         elif action == "give_up":
             vm.restarts = tuple(recent_restarts(vm.restarts, facts.policy, now))
-            cause = "domain stopped unexpectedly"
-            if facts.unresponsive is not None:
-                cause = facts.unresponsive
+            host.watchdog_stopped.pop(vm.name, None)
+            if facts.running:  # a hung guest: destroyed
                 self.qemu.remove(host.name, vm.name)
                 self._lose([vm.name])
-                message = unresponsive_message(
-                    cause, host.name, action, len(vm.restarts), facts.policy
-                )
-                self._log_emit(
-                    Emit("VirtualMachine", vm.name, "GuestUnresponsive", message, "Warning")
-                )
             vm.state, vm.status_node, vm.crashed_at = "Crashed", host.name, now
             vm.gave_up_on = host.name
-            message = gave_up_message(host.name, len(vm.restarts), facts.policy, cause)
-            self._log_emit(
-                Emit("VirtualMachine", vm.name, "RestartLimitReached", message, "Warning")
-            )
+            self._warn(host, vm, facts, action)
+
+    def _warn(self, host: Host, vm: SimVm, facts: DomainFacts, action: DomainAction) -> None:
+        """The reconciler's Warnings of a restart, reset or give-up (`failure_warnings`)."""
+        for reason, message in failure_warnings(facts, action, host.name, len(vm.restarts)):
+            self._log_emit(Emit("VirtualMachine", vm.name, reason, message, "Warning"))

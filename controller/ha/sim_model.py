@@ -69,6 +69,9 @@ class Host:
     self_fenced: bool = False
     self_fence_victims: set[str] = field(default_factory=set)
     """The VMs its agent's self-fence destroyed and has not started again."""
+    watchdog_stopped: dict[str, str] = field(default_factory=dict)
+    """The VMs their watchdog powered off here, by the failed check, until started again or
+    given up (the agent's `GuestHealth.stopped_by`)."""
     reported: frozenset[str] = frozenset()
     clean_since: float | None = None
     cleaned_fence: float | None = None

@@ -4,7 +4,9 @@ What the agent remembers between reconciles (a level-triggered reconcile cannot 
 per running VM the guest-agent ping track of the shared rule (`after_ping`, armed by the first
 answer) and when it last pinged; and watchdog firings libvirt reported and that were not
 counted yet. The reconciler asks `check` on every reconcile of a running VM and acts on the
-failed check it names (`decide_domain` with `unresponsive`).
+failed check it names (`decide_domain` with `unresponsive`); of a VM whose domain is down it
+asks `stopped_by` whether its watchdog stopped it (`WATCHDOG_STOPS`), kept until it is started
+again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from controller.ha.agent_rules import PingTrack, after_ping, guest_agent_reason, watchdog_reason
+from controller.ha.agent_rules import (
+    WATCHDOG_STOPS,
+    PingTrack,
+    after_ping,
+    guest_agent_reason,
+    watchdog_reason,
+)
 from crds import VirtualMachine
 from reconcilers.drivers.libvirt import LibvirtHost
 
@@ -56,22 +64,32 @@ class GuestHealth:
         pinged = self._pings.get(name)
         return None if pinged is None else (pinged.track, pinged.sent)
 
+    def stopped_by(self, vm: VirtualMachine) -> str | None:
+        """The reason of a watchdog firing that stopped the domain of `vm` (it is down, or
+        going down), if one did since its last start."""
+        action, watchdog = self._fired.get(vm.metadata.name), vm.spec.health.watchdog
+        if action not in WATCHDOG_STOPS or watchdog is None:
+            return None
+        return watchdog_reason(watchdog, action)
+
     def forget(self, name: str) -> None:
         """The domain was (re)started or stopped: its next check starts afresh, unarmed."""
         self._pings.pop(name, None)
         self._fired.pop(name, None)
 
     async def check(self, host: LibvirtHost, vm: VirtualMachine) -> Verdict:
-        """Count a watchdog reset if one fired, else ping the guest agent if a ping is due."""
+        """Count a watchdog reset if one fired, else ping the guest agent if a ping is due (not
+        while a watchdog firing powers the guest off)."""
         name, health = vm.metadata.name, vm.spec.health
+        check = health.guest_agent
+        pause = None if check is None else float(check.interval_seconds)
+        if self.stopped_by(vm) is not None:  # going down: its lifecycle event brings the change
+            return Verdict(next_ping=pause)
         action = self._fired.pop(name, None)
         if action is not None and health.watchdog is not None and action == "reset":
             self._pings.pop(name, None)  # the guest rebooted: armed again by its next answer
-            agent = health.guest_agent
-            next_ping = None if agent is None else float(agent.interval_seconds)
             fired = watchdog_reason(health.watchdog, action)
-            return Verdict(fired, reset_by_qemu=True, next_ping=next_ping)
-        check = health.guest_agent
+            return Verdict(fired, reset_by_qemu=True, next_ping=pause)
         if check is None:
             self._pings.pop(name, None)
             return Verdict()

@@ -9,12 +9,11 @@ from dataclasses import replace
 from datetime import datetime
 
 from controller.ha.agent_rules import (
+    DomainAction,
     DomainFacts,
     decide_domain,
-    gave_up_message,
+    failure_warnings,
     recent_restarts,
-    restarted_message,
-    unresponsive_message,
 )
 from controller.runtime.events import EventRecorder
 from controller.runtime.informer import Informer
@@ -242,11 +241,9 @@ class VirtualMachineReconciler:
             self.health.forget(name)
         else:
             return Result()
-        message = unresponsive_message(reason, self.node, action, len(restarts), policy)
-        await self.recorder.record(vm, "Warning", "GuestUnresponsive", "%s", message)
-        if action == "give_up":
-            message = gave_up_message(self.node, len(restarts), policy, reason)
-            return await self._give_up(vm, restarts, message)
+        limit = await self._warn(vm, facts, action, len(restarts))
+        if limit is not None:
+            return await self._give_up(vm, restarts, limit)
         desired = self.domain_spec(vm)
         await self.status.patch(
             vm, lambda vm_: set_running(vm_, self.node, domain, desired, restarts)
@@ -262,15 +259,18 @@ class VirtualMachineReconciler:
         if fresh is None:
             return Result()  # the cache was behind; the informer brings the change
         vm, name = fresh, fresh.metadata.name
-        facts = self._facts(vm, domain, migration_owns=False)
+        stopped_by = self.health.stopped_by(vm)  # its watchdog powered it off: a failed guest
+        facts = replace(self._facts(vm, domain, migration_owns=False), unresponsive=stopped_by)
         action = decide_domain(facts)
         policy = vm.spec.restart_policy
         recent = set(recent_restarts(facts.restarts, policy, facts.now))
         restarts = [moment for moment in vm.status.restarts if moment.timestamp() in recent]
         if action == "give_up":
             await self.claims.release(await self._volumes(host, vm, domain), name)
-            message = gave_up_message(self.node, len(restarts), policy)
-            return await self._give_up(vm, restarts, message)
+            self.health.forget(name)
+            limit = await self._warn(vm, facts, action, len(restarts))
+            assert limit is not None
+            return await self._give_up(vm, restarts, limit)
         if action not in ("start", "restart"):
             return Result()  # left down (stop and start the VM, or relocate it), or changed
         problem = await self.claims.activate_for_start(vm)
@@ -282,8 +282,7 @@ class VirtualMachineReconciler:
         self.health.forget(name)
         if action == "restart":
             restarts.append(now())
-            message = restarted_message(self.node, len(restarts), policy)
-            await self.recorder.record(vm, "Warning", "VMRestarted", "%s", message)
+            await self._warn(vm, facts, action, len(restarts))
         else:
             await self.recorder.record(vm, "Normal", "DomainStarted", "started on %s", self.node)
         started = await host.lookup(name)
@@ -311,6 +310,19 @@ class VirtualMachineReconciler:
                 raise
             await self.recorder.record(vm, "Warning", "StartFailed", "%s", str(error))
             raise RetryableError(str(error)) from None
+
+    async def _warn(
+        self, vm: VirtualMachine, facts: DomainFacts, action: DomainAction, count: int
+    ) -> str | None:
+        """Record the Warnings of a restart, reset or give-up (`failure_warnings`) but a
+        give-up's `RestartLimitReached`, whose message it returns (`_give_up` records it)."""
+        limit = None
+        for reason, message in failure_warnings(facts, action, self.node, count):
+            if reason == "RestartLimitReached":
+                limit = message
+            else:
+                await self.recorder.record(vm, "Warning", reason, "%s", message)
+        return limit
 
     async def _give_up(self, vm: VirtualMachine, restarts: list[datetime], message: str) -> Result:
         await self.status.patch(vm, lambda vm_: set_crashed(vm_, self.node, restarts, message))
