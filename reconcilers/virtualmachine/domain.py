@@ -15,9 +15,11 @@ from dataclasses import dataclass, replace
 from ipaddress import ip_address
 from pathlib import Path
 
+from controller.runtime.events import EventRecorder
 from controller.runtime.informer import Informer
 from controller.runtime.reconcile import RetryableError, TerminalError
 from crds import ClusterNode, IscsiTarget, VirtualMachine
+from crds.event import ObjectReference
 from crds.virtualmachine import Disk
 from reconcilers.drivers.domain_xml import (
     BlockSource,
@@ -32,6 +34,7 @@ from reconcilers.drivers.domain_xml import (
     build_domain_xml,
 )
 from reconcilers.drivers.libvirt import (
+    DomainInfo,
     DomainNotFound,
     DomainState,
     DomainStateConflict,
@@ -190,6 +193,29 @@ async def undefine(host: LibvirtHost, name: str) -> None:
         if isinstance(error, LibvirtUnavailable):
             raise
         log.warning("undefining domain %s on %s failed: %s", name, host.uri, error)
+
+
+async def remove_unwanted(
+    host: LibvirtHost,
+    recorder: EventRecorder,
+    node: str,
+    domain: DomainInfo,
+    involved: VirtualMachine | ObjectReference,
+    why: str,
+) -> None:
+    """Destroy (if running) and undefine a domain this node must not run; a Warning says why."""
+    if domain.state in ACTIVE_STATES:
+        await destroy(host, domain.name)
+        log.warning("destroyed domain %s on %s: %s", domain.name, node, why)
+        await recorder.record(
+            involved,
+            "Warning",
+            "DomainStoppedNotPlacedHere",
+            "destroyed the domain running on %s: %s",
+            node,
+            why,
+        )
+    await undefine(host, domain.name)
 
 
 async def destroy_every_domain(host: LibvirtHost) -> list[str]:

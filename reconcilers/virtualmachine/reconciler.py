@@ -41,7 +41,15 @@ from reconcilers.drivers.libvirt import (
 )
 from reconcilers.volume_claims import Volume, VolumeClaims, vm_volumes
 
-from .domain import ACTIVE_STATES, DomainBuilder, DomainSettings, define, destroy, undefine
+from .domain import (
+    ACTIVE_STATES,
+    DomainBuilder,
+    DomainSettings,
+    define,
+    destroy,
+    remove_unwanted,
+    undefine,
+)
 from .handover import MigrationHandover
 from .health import GuestHealth, Verdict
 from .status import StatusWriter, placed_on, set_crashed, set_running, set_stopped
@@ -228,9 +236,7 @@ class VirtualMachineReconciler:
         vm, name = fresh, fresh.metadata.name
         facts = replace(self._facts(vm, domain, migration_owns=False), unresponsive=reason)
         action = decide_domain(facts)
-        policy = vm.spec.restart_policy
-        recent = set(recent_restarts(facts.restarts, policy, facts.now))
-        restarts = [moment for moment in vm.status.restarts if moment.timestamp() in recent]
+        restarts = self._recent_restarts(vm, facts)
         if action == "reset":
             if not verdict.reset_by_qemu:
                 await host.reset(name)
@@ -241,9 +247,8 @@ class VirtualMachineReconciler:
             self.health.forget(name)
         else:
             return Result()
-        limit = await self._warn(vm, facts, action, len(restarts))
-        if limit is not None:
-            return await self._give_up(vm, restarts, limit)
+        if await self._record_failure(vm, facts, action, restarts):
+            return Result()  # given up here
         desired = self.domain_spec(vm)
         await self.status.patch(
             vm, lambda vm_: set_running(vm_, self.node, domain, desired, restarts)
@@ -262,15 +267,12 @@ class VirtualMachineReconciler:
         stopped_by = self.health.stopped_by(vm)  # its watchdog powered it off: a failed guest
         facts = replace(self._facts(vm, domain, migration_owns=False), unresponsive=stopped_by)
         action = decide_domain(facts)
-        policy = vm.spec.restart_policy
-        recent = set(recent_restarts(facts.restarts, policy, facts.now))
-        restarts = [moment for moment in vm.status.restarts if moment.timestamp() in recent]
+        restarts = self._recent_restarts(vm, facts)
         if action == "give_up":
             await self.claims.release(await self._volumes(host, vm, domain), name)
             self.health.forget(name)
-            limit = await self._warn(vm, facts, action, len(restarts))
-            assert limit is not None
-            return await self._give_up(vm, restarts, limit)
+            await self._record_failure(vm, facts, action, restarts)
+            return Result()
         if action not in ("start", "restart"):
             return Result()  # left down (stop and start the VM, or relocate it), or changed
         problem = await self.claims.activate_for_start(vm)
@@ -282,7 +284,7 @@ class VirtualMachineReconciler:
         self.health.forget(name)
         if action == "restart":
             restarts.append(now())
-            await self._warn(vm, facts, action, len(restarts))
+            await self._record_failure(vm, facts, action, restarts)
         else:
             await self.recorder.record(vm, "Normal", "DomainStarted", "started on %s", self.node)
         started = await host.lookup(name)
@@ -311,23 +313,28 @@ class VirtualMachineReconciler:
             await self.recorder.record(vm, "Warning", "StartFailed", "%s", str(error))
             raise RetryableError(str(error)) from None
 
-    async def _warn(
-        self, vm: VirtualMachine, facts: DomainFacts, action: DomainAction, count: int
-    ) -> str | None:
-        """Record the Warnings of a restart, reset or give-up (`failure_warnings`) but a
-        give-up's `RestartLimitReached`, whose message it returns (`_give_up` records it)."""
+    @staticmethod
+    def _recent_restarts(vm: VirtualMachine, facts: DomainFacts) -> list[datetime]:
+        """The VM's restarts that still count against its policy's window."""
+        recent = set(recent_restarts(facts.restarts, vm.spec.restart_policy, facts.now))
+        return [moment for moment in vm.status.restarts if moment.timestamp() in recent]
+
+    async def _record_failure(
+        self, vm: VirtualMachine, facts: DomainFacts, action: DomainAction, restarts: list[datetime]
+    ) -> bool:
+        """Record the Warnings of a restart, reset or give-up (`failure_warnings`); at the
+        restart limit also mark the VM crashed here first. True if it gave up."""
         limit = None
-        for reason, message in failure_warnings(facts, action, self.node, count):
+        for reason, message in failure_warnings(facts, action, self.node, len(restarts)):
             if reason == "RestartLimitReached":
                 limit = message
             else:
                 await self.recorder.record(vm, "Warning", reason, "%s", message)
-        return limit
-
-    async def _give_up(self, vm: VirtualMachine, restarts: list[datetime], message: str) -> Result:
-        await self.status.patch(vm, lambda vm_: set_crashed(vm_, self.node, restarts, message))
-        await self.recorder.record(vm, "Warning", "RestartLimitReached", "%s", message)
-        return Result()
+        if limit is None:
+            return False
+        await self.status.patch(vm, lambda vm_: set_crashed(vm_, self.node, restarts, limit))
+        await self.recorder.record(vm, "Warning", "RestartLimitReached", "%s", limit)
+        return True
 
     # -- placed here, stopped ----------------------------------------------------------------
 
@@ -359,7 +366,7 @@ class VirtualMachineReconciler:
     ) -> None:
         placement = vm.status.placement
         where = f"placed on {placement.node}" if placement is not None else "not placed anywhere"
-        await self._remove_unwanted(host, domain, vm, f"the VM is {where}")
+        await remove_unwanted(host, self.recorder, self.node, domain, vm, f"the VM is {where}")
 
     async def _remove_stale(
         self, host: LibvirtHost, domain: DomainInfo, vm: VirtualMachine | None
@@ -368,29 +375,8 @@ class VirtualMachineReconciler:
         volumes = await self._volumes(host, None, domain)
         involved = vm or ObjectReference(kind="VirtualMachine", name=domain.name)
         why = "it belongs to a VirtualMachine that no longer exists"
-        await self._remove_unwanted(host, domain, involved, why)
+        await remove_unwanted(host, self.recorder, self.node, domain, involved, why)
         await self.claims.release(volumes, domain.name)
-
-    async def _remove_unwanted(
-        self,
-        host: LibvirtHost,
-        domain: DomainInfo,
-        involved: VirtualMachine | ObjectReference,
-        why: str,
-    ) -> None:
-        """Destroy (if running) and undefine a domain this node must not run; a Warning says why."""
-        if domain.state in ACTIVE_STATES:
-            await destroy(host, domain.name)
-            log.warning("destroyed domain %s on %s: %s", domain.name, self.node, why)
-            await self.recorder.record(
-                involved,
-                "Warning",
-                "DomainStoppedNotPlacedHere",
-                "destroyed the domain running on %s: %s",
-                self.node,
-                why,
-            )
-        await undefine(host, domain.name)
 
     async def _delete(
         self, host: LibvirtHost, vm: VirtualMachine, domain: DomainInfo | None
