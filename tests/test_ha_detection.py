@@ -319,6 +319,11 @@ async def test_a_standby_cut_off_from_etcd_fences_nothing_until_the_quorum_confi
     reachable again, etcd's quorum confirms the silent term and the standby fences and leads."""
     power = tmp_path / "a.power"
     power.write_text("on")
+    caplog.set_level(logging.INFO, logger="controller.ha.takeover")
+
+    def logged(text: str) -> bool:
+        return any(text in record.getMessage() for record in caplog.records)
+
     await create_cluster(store, leases, agents, power, in_spec=True)
     async with (
         TcpCut(etcd_endpoints[0]) as relay,
@@ -327,15 +332,14 @@ async def test_a_standby_cut_off_from_etcd_fences_nothing_until_the_quorum_confi
     ):
         await eventually(lambda: agents.heard.heard_at("a"), "the standby hears host a")
         await eventually(manager.started.is_set, "the standby's caches are synced")
+        watching = f"watching the leader on a (term {old_token})"
+        await eventually(lambda: logged(watching), "the standby knows the leader's term")
 
         relay.cut()
         await power_cut_of_a(leader, agents)
 
-        def refused() -> bool:
-            return any("quorum is not reachable" in r.getMessage() for r in caplog.records)
-
-        with caplog.at_level(logging.WARNING, logger="controller.ha.takeover"):
-            await eventually(refused, "the standby refuses to fence without etcd's quorum")
+        refused = "quorum is not reachable"
+        await eventually(lambda: logged(refused), "the standby refuses to fence without a quorum")
         assert power.read_text() == "on"
 
         relay.restore()

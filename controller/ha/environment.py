@@ -96,24 +96,27 @@ def silent_nodes(
     """The nodes heard before but not for `suspect_after`, as one observer sees them.
 
     A node is silent only if a strict majority of the nodes (the observer included) are
-    *witnesses*: heard now, and heard without a break across the instant `suspect_after / 2`
-    after the silent node's last datagram. So the observer's own network demonstrably worked
-    while the node fell silent. An observer cut off hears nobody; one whose cut is staggered
-    (the last datagrams of its peers came a little apart) or just healed (it hears its peers
-    again, but not yet every one of them) has no witnesses either, and takes nobody for dead.
+    *witnesses*: heard now, heard `suspect_after / 2` or more after the silent node's last
+    datagram, and heard without a break for the last `suspect_after` at least. So the
+    observer's own network demonstrably worked, for as long as it takes to call a node silent,
+    while the node stayed silent. An observer cut off hears nobody; one whose cut is staggered
+    (the last datagrams of its peers came a little apart) heard nobody well after the first to
+    stop; one whose cut just healed (it hears its peers again, one a moment after the others)
+    has runs too short. Each takes nobody for dead. An observer whose own event loop stalled
+    (every run broken at once) can call a node silent again `suspect_after` after the stall.
     A node never heard (None) is neither silent nor a witness.
     """
     silent = set()
     for node, seen in heard.items():
         if seen is None or now - seen.last < suspect_after:
             continue
-        instant = seen.last + suspect_after / 2
         witnesses = sum(
             1
             for other in heard.values()
             if other is not None
             and now - other.last < suspect_after
-            and other.since <= instant <= other.last
+            and other.last >= seen.last + suspect_after / 2
+            and now - other.since >= suspect_after
         )
         if 2 * witnesses > len(heard):
             silent.add(node)

@@ -110,9 +110,14 @@ class StandbyWatch:
         while True:
             try:
                 async with asyncio.timeout(ETCD_READ_TIMEOUT):
-                    self._leader = await self.elector.current_leader()
+                    leader = await self.elector.current_leader()
             except (*ELECTION_ERRORS, LeaderRecordError) as error:
                 log.debug("leader record not read: %s", error)
+            else:
+                known = self._leader
+                if leader is not None and (known is None or known.token != leader.token):
+                    log.info("watching the leader on %s (term %d)", leader.node, leader.token)
+                self._leader = leader
             await asyncio.sleep(LEADER_REFRESH)
 
     async def _watch(self) -> None:
