@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -283,14 +284,20 @@ class VirtualMachineReconciler:
         if action == "restart":
             restarts.append(now())
             message = restarted_message(self.node, len(restarts), policy)
-            await self.recorder.record(vm, "Warning", "VMRestarted", "%s", message)
+            event = self.recorder.record(vm, "Warning", "VMRestarted", "%s", message)
         else:
-            await self.recorder.record(vm, "Normal", "DomainStarted", "started on %s", self.node)
-        started = await host.lookup(name)
+            event = self.recorder.record(vm, "Normal", "DomainStarted", "started on %s", self.node)
+        await asyncio.gather(event, self._report_started(host, vm, desired, restarts))
+        return Result()
+
+    async def _report_started(
+        self, host: LibvirtHost, vm: VirtualMachine, desired: DomainSpec, restarts: list[datetime]
+    ) -> None:
+        """The guarded status write after a start, run alongside its Event (which never raises)."""
+        started = await host.lookup(vm.metadata.name)
         await self.status.patch(
             vm, lambda vm_: set_running(vm_, self.node, started, desired, restarts)
         )
-        return Result()
 
     async def _start(self, host: LibvirtHost, vm: VirtualMachine, desired: DomainSpec) -> None:
         """Define and start the domain; the LVs just claimed are released if it cannot be."""
