@@ -1,7 +1,7 @@
 """A rack at scale: many hosts, thousands of VMs, a 3-member etcd; one host loses power.
 
 Run: `python -m bench.rack_bench [--hosts 50] [--vms 2000] [--on-victim 100] [--idle 60]
-[--resync 30] [--agent-processes 0]`.
+[--resync 30] [--agent-processes 0] [--vm-workers 4]`.
 Prints the method and the figures; nothing is asserted (figures live in docs/benchmarks.md).
 
 Topology (all on this machine): a 3-member etcd on /dev/shm (`--metrics=extensive`); the real
@@ -23,7 +23,9 @@ agents (divided by their number for a per-agent mean) and of each etcd member, f
 request "over 100 ms" is one outside the 0.1 s bucket; streams are left out); then cut the
 victim's power (its agent stops: its lease lapses, its test host and domains go), and report
 the detection time (cut to first placement) and the spreads of the victim's VMs' placements and
-starts from the first placement. A two-copies checker samples the in-process hosts throughout.
+starts from the first placement (also per host). During the failover the bench waits on the
+observer's lines: nothing lists the VMs on the in-process agents' loop. A two-copies checker
+samples the in-process hosts' active domains (one listing each, no XML) throughout.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from controller.agent import AgentSettings
 from controller.runtime.informer import SharedInformers
 from controller.runtime.store import Store
 from crds import VirtualMachine
@@ -57,9 +60,11 @@ SETTLE = 10.0
 """After every VM runs, how long before the idle window opens."""
 DEADLINE = 900.0
 POLL = 1.0
-"""How often the bench lists every VM to see whether all run (the spreads are the observer's)."""
+"""How often the bench lists every VM to see whether all run, before the failover (during it,
+the observer's process tells: nothing polls etcd on the agents' loop)."""
 CHECK_INTERVAL = 0.5
-"""The two-copies checker's period: it shares the in-process agents' loop."""
+"""The two-copies checker's period: it shares the in-process agents' loop (one listing of the
+active domains per host, no XML)."""
 
 
 # -- the child processes -----------------------------------------------------------------------
@@ -79,19 +84,25 @@ async def run_controller(endpoints: list[str], prefix: str) -> None:
 
 
 async def run_agents(
-    endpoints: list[str], prefix: str, directory: str, resync: float, names: list[str]
+    endpoints: list[str],
+    prefix: str,
+    directory: str,
+    resync: float,
+    workers: int,
+    names: list[str],
 ) -> None:
     store = Store(endpoints, prefix)
     await store.connect()
     cluster = Cluster(store, Path(directory))
     for name in names:
-        await start_rack_agent(cluster, name, resync)
+        await start_rack_agent(cluster, name, resync, workers)
     await until_sigterm()
     await cluster.close()
 
 
 async def run_observer(endpoints: list[str], prefix: str, victim: str) -> None:
-    """Print `placed NAME T` and `running NAME T` for each VM seen moving off `victim`."""
+    """Print `placed NAME T NODE` and `running NAME T NODE` for each VM seen moving off
+    `victim`."""
     store = Store(endpoints, prefix)
     await store.connect()
     informers = SharedInformers(store, None)
@@ -109,10 +120,10 @@ async def run_observer(endpoints: list[str], prefix: str, victim: str) -> None:
             return
         if name in on_victim and name not in placed:
             placed.add(name)
-            print(f"placed {name} {time.monotonic()}", flush=True)
+            print(f"placed {name} {time.monotonic()} {placement.node}", flush=True)
         if name in placed and name not in running and runs_as_placed(vm):
             running.add(name)
-            print(f"running {name} {time.monotonic()}", flush=True)
+            print(f"running {name} {time.monotonic()} {placement.node}", flush=True)
 
     vms.add_handler(seen)
     informers.start()
@@ -126,7 +137,7 @@ def child_main(role: str, args: list[str]) -> None:
     if role == "controller":
         asyncio.run(run_controller(endpoints, args[1]))
     elif role == "agents":
-        asyncio.run(run_agents(endpoints, args[1], args[2], float(args[3]), args[4:]))
+        asyncio.run(run_agents(endpoints, args[1], args[2], float(args[3]), int(args[4]), args[5:]))
     else:
         asyncio.run(run_observer(endpoints, args[1], args[2]))
 
@@ -156,6 +167,19 @@ async def child(
 def output(process: asyncio.subprocess.Process) -> asyncio.StreamReader:
     assert process.stdout is not None
     return process.stdout
+
+
+async def moves(observer: asyncio.subprocess.Process, count: int) -> list[list[str]]:
+    """The observer's lines until it has seen `count` VMs running elsewhere."""
+    lines: list[list[str]] = []
+    running = 0
+    while running < count:
+        line = await output(observer).readline()
+        if not line:
+            raise RuntimeError("the observer ended early")
+        lines.append(line.decode().split())
+        running += lines[-1][0] == "running"
+    return lines
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -196,6 +220,18 @@ def latency_report(
     return ", ".join(parts) or "no unary requests"
 
 
+def per_host(lines: list[list[str]], origin: float) -> str:
+    """Per host: how many of the observer's `running` lines, and their first and last time."""
+    hosts: dict[str, list[float]] = {}
+    for what, _, moment, node in lines:
+        if what == "running":
+            hosts.setdefault(node, []).append(float(moment) - origin)
+    return ", ".join(
+        f"{node} {len(times)}: +{min(times):.2f}..+{max(times):.2f}"
+        for node, times in sorted(hosts.items())
+    )
+
+
 def spread(times: list[float], origin: float) -> str:
     if not times:
         return "none"
@@ -218,8 +254,9 @@ async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) ->
         await rack.create_nodes()
         async with contextlib.AsyncExitStack() as children:
             controller = await children.enter_async_context(child("controller", endpoints, prefix))
+            workers = str(args.vm_workers)
             agent = await children.enter_async_context(
-                child("agents", endpoints, prefix, str(directory), "30", lone)
+                child("agents", endpoints, prefix, str(directory), "30", workers, lone)
             )
             others = rack.hosts[1:-1]
             groups = [others[i :: args.agent_processes] for i in range(args.agent_processes)]
@@ -227,13 +264,21 @@ async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) ->
             pids: dict[str, int] = {}
             for index, group in enumerate(groups):
                 process = await children.enter_async_context(
-                    child("agents", endpoints, prefix, str(directory), str(args.resync), *group)
+                    child(
+                        "agents",
+                        endpoints,
+                        prefix,
+                        str(directory),
+                        str(args.resync),
+                        workers,
+                        *group,
+                    )
                 )
                 pids[f"agents process {index}"] = process.pid
                 agent_counts[f"agents process {index}"] = len(group)
             here = [rack.victim] + (others if not groups else [])
             for name in here:
-                await start_rack_agent(rack.cluster, name, args.resync)
+                await start_rack_agent(rack.cluster, name, args.resync, args.vm_workers)
             in_process = len(here)
             agent_counts["this"] = in_process
             await eventually(rack.all_online, "every host Online", timeout=DEADLINE, interval=POLL)
@@ -269,23 +314,20 @@ async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) ->
                 checking = asyncio.create_task(checker.run())
                 cut = time.monotonic()
                 await rack.cut_power()
-                await eventually(
-                    rack.victims_moved, "victims moved", timeout=DEADLINE, interval=POLL
-                )
+                lines = await asyncio.wait_for(moves(observer, args.on_victim), DEADLINE)
                 recovered = time.monotonic() - cut
                 await checker.sample()
                 checking.cancel()
-                observer.send_signal(signal.SIGTERM)
-                text = (await output(observer).read()).decode()
-                lines = [line.split() for line in text.splitlines()]
-            placed = [float(t) for what, _, t in lines if what == "placed"]
-            started = [float(t) for what, _, t in lines if what == "running"]
+                await eventually(rack.victims_moved, "victims moved", timeout=DEADLINE)
+            placed = [float(t) for what, _, t, _ in lines if what == "placed"]
+            started = [float(t) for what, _, t, _ in lines if what == "running"]
             first = min(placed) if placed else cut
             print(f"power cut of {rack.victim} ({args.on_victim} VMs): first placed elsewhere "
-                  f"+{first - cut:.2f} s after the cut; every VM running as placed (seen by the "
-                  f"bench's poll) +{recovered:.2f} s")  # fmt: skip
+                  f"+{first - cut:.2f} s after the cut; every one running elsewhere (seen by "
+                  f"the observer) +{recovered:.2f} s")  # fmt: skip
             print(f"  placed ({len(placed)}): {spread(placed, first)} from the first placement")
             print(f"  running ({len(started)}): {spread(started, first)} from the first placement")
+            print(f"  running, per host (the lone agent's is {lone}): {per_host(lines, first)}")
             print(f"  two-copies checker: {checker.samples} samples, violations: "
                   f"{json.dumps(checker.violations[:5])}")  # fmt: skip
     finally:
@@ -306,6 +348,7 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=60.0)
     parser.add_argument("--resync", type=float, default=30.0)
     parser.add_argument("--agent-processes", type=int, default=0)
+    parser.add_argument("--vm-workers", type=int, default=AgentSettings.vm_workers)
     args = parser.parse_args()
     print(__doc__)
     with (

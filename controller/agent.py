@@ -82,7 +82,9 @@ class AgentSettings:
     status_interval: float = 30.0
     """How often lastHeartbeatTime (and capacity) is written to the ClusterNode status."""
     migration_concurrency: int = DEFAULT_MIGRATION_CONCURRENCY
-    vm_workers: int = 4
+    vm_workers: int = 16
+    """VMs reconciled at once (a key is never on two workers; each start still re-reads the
+    VM from etcd first): a failover's starts in one wave, not several (docs/benchmarks.md)."""
     storage: StorageSettings | None = field(default_factory=StorageSettings)
     """Bond, IscsiTarget and VolumeGroup reconcilers for this node (None: do not run them)."""
     tgtd_portal: str | None = None

@@ -193,14 +193,19 @@ class StoreWrites(StoreReads):
     ) -> AnyResource:
         """Read, let `mutate` change the status in place, write; retry on conflicts.
 
-        `mutate` returns False to skip the write (nothing to change).
+        `mutate` returns False to skip the write (nothing to change). One read per attempt:
+        the write compares every key at the revision that read found.
         """
         for _ in range(attempts):
-            current = await self.get(kind, name)
+            snapshot = await self._snapshot(kind, name)
+            if snapshot is None:
+                raise NotFound(f"{kind} {name!r} not found")
+            current = self._object(snapshot)
             if mutate(current) is False:
                 return current
+            status = current.status.model_dump(mode="json", by_alias=True, exclude_none=True)
             try:
-                return await self.update_status(current, guard)
+                return await self._write_part(snapshot, status, guard=guard)
             except Conflict:
                 if guard and not await self._guard_holds(guard):
                     raise Conflict(

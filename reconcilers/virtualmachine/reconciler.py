@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 
@@ -282,15 +283,13 @@ class VirtualMachineReconciler:
         await self._start(host, vm, desired)
         self.self_fence_victims.discard(name)
         self.health.forget(name)
+        event: Awaitable[object]  # the start's Events, written alongside the status
         if action == "restart":
             restarts.append(now())
-            await self._record_failure(vm, facts, action, restarts)
+            event = self._record_failure(vm, facts, action, restarts)
         else:
-            await self.recorder.record(vm, "Normal", "DomainStarted", "started on %s", self.node)
-        started = await host.lookup(name)
-        await self.status.patch(
-            vm, lambda vm_: set_running(vm_, self.node, started, desired, restarts)
-        )
+            event = self.recorder.record(vm, "Normal", "DomainStarted", "started on %s", self.node)
+        await asyncio.gather(event, self.status.started(host, vm, desired, restarts))
         return Result()
 
     async def _start(self, host: LibvirtHost, vm: VirtualMachine, desired: DomainSpec) -> None:

@@ -16,7 +16,7 @@ from controller.runtime.reconcile import RetryableError
 from controller.runtime.store import NotFound, Store, StoreError
 from crds import VirtualMachine
 from reconcilers.drivers.domain_xml import DomainSpec
-from reconcilers.drivers.libvirt import DomainInfo, DomainState
+from reconcilers.drivers.libvirt import DomainInfo, DomainState, LibvirtHost
 
 
 def placed_on(vm: VirtualMachine, node: str) -> bool:
@@ -88,6 +88,13 @@ class StatusWriter:
             return
         except StoreError as error:
             raise RetryableError(f"writing status of {vm.metadata.name}: {error}") from None
+
+    async def started(
+        self, host: LibvirtHost, vm: VirtualMachine, desired: DomainSpec, restarts: list[datetime]
+    ) -> None:
+        """Running, as libvirt reports the domain just started (guarded as `patch`)."""
+        domain = await host.lookup(vm.metadata.name)
+        await self.patch(vm, lambda vm_: set_running(vm_, self.node, domain, desired, restarts))
 
     def owns(self, current: Any, vm: VirtualMachine | None = None) -> bool:
         """Whether this agent may write `current`'s status (placed here; the uid of `vm`)."""

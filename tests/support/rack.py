@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from controller.agent import AgentSettings
 from controller.ha.agent_side import heartbeat_timing
 from controller.ha.environment import HaTimings
 from controller.runtime.store import AlreadyExists, Store, Unavailable
@@ -15,7 +16,6 @@ from crds import ClusterNode, ObjectMeta, Secret, VirtualMachine
 from crds.secret import SecretSpec
 from e2e.harness.polling import eventually
 from e2e.harness.private_host import host_uri
-from reconcilers.drivers.libvirt import DomainState
 from tests.support.agents import Cluster, vm_object
 from tests.support.ha import dummy_fencing, get_node, node_object
 
@@ -128,12 +128,22 @@ class Rack:
         await self.cluster.close()
 
 
-async def start_rack_agent(cluster: Cluster, name: str, resync_period: float = 30.0) -> None:
+async def start_rack_agent(
+    cluster: Cluster,
+    name: str,
+    resync_period: float = 30.0,
+    vm_workers: int = AgentSettings.vm_workers,
+) -> None:
     """`name`'s agent on a large private test host, without direct heartbeats."""
     uri = host_uri(cluster.tmp_path, name, HOST_CPUS, HOST_MEMORY_MIB)
     timing = heartbeat_timing(RACK_TIMINGS)
     await cluster.start_agent(
-        name, uri, timing, direct_heartbeats=False, resync_period=resync_period
+        name,
+        uri,
+        timing,
+        direct_heartbeats=False,
+        resync_period=resync_period,
+        vm_workers=vm_workers,
     )
 
 
@@ -151,9 +161,10 @@ def runs_as_placed(vm: VirtualMachine) -> bool:
 
 
 class FailoverChecker:
-    """Samples the running domains of every live host every `interval` s; a violation is a VM
-    running on two hosts, or one of the victim's running elsewhere while the victim's node is
-    not yet recorded Fenced (the domains are sampled first, the node read after)."""
+    """Samples the domains with a process of every live host every `interval` s (one listing
+    per host, no XML read); a violation is a VM running on two hosts, or one of the victim's
+    running elsewhere while the victim's node is not yet recorded Fenced (the domains are
+    sampled first, the node read after)."""
 
     def __init__(self, rack: Rack, interval: float = SAMPLE_INTERVAL) -> None:
         self.rack = rack
@@ -167,10 +178,7 @@ class FailoverChecker:
             host = agent.host
             if host is None:
                 continue
-            for domain in await host.list_domains():
-                if domain.state != DomainState.RUNNING:
-                    continue
-                vm = domain.metadata.get("vm", domain.name)
+            for vm, _, _ in await host.active_domains():  # a rack domain is named as its VM
                 if vm in seen:
                     self.violations.append(f"{vm} runs on {seen[vm]} and {name}")
                 seen[vm] = name
