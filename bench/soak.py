@@ -57,6 +57,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -248,20 +249,28 @@ class Soak:
         elif fault == "leader-kill":
             await eventually(partial(self.new_leader, leader), "another controller leading")
 
-        async def back() -> bool:
-            await self.faults.power_on_dead(injected.repair)
-            return await self.each_vm_once(injected.forbidden)
+        def repairing(condition: Callable[[], Awaitable[bool]]) -> Callable[[], Awaitable[bool]]:
+            """`condition`, once the fault's hosts to repair found off are powered on again."""
 
-        await eventually(back, f"every VM once after {description}")
+            async def check() -> bool:
+                await self.faults.power_on_dead(injected.repair)
+                return await condition()
+
+            return check
+
+        back = partial(self.each_vm_once, injected.forbidden)
+        await eventually(repairing(back), f"every VM once after {description}")
         self.account(fault, injected, where, started)
         repair = time.monotonic()
         rejoined = await self.faults.undo(injected)
         if rejoined is not None:
             self.report.etcd_rejoins.append(rejoined)
             print(f"  {description}: replaced, healthy after {rejoined:.1f} s", flush=True)
-        await eventually(self.all_online, f"every host Online after {description}")
-        await eventually(self.faults.etcd_healthy, f"every etcd member healthy after {description}")
-        await eventually(partial(self.each_vm_once, frozenset()), "every VM running")
+        online, healthy = repairing(self.all_online), repairing(self.faults.etcd_healthy)
+        await eventually(online, f"every host Online after {description}")
+        await eventually(healthy, f"every etcd member healthy after {description}")
+        running = repairing(partial(self.each_vm_once, frozenset()))
+        await eventually(running, "every VM running")
         await asyncio.sleep(SETTLE)
         for vm in VMS:  # no VM should start while the fault is undone (no failback here)
             for _, host in self.checker.appearances(vm, repair):

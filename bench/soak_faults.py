@@ -7,7 +7,7 @@ member on each of three hosts, losing two hosts loses etcd's quorum; `double-fau
 power cut while another host's agent is stopped, whose watchdog resets that host a second later)
 does exactly that: nothing can be fenced, recovered or even recorded until etcd has two members
 again. So, once the second host died, the soak repairs the cluster as an operator would: it
-powers both hosts on again, and again whenever it finds one off before every VM runs once.
+powers both hosts on again, and again whenever it finds one off until the cluster is steady.
 (Powering each on once is not enough: as soon as etcd answers again, the cluster fences the
 hosts it had lost, a standby's takeover the old leader's host, which may be one that was just
 powered on, and etcd is down to one member again.)
@@ -75,7 +75,7 @@ class Injected:
     disk_lost: bool = False
     """That member's data dir is lost too (`undo` wipes it and replaces the member)."""
     repair: frozenset[str] = frozenset()
-    """Hosts powered on again whenever found off until every VM runs once (`power_on_dead`)."""
+    """Hosts powered on again whenever found off until the cycle is steady (`power_on_dead`)."""
 
     @property
     def forbidden(self) -> frozenset[str]:
