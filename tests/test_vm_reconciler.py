@@ -40,7 +40,13 @@ from reconcilers.drivers.libvirt import DomainState, LibvirtHost, WatchdogEvent
 from reconcilers.lv_claim import active_on
 from reconcilers.lvm_lock import LvmSettings
 from reconcilers.virtualmachine import FINALIZER
-from tests.support.agents import Cluster, domain_state, running_vm, vm_object
+from tests.support.agents import (
+    Cluster,
+    agent_with_watchdog_vm,
+    domain_state,
+    running_vm,
+    vm_object,
+)
 from tests.support.ha import reasons
 
 DEADLINE = 30.0
@@ -300,16 +306,7 @@ async def test_watchdog_resets_are_counted_and_the_agent_gives_up_at_the_limit(
 ) -> None:
     """The test driver cannot fire a watchdog: the test hands the agent the event libvirt
     delivers (VIR_DOMAIN_EVENT_ID_WATCHDOG, action reset), the rest is the real agent."""
-    await cluster.add_node("host1")
-    agent = await cluster.start_agent("host1")
-    policy = RestartPolicy(max_restarts=1, window_seconds=600)
-    await running_vm(
-        cluster,
-        "vm1",
-        "host1",
-        health={"watchdog": {"action": "reset"}},
-        restartPolicy=policy.model_dump(by_alias=True),
-    )
+    agent = await agent_with_watchdog_vm(cluster, "reset")
     assert agent.host is not None and agent.vm_queue is not None
     info = await agent.host.lookup("vm1")
     assert info is not None

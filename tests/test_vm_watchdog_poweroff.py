@@ -6,10 +6,9 @@ does; the rest is the real agent (e2e/test_guest_health.py has it on QEMU)."""
 from __future__ import annotations
 
 from crds import VirtualMachine
-from crds.virtualmachine import RestartPolicy
 from e2e.harness.polling import eventually
 from reconcilers.drivers.libvirt import DomainState, WatchdogEvent
-from tests.support.agents import Cluster, domain_state, running_vm
+from tests.support.agents import Cluster, agent_with_watchdog_vm, domain_state
 from tests.support.ha import reasons
 
 FIRED = "watchdog i6300esb fired (action poweroff) on host1"
@@ -18,16 +17,7 @@ FIRED = "watchdog i6300esb fired (action poweroff) on host1"
 async def test_a_watchdog_poweroff_is_restarted_as_a_failed_guest_then_given_up(
     cluster: Cluster,
 ) -> None:
-    await cluster.add_node("host1")
-    agent = await cluster.start_agent("host1")
-    policy = RestartPolicy(max_restarts=1, window_seconds=600)
-    await running_vm(
-        cluster,
-        "vm1",
-        "host1",
-        health={"watchdog": {"action": "poweroff"}},
-        restartPolicy=policy.model_dump(by_alias=True),
-    )
+    agent = await agent_with_watchdog_vm(cluster, "poweroff")
     assert agent.host is not None and agent.vm_queue is not None
 
     async def power_off() -> None:

@@ -18,7 +18,7 @@ from controller.runtime.peers import PeerSettings
 from controller.runtime.store import Store
 from crds import ClusterNode, ObjectMeta, VirtualMachine
 from crds.clusternode import ClusterNodeSpec, NodeAddresses
-from crds.virtualmachine import VirtualMachineSpec
+from crds.virtualmachine import RestartPolicy, VirtualMachineSpec
 from e2e.harness.polling import eventually
 from e2e.harness.private_host import host_uri
 from e2e.harness.standin import StandInController
@@ -138,3 +138,19 @@ async def running_vm(cluster: Cluster, name: str, node: str, **spec: Any) -> Vir
 
     vm: VirtualMachine = await eventually(running, f"{name} running on {node}")
     return vm
+
+
+async def agent_with_watchdog_vm(cluster: Cluster, action: str) -> Agent:
+    """host1's agent running vm1 with a watchdog of `action` and one restart allowed in 600 s."""
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1")
+    policy = RestartPolicy(max_restarts=1, window_seconds=600)
+    await running_vm(
+        cluster,
+        "vm1",
+        "host1",
+        health={"watchdog": {"action": action}},
+        restartPolicy=policy.model_dump(by_alias=True),
+    )
+    assert agent.host is not None and agent.vm_queue is not None
+    return agent
