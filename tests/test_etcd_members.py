@@ -4,6 +4,8 @@ when cancelled (a call stuck on a dead connection) must not hang its caller past
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 
 import pytest
 
@@ -31,3 +33,31 @@ async def test_a_request_that_ignores_its_cancel_does_not_hang_the_caller() -> N
     finally:
         release.set()
         await asyncio.sleep(0)
+
+
+async def test_a_request_left_behind_that_fails_later_is_not_reported_as_unretrieved() -> None:
+    """A left-behind request that ends with an error after its caller moved on: its error is
+    taken (the rack bench printed hundreds of "Task exception was never retrieved")."""
+    release = asyncio.Event()
+    unretrieved: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+
+    async def stuck_then_failing() -> str:
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+        raise RuntimeError("the stream ended with DEADLINE_EXCEEDED")
+
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await etcd_members.unless_lost(asyncio.Event(), "member", stuck_then_failing())
+        release.set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        gc.collect()
+        assert unretrieved == []
+    finally:
+        release.set()
+        loop.set_exception_handler(None)

@@ -155,9 +155,18 @@ async def unless_lost(lost: asyncio.Event, target: str, awaitable: Awaitable[T])
         _, stuck = await asyncio.wait({task, waiter}, timeout=CANCEL_GRACE)
         if stuck:
             log.warning("a request to etcd member %s did not end when cancelled: left", target)
+            task.add_done_callback(_left_behind_ended)
     if task.done() and not task.cancelled():
         return task.result()
     raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"etcd member {target} stopped answering")
+
+
+def _left_behind_ended(task: asyncio.Future[Any]) -> None:
+    """Take the outcome of a request left behind by `unless_lost` once it ends: its caller has
+    already been answered, so a late failure is only logged (else asyncio reports it as "Task
+    exception was never retrieved")."""
+    if not task.cancelled() and (failure := task.exception()) is not None:
+        log.debug("a request left behind ended later: %s", failure)
 
 
 class Members:
