@@ -102,15 +102,24 @@ class Rack:
 
     async def all_online(self) -> bool:
         """Whether the controller has every host Online (so VMs go to the host they prefer)."""
-        nodes, _ = await self.store.list_objects("ClusterNode")
+        nodes = await self._listing("ClusterNode")
         online = [n for n in nodes if isinstance(n, ClusterNode) and n.status.health == "Online"]
         return len(online) == len(self.hosts)
 
     async def all_running(self) -> list[VirtualMachine] | None:
         """Every VM, when each runs where it is placed (else None)."""
-        vms, _ = await self.store.list_objects("VirtualMachine")
+        vms = await self._listing("VirtualMachine")
         running = [vm for vm in vms if isinstance(vm, VirtualMachine) and runs_as_placed(vm)]
         return running if len(running) == self.vm_count else None
+
+    async def _listing(self, kind: str) -> list[object]:
+        """Every object of `kind`; none when etcd did not answer in time (a loaded machine:
+        the caller polls again)."""
+        try:
+            objects, _ = await self.store.list_objects(kind)
+        except Unavailable:
+            return []
+        return list(objects)
 
     async def victims_moved(self) -> list[VirtualMachine] | None:
         """The victim's VMs, once every one runs as placed on another host (else None)."""
