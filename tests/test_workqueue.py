@@ -19,6 +19,7 @@ from controller.runtime.reconcile import (
     TerminalError,
     run_workers,
 )
+from controller.runtime.store import Unavailable
 from controller.runtime.workqueue import QueueShutDown, WorkQueue
 
 DEADLINE = 10.0
@@ -409,3 +410,24 @@ async def test_unexpected_errors_are_logged(caplog: pytest.LogCaptureFixture) ->
 async def test_run_workers_needs_a_worker() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         await run_workers(WorkQueue(), Recorder(WorkQueue()), workers=0)
+
+
+async def test_etcd_unavailable_is_retried_and_logged_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """etcd not answering in time is expected under load: backed off and retried like a
+    RetryableError, logged as one warning without a traceback."""
+    queue = WorkQueue(base_delay=0.001)
+    recorder = Recorder(queue)
+    recorder.outcomes["a"] = [Unavailable("etcd at m0 is unreachable: no answer in time")]
+    workers = asyncio.create_task(run_workers(queue, recorder, workers=1))
+    try:
+        with caplog.at_level(logging.INFO, logger="controller.runtime.reconcile"):
+            queue.add("a")
+            await recorder.wait_for("a", 2)
+    finally:
+        await stop_workers(workers)
+    assert recorder.requeues_seen == [0, 1]
+    (record,) = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None

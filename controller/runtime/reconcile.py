@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from controller.runtime.events import EventRecorder
-from controller.runtime.store import Compare, NotFound, Store
+from controller.runtime.store import Compare, NotFound, Store, Unavailable
 from controller.runtime.workqueue import QueueShutDown, WorkQueue
 from crds.meta import ConditionStatus
 
@@ -190,6 +190,12 @@ async def _reconcile_once(
         return
     except RetryableError as error:
         log.info("reconcile of %s will be retried: %s", key, error)
+        queue.add_rate_limited(key)
+        return
+    except Unavailable as error:
+        # Expected while etcd elects or is overloaded: one line, no traceback (formatting
+        # thousands of them is what a loaded agent can least afford).
+        log.warning("reconcile of %s will be retried: %s", key, error)
         queue.add_rate_limited(key)
         return
     except Exception:
