@@ -1,7 +1,7 @@
 """A rack at scale: many hosts, thousands of VMs, a 3-member etcd; one host loses power.
 
 Run: `python -m bench.rack_bench [--hosts 50] [--vms 2000] [--on-victim 100] [--idle 60]
-[--resync 30] [--agent-processes 0] [--vm-workers 4]`.
+[--resync 30] [--agent-processes 0] [--vm-workers 16] [--create-rate N]`.
 Prints the method and the figures; nothing is asserted (figures live in docs/benchmarks.md).
 
 Topology (all on this machine): a 3-member etcd on /dev/shm (`--metrics=extensive`); the real
@@ -16,8 +16,8 @@ of its own stamps, on the system-wide monotonic clock, when it sees each of the 
 placed elsewhere and running there. Host h00 (the victim, fenced by fence_dummy) gets
 `--on-victim` VMs, the rest are spread over the other hosts; every VM has 1 vcpu and 64 MiB.
 
-Steps: create the VMs (50 at a time) and time until every one runs as placed; idle for
-`--idle` s and measure the CPU time of the controller, of the lone agent, of each process of
+Steps: create the VMs (50 at a time, or `--create-rate` a second) and time until every one runs
+as placed; idle for `--idle` s and measure the CPU time of the controller, of the lone agent, of each process of
 agents (divided by their number for a per-agent mean) and of each etcd member, from
 /proc/PID/stat, plus each member's unary gRPC request latency histogram over that window (a
 request "over 100 ms" is one outside the 0.1 s bucket; streams are left out); then cut the
@@ -286,7 +286,7 @@ async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) ->
                   f"{len(groups)} processes, the lone agent in its own)", flush=True)  # fmt: skip
 
             start = time.monotonic()
-            await rack.create_vms(args.on_victim, args.vms - args.on_victim)
+            await rack.create_vms(args.on_victim, args.vms - args.on_victim, args.create_rate)
             created = time.monotonic() - start
             await eventually(rack.all_running, "every VM running", timeout=DEADLINE, interval=POLL)
             print(f"apply: {args.vms} VMs created in {created:.1f} s, all Running after "
@@ -349,6 +349,7 @@ def main() -> None:
     parser.add_argument("--resync", type=float, default=30.0)
     parser.add_argument("--agent-processes", type=int, default=0)
     parser.add_argument("--vm-workers", type=int, default=AgentSettings.vm_workers)
+    parser.add_argument("--create-rate", type=float, default=None, help="VMs created a second")
     args = parser.parse_args()
     print(__doc__)
     with (

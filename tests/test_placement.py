@@ -70,6 +70,20 @@ def test_anti_affinity_works_from_either_side() -> None:
     assert choose(vm("db2", antiAffinity=["db1"]), w)[0] == "b"
 
 
+def test_anti_affinity_is_judged_on_the_vms_given_even_with_one_usage() -> None:
+    """One Usage serves a whole step; admission asks it about other VM tables too. The VMs that
+    name a VM as anti-affine are those of the table given, not of the last one asked about."""
+    nodes = world([node("a"), node("b")], []).nodes
+    usage = Usage(())
+    usage.add("db1", vm("db1").spec, "a")
+    alone = {"db1": vm("db1", "a")}
+    naming = {"db1": vm("db1", "a", antiAffinity=["db2"])}
+    prefers_a = vm("db2", failoverDomain={"ordered": True, "nodes": [{"name": "a"}]})
+    assert choose_node(prefers_a, nodes, alone, usage)[0] == "a"
+    assert choose_node(prefers_a, nodes, naming, usage)[0] == "b"
+    assert choose_node(prefers_a, nodes, alone, usage)[0] == "a"
+
+
 def test_cordoned_and_lost_nodes_are_not_eligible() -> None:
     w = world([node("a", cordoned=True), node("b", lease=False), node("c")], [])
     assert choose(vm("new"), w)[0] == "c"

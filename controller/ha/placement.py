@@ -38,6 +38,8 @@ class Usage:
 
     def __init__(self, vms: Iterable[VmView]) -> None:
         self.by_node: dict[str, NodeUsage] = {}
+        self._named_by: dict[str, set[str]] = {}
+        self._named_by_of: Mapping[str, VmView] | None = None
         for vm in vms:
             if vm.placement is not None and not vm.failed:
                 self.add(vm.name, vm.spec, vm.placement)
@@ -68,6 +70,18 @@ class Usage:
         usage.cpus -= spec.vcpus
         usage.memory_mib -= spec.memory_mib
 
+    def named_by(self, name: str, vms: Mapping[str, VmView]) -> set[str]:
+        """The VMs of `vms` whose spec names `name` as anti-affine. The reverse index is built
+        once per `vms` mapping (one per engine step), not once per node looked at: placing
+        2,000 new VMs on 50 hosts otherwise compared every pair (about two million checks)."""
+        if self._named_by_of is not vms:
+            self._named_by = {}
+            for vm in vms.values():
+                for other in vm.spec.anti_affinity:
+                    self._named_by.setdefault(other, set()).add(vm.name)
+            self._named_by_of = vms
+        return self._named_by.get(name, set())
+
 
 def domain_rank(spec: VirtualMachineSpec, node: str) -> int:
     """Lower is more preferred."""
@@ -76,10 +90,6 @@ def domain_rank(spec: VirtualMachineSpec, node: str) -> int:
         if member.name == node:
             return member.priority if domain.ordered else 1
     return OUTSIDE_DOMAIN
-
-
-def anti_affine(name: str, spec: VirtualMachineSpec, other: VmView) -> bool:
-    return other.name in spec.anti_affinity or name in other.spec.anti_affinity
 
 
 def ineligibility(
@@ -109,12 +119,11 @@ def ineligibility(
         if node.memory_mib is not None and used.memory_mib + spec.memory_mib > node.memory_mib:
             free = node.memory_mib - used.memory_mib
             return f"{node.name} has {free} MiB free of {spec.memory_mib} MiB needed"
+    partners = set(spec.anti_affinity) | usage.named_by(name, vms)
     conflicts = [
-        other_name
-        for other_name in used.vms | node.domains
-        if other_name != name
-        and (other := vms.get(other_name)) is not None
-        and anti_affine(name, spec, other)
+        other
+        for other in partners
+        if other != name and other in vms and (other in used.vms or other in node.domains)
     ]
     if conflicts:
         return f"{node.name} runs {min(conflicts)} (anti-affinity)"

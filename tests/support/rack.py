@@ -75,13 +75,19 @@ class Rack:
         for name in self.hosts[1:]:
             await self.store.create(node_object(name))
 
-    async def create_vms(self, on_victim: int, elsewhere: int) -> None:
-        """`on_victim` VMs preferring the victim, `elsewhere` spread over the other hosts."""
+    async def create_vms(self, on_victim: int, elsewhere: int, rate: float | None = None) -> None:
+        """`on_victim` VMs preferring the victim, `elsewhere` spread over the other hosts; with
+        `rate`, no more than that many VMs a second (an administrator's apply, paced)."""
         others = self.hosts[1:]
         wanted = [(f"v{i:04d}", self.victim) for i in range(on_victim)]
         wanted += [(f"w{i:04d}", others[i % len(others)]) for i in range(elsewhere)]
-        for start in range(0, len(wanted), CREATE_BATCH):
-            batch = wanted[start : start + CREATE_BATCH]
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        batch_size = CREATE_BATCH if rate is None else max(1, min(CREATE_BATCH, int(rate)))
+        for start in range(0, len(wanted), batch_size):
+            if rate is not None:
+                await asyncio.sleep(max(0.0, began + start / rate - loop.time()))
+            batch = wanted[start : start + batch_size]
             await asyncio.gather(*(self._create(rack_vm(n, h)) for n, h in batch))
         self.victim_vms = [name for name, _ in wanted[:on_victim]]
         self.vm_count = len(wanted)
