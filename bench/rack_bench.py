@@ -4,25 +4,25 @@ Run: `python -m bench.rack_bench [--hosts 50] [--vms 2000] [--on-victim 100] [--
 [--resync 30] [--agent-processes 0] [--vm-workers 16] [--create-rate N]`.
 Prints the method and the figures; nothing is asserted (figures live in docs/benchmarks.md).
 
-Topology (all on this machine): a 3-member etcd on /dev/shm (`--metrics=extensive`); the real
-HA controller in a process of its own (fence_dummy allowed, `tests.support.rack.RACK_TIMINGS`:
-5 s heartbeat leases); the last host's agent in a process of its own (informer resync every
-30 s, the default); the victim's agent in this process; the other hosts' agents in this
-process too, on one event loop, or spread over `--agent-processes` processes (resync every
-`--resync` s; an agent reconciles only the VMs that concern its node, controller/agent_vms.py).
-Each host is a private libvirt
-test-driver host of 256 CPUs and 64 GiB (`tests/support/rack.py`). An observer in a process
-of its own stamps, on the system-wide monotonic clock, when it sees each of the victim's VMs
-placed elsewhere and running there. Host h00 (the victim, fenced by fence_dummy) gets
-`--on-victim` VMs, the rest are spread over the other hosts; every VM has 1 vcpu and 64 MiB.
+Topology (all on this machine): a 3-member etcd on /dev/shm (`--metrics=extensive`, nice -10);
+the real HA controller in a process of its own (fence_dummy allowed,
+`tests.support.rack.RACK_TIMINGS`: 5 s heartbeat leases); the last host's agent in a process of
+its own (informer resync every 30 s, the default); the victim's agent in this process; the other
+hosts' agents in this process too, on one event loop, or spread over `--agent-processes`
+processes (resync every `--resync` s; an agent reconciles only the VMs that concern its node,
+controller/agent_vms.py). Each host is a private libvirt test-driver host of 256 CPUs and 64 GiB
+(`tests/support/rack.py`). An observer in a process of its own stamps, on the system-wide
+monotonic clock, when it sees each of the victim's VMs placed elsewhere and running there. Host
+h00 (the victim, fenced by fence_dummy) gets `--on-victim` VMs, the rest are spread over the
+other hosts; every VM has 1 vcpu and 64 MiB.
 
 Steps: create the VMs (50 at a time, or `--create-rate` a second) and time until every one runs
-as placed; idle for `--idle` s and measure the CPU time of the controller, of the lone agent, of each process of
-agents (divided by their number for a per-agent mean) and of each etcd member, from
-/proc/PID/stat, plus each member's unary gRPC request latency histogram over that window (a
+as placed; idle for `--idle` s and measure the CPU time of the controller, of the lone agent, of
+each process of agents (divided by their number for a per-agent mean) and of each etcd member,
+from /proc/PID/stat, plus each member's unary gRPC request latency histogram over that window (a
 request "over 100 ms" is one outside the 0.1 s bucket; streams are left out); then cut the
-victim's power (its agent stops: its lease lapses, its test host and domains go), and report
-the detection time (cut to first placement) and the spreads of the victim's VMs' placements and
+victim's power (its agent stops: its lease lapses, its test host and domains go), and report the
+detection time (cut to first placement) and the spreads of the victim's VMs' placements and
 starts from the first placement (also per host). During the failover the bench waits on the
 observer's lines: nothing lists the VMs on the in-process agents' loop. A two-copies checker
 samples the in-process hosts' active domains (one listing each, no XML) throughout.
@@ -56,6 +56,9 @@ from tests.support.ha import start_controller, stop_controller
 from tests.support.rack import RACK_TIMINGS, FailoverChecker, Rack, runs_as_placed, start_rack_agent
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ETCD_NICE = -10
+"""etcd's members run at this nice value (the agents and the controller at 0): on one machine
+the dozens of agents would otherwise starve etcd of CPU, which hosts of their own would not."""
 SETTLE = 10.0
 """After every VM runs, how long before the idle window opens."""
 DEADLINE = 900.0
@@ -242,6 +245,9 @@ def spread(times: list[float], origin: float) -> str:
 
 
 async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) -> None:
+    for member in etcd.members:
+        if member.process is not None:
+            os.setpriority(os.PRIO_PROCESS, member.process.pid, ETCD_NICE)
     endpoints = ",".join(etcd.endpoints)
     prefix = f"/kvmctl-rack-{uuid.uuid4().hex[:8]}"
     store = Store(etcd.endpoints, prefix)
@@ -352,6 +358,7 @@ def main() -> None:
     parser.add_argument("--create-rate", type=float, default=None, help="VMs created a second")
     args = parser.parse_args()
     print(__doc__)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the children and etcd too
     with (
         EtcdCluster(size=3, extra_args=["--metrics=extensive"]) as etcd,
         tempfile.TemporaryDirectory(prefix="kvmctl-rack-") as directory,
