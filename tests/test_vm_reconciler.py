@@ -47,7 +47,7 @@ from tests.support.agents import (
     running_vm,
     vm_object,
 )
-from tests.support.ha import reasons
+from tests.support.ha import leader_token, reasons
 
 DEADLINE = 30.0
 
@@ -414,6 +414,17 @@ async def test_self_fence_destroys_vms_only_where_the_node_relies_on_it(
             finally:
                 etcd.send_signal(signal.SIGCONT)
             assert fencer.heartbeat.self_fenced or fencer.heartbeat.lease_valid()
+
+            # On a loaded machine the stall can outlast the stand-in controller's own term; the
+            # agent then rightly starts nothing placed under the deposed term (fresh_if_placed_
+            # here), so the new term stamps the placement again, as the HA controller's does.
+            async def leading() -> bool:
+                return cluster.elector.is_leader and cluster.token == await leader_token(store)
+
+            await eventually(leading, "the stand-in controller leading")
+            placement = (await cluster.vm("vm1")).status.placement
+            if placement is None or placement.token != cluster.token:
+                await cluster.place("vm1", "fencer")
 
             async def restarted() -> bool:
                 return await domain_state(fencer, "vm1") is DomainState.RUNNING
