@@ -61,3 +61,29 @@ async def test_a_request_left_behind_that_fails_later_is_not_reported_as_unretri
     finally:
         release.set()
         loop.set_exception_handler(None)
+
+
+async def test_a_request_failing_as_its_callers_timeout_cancels_it_is_not_unretrieved() -> None:
+    """The caller's own timeout cancels `unless_lost`; the request, cancelled in turn, ends
+    with an error of its own (as a gRPC call does): that error is taken too."""
+    unretrieved: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+
+    async def failing_when_cancelled() -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("CANCELLED: the call was cancelled") from None
+        return "never"
+
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await etcd_members.unless_lost(asyncio.Event(), "member", failing_when_cancelled())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        gc.collect()
+        assert unretrieved == []
+    finally:
+        loop.set_exception_handler(None)

@@ -145,6 +145,7 @@ async def unless_lost(lost: asyncio.Event, target: str, awaitable: Awaitable[T])
     timeout has already fired and cannot fire again.
     """
     task = asyncio.ensure_future(awaitable)
+    task.add_done_callback(_take_outcome)
     waiter = asyncio.ensure_future(lost.wait())
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -155,18 +156,17 @@ async def unless_lost(lost: asyncio.Event, target: str, awaitable: Awaitable[T])
         _, stuck = await asyncio.wait({task, waiter}, timeout=CANCEL_GRACE)
         if stuck:
             log.warning("a request to etcd member %s did not end when cancelled: left", target)
-            task.add_done_callback(_left_behind_ended)
     if task.done() and not task.cancelled():
         return task.result()
     raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"etcd member {target} stopped answering")
 
 
-def _left_behind_ended(task: asyncio.Future[Any]) -> None:
-    """Take the outcome of a request left behind by `unless_lost` once it ends: its caller has
-    already been answered, so a late failure is only logged (else asyncio reports it as "Task
-    exception was never retrieved")."""
+def _take_outcome(task: asyncio.Future[Any]) -> None:
+    """Mark a request's failure as seen. Its caller may have moved on (the request was left
+    behind, or the caller itself was cancelled by its own timeout and the request then failed):
+    without this asyncio reports each as "Task exception was never retrieved"."""
     if not task.cancelled() and (failure := task.exception()) is not None:
-        log.debug("a request left behind ended later: %s", failure)
+        log.debug("a request to etcd ended with %s", failure)
 
 
 class Members:
