@@ -6,10 +6,11 @@ means; nothing else in kvmctl dials etcd.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.rtypes
 import aetcd.watcher
 import grpc
 
@@ -202,14 +204,71 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]
         self.clusterstub = self.stub(aetcd.rpc.ClusterStub)
         self.leasestub = self.stub(aetcd.rpc.LeaseStub)
         self.maintenancestub = self.stub(aetcd.rpc.MaintenanceStub)
-        self._watcher = aetcd.watcher.Watcher(
+        self._connected.set()  # no shared watcher: each watch has its own (`watch`)
+
+    async def watch(
+        self,
+        key: bytes,
+        range_end: bytes | None = None,
+        start_revision: int | None = None,
+        progress_notify: bool = False,
+        kind: aetcd.rtypes.EventKind | None = None,
+        prev_kv: bool = False,
+        watch_id: int | None = None,
+        fragment: bool = False,
+    ) -> aetcd.rtypes.Watch:
+        """aetcd's watch (and so `watch_prefix`), on a gRPC stream of its own.
+
+        aetcd multiplexes a client's watches on one stream and hands etcd's "created" reply to
+        whichever watch is being created when it arrives: after a create timed out on a slow
+        etcd, its late reply went to the next watch created (another prefix's) and that one's
+        own was cancelled, so it got the other prefix's events and never its own (one agent of
+        the 50-host rack: its VirtualMachine cache stopped for good; tests/test_store_watch_
+        streams.py). With one watch per stream a late reply can only be this watch's.
+        """
+        await self.connect()
+        watcher = aetcd.watcher.Watcher(
             self.stub(aetcd.rpc.WatchStub), timeout=self._timeout, metadata=self.metadata
         )
-        self._connected.set()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        try:
+            created = await watcher.add_callback(
+                key,
+                events.put,
+                range_end=range_end,
+                start_revision=start_revision,
+                progress_notify=progress_notify,
+                kind=kind,
+                prev_kv=prev_kv,
+                watch_id=watch_id,
+                fragment=fragment,
+            )
+        except grpc.aio.AioRpcError as error:
+            await watcher.shutdown()
+            aetcd.exceptions._handle_exception(error)
+            raise
+        except BaseException:
+            await watcher.shutdown()
+            raise
+
+        async def cancel() -> None:
+            await events.put(None)
+            await watcher.shutdown()
+
+        async def iterator() -> AsyncIterator[aetcd.rtypes.Event]:
+            try:
+                while (event := await events.get()) is not None:
+                    if isinstance(event, grpc.aio.AioRpcError):
+                        aetcd.exceptions._handle_exception(event)
+                    if isinstance(event, Exception):
+                        raise event
+                    yield event
+            finally:
+                await watcher.shutdown()
+
+        return aetcd.rtypes.Watch(iterator, cancel, created.watch_id)
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            await self._watcher.shutdown()
         if self.etcd_members is not None:
             await self.etcd_members.close()
         self.etcd_members = None
