@@ -24,7 +24,11 @@ import pytest
 
 from controller.runtime.store import Store
 from crds import Event
-from e2e.guest.build import KERNEL_CMDLINE, ensure_watchdog_guest_image
+from e2e.guest.build import (
+    KERNEL_CMDLINE,
+    WATCHDOG_GUEST_MEMORY_MIB,
+    ensure_watchdog_guest_image,
+)
 from e2e.guest.console import last_boot
 from e2e.harness.agent_lab import (
     KVMCTL,
@@ -119,6 +123,7 @@ async def watchdog_guest(
         controller,
         name,
         "host-a",
+        memoryMiB=WATCHDOG_GUEST_MEMORY_MIB,
         boot={"kernel": str(image.kernel), "initrd": str(image.initrd), "cmdline": KERNEL_CMDLINE},
         health={
             "watchdog": {"model": "i6300esb", "action": action},
@@ -239,6 +244,7 @@ async def test_a_guest_that_keeps_hanging_is_reset_then_relocated_by_the_control
     vm = guest_vm(
         name,
         agent_lab.image,
+        memoryMiB=WATCHDOG_GUEST_MEMORY_MIB,
         boot={"kernel": str(image.kernel), "initrd": str(image.initrd), "cmdline": KERNEL_CMDLINE},
         health={"guestAgent": {"intervalSeconds": 2, "failures": 2}},
         restartPolicy={"maxRestarts": 1, "windowSeconds": 3600, "maxRelocations": 1},
