@@ -1,18 +1,19 @@
 """Guest health on real parts (docs/ha.md, "Guest health"): a `kvmctl agent` in a simulated host
 with its own libvirtd pings the TCG test guest's guest agent and watches its i6300esb watchdog.
 
-The guest (e2e/guest/init.sh, on the kernel lab's generic kernel for its i6300esb driver) answers
-guest-sync and guest-ping on org.qemu.guest_agent.0 and is told through that same channel, with
-libvirt's qemuAgentCommand as `virsh qemu-agent-command` sends it, to stop answering
-(`kvmctl-hang-agent`) or to stop feeding its watchdog (`kvmctl-starve-watchdog`). The last test
-runs a real `kvmctl controller` (the HA engine) instead of the stand-in, so that a guest given up
-on host-a is relocated to host-b.
+The guest (e2e/guest/init.sh, on the kernel lab's generic kernel for its i6300esb driver) runs
+Debian's qemu-ga (7.2) on org.qemu.guest_agent.0. The tests speak to it through libvirt's
+qemuAgentCommand, as `virsh qemu-agent-command` sends it: `guest-exec` of the guest's
+`/bin/kvmctl-hang-agent` SIGSTOPs qemu-ga, of `/bin/kvmctl-starve-watchdog` SIGKILLs the watchdog
+feeder. The last test runs a real `kvmctl controller` (the HA engine) instead of the stand-in, so
+that a guest given up on host-a is relocated to host-b.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,11 @@ import pytest
 
 from controller.runtime.store import Store
 from crds import Event
-from e2e.guest.build import KERNEL_CMDLINE, ensure_watchdog_guest_image
+from e2e.guest.build import (
+    KERNEL_CMDLINE,
+    WATCHDOG_GUEST_MEMORY_MIB,
+    ensure_watchdog_guest_image,
+)
 from e2e.guest.console import last_boot
 from e2e.harness.agent_lab import (
     KVMCTL,
@@ -40,24 +45,47 @@ from e2e.harness.agent_lab import (
 )
 from e2e.harness.hosts import REPO_ROOT, SimulatedHost
 
-ANSWERED = b"kvmctl-guest answered guest-ping"
+ANSWERED = b"qemu-ga: info: guest-ping called"
+"""qemu-ga's syslog line for a guest-ping it ran (the guest copies syslog to its console)."""
 FEEDING = b"kvmctl-guest feeding the watchdog"
 
 
-async def agent_command(host: SimulatedHost, name: str, command: str) -> str:
+async def agent_command(host: SimulatedHost, name: str, execute: str, **arguments: Any) -> Any:
     """Send one command to the domain's guest agent through the host's libvirtd; its reply."""
+    request = json.dumps({"execute": execute, **({"arguments": arguments} if arguments else {})})
 
     def send() -> str:
         connection = libvirt.open(host.libvirt_uri)
         try:
             reply: str = libvirt_qemu.qemuAgentCommand(
-                connection.lookupByName(name), f'{{"execute":"{command}"}}', 30, 0
+                connection.lookupByName(name), request, 30, 0
             )
             return reply
         finally:
             connection.close()
 
-    return await asyncio.to_thread(send)
+    return json.loads(await asyncio.to_thread(send))
+
+
+async def guest_exec(host: SimulatedHost, name: str, script: str) -> int:
+    """Start the guest's `/bin/<script>` with guest-exec; the PID qemu-ga answers with at once."""
+    reply = await agent_command(host, name, "guest-exec", path=f"/bin/{script}")
+    match reply:
+        case {"return": {"pid": int(pid)}}:
+            return pid
+    raise AssertionError(f"guest-exec {script}: {reply}")
+
+
+async def starve_watchdog(host: SimulatedHost, name: str) -> None:
+    """Have the guest kill its watchdog feeder; wait until the script exited, and with 0."""
+    pid = await guest_exec(host, name, "kvmctl-starve-watchdog")
+
+    async def exited() -> dict[str, Any] | None:
+        status = await agent_command(host, name, "guest-exec-status", pid=pid)
+        return status if status["return"]["exited"] else None
+
+    status = await eventually(exited, f"kvmctl-starve-watchdog (pid {pid}) exited in {name}")
+    assert status == {"return": {"exited": True, "exitcode": 0}}
 
 
 async def unresponsive_events(controller: Controller, name: str, check: str) -> list[Event]:
@@ -95,6 +123,7 @@ async def watchdog_guest(
         controller,
         name,
         "host-a",
+        memoryMiB=WATCHDOG_GUEST_MEMORY_MIB,
         boot={"kernel": str(image.kernel), "initrd": str(image.initrd), "cmdline": KERNEL_CMDLINE},
         health={
             "watchdog": {"model": "i6300esb", "action": action},
@@ -120,8 +149,8 @@ async def test_hung_guest_agent_and_starved_watchdog_reset_the_guest_in_place(
     pid = await watchdog_guest(agent_lab, controller, name, "reset", restartPolicy=policy)
 
     # The agent's pings are answered (the check is armed); then the guest agent hangs.
-    assert await agent_command(host, name, "guest-ping") == '{"return":{}}'
-    assert await agent_command(host, name, "kvmctl-hang-agent") == '{"return":{}}'
+    assert await agent_command(host, name, "guest-ping") == {"return": {}}
+    await guest_exec(host, name, "kvmctl-hang-agent")
     await eventually(lambda: boots(agent_lab, name) == 2, f"{name} reset after the agent hung")
     assert host.qemu_guests().get(name) == pid  # reset in place, not restarted
     await restarts_counted(controller, name, 1)
@@ -131,7 +160,7 @@ async def test_hung_guest_agent_and_starved_watchdog_reset_the_guest_in_place(
     # Armed again by the rebooted guest's answers; then it stops feeding its watchdog device.
     await eventually(lambda: ANSWERED in last_boot(log), f"{name} answering again after the reset")
     assert FEEDING in last_boot(log)
-    assert await agent_command(host, name, "kvmctl-starve-watchdog") == '{"return":{}}'
+    await starve_watchdog(host, name)
     await eventually(lambda: boots(agent_lab, name) == 3, f"{name} reset by its watchdog")
     assert host.qemu_guests().get(name) == pid
     await restarts_counted(controller, name, 2)
@@ -163,7 +192,7 @@ async def test_a_watchdog_poweroff_is_a_guest_failure_restarted_and_counted(
     policy = {"maxRestarts": 3, "windowSeconds": 3600}
     pid = await watchdog_guest(agent_lab, controller, name, "poweroff", restartPolicy=policy)
 
-    assert await agent_command(host, name, "kvmctl-starve-watchdog") == '{"return":{}}'
+    await starve_watchdog(host, name)
     await eventually(lambda: boots(agent_lab, name) == 2, f"{name} started again")
     assert host.qemu_guests().get(name) not in (None, pid)  # powered off, then started anew
     await restarts_counted(controller, name, 1)
@@ -215,6 +244,7 @@ async def test_a_guest_that_keeps_hanging_is_reset_then_relocated_by_the_control
     vm = guest_vm(
         name,
         agent_lab.image,
+        memoryMiB=WATCHDOG_GUEST_MEMORY_MIB,
         boot={"kernel": str(image.kernel), "initrd": str(image.initrd), "cmdline": KERNEL_CMDLINE},
         health={"guestAgent": {"intervalSeconds": 2, "failures": 2}},
         restartPolicy={"maxRestarts": 1, "windowSeconds": 3600, "maxRelocations": 1},
@@ -233,7 +263,7 @@ async def test_a_guest_that_keeps_hanging_is_reset_then_relocated_by_the_control
             pid = host_a.qemu_guests()[name]
 
             # First hang: reset in place, counted (1 of 1).
-            assert await agent_command(host_a, name, "kvmctl-hang-agent") == '{"return":{}}'
+            await guest_exec(host_a, name, "kvmctl-hang-agent")
             await eventually(lambda: boots(agent_lab, name) == 2, f"{name} reset on host-a")
             assert host_a.qemu_guests().get(name) == pid
             await restarts_counted(reader, name, 1)
@@ -242,7 +272,7 @@ async def test_a_guest_that_keeps_hanging_is_reset_then_relocated_by_the_control
             await eventually(lambda: ANSWERED in last_boot(log), f"{name} answering again")
 
             # Second hang, at the limit: the agent gives up here, the controller relocates.
-            assert await agent_command(host_a, name, "kvmctl-hang-agent") == '{"return":{}}'
+            await guest_exec(host_a, name, "kvmctl-hang-agent")
             (limit,) = await reader.events(name, "RestartLimitReached")
             assert limit.spec.message == (
                 "guest agent did not answer 2 guest-pings in a row (2 s apart) on host-a: "

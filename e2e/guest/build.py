@@ -2,17 +2,19 @@
 
 The default image runs Debian's cloud kernel, from the package that `linux-image-cloud-amd64`
 depends on, fetched with `apt-get download` (the only network access) and unpacked with `dpkg -x`;
-the modules `init.sh` needs are kept too (ACPI button and evdev, virtio-serial). The initramfs is a
+the modules `init.sh` needs are kept too (ACPI button and evdev, virtio-serial). Debian's
+qemu-ga comes the same way from `qemu-guest-agent` (the candidate version). The initramfs is a
 newc cpio archive written here with the standard library: busybox-static, `init.sh` as `/init`,
-the modules with `/lib/modules/order` (their load order) and a `/dev/console` node. Its `/init`
-powers off on the ACPI power button, answers a minimal qemu-guest-agent if the domain has its
-channel, and prints `tick N` on ttyS0 every 100 ms.
+qemu-ga with the libraries and loader `ldd` resolves for it on this host (at their paths), the
+`GUEST_SCRIPTS` in `/bin`, the modules with `/lib/modules/order` (their load order) and a
+`/dev/console` node. Its `/init` powers off on the ACPI power button, runs qemu-ga if the domain
+has its channel, and prints `tick N` on ttyS0 every 100 ms.
 
 The cloud kernel has no i6300esb driver: `ensure_watchdog_guest_image` boots the same `init.sh` on
 the kernel lab's generic kernel (e2e/kernellab/build.py builds it) with its i6300esb module.
 
 Everything lands in `e2e/guest/build/` and is rebuilt only when missing; the initramfs name carries
-a hash of its inputs, so editing `init.sh` gives a new file.
+a hash of its inputs (qemu-ga's package version too), so editing `init.sh` gives a new file.
 
     python -m e2e.guest.build     # prints the kernel and initrd paths of both images
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gzip
 import hashlib
 import re
 import shutil
@@ -42,8 +45,16 @@ BUILD_DIR = GUEST_DIR / "build"
 INIT_SCRIPT = GUEST_DIR / "init.sh"
 BUSYBOX = Path("/bin/busybox")
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+QEMU_GA_PACKAGE = "qemu-guest-agent"
+QEMU_GA = "usr/sbin/qemu-ga"
+"""Where qemu-ga is, in its package and in the initramfs (with the libraries it loads)."""
+GUEST_SCRIPTS = ("kvmctl-hang-agent", "kvmctl-starve-watchdog")
+"""Scripts of this directory put into the guest's /bin, for the tests to guest-exec."""
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 DEFAULT_MEMORY_MIB = 96
+WATCHDOG_GUEST_MEMORY_MIB = 128
+"""The generic kernel is bigger: at 96 MiB it ran out of memory unpacking the initramfs now and
+then (one boot in a few, since qemu-ga and its libraries are in it)."""
 GUEST_MODULES = (
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
@@ -168,19 +179,13 @@ def _ensure_kernel() -> Path:
     )
     if existing:
         return existing[-1]
-    package = _kernel_package()
-    with tempfile.TemporaryDirectory(prefix="kvmctl-guest-kernel-", dir=BUILD_DIR) as scratch_name:
-        scratch = Path(scratch_name)
-        # The sandbox user _apt cannot write into a private temp dir: download as root.
-        _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", package], cwd=scratch)
-        debs = list(scratch.glob("*.deb"))
-        if len(debs) != 1:
-            raise GuestBuildError(f"apt-get download {package} gave {len(debs)} .deb files")
-        unpacked = scratch / "root"
-        _run(["dpkg", "-x", str(debs[0]), str(unpacked)])
+    package = _apt_lookup(
+        ["apt-cache", "depends", KERNEL_METAPACKAGE], r"Depends:\s*(linux-image-\S+-cloud-amd64)"
+    )
+    with _unpacked(package) as (scratch, unpacked):
         kernels = list((unpacked / "boot").glob("vmlinuz-*"))
         if len(kernels) != 1:
-            raise GuestBuildError(f"{debs[0].name} holds {len(kernels)} kernels in /boot")
+            raise GuestBuildError(f"{package} holds {len(kernels)} kernels in /boot")
         version = kernels[0].name.removeprefix("vmlinuz-")
         staging = scratch / "kernel"
         staging.mkdir()
@@ -188,7 +193,7 @@ def _ensure_kernel() -> Path:
         for module in GUEST_MODULES:
             source = unpacked / "lib" / "modules" / version / "kernel" / module
             if not source.is_file():
-                raise GuestBuildError(f"{debs[0].name} has no module {module}")
+                raise GuestBuildError(f"{package} has no module {module}")
             shutil.copyfile(source, staging / source.name)
         target = BUILD_DIR / f"kernel-{version}"
         target.mkdir(exist_ok=True)
@@ -197,49 +202,94 @@ def _ensure_kernel() -> Path:
         return target
 
 
-def _kernel_package() -> str:
-    """The versioned kernel package the cloud metapackage depends on."""
+def _ensure_qemu_ga() -> tuple[str, Path]:
+    """Debian's qemu-ga, of the package version apt would install now, unpacked once into the
+    build dir: (that version, the binary)."""
+    version = _apt_lookup(["apt-cache", "policy", QEMU_GA_PACKAGE], r"Candidate:\s*(\d\S*)")
+    binary = BUILD_DIR / f"qemu-ga-{version.replace(':', '_')}" / "qemu-ga"
+    if not binary.is_file():
+        with _unpacked(f"{QEMU_GA_PACKAGE}={version}") as (_, unpacked):
+            binary.parent.mkdir(exist_ok=True)
+            (unpacked / QEMU_GA).replace(binary)
+    return version, binary
+
+
+@contextmanager
+def _unpacked(package: str) -> Iterator[tuple[Path, Path]]:
+    """`package` fetched with `apt-get download` and unpacked with `dpkg -x` in a scratch dir
+    of the build dir: (the scratch dir, the unpacked tree), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="kvmctl-guest-deb-", dir=BUILD_DIR) as scratch_name:
+        scratch = Path(scratch_name)
+        # The sandbox user _apt cannot write into a private temp dir: download as root.
+        _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", package], cwd=scratch)
+        debs = list(scratch.glob("*.deb"))
+        if len(debs) != 1:
+            raise GuestBuildError(f"apt-get download {package} gave {len(debs)} .deb files")
+        unpacked = scratch / "root"
+        _run(["dpkg", "-x", str(debs[0]), str(unpacked)])
+        yield scratch, unpacked
+
+
+def _apt_lookup(argv: list[str], pattern: str) -> str:
+    """The first group of `pattern` in the output of the apt-cache command `argv`."""
     for attempt in range(2):
         if attempt == 1:  # no package lists yet (fresh CI machine): fetch them once
             _run(["apt-get", "update", "-qq"])
-        depends = subprocess.run(
-            ["apt-cache", "depends", KERNEL_METAPACKAGE],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        match = re.search(r"Depends:\s*(linux-image-\S+-cloud-amd64)", depends)
+        output = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+        match = re.search(pattern, output)
         if match:
             return match.group(1)
-    raise GuestBuildError(f"apt-cache finds no kernel package behind {KERNEL_METAPACKAGE}")
+    raise GuestBuildError(f"`{' '.join(argv)}` does not show {pattern!r}")
+
+
+def _shared_libraries(binary: Path) -> dict[str, bytes]:
+    """Every library `binary` loads and the dynamic loader, as ldd resolves them on this host,
+    by path (relative to /)."""
+    output = _run(["ldd", str(binary)])
+    if "not found" in output:
+        raise GuestBuildError(f"ldd {binary}: libraries missing on this host:\n{output}")
+    paths = re.findall(r"^\s*(?:\S+ => )?(/\S+) \(0x[0-9a-f]+\)$", output, re.MULTILINE)
+    if not paths:
+        raise GuestBuildError(f"ldd {binary} names no libraries:\n{output}")
+    return {path.lstrip("/"): Path(path).read_bytes() for path in paths}
 
 
 def _ensure_initrd(modules: list[Path]) -> Path:
-    """The initramfs with `init.sh` and `modules` (loaded in this order), named by its hash."""
+    """The initramfs with `init.sh`, qemu-ga and `modules` (loaded in this order), named by a
+    hash of its files and of qemu-ga's package version."""
     if not BUSYBOX.is_file():
         raise GuestBuildError(f"{BUSYBOX} is missing: install the Debian package busybox-static")
+    qemu_ga_version, qemu_ga = _ensure_qemu_ga()
     files = {
         "init": INIT_SCRIPT.read_bytes(),
         "bin/busybox": BUSYBOX.read_bytes(),
+        **{f"bin/{script}": (GUEST_DIR / script).read_bytes() for script in GUEST_SCRIPTS},
+        QEMU_GA: qemu_ga.read_bytes(),
+        **_shared_libraries(qemu_ga),
         "lib/modules/order": "".join(f"{module.name}\n" for module in modules).encode(),
         **{f"lib/modules/{module.name}": module.read_bytes() for module in modules},
     }
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(qemu_ga_version.encode() + b"\0")
     for name, content in files.items():
         digest.update(name.encode() + b"\0" + content)
-    target = BUILD_DIR / f"initrd-{digest.hexdigest()[:12]}.cpio"
+    target = BUILD_DIR / f"initrd-{digest.hexdigest()[:12]}.cpio.gz"
     if target.exists():
         return target
     partial = target.with_suffix(".partial")
-    partial.write_bytes(_initramfs(files))
+    # Compressed, the blob the kernel holds while it unpacks takes 3.8 MB, not 8.6: the cloud
+    # guest boots in 80 MiB again (an uncompressed one needed 96, the watchdog guest more).
+    partial.write_bytes(gzip.compress(_initramfs(files), mtime=0))
     partial.replace(target)
     return target
 
 
 def _initramfs(files: dict[str, bytes]) -> bytes:
-    """A newc cpio archive: directories, /dev/console, /bin/sh and the given files (all 0755)."""
+    """A newc cpio archive: the directories, /dev/console, /bin/sh and the given files (0755)."""
     archive = _CpioWriter()
-    for directory in ("bin", "dev", "lib", "lib/modules", "proc", "sys", "tmp"):
+    directories = {"dev", "proc", "run", "sys", "tmp"}
+    for name in files:
+        directories.update(str(parent) for parent in Path(name).parents if parent != Path("."))
+    for directory in sorted(directories):  # a parent sorts before its children
         archive.add(directory, stat.S_IFDIR | 0o755)
     archive.add("dev/console", stat.S_IFCHR | 0o600, device=(5, 1))
     archive.add("bin/sh", stat.S_IFLNK | 0o777, b"busybox")
