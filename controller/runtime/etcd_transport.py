@@ -269,28 +269,11 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]
         return aetcd.rtypes.Watch(iterator, cancel, created.watch_id)
 
     async def watch_once(
-        self,
-        key: bytes,
-        timeout: float | None = None,
-        range_end: bytes | None = None,
-        start_revision: int | None = None,
-        progress_notify: bool = False,
-        kind: aetcd.rtypes.EventKind | None = None,
-        prev_kv: bool = False,
-        watch_id: int | None = None,
-        fragment: bool = False,
+        self, key: bytes, timeout: float | None = None, **options: Any
     ) -> aetcd.rtypes.Event:
-        """aetcd's first-event watch (its lock waits with it), on a stream of its own: `watch`."""
-        watch = await self.watch(
-            key,
-            range_end=range_end,
-            start_revision=start_revision,
-            progress_notify=progress_notify,
-            kind=kind,
-            prev_kv=prev_kv,
-            watch_id=watch_id,
-            fragment=fragment,
-        )
+        """aetcd's first-event watch (its lock waits with it), on a stream of its own: `watch`
+        with the same `options`."""
+        watch = await self.watch(key, **options)
         try:
             async with asyncio.timeout(timeout):
                 async for event in watch:
