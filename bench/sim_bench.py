@@ -24,7 +24,7 @@ from typing import Any
 
 from controller.ha import scenario, scenario_run
 from controller.ha.engine import Engine
-from controller.ha.environment import Action, HaTimings, World
+from controller.ha.environment import Action, World
 
 VICTIM = "n001"
 CUT_AT = 10
@@ -64,9 +64,6 @@ class TimedEngine(Engine):
     """The engine as the simulator runs it, with the wall time of every step recorded."""
 
     steps: list[float] = []
-
-    def __init__(self, timings: HaTimings) -> None:
-        super().__init__(timings, wake_for_silence=False)
 
     def step(self, world: World) -> list[Action]:
         started = time.perf_counter()

@@ -40,7 +40,8 @@ from controller.runtime.store import Compare, Store
 from crds import ClusterNode
 from reconcilers.drivers.fence import FenceRunner
 
-from .engine import DEFAULT_PERIOD, Engine, run
+from .engine import Engine
+from .engine_loop import DEFAULT_PERIOD, run
 from .environment import Emit, HaTimings, break_gap
 from .guest_fence import GuestFenceController
 from .production import EtcdEnvironment

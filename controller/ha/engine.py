@@ -1,6 +1,6 @@
 """The HA decision engine: node health, fencing, recovery, restart policy, drain and failback.
 
-`Engine.step(world)` reads one snapshot and returns the actions to take; `run(engine, env)`
+`Engine.step(world)` reads one snapshot and returns the actions to take; `engine_loop.run`
 loops it over an `Environment`. The engine keeps only transient state (fence attempts in flight,
 retry backoff, which warnings it already reported): everything that matters for safety is in the
 world (node health and fence confirmation, placements), so a new leader carries on from the
@@ -12,8 +12,6 @@ The parts: `engine_nodes.py` (node health and fencing), `engine_vms.py` (VM deci
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 
 from crds.clusternode import NodeHealth
@@ -22,16 +20,12 @@ from .engine_nodes import NodeDecisions
 from .engine_vms import VmDecisions
 from .environment import (
     Action,
-    Environment,
     SetAdmissionHold,
     SetDiskConflict,
     World,
     silent_nodes,
 )
 from .placement import DiskHolders, Usage
-
-DEFAULT_PERIOD = 0.5
-"""The production loop looks again at least this often even when nothing changed."""
 
 
 class Engine(NodeDecisions, VmDecisions):
@@ -81,24 +75,3 @@ class Engine(NodeDecisions, VmDecisions):
                 self._actions.append(SetAdmissionHold(vm.name, None))
         self._report_drains()
         return self._actions
-
-
-async def run(
-    engine: Engine,
-    env: Environment,
-    period: float = DEFAULT_PERIOD,
-    around_step: Callable[[], AbstractContextManager[object]] = nullcontext,
-) -> None:
-    """Observe, decide, act, wait; until the environment says stop.
-
-    Each observe-and-act runs inside `around_step()` (production: a reconcile span).
-    """
-    while True:
-        with around_step():
-            world = await env.observe()
-            await env.apply_step(engine.step(world))
-        until = world.now + period
-        if engine.next_wakeup is not None:
-            until = min(until, engine.next_wakeup)
-        if not await env.wait(until):
-            return

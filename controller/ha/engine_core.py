@@ -56,11 +56,8 @@ class EngineCore:
     _plan: dict[str, str] | None
     _planned: bool
 
-    def __init__(self, timings: HaTimings | None = None, wake_for_silence: bool = True) -> None:
-        """`wake_for_silence`: set a timer for when each heard node would turn silent (off
-        in the simulator, which wakes the engine itself when the silent nodes change)."""
+    def __init__(self, timings: HaTimings | None = None) -> None:
         self.timings = timings or HaTimings()
-        self._wake_for_silence = wake_for_silence
         self._known = KnownResources(Claims(macs=False))
         self._fencing: dict[str, _Fencing] = {}
         self._next_attempt = 1
@@ -69,7 +66,8 @@ class EngineCore:
         self._drained: set[str] = set()
         self._storage = StorageLossWatch()
         self.next_wakeup: float | None = None
-        """The earliest time a timer of the engine fires (self-fence grace, fence retry)."""
+        """The earliest time a timer of the engine fires (self-fence grace, fence retry, restart
+        window); when a node may turn silent is the loop's to watch (`engine_loop.silence_look`)."""
 
     @property
     def _now(self) -> float:

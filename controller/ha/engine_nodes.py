@@ -32,14 +32,7 @@ class NodeDecisions(EngineCore):
         server-side expiry (docs/ha.md)."""
         if not power_fenced(node.spec):
             return False
-        if node.name in self._silent:
-            return True
-        if self._wake_for_silence and node.heard is not None and node.health == "Online":
-            turns_silent = node.heard.last + self.timings.suspect_after
-            # Past that, it waits for witnesses (`silent_nodes`): look again soon.
-            soon = self._now + self.timings.suspect_after / 4
-            self._wake_at(turns_silent if turns_silent > self._now else soon)
-        return False
+        return node.name in self._silent
 
     def _lost(self, node: NodeView) -> bool:
         """Lease gone, silent, or to be fenced for its lost storage (`storage_loss.py`)."""

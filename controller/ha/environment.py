@@ -3,7 +3,7 @@
 The engine is pure decision code. An `Environment` gives it a snapshot of the world (`World`) and
 carries out its `Action`s. Production implements the environment over etcd (objects, agent
 leases, the leader's fencing token) and the fence-agent runner; the simulator implements it over
-simulated hosts and a virtual clock. Both run the same `controller.ha.engine.run` loop.
+simulated hosts and a virtual clock. Both run the same `controller.ha.engine_loop.run` loop.
 
 Times are seconds on the controller's monotonic clock (virtual in the simulator).
 """

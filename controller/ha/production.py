@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from datetime import datetime
 
 from controller.runtime.store import StoreError
 from controller.runtime.tasks import cancel_and_wait
@@ -95,27 +94,24 @@ class EtcdEnvironment(WorldViews, ActionWrites, FenceRuns):
     async def observe(self) -> World:
         self._changed.clear()
         self._skip_writes = False
-        now, wall = self._loop.time(), precise_now()
-
-        def mono(moment: datetime) -> float:
-            return now - (wall - moment).total_seconds()
-
+        now = self._loop.time()
+        if self._clock.update(now, precise_now()):
+            self._vm_views.clear()  # their stored times convert anew
         nodes = [n for n in self._objects("ClusterNode") if isinstance(n, ClusterNode)]
         vms = [v for v in self._objects("VirtualMachine") if isinstance(v, VirtualMachine)]
         self.failovers.observe(vms, now)
-        migrations = [
-            m
-            for m in self._objects("VirtualMachineMigration")
-            if isinstance(m, VirtualMachineMigration)
-        ]
-        node_views = {node.metadata.name: self._node_view(node, vms, now, mono) for node in nodes}
-        vm_views: dict[str, VmView] = {}
+        migrations: dict[str, list[VirtualMachineMigration]] = {}
+        for migration in self._objects("VirtualMachineMigration"):
+            if isinstance(migration, VirtualMachineMigration):
+                migrations.setdefault(migration.spec.vm, []).append(migration)
+        node_views = {n.metadata.name: self._node_view(n, vms, now, self._clock) for n in nodes}
         self._migration_names = {}
-        for vm in vms:
-            if vm.metadata.deletion_timestamp is not None:
-                continue
-            mine = [m for m in migrations if m.spec.vm == vm.metadata.name]
-            vm_views[vm.metadata.name] = self._vm_view(vm, mine, now, mono)
+        self._vm_views = {
+            vm.metadata.name: self._kept_vm_view(vm, migrations.get(vm.metadata.name, []), now)
+            for vm in vms
+            if vm.metadata.deletion_timestamp is None
+        }
+        vm_views = {name: view for name, (_, view) in self._vm_views.items()}
         results, self._fence_results = tuple(self._fence_results), []
         policy = self._informers["ClusterPolicy"].get(POLICY_NAME)
         self._world = World(
@@ -126,6 +122,16 @@ class EtcdEnvironment(WorldViews, ActionWrites, FenceRuns):
             admission=policy.spec.admission if isinstance(policy, ClusterPolicy) else None,
         )
         return self._world
+
+    def _kept_vm_view(
+        self, vm: VirtualMachine, migrations: list[VirtualMachineMigration], now: float
+    ) -> tuple[VirtualMachine, VmView]:
+        """The view of `vm`, built again only when its object changed or it has migrations
+        (whose views also note the migrations to acknowledge)."""
+        kept = self._vm_views.get(vm.metadata.name)
+        if kept is not None and kept[0] is vm and not migrations:
+            return kept
+        return vm, self._vm_view(vm, migrations, now, self._clock)
 
     async def apply(self, action: Action) -> None:
         if self.deposed:

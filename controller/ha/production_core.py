@@ -15,10 +15,10 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.informer import SharedInformers
 from controller.runtime.peers import PeerTable
 from controller.runtime.store import Store
-from crds import AnyResource
+from crds import AnyResource, VirtualMachine
 from reconcilers.drivers.fence import FenceRunner
 
-from .environment import FenceResult, HaTimings, World
+from .environment import FenceResult, HaTimings, VmView, World
 from .failover_clock import FailoverClock
 from .storage_loss import FirstSeen
 from .world_keys import WorldKeys
@@ -35,9 +35,35 @@ ADMISSION_HELD = "AdmissionHeld"
 """Condition on a VirtualMachine left Pending because starting it breaks admission control."""
 
 
+CLOCK_SLACK = 0.05
+"""Seconds the wall clock may drift from the loop's before stored times convert anew."""
+
+
 def precise_now() -> datetime:
     """Wall-clock time with microseconds (crds.meta.now drops them)."""
     return datetime.now(UTC)
+
+
+class WallToLoop:
+    """Stored wall-clock times on the event loop's clock, with one offset until the two clocks
+    drift apart by more than `CLOCK_SLACK` (the wall clock was stepped): a stored time then
+    converts to the same value at every observation, so the views built from it compare equal
+    and can be kept (`EtcdEnvironment.observe`)."""
+
+    def __init__(self) -> None:
+        self._offset: float | None = None
+
+    def update(self, now: float, wall: datetime) -> bool:
+        """Take both clocks at an observation; True when the offset moved."""
+        offset = wall.timestamp() - now
+        if self._offset is not None and abs(offset - self._offset) <= CLOCK_SLACK:
+            return False
+        self._offset = offset
+        return True
+
+    def __call__(self, moment: datetime) -> float:
+        assert self._offset is not None, "update() comes first"
+        return moment.timestamp() - self._offset
 
 
 class EnvironmentCore:
@@ -73,6 +99,9 @@ class EnvironmentCore:
         self._peers = peers
         self._ack_seen: dict[str, float] = {}
         self._crashes: dict[str, tuple[datetime | None, float]] = {}
+        self._clock = WallToLoop()
+        self._vm_views: dict[str, tuple[VirtualMachine, VmView]] = {}
+        """The view built of each VM object without migrations, kept while the object is."""
         self._own_keys = keys is None
         self.keys = WorldKeys(store, changed) if keys is None else keys
         self._tasks: list[asyncio.Task[None]] = []

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .engine import Engine, run
+from .engine import Engine
+from .engine_loop import run
 from .environment import HaTimings
 from .scenario import Scenario
 from .simulator import Simulator
@@ -50,21 +51,17 @@ def command_action(sim: Simulator, command: str) -> Callable[[], None]:
     return run_command
 
 
-def sim_engine(timings: HaTimings) -> Engine:
-    """The engine as the simulator runs it: the simulator wakes it when a node turns silent."""
-    return Engine(timings, wake_for_silence=False)
-
-
 async def simulate(
     sim: Simulator,
-    new_engine: Callable[[HaTimings], Engine] = sim_engine,
+    new_engine: Callable[[HaTimings], Engine] = Engine,
     period: float = math.inf,
 ) -> None:
     """Run the engine against the simulator until its end, with a fresh engine (`new_engine`)
-    after every controller restart (as a new leader would start). No periodic look by
-    default: the simulator wakes the engine whenever something it sees changed."""
+    after every controller restart (as a new leader would start). No periodic step by
+    default: the simulator wakes the loop whenever something the engine sees changed; with
+    `period` 0 the engine steps on every tick."""
     while True:
-        await run(new_engine(sim.timings), sim, period=period)
+        await run(new_engine(sim.timings), sim, period=period, idle_period=period)
         await sim.until_leading()
         if sim.finished:
             return
@@ -105,7 +102,7 @@ def summary(sim: Simulator) -> list[str]:
 async def run_scenario(
     scenario: Scenario,
     echo: Callable[[str], None] | None = None,
-    new_engine: Callable[[HaTimings], Engine] = sim_engine,
+    new_engine: Callable[[HaTimings], Engine] = Engine,
 ) -> Simulator:
     """Run a scenario to its end; the log is in `.lines` (plus `summary(sim)`)."""
     sim = build(scenario, echo)

@@ -82,7 +82,7 @@ __all__ = [
 
 
 class Simulator(AgentLoops, Controllers):
-    """An `Environment` over simulated hosts; drive it with `controller.ha.engine.run`."""
+    """An `Environment` over simulated hosts; drive it with `controller.ha.engine_loop.run`."""
 
     def __init__(
         self,
