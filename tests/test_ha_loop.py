@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from controller.ha.engine import Engine
-from controller.ha.engine_loop import news, run
+from controller.ha.engine_loop import news, run, silence_look, silent_now
 from controller.ha.environment import Action, Emit, Heard, NodeView, World
 from controller.ha.production import EtcdEnvironment
 from controller.ha.production_core import KINDS, WallToLoop, precise_now
@@ -136,11 +138,31 @@ def test_news_ignores_the_clock_and_heartbeat_arrivals_but_not_silence() -> None
     nodes = {name: node_view(name, Heard(last=10.0, since=0.0)) for name in names}
     first = World(now=10.0, nodes=nodes, vms={})
     later = {name: node_view(name, Heard(last=10.4, since=0.0)) for name in names}
-    assert news(first, 1.0) == news(World(now=10.5, nodes=later, vms={}), 1.0)
+    assert key(first) == key(World(now=10.5, nodes=later, vms={}))
     silent = {**later, "a": node_view("a", Heard(last=10.0, since=0.0))}
     silent["b"] = node_view("b", Heard(last=11.4, since=0.0))
     silent["c"] = node_view("c", Heard(last=11.4, since=0.0))
-    assert news(first, 1.0) != news(World(now=11.5, nodes=silent, vms={}), 1.0)
+    assert key(World(now=11.5, nodes=silent, vms={})) != key(first)
+
+
+def test_the_loop_looks_when_silence_may_change_a_decision() -> None:
+    power = {"methods": [{"name": "ipmi", "devices": [{"agent": "fence_dummy"}]}]}
+    heard = Heard(last=10.0, since=0.0)
+    world = World(now=10.2, nodes={"a": node_view("a", heard, power)}, vms={})
+    assert silence_look(world, frozenset(), 1.0) == 11.0, "when it may turn silent"
+    assert silence_look(world, frozenset({"a"}), 1.0) == 10.45, "silent: when it may be heard"
+    late = World(now=11.2, nodes=world.nodes, vms={})
+    assert silence_look(late, frozenset(), 1.0) == 11.45, "past it: waiting for witnesses"
+    fencing = replace(world.nodes["a"], health="Fencing")
+    assert silence_look(replace(world, nodes={"a": fencing}), frozenset(), 1.0) is None
+    no_lease = replace(world.nodes["a"], lease_alive=False)
+    assert silence_look(replace(world, nodes={"a": no_lease}), frozenset(), 1.0) is None
+    self_fencing = node_view("a", heard)
+    assert silence_look(replace(world, nodes={"a": self_fencing}), frozenset(), 1.0) is None
+
+
+def key(world: World) -> tuple[object, ...]:
+    return news(world, silent_now(world, 1.0))
 
 
 def test_a_stored_time_converts_the_same_until_the_wall_clock_steps() -> None:
@@ -156,10 +178,10 @@ def test_a_stored_time_converts_the_same_until_the_wall_clock_steps() -> None:
     assert clock(moment) == pytest.approx(60.0)
 
 
-def node_view(name: str, heard: Heard) -> NodeView:
+def node_view(name: str, heard: Heard, fencing: dict[str, Any] | None = None) -> NodeView:
     return NodeView(
         name=name,
-        spec=node_object(name).spec,
+        spec=node_object(name, fencing).spec,
         health="Online",
         fence=None,
         lease_alive=True,

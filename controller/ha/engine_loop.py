@@ -28,27 +28,37 @@ IDLE_PERIOD = 10.0
 """With no news, the loop still steps this often."""
 
 
-def news(world: World, suspect_after: float) -> tuple[object, ...]:
-    """What a step decides from, but for the fence results and the engine's own timers.
-
-    Views the environment did not rebuild are the same objects, so comparing two of these
-    costs little more than a pass over the names."""
+def silent_now(world: World, suspect_after: float) -> frozenset[str]:
+    """The nodes the engine takes for silent in `world` (`silent_nodes`)."""
     heard = {node.name: node.heard for node in world.nodes.values()}
+    return silent_nodes(heard, world.now, suspect_after)
+
+
+def news(world: World, silent: frozenset[str]) -> tuple[object, ...]:
+    """What a step decides from, but for the fence results and the engine's own timers:
+    the world without its clock and without when each node was last heard (`silent`: which
+    nodes are silent). Views the environment did not rebuild are the same objects, so
+    comparing two of these costs little more than a pass over the names."""
     nodes = {name: replace(view, heard=None) for name, view in world.nodes.items()}
-    return nodes, silent_nodes(heard, world.now, suspect_after), world.vms, world.admission
+    return nodes, silent, world.vms, world.admission
 
 
-def silence_look(world: World, suspect_after: float) -> float | None:
-    """When a power-fenced Online node heard so far could first be found silent.
+def silence_look(world: World, silent: frozenset[str], suspect_after: float) -> float | None:
+    """When the silence of a power-fenced node may next change what the engine decides.
 
-    Past that moment its silence still waits for witnesses (`silent_nodes`): look again every
-    quarter of `suspect_after` meanwhile."""
+    That is a node heard in its agent's current lease, the lease alive, not being fenced: one
+    heard lately may first be found silent once its last datagram is `suspect_after` old;
+    past that (its silence waits for witnesses, `silent_nodes`), or silent already (it may be
+    heard again), look every quarter of `suspect_after`."""
     looks = []
+    soon = world.now + suspect_after / 4
     for node in world.nodes.values():
-        if node.heard is None or node.health != "Online" or not power_fenced(node.spec):
+        if node.heard is None or not node.lease_alive or not power_fenced(node.spec):
+            continue
+        if node.health not in ("Online", "Unknown", "Offline"):
             continue
         turns_silent = node.heard.last + suspect_after
-        looks.append(turns_silent if turns_silent > world.now else world.now + suspect_after / 4)
+        looks.append(soon if node.name in silent or turns_silent <= world.now else turns_silent)
     return min(looks, default=None)
 
 
@@ -69,7 +79,8 @@ async def run(
     acted = False
     while True:
         world = await env.observe()
-        key = news(world, suspect_after)
+        silent = silent_now(world, suspect_after)
+        key = news(world, silent)
         due = engine.next_wakeup is not None and world.now >= engine.next_wakeup
         idle = world.now >= stepped_at + idle_period
         if acted or due or idle or world.fence_results or key != seen:
@@ -79,7 +90,7 @@ async def run(
             seen, stepped_at = key, world.now
             acted = any(not isinstance(action, Emit) for action in actions)
         until = stepped_at + (period if acted else idle_period)
-        for timer in (engine.next_wakeup, silence_look(world, suspect_after)):
+        for timer in (engine.next_wakeup, silence_look(world, silent, suspect_after)):
             if timer is not None:
                 until = min(until, timer)
         if not await env.wait(until):
