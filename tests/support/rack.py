@@ -127,6 +127,20 @@ class Rack:
             return []
         return list(objects)
 
+    async def victims_at_home(self) -> bool:
+        """Whether every one of the victim's VMs still runs there (a loaded machine may have
+        had the victim's lease lapse, and its VMs recovered elsewhere, before the cut)."""
+        vms = await self._listing("VirtualMachine")
+        home = [
+            vm
+            for vm in vms
+            if isinstance(vm, VirtualMachine)
+            and vm.metadata.name in self.victim_vms
+            and runs_as_placed(vm)
+            and vm.status.node == self.victim
+        ]
+        return len(home) == len(self.victim_vms)
+
     async def victims_moved(self) -> list[VirtualMachine] | None:
         """The victim's VMs, once every one runs as placed on another host (else None)."""
         vms = await self.all_running()
