@@ -22,7 +22,8 @@ each process of agents (divided by their number for a per-agent mean) and of eac
 from /proc/PID/stat, plus each member's unary gRPC request latency histogram over that window (a
 request "over 100 ms" is one outside the 0.1 s bucket; streams are left out); check that the
 victim still runs all its VMs (on a loaded machine its lease may lapse during the apply and its
-VMs be recovered before the cut: the bench then says so and stops); then cut the victim's power (its agent stops: its lease lapses, its test host and domains go), and report the
+VMs be recovered before the cut: the bench then says so and stops); then cut the victim's
+power (its agent stops: its lease lapses, its test host and domains go), and report the
 detection time (cut to first placement) and the spreads of the victim's VMs' placements and
 starts from the first placement (also per host). During the failover the bench waits on the
 observer's lines: nothing lists the VMs on the in-process agents' loop. A two-copies checker
