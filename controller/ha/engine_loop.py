@@ -2,15 +2,15 @@
 
 `run(engine, env)` looks at the world whenever the environment says something changed, an
 engine timer fires (`Engine.next_wakeup`: a fence retry, a self-fence grace, a restart
-window) or a direct heartbeat may have turned silent (`silence_look`), and runs `Engine.step`
-only when the step could decide something (`news`): the world differs from the one the last
-step saw (the clock and the arrival times of direct heartbeats aside: only which nodes are
-silent counts), a fence attempt finished, a timer is due, or the last step acted (its writes
-may have failed: the next step tries again, at the latest `period` later). A step over the
-same world before any timer decides nothing (the simulator shows it: scenarios run with steps
-only on news give the logs of an engine stepping on every tick, `tests/test_ha_scenarios.py`),
-so a big idle cluster costs an observation per change and no step; `idle_period` is a safety
-net that steps anyway that often.
+window) or a power-fenced node's direct heartbeats may turn silent or be heard again
+(`silence_look`), and runs `Engine.step` only when the step could decide something (`news`):
+the world differs from the one the last step saw (the clock and the arrival times of direct
+heartbeats aside: only which nodes are silent counts), a fence attempt finished, a timer is
+due, or the last step acted (its writes may have failed: the next step tries again, at the
+latest `period` later). A step over the same world before any timer decides nothing (the
+simulator shows it: scenarios run with steps only on news give the logs of an engine stepping
+on every tick, `tests/test_ha_scenarios.py`), so a big idle cluster costs an observation per
+change and no step; `idle_period` is a safety net that steps anyway that often.
 """
 
 from __future__ import annotations
