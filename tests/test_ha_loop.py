@@ -39,6 +39,7 @@ from tests.support.ha import (
     report_running,
     vm_object,
 )
+from tests.support.views import node
 
 
 class CountingEngine(Engine):
@@ -179,17 +180,4 @@ def test_a_stored_time_converts_the_same_until_the_wall_clock_steps() -> None:
 
 
 def node_view(name: str, heard: Heard, fencing: dict[str, Any] | None = None) -> NodeView:
-    return NodeView(
-        name=name,
-        spec=node_object(name, fencing).spec,
-        health="Online",
-        fence=None,
-        lease_alive=True,
-        lease_lost_at=None,
-        clean_since=None,
-        fence_ack_at=None,
-        domains=frozenset(),
-        cpus=None,
-        memory_mib=None,
-        heard=heard,
-    )
+    return replace(node(name, fencing=fencing), heard=heard)
