@@ -18,6 +18,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from controller.apply import apply_one
 from controller.runtime import layout_keys
 from crds import VirtualMachine
 from e2e.guest.console import read_ticks, tick_gaps
@@ -57,7 +58,7 @@ async def test_guest_boots_stops_restarts_after_a_crash_and_is_deleted(
     # Stop: the guest powers off (ACPI) or is destroyed after the timeout.
     vm = await controller.vm(name)
     vm.spec.run_state = "stopped"
-    await controller.store.update(vm)
+    await apply_one(controller.store, vm)
     await eventually(lambda: name not in host.qemu_guests(), f"qemu of {name} gone")
 
     async def stopped() -> bool:
@@ -69,7 +70,7 @@ async def test_guest_boots_stops_restarts_after_a_crash_and_is_deleted(
     # Start again, then crash it: kill -9 of qemu, by PID.
     vm = await controller.vm(name)
     vm.spec.run_state = "started"
-    await controller.store.update(vm)
+    await apply_one(controller.store, vm)
     await eventually(lambda: boots(agent_lab, name) == 2, f"{name} booted again")
     pid = host.qemu_guests()[name]
     await running_on(controller, name, "host-a")

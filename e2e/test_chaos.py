@@ -23,6 +23,7 @@ from functools import partial
 
 import pytest
 
+from controller.apply import apply_one
 from controller.runtime import layout_keys
 from controller.runtime.store import NotFound, Store
 from crds import ClusterNode, Event
@@ -82,7 +83,7 @@ class Chaos:
         node = await self.node(name)
         if node.spec != wanted:
             node.spec = wanted
-            await self.store.update(node)
+            await apply_one(self.store, node)
 
     async def all_online(self) -> bool:
         for name in self.cluster.kvm_hosts:
@@ -180,7 +181,7 @@ async def _reset(chaos: Chaos) -> None:
             await store.create(secret)
         elif stored.spec != secret.spec:
             stored.spec = secret.spec
-            await store.update(stored)
+            await apply_one(store, stored)
     for name in chaos.cluster.kvm_hosts:
         if await store.try_get("ClusterNode", name) is None:
             await store.create(ipmi_node(chaos.cluster, name))
@@ -291,7 +292,7 @@ async def test_failing_fence_device_blocks_recovery_until_ack_or_fixed(chaos: Ch
 
     secret = await chaos.store.get("Secret", WRONG_SECRET)
     secret.spec = ipmi_secret(chaos.cluster.bmc_password).spec
-    await chaos.store.update(secret)
+    await apply_one(chaos.store, secret)
     await chaos.recovered("fixed", cut_off)
     assert await chaos.fence_how(cut_off) == "PowerOff"
     assert not chaos.cluster.host(cut_off).is_running()

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from controller.apply import apply_one
 from controller.ha.guest_requests import GUEST_CLUSTER_LABEL
 from controller.runtime.leader_record import guard_compare
 from e2e.harness.agent_lab import (
@@ -50,7 +51,7 @@ async def join(lead: Controller, name: str) -> None:
     """Label the VM a member of the guest cluster, as an admin's manifest does."""
     vm = await lead.vm(name)
     vm.metadata.labels[GUEST_CLUSTER_LABEL] = GUEST
-    await lead.store.update(vm)
+    await apply_one(lead.store, vm)
 
 
 @pytest.mark.slow

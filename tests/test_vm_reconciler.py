@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from controller.apply import apply_one
 from controller.cli import main as cli_main
 from controller.migrations import lead_migrations
 from controller.runtime import layout_keys
@@ -96,7 +97,7 @@ async def test_stopped_vm_is_shut_down(cluster: Cluster) -> None:
     vm = await running_vm(cluster, "vm1", "host1")
 
     vm.spec.run_state = "stopped"
-    await cluster.store.update(vm)
+    await apply_one(cluster.store, vm)
 
     async def stopped() -> bool:
         return (await cluster.vm("vm1")).status.state == "Stopped"
@@ -171,7 +172,7 @@ async def test_spec_change_while_running_requires_a_restart(cluster: Cluster) ->
     first_generation = vm.metadata.generation
 
     vm.spec.memory_mib = 256
-    await cluster.store.update(vm)
+    await apply_one(cluster.store, vm)
 
     async def restart_required() -> VirtualMachine | None:
         current = await cluster.vm("vm1")
@@ -184,7 +185,7 @@ async def test_spec_change_while_running_requires_a_restart(cluster: Cluster) ->
     assert "262144" not in await agent.host.domain_xml("vm1")  # still the old definition
 
     current.spec.run_state = "stopped"
-    current = await cluster.store.update(current)
+    await apply_one(cluster.store, current)
 
     async def stopped() -> VirtualMachine | None:
         fresh = await cluster.vm("vm1")
@@ -192,7 +193,7 @@ async def test_spec_change_while_running_requires_a_restart(cluster: Cluster) ->
 
     current = await eventually(stopped, "vm1 stopped")
     current.spec.run_state = "started"
-    await cluster.store.update(current)
+    await apply_one(cluster.store, current)
 
     async def applied() -> bool:
         fresh = await cluster.vm("vm1")

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from controller.apply import apply_one
 from controller.ha.guest_requests import GUEST_CLUSTER_LABEL
 from controller.runtime.store import Store
 from e2e.harness.fence_agent import run_fence_kvmctl
@@ -40,7 +41,7 @@ async def join(store: Store, vm: str, guest_cluster: str | None = GUEST) -> None
         obj.metadata.labels.pop(GUEST_CLUSTER_LABEL, None)
     else:
         obj.metadata.labels[GUEST_CLUSTER_LABEL] = guest_cluster
-    await store.update(obj)
+    await apply_one(store, obj)
 
 
 @asynccontextmanager
