@@ -340,3 +340,27 @@ async def retry(write: Callable[[], Awaitable[object]], deadline: float = DEADLI
             if loop.time() > end:
                 raise
             await asyncio.sleep(0.2)
+
+
+async def test_a_resync_of_a_watched_kind_maps_nothing(store: Store) -> None:
+    """The queue's own kind resyncs; mapping each watched object at its resync too would
+    reconcile every mapped key once more per watched kind and period."""
+    informers = SharedInformers(store, resync_period=0.2)
+    nodes = informers.informer("ClusterNode")
+    resynced = Recorder()
+    nodes.add_handler(resynced)
+    queue = WorkQueue()
+    nodes.enqueue_mapped(queue, lambda changed: [f"vm-of-{changed.metadata.name}"])
+    await store.create(node("host1"))
+    informers.start()
+    try:
+        async with asyncio.timeout(DEADLINE):
+            await informers.wait_for_sync()
+            assert await queue.get() == "vm-of-host1"  # the listing is a change (ADDED)
+        queue.done("vm-of-host1")
+        await eventually(
+            lambda: resynced.events.count(("RESYNC", "host1")) >= 2, "two resyncs of host1"
+        )
+        assert len(queue) == 0
+    finally:
+        await informers.stop()

@@ -115,10 +115,15 @@ class Informer(Generic[R]):
     def enqueue_mapped(self, queue: KeySink, mapper: Callable[[R], Iterable[str]]) -> None:
         """Add the keys `mapper(obj)` returns for every changed object to `queue`.
 
-        For example a ClusterNode change enqueues the VirtualMachines placed on that node.
+        For example a ClusterNode change enqueues the VirtualMachines placed on that node. A
+        resync maps nothing: the queue's own kind resyncs too, which hands the controller each
+        of its objects once a period; mapping every watched object as well would reconcile them
+        once more per watched kind.
         """
 
-        def handler(_type: EventType, obj: R) -> None:
+        def handler(event_type: EventType, obj: R) -> None:
+            if event_type == "RESYNC":
+                return
             for key in mapper(obj):
                 queue.add(key)
 
