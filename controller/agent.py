@@ -44,6 +44,7 @@ from pathlib import Path
 
 from controller.agent_fence import SelfFence
 from controller.agent_libvirt import LibvirtLink
+from controller.agent_node import OwnNodeChanges
 from controller.agent_status import AGENT_VERSION, NodeStatusReporter
 from controller.agent_vms import NodeVms
 from controller.ha.agent_rules import start_blocker
@@ -54,7 +55,7 @@ from controller.runtime.controller import Controller, Source, Watch
 from controller.runtime.defaults import DEFAULT_MIGRATION_CONCURRENCY
 from controller.runtime.events import EventRecorder
 from controller.runtime.heartbeat import Heartbeat, HeartbeatTiming, Watchdog, boot_id
-from controller.runtime.informer import KeySink, SharedInformers
+from controller.runtime.informer import EventType, KeySink, SharedInformers
 from controller.runtime.layout import node_writer
 from controller.runtime.manager import Background, Manager
 from controller.runtime.peers import PeerSender, PeerSettings
@@ -165,9 +166,10 @@ class Agent:
         """Reports the storage paths lost on this node (ClusterNode status.storageLost)."""
         self.ha = HaReporter(store, self.node, HaTimings(), self.recorder)
         """Tells the HA controller which domains run here, and clears the node after a fence."""
-        self.nodes.add_handler(
-            lambda _type, obj: self.ha.wake() if obj.metadata.name == self.node else None
-        )
+        self._ha_news = OwnNodeChanges(self.node)
+        self._vm_news = OwnNodeChanges(self.node)
+        """Which changes of this node wake the HA report, and the VM reconciles (agent_node.py)."""
+        self.nodes.add_handler(self._wake_ha_report)
         self.vm_filter = NodeVms(self.node, self.migrations)
         """Which VMs the VM controller's queue takes (`controller/agent_vms.py`)."""
         self.libvirt = LibvirtLink(
@@ -325,8 +327,14 @@ class Agent:
         await self.libvirt.close()
         log.info("agent of %s stopped; guests keep running", self.node)
 
+    def _wake_ha_report(self, event: EventType, node: AnyResource) -> None:
+        gone = event == "DELETED" and node.metadata.name == self.node
+        if self._ha_news.changed(node) or gone:
+            self.ha.wake()
+
     def _every_vm_if_mine(self, node: AnyResource) -> list[str]:
-        if node.metadata.name != self.node:
+        """Every VM, when this node changed in what its VM reconciles decide on."""
+        if not self._vm_news.changed(node):
             return []
         return [vm.metadata.name for vm in self.vms.list()]
 

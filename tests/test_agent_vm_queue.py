@@ -14,10 +14,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from controller.agent_vms import NodeVms
+from controller.apply import apply_one
 from controller.runtime import telemetry
 from controller.runtime.informer import SharedInformers
 from controller.runtime.store import Store
-from crds import ObjectMeta, VirtualMachineMigration
+from crds import ClusterNode, ObjectMeta, VirtualMachineMigration
 from crds.meta import now
 from crds.migration import VirtualMachineMigrationSpec
 from crds.virtualmachine import Placement
@@ -86,6 +87,41 @@ async def test_resyncs_reconcile_only_the_nodes_vms_and_new_ones_are_still_handl
 
     await eventually(gone, "the domain of theirs destroyed on host1", timeout=DEADLINE)
     assert await cluster.events("theirs", "DomainStoppedNotPlacedHere")
+
+
+async def test_only_a_change_of_what_they_decide_on_reconciles_the_nodes_vms(
+    cluster: Cluster, spans: InMemorySpanExporter
+) -> None:
+    """The agent's own status reports (every `status_interval`) reconcile none of its VMs; a
+    spec change of its node does, once (`controller/agent_node.py`). Resyncs are an hour apart."""
+    await cluster.add_node("host1")
+    agent = await cluster.start_agent("host1", resync_period=3600, status_interval=0.2)
+    await running_vm(cluster, "mine", "host1")
+    last_version: str | None = None
+    last_count, quiet = -1, 0
+
+    async def five_reports_reconcile_nothing() -> bool:
+        """A report the agent has cached (its handlers ran), with no reconcile since the last."""
+        nonlocal last_version, last_count, quiet
+        version = (await cluster.store.get("ClusterNode", "host1")).metadata.resource_version
+        cached = agent.nodes.get("host1")
+        if cached is None or cached.metadata.resource_version != version or version == last_version:
+            return False
+        count = reconciled(spans, "mine")
+        quiet = quiet + 1 if count == last_count else 0
+        last_version, last_count = version, count
+        return quiet >= 5
+
+    await eventually(five_reports_reconcile_nothing, "five quiet reports", timeout=DEADLINE)
+    before = last_count
+    node = await cluster.store.get("ClusterNode", "host1")
+    assert isinstance(node, ClusterNode)
+    node.spec.cordoned = True
+    await apply_one(cluster.store, node)
+    await eventually(
+        lambda: reconciled(spans, "mine") > before, "mine reconciled", timeout=DEADLINE
+    )
+    assert reconciled(spans, "mine") == before + 1, "only the cordon reconciled mine"
 
 
 async def test_the_filter_follows_placement_domains_and_migrations(store: Store) -> None:

@@ -63,6 +63,7 @@ class Cluster(StandInController):
         resync_period: float = 30.0,
         storage_check_interval: float | None = None,
         vm_workers: int = AgentSettings.vm_workers,
+        status_interval: float = AgentSettings.status_interval,
     ) -> Agent:
         """Start `name`'s agent (on a private 4-CPU test host unless `uri` names another) and
         wait until it is ready; without `direct_heartbeats` it sends none to its peers.
@@ -78,6 +79,7 @@ class Cluster(StandInController):
             peers=PeerSettings() if direct_heartbeats else None,
             storage_check_interval=storage_check_interval,
             vm_workers=vm_workers,
+            status_interval=status_interval,
         )
         agent = Agent(self.store, settings)
         stop = asyncio.Event()
