@@ -81,8 +81,8 @@ class HaReporter:
         self._wake = asyncio.Event()
         self._stale = True
         """Woken since the last full look: read every domain again."""
-        self._seen: frozenset[tuple[str, str, int]] | None = None
-        """The host's active domains (`LibvirtHost.active_domains`) when last fully looked at
+        self._seen: frozenset[int] | None = None
+        """The host's active domains (`LibvirtHost.active_domain_ids`) when last fully looked at
         and reported; None when that look did not end with the report written."""
 
     def wake(self) -> None:
@@ -142,7 +142,7 @@ class HaReporter:
             self._cleaned_fence = fence.confirmed_at
         # Between wakes (libvirt events, node changes) one cheap listing tells whether a full
         # one (every domain's XML) could find anything new since the last report.
-        active = await host.active_domains()
+        active = await host.active_domain_ids()
         written = self._written
         fence_reported = written is not None and written.cleaned_fence == self._cleaned_fence
         if not self._stale and fence_reported and active == self._seen:

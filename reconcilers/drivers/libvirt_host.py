@@ -54,13 +54,21 @@ class LibvirtHost(MigrationCalls, GuestAgentCalls):
 
         return await self._call("list domains", query)
 
-    async def active_domains(self) -> frozenset[tuple[str, str, int]]:
-        """(name, UUID, ID) of every domain with a process: one call, no XML read. A domain
-        started, stopped or replaced changes it; a change of state or metadata does not."""
+    async def active_domain_ids(self) -> frozenset[int]:
+        """The IDs of the domains with a process: one call returning numbers, no domain object
+        or XML read. libvirt gives every start a new ID, so a domain started, stopped or
+        replaced changes the set; a change of state or metadata does not."""
+        return await self._call(
+            "list active domain IDs",
+            lambda: frozenset(int(i) for i in self._connection.listDomainsID()),
+        )
 
-        def query() -> frozenset[tuple[str, str, int]]:
+    async def active_domain_names(self) -> frozenset[str]:
+        """The names of the domains with a process (no XML read)."""
+
+        def query() -> frozenset[str]:
             domains = self._connection.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            return frozenset((str(d.name()), str(d.UUIDString()), int(d.ID())) for d in domains)
+            return frozenset(str(domain.name()) for domain in domains)
 
         return await self._call("list active domains", query)
 

@@ -207,7 +207,7 @@ class FailoverChecker:
             host = agent.host
             if host is None:
                 continue
-            for vm, _, _ in await host.active_domains():  # a rack domain is named as its VM
+            for vm in await host.active_domain_names():  # a rack domain is named as its VM
                 if vm in seen:
                     self.violations.append(f"{vm} runs on {seen[vm]} and {name}")
                 seen[vm] = name
