@@ -1,7 +1,7 @@
 """An idle agent's CPU: one real agent in a process of its own, a 3-member etcd, a rack's VMs.
 
 Run: `python -m bench.agent_idle_bench [--nodes 10] [--vms 250] [--own 25] [--idle 60]
-[--storage-watch 5] [--profile FILE]`.
+[--storage-watch 5] [--libvirtd] [--profile FILE]`.
 Prints the method and the figures; nothing is asserted (figures live in docs/benchmarks.md).
 
 Topology (all on this machine): a 3-member etcd on /dev/shm; `--nodes` ClusterNodes; a
@@ -12,7 +12,12 @@ running); the agent of h01 in a process of its own, as the rack bench's lone age
 heartbeat timing, renewal every second, informer resync every 30 s, no direct heartbeats) and
 with the storage-path watch every `--storage-watch` s (0: off, as in the rack bench), over
 file disks that exist (one small file per VM under the bench's directory, so every path
-reads healthy). Every VM has 1 vcpu, 64 MiB and one file disk.
+reads healthy). Every VM has 1 vcpu, 64 MiB and one file disk. The test host runs inside the
+agent's process (libvirt's test driver is a library); with `--libvirtd` it runs in a libvirtd
+of its own (a simulated host's, `e2e/harness/hosts.py`, reached at `test+unix://...`), so the
+agent's calls cross a socket and the domains' XML is written in another process, as on a real
+host where libvirtd does that work: the agent's figure then leaves out what libvirtd spends,
+printed next to it.
 
 Steps: create the nodes and VMs, wait until h01's VMs run there, wait `SETTLE` s, then measure
 the agent's CPU time over `--idle` s from /proc/PID/stat (utime + stime), per thread from
@@ -39,7 +44,9 @@ from bench.rack_bench import CLOCK_TICKS, child, cpu_seconds, until_sigterm
 from controller.runtime.store import Store
 from crds import VirtualMachine
 from e2e.harness.etcd import EtcdCluster
+from e2e.harness.hosts import Lab, SimulatedHost
 from e2e.harness.polling import eventually
+from e2e.harness.private_host import host_uri
 from tests.support.agents import Cluster, vm_object
 from tests.support.ha import node_object
 from tests.support.rack import HOST_CPUS, HOST_MEMORY_MIB, RACK_TIMINGS
@@ -55,16 +62,14 @@ IDLE_FRAMES = {"EpollSelector.select", "_worker", "Thread.run"}
 
 
 async def run_agent(
-    endpoints: list[str], prefix: str, directory: str, storage_watch: float
+    endpoints: list[str], prefix: str, directory: str, storage_watch: float, uri: str
 ) -> None:
-    """The child: h01's agent until SIGTERM."""
+    """The child: h01's agent on libvirt `uri` until SIGTERM."""
     from controller.ha.agent_side import heartbeat_timing
-    from e2e.harness.private_host import host_uri
 
     store = Store(endpoints, prefix)
     await store.connect()
     cluster = Cluster(store, Path(directory))
-    uri = host_uri(cluster.tmp_path, AGENT, HOST_CPUS, HOST_MEMORY_MIB)
     await cluster.start_agent(
         AGENT,
         uri,
@@ -120,7 +125,27 @@ async def own_vms_running(store: Store, own: int) -> bool:
     return sum(1 for vm in here if vm.status.state == "Running") == own
 
 
-async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) -> None:
+def test_host_uri(directory: Path, daemon: SimulatedHost | None) -> str:
+    """h01's test host: in the agent's process, or served by `daemon`'s libvirtd."""
+    uri = host_uri(directory, AGENT, HOST_CPUS, HOST_MEMORY_MIB)
+    if daemon is None:
+        return uri
+    return f"{uri.replace('test://', 'test+unix://', 1)}?socket={daemon.libvirt_socket}"
+
+
+def libvirtd_pid(daemon: SimulatedHost) -> int:
+    """The PID of the libvirtd that the simulated host's init started."""
+    init = daemon.init_pid
+    children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    for pid in map(int, children):
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "libvirtd":
+            return pid
+    raise RuntimeError(f"no libvirtd under the init of {daemon.name}")
+
+
+async def bench(
+    args: argparse.Namespace, etcd: EtcdCluster, directory: Path, daemon: SimulatedHost | None
+) -> None:
     prefix = f"/kvmctl-idle-{uuid.uuid4().hex[:8]}"
     store = Store(etcd.endpoints, prefix)
     await store.connect()
@@ -142,7 +167,9 @@ async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) ->
         endpoints = ",".join(etcd.endpoints)
         module = "bench.agent_idle_bench"
         watch = str(args.storage_watch)
-        async with child("agent", endpoints, prefix, str(directory), watch, module=module) as agent:
+        uri = test_host_uri(directory, daemon)
+        arguments = ("agent", endpoints, prefix, str(directory), watch, uri)
+        async with child(*arguments, module=module) as agent:
             await eventually(
                 lambda: own_vms_running(store, args.own),
                 f"{args.own} VMs running on {AGENT}",
@@ -151,7 +178,7 @@ async def bench(args: argparse.Namespace, etcd: EtcdCluster, directory: Path) ->
             )
             print(f"{args.vms} VMs in the store, {args.own} running on {AGENT}", flush=True)
             await asyncio.sleep(SETTLE)
-            await measure(args, agent.pid)
+            await measure(args, agent.pid, None if daemon is None else libvirtd_pid(daemon))
     finally:
         await standin.close()
         await store.close()
@@ -166,7 +193,7 @@ async def create_vm(store: Store, disks: Path, name: str, node: str) -> None:
     )
 
 
-async def measure(args: argparse.Namespace, pid: int) -> None:
+async def measure(args: argparse.Namespace, pid: int, daemon_pid: int | None) -> None:
     profiler = shutil.which("py-spy") if args.profile else None
     sampling: asyncio.subprocess.Process | None = None
     if profiler is not None:
@@ -179,6 +206,7 @@ async def measure(args: argparse.Namespace, pid: int) -> None:
     elif args.profile:
         print("py-spy is not on PATH: no profile", flush=True)
     before, threads = cpu_seconds(pid), thread_seconds(pid)
+    daemon_before = None if daemon_pid is None else cpu_seconds(daemon_pid)
     began = time.monotonic()
     await asyncio.sleep(args.idle)
     window = time.monotonic() - began
@@ -186,6 +214,9 @@ async def measure(args: argparse.Namespace, pid: int) -> None:
     load = os.getloadavg()
     print(f"agent idle CPU over {window:.0f} s: {share:.2f} % of a core "
           f"(load average {load[0]:.1f} at the end)")  # fmt: skip
+    if daemon_pid is not None and daemon_before is not None:
+        daemon_share = 100 * (cpu_seconds(daemon_pid) - daemon_before) / window
+        print(f"libvirtd serving its test host over the same window: {daemon_share:.2f} %")
     for name, seconds in sorted(thread_seconds(pid).items(), key=lambda item: -item[1]):
         used = 100 * (seconds - threads.get(name, 0.0)) / window
         if used >= 0.01:
@@ -199,8 +230,8 @@ async def measure(args: argparse.Namespace, pid: int) -> None:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        endpoints, prefix, directory, watch = sys.argv[3:7]
-        asyncio.run(run_agent(endpoints.split(","), prefix, directory, float(watch)))
+        endpoints, prefix, directory, watch, uri = sys.argv[3:8]
+        asyncio.run(run_agent(endpoints.split(","), prefix, directory, float(watch), uri))
         return
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10)
@@ -208,14 +239,15 @@ def main() -> None:
     parser.add_argument("--own", type=int, default=25)
     parser.add_argument("--idle", type=float, default=60.0)
     parser.add_argument("--storage-watch", type=float, default=5.0)
+    parser.add_argument("--libvirtd", action="store_true")
     parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args()
     print(__doc__)
-    with (
-        EtcdCluster(size=3) as etcd,
-        tempfile.TemporaryDirectory(prefix="kvmctl-idle-") as directory,
-    ):
-        asyncio.run(bench(args, etcd, Path(directory)))
+    with contextlib.ExitStack() as stack:
+        etcd = stack.enter_context(EtcdCluster(size=3))
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvmctl-idle-")))
+        daemon = stack.enter_context(Lab((AGENT,))).hosts[AGENT] if args.libvirtd else None
+        asyncio.run(bench(args, etcd, folder, daemon))
 
 
 if __name__ == "__main__":

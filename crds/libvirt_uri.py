@@ -12,8 +12,9 @@ host's libvirtd opens them for a peer-to-peer migration. So:
   once, joined by `&`, with plain values (libvirt also splits on `;` and decodes `%XX`, so
   neither may appear anywhere);
 - a *local* URI (the agent's own `--libvirt-uri`, set on its host) may also be
-  `qemu+unix:///system?socket=/abs/path` or libvirt's in-process `test:///default` /
-  `test:///abs/path.xml`;
+  `qemu+unix:///system?socket=/abs/path`, libvirt's in-process `test:///default` /
+  `test:///abs/path.xml`, or that test host served by a libvirtd,
+  `test+unix:///abs/path.xml[?socket=/abs/path]` (benches and tests);
 - a migration data URI is `tcp://HOST[:PORT]`.
 """
 
@@ -113,9 +114,13 @@ def parse_libvirt_uri(uri: str, *, local: bool) -> LibvirtUri:
         raise LibvirtUriError(
             f"{where}: only letters, digits and ._~:/?[]@&=+,- are allowed (no %, ;, # or spaces)"
         )
-    test_path = uri.removeprefix("test://")
-    if local and uri.startswith("test://") and _test_path(test_path):
-        return LibvirtUri("test", "", None, "", None, test_path, {})
+    if local and uri.startswith(("test://", "test+unix://")):
+        scheme, _, rest = uri.partition("://")
+        test_path, _, query = rest.partition("?")
+        if _test_path(test_path):
+            transport = scheme.removeprefix("test").removeprefix("+")
+            parameters = _parameters(where, query or None, transport, local=True)
+            return LibvirtUri("test", transport, None, "", None, test_path, parameters)
     match = _URI.fullmatch(uri)
     if match is None or match["scheme"] != "qemu":
         raise LibvirtUriError(f"{where}: expected qemu[+TRANSPORT]://[HOST]/system")

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from crds.clusternode import ClusterNodeSpec
-from crds.libvirt_uri import LibvirtUriError, check_local_uri
+from crds.libvirt_uri import LibvirtUriError, check_local_uri, check_peer_uri
 from reconcilers.drivers.fence import AGENT_DIR, FenceRunner
 from reconcilers.drivers.fence_policy import (
     DEFAULT_AGENTS,
@@ -180,7 +180,8 @@ PARAMETERS = [
 def uris(draw: st.DrawFn) -> str:
     scheme = draw(
         st.sampled_from(
-            ["qemu", "QEMU", "xen", "test", "qemu+ext", "qemu+fd", "qemu+SSH", "qemu+ssh+ext"]
+            ["qemu", "QEMU", "xen", "test", "test+unix", "test+tcp", "qemu+ext", "qemu+fd"]
+            + ["qemu+SSH", "qemu+ssh+ext"]
             + [f"qemu+{transport}" for transport in sorted(ALLOWED_TRANSPORTS) if transport]
         )
     )
@@ -189,7 +190,7 @@ def uris(draw: st.DrawFn) -> str:
             ["", "h1", "root@h1", "-oProxyCommand=x", "h1:22", "[::1]", "10.0.0.1", "a b", "h1:0"]
         )
     )
-    path = draw(st.sampled_from(["/system", "/session", "", "/system/", "/default"]))
+    path = draw(st.sampled_from(["/system", "/session", "", "/system/", "/default", "/h.xml"]))
     query = draw(st.lists(st.sampled_from(PARAMETERS), max_size=3))
     separator = draw(st.sampled_from(["&", ";", "&amp;"]))
     uri = f"{scheme}://{authority}{path}"
@@ -241,3 +242,25 @@ def test_no_local_uri_names_a_program(uri: str) -> None:
     assert driver in ("qemu", "test") and transport in ALLOWED_TRANSPORTS, uri
     assert not {"command", "netcat", "name"} & set(names), uri
     assert "socket" not in names or transport == "unix", uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "accepted"),
+    [
+        ("test+unix:///tmp/h01.xml?socket=/tmp/lab/libvirt-sock", True),
+        ("test+unix:///tmp/h01.xml", True),
+        ("test+unix:///tmp/h01.xml?command=/bin/sh", False),
+        ("test+unix:///tmp/h01.xml?socket=relative", False),
+        ("test+tcp:///tmp/h01.xml", False),
+        ("test:///tmp/h01.xml?socket=/tmp/s", False),
+    ],
+)
+def test_a_test_host_served_by_a_libvirtd_is_a_local_uri_only(uri: str, accepted: bool) -> None:
+    """Benches reach a test-driver host in a libvirtd of its own; peers never may."""
+    if accepted:
+        assert check_local_uri(uri) == uri
+    else:
+        with pytest.raises(LibvirtUriError):
+            check_local_uri(uri)
+    with pytest.raises(LibvirtUriError):
+        check_peer_uri(uri)
