@@ -46,7 +46,8 @@ from e2e.harness.agent_lab import (
     eventually,
     guest_vm,
 )
-from e2e.harness.hosts import Lab, SimulatedHost
+from e2e.harness.hosts import SimulatedHost
+from e2e.harness.lab import Lab
 from e2e.harness.private_host import host_uri
 from reconcilers.virtualmachine import DomainSettings
 

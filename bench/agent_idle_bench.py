@@ -44,7 +44,8 @@ from bench.rack_bench import CLOCK_TICKS, child, cpu_seconds, until_sigterm
 from controller.runtime.store import Store
 from crds import VirtualMachine
 from e2e.harness.etcd import EtcdCluster
-from e2e.harness.hosts import Lab, SimulatedHost
+from e2e.harness.hosts import SimulatedHost
+from e2e.harness.lab import Lab
 from e2e.harness.polling import eventually
 from e2e.harness.private_host import host_uri
 from tests.support.agents import Cluster, vm_object

@@ -26,7 +26,7 @@ from controller.runtime.store import Store, StoreError
 from e2e.harness import polling
 from e2e.harness.chaos import ChaosCluster, leader_host
 from e2e.harness.host_etcd import HostEtcd, HostEtcdError
-from e2e.harness.hosts import LabError
+from e2e.harness.host_support import LabError
 from e2e.harness.topology import THREE_HOSTS, etcd_leader_host
 
 HOSTS = THREE_HOSTS.kvm_hosts

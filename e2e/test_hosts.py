@@ -15,7 +15,9 @@ import pytest
 
 from e2e.guest.build import GuestImage, ensure_guest_image
 from e2e.guest.console import BOOTED_LINE, read_ticks, tick_gaps, wait_for_tick
-from e2e.harness.hosts import GUEST_BRIDGE, Lab, SimulatedHost, wait_until
+from e2e.harness.host_support import wait_until
+from e2e.harness.hosts import GUEST_BRIDGE, SimulatedHost
+from e2e.harness.lab import Lab
 
 MIGRATION_FLAGS = (
     libvirt.VIR_MIGRATE_LIVE

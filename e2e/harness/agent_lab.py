@@ -28,7 +28,8 @@ from e2e.guest.build import KERNEL_CMDLINE, GuestImage, ensure_guest_image
 from e2e.guest.console import BOOTED_LINE, read_ticks
 from e2e.harness import polling
 from e2e.harness.etcd import EtcdCluster
-from e2e.harness.hosts import REPO_ROOT, Lab, SimulatedHost
+from e2e.harness.hosts import REPO_ROOT, SimulatedHost
+from e2e.harness.lab import Lab
 from e2e.harness.standin import StandInController
 
 KVMCTL = str(Path(sys.executable).parent / "kvmctl")

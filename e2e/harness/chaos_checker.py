@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from e2e.harness.cluster import Cluster
 from e2e.harness.frozen import alive
-from e2e.harness.hosts import LabError, SimulatedHost, qemu_guest_name
+from e2e.harness.host_support import LabError, qemu_guest_name
+from e2e.harness.hosts import SimulatedHost
 
 
 @dataclass(frozen=True)

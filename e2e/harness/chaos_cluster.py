@@ -14,7 +14,8 @@ from e2e.harness.chaos_profiles import DEFAULT_PROFILE, TimingProfile
 from e2e.harness.cluster import DEFAULT_PREFIX, Cluster, ClusterError
 from e2e.harness.etcd import EtcdMember
 from e2e.harness.frozen import Frozen, alive
-from e2e.harness.hosts import SimulatedHost, wait_until
+from e2e.harness.host_support import wait_until
+from e2e.harness.hosts import SimulatedHost
 
 ELECTION_NAME = "controller"
 """The election every `kvmctl controller` campaigns in."""

@@ -1,6 +1,6 @@
 """A whole kvmctl cluster on one machine: etcd, simulated KVM hosts, a storage host, BMCs.
 
-`Cluster` builds on `e2e.harness.hosts.Lab`:
+`Cluster` builds on `e2e.harness.lab.Lab`:
 
 - etcd, in one of two places: by default a local etcd outside the hosts, which they reach on the lab
   gateway (`lab.start_etcd()`); with `etcd_hosts`, one member inside each of those hosts
@@ -44,7 +44,9 @@ from typing import Self
 from e2e.harness.detached import DetachedState, detach_loop, record_process
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.host_etcd import HostEtcd
-from e2e.harness.hosts import REPO_ROOT, Lab, LabError, SimulatedHost, route_inside, wait_until
+from e2e.harness.host_support import LabError, route_inside, wait_until
+from e2e.harness.hosts import REPO_ROOT, SimulatedHost
+from e2e.harness.lab import Lab
 
 DEFAULT_PREFIX = "/kvmctl"
 KVMCTL = str(Path(sys.executable).parent / "kvmctl")

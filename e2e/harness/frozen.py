@@ -15,7 +15,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2e.harness.hosts import wait_until
+from e2e.harness.host_support import wait_until
 
 
 def process_state(pid: int | None) -> str | None:

@@ -20,7 +20,8 @@ import subprocess
 from pathlib import Path
 
 from e2e.harness.frozen import Frozen, alive
-from e2e.harness.hosts import LabError, SimulatedHost, wait_until
+from e2e.harness.host_support import LabError, wait_until
+from e2e.harness.hosts import SimulatedHost
 
 TIMEOUT = 30.0
 

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from e2e.harness.etcd import data_root
-from e2e.harness.hosts import SimulatedHost, wait_until
+from e2e.harness.host_support import wait_until
+from e2e.harness.hosts import SimulatedHost
 
 CLIENT_PORT = 2379
 PEER_PORT = 2380

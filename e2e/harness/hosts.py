@@ -1,12 +1,12 @@
 """Simulated KVM hosts on one machine, each with its own namespaces and libvirtd.
 
-A `Lab` is a private /24 on a bridge in the root network namespace plus N `SimulatedHost`s.
-Each host is:
+A `Lab` (lab.py) is a private /24 on a bridge in the root network namespace plus N
+`SimulatedHost`s. Each host is:
 
 - a network namespace holding `eth0` (a veth whose other end is on the lab bridge, address
   `<lab>.<10+i>`), `lo`, and an isolated bridge `br0` for guest NICs;
-- a PID + mount + UTS namespace whose init (`python -m e2e.harness.hosts init`, PID 1 in there)
-  mounts a private tmpfs on /run, bind-mounts per-host directories over the libvirt state
+- a PID + mount + UTS namespace whose init (`python -m e2e.harness.host_init init`, PID 1 in
+  there) mounts a private tmpfs on /run, bind-mounts per-host directories over the libvirt state
   directories, starts `libvirtd --listen` and then only reaps orphans. SIGKILL of that init kills
   every process of the host together (libvirtd, qemu guests, agents started with `spawn`), like
   pulling the power; `start()` afterwards powers it on again with the same disks (/etc/libvirt,
@@ -24,62 +24,43 @@ fixtures and blocking libvirt-python calls, and every call returns quickly.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import fcntl
-import itertools
 import os
-import random
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute, netns
-from pyroute2.netlink import NETLINK_ROUTE
+from pyroute2 import IPRoute
 
-from e2e.harness.etcd import EtcdCluster
-from reconcilers.drivers.netns import socket_in_netns
+from e2e.harness.host_init import HOST_STATE_MOUNTS
+from e2e.harness.host_support import (
+    LabError,
+    all_pids,
+    link_index,
+    log_output,
+    pid_namespace_of,
+    qemu_guest_name,
+    wait_for_child,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from e2e.harness.lab import Lab
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-NETWORK_LOCK = Path(tempfile.gettempdir()) / "kvmctl-lab-network.lock"
 LIBVIRT_TCP_PORT = 16509
 GUEST_BRIDGE = "br0"
-# Inside a host these paths are bind mounts of the host's own directories (<host dir>/<name>).
-HOST_STATE_MOUNTS = {
-    "etc-libvirt": "/etc/libvirt",
-    "run-libvirt": "/run/libvirt",
-    "lib-libvirt": "/var/lib/libvirt",
-    "log-libvirt": "/var/log/libvirt",
-    "cache-libvirt": "/var/cache/libvirt",
-}
 # Run by `spawn` inside the host: wait for the go byte on fd argv[1], then become argv[2:].
 _EXEC_WHEN_TOLD = (
     "import os, sys; go = int(sys.argv[1]); os.read(go, 1); os.close(go); "
     "os.execvp(sys.argv[2], sys.argv[2:])"
 )
-QEMU_USER = "libvirt-qemu"  # libvirtd refuses to start without it, whatever qemu.conf says
-
-
-class LabError(RuntimeError):
-    """A simulated host or the lab network could not be set up or driven."""
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `condition` every 20 ms until it holds; raise TimeoutError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not reached within {timeout:.0f} s")
-        time.sleep(0.02)
 
 
 class SimulatedHost:
@@ -144,7 +125,7 @@ class SimulatedHost:
                     "ip", "netns", "exec", self.netns,
                     "unshare", "--pid", "--fork", "--kill-child", "--mount", "--uts",
                     "--mount-proc", "--propagation", "private",
-                    sys.executable, "-m", "e2e.harness.hosts", "init",
+                    sys.executable, "-m", "e2e.harness.host_init", "init",
                     "--host-dir", str(self.dir), "--hostname", self.name,
                 ],
                 cwd=REPO_ROOT,
@@ -154,7 +135,7 @@ class SimulatedHost:
                 start_new_session=True,
             )  # fmt: skip
         launcher = self._launcher
-        self._init_pid = _wait_for_child(
+        self._init_pid = wait_for_child(
             launcher, timeout, f"init of host {self.name}", output_of=self.dir / "init.log"
         )
         self._init_pidfd = os.pidfd_open(self._init_pid)
@@ -234,7 +215,7 @@ class SimulatedHost:
             str(go_read), *argv,
         ]  # fmt: skip
         try:
-            with _output(log_path) as output:
+            with log_output(log_path) as output:
                 launcher = subprocess.Popen(
                     command,
                     env=environment,
@@ -244,7 +225,7 @@ class SimulatedHost:
                     pass_fds=(go_read,),
                     start_new_session=True,
                 )
-            pid = _wait_for_child(
+            pid = wait_for_child(
                 launcher, 30.0, f"{argv[0]} on host {self.name}", output_of=log_path
             )
             self._spawned[pid] = launcher
@@ -263,7 +244,7 @@ class SimulatedHost:
         """Root-namespace PIDs of every live process of the host."""
         if self._pid_namespace is None:
             return []
-        return [pid for pid in _all_pids() if _pid_namespace_of(pid) == self._pid_namespace]
+        return [pid for pid in all_pids() if pid_namespace_of(pid) == self._pid_namespace]
 
     def qemu_guests(self) -> dict[str, int]:
         """The host's running qemu processes: guest name -> root-namespace PID."""
@@ -290,7 +271,7 @@ class SimulatedHost:
 
     def _set_uplink(self, state: str) -> None:
         with IPRoute() as ipr:
-            ipr.link("set", index=_link_index(ipr, self.uplink), state=state)
+            ipr.link("set", index=link_index(ipr, self.uplink), state=state)
 
     # Watchdog.
 
@@ -396,132 +377,6 @@ class SimulatedHost:
             return False
 
 
-class Lab:
-    """A bridge with a private /24 in the root namespace and simulated hosts on it.
-
-    Use as a context manager; `cleanup()` removes every process, namespace, link and directory
-    the lab made, even after a failure half-way through `start()`.
-    """
-
-    def __init__(self, host_names: Sequence[str] = ("host1", "host2")) -> None:
-        if len(set(host_names)) != len(host_names) or not host_names:
-            raise LabError(f"host names must be distinct and not empty: {list(host_names)}")
-        self.lab_id = secrets.token_hex(3)
-        self.bridge = f"kvl{self.lab_id}"
-        self.root = Path(tempfile.mkdtemp(prefix=f"kvmctl-lab-{self.lab_id}-"))
-        self.subnet_prefix = ""  # chosen in start(), e.g. "10.123.45"
-        self.hosts = {name: SimulatedHost(self, name, i) for i, name in enumerate(host_names)}
-        self._etcd_clusters: list[EtcdCluster] = []
-
-    @property
-    def gateway_address(self) -> str:
-        """The root namespace's address on the lab network: where hosts reach etcd."""
-        return f"{self.subnet_prefix}.1"
-
-    def __getitem__(self, name: str) -> SimulatedHost:
-        return self.hosts[name]
-
-    def start_etcd(self, size: int = 1, extra_args: Sequence[str] = ()) -> EtcdCluster:
-        """Start an etcd the hosts can reach: its members also listen on the gateway address.
-
-        `cluster.endpoints` stay loopback addresses for the test itself; agents inside the
-        hosts get `lab.host_etcd_endpoints(cluster)`. `cleanup()` stops it after the hosts.
-        """
-        cluster = EtcdCluster(
-            size=size,
-            extra_args=list(extra_args),
-            client_hosts=["127.0.0.1", self.gateway_address],
-        )
-        self._etcd_clusters.append(cluster)
-        return cluster.start()
-
-    def host_etcd_endpoints(self, cluster: EtcdCluster) -> list[str]:
-        """The endpoints of a `start_etcd` cluster as seen from inside the hosts."""
-        return [f"{self.gateway_address}:{member.client_port}" for member in cluster.members]
-
-    def start(self) -> Lab:
-        try:
-            _ensure_qemu_user()
-            self._create_network()
-            for host in self.hosts.values():
-                host.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def cleanup(self) -> None:
-        """Stop every host and remove namespaces, links and directories. Idempotent.
-
-        Every step runs even when an earlier one failed; the failures are reported together.
-        """
-        steps: list[Callable[[], None]] = [host.stop for host in self.hosts.values()]
-        steps += [cluster.stop for cluster in self._etcd_clusters]
-        steps += [self._remove_links, self._remove_namespaces]
-        steps.append(lambda: shutil.rmtree(self.root, ignore_errors=True))
-        failures = []
-        for step in steps:
-            try:
-                step()
-            except Exception as error:  # keep cleaning; report below
-                failures.append(f"{type(error).__name__}: {error}")
-        if failures:
-            raise LabError(f"cleanup of lab {self.lab_id} incomplete: {'; '.join(failures)}")
-
-    def __enter__(self) -> Lab:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
-    def _remove_links(self) -> None:
-        with IPRoute() as ipr:
-            for name in [host.uplink for host in self.hosts.values()] + [self.bridge]:
-                indexes = ipr.link_lookup(ifname=name)
-                if indexes:
-                    ipr.link("del", index=indexes[0])
-
-    def _remove_namespaces(self) -> None:
-        existing = netns.listnetns()
-        for host in self.hosts.values():
-            if host.netns in existing:
-                netns.remove(host.netns)
-
-    def _create_network(self) -> None:
-        with _exclusive(NETWORK_LOCK), IPRoute() as ipr:
-            self.subnet_prefix = _free_subnet_prefix(ipr)
-            ipr.link("add", ifname=self.bridge, kind="bridge")
-            bridge = _link_index(ipr, self.bridge)
-            ipr.addr("add", index=bridge, address=self.gateway_address, prefixlen=24)
-            ipr.link("set", index=bridge, state="up")
-        for host in self.hosts.values():
-            subprocess.run(["ip", "netns", "add", host.netns], check=True)
-            with IPRoute() as ipr:
-                ipr.link(
-                    "add",
-                    ifname=host.uplink,
-                    kind="veth",
-                    peer={"ifname": "eth0", "net_ns_fd": host.netns},
-                )
-                ipr.link("set", index=_link_index(ipr, host.uplink), master=bridge, state="up")
-            with route_inside(host.netns) as inside:
-                inside.link("set", index=_link_index(inside, "lo"), state="up")
-                eth0 = _link_index(inside, "eth0")
-                inside.addr("add", index=eth0, address=host.address, prefixlen=24)
-                inside.link("set", index=eth0, state="up")
-                inside.link("add", ifname=GUEST_BRIDGE, kind="bridge")
-                inside.link("set", index=_link_index(inside, GUEST_BRIDGE), state="up")
-
-
-# Helpers.
-
-
-def route_inside(netns_name: str) -> IPRoute:
-    """An IPRoute inside a named namespace, opened without pyroute2's fork (see drivers.netns)."""
-    sock = socket_in_netns(netns_name, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
-    return IPRoute(fileno=sock.detach())
-
-
 def _config_lines(settings: Mapping[str, str | int | list[str]]) -> str:
     """libvirt's config syntax: strings quoted, numbers bare, lists in brackets."""
     lines = []
@@ -534,153 +389,3 @@ def _config_lines(settings: Mapping[str, str | int | list[str]]) -> str:
             rendered = f'"{value}"'
         lines.append(f"{key} = {rendered}\n")
     return "".join(lines)
-
-
-def _ensure_qemu_user() -> None:
-    result = subprocess.run(["id", "-u", QEMU_USER], capture_output=True, check=False)
-    if result.returncode == 0:
-        return
-    created = subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", QEMU_USER],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    # Exit 9: a concurrent lab created it first.
-    if created.returncode not in (0, 9):
-        raise LabError(f"cannot create system user {QEMU_USER}: {created.stderr.strip()}")
-
-
-def _free_subnet_prefix(ipr: IPRoute) -> str:
-    """A 10.x.y prefix whose /24 no address or route on the machine touches."""
-    used = {
-        ".".join(str(message.get(attribute)).split(".")[:3])
-        for message, attribute in [(a, "address") for a in ipr.get_addr(family=socket.AF_INET)]
-        + [(r, "dst") for r in ipr.get_routes(family=socket.AF_INET)]
-        if message.get(attribute)
-    }
-    for _ in range(1000):
-        prefix = f"10.{random.randint(64, 254)}.{random.randint(1, 254)}"
-        if prefix not in used:
-            return prefix
-    raise LabError("no free 10.x.y.0/24 for the lab network")
-
-
-def _link_index(ipr: IPRoute, name: str) -> int:
-    indexes = ipr.link_lookup(ifname=name)
-    if not indexes:
-        raise LabError(f"network link {name} does not exist")
-    index: int = indexes[0]
-    return index
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-@contextlib.contextmanager
-def _output(log_path: Path | None) -> Iterator[IO[bytes] | int]:
-    if log_path is None:
-        yield subprocess.DEVNULL
-        return
-    with open(log_path, "ab") as log:
-        yield log
-
-
-def _wait_for_child(
-    launcher: subprocess.Popen[bytes], timeout: float, what: str, output_of: Path | None = None
-) -> int:
-    """The PID of the process `launcher` (unshare or nsenter) forked.
-
-    If it exits first, the LabError quotes the last lines of `output_of`, where it wrote.
-    """
-    children_file = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
-    children: list[str] = []
-
-    def forked() -> bool:
-        nonlocal children
-        try:
-            children = children_file.read_text().split()
-        except OSError:
-            children = []
-        return bool(children) or launcher.poll() is not None
-
-    wait_until(forked, timeout, what)
-    if not children:
-        said = ""
-        if output_of is not None and output_of.exists():
-            tail = output_of.read_text(errors="replace").splitlines()[-5:]
-            said = f"; last output in {output_of}: " + " | ".join(tail)
-        raise LabError(f"{what} exited at once with status {launcher.returncode}{said}")
-    return int(children[0])
-
-
-def _all_pids() -> list[int]:
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
-
-
-def _pid_namespace_of(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/pid")
-    except OSError:  # gone meanwhile
-        return None
-
-
-def qemu_guest_name(pid: int) -> str | None:
-    """The libvirt guest name of a qemu process (`-name guest=NAME,...`), else None."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if not argv or not Path(argv[0].decode()).name.startswith("qemu-system"):
-        return None
-    for flag, value in itertools.pairwise(argv):
-        if flag == b"-name":
-            for part in value.decode().split(","):
-                if part.startswith("guest="):
-                    return part.removeprefix("guest=")
-            return value.decode().split(",")[0]
-    return ""
-
-
-# The host's init: PID 1 of the host's PID namespace.
-
-
-def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True)
-
-
-def host_init(host_dir: Path, hostname: str) -> NoReturn:
-    """Give the host its own /run and libvirt state, start libvirtd, then reap forever."""
-    socket.sethostname(hostname)
-    _mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run")
-    for directory, mount_point in HOST_STATE_MOUNTS.items():
-        os.makedirs(mount_point, exist_ok=True)
-        _mount("--bind", str(host_dir / directory), mount_point)
-    with open(host_dir / "libvirtd.log", "ab") as log:
-        subprocess.Popen(["libvirtd", "--listen"], stdout=log, stderr=subprocess.STDOUT)
-    # Orphans (qemu, processes whose nsenter died) are re-parented to us: reap them all.
-    # SIGCHLD stays blocked so one arriving between wait() and sigwaitinfo() is not lost.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-    while True:
-        try:
-            os.wait()
-        except ChildProcessError:
-            signal.sigwaitinfo({signal.SIGCHLD})
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m e2e.harness.hosts")
-    commands = parser.add_subparsers(dest="command", required=True)
-    init = commands.add_parser("init", help="run as a simulated host's namespace init")
-    init.add_argument("--host-dir", type=Path, required=True)
-    init.add_argument("--hostname", required=True)
-    args = parser.parse_args(argv)
-    host_init(args.host_dir, args.hostname)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
