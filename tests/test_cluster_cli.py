@@ -264,6 +264,8 @@ def test_status_without_quorum_names_each_member() -> None:
         assert healthy.stdout.startswith("etcd: quorum, 3/3 members healthy")
         first, second = cluster.members[1:]
         first.kill()  # by the PID of the etcd this test started
+        for survivor in (cluster.members[0], second):
+            survivor.wait_healthy()  # they have a leader again, if `first` was it
         check = subprocess.run(
             [*command, "--check"], env=env, capture_output=True, text=True, timeout=120
         )
