@@ -12,9 +12,9 @@
   etcd inside the hosts, every host runs a controller, the storage host included;
 - a storage host whose agent starts tgtd (`--tgtd-portal`), so IscsiTarget objects bound to it
   are served from inside its namespace;
-- one simulated IPMI BMC (`e2e.harness.bmc`) per KVM host, listening on the lab gateway: powering
-  the chassis off SIGKILLs that host's namespace init, so `fence_ipmilan` run by a controller on
-  another host really pulls the power;
+- one simulated IPMI BMC (`e2e.harness.bmc_process`) per KVM host, listening on the lab
+  gateway: powering the chassis off SIGKILLs that host's namespace init, so `fence_ipmilan` run
+  by a controller on another host really pulls the power;
 - optionally a shared disk: a loop device every agent may use for LVM metadata (this kernel has
   no device-mapper: LVM runs with activation off in a private lvm.conf that sees only it);
 - on each KVM host a veth pair `eth1`/`eth2`, free NICs for Bond objects to enslave (the host's
@@ -37,20 +37,19 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from e2e.harness.bmc_process import BmcEndpoint, BmcProcess
 from e2e.harness.detached import DetachedState, detach_loop, record_process
 from e2e.harness.etcd import EtcdCluster
 from e2e.harness.host_etcd import HostEtcd
-from e2e.harness.host_support import LabError, route_inside, wait_until
-from e2e.harness.hosts import REPO_ROOT, SimulatedHost
+from e2e.harness.host_support import LabError, route_inside
+from e2e.harness.hosts import SimulatedHost
 from e2e.harness.lab import Lab
 
 DEFAULT_PREFIX = "/kvmctl"
 KVMCTL = str(Path(sys.executable).parent / "kvmctl")
-BMC_USER = "admin"
 ISCSI_PORT = 3260
 TGTD_CONTROL_PORT = 4001
 """tgtd's `-C` port on the storage host; its /run is private, so no other tgtd can collide."""
@@ -61,22 +60,6 @@ START_TIMEOUT = 60.0
 
 class ClusterError(RuntimeError):
     """Part of the cluster could not be started, driven or removed."""
-
-
-@dataclass(frozen=True)
-class BmcEndpoint:
-    """Where a host's simulated BMC answers IPMI (UDP, on the lab gateway)."""
-
-    address: str
-    port: int
-    user: str
-
-
-@dataclass
-class _Bmc:
-    process: subprocess.Popen[bytes]
-    endpoint: BmcEndpoint
-    log_path: Path
 
 
 class Cluster:
@@ -127,7 +110,7 @@ class Cluster:
         self._agent_args = list(agent_args)
         self._etcd_members = etcd_members
         self._etcd_args = list(etcd_args)
-        self._bmcs: dict[str, _Bmc] = {}
+        self._bmcs: dict[str, BmcProcess] = {}
         self._detached = False
 
     # Addresses and access.
@@ -212,8 +195,8 @@ class Cluster:
         if self._detached:
             return
         failures = []
-        for name in list(self._bmcs):
-            self._stop_bmc(name)
+        while self._bmcs:
+            self._bmcs.popitem()[1].stop()
         try:
             # Hosts (with everything inside: SIGKILL of each init also kills its etcd member,
             # so no 3.4 leader lingers after its peers), etcd outside, links, namespaces, dirs.
@@ -379,60 +362,20 @@ class Cluster:
         return argv + (["--node", name] if self.host_etcd is not None else [])
 
     def _start_bmc(self, name: str, port: int = 0) -> None:
-        host = self.lab[name]
         password_file = self.lab.root / "bmc-password"
         if not password_file.exists():
             password_file.touch(mode=0o600)
             password_file.write_text(self.bmc_password)
-        log_path = self.lab.root / f"bmc-{name}.log"
-        argv = [
-            sys.executable, "-m", "e2e.harness.bmc", "--address", self.lab.gateway_address,
-            "--port", str(port), "--user", BMC_USER, "--password-file", str(password_file),
-            # Powering the chassis off pulls the host's power: SIGKILL of its namespace init.
-            "--on-off-command", "kill", "-KILL", str(host.init_pid),
-        ]  # fmt: skip
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                argv,
-                cwd=REPO_ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        bound: list[int] = []
-
-        def listening() -> bool:
-            for line in log_path.read_text(errors="replace").splitlines():
-                words = line.split()
-                if len(words) == 3 and words[0] == "listening":
-                    bound.append(int(words[2]))
-                    return True
-            return process.poll() is not None
-
-        wait_until(listening, START_TIMEOUT, f"BMC of {name} listening")
-        if not bound:
-            raise ClusterError(f"BMC of {name} exited: see {log_path}")
-        endpoint = BmcEndpoint(self.lab.gateway_address, bound[0], BMC_USER)
-        self._bmcs[name] = _Bmc(process, endpoint, log_path)
-
-    def _stop_bmc(self, name: str) -> None:
-        bmc = self._bmcs.pop(name)
-        if bmc.process.poll() is None:
-            bmc.process.terminate()
-        try:
-            bmc.process.wait(10)
-        except subprocess.TimeoutExpired:
-            bmc.process.kill()
-            bmc.process.wait()
+        self._bmcs[name] = BmcProcess.start(
+            name, self.lab[name].init_pid, self.lab.gateway_address, password_file, port
+        )
 
     def _restart_bmc(self, name: str) -> None:
         """A new BMC on the same port, powering the host's new init off (fencing parameters
         naming the port stay valid)."""
-        port = self._bmcs[name].endpoint.port
-        self._stop_bmc(name)
-        self._start_bmc(name, port)
+        bmc = self._bmcs.pop(name)
+        bmc.stop()
+        self._start_bmc(name, bmc.endpoint.port)
 
 
 def controller_available() -> bool:
