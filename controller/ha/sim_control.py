@@ -56,10 +56,6 @@ class Controllers(SimCore):
             return False
         return host.agent or host.name in self.controllers
 
-    def _new_session(self, node: str) -> None:
-        """A new agent session: it must be heard anew before its silence means anything."""
-        self._session_at[node] = self.now()
-
     def _listen(self) -> None:
         observers = [c for c in self.controllers if self._controller_up(c)]
         if not self.controllers:

@@ -218,6 +218,10 @@ class SimCore:
             if self.hosts[host].powered and qemu.phase == "running"
         )
 
+    def _new_session(self, node: str) -> None:
+        """A new agent session: it must be heard anew before its silence means anything."""
+        self._session_at[node] = self.now()
+
     def _lose(self, vm_names: list[str]) -> None:
         for name in vm_names:
             if not self.executing_hosts(name):
