@@ -36,17 +36,15 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.failover_summary import STEPS, VICTIM_STEPS, Run, print_summary, report
 from bench.failover_timeline import Timeline
 from controller.runtime.store import Store, Unavailable
 from e2e.guest.build import ensure_guest_image
@@ -92,10 +90,6 @@ SETTLE = 5.0
 ARRANGE_ATTEMPTS = 5
 RUN_DEADLINE = 4 * DEADLINE
 """A run (arranging, the kill, the failover, the power-on) that takes longer is stuck."""
-VICTIM_STEPS = ("lease expired", "Unknown", "FencingStarted", "Fenced")
-STEPS = (*VICTIM_STEPS[:1], "leader moved", *VICTIM_STEPS[1:], "placed", "qemu running")
-"""Step names in about the order they happen; each run reports the time of each from the kill
-("leader moved": the leader key taken by another controller, leader series only)."""
 
 
 class BenchError(RuntimeError):
@@ -109,15 +103,6 @@ eventually = partial(
     retry_on=(Unavailable, HostEtcdError),
 )
 """The bench's own reads ride out etcd's election when the victim held etcd's leader."""
-
-
-@dataclass
-class Run:
-    series: str
-    victim: str
-    target: str
-    total: float
-    steps: dict[str, float | None]
 
 
 class Bench:
@@ -268,45 +253,6 @@ class Bench:
         return Run(series, victim, target, first_seen - killed_at, steps)
 
 
-def nearest_rank(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
-def summarise(runs: list[Run]) -> dict[str, Any]:
-    totals = [run.total for run in runs]
-    summary: dict[str, Any] = {
-        "runs": len(runs),
-        "p50": statistics.median(totals),
-        "p99": nearest_rank(totals, 0.99),
-        "min": min(totals),
-        "max": max(totals),
-        "step_medians": {},
-    }
-    for step in STEPS:
-        values = [value for run in runs if (value := run.steps[step]) is not None]
-        summary["step_medians"][step] = statistics.median(values) if values else None
-    return summary
-
-
-def report(
-    runs: list[Run], args: argparse.Namespace, violations: int, stopped: str, incidents: list[str]
-) -> dict[str, Any]:
-    return {
-        "stopped_early": stopped,
-        "incidents": incidents,
-        "topology": args.topology,
-        "profile": args.profile,
-        "path": args.path,
-        "power_wait": args.power_wait,
-        "two_copies_samples": violations,
-        "series": {
-            name: summarise([run for run in runs if run.series == name])
-            for name in dict.fromkeys(run.series for run in runs)
-        },
-    }
-
-
 def make_cluster(args: argparse.Namespace) -> ChaosCluster:
     profile = PROFILES[args.profile]
     if args.topology == "lab":
@@ -392,19 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     summary = asyncio.run(bench(args))
-    print()
-    for name, result in summary["series"].items():
-        medians = ", ".join(
-            f"{step} {value:.2f}s" for step, value in result["step_medians"].items() if value
-        )
-        print(
-            f"{name}: kill -> qemu on another host p50 {result['p50']:.2f} s, "
-            f"p99 {result['p99']:.2f} s, min {result['min']:.2f} s, max {result['max']:.2f} s "
-            f"over {result['runs']} runs; step medians: {medians}"
-        )
-    print(f"two-copies samples (all series): {summary['two_copies_samples']}")
-    for incident in summary["incidents"]:
-        print(f"incident: {incident}")
+    print_summary(summary)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(summary, file, indent=2)

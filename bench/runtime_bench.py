@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.stats import nearest_rank
 from controller.runtime.controller import Controller
 from controller.runtime.manager import Manager
 from controller.runtime.reconcile import Result
@@ -94,11 +95,6 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 async def bench(objects: int, samples: int, idle_seconds: float, exporter: Exporter) -> None:
     setup_telemetry("kvmctl-bench", exporter)
     baseline_rss = rss_mib()
@@ -153,7 +149,7 @@ async def bench(objects: int, samples: int, idle_seconds: float, exporter: Expor
             print(
                 f"event -> reconcile start over {samples} updates: "
                 f"p50 {statistics.median(latencies):.2f} ms, "
-                f"p99 {percentile(latencies, 0.99):.2f} ms, max {max(latencies):.2f} ms"
+                f"p99 {nearest_rank(latencies, 0.99):.2f} ms, max {max(latencies):.2f} ms"
             )
 
             await asyncio.sleep(1.0)  # let the last writes settle before measuring idle

@@ -74,6 +74,7 @@ from bench.soak_faults import (
     leading_controller,
     retrying,
 )
+from bench.stats import nearest_rank
 from controller.runtime.store import Store
 from e2e.guest.build import ensure_guest_image
 from e2e.harness.chaos import (
@@ -144,7 +145,7 @@ class Report:
             "faults_total": sum(self.faults.values()),
             "failovers": len(times),
             "failover_p50": round(statistics.median(times), 2) if times else None,
-            "failover_p99": round(_nearest_rank(times, 0.99), 2) if times else None,
+            "failover_p99": round(nearest_rank(times, 0.99), 2) if times else None,
             "failover_max": round(max(times), 2) if times else None,
             "failovers_by_fault": self.by_fault(),
             "late_failovers": [asdict(f) for f in self.failovers if f.late],
@@ -163,11 +164,6 @@ def _stats(values: list[float]) -> dict[str, Any]:
         "p50": round(statistics.median(values), 2),
         "max": round(max(values), 2),
     }
-
-
-def _nearest_rank(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 class Soak:

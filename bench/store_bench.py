@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.stats import nearest_rank
 from controller.runtime.store import Store
 from crds import VirtualMachine, parse_object
 from e2e.harness.etcd import EtcdCluster
@@ -119,18 +120,13 @@ async def bench_watch(endpoint: str, samples: int = 500) -> list[float]:
         return latencies
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def main() -> int:
     with EtcdCluster() as etcd:
         endpoint = etcd.endpoints[0]
         apply_seconds = bench_apply(endpoint)
         load_seconds, list_seconds = asyncio.run(bench_list(endpoint))
         latencies = asyncio.run(bench_watch(endpoint))
-    p50, p99 = statistics.median(latencies), percentile(latencies, 0.99)
+    p50, p99 = statistics.median(latencies), nearest_rank(latencies, 0.99)
     print("kvmctl store benchmarks (one etcd 3.4 member on loopback, data on /dev/shm)")
     print(f"apply 1,000 VMs (one kvmctl apply -f process): {apply_seconds:.2f} s", end="")
     print(f" = {1000 / apply_seconds:.0f} objects/s")
