@@ -150,6 +150,8 @@ class Agent:
             self.self_fence_victims,
         )
         watchdog = Watchdog(settings.watchdog) if settings.watchdog is not None else None
+        # Each renewal is an answer from the etcd member in use: probed only when renewals stop.
+        store.client.probe_after_silence(settings.heartbeat.renew_interval)
         self.heartbeat = Heartbeat(
             store.client,
             store.prefix,

@@ -23,7 +23,7 @@ import aetcd.rtypes
 import aetcd.watcher
 import grpc
 
-from controller.runtime.etcd_members import FailoverStub, Members
+from controller.runtime.etcd_members import PROBE_INTERVAL, FailoverStub, Members
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,15 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]
         self.tls = tls
         self._credentials = tls.credentials() if tls else None
         self.etcd_members: Members | None = None
+        self.probe_interval = PROBE_INTERVAL
+        """Seconds of silence after which an etcd member in use is probed (etcd_members.py)."""
+
+    def probe_after_silence(self, seconds: float) -> None:
+        """Probe a member in use once it has been silent `seconds`, never sooner than after
+        the default `PROBE_INTERVAL`."""
+        self.probe_interval = max(PROBE_INTERVAL, seconds)
+        if self.etcd_members is not None:
+            self.etcd_members.probe_interval = self.probe_interval
 
     def stub(self, stub_class: type) -> FailoverStub:
         """A stub of one of etcd's services (e.g. `aetcd.rpc.AuthStub`) on this client's members."""
@@ -197,7 +206,13 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]
         if self._connected.is_set():
             return
         options = list(self._options.items())
-        members = Members(grpc_targets(self.endpoints), self._credentials, options, self.metadata)
+        members = Members(
+            grpc_targets(self.endpoints),
+            self._credentials,
+            options,
+            self.metadata,
+            self.probe_interval,
+        )
         members.start()
         self.etcd_members = members
         self.kvstub = self.stub(aetcd.rpc.KVStub)
