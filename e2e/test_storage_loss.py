@@ -1,17 +1,20 @@
 """Storage-path loss through real daemons in one run (docs/ha.md, "Storage-path loss").
 
 Two simulated KVM hosts (`ChaosCluster`: etcd outside them, libvirtd and a `kvmctl agent` in
-each, the one `kvmctl controller` on host2, a simulated BMC per host that fence_ipmilan powers
-off). The datastore is a FUSE mount on each host over one shared directory
-(`e2e.harness.fuse_datastore`; this kernel can host no iSCSI session, see
-docs/ha.md): the VM's file disk is on it, and SIGSTOP of host1's bindfs stalls host1's path
-alone, as a dead NFS server would. host1's agent's bounded read of the image times out, it
+each, one `kvmctl controller` on host2 (on both hosts in the last case), a simulated BMC per
+host that fence_ipmilan powers off). The datastore is a FUSE mount on each host over one shared
+directory (`e2e.harness.fuse_datastore`; this kernel can host no iSCSI session, see docs/ha.md):
+the VM's file disk is on it, and SIGSTOP of host1's bindfs stalls host1's path alone, as a dead
+NFS server would. host1's agent's bounded read of the image times out, it
 reports `file PATH` lost in its ClusterNode status, and the controller applies host1's policy:
 
 - `warn`: a `StorageLost` Warning and nothing else; the path back, `StorageRestored`. An agent
   whose read is still blocked on the stalled mount exits on SIGTERM;
 - `fence`: after `graceSeconds`, host1 is powered off through its BMC, and only then does the
-  VM run on host2. The two-copies checker samples both hosts' qemu processes throughout.
+  VM run on host2. The two-copies checker samples both hosts' qemu processes throughout;
+- `fence` with the leading controller on host1 (a controller on each host; scenario 48 of the
+  simulator): the leader powers off its own host and dies with it, host2's controller takes
+  over, fences host1 again, and only then does the VM run on host2.
 """
 
 from __future__ import annotations
@@ -35,10 +38,17 @@ from crds.virtualmachine import Disk
 from e2e.guest.build import GuestImage, ensure_guest_image
 from e2e.guest.console import BOOTED_LINE
 from e2e.harness import polling
-from e2e.harness.chaos import ChaosCluster, TwoCopiesChecker, guest_vm, ipmi_node, ipmi_secret
+from e2e.harness.chaos import (
+    ChaosCluster,
+    TwoCopiesChecker,
+    guest_vm,
+    ipmi_node,
+    ipmi_secret,
+    leader_host,
+)
 from e2e.harness.frozen import process_state
 from e2e.harness.fuse_datastore import FuseDatastore
-from e2e.harness.topology import every_host_online
+from e2e.harness.topology import every_host_online, lead_controllers_from
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +60,10 @@ IMAGE_BYTES = 1 << 20
 
 
 @pytest.fixture
-def cluster() -> Iterator[ChaosCluster]:
-    cluster = ChaosCluster((VICTIM, SURVIVOR), controller_hosts=(SURVIVOR,))
+def cluster(request: pytest.FixtureRequest) -> Iterator[ChaosCluster]:
+    """host1 and host2, with a controller on each host of `request.param` (default: host2)."""
+    controller_hosts = getattr(request, "param", (SURVIVOR,))
+    cluster = ChaosCluster((VICTIM, SURVIVOR), controller_hosts=controller_hosts)
     cluster.start()
     try:
         yield cluster
@@ -243,4 +255,35 @@ async def test_action_fence_powers_the_host_off_before_the_vm_runs_elsewhere(
         f" -> host1's qemu gone {gone - stalled:.1f} s (fence confirmed between {confirmed:.1f}"
         f" and {confirmed + 1:.1f} s: whole seconds) -> running on host2 {running - stalled:.1f} s"
     )
+    lab.datastore.resume(VICTIM)  # its launcher reaps the killed bindfs: host1 finishes dying
+
+
+@pytest.mark.parametrize("cluster", [(VICTIM, SURVIVOR)], indirect=True, ids=["both-controllers"])
+async def test_action_fence_on_the_leading_controllers_host_is_finished_by_the_standby(
+    lab: StorageLab,
+) -> None:
+    await lab.nodes("fence", grace=2)
+    assert await lead_controllers_from(lab.cluster, lab.store, [VICTIM]) == VICTIM
+    await lab.start_vm("vm-leader")
+
+    stalled, stalled_at = time.monotonic(), datetime.now(UTC)
+    lab.datastore.stall(VICTIM)
+    await eventually(lambda: lab.checker.where("vm-leader") == (SURVIVOR,), "vm-leader on host2")
+    running = lab.checker.first_seen("vm-leader", SURVIVOR, stalled)
+    gone = lab.checker.last_seen("vm-leader", VICTIM)
+    assert running is not None and gone is not None
+
+    # host1's controller led when the path was lost; host2's leads now, and host1 was powered
+    # off and recorded as fenced before the VM ran on host2.
+    assert await leader_host(lab.store) == SURVIVOR
+    assert not await lab.bmc_says_on(VICTIM)
+    node = await lab.node(VICTIM)
+    assert node.status.health == "Fenced"
+    fence = node.status.fence
+    assert fence is not None and fence.how == "PowerOff" and fence.confirmed_at is not None
+    assert fence.confirmed_at.timestamp() <= stalled_at.timestamp() + (running - stalled)
+    assert gone < running
+    (recovered,) = await lab.events("vm-leader", "VMRecovered")
+    assert recovered.spec.message == f"running on {SURVIVOR}"
+    assert lab.checker.violations == []
     lab.datastore.resume(VICTIM)  # its launcher reaps the killed bindfs: host1 finishes dying
